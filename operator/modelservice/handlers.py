@@ -1,0 +1,95 @@
+"""Kopf wiring only: pin the framework's knobs, start the controller, forward watch events to it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from modelservice import GROUP, PLURAL, VERSION
+from modelservice.controller import Controller
+from modelservice.kube import Kube
+from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE
+from modelservice.metrics import LAST_WATCH_EVENT
+
+OURS = {MANAGED_BY: MANAGED_BY_VALUE}
+# Set by cli.py before kopf starts.
+OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig": None, "watch_dead_after": 900}
+_last_event = [time.time()]
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    # Our own annotation prefix, so we never read or clash with another kopf operator's state on shared objects.
+    # We use only event handlers, so kopf writes no progress or diff-base annotations at all.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"  # never added: no on.delete handlers (children are GC'd)
+    # Watches end server-side every few minutes and resume: a silently dead TCP stream cannot hang us for long.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.posting.level = logging.WARNING  # our own Events are deduplicated in events.py
+    settings.networking.request_timeout = 60
+    kube = Kube.from_env(OPTIONS["kubeconfig"])
+    controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"])
+    await controller.start()
+    memo.controller = controller
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    controller: Controller | None = getattr(memo, "controller", None)
+    if controller is not None:
+        await controller.stop()
+        await controller.kube.close()
+
+
+def _seen() -> None:
+    _last_event[0] = time.time()
+    LAST_WATCH_EVENT.set(_last_event[0])
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def modelservice_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _seen()
+    memo.controller.on_modelservice(event["type"], copy.deepcopy(dict(event["object"])))
+
+
+def _child_handler(kind: str):
+    async def handler(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        _seen()
+        memo.controller.on_child(kind, event["type"], dict(event["object"]))
+    handler.__name__ = f"{kind.lower()}_event"
+    return handler
+
+
+kopf.on.event("apps", "v1", "deployments", labels=OURS)(_child_handler("Deployment"))
+kopf.on.event("", "v1", "services", labels=OURS)(_child_handler("Service"))
+kopf.on.event("", "v1", "persistentvolumeclaims", labels=OURS)(_child_handler("PersistentVolumeClaim"))
+kopf.on.event("autoscaling", "horizontalpodautoscalers", labels=OURS)(_child_handler("HorizontalPodAutoscaler"))
+kopf.on.event("policy", "poddisruptionbudgets", labels=OURS)(_child_handler("PodDisruptionBudget"))
+
+
+@kopf.on.event("", "v1", "pods", labels=OURS)
+async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _seen()
+    memo.controller.on_pod(event["type"], dict(event["object"]))
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels={ACTIVITY_LABEL: "true"})
+async def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _seen()
+    memo.controller.on_lease(event["type"], dict(event["object"]))
+
+
+@kopf.on.probe(id="watching")
+def watching(**_: Any) -> float:
+    """Seconds since the last watch event. Kopf's liveness endpoint returns 500 if a probe raises."""
+    age = time.time() - _last_event[0]
+    if age > OPTIONS["watch_dead_after"]:
+        raise kopf.PermanentError(f"no watch event for {age:.0f}s: watches look dead")
+    return age

@@ -1,0 +1,90 @@
+"""Pure: how many replicas a ModelService should have, from its spec and the gateway's activity Leases.
+
+Who writes Deployment.spec.replicas:
+- no autoscaling: the operator's server-side apply (spec.replicas);
+- autoscaling with cpuUtilization: the HPA (min >= 1); the operator only raises the HPA's floor from gateway load
+  and takes the Deployment to 0 when idle (an HPA is inert at 0 replicas, as with KEDA);
+- autoscaling without cpuUtilization: the operator, from gateway load (targetInFlight), through the scale subresource;
+- waking from 0: the gateway, through the scale subresource.
+Replicas never travel in the operator's apply when autoscaling is on: a field dropped from a server-side apply is
+reset to its default (1), which would undo every scale decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Optional
+
+from modelservice.api import ModelServiceSpec, parse_duration
+from modelservice.labels import IN_FLIGHT_ANNOTATION, LAST_REQUEST_ANNOTATION
+
+LEASE_FRESH_SECONDS = 30  # three gateway heartbeats: older in-flight figures are stale
+
+
+@dataclass(frozen=True)
+class Activity:
+    last_request: Optional[float] = None  # epoch seconds, newest over all gateway replicas
+    in_flight: int = 0  # sum of fresh peaks over gateway replicas
+
+
+@dataclass(frozen=True)
+class Decision:
+    apply_replicas: Optional[int]  # in the server-side apply (no autoscaling), else None
+    scale_to: Optional[int] = None  # write through /scale, when it differs from the current value
+    hpa_floor: Optional[int] = None
+    requeue_after: Optional[float] = None  # check again then (idle timer)
+
+
+def parse_time(text: Optional[str]) -> Optional[float]:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def activity_from_leases(leases: list[dict[str, Any]], now: float) -> Activity:
+    last: Optional[float] = None
+    in_flight = 0
+    for lease in leases:
+        ann = lease.get("metadata", {}).get("annotations", {}) or {}
+        t = parse_time(ann.get(LAST_REQUEST_ANNOTATION))
+        if t is not None:
+            last = t if last is None else max(last, t)
+        renewed = parse_time(lease.get("spec", {}).get("renewTime"))
+        if renewed is not None and now - renewed <= LEASE_FRESH_SECONDS:
+            try:
+                in_flight += max(0, int(ann.get(IN_FLIGHT_ANNOTATION, "0")))
+            except ValueError:
+                pass
+    return Activity(last_request=last, in_flight=in_flight)
+
+
+def decide(spec: ModelServiceSpec, current: Optional[int], activity: Activity, awake_since: Optional[float],
+           now: float) -> Decision:
+    a = spec.autoscaling
+    if a is None:
+        return Decision(apply_replicas=spec.replicas)
+    base = max(1, a.minReplicas)
+    load = math.ceil(activity.in_flight / a.targetInFlight) if a.targetInFlight else 0
+    wanted = min(max(base, load), a.maxReplicas)
+    hpa = a.cpuUtilization is not None
+    if current is None:  # the Deployment is being created: it starts at its default (1) and is checked next pass
+        return Decision(apply_replicas=None, hpa_floor=wanted if hpa else None)
+    if a.minReplicas == 0:
+        if current == 0:  # asleep: only the gateway wakes it
+            return Decision(apply_replicas=None, hpa_floor=wanted if hpa else None)
+        window = parse_duration(a.scaleToZeroAfter)
+        since = max(activity.last_request or 0.0, awake_since or 0.0)
+        idle = now - since
+        if idle >= window and activity.in_flight == 0:
+            return Decision(apply_replicas=None, scale_to=0, hpa_floor=wanted if hpa else None)
+        requeue = max(1.0, window - idle)
+    else:
+        requeue = None
+    if hpa:
+        return Decision(apply_replicas=None, hpa_floor=wanted, requeue_after=requeue)
+    return Decision(apply_replicas=None, scale_to=wanted if wanted != current else None, requeue_after=requeue)

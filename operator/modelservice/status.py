@@ -1,0 +1,150 @@
+"""Pure: what the children say → the ModelService's status. kstatus conventions, conditions keyed by type.
+
+Ready, Reconciling and Stalled are always present, so `kubectl wait --for=condition=Ready` and Argo CD both have
+something definite to read. lastTransitionTime moves only when a condition's status flips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from modelservice.labels import selector_string
+
+READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
+# Pod problems worth surfacing verbatim: they need a person (a wrong image, a crashing server).
+_WAITING_PROBLEMS = ("ImagePullBackOff", "ErrImagePull", "CrashLoopBackOff", "CreateContainerConfigError",
+                     "InvalidImageName", "CreateContainerError")
+
+
+@dataclass
+class Observed:
+    """What the operator saw this pass. Built by the controller from its watch caches."""
+    generation: int
+    name: str
+    namespace: str
+    deployment: Optional[dict[str, Any]] = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    url: Optional[str] = None
+    endpoint: Optional[str] = None
+    scale_to_zero: bool = False  # spec.autoscaling.minReplicas == 0
+    invalid_spec: Optional[str] = None  # message from validation
+    apply_error: Optional[str] = None  # the API server refused a child (permanent)
+    first_pass: bool = False  # nothing applied yet for this generation
+
+
+def _cond(type_: str, status: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    c = {"type": type_, "status": "True" if status else "False", "reason": reason, "observedGeneration": generation}
+    if message:  # no empty strings: the v1.20 apiserver built here decodes "" in custom resources as null
+        c["message"] = message
+    return c
+
+
+def _unschedulable(pods: list[dict[str, Any]]) -> Optional[str]:
+    for pod in pods:
+        for c in pod.get("status", {}).get("conditions", []) or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return f"pod {pod['metadata']['name']} cannot be scheduled: {c.get('message', '')}".strip()
+    return None
+
+
+def _pod_problem(pods: list[dict[str, Any]]) -> Optional[str]:
+    for pod in pods:
+        for cs in (pod.get("status", {}).get("containerStatuses") or []) + \
+                  (pod.get("status", {}).get("initContainerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _WAITING_PROBLEMS:
+                return f"pod {pod['metadata']['name']}: {waiting['reason']}: {waiting.get('message', '')}".strip(": ")
+    return None
+
+
+def _deployment_stalled(dep: dict[str, Any]) -> Optional[str]:
+    for c in dep.get("status", {}).get("conditions", []) or []:
+        if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+            return f"Deployment {dep['metadata']['name']} made no progress within startupTimeout: {c.get('message', '')}"
+    return None
+
+
+def conditions_for(o: Observed) -> list[dict[str, Any]]:
+    g = o.generation
+    if o.invalid_spec:
+        msg = o.invalid_spec
+        return [_cond(READY, False, "InvalidSpec", msg, g), _cond(RECONCILING, False, "InvalidSpec", msg, g),
+                _cond(STALLED, True, "InvalidSpec", msg, g)]
+    if o.apply_error:
+        msg = o.apply_error
+        return [_cond(READY, False, "ApplyFailed", msg, g), _cond(RECONCILING, False, "ApplyFailed", msg, g),
+                _cond(STALLED, True, "ApplyFailed", msg, g)]
+    dep = o.deployment
+    if o.first_pass or dep is None:
+        msg = "Creating the model server"
+        return [_cond(READY, False, "Reconciling", msg, g), _cond(RECONCILING, True, "Reconciling", msg, g),
+                _cond(STALLED, False, "Reconciling", "", g)]
+    spec, st = dep.get("spec", {}), dep.get("status", {})
+    desired = spec.get("replicas", 1)
+    ready = st.get("readyReplicas", 0) or 0
+    updated = st.get("updatedReplicas", 0) or 0
+    current_gen = (st.get("observedGeneration") or 0) >= dep["metadata"].get("generation", 0)
+    stalled = _deployment_stalled(dep)
+    if stalled:
+        return [_cond(READY, ready >= desired > 0, "ProgressDeadlineExceeded", stalled, g),
+                _cond(RECONCILING, False, "ProgressDeadlineExceeded", stalled, g),
+                _cond(STALLED, True, "ProgressDeadlineExceeded", stalled, g)]
+    if desired == 0:
+        reason, msg = (("ScaledToZero", "Scaled to zero while idle; the first request wakes it") if o.scale_to_zero
+                       else ("ScaledToZero", "spec.replicas is 0"))
+        return [_cond(READY, False, reason, msg, g), _cond(RECONCILING, False, reason, "", g),
+                _cond(STALLED, False, reason, "", g)]
+    rolled_out = current_gen and updated >= desired and ready >= desired and st.get("replicas", 0) == desired
+    if rolled_out:
+        msg = f"{ready}/{desired} replicas ready"
+        return [_cond(READY, True, "Available", msg, g), _cond(RECONCILING, False, "Available", "", g),
+                _cond(STALLED, False, "Available", "", g)]
+    capacity = _unschedulable(o.pods)
+    problem = _pod_problem(o.pods)
+    if capacity:
+        reason, msg = "AwaitingCapacity", capacity
+    elif problem:
+        reason, msg = "Progressing", problem
+    elif o.scale_to_zero and ready == 0:
+        reason, msg = "Activating", f"Waking from zero: 0/{desired} replicas ready (loading the model)"
+    else:
+        reason, msg = "Progressing", f"{ready}/{desired} replicas ready, {updated}/{desired} updated"
+    # A rollout with old replicas still serving is Ready for traffic while it progresses.
+    serving = ready >= desired and reason == "Progressing" and not problem
+    return [_cond(READY, serving, "Available" if serving else reason, msg, g),
+            _cond(RECONCILING, True, reason, msg, g), _cond(STALLED, False, reason, "", g)]
+
+
+def merge_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:
+    previous = {c.get("type"): c for c in old or []}
+    out = []
+    for c in new:
+        before = previous.get(c["type"])
+        same = before is not None and before.get("status") == c["status"] and before.get("lastTransitionTime")
+        out.append({**c, "lastTransitionTime": before["lastTransitionTime"] if same else now})
+    return out
+
+
+def compute_status(o: Observed, old_status: dict[str, Any], now: str) -> dict[str, Any]:
+    dep = o.deployment or {}
+    desired = dep.get("spec", {}).get("replicas", 0) if dep else 0
+    ready = (dep.get("status", {}) or {}).get("readyReplicas", 0) or 0
+    status: dict[str, Any] = {
+        "observedGeneration": o.generation,
+        "replicas": (dep.get("status", {}) or {}).get("replicas", 0) or 0,
+        "readyReplicas": ready,
+        "ready": f"{ready}/{desired}",
+        "selector": selector_string(o.name),
+        "conditions": merge_transition_times(conditions_for(o), old_status.get("conditions", []), now),
+    }
+    if o.url:
+        status["url"] = o.url
+    if o.endpoint:
+        status["endpoint"] = o.endpoint
+    return status
+
+
+def status_changed(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    keys = set(new) | set(old)
+    return any(new.get(k) != old.get(k) for k in keys if k != "kopf")
