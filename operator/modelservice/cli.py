@@ -41,20 +41,22 @@ def _render(path: str, gateway_enabled: bool) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import os
+    if args.kubeconfig:  # before kopf/kubernetes are imported: they read $KUBECONFIG at import time
+        os.environ["KUBECONFIG"] = args.kubeconfig
     import kopf
     from prometheus_client import start_http_server
 
     from modelservice import handlers
 
     handlers.OPTIONS.update(gateway_enabled=args.gateway_enabled, workers=args.workers,
-                            kubeconfig=args.kubeconfig, watch_dead_after=args.watch_dead_after)
+                            kubeconfig=args.kubeconfig, watch_dead_after=args.watch_dead_after,
+                            resync_seconds=args.resync_seconds)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one INFO line per watch event is noise
     if args.metrics_port:
         start_http_server(args.metrics_port)
-    if args.kubeconfig:
-        import os
-        os.environ["KUBECONFIG"] = args.kubeconfig
     kopf.run(
         standalone=True,  # one replica (Deployment strategy Recreate): no peering objects, no extra RBAC
         clusterwide=not args.namespace,
@@ -79,6 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     run.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port, /healthz (0: off)")
     run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
+    run.add_argument("--resync-seconds", type=float, default=600, help="re-check every ModelService this often")
     run.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG or in-cluster)")
     run.add_argument("--watch-dead-after", type=float, default=900,
                      help="seconds without any watch event before /healthz fails")

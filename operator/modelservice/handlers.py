@@ -17,7 +17,8 @@ from modelservice.metrics import LAST_WATCH_EVENT
 
 OURS = {MANAGED_BY: MANAGED_BY_VALUE}
 # Set by cli.py before kopf starts.
-OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig": None, "watch_dead_after": 900}
+OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig": None, "watch_dead_after": 900,
+                           "resync_seconds": 600}
 _last_event = [time.time()]
 
 
@@ -35,9 +36,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.posting.level = logging.WARNING  # our own Events are deduplicated in events.py
     settings.networking.request_timeout = 60
     kube = Kube.from_env(OPTIONS["kubeconfig"])
-    controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"])
+    controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"],
+                            resync_seconds=OPTIONS["resync_seconds"])
     await controller.start()
     memo.controller = controller
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster token first, else the kubeconfig; no piggybacking on client libraries (one clear error path)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.cleanup()

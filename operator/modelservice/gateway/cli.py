@@ -1,0 +1,101 @@
+"""`modelservice-operator gateway`: flags → Config → the gateway on --port, metrics on --metrics-port."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Optional
+
+from aiohttp import web
+
+from modelservice.gateway import watchers
+from modelservice.gateway.config import Config, secret_ref, seconds, size
+from modelservice.gateway.kubeops import KubeOps
+from modelservice.gateway.server import Gateway
+from modelservice.kube import Kube
+
+log = logging.getLogger("modelservice.gateway")
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Config(pod_name="-")
+    p = argparse.ArgumentParser(prog="modelservice-operator gateway",
+                                description="Serverless gateway: OpenAI routing, scale from zero, least in-flight.")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics (0: off)")
+    p.add_argument("--namespace", action="append", default=[], dest="namespaces",
+                   help="watch only this namespace (repeatable); default: all namespaces")
+    p.add_argument("--activation-timeout", type=seconds, default="10m",
+                   help="how long a request waits for a model to wake from zero")
+    p.add_argument("--max-body-bytes", type=size, default=d.max_body_bytes, help="e.g. 10Mi")
+    p.add_argument("--max-held-per-model", type=int, default=d.max_held_per_model,
+                   help="requests held per model while it wakes; more get 429")
+    p.add_argument("--header-timeout", type=seconds, default=f"{d.header_timeout:g}s",
+                   help="time for a complete request head, from connect or the previous response")
+    p.add_argument("--idle-timeout", type=seconds, default=f"{d.idle_timeout:g}s",
+                   help="longest silence while reading a request body or writing a response")
+    p.add_argument("--upstream-timeout", type=seconds, default=f"{d.upstream_timeout:g}s",
+                   help="longest silence from a model server")
+    p.add_argument("--kubeconfig", default=None)
+    p.add_argument("--api-key-secret", type=secret_ref, default=None, metavar="NS/NAME[:KEY]",
+                   help="global API keys (one per line) accepted for every model")
+    p.add_argument("--activity-interval", type=seconds, default=f"{d.activity_interval:g}s",
+                   help="at most one activity Lease write per model per interval")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    return Config(host=args.host, port=args.port, metrics_port=args.metrics_port, namespaces=args.namespaces,
+                  activation_timeout=args.activation_timeout, max_body_bytes=args.max_body_bytes,
+                  max_held_per_model=args.max_held_per_model, header_timeout=args.header_timeout,
+                  idle_timeout=args.idle_timeout, upstream_timeout=args.upstream_timeout, kubeconfig=args.kubeconfig,
+                  api_key_secret=args.api_key_secret, activity_interval=args.activity_interval)
+
+
+async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
+    kube = Kube.from_env(config.kubeconfig, user_agent="modelservice-gateway")
+    gateway = Gateway(config, KubeOps(kube))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    runners: list[web.BaseRunner] = []
+    tasks: list[asyncio.Task] = []
+    try:
+        runner = gateway.runner(gateway.app())
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, config.host, config.port, reuse_address=True).start()
+        if config.metrics_port:
+            mrunner = web.AppRunner(gateway.metrics.app(), access_log=None)
+            await mrunner.setup()
+            runners.append(mrunner)
+            await web.TCPSite(mrunner, config.host, config.metrics_port, reuse_address=True).start()
+        tasks = await watchers.start(kube, gateway.table, config.namespaces, lambda: setattr(gateway, "synced", True))
+        log.info("gateway %s listening on %s:%d (metrics :%d), namespaces: %s", config.pod_name, config.host,
+                 config.port, config.metrics_port, ",".join(config.namespaces) or "all")
+        await stop.wait()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for r in reversed(runners):
+            await r.cleanup()  # stops accepting, then lets in-flight requests finish (aiohttp's shutdown_timeout)
+        await kube.close()
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config_from(args)))
+    except KeyboardInterrupt:
+        pass
+    return 0

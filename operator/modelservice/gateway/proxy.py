@@ -1,0 +1,161 @@
+"""Forwarding one request to a backend pod and streaming the answer back, chunk by chunk, without buffering.
+
+SSE token streams must reach the client as the engine writes them, so the response is relayed with iter_any()
+(whatever bytes arrived) into a StreamResponse. A client that goes away cancels the handler (the server runs with
+handler_cancellation), which closes the upstream connection, so the engine stops generating for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Callable, Sequence
+
+import aiohttp
+from aiohttp import web
+
+from modelservice.gateway.balancer import Balancer
+from modelservice.gateway import reqstate as rs
+from modelservice.gateway.errors import GatewayError
+from modelservice.gateway.metrics import Metrics
+from modelservice.gateway.routes import Endpoint, ModelEntry
+
+log = logging.getLogger("modelservice.gateway.proxy")
+MAX_ATTEMPTS = 3
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
+# Failures where the backend cannot have started on the request: a pod that just died, a stale pooled connection.
+RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+             aiohttp.ConnectionTimeoutError)
+
+if sys.version_info >= (3, 11):
+    _timeout = asyncio.timeout
+else:  # pragma: no cover
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def _timeout(delay: float):  # type: ignore[misc]
+        task = asyncio.current_task()
+        handle = asyncio.get_running_loop().call_later(delay, task.cancel)  # type: ignore[union-attr]
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise asyncio.TimeoutError from None
+        finally:
+            handle.cancel()
+
+
+def make_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=15, enable_cleanup_closed=False),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
+        auto_decompress=False,  # relay the bytes as sent, Content-Encoding and Content-Length intact
+        cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: never carry cookies between them
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
+
+
+def upstream_headers(request: web.BaseRequest, *, strip_authorization: bool) -> list[tuple[str, str]]:
+    named = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
+    out = [(k, v) for k, v in request.headers.items()
+           if k.lower() not in HOP_BY_HOP and k.lower() not in named
+           and not (strip_authorization and k.lower() == "authorization")]
+    prior = request.headers.get("X-Forwarded-For")
+    peer = request.remote or ""
+    out = [(k, v) for k, v in out if k.lower() not in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
+    out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
+    out.append(("X-Forwarded-Proto", request.scheme))
+    if request.host:
+        out.append(("X-Forwarded-Host", request.host))
+    return out
+
+
+class Proxy:
+    def __init__(self, session: aiohttp.ClientSession, balancer: Balancer, metrics: Metrics, *,
+                 idle_timeout: float):
+        self.session, self.balancer, self.metrics = session, balancer, metrics
+        self.idle_timeout = idle_timeout
+
+    async def forward(self, request: web.Request, entry: ModelEntry, body: bytes, path: str,
+                      endpoints: Callable[[], Sequence[Endpoint]], *, strip_authorization: bool) -> web.StreamResponse:
+        """Send to the least-loaded ready endpoint; on a connect failure try another (nothing was sent yet)."""
+        headers = upstream_headers(request, strip_authorization=strip_authorization)
+        tried: set[Endpoint] = set()
+        last_error = "no ready endpoint"
+        for _ in range(MAX_ATTEMPTS):
+            ep = self.balancer.pick(endpoints(), exclude=tried)
+            if ep is None:
+                break
+            tried.add(ep)
+            self.balancer.acquire(ep)
+            try:
+                started = time.monotonic()
+                try:
+                    upstream = await self.session.request(request.method, ep.base_url + path, data=body or None,
+                                                          headers=headers, allow_redirects=False)
+                except RETRYABLE as e:
+                    last_error = f"{type(e).__name__}: {e}"
+                    log.info("%s: %s unreachable, trying another endpoint: %s", entry.label, ep.base_url, last_error)
+                    continue
+                except asyncio.TimeoutError:
+                    raise GatewayError(504, f"model {entry.label} did not answer in time", "upstream_timeout") from None
+                except aiohttp.ClientError as e:
+                    raise GatewayError(502, f"model {entry.label} failed: {type(e).__name__}", "bad_gateway") from None
+                self.metrics.upstream_latency.labels(entry.label).observe(time.monotonic() - started)
+                request[rs.ENDPOINT] = ep
+                try:
+                    return await self._relay(request, upstream, entry)
+                finally:
+                    upstream.close()  # no-op after a full read; mid-stream it drops the connection, stopping the engine
+            finally:
+                self.balancer.release(ep)
+        if tried:
+            raise GatewayError(502, f"model {entry.label}: no backend accepted the connection ({last_error})",
+                               "backend_unreachable")
+        raise GatewayError(503, f"model {entry.label} has no ready backend", "no_backend", retry_after=5)
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     entry: ModelEntry) -> web.StreamResponse:
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for k, v in upstream.headers.items():
+            if k.lower() not in HOP_BY_HOP:
+                resp.headers.add(k, v)
+        chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
+        if upstream.content_length is not None and not chunked:
+            resp.content_length = upstream.content_length
+        try:
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                if not await self._write(request, resp, chunk):
+                    return resp
+            await resp.write_eof()
+        except ConnectionResetError:
+            _client_gone(request)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            # The backend died or went silent mid-stream. Closing the client connection (no final chunk) tells the
+            # client the answer is truncated; a clean end would pass a half answer off as whole.
+            log.warning("%s: upstream failed mid-response: %s", entry.label, type(e).__name__)
+            request[rs.UPSTREAM_ABORTED] = True
+            _drop(request)
+        return resp
+
+    async def _write(self, request: web.Request, resp: web.StreamResponse, chunk: bytes) -> bool:
+        try:
+            async with _timeout(self.idle_timeout):  # a client that stops reading must not pin us forever
+                await resp.write(chunk)
+            return True
+        except (ConnectionResetError, asyncio.TimeoutError):
+            _client_gone(request)
+            return False
+
+
+def _client_gone(request: web.Request) -> None:
+    # Returning (not raising) lets aiohttp finish quietly; the caller's finally drops the upstream connection.
+    request[rs.CLIENT_GONE] = True
+    _drop(request)
+
+
+def _drop(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()

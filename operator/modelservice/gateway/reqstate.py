@@ -1,0 +1,19 @@
+"""Typed keys for per-request state shared by the handlers, the proxy and the access-log middleware."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+
+def _key(name: str, t: type) -> Any:
+    # web.RequestKey is new in aiohttp 3.12-ish; plain string keys work everywhere (with a warning on new versions).
+    return web.RequestKey(name, t) if hasattr(web, "RequestKey") else name
+
+
+MODEL = _key("model", str)  # namespace/name, once resolved
+ENDPOINT = _key("endpoint", object)  # the routes.Endpoint that answered
+STRIP_AUTHORIZATION = _key("strip_authorization", bool)
+CLIENT_GONE = _key("client_gone", bool)
+UPSTREAM_ABORTED = _key("upstream_aborted", bool)

@@ -1,0 +1,226 @@
+"""The gateway's HTTP surface: OpenAI routes by `model`, path routes by namespace/name, /v1/models, /healthz.
+
+Gateway wires the pure parts (routing table, balancer, key store, activity tracker) to the I/O parts (proxy,
+activator, ClusterOps). Watches that fill the table live in watchers.py, so tests can fill it by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Optional
+
+from aiohttp import web
+
+from modelservice.gateway.activator import Activator
+from modelservice.gateway.activity import ActivityTracker
+from modelservice.gateway.auth import KeyStore, bearer_token, key_matches
+from modelservice.gateway.balancer import Balancer
+from modelservice.gateway.config import Config
+from modelservice.gateway import reqstate as rs
+from modelservice.gateway.errors import GatewayError, error_response
+from modelservice.gateway.kubeops import ClusterOps
+from modelservice.gateway.metrics import Metrics
+from modelservice.gateway.parsing import model_of, parse_json, read_body, rewrite_model
+from modelservice.gateway.proxy import Proxy, make_session
+from modelservice.gateway.routes import Key, ModelEntry, RouteTable
+
+log = logging.getLogger("modelservice.gateway")
+access_log = logging.getLogger("modelservice.gateway.access")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+SECRET_WAIT = 5.0  # how long a request waits for a just-referenced Secret's first fetch before it is refused
+
+
+class Gateway:
+    def __init__(self, config: Config, ops: ClusterOps, *, metrics: Optional[Metrics] = None):
+        self.config, self.ops = config, ops
+        self.metrics = metrics or Metrics()
+        self.table = RouteTable(on_change=self._on_change)
+        self.balancer = Balancer()
+        self.keys = KeyStore(config.api_key_secret)
+        self.activity = ActivityTracker(config.pod_name, config.activity_interval)
+        self.activator = Activator(self.table, ops, self.activity, self.metrics,
+                                   timeout=config.activation_timeout, max_held=config.max_held_per_model)
+        self.synced = False  # set by watchers.py once every watch has listed
+        self.proxy: Optional[Proxy] = None
+        self._tasks: list[asyncio.Task] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        for path in OPENAI_PATHS:
+            app.router.add_post(path, self.openai)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_route("*", "/models/{namespace}/{name}", self.by_path)
+        app.router.add_route("*", "/models/{namespace}/{name}/{rest:.*}", self.by_path)
+        app.router.add_get("/healthz", self.healthz)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    def runner(self, app: web.Application) -> web.AppRunner:
+        # keepalive_timeout also bounds the wait for a complete request head on a fresh connection (aiohttp arms
+        # it at connection_made), which is our slowloris guard. handler_cancellation: a client that disconnects
+        # cancels its handler, and with it the upstream request.
+        return web.AppRunner(app, handler_cancellation=True, keepalive_timeout=self.config.header_timeout,
+                             access_log=None)
+
+    async def _start(self, _: web.Application) -> None:
+        cfg = self.config
+        self.proxy = Proxy(make_session(cfg.connect_timeout, cfg.upstream_timeout), self.balancer, self.metrics,
+                           idle_timeout=cfg.idle_timeout)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self.activity.run(self.ops, self.table.models.get), name="activity-leases"),
+            loop.create_task(self.keys.run(self.ops, lambda: self.table.models.values(), cfg.secret_refresh),
+                             name="api-key-secrets"),
+        ]
+
+    async def _stop(self, _: web.Application) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.proxy is not None:
+            await self.proxy.session.close()
+
+    def _on_change(self, key: Key) -> None:
+        self.activator.on_change(key)
+        entry = self.table.models.get(key)
+        label = f"{key[0]}/{key[1]}"
+        if entry is not None:
+            self.metrics.ready_endpoints.labels(label).set(len(self.table.ready(key)))
+        else:
+            with contextlib.suppress(KeyError):
+                self.metrics.ready_endpoints.remove(label)
+        if entry is not None and self.keys.missing(entry):
+            self.keys.kick()
+
+    # -- handlers ----------------------------------------------------------------------------------------------
+    async def openai(self, request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, self.config.max_body_bytes, self.config.idle_timeout)
+        doc = parse_json(body)
+        entry = self._known(request, lambda: self.table.resolve(model_of(doc)))
+        await self._authorize(request, entry)
+        if entry.upstream_model:
+            body = rewrite_model(doc, entry.upstream_model)
+        return await self._serve(request, entry, body, request.raw_path)
+
+    async def by_path(self, request: web.Request) -> web.StreamResponse:
+        ns, name = request.match_info["namespace"], request.match_info["name"]
+
+        def lookup() -> ModelEntry:
+            entry = self.table.get(ns, name)
+            if entry is None:
+                raise GatewayError(404, f"no model {ns}/{name}; GET /v1/models lists the models you can use",
+                                   "model_not_found")
+            return entry
+
+        entry = self._known(request, lookup)
+        await self._authorize(request, entry)  # before reading the body: strangers don't get to upload 10 MiB
+        body = await read_body(request, self.config.max_body_bytes, self.config.idle_timeout)
+        rest = request.rel_url.raw_path.split("/", 4)
+        path = "/" + (rest[4] if len(rest) > 4 else "")
+        if request.rel_url.raw_query_string:
+            path += "?" + request.rel_url.raw_query_string
+        return await self._serve(request, entry, body, path)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization")
+        if self.keys.global_ref and not any(self.keys.permits(e, auth) for e in self.table.models.values()):
+            if not key_matches(bearer_token(auth), self.keys.global_keys()):
+                raise _unauthorized()
+        data = [{"id": model_id, "object": "model", "created": e.created, "owned_by": e.namespace}
+                for model_id, e in self.table.listing() if self.keys.permits(e, auth)]
+        return web.json_response({"object": "list", "data": data})
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        if not self.synced:
+            return web.json_response({"status": "starting: watches have not listed yet"}, status=503)
+        return web.json_response({"status": "ok", "models": len(self.table.models)})
+
+    # -- the request path --------------------------------------------------------------------------------------
+    def _known(self, request: web.Request, lookup) -> ModelEntry:
+        """Resolve the model; with global keys, a caller without one learns nothing (401, not 404/400)."""
+        try:
+            entry = lookup()
+        except GatewayError as e:
+            if e.status in (400, 404) and e.code != "missing_model" and self.keys.global_ref and not key_matches(
+                    bearer_token(request.headers.get("Authorization")), self.keys.global_keys()):
+                raise _unauthorized() from None
+            raise
+        request[rs.MODEL] = entry.label
+        return entry
+
+    async def _authorize(self, request: web.Request, entry: ModelEntry) -> None:
+        if not self.keys.required(entry):
+            return
+        await self.keys.wait_loaded(entry, SECRET_WAIT)
+        if not self.keys.permits(entry, request.headers.get("Authorization")):
+            raise _unauthorized()
+        request[rs.STRIP_AUTHORIZATION] = True  # our key is for us; the model server never sees it
+
+    async def _serve(self, request: web.Request, entry: ModelEntry, body: bytes, path: str) -> web.StreamResponse:
+        assert self.proxy is not None, "the app has not started"
+        key = entry.key
+        self.activity.started(key)
+        gauge = self.metrics.in_flight.labels(entry.label)
+        try:
+            for attempt in range(2):  # a second round only after every endpoint refused to connect
+                if not self.table.ready(key):
+                    await self.activator.wait(entry)
+                gauge.inc()
+                try:
+                    return await self.proxy.forward(
+                        request, entry, body, path, lambda: self.table.ready(key),
+                        strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False))
+                except GatewayError as e:
+                    # The pods we knew died (a rollout, a crash): wait for the replacement like a cold start.
+                    if attempt or e.code not in ("no_backend", "backend_unreachable"):
+                        raise
+                finally:
+                    gauge.dec()
+            raise AssertionError("unreachable")
+        finally:
+            self.activity.finished(key)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        started = time.monotonic()
+        status = 500
+        try:
+            resp = await handler(request)
+            status = 499 if request.get(rs.CLIENT_GONE) else resp.status
+            return resp
+        except GatewayError as e:
+            status = e.status
+            return e.response()
+        except web.HTTPException as e:
+            status = e.status
+            return _route_error(request, e)
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499  # the client went away (nginx's code for it)
+            raise
+        finally:
+            if request.path != "/healthz":
+                model = request.get(rs.MODEL, "")
+                self.metrics.requests.labels(model, str(status)).inc()
+                access_log.info("%s %s model=%s status=%d duration=%.3fs", request.method, request.path,
+                                model or "-", status, time.monotonic() - started)
+
+
+def _unauthorized() -> GatewayError:
+    return GatewayError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "invalid_api_key")
+
+
+def _route_error(request: web.Request, e: web.HTTPException) -> web.Response:
+    if e.status == 405:
+        resp = error_response(405, f"{request.method} is not allowed on {request.path}", "method_not_allowed")
+        if "Allow" in e.headers:
+            resp.headers["Allow"] = e.headers["Allow"]
+        return resp
+    if e.status == 404:
+        return error_response(404, f"no route for {request.path}: use /v1/chat/completions, /v1/completions, "
+                                   "/v1/embeddings, /v1/models or /models/<namespace>/<name>/...", "not_found")
+    return error_response(e.status, e.reason, "http_error")

@@ -1,0 +1,23 @@
+"""Session fixtures: the CRD installed and one operator running with the gateway features on."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from tests.integration.operator_process import OperatorProcess, install_crds
+
+
+@pytest.fixture(scope="session")
+def crds(cluster) -> None:
+    install_crds(cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def operator(cluster, crds, tmp_path_factory) -> Iterator[OperatorProcess]:
+    # A short resync so the idle-resync test sees several passes; production default is 600 s.
+    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
+                         extra_args=["--gateway-enabled", "--resync-seconds", "3"]).start()
+    yield op
+    op.stop()

@@ -1,0 +1,97 @@
+"""The operator as a real subprocess against the test cluster: what users run, with its metrics readable."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tests.cluster.controlplane import free_port
+from tests.cluster.wait import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "modelservices.serving.modelservice.dev.yaml"
+
+
+def kubectl(kubeconfig: Path, *args: str, check: bool = True, input: Optional[str] = None) -> str:
+    out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True,
+                         input=input, timeout=60)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+def install_crds(kubeconfig: Path) -> None:
+    kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
+            "crd/modelservices.serving.modelservice.dev")
+
+
+@dataclass
+class OperatorProcess:
+    kubeconfig: Path
+    log_path: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: Optional[subprocess.Popen] = None
+    metrics_port: int = 0
+    health_port: int = 0
+
+    def start(self) -> "OperatorProcess":
+        self.metrics_port, self.health_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "modelservice.cli", "run", "--kubeconfig", str(self.kubeconfig),
+               "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port), *self.extra_args]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                     start_new_session=True)
+        wait_for(self.healthy, timeout=60, interval=0.2, message=f"operator never became healthy; log {self.log_path}")
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited ({self.proc and self.proc.returncode}); log:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus text → {'name{labels}': value} (samples only)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([-+\d.eE]+|NaN|\+Inf)$", line)
+            if m:
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+    def counter(self, prefix: str) -> float:
+        return sum(v for k, v in self.metrics().items() if k.startswith(prefix) and not k.endswith("_created")
+                   and "_created{" not in k)

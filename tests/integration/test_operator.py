@@ -1,0 +1,166 @@
+"""The operator on a real API server: children, owner references, scale, drift, GC, bad input, capacity, idle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from tests.cluster.wait import wait_for
+from tests.integration import ms
+from tests.integration.fixtures_operator import crds, operator  # noqa: F401  (fixtures)
+from tests.integration.operator_process import OperatorProcess, kubectl
+
+ENGINE_EXAMPLES = ["vllm", "sglang", "tgi", "triton", "ollama", "llamacpp", "custom", "scale-to-zero"]
+
+
+def _owned_by(obj, owner) -> bool:
+    refs = obj.metadata.owner_references or []
+    return any(r.uid == owner["metadata"]["uid"] and r.controller and r.block_owner_deletion for r in refs)
+
+
+def _hpa(kube, ns, name):
+    """The HPA as JSON, whichever autoscaling version the cluster serves (None when absent)."""
+    out = kubectl(kube.kubeconfig, "get", "hpa", name, "-n", ns, "-o", "json", "--ignore-not-found")
+    return json.loads(out) if out.strip() else None
+
+
+@pytest.mark.parametrize("example", ENGINE_EXAMPLES)
+def test_every_example_becomes_ready_with_owned_children(kube, namespace, operator, fake_nodes, example):
+    obj = ms.example(example)
+    name = obj["metadata"]["name"]
+    created = ms.create(kube, namespace, obj)
+    ready = ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=90)
+    dep = kube.apps.read_namespaced_deployment(name, namespace)
+    svc = kube.core.read_namespaced_service(name, namespace)
+    assert _owned_by(dep, created) and _owned_by(svc, created)
+    assert svc.spec.ports[0].name == "http"
+    status = ready["status"]
+    assert status["url"] == f"http://{name}.{namespace}.svc.cluster.local:{svc.spec.ports[0].port}"
+    assert status["readyReplicas"] == dep.status.ready_replicas and status["selector"]
+    assert status["endpoint"] == f"/models/{namespace}/{name}/"
+    if obj["spec"].get("replicas", 1) > 1:
+        pdb = kube.custom  # PDB presence via kubectl (version differs across clusters)
+        assert name in kubectl(kube.kubeconfig, "get", "pdb", "-n", namespace, "-o", "name")
+
+
+def test_first_pass_reports_reconciling(kube, namespace, operator, fake_nodes):
+    ms.create(kube, namespace, ms.body("first", podTemplate={"annotations": {"stub.modelservice.dev/startup-delay": "2"}}))
+    obj = ms.wait_condition(kube, namespace, "first", "Reconciling", "True")
+    assert ms.condition(obj, "Ready")["status"] == "False"
+    ms.wait_condition(kube, namespace, "first", "Ready", "True")
+
+
+def test_kubectl_scale_reaches_the_deployment(kube, namespace, operator, fake_nodes):
+    ms.create(kube, namespace, ms.body("scaled"))
+    ms.wait_condition(kube, namespace, "scaled", "Ready", "True")
+    kubectl(kube.kubeconfig, "scale", "ms", "scaled", "-n", namespace, "--replicas=3")
+    wait_for(lambda: kube.apps.read_namespaced_deployment("scaled", namespace).spec.replicas == 3, timeout=10,
+             message="Deployment replicas 3")
+    obj = ms.wait_condition(kube, namespace, "scaled", "Ready", "True")
+    assert obj["status"]["replicas"] == 3 and obj["status"]["ready"] == "3/3"
+    assert "scaled" in kubectl(kube.kubeconfig, "get", "pdb", "-n", namespace, "-o", "name")
+
+
+def test_drift_is_repaired_and_user_fields_are_left_alone(kube, namespace, operator, fake_nodes):
+    ms.create(kube, namespace, ms.body("drift"))
+    ms.wait_condition(kube, namespace, "drift", "Ready", "True")
+    image = kube.apps.read_namespaced_deployment("drift", namespace).spec.template.spec.containers[0].image
+    kube.apps.patch_namespaced_deployment("drift", namespace, {
+        "metadata": {"annotations": {"team.example.com/owner": "alice"}},
+        "spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil:1"}]}}}})
+    kubectl(kube.kubeconfig, "delete", "service", "drift", "-n", namespace)  # the client mis-parses 1.20's reply
+    wait_for(lambda: kube.apps.read_namespaced_deployment("drift", namespace).spec.template.spec.containers[0].image
+             == image, timeout=10, message="image restored within 10 s")
+    wait_for(lambda: kube.core.read_namespaced_service("drift", namespace), timeout=10,
+             message="Service recreated within 10 s")
+    annotations = kube.apps.read_namespaced_deployment("drift", namespace).metadata.annotations
+    assert annotations.get("team.example.com/owner") == "alice"
+
+
+def test_deleting_the_modelservice_collects_its_children(kube, namespace, operator, fake_nodes):
+    ms.create(kube, namespace, ms.body("gc", replicas=2))
+    ms.wait_condition(kube, namespace, "gc", "Ready", "True")
+    ms.delete(kube, namespace, "gc")
+
+    def gone():
+        try:
+            kube.apps.read_namespaced_deployment("gc", namespace)
+            return False
+        except ApiException as e:
+            return e.status == 404
+    wait_for(gone, timeout=30, message="Deployment garbage-collected")
+    wait_for(lambda: not kube.core.list_namespaced_service(namespace).items, timeout=30, message="Service GC'd")
+
+
+def test_invalid_spec_stalls_once_and_recovers(kube, namespace, operator, fake_nodes):
+    # Passes the CRD schema (pattern-valid URI) but not the operator's cross-field rules.
+    ms.create(kube, namespace, ms.body("bad", engine="triton", model={"uri": "hf://org/model"}))
+    obj = ms.wait_condition(kube, namespace, "bad", "Stalled", "True", "InvalidSpec")
+    msg = ms.condition(obj, "Stalled")["message"]
+    assert "spec.model.uri" in msg and "pvc://" in msg
+    assert ms.condition(obj, "Ready")["status"] == "False"
+    reconciles = operator.counter('modelservice_reconcile_total{result="invalid"}')
+    wait_for(lambda: operator.counter('modelservice_reconcile_total{result="invalid"}') > reconciles, timeout=15,
+             message="a resync of the invalid object")  # resync every 3 s in tests
+    warnings = ms.events_for(kube, namespace, "bad", "InvalidSpec")
+    assert len(warnings) == 1 and warnings[0].type == "Warning" and warnings[0].count == 1
+    with pytest.raises(ApiException):
+        kube.apps.read_namespaced_deployment("bad", namespace)  # nothing half-built
+    ms.patch(kube, namespace, "bad", {"spec": {"model": {"uri": "s3://bucket/repo"}}})
+    obj = ms.wait_condition(kube, namespace, "bad", "Ready", "True")
+    assert ms.condition(obj, "Stalled")["status"] == "False"
+
+
+def test_schema_refuses_what_it_can(kube, namespace, crds):
+    for spec in ({"engine": "nope"}, {"engine": "vllm", "replicas": -1}, {"engine": "vllm", "model": {"uri": "ftp://x"}},
+                 {"engine": "vllm", "autoscaling": {"minReplicas": 1}}, {"engine": "vllm", "port": "http"}):
+        with pytest.raises(ApiException) as e:
+            ms.create(kube, namespace, {**ms.body("refused"), "spec": spec})
+        assert e.value.status == 422
+
+
+def test_gpu_request_no_node_can_satisfy_awaits_capacity(kube, namespace, operator, fake_nodes):
+    ms.create(kube, namespace, ms.body("huge", resources={"limits": {"nvidia.com/gpu": 64}}))
+    obj = ms.wait_condition(kube, namespace, "huge", "Ready", "False", "AwaitingCapacity")
+    assert "Insufficient nvidia.com/gpu" in ms.condition(obj, "Ready")["message"]
+    assert ms.condition(obj, "Stalled")["status"] == "False"
+
+
+def test_autoscaling_renders_an_hpa_and_removing_it_deletes_it(kube, namespace, operator, fake_nodes):
+    ms.create(kube, namespace, ms.body("auto", resources={"requests": {"cpu": "1"}},
+                                       autoscaling={"minReplicas": 2, "maxReplicas": 4, "cpuUtilization": 70}))
+    ms.wait_condition(kube, namespace, "auto", "Ready", "True")
+    hpa = _hpa(kube, namespace, "auto")["spec"]
+    assert hpa["minReplicas"] == 2 and hpa["maxReplicas"] == 4 and hpa["scaleTargetRef"]["name"] == "auto"
+    ms.patch(kube, namespace, "auto", {"spec": {"autoscaling": None}})
+    wait_for(lambda: _hpa(kube, namespace, "auto") is None, timeout=15, message="HPA deleted with autoscaling")
+
+
+def test_idle_resync_writes_nothing(kube, namespace, crds, fake_nodes, tmp_path):
+    # An operator of its own, scoped to this namespace, so its write counter speaks of this object only.
+    op = OperatorProcess(kube.kubeconfig, tmp_path / "operator.log",
+                         extra_args=["--namespace", namespace, "--gateway-enabled", "--resync-seconds", "2"]).start()
+    try:
+        ms.create(kube, namespace, ms.body("idle", replicas=2))
+        ms.wait_condition(kube, namespace, "idle", "Ready", "True")
+
+        def versions():
+            return (ms.get(kube, namespace, "idle")["metadata"]["resourceVersion"],
+                    kube.apps.read_namespaced_deployment("idle", namespace).metadata.resource_version,
+                    kube.core.read_namespaced_service("idle", namespace).metadata.resource_version,
+                    op.counter("modelservice_api_writes_total"))
+        # Settled: the same versions and write count across one full reconcile pass.
+        def settled():
+            before, passes = versions(), op.counter('modelservice_reconcile_total{result="success"}')
+            wait_for(lambda: op.counter('modelservice_reconcile_total{result="success"}') > passes, timeout=10,
+                     message="a resync pass")
+            return before if versions() == before else None
+        before = wait_for(settled, timeout=30, message="a quiet state")
+        passes = op.counter('modelservice_reconcile_total{result="success"}')
+        wait_for(lambda: op.counter('modelservice_reconcile_total{result="success"}') >= passes + 3, timeout=30,
+                 message="three more resync passes")
+        assert versions() == before  # no object changed and the operator sent no write
+    finally:
+        op.stop()

@@ -1,0 +1,62 @@
+"""Replica decisions: who owns spec.replicas, when to sleep, how many replicas the load asks for."""
+
+from modelservice.api import validate_spec
+from modelservice.scaling import Activity, activity_from_leases, decide
+
+NOW = 1_000_000.0
+
+
+def _spec(**autoscaling):
+    spec = {"engine": "vllm", "model": {"uri": "hf://o/r"}, "resources": {"requests": {"cpu": "1"}}}
+    if autoscaling:
+        spec["autoscaling"] = autoscaling
+    return validate_spec(spec, gateway_enabled=True)
+
+
+def test_manual_replicas_travel_in_the_apply():
+    d = decide(_spec(), 2, Activity(), None, NOW)
+    assert d.apply_replicas == 1 and d.scale_to is None
+
+
+def test_idle_model_goes_to_zero_after_the_window():
+    spec = _spec(minReplicas=0, maxReplicas=3, scaleToZeroAfter="60s")
+    busy = decide(spec, 1, Activity(last_request=NOW - 30), NOW - 600, NOW)
+    assert busy.scale_to is None and 29 <= busy.requeue_after <= 31
+    idle = decide(spec, 1, Activity(last_request=NOW - 61), NOW - 600, NOW)
+    assert idle.scale_to == 0 and idle.apply_replicas is None
+
+
+def test_just_woken_model_is_not_put_back_to_sleep():
+    # The lease may lag the gateway's scale-up: the time we saw it wake counts as activity.
+    spec = _spec(minReplicas=0, maxReplicas=3, scaleToZeroAfter="60s")
+    assert decide(spec, 1, Activity(last_request=NOW - 3600), NOW - 5, NOW).scale_to is None
+
+
+def test_asleep_model_stays_asleep_until_the_gateway_wakes_it():
+    spec = _spec(minReplicas=0, maxReplicas=3)
+    assert decide(spec, 0, Activity(in_flight=0), None, NOW).scale_to is None
+
+
+def test_in_flight_load_sizes_replicas_within_bounds():
+    spec = _spec(minReplicas=1, maxReplicas=4, targetInFlight=8)
+    assert decide(spec, 1, Activity(in_flight=20), NOW, NOW).scale_to == 3
+    assert decide(spec, 3, Activity(in_flight=500), NOW, NOW).scale_to == 4
+    assert decide(spec, 3, Activity(in_flight=0), NOW, NOW).scale_to == 1
+    assert decide(spec, 1, Activity(in_flight=8), NOW, NOW).scale_to is None
+
+
+def test_with_an_hpa_load_raises_its_floor():
+    spec = _spec(minReplicas=1, maxReplicas=4, targetInFlight=8, cpuUtilization=70)
+    d = decide(spec, 1, Activity(in_flight=20), NOW, NOW)
+    assert d.hpa_floor == 3 and d.scale_to is None
+
+
+def test_activity_from_leases_sums_fresh_gateways():
+    def lease(last, renew, inflight):
+        return {"metadata": {"annotations": {"serving.modelservice.dev/last-request": last,
+                                             "serving.modelservice.dev/in-flight": str(inflight)}},
+                "spec": {"renewTime": renew}}
+    t = "1970-01-12T13:46:40Z"  # NOW
+    stale = "1970-01-12T13:40:00Z"
+    a = activity_from_leases([lease(t, t, 3), lease(stale, t, 2), lease(stale, stale, 50)], NOW)
+    assert a.in_flight == 5 and a.last_request == NOW

@@ -1,0 +1,88 @@
+"""Status is a pure function of what the children say."""
+
+from modelservice.status import Observed, compute_status, conditions_for, status_changed
+
+
+def _dep(desired=1, ready=1, updated=None, replicas=None, gen=1, observed_gen=1, conditions=()):
+    return {"metadata": {"name": "m", "generation": gen}, "spec": {"replicas": desired},
+            "status": {"readyReplicas": ready, "updatedReplicas": desired if updated is None else updated,
+                       "replicas": desired if replicas is None else replicas, "observedGeneration": observed_gen,
+                       "conditions": list(conditions)}}
+
+
+def _by_type(conds):
+    return {c["type"]: (c["status"], c["reason"]) for c in conds}
+
+
+def _obs(**kw):
+    return Observed(generation=3, name="m", namespace="ns", **kw)
+
+
+def test_first_pass_is_reconciling():
+    c = _by_type(conditions_for(_obs(first_pass=True)))
+    assert c == {"Ready": ("False", "Reconciling"), "Reconciling": ("True", "Reconciling"),
+                 "Stalled": ("False", "Reconciling")}
+
+
+def test_available_when_rolled_out():
+    assert _by_type(conditions_for(_obs(deployment=_dep(2, 2))))["Ready"] == ("True", "Available")
+
+
+def test_progressing_while_pods_load():
+    c = _by_type(conditions_for(_obs(deployment=_dep(2, 0))))
+    assert c["Ready"] == ("False", "Progressing") and c["Reconciling"] == ("True", "Progressing")
+
+
+def test_stale_deployment_generation_is_not_ready():
+    c = _by_type(conditions_for(_obs(deployment=_dep(1, 1, gen=2, observed_gen=1))))
+    assert c["Reconciling"][0] == "True"
+
+
+def test_invalid_spec_is_stalled():
+    conds = conditions_for(_obs(invalid_spec="spec.model.uri: set it"))
+    assert _by_type(conds)["Stalled"] == ("True", "InvalidSpec")
+    assert conds[0]["message"] == "spec.model.uri: set it"
+
+
+def test_unschedulable_pod_is_awaiting_capacity():
+    pod = {"metadata": {"name": "p"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]}}
+    conds = conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))
+    assert _by_type(conds)["Ready"] == ("False", "AwaitingCapacity")
+    assert "Insufficient nvidia.com/gpu" in conds[0]["message"]
+
+
+def test_crash_loop_is_surfaced():
+    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [
+        {"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m"}}}]}}
+    conds = conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))
+    assert "CrashLoopBackOff" in conds[0]["message"]
+
+
+def test_progress_deadline_is_stalled():
+    dep = _dep(1, 0, conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                  "message": "ReplicaSet has timed out progressing."}])
+    assert _by_type(conditions_for(_obs(deployment=dep)))["Stalled"] == ("True", "ProgressDeadlineExceeded")
+
+
+def test_scale_to_zero_and_activating():
+    c = _by_type(conditions_for(_obs(deployment=_dep(0, 0), scale_to_zero=True)))
+    assert c["Ready"] == ("False", "ScaledToZero") and c["Stalled"][0] == "False" and c["Reconciling"][0] == "False"
+    c = _by_type(conditions_for(_obs(deployment=_dep(1, 0), scale_to_zero=True)))
+    assert c["Ready"] == ("False", "Activating")
+
+
+def test_status_fields_and_transition_times():
+    o = _obs(deployment=_dep(2, 1), url="http://m.ns.svc.cluster.local:8000", endpoint="/models/ns/m/")
+    s1 = compute_status(o, {}, "2026-01-01T00:00:00Z")
+    assert s1["observedGeneration"] == 3 and s1["ready"] == "1/2" and s1["readyReplicas"] == 1
+    assert s1["selector"] == "serving.modelservice.dev/modelservice=m" and s1["endpoint"] == "/models/ns/m/"
+    # Same facts later: nothing changes, so nothing is written.
+    s2 = compute_status(o, s1, "2026-01-01T00:05:00Z")
+    assert not status_changed(s2, s1)
+    # Ready flips: only Ready's transition time moves.
+    s3 = compute_status(_obs(deployment=_dep(2, 2), url=o.url, endpoint=o.endpoint), s2, "2026-01-01T00:09:00Z")
+    times = {c["type"]: c["lastTransitionTime"] for c in s3["conditions"]}
+    assert times["Ready"] == "2026-01-01T00:09:00Z" and times["Stalled"] == "2026-01-01T00:00:00Z"
+    assert all(c.get("message", "x") for c in s3["conditions"])  # never an empty string (see status._cond)
