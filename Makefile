@@ -55,5 +55,9 @@ bench: venv k8s-bin ## benchmarks (not part of make test)
 chaos: venv k8s-bin ## the long reliability soak
 	$(PYTEST) -m chaos -q
 
+lint: helm ## helm lint --strict over the default values and every values file in the chart's ci/
+	HELM=$$(bash hack/get-helm.sh); $$HELM lint --strict charts/modelservice-operator && \
+	for f in charts/modelservice-operator/ci/*-values.yaml; do $$HELM lint --strict charts/modelservice-operator -f $$f || exit 1; done
+
 clean:
 	rm -rf .cluster .pytest_cache

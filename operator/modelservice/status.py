@@ -92,7 +92,7 @@ def conditions_for(o: Observed) -> list[dict[str, Any]]:
                 _cond(STALLED, True, "ProgressDeadlineExceeded", stalled, g)]
     if desired == 0:
         reason, msg = (("ScaledToZero", "Scaled to zero while idle; the first request wakes it") if o.scale_to_zero
-                       else ("ScaledToZero", "spec.replicas is 0"))
+                       else ("ScaledDown", "spec.replicas is 0"))
         return [_cond(READY, False, reason, msg, g), _cond(RECONCILING, False, reason, "", g),
                 _cond(STALLED, False, reason, "", g)]
     rolled_out = current_gen and updated >= desired and ready >= desired and st.get("replicas", 0) == desired

@@ -58,8 +58,9 @@ def test_kubectl_scale_reaches_the_deployment(kube, namespace, operator, fake_no
     kubectl(kube.kubeconfig, "scale", "ms", "scaled", "-n", namespace, "--replicas=3")
     wait_for(lambda: kube.apps.read_namespaced_deployment("scaled", namespace).spec.replicas == 3, timeout=10,
              message="Deployment replicas 3")
-    obj = ms.wait_condition(kube, namespace, "scaled", "Ready", "True")
-    assert obj["status"]["replicas"] == 3 and obj["status"]["ready"] == "3/3"
+    obj = wait_for(lambda: (o := ms.get(kube, namespace, "scaled"))["status"].get("ready") == "3/3" and o,
+                   timeout=30, message="status 3/3 ready")
+    assert obj["status"]["replicas"] == 3 and ms.condition(obj, "Ready")["status"] == "True"
     assert "scaled" in kubectl(kube.kubeconfig, "get", "pdb", "-n", namespace, "-o", "name")
 
 

@@ -1,0 +1,78 @@
+{{/*
+The exact permissions of the operator and the gateway. tests/unit/test_chart.py holds the same list: a change here
+is a change of the product's security surface and must change the test too.
+*/}}
+
+{{/* Operator, namespaced resources: a ClusterRole cluster-wide, a Role per namespace with watchNamespaces. */}}
+{{- define "modelservice.operatorRules" -}}
+- apiGroups: ["serving.modelservice.dev"]
+  resources: ["modelservices"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["serving.modelservice.dev"]
+  resources: ["modelservices/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments/scale"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: [""]
+  resources: ["services", "persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+{{- /* The gateway writes activity Leases; the operator reads them and removes those of models that are gone. */}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/* Operator, cluster-scoped: kopf checks the CRD at startup. Always a ClusterRole. */}}
+{{- define "modelservice.operatorClusterRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+
+{{/* Gateway: all namespaced. It scales a model 0→1 on wake; Secrets only when it checks API keys. */}}
+{{- define "modelservice.gatewayRules" -}}
+- apiGroups: ["serving.modelservice.dev"]
+  resources: ["modelservices"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["apps"]
+  resources: ["deployments/scale"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "create", "update", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- if .Values.gateway.apiKeys.enabled }}
+{{- /* get only: the gateway fetches the Secrets that ModelServices name (and re-fetches them for rotation); it
+never lists or watches Secrets, so it cannot enumerate them. */}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
+{{- end }}

@@ -1,0 +1,102 @@
+"""Fixtures for tests against a real API server: `cluster`, `kube`, `namespace`, `fake_nodes`.
+
+Which cluster: $KUBECONFIG if set; else the one `python -m tests.cluster up` left running in .cluster/; else a
+fresh local control plane for this session only (stopped at the end). MODELSERVICE_FRESH_CLUSTER=1 skips reuse.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.cluster.controlplane import DEFAULT_STATE_DIR, ControlPlane, find_binaries
+from tests.cluster.kube import Kube, answers, connect, create_namespace, delete_namespace
+from tests.cluster.node_agent import FAKE_NODE_LABEL
+
+
+@dataclass
+class RunningCluster:
+    kubeconfig: Path
+    control_plane: ControlPlane | None  # None when only a KUBECONFIG is known (no local processes to manage)
+    origin: str  # "KUBECONFIG", "reused .cluster/" or "started"
+    startup_seconds: float = 0.0
+
+
+_summary: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    fresh = os.environ.get("MODELSERVICE_FRESH_CLUSTER") == "1"
+    env = os.environ.get("KUBECONFIG")
+    if env and not fresh:
+        path = Path(env.split(os.pathsep)[0])
+        if not answers(path):
+            pytest.fail(f"KUBECONFIG={env} is set but its cluster does not answer; unset it to get a local one")
+        _summary.append(f"cluster: KUBECONFIG={env}")
+        yield RunningCluster(path, None, "KUBECONFIG")
+        return
+    local = ControlPlane(DEFAULT_STATE_DIR)
+    if not fresh and local.kubeconfig.exists() and local.is_up() and answers(local.kubeconfig):
+        _summary.append(f"cluster: reused {local.state_dir}")
+        yield RunningCluster(local.kubeconfig, local, "reused .cluster/")
+        return
+    cp = ControlPlane(tmp_path_factory.mktemp("cluster"))
+    t0 = time.monotonic()
+    cp.start()
+    took = time.monotonic() - t0
+    _summary.append(f"cluster: started a local control plane in {took:.1f}s ({cp.state_dir})")
+    try:
+        yield RunningCluster(cp.kubeconfig, cp, "started", took)
+    finally:
+        t0 = time.monotonic()
+        cp.stop()
+        _summary.append(f"cluster: stopped in {time.monotonic() - t0:.1f}s")
+
+
+@pytest.fixture(scope="session")
+def kube(cluster: RunningCluster) -> Iterator[Kube]:
+    k = connect(cluster.kubeconfig)
+    yield k
+    k.api_client.close()
+
+
+@pytest.fixture
+def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace per test, ready for pods; deleted afterwards (without waiting for it to go)."""
+    name = create_namespace(kube, request.node.name)
+    yield name
+    delete_namespace(kube, name)
+
+
+@pytest.fixture(scope="session")
+def fake_nodes(kube: Kube) -> list[str]:
+    """Names of the node agent's nodes; skips tests that need 127.0.x.y pods on a cluster without them."""
+    nodes = kube.core.list_node(label_selector=f"{FAKE_NODE_LABEL}=true").items
+    if not nodes:
+        pytest.skip(f"no nodes labelled {FAKE_NODE_LABEL}=true: this cluster has no fake node agent")
+    return [n.metadata.name for n in nodes]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the Kubernetes binaries (minutes, once per machine) before any test's timeout starts ticking."""
+    here = Path(__file__).resolve().parent
+    if session.config.option.collectonly or not any(here in Path(i.path).resolve().parents for i in session.items):
+        return
+    fresh = os.environ.get("MODELSERVICE_FRESH_CLUSTER") == "1"
+    if not fresh and (os.environ.get("KUBECONFIG") or ControlPlane(DEFAULT_STATE_DIR).is_up()):
+        return
+    t0 = time.monotonic()
+    bins = find_binaries()
+    if time.monotonic() - t0 > 5:
+        _summary.append(f"cluster: built the Kubernetes binaries into {bins} in {time.monotonic() - t0:.0f}s")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in _summary:
+        terminalreporter.write_line(line)
