@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from typing import Optional
 
@@ -40,8 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream-timeout", type=seconds, default=f"{d.upstream_timeout:g}s",
                    help="longest silence from a model server")
     p.add_argument("--kubeconfig", default=None)
-    p.add_argument("--api-key-secret", type=secret_ref, default=None, metavar="NS/NAME[:KEY]",
-                   help="global API keys (one per line) accepted for every model")
+    p.add_argument("--api-key-secret", default=None, metavar="[NS/]NAME[:KEY]",
+                   help="global API keys (one per line) accepted for every model; NS defaults to POD_NAMESPACE")
     p.add_argument("--activity-interval", type=seconds, default=f"{d.activity_interval:g}s",
                    help="at most one activity Lease write per model per interval")
     p.add_argument("--log-level", default="INFO")
@@ -49,11 +50,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from(args: argparse.Namespace) -> Config:
+    keys = secret_ref(args.api_key_secret, os.environ.get("POD_NAMESPACE", "")) if args.api_key_secret else None
     return Config(host=args.host, port=args.port, metrics_port=args.metrics_port, namespaces=args.namespaces,
                   activation_timeout=args.activation_timeout, max_body_bytes=args.max_body_bytes,
                   max_held_per_model=args.max_held_per_model, header_timeout=args.header_timeout,
                   idle_timeout=args.idle_timeout, upstream_timeout=args.upstream_timeout, kubeconfig=args.kubeconfig,
-                  api_key_secret=args.api_key_secret, activity_interval=args.activity_interval)
+                  api_key_secret=keys, activity_interval=args.activity_interval)
 
 
 async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
@@ -82,6 +84,7 @@ async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
         log.info("gateway %s listening on %s:%d (metrics :%d), namespaces: %s", config.pod_name, config.host,
                  config.port, config.metrics_port, ",".join(config.namespaces) or "all")
         await stop.wait()
+        log.info("stopping: finishing in-flight requests")
     finally:
         for t in tasks:
             t.cancel()
@@ -92,10 +95,15 @@ async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        config = config_from(args)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(config_from(args)))
+        asyncio.run(serve(config))
     except KeyboardInterrupt:
         pass
     return 0

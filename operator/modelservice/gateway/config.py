@@ -48,10 +48,11 @@ def size(text: str) -> int:
     return int(text)
 
 
-def secret_ref(text: str) -> tuple[str, str, str]:
-    """NS/NAME or NS/NAME:KEY (KEY defaults to "keys", as in spec.apiKeySecretRef)."""
+def secret_ref(text: str, default_namespace: str = "") -> tuple[str, str, str]:
+    """[NS/]NAME[:KEY]: NS defaults to the gateway's own namespace, KEY to "keys" (as in spec.apiKeySecretRef)."""
     ref, _, key = text.partition(":")
-    ns, sep, name = ref.partition("/")
-    if not sep or not ns or not name or "/" in name:
-        raise ValueError(f"{text!r} is not NAMESPACE/NAME[:KEY]")
+    ns, sep, name = ref.rpartition("/")
+    ns = ns if sep else default_namespace
+    if not ns or not name or "/" in ns:
+        raise ValueError(f"{text!r} is not [NAMESPACE/]NAME[:KEY] (NAMESPACE is needed when POD_NAMESPACE is unset)")
     return ns, name, key or "keys"

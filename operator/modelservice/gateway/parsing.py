@@ -11,6 +11,9 @@ from aiohttp import web
 from modelservice.gateway.errors import GatewayError
 
 READ_CHUNK = 64 * 1024
+# A whole body within this, however steadily it trickles: the idle timeout alone would let a client pin a request
+# for hours at one byte per idle period. 10 MiB in 5 minutes is 35 KB/s, slower than any real client.
+BODY_DEADLINE = 300.0
 
 
 async def read_body(request: web.Request, max_bytes: int, idle_timeout: float) -> bytes:
@@ -20,12 +23,16 @@ async def read_body(request: web.Request, max_bytes: int, idle_timeout: float) -
         raise _too_large(max_bytes)
     parts: list[bytes] = []
     size = 0
-    # Bounded: each pass reads >= 1 byte or ends; at most max_bytes/1 + 1 passes, each within idle_timeout.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BODY_DEADLINE
+    # Bounded: each pass reads >= 1 byte or ends (at most max_bytes + 1 passes), all within BODY_DEADLINE.
     while True:
+        wait = min(idle_timeout, deadline - loop.time())
         try:
-            chunk = await asyncio.wait_for(request.content.read(READ_CHUNK), idle_timeout)
+            chunk = await asyncio.wait_for(request.content.read(READ_CHUNK), max(0.0, wait))
         except asyncio.TimeoutError:
-            raise GatewayError(408, f"request body stalled for {idle_timeout:g}s", "request_timeout") from None
+            raise GatewayError(408, f"request body too slow: nothing for {idle_timeout:g}s, or not complete "
+                                    f"within {BODY_DEADLINE:g}s", "request_timeout") from None
         if not chunk:
             return b"".join(parts)
         size += len(chunk)

@@ -25,10 +25,11 @@ from modelservice.gateway.routes import Endpoint, ModelEntry
 log = logging.getLogger("modelservice.gateway.proxy")
 MAX_ATTEMPTS = 3
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
+                        "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+                        "expect"})  # we hold the whole body already; a 100-continue handshake upstream only adds a trip
 # Failures where the backend cannot have started on the request: a pod that just died, a stale pooled connection.
 RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-             aiohttp.ConnectionTimeoutError)
+             getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ClientConnectorError))  # aiohttp >= 3.10
 
 if sys.version_info >= (3, 11):
     _timeout = asyncio.timeout

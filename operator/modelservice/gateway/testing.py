@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
 
 from aiohttp import web
 
 from modelservice.labels import MANAGED_BY, MANAGED_BY_VALUE, MODELSERVICE_LABEL
+
+if TYPE_CHECKING:
+    from modelservice.gateway.routes import RouteTable
+    from modelservice.gateway.server import Gateway
 
 
 def modelservice(name: str, namespace: str = "default", *, engine: str = "vllm", served_name: Optional[str] = None,
@@ -87,3 +91,25 @@ async def serving(app: web.Application, *, host: str = "127.0.0.1", runner: Opti
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+def feed(table: "RouteTable", *objs: dict[str, Any], event: str = "ADDED") -> None:
+    """Apply objects to a routing table as watch events would."""
+    for o in objs:
+        {"ModelService": table.apply_modelservice, "EndpointSlice": table.apply_slice,
+         "Deployment": table.apply_deployment}[o["kind"]](event, o)
+
+
+@contextlib.asynccontextmanager
+async def gateway_with(*objs: dict[str, Any], ops: Any = None,
+                       **config: Any) -> AsyncIterator[tuple["Gateway", str]]:
+    """A Gateway whose table holds objs, served on 127.0.0.1; yields (gateway, base URL)."""
+    from modelservice.gateway.config import Config
+    from modelservice.gateway.server import Gateway
+
+    gw = Gateway(Config(**{"pod_name": "gw-0", "metrics_port": 0, **config}), ops or FakeOps())
+    feed(gw.table, *objs)
+    gw.synced = True
+    app = gw.app()
+    async with serving(app, runner=gw.runner(app)) as url:
+        yield gw, url

@@ -1,0 +1,264 @@
+"""The gateway on the local control plane, with the operator and fake nodes: scale from zero with one wake-up,
+least in-flight over real replicas, a pod deleted mid-run, bad input and API keys.
+
+The gateway runs as the real subprocess (`python -m modelservice.cli gateway`), so these tests also cover flag
+parsing, watches, discovery (discovery.k8s.io/v1beta1 on 1.20) and the Lease/scale calls against RBAC-free admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import aiohttp
+import pytest
+from kubernetes import watch as kwatch
+from prometheus_client.parser import text_string_to_metric_families
+
+from modelservice.labels import MODELSERVICE_LABEL, STUB_STARTUP_DELAY_ANNOTATION
+from tests.cluster.controlplane import free_port
+from tests.cluster.wait import wait_for
+from tests.integration import ms
+from tests.integration.fixtures_operator import crds, operator  # noqa: F401  (fixtures)
+
+HELD_LIMIT = 30
+
+
+class GatewayProcess:
+    def __init__(self, kubeconfig: Path, log_path: Path):
+        self.kubeconfig, self.log_path = kubeconfig, log_path
+        self.port, self.metrics_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "GatewayProcess":
+        cmd = [sys.executable, "-m", "modelservice.cli", "gateway", "--kubeconfig", str(self.kubeconfig),
+               "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+               "--activation-timeout", "60s", "--activity-interval", "2s", "--max-body-bytes", "64Ki",
+               "--max-held-per-model", str(HELD_LIMIT)]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "POD_NAME": "gateway-test-0"}, start_new_session=True)
+        wait_for(self.healthy, timeout=30, message=f"gateway /healthz; log {self.log_path}")
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited; log:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster, crds, tmp_path_factory) -> Iterator[GatewayProcess]:  # noqa: F811
+    gw = GatewayProcess(cluster.kubeconfig, tmp_path_factory.mktemp("gateway") / "gateway.log").start()
+    yield gw
+    gw.stop()
+
+
+def chat(model: str, stream: bool = False, max_tokens: int = 8) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}], "stream": stream,
+            "max_tokens": max_tokens}
+
+
+async def _post(session, url, body, headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with session.post(url + "/v1/chat/completions", data=data, headers=headers) as r:
+        return r.status, await r.read()
+
+
+def run(coro, timeout: float = 120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def ready_endpoints(gw: GatewayProcess, ns: str, name: str) -> float:
+    return gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}")
+
+
+def pod_ips(kube, ns: str, name: str) -> list[str]:
+    pods = kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items
+    return [p.status.pod_ip for p in pods if p.status.pod_ip and not p.metadata.deletion_timestamp]
+
+
+def stub_successes(ip: str, port: int = 8000) -> float:
+    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as r:
+        return sum(s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples
+                   if s.name == "vllm:request_success_total")
+
+
+class ReplicasHistory:
+    """spec.replicas of one Deployment as the API server reports it, from a watch in a thread."""
+
+    def __init__(self, kube, ns: str, name: str):
+        self.values: list[int] = []
+        self._watch = kwatch.Watch()
+        self._thread = threading.Thread(target=self._run, args=(kube, ns, name), daemon=True)
+        self._thread.start()
+
+    def _run(self, kube, ns, name):
+        try:
+            for event in self._watch.stream(kube.apps.list_namespaced_deployment, ns,
+                                            field_selector=f"metadata.name={name}", timeout_seconds=120):
+                self.values.append(event["object"].spec.replicas)
+        except Exception:  # noqa: BLE001 - the namespace is torn down under the watch at the end of the test
+            pass
+
+    def changes(self) -> list[int]:
+        self._watch.stop()
+        out: list[int] = []
+        for v in self.values:
+            if not out or out[-1] != v:
+                out.append(v)
+        return out
+
+
+def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, operator, fake_nodes, gateway):
+    name = "sleepy"
+    ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 0, "maxReplicas": 3},
+                                       podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "3"}}))
+    wait_for(lambda: kube.apps.read_namespaced_deployment(name, namespace), timeout=30, message="Deployment")
+    kube.apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": 0}})
+    wait_for(lambda: not pod_ips(kube, namespace, name) and ready_endpoints(gateway, namespace, name) == 0,
+             timeout=60, message="model asleep: no pods, no endpoints in the gateway")
+    history = ReplicasHistory(kube, namespace, name)
+    wait_for(lambda: history.values, timeout=10, message="replicas watch listed")
+
+    async def scenario():
+        async with aiohttp.ClientSession() as s:
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(_post(s, gateway.url, chat(name, stream=True)) for _ in range(20)))
+            return results, time.monotonic() - t0
+
+    results, took = run(scenario())
+    assert [r[0] for r in results] == [200] * 20, results[:3]
+    assert all(r[1].rstrip().endswith(b"data: [DONE]") for r in results)
+    assert took >= 3  # the startup delay was really waited out
+    assert gateway.metric("modelservice_gateway_scale_requests_total", model=f"{namespace}/{name}") == 1
+    assert gateway.metric("modelservice_gateway_activation_seconds_count") >= 1
+    time.sleep(1)
+    assert history.changes() == [0, 1]
+    leases = kube.custom.list_namespaced_custom_object("coordination.k8s.io", "v1", namespace, "leases",
+                                                       label_selector=f"{MODELSERVICE_LABEL}={name}")["items"]
+    assert [lease["spec"]["holderIdentity"] for lease in leases] == ["gateway-test-0"]
+
+
+def _three_replicas(kube, namespace, gateway, name):
+    ms.create(kube, namespace, ms.body(name, replicas=3,
+                                       podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "100"}}))
+    wait_for(lambda: ready_endpoints(gateway, namespace, name) == 3, timeout=90, message="3 endpoints in gateway")
+    return pod_ips(kube, namespace, name)
+
+
+def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace, operator, fake_nodes, gateway):
+    ips = _three_replicas(kube, namespace, gateway, "spread")
+    assert len(ips) == 3
+
+    async def scenario():
+        async with aiohttp.ClientSession() as s:
+            return await asyncio.gather(*(_post(s, gateway.url, chat("spread", max_tokens=50)) for _ in range(30)))
+
+    assert [r[0] for r in run(scenario())] == [200] * 30
+    counts = sorted(stub_successes(ip) for ip in ips)
+    assert counts[0] >= 7 and counts[-1] <= 13, counts  # 10 each when all 30 overlap
+
+
+def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespace, operator, fake_nodes, gateway):
+    name = "churn"
+    _three_replicas(kube, namespace, gateway, name)
+    victim = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items[0]
+
+    async def scenario():
+        results: list[tuple[float, int]] = []  # (start time, status)
+        deleted_at: list[float] = []
+
+        async def worker(s):
+            for _ in range(15):  # bounded
+                t = time.monotonic()
+                status, _ = await _post(s, gateway.url, chat(name, max_tokens=10))
+                results.append((t, status))
+
+        async def killer():
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(kube.core.delete_namespaced_pod, victim.metadata.name, namespace,
+                                    grace_period_seconds=0)
+            deleted_at.append(time.monotonic())
+
+        async with aiohttp.ClientSession() as s:
+            await asyncio.gather(killer(), *(worker(s) for _ in range(6)))
+        return results, deleted_at[0]
+
+    results, deleted_at = run(scenario())
+    after = [status for t, status in results if t >= deleted_at]
+    assert len(after) > 20 and all(status == 200 for status in after), after
+    assert all(status == 200 for _, status in results)
+
+
+def test_bad_input_and_api_keys(kube, namespace, operator, fake_nodes, gateway):
+    kube.core.create_namespaced_secret(namespace, {"metadata": {"name": "keys"},
+                                                   "data": {"keys": base64.b64encode(b"alpha\nbeta\n").decode()}})
+    ms.create(kube, namespace, ms.body("open"))
+    ms.create(kube, namespace, ms.body("locked", apiKeySecretRef={"name": "keys"}))
+    ms.create(kube, namespace, ms.body("loading", podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "60"}}))
+    for n in ("open", "locked"):
+        wait_for(lambda n=n: ready_endpoints(gateway, namespace, n) == 1, timeout=90, message=f"{n} endpoint")
+    locked_ip = pod_ips(kube, namespace, "locked")[0]
+
+    async def scenario():
+        url = gateway.url
+        async with aiohttp.ClientSession() as s:
+            assert (await _post(s, url, b"{nope"))[0] == 400
+            assert (await _post(s, url, {"messages": []}))[0] == 400
+            assert (await _post(s, url, chat("no-such-model")))[0] == 404
+            assert (await _post(s, url, {"model": "open", "pad": "x" * 70_000}))[0] == 413
+            assert (await _post(s, url, chat(f"{namespace}/open")))[0] == 200
+            assert (await _post(s, url, chat("locked")))[0] == 401
+            assert (await _post(s, url, chat("locked"), {"Authorization": "Bearer gamma"}))[0] == 401
+            assert stub_successes(locked_ip) == 0  # refused requests never reached the model
+            assert (await _post(s, url, chat("locked"), {"Authorization": "Bearer beta"}))[0] == 200
+            async with s.get(f"{url}/models/{namespace}/open/v1/models") as r:
+                assert r.status == 200 and (await r.json())["data"][0]["id"] == "open"
+            # "loading" has a replica that is not Ready for 60 s: requests wait, and past the limit get 429.
+            held = [asyncio.create_task(_post(s, url, chat("loading"))) for _ in range(HELD_LIMIT)]
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if gateway.metric("modelservice_gateway_held_requests", model=f"{namespace}/loading") == HELD_LIMIT:
+                    break
+            status, body = await _post(s, url, chat("loading"))
+            assert status == 429, body
+            await asyncio.to_thread(ms.delete, kube, namespace, "loading")
+            released = await asyncio.gather(*held)
+            assert {r[0] for r in released} == {503}  # deleted: answered at once, not at the activation timeout
+
+    run(scenario())
+    assert stub_successes(locked_ip) == 1

@@ -1,0 +1,124 @@
+"""Scale from zero with a fake scaler: one wake-up for many held requests, Lease before scale, failures."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from modelservice.gateway.testing import FakeOps, deployment, endpointslice, modelservice
+from tests.unit.test_gateway_http import chat, gateway, post, run, stubs
+
+pytestmark = pytest.mark.unit
+
+
+def test_twenty_held_requests_one_wake_up():
+    async def scenario():
+        async with stubs("127.0.0.6") as addrs:
+            host, port = addrs[0]
+            box = {}
+
+            async def bring_up(ns, name, replicas):
+                gw = box["gw"]
+
+                async def later():  # the "pod" takes a moment to become Ready, then the slice watch fires
+                    gw.table.apply_deployment("MODIFIED", deployment(name, replicas, ns))
+                    await asyncio.sleep(0.5)
+                    gw.table.apply_slice("ADDED", endpointslice(name, [(host, True)], port, ns))
+                asyncio.get_running_loop().create_task(later())
+
+            ops = FakeOps(on_scale=bring_up)
+            async with gateway(modelservice("z", min_replicas=0), deployment("z", 0), ops=ops,
+                               activation_timeout=10) as (gw, url), aiohttp.ClientSession() as s:
+                box["gw"] = gw
+                results = await asyncio.gather(*(post(s, url, chat("z", stream=True)) for _ in range(20)))
+                assert [r[0] for r in results] == [200] * 20
+                assert all(b"[DONE]" in r[1] for r in results)
+                assert ops.scales == [("default", "z", 1)]  # ONE wake-up
+                assert ops.calls[:2] == ["lease", "scale"]  # the Lease is written before the scale call
+                assert gw.activator.wakes == 1 and gw.activator._episodes == {}
+                hist = {s.name: s.value for s in gw.metrics.activation.collect()[0].samples}
+                assert hist["modelservice_gateway_activation_seconds_count"] == 1
+                assert 0.4 < hist["modelservice_gateway_activation_seconds_sum"] < 5
+                held = gw.metrics.held.labels("default/z")._value.get()
+                assert held == 0
+
+    run(scenario())
+
+
+def test_wake_scales_to_min_replicas_when_above_zero():
+    async def scenario():
+        ops = FakeOps()
+        async with gateway(modelservice("z", min_replicas=2), deployment("z", 0), ops=ops,
+                           activation_timeout=0.5) as (gw, url), aiohttp.ClientSession() as s:
+            assert (await post(s, url, chat("z")))[0] == 503
+            assert ops.scales == [("default", "z", 2)]
+
+    run(scenario())
+
+
+def test_manual_zero_is_not_woken():
+    async def scenario():
+        ops = FakeOps()
+        async with gateway(modelservice("z"), deployment("z", 0), ops=ops) as (gw, url), \
+                aiohttp.ClientSession() as s:
+            status, body, _ = await post(s, url, chat("z"))
+            assert status == 503 and "spec.replicas" in json.loads(body)["error"]["message"]
+            assert ops.scales == []
+
+    run(scenario())
+
+
+def test_failed_scale_releases_held_requests_at_once():
+    async def scenario():
+        class Forbidden(Exception):
+            status = 403
+
+        def deny(ns, name, replicas):
+            raise Forbidden("deployments.apps \"z\" is forbidden: cannot patch resource \"deployments/scale\"")
+
+        ops = FakeOps(on_scale=deny)
+        async with gateway(modelservice("z", min_replicas=0), deployment("z", 0), ops=ops,
+                           activation_timeout=30) as (gw, url), aiohttp.ClientSession() as s:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            results = await asyncio.gather(*(post(s, url, chat("z")) for _ in range(5)))
+            assert loop.time() - t0 < 5
+            assert [r[0] for r in results] == [503] * 5
+            assert "could not scale" in json.loads(results[0][1])["error"]["message"]
+            assert len(ops.scales) == 1  # permanent errors are not retried
+
+    run(scenario())
+
+
+def test_requests_wait_for_a_starting_pod_without_scaling():
+    async def scenario():
+        async with stubs("127.0.0.7") as addrs:
+            ops = FakeOps()
+            async with gateway(modelservice("m", min_replicas=0), deployment("m", 1), ops=ops,
+                               activation_timeout=10) as (gw, url), aiohttp.ClientSession() as s:
+                task = asyncio.create_task(post(s, url, chat("m")))
+                await asyncio.sleep(0.3)
+                assert not task.done()
+                gw.table.apply_slice("ADDED", endpointslice("m", [(addrs[0][0], True)], addrs[0][1]))
+                assert (await task)[0] == 200
+                assert ops.scales == []
+
+    run(scenario())
+
+
+def test_deleting_the_model_answers_held_requests_at_once():
+    async def scenario():
+        async with gateway(modelservice("z", min_replicas=0), deployment("z", 1), activation_timeout=30) as (
+                gw, url), aiohttp.ClientSession() as s:
+            held = [asyncio.create_task(post(s, url, chat("z"))) for _ in range(3)]
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if gw.activator.held(("default", "z")) == 3:
+                    break
+            gw.table.apply_modelservice("DELETED", modelservice("z", min_replicas=0))
+            results = await asyncio.wait_for(asyncio.gather(*held), 3)
+            assert [r[0] for r in results] == [503] * 3
+            assert "deleted" in json.loads(results[0][1])["error"]["message"]
+
+    run(scenario())

@@ -1,0 +1,74 @@
+"""Activity Leases: names, bodies, and when a write is due."""
+
+import pytest
+
+from modelservice.gateway.activity import ActivityTracker, lease_name, rfc3339_micro
+from modelservice.gateway.routes import model_entry
+from modelservice.gateway.testing import modelservice
+from modelservice.labels import ACTIVITY_LABEL, IN_FLIGHT_ANNOTATION, LAST_REQUEST_ANNOTATION, MODELSERVICE_LABEL
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self):
+        self.wall, self.mono = 1_800_000_000.0, 1000.0
+
+    def advance(self, s):
+        self.wall += s
+        self.mono += s
+
+
+def test_lease_name_is_stable_short_and_per_pod():
+    a, b = lease_name("llama", "gw-0"), lease_name("llama", "gw-1")
+    assert a.startswith("modelservice-llama-") and a != b and a == lease_name("llama", "gw-0")
+    long = lease_name("x" * 253, "gw-0")
+    assert len(long) <= 253 and long != lease_name("x" * 252 + "y", "gw-0")
+
+
+def test_rfc3339_micro():
+    assert rfc3339_micro(1_800_000_000.5) == "2027-01-15T08:00:00.500000Z"
+
+
+def test_lease_body():
+    clock = Clock()
+    t = ActivityTracker("gw-0", 10, wall=lambda: clock.wall, mono=lambda: clock.mono)
+    e = model_entry(modelservice("llama", "team-a"))
+    t.started(e.key)
+    t.started(e.key)
+    t.finished(e.key)
+    lease = t.lease(e)
+    meta = lease["metadata"]
+    assert meta["namespace"] == "team-a" and meta["name"] == lease_name("llama", "gw-0")
+    assert meta["labels"] == {MODELSERVICE_LABEL: "llama", ACTIVITY_LABEL: "true"}
+    assert meta["annotations"] == {IN_FLIGHT_ANNOTATION: "2", LAST_REQUEST_ANNOTATION: rfc3339_micro(clock.wall)}
+    assert meta["ownerReferences"][0]["uid"] == "uid-team-a-llama"
+    assert lease["spec"]["holderIdentity"] == "gw-0" and lease["spec"]["renewTime"] == rfc3339_micro(clock.wall)
+
+
+def test_writes_are_rate_limited_and_only_on_change():
+    clock = Clock()
+    t = ActivityTracker("gw-0", 10, wall=lambda: clock.wall, mono=lambda: clock.mono)
+    e = model_entry(modelservice("m"))
+    assert t.due() == []
+    t.started(e.key)
+    assert t.due() == [e.key]
+    assert t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "1"
+    t.finished(e.key)
+    clock.advance(5)
+    assert t.due() == []  # written 5 s ago: wait for the interval
+    clock.advance(5)
+    assert t.due() == [e.key]
+    assert t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "1"  # peak of the last interval
+    clock.advance(10)
+    assert t.due() == [e.key]  # peak went 1 → 0: the operator must see the drop
+    assert t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "0"
+    clock.advance(60)
+    assert t.due() == []  # idle and unchanged: no writes at all
+
+
+def test_wake_lease_sets_last_request_now():
+    clock = Clock()
+    t = ActivityTracker("gw-0", 10, wall=lambda: clock.wall, mono=lambda: clock.mono)
+    lease = t.lease(model_entry(modelservice("m")), wake=True)
+    assert lease["metadata"]["annotations"][LAST_REQUEST_ANNOTATION] == rfc3339_micro(clock.wall)

@@ -1,0 +1,75 @@
+"""API keys: parsing, constant-time match, per-model and global Secrets."""
+
+import asyncio
+import base64
+
+import pytest
+
+from modelservice.gateway.auth import KeyStore, bearer_token, key_matches, parse_keys, secret_keys
+from modelservice.gateway.routes import model_entry
+from modelservice.gateway.testing import modelservice
+
+pytestmark = pytest.mark.unit
+
+
+def secret(**data):
+    return {"data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
+def test_bearer_and_key_parsing():
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("bearer   abc ") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+    assert parse_keys("k1\n\n  k2  \n# alice's key below\nk3\n") == ("k1", "k2", "k3")
+    assert secret_keys(secret(keys="a\nb", other="c")) == {"keys": ("a", "b"), "other": ("c",)}
+
+
+def test_key_matches():
+    assert key_matches("b", ["a", "b"])
+    assert not key_matches("c", ["a", "b"])
+    assert not key_matches("", ["a"]) and not key_matches(None, ["a"]) and not key_matches("a", [])
+    assert not key_matches("ab", ["a"])  # no prefix matches
+
+
+def test_store_per_model_and_global():
+    open_model = model_entry(modelservice("open", "a"))
+    locked = model_entry(modelservice("locked", "a", api_key_secret="s"))
+    store = KeyStore()
+    assert store.permits(open_model, None)
+    assert store.wanted([open_model, locked]) == {("a", "s")}
+    assert store.missing(locked)
+    assert not store.permits(locked, "Bearer k1")  # not loaded yet: closed
+    store.update(("a", "s"), secret(keys="k1\nk2"))
+    assert store.permits(locked, "Bearer k2") and not store.permits(locked, "Bearer k3")
+    assert not store.permits(locked, None)
+    store.update(("a", "s"), None)  # Secret deleted: nobody gets in
+    assert not store.permits(locked, "Bearer k2")
+
+    g = KeyStore(("ops", "global", "keys"))
+    g.update(("ops", "global"), secret(keys="G"))
+    g.update(("a", "s"), secret(keys="k1"))
+    assert g.required(open_model) and g.permits(open_model, "Bearer G") and not g.permits(open_model, "Bearer k1")
+    assert g.permits(locked, "Bearer G") and g.permits(locked, "Bearer k1")
+
+
+def test_refresher_fetches_kicked_secrets():
+    from modelservice.gateway.testing import FakeOps
+
+    async def scenario():
+        ops = FakeOps()
+        ops.secrets[("a", "s")] = secret(keys="k1")
+        entries = [model_entry(modelservice("locked", "a", api_key_secret="s"))]
+        store = KeyStore()
+        task = asyncio.create_task(store.run(ops, lambda: entries, interval=60))
+        await asyncio.wait_for(store.wait_loaded(entries[0], 5), 5)
+        assert store.permits(entries[0], "Bearer k1")
+        ops.secrets[("a", "s")] = secret(keys="k2")  # rotation: picked up at the next kick (or interval)
+        store.kick()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if store.permits(entries[0], "Bearer k2"):
+                break
+        assert store.permits(entries[0], "Bearer k2") and not store.permits(entries[0], "Bearer k1")
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
