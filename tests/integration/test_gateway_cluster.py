@@ -166,7 +166,7 @@ def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, oper
     assert took >= 3  # the startup delay was really waited out
     assert gateway.metric("modelservice_gateway_scale_requests_total", model=f"{namespace}/{name}") == 1
     assert gateway.metric("modelservice_gateway_activation_seconds_count") >= 1
-    time.sleep(1)
+    wait_for(lambda: history.values[-1:] == [1], timeout=10, message="the scale-up seen by the watch")
     assert history.changes() == [0, 1]
     leases = kube.custom.list_namespaced_custom_object("coordination.k8s.io", "v1", namespace, "leases",
                                                        label_selector=f"{MODELSERVICE_LABEL}={name}")["items"]
@@ -262,3 +262,49 @@ def test_bad_input_and_api_keys(kube, namespace, operator, fake_nodes, gateway):
 
     run(scenario())
     assert stub_successes(locked_ip) == 1
+
+
+def test_idle_model_goes_to_zero_and_the_next_request_wakes_it(kube, namespace, operator, fake_nodes, gateway):
+    """The whole serverless loop with no hand-scaling: warm start, idle → zero, request → one, idle → zero again."""
+    name = "loop"
+    ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 0, "maxReplicas": 2, "scaleToZeroAfter": "4s"},
+                                       podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "1"}}))
+    ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=60)  # a new model starts warm (proves it loads)
+    asleep = ms.wait_condition(kube, namespace, name, "Ready", "False", "ScaledToZero", timeout=60)
+    assert ms.condition(asleep, "Stalled")["status"] == "False"
+    assert kube.apps.read_namespaced_deployment(name, namespace).spec.replicas == 0
+    assert ms.events_for(kube, namespace, name, "ScaledToZero")
+
+    status, body = run(_stream_once(gateway.url, name))
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+    awake = ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=30)
+    assert awake["status"]["readyReplicas"] == 1
+    ms.wait_condition(kube, namespace, name, "Ready", "False", "ScaledToZero", timeout=60)
+
+
+async def _stream_once(url: str, name: str):
+    async with aiohttp.ClientSession() as s:
+        return await _post(s, url, chat(name, stream=True))
+
+
+def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespace, operator, fake_nodes, gateway):
+    """targetInFlight without an HPA: the operator sizes replicas from the gateway's in-flight Leases."""
+    name = "busy"
+    ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetInFlight": 2},
+                                       podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "10"}}))
+    ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=60)
+
+    async def load():
+        async with aiohttp.ClientSession() as s:  # 6 streams of 80 tokens at 10 tokens/s: ~8 s of in-flight 6
+            return await asyncio.gather(*(_post(s, gateway.url, chat(name, stream=True, max_tokens=80))
+                                          for _ in range(6)))
+
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(results=run(load(), timeout=60)), daemon=True)
+    worker.start()
+    wait_for(lambda: kube.apps.read_namespaced_deployment(name, namespace).spec.replicas == 3, timeout=30,
+             message="3 replicas for 6 in-flight requests at targetInFlight 2")
+    worker.join(timeout=60)
+    assert [r[0] for r in box["results"]] == [200] * 6
+    wait_for(lambda: kube.apps.read_namespaced_deployment(name, namespace).spec.replicas == 1, timeout=60,
+             message="back to minReplicas once the load is gone")
