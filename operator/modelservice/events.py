@@ -1,5 +1,9 @@
-"""Kubernetes Events about a ModelService, deduplicated: one Event per distinct (type, reason, message) in a row,
-so a spec error shows once instead of on every resync."""
+"""Kubernetes Events about a ModelService.
+
+A repeat of the same Event is counted on the existing object (count, lastTimestamp), as the kubelet does. A Warning
+that merely repeats the previous one for the same object (a spec error seen again by a resync) is not re-posted:
+nothing new happened, and a resync every few minutes would otherwise bump it forever.
+"""
 
 from __future__ import annotations
 
@@ -22,21 +26,26 @@ class EventRecorder:
     def __init__(self, kube: Kube):
         self.kube = kube
         self._last: dict[str, tuple[str, str, str]] = {}
+        self._counts: dict[tuple[str, str], int] = {}  # (owner uid, event name) → count
 
     def forget(self, uid: str) -> None:
         self._last.pop(uid, None)
+        for counted in [c for c in self._counts if c[0] == uid]:
+            del self._counts[counted]
 
     async def record(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = body["metadata"]
         key = (type_, reason, message)
-        if self._last.get(meta["uid"]) == key:
+        if type_ == "Warning" and self._last.get(meta["uid"]) == key:
             return
         self._last[meta["uid"]] = key
         digest = hashlib.sha1(f"{meta['uid']}{reason}{message}".encode()).hexdigest()[:10]
+        name = f"{meta['name']}.{digest}"
         ts = now_rfc3339()
+        path = f"/api/v1/namespaces/{meta['namespace']}/events"
         event = {
             "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{digest}", "namespace": meta["namespace"]},
+            "metadata": {"name": name, "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
                                "namespace": meta["namespace"], "uid": meta["uid"],
                                "resourceVersion": meta.get("resourceVersion")},
@@ -44,8 +53,18 @@ class EventRecorder:
             "source": {"component": FIELD_MANAGER}, "reportingComponent": FIELD_MANAGER,
             "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
         }
+        counted = (meta["uid"], name)
         try:
-            await self.kube.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)
+            if counted not in self._counts:
+                try:
+                    await self.kube.create(path, event)
+                    self._counts[counted] = 1
+                    return
+                except ApiError as e:
+                    if e.status != 409:  # 409: posted before this process started; count on it
+                        raise
+                    self._counts[counted] = (await self.kube.get(f"{path}/{name}")).get("count", 1)
+            self._counts[counted] += 1
+            await self.kube.merge_patch(f"{path}/{name}", {"count": self._counts[counted], "lastTimestamp": ts})
         except ApiError as e:  # an Event is best effort: never fail a reconcile over it
-            if e.status != 409:
-                log.warning("could not post Event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], e)
+            log.warning("could not post Event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], e)

@@ -280,6 +280,9 @@ def test_idle_model_goes_to_zero_and_the_next_request_wakes_it(kube, namespace, 
     awake = ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=30)
     assert awake["status"]["readyReplicas"] == 1
     ms.wait_condition(kube, namespace, name, "Ready", "False", "ScaledToZero", timeout=60)
+    # The second sleep is counted on the same Event, as Kubernetes aggregates repeats.
+    wait_for(lambda: [e.count for e in ms.events_for(kube, namespace, name, "ScaledToZero")] == [2], timeout=10,
+             message="ScaledToZero Event counted twice")
 
 
 async def _stream_once(url: str, name: str):
