@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
 
     handlers.OPTIONS.update(gateway_enabled=args.gateway_enabled, workers=args.workers,
                             kubeconfig=args.kubeconfig, watch_dead_after=args.watch_dead_after,
-                            resync_seconds=args.resync_seconds)
+                            resync_seconds=args.resync_seconds, namespaced=bool(args.namespace))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one INFO line per watch event is noise

@@ -18,7 +18,7 @@ from modelservice.metrics import LAST_WATCH_EVENT
 OURS = {MANAGED_BY: MANAGED_BY_VALUE}
 # Set by cli.py before kopf starts.
 OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig": None, "watch_dead_after": 900,
-                           "resync_seconds": 600}
+                           "resync_seconds": 600, "namespaced": False}
 _last_event = [time.time()]
 
 
@@ -35,6 +35,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.watching.connect_timeout = 30
     settings.posting.level = logging.WARNING  # our own Events are deduplicated in events.py
     settings.networking.request_timeout = 60
+    if OPTIONS["namespaced"]:
+        # Named namespaces need no scanning, and a namespaced install may not list namespaces (RBAC is per
+        # namespace): without this, kopf retries the forbidden list forever in the log.
+        settings.scanning.disabled = True
     kube = Kube.from_env(OPTIONS["kubeconfig"])
     controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"],
                             resync_seconds=OPTIONS["resync_seconds"])

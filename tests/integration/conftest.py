@@ -17,6 +17,7 @@ import pytest
 from tests.cluster.controlplane import DEFAULT_STATE_DIR, ControlPlane, find_binaries
 from tests.cluster.kube import Kube, answers, connect, create_namespace, delete_namespace
 from tests.cluster.node_agent import FAKE_NODE_LABEL
+from tests.integration.fixtures_operator import crds, gateway, operator  # noqa: F401  (fixtures for every test)
 
 
 @dataclass

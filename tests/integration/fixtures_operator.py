@@ -1,4 +1,4 @@
-"""Session fixtures: the CRD installed and one operator running with the gateway features on."""
+"""Session fixtures: the CRD installed, one operator running with the gateway features on, and the gateway."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import OperatorProcess, install_crds
 
 
@@ -21,3 +22,10 @@ def operator(cluster, crds, tmp_path_factory) -> Iterator[OperatorProcess]:
                          extra_args=["--gateway-enabled", "--resync-seconds", "3"]).start()
     yield op
     op.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(cluster, crds, tmp_path_factory) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(cluster.kubeconfig, tmp_path_factory.mktemp("gateway") / "gateway.log").start()
+    yield gw
+    gw.stop()

@@ -29,20 +29,19 @@ def _triples(group: str, resources: str, verbs: str) -> set[tuple[str, str, str]
     return {(group, r, v) for r in resources.split() for v in verbs.split()}
 
 
-ALL = "get list watch create patch update delete"
 # The product's security surface, written out by hand on purpose: changing templates/_rbac.tpl must change this.
+CHILD = "get list watch create patch delete"  # server-side apply (PATCH, create on first apply), no PUT
 OPERATOR_NAMESPACED = (
-    _triples("serving.modelservice.dev", "modelservices", "get list watch patch")
-    | _triples("serving.modelservice.dev", "modelservices/status", "get patch update")
-    | _triples("apps", "deployments", ALL)
-    | _triples("apps", "deployments/scale", "get patch update")
-    | _triples("", "services persistentvolumeclaims", ALL)
-    | _triples("autoscaling", "horizontalpodautoscalers", ALL)
-    | _triples("policy", "poddisruptionbudgets", ALL)
+    _triples("serving.modelservice.dev", "modelservices", "get list watch")
+    | _triples("serving.modelservice.dev", "modelservices/status", "get patch")
+    | _triples("apps", "deployments", CHILD)
+    | _triples("apps", "deployments/scale", "patch")
+    | _triples("", "services persistentvolumeclaims", CHILD)
+    | _triples("autoscaling", "horizontalpodautoscalers", CHILD)
+    | _triples("policy", "poddisruptionbudgets", CHILD)
     | _triples("", "pods", "get list watch")
-    | _triples("coordination.k8s.io", "leases", "get list watch delete")
+    | _triples("coordination.k8s.io", "leases", "get list watch")
     | _triples("", "events", "create patch")
-    | _triples("events.k8s.io", "events", "create patch")
 )
 OPERATOR_CLUSTER = _triples("apiextensions.k8s.io", "customresourcedefinitions", "get list watch")
 GATEWAY_RULES = (
