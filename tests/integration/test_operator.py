@@ -163,3 +163,18 @@ def test_idle_resync_writes_nothing(kube, namespace, crds, fake_nodes, tmp_path)
         assert versions() == before  # no object changed and the operator sent no write
     finally:
         op.stop()
+
+
+def test_a_change_the_api_server_refuses_is_stalled_not_retried(kube, namespace, operator, fake_nodes):
+    """A PVC's storage class is immutable: the operator says so in status and does not hammer the API server."""
+    ms.create(kube, namespace, ms.body("cached", cache={"size": "10Gi", "storageClassName": "fast"}))
+    wait_for(lambda: kube.core.read_namespaced_persistent_volume_claim("cached-cache", namespace), timeout=30,
+             message="cache PVC created")
+    ms.patch(kube, namespace, "cached", {"spec": {"cache": {"storageClassName": "slow"}}})
+    obj = ms.wait_condition(kube, namespace, "cached", "Stalled", "True", "ApplyFailed", timeout=30)
+    assert "PersistentVolumeClaim" in ms.condition(obj, "Stalled")["message"]
+    assert ms.events_for(kube, namespace, "cached", "ApplyFailed")[0].type == "Warning"
+    errors = operator.counter('modelservice_reconcile_total{result="error"}')
+    ms.patch(kube, namespace, "cached", {"spec": {"cache": {"storageClassName": "fast"}}})
+    obj = ms.wait_condition(kube, namespace, "cached", "Stalled", "False", timeout=30)
+    assert operator.counter('modelservice_reconcile_total{result="error"}') == errors  # refused ≠ retried
