@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
 
     handlers.OPTIONS.update(gateway_enabled=args.gateway_enabled, workers=args.workers,
                             kubeconfig=args.kubeconfig, watch_dead_after=args.watch_dead_after,
-                            resync_seconds=args.resync_seconds, namespaced=bool(args.namespace))
+                            resync_seconds=args.resync_seconds, namespaces=args.namespace or [])
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one INFO line per watch event is noise
@@ -84,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--resync-seconds", type=float, default=600, help="re-check every ModelService this often")
     run.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG or in-cluster)")
     run.add_argument("--watch-dead-after", type=float, default=900,
-                     help="seconds without any watch event before /healthz fails")
+                     help="seconds without an answer on any watch before /healthz fails")
     run.add_argument("--log-level", default="info")
     sub.add_parser("crd", help="print the CRD YAML")
     rend = sub.add_parser("render", help="print the children a ModelService would get (offline)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
@@ -11,14 +12,14 @@ import kopf
 
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.controller import Controller
-from modelservice.kube import Kube
+from modelservice.kube import Kube, object_path
 from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE
 from modelservice.metrics import LAST_WATCH_EVENT
 
 OURS = {MANAGED_BY: MANAGED_BY_VALUE}
 # Set by cli.py before kopf starts.
 OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig": None, "watch_dead_after": 900,
-                           "resync_seconds": 600, "namespaced": False}
+                           "resync_seconds": 600, "namespaces": []}
 _last_event = [time.time()]
 
 
@@ -35,7 +36,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.watching.connect_timeout = 30
     settings.posting.level = logging.WARNING  # our own Events are deduplicated in events.py
     settings.networking.request_timeout = 60
-    if OPTIONS["namespaced"]:
+    if OPTIONS["namespaces"]:
         # Named namespaces need no scanning, and a namespaced install may not list namespaces (RBAC is per
         # namespace): without this, kopf retries the forbidden list forever in the log.
         settings.scanning.disabled = True
@@ -44,6 +45,24 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
                             resync_seconds=OPTIONS["resync_seconds"])
     await controller.start()
     memo.controller = controller
+    memo.heartbeat = asyncio.create_task(_heartbeat(kube))
+
+
+async def _heartbeat(kube: Kube) -> None:
+    """A watch of our own on ModelServices, re-established every window/3: in a quiet cluster kopf's watches carry
+    no events for hours, so "no event lately" alone would call a healthy operator dead. This watch proves the API
+    server still answers watches; kopf's events prove the same. Reads only: an idle operator still writes nothing."""
+    window = OPTIONS["watch_dead_after"]
+    ns = OPTIONS.get("namespaces") or [None]
+    path = object_path(f"{GROUP}/{VERSION}", "ModelService", ns[0])
+    while True:
+        try:
+            async for _ in kube.watch(path, timeout_seconds=max(1, int(window / 3)), on_alive=_seen):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the API server is away: liveness will say so once the window has passed
+            await asyncio.sleep(min(5.0, window / 3))
 
 
 @kopf.on.login()
@@ -54,13 +73,16 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    heartbeat: asyncio.Task[None] | None = getattr(memo, "heartbeat", None)
+    if heartbeat is not None:
+        heartbeat.cancel()
     controller: Controller | None = getattr(memo, "controller", None)
     if controller is not None:
         await controller.stop()
         await controller.kube.close()
 
 
-def _seen() -> None:
+def _seen() -> None:  # a watch answered: kopf delivered an event, or our heartbeat watch connected
     _last_event[0] = time.time()
     LAST_WATCH_EVENT.set(_last_event[0])
 
@@ -100,7 +122,7 @@ async def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.probe(id="watching")
 def watching(**_: Any) -> float:
-    """Seconds since the last watch event. Kopf's liveness endpoint returns 500 if a probe raises."""
+    """Seconds since a watch last answered. Kopf's liveness endpoint returns 500 if a probe raises."""
     age = time.time() - _last_event[0]
     if age > OPTIONS["watch_dead_after"]:
         raise kopf.PermanentError(f"no watch event for {age:.0f}s: watches look dead")

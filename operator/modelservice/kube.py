@@ -13,7 +13,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -185,15 +185,18 @@ class Kube:
         versions = [v["groupVersion"] for v in doc.get("versions", [])]
         return sorted(versions, key=lambda v: v != preferred)
 
-    async def watch(self, path: str, *, label_selector: Optional[str] = None,
-                    timeout_seconds: int = 300) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """List then watch, forever: yields ("ADDED"|"MODIFIED"|"DELETED"|"SYNCED", obj). Restarts on expiry (410)."""
+    async def watch(self, path: str, *, label_selector: Optional[str] = None, timeout_seconds: int = 300,
+                    on_alive: Optional[Callable[[], None]] = None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """List then watch, forever: yields ("ADDED"|"MODIFIED"|"DELETED"|"SYNCED", obj). Restarts on expiry (410).
+        on_alive() is called whenever the API server answers the list or a watch: the stream is not dead."""
+        alive = on_alive or (lambda: None)
         while True:
             params: dict[str, Any] = {}
             if label_selector:
                 params["labelSelector"] = label_selector
             listing = await self.get(path, **params)
             rv = listing["metadata"]["resourceVersion"]
+            alive()
             for item in listing.get("items", []):
                 yield "ADDED", item
             yield "SYNCED", {}
@@ -208,6 +211,7 @@ class Kube:
                             break
                         if resp.status >= 400:
                             raise ApiError(resp.status, await resp.text())
+                        alive()
                         async for line in resp.content:
                             if not line.strip():
                                 continue
@@ -218,6 +222,7 @@ class Kube:
                                     raise _Expired()
                                 raise ApiError(obj.get("code", 500), obj)
                             rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                            alive()
                             if event["type"] != "BOOKMARK":
                                 yield event["type"], obj
                 except _Expired:

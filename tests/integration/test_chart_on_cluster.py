@@ -111,8 +111,9 @@ def test_operator_and_gateway_run_as_their_service_accounts(kube, namespace, crd
         assert status == 200 and body.rstrip().endswith(b"data: [DONE]"), body[:200]
         ms.wait_condition(kube, work, "rbac", "Ready", "True", timeout=60)
         assert ms.events_for(kube, work, "rbac", "ScaledToZero")  # Events as the operator's SA
-        for log in (op.log_path, gw.log_path):
-            assert "403" not in log.read_text() and "Forbidden" not in log.read_text(), log.read_text()[-2000:]
+        for log in (op.log_path, gw.log_path):  # an RBAC refusal names the ServiceAccount; nothing else counts here
+            denied = [line for line in log.read_text().splitlines() if "forbidden: User" in line]
+            assert not denied, denied[:3]
     finally:
         for proc in (gw, op):
             if proc:

@@ -41,7 +41,7 @@ OPERATOR_NAMESPACED = (
     | _triples("policy", "poddisruptionbudgets", CHILD)
     | _triples("", "pods", "get list watch")
     | _triples("coordination.k8s.io", "leases", "get list watch")
-    | _triples("", "events", "create patch")
+    | _triples("", "events", "get create patch")
 )
 OPERATOR_CLUSTER = _triples("apiextensions.k8s.io", "customresourcedefinitions", "get list watch")
 GATEWAY_RULES = (
