@@ -20,7 +20,7 @@ from modelservice.api import InvalidSpec, validate_spec
 from modelservice.apply import discover_versions, sync_children
 from modelservice.events import EventRecorder, now_rfc3339
 from modelservice.kube import ApiError, Kube, object_path
-from modelservice.labels import MODELSERVICE_LABEL
+from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE, MODELSERVICE_LABEL
 from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
 from modelservice.scaling import activity_from_leases, decide
@@ -29,6 +29,7 @@ from modelservice.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
+MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
 
 
 @dataclass
@@ -48,6 +49,27 @@ def _owner_key(obj: dict[str, Any]) -> Optional[Key]:
     return (obj["metadata"]["namespace"], name) if name else None
 
 
+def _rv(obj: dict[str, Any]) -> int:
+    """resourceVersions are opaque to clients, but etcd3's are increasing integers: enough to order cache entries."""
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+# What reconcile reads of pods and leases; of other kinds it reads most fields.
+SLIM_KEEP = {"Pod": ("status",), "Lease": ("spec",)}
+
+
+def slim(obj: dict[str, Any], kind: Optional[str] = None) -> dict[str, Any]:
+    """The cache keeps what reconcile reads: at 1,000 models with their pods, Deployments and Services, the rest
+    (managedFields above all, often half an object) would be most of the operator's memory."""
+    keep = SLIM_KEEP.get(kind or "")
+    out = {k: v for k, v in obj.items() if keep is None or k in keep}
+    out["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
+    return out
+
+
 def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
     """What can change a reconcile's outcome; a status-only change (our own write) is not worth a pass."""
     m = body.get("metadata", {})
@@ -55,7 +77,8 @@ def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
 
 
 class Controller:
-    def __init__(self, kube: Kube, *, gateway_enabled: bool = False, workers: int = 4, resync_seconds: float = 600):
+    def __init__(self, kube: Kube, *, gateway_enabled: bool = False, workers: int = 4, resync_seconds: float = 600,
+                 namespaces: Optional[list[str]] = None):
         self.kube = kube
         self.gateway_enabled = gateway_enabled
         self.store = Store()
@@ -64,6 +87,7 @@ class Controller:
         self.versions = ApiVersions()
         self.workers = workers
         self.resync_seconds = resync_seconds
+        self.namespaces = namespaces or [None]  # [None]: all namespaces
         self._awake_since: dict[Key, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -120,7 +144,59 @@ class Controller:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.resync_seconds)
+            try:
+                await self.relist()
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                log.warning("relist failed, resyncing from the cache: %s", e)
             for key in list(self.store.modelservices):
+                self.queue.add(key)
+
+    async def relist(self) -> None:
+        """Rebuild the caches from fresh LISTs. A watch that expired (410 Gone) is resumed by kopf with a new list,
+        which replays what exists but says nothing of what was deleted meanwhile: without this, a child deleted in
+        the gap would look present forever. Reads only; called on every resync and whenever a watch had to relist."""
+        sources = [("ModelService", f"{GROUP}/{VERSION}", None), ("Deployment", "apps/v1", MANAGED_SELECTOR),
+                   ("Service", "v1", MANAGED_SELECTOR), ("PersistentVolumeClaim", "v1", MANAGED_SELECTOR),
+                   ("HorizontalPodAutoscaler", self.versions.hpa, MANAGED_SELECTOR),
+                   ("PodDisruptionBudget", self.versions.pdb, MANAGED_SELECTOR), ("Pod", "v1", MANAGED_SELECTOR),
+                   ("Lease", "coordination.k8s.io/v1", f"{ACTIVITY_LABEL}=true")]
+        for kind, api_version, selector in sources:
+            items: list[dict[str, Any]] = []
+            for ns in self.namespaces:
+                listing = await self.kube.get(object_path(api_version, kind, ns),
+                                              **({"labelSelector": selector} if selector else {}))
+                items += [slim(dict(i, apiVersion=api_version, kind=kind), kind) for i in listing.get("items", [])]
+            self._replace(kind, items, int(listing["metadata"].get("resourceVersion") or 0))
+
+    def _replace(self, kind: str, items: list[dict[str, Any]], list_rv: int) -> None:
+        """Objects the LIST lacks are gone, unless the cache saw them after the LIST was taken."""
+        listed = {(i["metadata"]["namespace"], i["metadata"]["name"]): i for i in items}
+
+        def stale(obj: dict[str, Any]) -> bool:
+            m = obj["metadata"]
+            return (m["namespace"], m["name"]) not in listed and _rv(obj) <= list_rv
+
+        if kind == "ModelService":
+            for key, body in list(self.store.modelservices.items()):
+                if stale(body):
+                    self.on_modelservice("DELETED", body)
+            for body in items:
+                cached = self.store.modelservices.get(_key(body))
+                if cached is None or _rv(cached) < _rv(body):
+                    self.on_modelservice("MODIFIED", body)
+            return
+        table, slot = {"Pod": (self.store.pods, None), "Lease": (self.store.leases, None)}.get(
+            kind, (self.store.children, kind))
+        for owner, objs in list(table.items()):
+            for name, obj in list(objs.items()):
+                if (slot is None or name == slot) and stale(obj):
+                    del objs[name]
+                    self.queue.add(owner)
+        for obj in items:
+            key = _owner_key(obj)
+            name = slot or obj["metadata"]["name"]
+            if key is not None and (name not in table[key] or _rv(table[key][name]) < _rv(obj)):
+                table[key][name] = obj
                 self.queue.add(key)
 
     async def _worker(self, n: int) -> None:

@@ -8,7 +8,7 @@ Images are pinned: a moving tag would change what runs without a change in Git.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from modelservice.api import Engine
 

@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 
 from modelservice import GROUP, PLURAL, VERSION
-from modelservice.controller import Controller
+from modelservice.controller import Controller, slim
 from modelservice.kube import Kube, object_path
 from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE
 from modelservice.metrics import LAST_WATCH_EVENT
@@ -42,23 +42,28 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         settings.scanning.disabled = True
     kube = Kube.from_env(OPTIONS["kubeconfig"])
     controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"],
-                            resync_seconds=OPTIONS["resync_seconds"])
+                            resync_seconds=OPTIONS["resync_seconds"], namespaces=OPTIONS["namespaces"])
     await controller.start()
     memo.controller = controller
-    memo.heartbeat = asyncio.create_task(_heartbeat(kube))
+    memo.heartbeat = asyncio.create_task(_heartbeat(kube, controller))
 
 
-async def _heartbeat(kube: Kube) -> None:
+async def _heartbeat(kube: Kube, controller: Controller) -> None:
     """A watch of our own on ModelServices, re-established every window/3: in a quiet cluster kopf's watches carry
     no events for hours, so "no event lately" alone would call a healthy operator dead. This watch proves the API
-    server still answers watches; kopf's events prove the same. Reads only: an idle operator still writes nothing."""
+    server still answers watches; kopf's events prove the same. When it has to relist (410 Gone after a gap), kopf's
+    watches did too, and the controller rebuilds its caches. Reads only: an idle operator still writes nothing."""
     window = OPTIONS["watch_dead_after"]
     ns = OPTIONS.get("namespaces") or [None]
     path = object_path(f"{GROUP}/{VERSION}", "ModelService", ns[0])
+    lists = 0
     while True:
         try:
-            async for _ in kube.watch(path, timeout_seconds=max(1, int(window / 3)), on_alive=_seen):
-                pass
+            async for event_type, _ in kube.watch(path, timeout_seconds=max(1, int(window / 3)), on_alive=_seen):
+                if event_type == "SYNCED":
+                    lists += 1
+                    if lists > 1:  # our watch had to relist (410 after a gap): kopf's did too; drop what vanished
+                        await controller.relist()
         except asyncio.CancelledError:
             raise
         except Exception:  # the API server is away: liveness will say so once the window has passed
@@ -87,24 +92,16 @@ def _seen() -> None:  # a watch answered: kopf delivered an event, or our heartb
     LAST_WATCH_EVENT.set(_last_event[0])
 
 
-def _slim(obj: Any, keep: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The cache keeps what reconcile reads. managedFields alone is often half of an object; at 1,000 models with
-    their pods, Deployments and Services that is most of the operator's memory."""
-    out = {k: v for k, v in obj.items() if keep is None or k in keep}
-    out["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
-    return out
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def modelservice_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _seen()
-    memo.controller.on_modelservice(event["type"], copy.deepcopy(_slim(event["object"])))
+    memo.controller.on_modelservice(event["type"], copy.deepcopy(slim(event["object"])))
 
 
 def _child_handler(kind: str):
     async def handler(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         _seen()
-        memo.controller.on_child(kind, event["type"], _slim(event["object"]))
+        memo.controller.on_child(kind, event["type"], slim(event["object"]))
     handler.__name__ = f"{kind.lower()}_event"
     return handler
 
@@ -119,13 +116,13 @@ kopf.on.event("policy", "poddisruptionbudgets", labels=OURS)(_child_handler("Pod
 @kopf.on.event("", "v1", "pods", labels=OURS)
 async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _seen()
-    memo.controller.on_pod(event["type"], _slim(event["object"], keep=("status",)))  # status explains; spec not
+    memo.controller.on_pod(event["type"], slim(event["object"], "Pod"))
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases", labels={ACTIVITY_LABEL: "true"})
 async def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _seen()
-    memo.controller.on_lease(event["type"], _slim(event["object"], keep=("spec",)))
+    memo.controller.on_lease(event["type"], slim(event["object"], "Lease"))
 
 
 @kopf.on.probe(id="watching")

@@ -47,7 +47,11 @@ class ApiError(Exception):
 
     @property
     def permanent(self) -> bool:
-        """The API server refused the object itself (invalid, immutable field): retrying the same body won't help."""
+        """The API server refused the object itself (invalid, immutable field): retrying the same body won't help.
+        v1.20's server-side apply answers a body it cannot type (a wrong type inside a pass-through core/v1 field,
+        e.g. placement.tolerations) with 500 "failed to create typed patch object": deterministic, so permanent."""
+        if self.status == 500 and "failed to create typed patch object" in self.message:
+            return True
         return self.status in (400, 422)
 
 

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from modelservice import FIELD_MANAGER, GROUP, KIND, VERSION
+from modelservice import GROUP, KIND, VERSION
 from modelservice.api import Engine, ModelServiceSpec, parse_duration
 from modelservice.engines import CACHE_DIR, ENGINES, MODELS_DIR, STORAGE_INITIALIZER_IMAGE, EngineSpec
 from modelservice.labels import (ENGINE_LABEL, MANAGED_BY, MANAGED_BY_VALUE, cache_pvc_name, child_name,
