@@ -4,7 +4,7 @@ PY ?= .venv/bin/python
 PYTEST ?= .venv/bin/pytest
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: help venv crds check-crds k8s-bin cluster cluster-down test unit integration e2e demo bench chaos helm lint clean
+.PHONY: help venv crds check-crds k8s-bin cluster cluster-down test unit integration e2e demo bench bench-quick chaos helm lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,8 +49,14 @@ e2e: venv ## kind-based e2e (needs Docker; skipped with a reason otherwise)
 demo: venv k8s-bin ## run the product end to end on the local cluster
 	$(PY) -m tests.cluster.demo
 
-bench: venv k8s-bin ## benchmarks (not part of make test)
+bench: venv k8s-bin ## benchmarks (not part of make test); docs/benchmarks.md
+	command -v wrk >/dev/null && command -v nginx >/dev/null || \
+	  { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq wrk nginx-light; }
 	$(PY) -m bench
+
+bench-quick: venv k8s-bin ## the benchmarks at N=100 only (about 4 minutes)
+	$(PY) -m bench --quick
 
 chaos: venv k8s-bin ## the long reliability soak
 	$(PYTEST) -m chaos -q

@@ -23,12 +23,20 @@ OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig":
 _last_event = [time.time()]
 
 
+class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """Kopf deep-copies every object on every event to diff it for on.update handlers; we have none (the controller
+    compares desired with observed itself). `make bench` profiled that copy at a fifth of the operator's CPU."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return {}
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     # Our own annotation prefix, so we never read or clash with another kopf operator's state on shared objects.
     # We use only event handlers, so kopf writes no progress or diff-base annotations at all.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = _NoDiffBase(prefix=GROUP)
     settings.persistence.finalizer = f"{GROUP}/finalizer"  # never added: no on.delete handlers (children are GC'd)
     # Watches end server-side every few minutes and resume: a silently dead TCP stream cannot hang us for long.
     settings.watching.server_timeout = 300

@@ -103,7 +103,18 @@ def main(argv: list[str]) -> int:
         p.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        _event_loop_policy()
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _event_loop_policy() -> None:
+    """uvloop where it is installed (a dependency on Linux): the proxy's cost is event-loop and socket overhead,
+    and uvloop cuts it by about a fifth in `make bench`."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

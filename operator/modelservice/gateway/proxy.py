@@ -24,6 +24,7 @@ from modelservice.gateway.routes import Endpoint, ModelEntry
 
 log = logging.getLogger("modelservice.gateway.proxy")
 MAX_ATTEMPTS = 3
+SMALL_BODY = 64 * 1024  # answers up to this size are relayed in one write
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length",
                         "expect"})  # we hold the whole body already; a 100-continue handshake upstream only adds a trip
@@ -118,6 +119,20 @@ class Proxy:
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
                      entry: ModelEntry) -> web.StreamResponse:
+        length = upstream.content_length
+        if length is not None and length <= SMALL_BODY and "chunked" not in upstream.headers.get(
+                "Transfer-Encoding", "").lower():
+            # A small complete answer (non-streaming completion, /v1/models): one write carries headers and body,
+            # instead of a syscall for the headers and another for the body.
+            try:
+                body = await upstream.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                raise GatewayError(502, f"model {entry.label} failed: {type(e).__name__}", "bad_gateway") from None
+            small = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+            for k, v in upstream.headers.items():
+                if k.lower() not in HOP_BY_HOP:
+                    small.headers.add(k, v)
+            return small
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for k, v in upstream.headers.items():
             if k.lower() not in HOP_BY_HOP:

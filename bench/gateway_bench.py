@@ -1,0 +1,483 @@
+"""Gateway benchmarks on a private local control plane, with the operator and the gateway as real processes.
+
+- Added latency: client → gateway → stub, minus client → stub; beside client → nginx → stub, minus the same.
+- Streaming: tokens/s delivered to 256 concurrent SSE clients, through the gateway vs straight to the stub.
+- Scale from zero: first byte of the first request minus the moment the woken pod turned Ready (watch arrival),
+  split into the EndpointSlice controller's share and the gateway's own; beside a client that sends straight to the
+  pod the moment it sees Ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import aiohttp
+
+from bench import loadgen, nginx, profiler
+from bench.cluster import Cluster, control_plane
+from bench.stats import parse_prometheus, proc_status_kib, summary
+from bench.watch import Watch
+from modelservice import GROUP, PLURAL, VERSION
+from modelservice.labels import MODELSERVICE_LABEL
+from tests.cluster.controlplane import free_port
+from tests.cluster.podspec import TPS_ANNOTATION
+from tests.integration.operator_process import OperatorProcess
+
+log = logging.getLogger("bench")
+NS = "bench-gw"
+LAT, STREAM, COLD = "lat", "stream", "cold"
+PATHS = ("direct", "nginx", "gateway")
+
+
+@dataclass
+class GatewayConfig:
+    work: Path
+    concurrencies: list[int]
+    latency_seconds: float = 8.0
+    max_requests: int = 500_000
+    rounds: int = 3
+    loadgen: str = "auto"
+    streams: int = 256
+    stream_tokens: int = 200
+    stream_tps: float = 100.0
+    cold_starts: int = 20
+    scale_to_zero_after: str = "2s"
+    profile: bool = False
+    uvloop: bool = False  # experiment: the same gateway on uvloop's event loop (pip install uvloop)
+
+
+# `python -m modelservice.cli gateway ...` with uvloop's loop policy set first (asyncio.run then makes a uvloop loop).
+_UVLOOP_MAIN = ("import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+                "from modelservice.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+class GatewayProcess:
+    def __init__(self, kubeconfig: Path, log_path: Path, *, uvloop: bool = False):
+        self.kubeconfig, self.log_path, self.uvloop = kubeconfig, log_path, uvloop
+        self.port, self.metrics_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> "GatewayProcess":
+        main = ["-c", _UVLOOP_MAIN] if self.uvloop else ["-m", "modelservice.cli"]
+        cmd = [sys.executable, *main, "gateway", "--kubeconfig", str(self.kubeconfig),
+               "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+               "--activation-timeout", "60s", "--activity-interval", "1s"]
+        log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "POD_NAME": "bench-gateway-0"})
+        log_file.close()
+        for _ in range(300):  # bounded: 30 s
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited; log:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"gateway not healthy within 30 s; log {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            samples = parse_prometheus(r.read().decode(), [name])
+        return sum(v for (_, ls), v in samples.items() if all(dict(ls).get(k) == v2 for k, v2 in labels.items()))
+
+
+# The stub of tests/cluster/stub_server.py in a process of its own, with a listen backlog that takes a burst of 256
+# connections (the node agent's stubs listen with aiohttp's default of 128; a proxy opening 256 upstream connections
+# at once would then wait out 1 s SYN retransmits, which is the stub's artefact, not the proxy's latency).
+_STUB_MAIN = ("import sys; from aiohttp import web; from tests.cluster.stub_server import make_app; "
+              "web.run_app(make_app(sys.argv[1], float(sys.argv[2]), max_concurrency=4096), host=sys.argv[3], "
+              "port=int(sys.argv[4]), backlog=4096, access_log=None, print=None)")
+
+
+class StubProcess:
+    def __init__(self, model: str, tokens_per_second: float, log_path: Path):
+        self.model, self.tps, self.log_path = model, tokens_per_second, log_path
+        self.host, self.port = "127.0.0.1", free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "StubProcess":
+        log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-c", _STUB_MAIN, self.model, f"{self.tps:g}", self.host,
+                                      str(self.port)], stdout=log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
+        log_file.close()
+        for _ in range(100):  # bounded: 10 s
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stub exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("stub did not answer within 10 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def endpoint_slice(api_version: str, service: str, host: str, port: int) -> dict[str, Any]:
+    """A hand-made EndpointSlice for a Service: the gateway routes to what slices say, whoever wrote them."""
+    return {"apiVersion": api_version, "kind": "EndpointSlice",
+            "metadata": {"name": f"{service}-bench", "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": service,
+                                    "endpointslice.kubernetes.io/managed-by": "modelservice-bench"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [host], "conditions": {"ready": True}}]}
+
+
+def modelservice(name: str, annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelService", "metadata": {"name": name, "namespace": NS},
+            "spec": {"engine": "vllm", "model": {"uri": "hf://bench/tiny-model"},
+                     "podTemplate": {"annotations": annotations}, **spec}}
+
+
+def chat(model: str, *, stream: bool = False, max_tokens: int = 4) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                       "max_tokens": max_tokens}).encode()
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+async def _wait(predicate, timeout: float, what: str, interval: float = 0.2) -> Any:
+    for _ in range(int(timeout / interval) + 1):  # bounded
+        try:
+            value = await predicate()
+        except Exception:  # noqa: BLE001 - not yet
+            value = None
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# ---- latency ---------------------------------------------------------------------------------------------------
+def _engine(choice: str) -> str:
+    if choice == "auto":
+        return "wrk" if loadgen.have_wrk() else "python"
+    if choice == "wrk" and not loadgen.have_wrk():
+        raise RuntimeError("--loadgen wrk: wrk is not installed (apt-get install -y wrk)")
+    return choice
+
+
+def _median(values: list[float]) -> Optional[float]:
+    xs = sorted(v for v in values if v is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-round results of one (concurrency, path) → medians of each percentile; totals of counts."""
+    if not runs:
+        return {}
+    lat = {q: _median([r["latency"].get(q) for r in runs]) for q in ("p50", "p95", "p99", "mean", "max")}
+    lat["n"] = sum(r["latency"].get("n") or 0 for r in runs)
+    return {"rounds": len(runs), "requests": sum(r["requests"] for r in runs),
+            "errors": sum(r["errors"] for r in runs), "throughput_rps": _median([r["throughput_rps"] for r in runs]),
+            "latency": lat, "per_round": [{"p50": r["latency"]["p50"], "p99": r["latency"]["p99"],
+                                           "rps": r["throughput_rps"]} for r in runs]}
+
+
+def added_latency(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Optional[float]]]:
+    """Proxy minus direct, per percentile."""
+    direct = paths.get("direct", {}).get("latency", {})
+    out: dict[str, dict[str, Optional[float]]] = {}
+    for p in ("nginx", "gateway"):
+        lat = paths.get(p, {}).get("latency", {})
+        out[p] = {q: (lat[q] - direct[q]) if lat.get(q) is not None and direct.get(q) is not None else None
+                  for q in ("p50", "p95", "p99")}
+    return out
+
+
+async def latency_part(cfg: GatewayConfig, urls: dict[str, str], gw: GatewayProcess) -> dict[str, Any]:
+    engine = _engine(cfg.loadgen)
+    body = chat(LAT)
+    top = max(cfg.concurrencies)
+    paths = tuple(p for p in PATHS if p in urls)
+    out: dict[str, Any] = {"engine": engine, "seconds_per_run": cfg.latency_seconds, "warmup_seconds": 1,
+                           "by_concurrency": {}}
+    for c in cfg.concurrencies:
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
+        for r in range(cfg.rounds):
+            order = paths[r % len(paths):] + paths[: r % len(paths)]
+            for path in order:
+                # Warm-up at this concurrency, unmeasured: every proxy's upstream pool holds `c` open connections
+                # (idle ones time out between runs: nginx after 60 s, the gateway's pool after 15 s).
+                await asyncio.to_thread(loadgen.latency_run, engine, urls[path], body, c, 1, cfg.max_requests)
+                prof = (profiler.start(gw.pid, cfg.work / f"gateway-latency-c{c}", cfg.latency_seconds + 30)
+                        if cfg.profile and path == "gateway" and c == top and r == 0 else None)
+                res = await asyncio.to_thread(loadgen.latency_run, engine, urls[path], body, c, cfg.latency_seconds,
+                                              cfg.max_requests)
+                if prof is not None:
+                    out["profile_latency"] = await profiler.stop(prof)
+                runs[path].append(res.as_dict())
+                log.info("latency c=%d %-7s p50 %.2f ms p99 %.2f ms  %.0f req/s  errors %d", c, path,
+                         (res.latency["p50"] or 0) * 1000, (res.latency["p99"] or 0) * 1000,
+                         res.requests / res.seconds if res.seconds else 0, res.errors)
+        entry = {p: combine_rounds(runs[p]) for p in paths}
+        entry["added"] = added_latency(entry)
+        out["by_concurrency"][str(c)] = entry
+    return out
+
+
+# ---- streaming -------------------------------------------------------------------------------------------------
+async def _sample_rss(pid: int, stop: asyncio.Event) -> float:
+    peak = 0
+    for _ in range(100_000):  # bounded; 0.1 s apart
+        peak = max(peak, proc_status_kib(pid, "VmRSS") or 0)
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+            break
+        except asyncio.TimeoutError:
+            pass
+    return peak / 1024
+
+
+async def streaming_part(cfg: GatewayConfig, direct_url: str, gw: GatewayProcess) -> dict[str, Any]:
+    body = chat(STREAM, stream=True, max_tokens=cfg.stream_tokens)
+    total = 2 * cfg.streams  # two waves per run
+    limit = 60 + 4 * cfg.stream_tokens / cfg.stream_tps
+    out: dict[str, Any] = {"streams": cfg.streams, "tokens_per_stream": cfg.stream_tokens,
+                           "stub_tokens_per_second": cfg.stream_tps, "requests_per_run": total,
+                           "gateway_rss_idle_mib": (proc_status_kib(gw.pid, "VmRSS") or 0) / 1024}
+    runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+    peak = 0.0
+    order = ["direct", "gateway", "gateway", "direct"][: 2 * max(1, min(2, cfg.rounds))]
+    for i, path in enumerate(order):
+        url = direct_url if path == "direct" else gw.url + "/v1/chat/completions"
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample_rss(gw.pid, stop)) if path == "gateway" else None
+        prof = (profiler.start(gw.pid, cfg.work / "gateway-streams", limit)
+                if cfg.profile and path == "gateway" and "profile_streams" not in out else None)
+        res = await loadgen.streams(url, body, cfg.streams, total, limit, cfg.stream_tokens)
+        if prof is not None:
+            out["profile_streams"] = await profiler.stop(prof)
+        stop.set()
+        if sampler is not None:
+            peak = max(peak, await sampler)
+        runs[path].append(res)
+        log.info("streams %-7s %.0f tokens/s, %d/%d complete, ttft p50 %.0f ms", path, res["tokens_per_second"],
+                 res["completed"], res["streams"], (res["ttft"]["p50"] or 0) * 1000)
+    for path, rs in runs.items():
+        out[path] = {"tokens_per_second": _median([r["tokens_per_second"] for r in rs]),
+                     "completed": sum(r["completed"] for r in rs), "streams": sum(r["streams"] for r in rs),
+                     "ttft": rs[-1]["ttft"], "stream_seconds": rs[-1]["stream_seconds"],
+                     "per_run_tokens_per_second": [r["tokens_per_second"] for r in rs]}
+    out["gateway_rss_peak_mib"] = peak
+    out["gateway_vmhwm_mib"] = (proc_status_kib(gw.pid, "VmHWM") or 0) / 1024
+    return out
+
+
+# ---- scale from zero -------------------------------------------------------------------------------------------
+async def cold_part(cfg: GatewayConfig, cluster: Cluster, gw: GatewayProcess) -> dict[str, Any]:
+    kube = cluster.kube
+    ready_at: dict[str, float] = {}  # pod uid → arrival of the first Ready=True event
+    direct_fb: dict[str, float] = {}  # pod uid → first byte of a direct request sent at that moment
+    slice_events: list[tuple[float, bool]] = []
+    tasks: set[asyncio.Task] = set()
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+
+    async def direct_probe(uid: str, ip: str) -> None:
+        url = f"http://{ip}:8000/v1/chat/completions"
+        loadgen.check_loopback(url)
+        try:
+            async with session.post(url, data=chat(COLD), headers={"Content-Type": "application/json"}) as r:
+                direct_fb[uid] = time.monotonic()
+                await r.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            log.warning("direct probe of %s: %s", ip, e)
+
+    def on_pod(event: str, pod: dict[str, Any], t: float) -> None:
+        uid = pod["metadata"]["uid"]
+        if event != "DELETED" and uid not in ready_at and pod_ready(pod) and not pod["metadata"].get("deletionTimestamp"):
+            ready_at[uid] = t
+            ip = pod["status"].get("podIP")
+            if ip:
+                task = asyncio.create_task(direct_probe(uid, ip))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    def on_slice(event: str, obj: dict[str, Any], t: float) -> None:
+        ready = event != "DELETED" and any(
+            (ep.get("conditions") or {}).get("ready") is not False and ep.get("addresses")
+            for ep in obj.get("endpoints") or [])
+        slice_events.append((t, ready))
+
+    slices = await slice_version(kube)
+    dep_path = f"/apis/apps/v1/namespaces/{NS}/deployments/{COLD}"
+    pods_path = f"/api/v1/namespaces/{NS}/pods"
+
+    async def asleep() -> bool:
+        dep = await kube.get(dep_path)
+        pods = (await kube.get(pods_path, labelSelector=f"{MODELSERVICE_LABEL}={COLD}"))["items"]
+        eps = await asyncio.to_thread(gw.metric, "modelservice_gateway_ready_endpoints", model=f"{NS}/{COLD}")
+        return dep["spec"].get("replicas") == 0 and not pods and eps == 0
+
+    rows: list[dict[str, Any]] = []
+    failures = forced = 0
+    try:
+        async with Watch(kube, pods_path, on_pod, label_selector=f"{MODELSERVICE_LABEL}={COLD}"), \
+                Watch(kube, f"/apis/{slices}/namespaces/{NS}/endpointslices", on_slice,
+                      label_selector=f"kubernetes.io/service-name={COLD}"):
+            for i in range(cfg.cold_starts):
+                try:
+                    await _wait(asleep, 60, f"{COLD} scaled to zero by the operator")
+                except TimeoutError:
+                    forced += 1
+                    log.warning("cold start %d: not asleep after 60 s; scaling to zero directly", i)
+                    await kube.merge_patch(dep_path + "/scale", {"spec": {"replicas": 0}})
+                    await _wait(asleep, 60, f"{COLD} asleep")
+                await asyncio.sleep(0.5)  # the gateway's Deployment watch has seen replicas 0
+                t_send = time.monotonic()
+                try:
+                    async with session.post(gw.url + "/v1/chat/completions", data=chat(COLD),
+                                            headers={"Content-Type": "application/json"}) as r:
+                        t_fb = time.monotonic()
+                        await r.read()
+                        status = r.status
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    status, t_fb = 0, time.monotonic()
+                    log.warning("cold start %d: %s", i, e)
+                await asyncio.sleep(0.3)  # late watch events and the direct probe
+                woke = sorted((t, uid) for uid, t in ready_at.items() if t >= t_send)
+                t_slice = next((t for t, ok in slice_events if ok and t >= t_send), None)
+                if status != 200 or not woke:
+                    failures += 1
+                    log.warning("cold start %d: status %d, pod ready seen: %s", i, status, bool(woke))
+                    continue
+                t_ready, uid = woke[0]
+                row = {"total": t_fb - t_send, "overhead": t_fb - t_ready,
+                       "direct_overhead": direct_fb[uid] - t_ready if uid in direct_fb else None,
+                       "slice_lag": t_slice - t_ready if t_slice else None,
+                       "gateway_share": t_fb - t_slice if t_slice else None}
+                rows.append(row)
+                log.info("cold start %d: first byte %.0f ms after pod Ready (slice +%.0f ms), %.2f s after send", i,
+                         row["overhead"] * 1000, (row["slice_lag"] or 0) * 1000, row["total"])
+    finally:
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+
+    def col(k: str) -> list[float]:
+        return [r[k] for r in rows if r.get(k) is not None]
+
+    return {"cycles": cfg.cold_starts, "failures": failures, "forced_scale_down": forced,
+            "scale_to_zero_after": cfg.scale_to_zero_after, "overhead": summary(col("overhead")),
+            "direct_overhead": summary(col("direct_overhead")), "slice_lag": summary(col("slice_lag")),
+            "gateway_share": summary(col("gateway_share")), "total": summary(col("total")), "rows": rows}
+
+
+async def slice_version(kube: Any) -> str:
+    served = await kube.api_versions("discovery.k8s.io")
+    return "discovery.k8s.io/v1" if "discovery.k8s.io/v1" in served else "discovery.k8s.io/v1beta1"
+
+
+# ---- the whole part --------------------------------------------------------------------------------------------
+async def run(cfg: GatewayConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"nginx_version": nginx.version()}
+    try:
+        async with control_plane(cfg.work, "gateway", pods=10) as cluster:
+            await _run_in(cluster, cfg, out)
+    except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what was measured
+        log.exception("gateway benchmark failed")
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> None:
+    kube = cluster.kube
+    await cluster.namespace(NS)
+    op = OperatorProcess(cluster.kubeconfig, cfg.work / "gateway-operator.log", extra_args=["--gateway-enabled"])
+    gw = GatewayProcess(cluster.kubeconfig, cfg.work / "gateway.log", uvloop=cfg.uvloop)
+    out["gateway_event_loop"] = "uvloop" if cfg.uvloop else "asyncio"
+    ngx: Optional[nginx.Nginx] = None
+    stubs: list[StubProcess] = []
+    try:
+        await asyncio.to_thread(op.start)
+        await asyncio.to_thread(gw.start)
+        # lat and stream: ModelServices with replicas 0 whose traffic goes to stub processes of our own (one per
+        # model, as a model server is in a real cluster), through hand-made EndpointSlices. cold: a real pod of
+        # the fake node agent, woken from zero.
+        lat_stub = await asyncio.to_thread(StubProcess(LAT, 0, cfg.work / "stub-lat.log").start)  # 0: at once
+        stubs.append(lat_stub)
+        stream_stub = await asyncio.to_thread(StubProcess(STREAM, cfg.stream_tps, cfg.work / "stub-stream.log").start)
+        stubs.append(stream_stub)
+        out["stub_pids"] = {"lat": lat_stub.proc.pid if lat_stub.proc else None}
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"
+        slices = await slice_version(kube)
+        for name, stub in ((LAT, lat_stub), (STREAM, stream_stub)):
+            await kube.create(path, modelservice(name, {}, replicas=0))
+            await kube.create(f"/apis/{slices}/namespaces/{NS}/endpointslices",
+                              endpoint_slice(slices, name, stub.host, stub.port))
+        await kube.create(path, modelservice(COLD, {TPS_ANNOTATION: "0"}, autoscaling={
+            "minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": cfg.scale_to_zero_after}))
+        for name in (LAT, STREAM):
+            await _wait(lambda n=name: asyncio.to_thread(gw.metric, "modelservice_gateway_ready_endpoints",
+                                                         model=f"{NS}/{n}"), 120, f"{name} routable in the gateway")
+        urls = {"direct": f"{lat_stub.url}/v1/chat/completions", "gateway": f"{gw.url}/v1/chat/completions"}
+        if nginx.binary():
+            ngx = await asyncio.to_thread(nginx.Nginx(cfg.work / "nginx", free_port(),
+                                                      f"{lat_stub.host}:{lat_stub.port}").start)
+            urls["nginx"] = f"{ngx.url}/v1/chat/completions"
+        else:
+            log.warning("nginx is not installed (apt-get install -y nginx-light): no nginx baseline")
+        out["loadgen"] = _engine(cfg.loadgen)
+        out["gateway_rss_start_mib"] = (proc_status_kib(gw.pid, "VmRSS") or 0) / 1024
+        out["latency"] = await latency_part(cfg, urls, gw)
+        out["streaming"] = await streaming_part(cfg, f"{stream_stub.url}/v1/chat/completions", gw)
+        out["cold_start"] = await cold_part(cfg, cluster, gw)
+        out["gateway_vmhwm_mib"] = (proc_status_kib(gw.pid, "VmHWM") or 0) / 1024
+    finally:
+        if ngx is not None:
+            await asyncio.to_thread(ngx.stop)
+        await asyncio.to_thread(gw.stop)
+        await asyncio.to_thread(op.stop)
+        for stub in stubs:
+            await asyncio.to_thread(stub.stop)

@@ -1,0 +1,175 @@
+"""The results document → the table printed at the end of `python -m bench`. Pure."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from bench.stats import fmt_ratio, fmt_seconds, ratio
+
+Row = tuple[str, str, str, str, str, str]  # figure, value, baseline, ratio, goal, met
+HEAD: Row = ("figure", "value", "baseline (same run)", "ratio", "goal", "met")
+GOALS = {"materialize_ratio": 1.3, "idle_writes": 0, "rss_mb": 150, "latency_ratio": 2.0, "stream_share": 0.90,
+         "wake_overhead": 0.300}
+
+
+def _get(d: Any, *path: Any) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _mark(ok: Optional[bool]) -> str:
+    return "-" if ok is None else ("yes" if ok else "NO")
+
+
+def _mb(mib: Optional[float]) -> str:
+    return "-" if mib is None else f"{mib * 1.048576:.0f} MB"
+
+
+def _num(v: Optional[float], digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _lat(s: Optional[dict]) -> str:
+    if not s or not s.get("n"):
+        return "-"
+    return f"{fmt_seconds(s['p50'])} / {fmt_seconds(s['p95'])} / {fmt_seconds(s['p99'])}"
+
+
+def _lat2(s: Optional[dict]) -> str:
+    if not s or not s.get("n"):
+        return "-"
+    return f"{fmt_seconds(s['p50'])} / {fmt_seconds(s['p99'])}"
+
+
+def operator_rows(res: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for n, entry in res.get("sizes", {}).items():
+        op, bare = entry.get("operator", {}), entry.get("bare", {})
+        t_op, t_bare = op.get("total_seconds"), bare.get("total_seconds")
+        r = ratio(t_op, t_bare)
+        incomplete = op.get("ready", 0) < int(n) or bare.get("ready", 0) < int(n)
+        rows.append((f"N={n}: first create -> all Ready" + (" (INCOMPLETE)" if incomplete else ""),
+                     fmt_seconds(t_op), f"bare client {fmt_seconds(t_bare)}", fmt_ratio(r),
+                     f"<= {GOALS['materialize_ratio']}x", _mark(None if r is None or incomplete
+                                                                 else r <= GOALS["materialize_ratio"])))
+        for who, d in (("operator", op), ("bare client", bare)):
+            if d.get("error"):
+                rows.append((f"N={n}: {who} phase failed", d["error"][:50], "", "", "", "NO"))
+            elif d.get("ready", 0) < int(n):
+                rows.append((f"N={n}: {who}: not Ready before the timeout", str(int(n) - d.get("ready", 0)),
+                             "see 'stuck' in the JSON", "", "0", "NO"))
+        rows.append((f"N={n}: per-object create -> Ready p50/p95/p99", _lat(op.get("latency")),
+                     _lat(bare.get("latency")), fmt_ratio(ratio(_get(op, "latency", "p50"), _get(bare, "latency", "p50"))),
+                     "", ""))
+        rows.append((f"N={n}: apiserver requests per object (writes)",
+                     f"{_num(_get(op, 'api', 'requests_per_object'))} ({_num(_get(op, 'api', 'writes_per_object'))})",
+                     f"{_num(_get(bare, 'api', 'requests_per_object'))} ({_num(_get(bare, 'api', 'writes_per_object'))})",
+                     fmt_ratio(ratio(_get(op, "api", "writes_per_object"), _get(bare, "api", "writes_per_object"))),
+                     "", ""))
+        rows.append((f"N={n}: operator's own writes per object (its counter)",
+                     _num(op.get("operator_writes_per_object"), 2), "bare client: 2 applies", "", "", ""))
+        if "idle" in op:
+            idle = op["idle"]
+            w = idle.get("operator_writes")
+            api_w = idle.get("apiserver_writes_on_operator_resources")
+            rows.append((f"N={n}: writes while idle {idle['seconds']:.0f}s (operator counter / apiserver on its "
+                         f"resources)", f"{_num(w, 0)} / {_num(api_w, 0)}",
+                         f"all components {_num(idle.get('apiserver_writes_all'), 0)}", "",
+                         "0", _mark(None if w is None else (w == 0 and (api_w or 0) == 0))))
+            rows.append((f"N={n}: reconciles / CPU while idle", f"{_num(idle.get('reconciles'), 0)} / "
+                         f"{fmt_seconds(idle.get('cpu_seconds'))}", "", "", "", ""))
+        if "repair" in op:
+            rep = op["repair"]
+            rows.append((f"N={n}: repair deleted Service+Deployment p50/p99", _lat2(rep.get("both")),
+                         f"ReplicaSet ctrl, pod {_lat2(rep.get('pod_by_replicaset_controller'))}",
+                         fmt_ratio(ratio(_get(rep, "both", "p50"), _get(rep, "pod_by_replicaset_controller", "p50"))),
+                         "", ""))
+            if rep.get("missed"):
+                rows.append((f"N={n}: repairs not seen within 30 s", str(rep["missed"]), "", "", "0", "NO"))
+        if "idle" in op or "repair" in op:
+            peak = op.get("rss_peak_mib")
+            rows.append((f"N={n}: operator peak RSS (VmHWM)", _mb(peak), f"empty operator {_mb(op.get('rss_empty_mib'))}",
+                         "", f"<= {GOALS['rss_mb']} MB",
+                         _mark(None if peak is None else peak * 1.048576 <= GOALS["rss_mb"])))
+            rows.append((f"N={n}: operator CPU materializing (whole run)",
+                         f"{fmt_seconds(op.get('cpu_seconds'))} ({fmt_seconds(op.get('cpu_seconds_total'))})",
+                         f"bare client {fmt_seconds(bare.get('client_cpu_seconds'))}",
+                         fmt_ratio(ratio(op.get("cpu_seconds"), bare.get("client_cpu_seconds"))), "", ""))
+    return rows
+
+
+def gateway_rows(res: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    if res.get("error"):
+        rows.append(("gateway benchmark", "FAILED", res["error"][:60], "", "", "NO"))
+    lat = res.get("latency", {})
+    for c, entry in lat.get("by_concurrency", {}).items():
+        direct = entry.get("direct", {})
+        rows.append((f"c={c}: direct to stub p50/p99 ({direct.get('throughput_rps', 0):.0f} req/s)",
+                     _lat2(direct.get("latency")), "", "", "", ""))
+        for q in ("p50", "p99"):
+            g, x = _get(entry, "added", "gateway", q), _get(entry, "added", "nginx", q)
+            r = ratio(g, x) if (g is not None and x is not None and x > 0) else None
+            rows.append((f"c={c}: added latency {q}, gateway", fmt_seconds(g), f"nginx {fmt_seconds(x)}",
+                         fmt_ratio(r), f"<= {GOALS['latency_ratio']}x",
+                         _mark(None if g is None or x is None else (g <= GOALS["latency_ratio"] * max(x, 0.0)))))
+        gw, ng = entry.get("gateway", {}), entry.get("nginx", {})
+        rows.append((f"c={c}: throughput req/s, gateway", f"{gw.get('throughput_rps', 0):.0f}",
+                     f"nginx {ng.get('throughput_rps', 0):.0f}", "", "", ""))
+        errs = sum((entry.get(p) or {}).get("errors", 0) for p in ("direct", "nginx", "gateway"))
+        if errs:
+            rows.append((f"c={c}: failed requests", str(errs), "", "", "0", "NO"))
+    st = res.get("streaming")
+    if st:
+        g, d = _get(st, "gateway", "tokens_per_second"), _get(st, "direct", "tokens_per_second")
+        share = ratio(g, d)
+        rows.append((f"{st.get('streams')} streams: tokens/s delivered, gateway", _num(g, 0), f"direct {_num(d, 0)}",
+                     "-" if share is None else f"{share:.0%}", f">= {GOALS['stream_share']:.0%}",
+                     _mark(None if share is None else share >= GOALS["stream_share"])))
+        rows.append((f"{st.get('streams')} streams: time to first token p50/p99, gateway",
+                     _lat2(_get(st, "gateway", "ttft")), f"direct {_lat2(_get(st, 'direct', 'ttft'))}", "", "", ""))
+        peak = _get(st, "gateway_rss_peak_mib")
+        rows.append((f"gateway peak RSS under {st.get('streams')} streams", _mb(peak),
+                     f"idle gateway {_mb(_get(st, 'gateway_rss_idle_mib'))}", "", "", ""))
+    cold = res.get("cold_start")
+    if cold:
+        o, b = cold.get("overhead"), cold.get("direct_overhead")
+        rows.append((f"scale from zero x{_get(o, 'n') or 0}: first byte - pod Ready p50/p99", _lat2(o),
+                     f"direct client {_lat2(b)}", "", f"<= {GOALS['wake_overhead'] * 1000:.0f} ms",
+                     _mark(None if not o or o.get("p99") is None else o["p99"] <= GOALS["wake_overhead"])))
+        rows.append(("  of which EndpointSlice ctrl (pod Ready -> slice ready) p50/p99", _lat2(cold.get("slice_lag")),
+                     "", "", "", ""))
+        rows.append(("  of which gateway (slice ready -> first byte) p50/p99", _lat2(cold.get("gateway_share")),
+                     "", "", "", ""))
+        rows.append(("scale from zero: request -> first byte p50/p99", _lat2(cold.get("total")), "", "", "", ""))
+        if cold.get("failures"):
+            rows.append(("scale from zero: failed cycles", str(cold["failures"]), "", "", "0", "NO"))
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    widths = [max(len(r[i]) for r in [HEAD, *rows]) for i in range(len(HEAD))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(h.ljust(w) for h, w in zip(HEAD, widths)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(out)
+
+
+def table(doc: dict[str, Any]) -> str:
+    m = doc.get("machine", {})
+    parts = [f"machine: {m.get('nproc')} x {m.get('cpu')}, {m.get('mem_gib')} GiB; load average at start "
+             f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_start', ()))}", f"command: {doc.get('command')}"]
+    res = doc.get("results", {})
+    if "operator" in res:
+        o = res["operator"]
+        parts += ["", f"OPERATOR (workers = bare client concurrency = {o.get('concurrency')}; "
+                      f"--resync-seconds {o.get('resync_seconds'):g})", render(operator_rows(o))]
+    if "gateway" in res:
+        g = res["gateway"]
+        parts += ["", f"GATEWAY ({g.get('gateway_event_loop', 'asyncio')} loop; loadgen {g.get('loadgen', '?')}; "
+                      f"nginx {g.get('nginx_version', '?')}, 1 worker)",
+                  render(gateway_rows(g))]
+    return "\n".join(parts)
