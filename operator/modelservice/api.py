@@ -58,6 +58,9 @@ def parse_quantity(value: Any) -> float:
 
 
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
+# Bounded so an oversized object is refused at admission (422) rather than failing in etcd (500).
+LabelValue = Annotated[str, Field(max_length=63)]
+AnnotationValue = Annotated[str, Field(max_length=65536)]
 # YAML users write `nvidia.com/gpu: 1` as often as `"1"`: int-or-string, as core/v1 Quantity is.
 Quantity = Annotated[
     Union[int, Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]],
@@ -107,7 +110,7 @@ class Cache(_Model):
 
 
 class Placement(_Model):
-    nodeSelector: dict[str, str] = Field(default_factory=dict, description="core/v1 nodeSelector.")
+    nodeSelector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64, description="core/v1 nodeSelector.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="core/v1 tolerations.")
     affinity: Optional[dict[str, Any]] = Field(None, description="core/v1 Affinity.")
     priorityClassName: Optional[str] = Field(None, max_length=253, description="PriorityClass of the model pods.")
@@ -120,8 +123,9 @@ class ImagePullSecret(_Model):
 
 
 class PodTemplate(_Model):
-    annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on model pods.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on model pods.")
+    annotations: dict[str, AnnotationValue] = Field(default_factory=dict, max_length=64,
+                                                    description="Extra annotations on model pods.")
+    labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=64, description="Extra labels on model pods.")
     serviceAccountName: Optional[str] = Field(None, max_length=253, description="ServiceAccount of model pods.")
     imagePullSecrets: list[ImagePullSecret] = Field(default_factory=list, description="Pull secrets for the image.")
 
@@ -140,7 +144,7 @@ class SecretKeyRef(_Model):
 class EnvVar(_Model):
     model_config = ConfigDict(extra="allow")  # valueFrom and friends: core/v1 EnvVar, checked by the API server
     name: str = Field(..., pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256, description="Variable name.")
-    value: Optional[str] = Field(None, description="Literal value.")
+    value: Optional[str] = Field(None, max_length=65536, description="Literal value.")
     valueFrom: Optional[dict[str, Any]] = Field(None, description="core/v1 EnvVarSource (secretKeyRef, …).")
 
 

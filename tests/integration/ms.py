@@ -62,8 +62,11 @@ def wait_condition(kube, ns: str, name: str, type_: str, status: str, reason: Op
         if current and c.get("status") == status and (reason is None or c.get("reason") == reason):
             return obj
         return None
-    return wait_for(check, timeout=timeout, interval=0.25,
-                    message=f"{ns}/{name} condition {type_}={status} reason={reason}: last {condition(get(kube, ns, name), type_)}")
+    try:
+        return wait_for(check, timeout=timeout, interval=0.25, message=f"{ns}/{name} condition {type_}={status} "
+                                                                          f"reason={reason}")
+    except AssertionError as e:  # say what the condition was at the end of the wait, not at its start
+        raise AssertionError(f"{e}; finally {condition(get(kube, ns, name), type_)}") from None
 
 
 def events_for(kube, ns: str, name: str, reason: Optional[str] = None) -> list[Any]:
