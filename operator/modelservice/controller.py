@@ -30,6 +30,7 @@ from modelservice.workqueue import WorkQueue
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
+RELIST_PAGE = 200
 
 
 @dataclass
@@ -162,11 +163,17 @@ class Controller:
                    ("Lease", "coordination.k8s.io/v1", f"{ACTIVITY_LABEL}=true")]
         for kind, api_version, selector in sources:
             items: list[dict[str, Any]] = []
+            list_rv = 0
             for ns in self.namespaces:
-                listing = await self.kube.get(object_path(api_version, kind, ns),
-                                              **({"labelSelector": selector} if selector else {}))
-                items += [slim(dict(i, apiVersion=api_version, kind=kind), kind) for i in listing.get("items", [])]
-            self._replace(kind, items, int(listing["metadata"].get("resourceVersion") or 0))
+                params: dict[str, Any] = {"limit": RELIST_PAGE, **({"labelSelector": selector} if selector else {})}
+                while True:  # pages: a LIST of 1,000 pods at once would set the operator's peak memory
+                    listing = await self.kube.get(object_path(api_version, kind, ns), **params)
+                    items += [slim(dict(i, apiVersion=api_version, kind=kind), kind) for i in listing.get("items", [])]
+                    list_rv = max(list_rv, int(listing["metadata"].get("resourceVersion") or 0))
+                    if not listing["metadata"].get("continue"):
+                        break
+                    params["continue"] = listing["metadata"]["continue"]
+            self._replace(kind, items, list_rv)
 
     def _replace(self, kind: str, items: list[dict[str, Any]], list_rv: int) -> None:
         """Objects the LIST lacks are gone, unless the cache saw them after the LIST was taken."""

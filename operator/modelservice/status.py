@@ -12,6 +12,7 @@ from typing import Any, Optional
 from modelservice.labels import selector_string
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
+MAX_MESSAGE = 2048
 # Pod problems worth surfacing verbatim: they need a person (a wrong image, a crashing server).
 _WAITING_PROBLEMS = ("ImagePullBackOff", "ErrImagePull", "CrashLoopBackOff", "CreateContainerConfigError",
                      "InvalidImageName", "CreateContainerError")
@@ -36,7 +37,8 @@ class Observed:
 def _cond(type_: str, status: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
     c = {"type": type_, "status": "True" if status else "False", "reason": reason, "observedGeneration": generation}
     if message:  # no empty strings: the v1.20 apiserver built here decodes "" in custom resources as null
-        c["message"] = message
+        # Cut: an API server refusal may echo a huge invalid value, and three copies would not fit in etcd.
+        c["message"] = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 1] + "…"
     return c
 
 

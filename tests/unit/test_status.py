@@ -86,3 +86,8 @@ def test_status_fields_and_transition_times():
     times = {c["type"]: c["lastTransitionTime"] for c in s3["conditions"]}
     assert times["Ready"] == "2026-01-01T00:09:00Z" and times["Stalled"] == "2026-01-01T00:00:00Z"
     assert all(c.get("message", "x") for c in s3["conditions"])  # never an empty string (see status._cond)
+
+
+def test_huge_messages_are_cut():
+    conds = conditions_for(_obs(apply_error="refused: " + "k" * 600_000))
+    assert all(len(c["message"]) <= 2048 for c in conds) and conds[0]["message"].endswith("…")
