@@ -163,17 +163,18 @@ class Controller:
                    ("Lease", "coordination.k8s.io/v1", f"{ACTIVITY_LABEL}=true")]
         for kind, api_version, selector in sources:
             items: list[dict[str, Any]] = []
-            list_rv = 0
+            list_rv: Optional[int] = None  # the oldest of the lists: only what predates all of them can be stale
             for ns in self.namespaces:
                 params: dict[str, Any] = {"limit": RELIST_PAGE, **({"labelSelector": selector} if selector else {})}
                 while True:  # pages: a LIST of 1,000 pods at once would set the operator's peak memory
                     listing = await self.kube.get(object_path(api_version, kind, ns), **params)
                     items += [slim(dict(i, apiVersion=api_version, kind=kind), kind) for i in listing.get("items", [])]
-                    list_rv = max(list_rv, int(listing["metadata"].get("resourceVersion") or 0))
+                    rv = int(listing["metadata"].get("resourceVersion") or 0)
+                    list_rv = rv if list_rv is None else min(list_rv, rv)
                     if not listing["metadata"].get("continue"):
                         break
                     params["continue"] = listing["metadata"]["continue"]
-            self._replace(kind, items, list_rv)
+            self._replace(kind, items, list_rv or 0)
 
     def _replace(self, kind: str, items: list[dict[str, Any]], list_rv: int) -> None:
         """Objects the LIST lacks are gone, unless the cache saw them after the LIST was taken."""

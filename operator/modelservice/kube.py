@@ -50,9 +50,10 @@ class ApiError(Exception):
         """The API server refused the object itself (invalid, immutable field): retrying the same body won't help.
         v1.20's server-side apply answers a body it cannot type (a wrong type inside a pass-through core/v1 field,
         e.g. placement.tolerations) with 500 "failed to create typed patch object": deterministic, so permanent."""
-        if self.status == 500 and "failed to create typed patch object" in self.message:
-            return True
-        return self.status in (400, 422)
+        if self.status == 500 and ("failed to create typed patch object" in self.message
+                                   or "request is too large" in self.message):
+            return True  # the second: an object past etcd's size limit, refused the same way every time
+        return self.status in (400, 413, 422)
 
 
 def object_path(api_version: str, kind: str, namespace: Optional[str] = None, name: Optional[str] = None,

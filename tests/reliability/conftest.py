@@ -31,11 +31,6 @@ from tests.reliability.harness import GatewayProcess, PrivateControlPlane
 _FIGURES: list[tuple[str, dict]] = []
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Until pyproject.toml registers it (asked of the lead): `make chaos` runs `pytest -m chaos`.
-    config.addinivalue_line("markers", "chaos: the long reliability soak (make chaos); not part of make test")
-
-
 def _start(state_dir: Path) -> PrivateControlPlane:
     cp = PrivateControlPlane(state_dir, start_timeout=180)
     cp.start()

@@ -5,6 +5,8 @@
 - Inventory: every child the operator made in a namespace, grouped by owner, so a test can count duplicates,
   orphans and missing children exactly.
 - exceptions_in / unexpected_exceptions: the tracebacks in an operator or gateway log, minus the expected ones.
+- GatewayProcess: the gateway as a subprocess on loopback (metrics, RSS from /proc).
+- KnownBug / expect_fixed: for a test that documents an open operator bug as xfail(raises=KnownBug, strict=True).
 
 Everything here waits on conditions with timeouts (tests.cluster.wait.wait_for); nothing sleeps blindly.
 """
