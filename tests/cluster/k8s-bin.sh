@@ -22,6 +22,7 @@ fi
 SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 need_pkgs=()
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+command -v openssl >/dev/null || need_pkgs+=(openssl)  # the control plane's certificates (tests/cluster/certs.py)
 if [[ ! -x "$OUT/kube-apiserver" || ! -x "$OUT/kube-controller-manager" || ! -x "$OUT/kube-scheduler" ]]; then
   command -v go >/dev/null || need_pkgs+=(golang-go)
   command -v rsync >/dev/null || need_pkgs+=(rsync)
