@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.integration.gateway_process import GatewayProcess
+from tests.integration.gateway_process import TEST_FLAGS, GatewayProcess
 from tests.integration.operator_process import OperatorProcess, install_crds
 
 
@@ -26,6 +26,6 @@ def operator(cluster, crds, tmp_path_factory) -> Iterator[OperatorProcess]:
 
 @pytest.fixture(scope="session")
 def gateway(cluster, crds, tmp_path_factory) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(cluster.kubeconfig, tmp_path_factory.mktemp("gateway") / "gateway.log").start()
+    gw = GatewayProcess(cluster.kubeconfig, tmp_path_factory.mktemp("gateway") / "gateway.log", *TEST_FLAGS).start()
     yield gw
     gw.stop()

@@ -1,4 +1,5 @@
-"""The gateway as a real subprocess against the test cluster (`python -m modelservice.cli gateway`)."""
+"""The gateway as a real subprocess against a test cluster (`python -m modelservice.cli gateway`), one class for the
+integration and the reliability suites: its log in a file, its metrics and memory readable."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,36 +17,43 @@ from tests.cluster.controlplane import free_port
 from tests.cluster.wait import wait_for
 
 HELD_LIMIT = 30
+# What the integration tests run the gateway with: short timers so scale-to-zero scenarios take seconds.
+TEST_FLAGS = ("--activation-timeout", "60s", "--activity-interval", "2s", "--max-body-bytes", "64Ki",
+              "--max-held-per-model", str(HELD_LIMIT))
 
 
 class GatewayProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
-        self.kubeconfig, self.log_path, self.extra_args = kubeconfig, log_path, list(extra_args)
+    def __init__(self, kubeconfig: Path, log_path: Path, *args: str, env: Optional[dict[str, str]] = None):
+        self.kubeconfig, self.log_path, self.args = kubeconfig, log_path, list(args)
         self.port, self.metrics_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
+        self.env = {"POD_NAME": "gateway-test-0", **(env or {})}
+        self.proc: Optional[subprocess.Popen] = None
 
-    def start(self) -> "GatewayProcess":
+    def start(self, timeout: float = 60) -> "GatewayProcess":
         cmd = [sys.executable, "-m", "modelservice.cli", "gateway", "--kubeconfig", str(self.kubeconfig),
-               "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-               "--activation-timeout", "60s", "--activity-interval", "2s", "--max-body-bytes", "64Ki",
-               "--max-held-per-model", str(HELD_LIMIT), *self.extra_args]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "POD_NAME": "gateway-test-0"}, start_new_session=True)
-        wait_for(self.healthy, timeout=30, message=f"gateway /healthz; log {self.log_path}")
+               "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port), *self.args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **self.env})
+        wait_for(self.healthy, timeout=timeout, message=f"gateway /healthz; log {self.log_path}")
         return self
 
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"gateway exited; log:\n{self.log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"gateway exited; log:\n{self.log_path.read_text(errors='replace')[-3000:]}")
         try:
             with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a test may have frozen it
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
@@ -55,9 +64,12 @@ class GatewayProcess:
     def metric(self, name: str, **labels: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def rss_bytes(self) -> int:
+        """Resident set size of the gateway process, from /proc."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")

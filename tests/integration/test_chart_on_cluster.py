@@ -14,7 +14,7 @@ import yaml
 from tests import helm_util as hu
 from tests.cluster.kube import create_namespace, delete_namespace
 from tests.integration import ms
-from tests.integration.gateway_process import GatewayProcess
+from tests.integration.gateway_process import TEST_FLAGS, GatewayProcess
 from tests.integration.operator_process import OperatorProcess, kubectl
 
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
@@ -101,7 +101,7 @@ def test_operator_and_gateway_run_as_their_service_accounts(kube, namespace, crd
         op = OperatorProcess(_sa_kubeconfig(kube, release_ns, op_sa, tmp_path / "op.kubeconfig"),
                              tmp_path / "operator.log", extra_args=["--gateway-enabled", *scope_args]).start()
         gw = GatewayProcess(_sa_kubeconfig(kube, release_ns, gw_sa, tmp_path / "gw.kubeconfig"),
-                            tmp_path / "gateway.log", extra_args=tuple(scope_args)).start()
+                            tmp_path / "gateway.log", *TEST_FLAGS, *scope_args).start()
         ms.create(kube, work, ms.body("rbac", resources={"requests": {"cpu": "1"}},
                                       autoscaling={"minReplicas": 0, "maxReplicas": 2, "cpuUtilization": 80,
                                                    "scaleToZeroAfter": "3s"}))

@@ -25,7 +25,8 @@ import pytest
 
 from tests.cluster.kube import Kube, connect, create_namespace, delete_namespace
 from tests.integration.operator_process import OperatorProcess, install_crds
-from tests.reliability.harness import GatewayProcess, PrivateControlPlane
+from tests.integration.gateway_process import GatewayProcess
+from tests.reliability.harness import PrivateControlPlane
 
 
 _FIGURES: list[tuple[str, dict]] = []

@@ -5,7 +5,7 @@
 - Inventory: every child the operator made in a namespace, grouped by owner, so a test can count duplicates,
   orphans and missing children exactly.
 - exceptions_in / unexpected_exceptions: the tracebacks in an operator or gateway log, minus the expected ones.
-- GatewayProcess: the gateway as a subprocess on loopback (metrics, RSS from /proc).
+- GatewayProcess: re-exported from tests/integration/gateway_process.py (metrics, RSS from /proc).
 - KnownBug / expect_fixed: for a test that documents an open operator bug as xfail(raises=KnownBug, strict=True).
 
 Everything here waits on conditions with timeouts (tests.cluster.wait.wait_for); nothing sleeps blindly.
@@ -243,68 +243,6 @@ def wait_healthz(port: int, want: int, timeout: float, message: str) -> int:
         return code if code == want else None
     return wait_for(check, timeout=timeout, interval=0.2, message=message)
 
-
-
-# -- the gateway as a subprocess -------------------------------------------------------------------------------------
-class GatewayProcess:
-    """`python -m modelservice.cli gateway` on loopback, with its log in a file and its metrics readable."""
-
-    def __init__(self, kubeconfig: Path, log_path: Path, *args: str, env: Optional[dict[str, str]] = None):
-        from tests.cluster.controlplane import free_port
-
-        self.kubeconfig, self.log_path, self.args = kubeconfig, log_path, list(args)
-        self.port, self.metrics_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = env or {}
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float = 60) -> "GatewayProcess":
-        import sys
-
-        cmd = [sys.executable, "-m", "modelservice.cli", "gateway", "--kubeconfig", str(self.kubeconfig),
-               "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port), *self.args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "POD_NAME": "gateway-reliability-0", **self.env})
-        wait_for(self.healthy, timeout=timeout, message=f"gateway /healthz; log {self.log_path}")
-        return self
-
-    def healthy(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"gateway exited; log:\n{self.log_path.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def metric(self, name: str, **labels: str) -> float:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-    def rss_bytes(self) -> int:
-        """Resident set size of the gateway process, from /proc."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
 
 
 class KnownBug(AssertionError):

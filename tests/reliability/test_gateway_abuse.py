@@ -33,7 +33,7 @@ from tests.cluster.kube import Kube, create_namespace, delete_namespace
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
 from tests.integration.operator_process import OperatorProcess, kubectl
-from tests.reliability.harness import GatewayProcess
+from tests.integration.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.integration
 
