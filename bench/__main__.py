@@ -50,8 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=500_000, help="cap on requests per latency run")
     p.add_argument("--rounds", type=int, help="latency rounds over direct/nginx/gateway in rotated order, pooled "
                                               "(default 3; quick 1)")
-    p.add_argument("--loadgen", choices=("auto", "hey", "python"), default="auto",
-                   help="latency client: hey (Debian package, Go) when installed, else the asyncio client")
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                   help="latency client: wrk (Debian package, C) when installed, else the asyncio client")
     p.add_argument("--streams", type=int, default=256, help="concurrent streams (default 256)")
     p.add_argument("--stream-tokens", type=int, default=200, help="tokens per stream (default 200)")
     p.add_argument("--stream-tps", type=float, default=100.0, help="stub tokens/s per stream (default 100)")
@@ -59,8 +59,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="py-spy the operator (materialization at the largest N) and the gateway (latency at the "
                         "highest concurrency, and streaming)")
-    p.add_argument("--gateway-uvloop", action="store_true",
-                   help="experiment: run the gateway on uvloop's event loop (needs `pip install uvloop`)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, profiles) instead of deleting it")
     p.add_argument("--out", type=Path, help="JSON results file (default bench/results/<timestamp>.json)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -104,8 +102,7 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             latency_seconds=args.latency_seconds or (4.0 if args.quick else 8.0), max_requests=args.max_requests,
             rounds=args.rounds or (1 if args.quick else 3),
             loadgen=args.loadgen, streams=args.streams, stream_tokens=args.stream_tokens, stream_tps=args.stream_tps,
-            cold_starts=args.cold_starts or (5 if args.quick else 20), profile=args.profile,
-            uvloop=args.gateway_uvloop)
+            cold_starts=args.cold_starts or (5 if args.quick else 20), profile=args.profile)
         t0 = time.monotonic()
         results["gateway"] = await run_gateway(gcfg)
         results["gateway"]["seconds"] = time.monotonic() - t0

@@ -54,17 +54,11 @@ class GatewayConfig:
     cold_starts: int = 20
     scale_to_zero_after: str = "2s"
     profile: bool = False
-    uvloop: bool = False  # experiment: the same gateway on uvloop's event loop (pip install uvloop)
-
-
-# `python -m modelservice.cli gateway ...` with uvloop's loop policy set first (asyncio.run then makes a uvloop loop).
-_UVLOOP_MAIN = ("import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-                "from modelservice.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 class GatewayProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path, *, uvloop: bool = False):
-        self.kubeconfig, self.log_path, self.uvloop = kubeconfig, log_path, uvloop
+    def __init__(self, kubeconfig: Path, log_path: Path):
+        self.kubeconfig, self.log_path = kubeconfig, log_path
         self.port, self.metrics_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
@@ -75,8 +69,7 @@ class GatewayProcess:
         return self.proc.pid
 
     def start(self) -> "GatewayProcess":
-        main = ["-c", _UVLOOP_MAIN] if self.uvloop else ["-m", "modelservice.cli"]
-        cmd = [sys.executable, *main, "gateway", "--kubeconfig", str(self.kubeconfig),
+        cmd = [sys.executable, "-m", "modelservice.cli", "gateway", "--kubeconfig", str(self.kubeconfig),
                "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                "--activation-timeout", "60s", "--activity-interval", "1s"]
         log_file = open(self.log_path, "ab")
@@ -435,8 +428,7 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
     kube = cluster.kube
     await cluster.namespace(NS)
     op = OperatorProcess(cluster.kubeconfig, cfg.work / "gateway-operator.log", extra_args=["--gateway-enabled"])
-    gw = GatewayProcess(cluster.kubeconfig, cfg.work / "gateway.log", uvloop=cfg.uvloop)
-    out["gateway_event_loop"] = "uvloop" if cfg.uvloop else "asyncio"
+    gw = GatewayProcess(cluster.kubeconfig, cfg.work / "gateway.log")
     ngx: Optional[nginx.Nginx] = None
     stubs: list[StubProcess] = []
     try:

@@ -169,7 +169,7 @@ def table(doc: dict[str, Any]) -> str:
                       f"--resync-seconds {o.get('resync_seconds'):g})", render(operator_rows(o))]
     if "gateway" in res:
         g = res["gateway"]
-        parts += ["", f"GATEWAY ({g.get('gateway_event_loop', 'asyncio')} loop; loadgen {g.get('loadgen', '?')}; "
+        parts += ["", f"GATEWAY (loadgen {g.get('loadgen', '?')}; "
                       f"nginx {g.get('nginx_version', '?')}, 1 worker)",
                   render(gateway_rows(g))]
     return "\n".join(parts)

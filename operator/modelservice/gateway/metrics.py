@@ -6,6 +6,8 @@ labelling by the client's `model` string would let any caller create unbounded s
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,6 +38,16 @@ class Metrics:
         self.upstream_latency = Histogram("modelservice_gateway_upstream_latency_seconds",
                                           "Time from sending a request upstream to its response headers.",
                                           ["model"], buckets=TTFB_BUCKETS, registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), remembered: labels() takes a lock and builds a key on every request. Not for
+        series that get removed (ready_endpoints), whose children would outlive their removal here."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def app(self) -> web.Application:
         async def metrics(_: web.Request) -> web.Response:

@@ -1,7 +1,7 @@
 """Forwarding one request to a backend pod and streaming the answer back, chunk by chunk, without buffering.
 
-SSE token streams must reach the client as the engine writes them, so the response is relayed with iter_any()
-(whatever bytes arrived) into a StreamResponse. A client that goes away cancels the handler (the server runs with
+SSE token streams must reach the client as the engine writes them, so the answer is relayed as its bytes arrive
+(upstream.py) into a StreamResponse. A client that goes away cancels the handler (the server runs with
 handler_cancellation), which closes the upstream connection, so the engine stops generating for nobody.
 """
 
@@ -13,7 +13,6 @@ import sys
 import time
 from typing import Callable, Sequence
 
-import aiohttp
 from aiohttp import web
 
 from modelservice.gateway.balancer import Balancer
@@ -21,6 +20,7 @@ from modelservice.gateway import reqstate as rs
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.metrics import Metrics
 from modelservice.gateway.routes import Endpoint, ModelEntry
+from modelservice.gateway.upstream import ConnectError, Response, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("modelservice.gateway.proxy")
 MAX_ATTEMPTS = 3
@@ -28,9 +28,6 @@ SMALL_BODY = 64 * 1024  # answers up to this size are relayed in one write
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length",
                         "expect"})  # we hold the whole body already; a 100-continue handshake upstream only adds a trip
-# Failures where the backend cannot have started on the request: a pod that just died, a stale pooled connection.
-RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-             getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ClientConnectorError))  # aiohttp >= 3.10
 
 if sys.version_info >= (3, 11):
     _timeout = asyncio.timeout
@@ -49,13 +46,8 @@ else:  # pragma: no cover
             handle.cancel()
 
 
-def make_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=15, enable_cleanup_closed=False),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
-        auto_decompress=False,  # relay the bytes as sent, Content-Encoding and Content-Length intact
-        cookie_jar=aiohttp.DummyCookieJar(),  # one session serves every client: never carry cookies between them
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
+def make_pool(connect_timeout: float, read_timeout: float) -> UpstreamPool:
+    return UpstreamPool(connect_timeout=connect_timeout, read_timeout=read_timeout, keepalive_timeout=15)
 
 
 def upstream_headers(request: web.BaseRequest, *, strip_authorization: bool) -> list[tuple[str, str]]:
@@ -74,9 +66,8 @@ def upstream_headers(request: web.BaseRequest, *, strip_authorization: bool) -> 
 
 
 class Proxy:
-    def __init__(self, session: aiohttp.ClientSession, balancer: Balancer, metrics: Metrics, *,
-                 idle_timeout: float):
-        self.session, self.balancer, self.metrics = session, balancer, metrics
+    def __init__(self, pool: UpstreamPool, balancer: Balancer, metrics: Metrics, *, idle_timeout: float):
+        self.pool, self.balancer, self.metrics = pool, balancer, metrics
         self.idle_timeout = idle_timeout
 
     async def forward(self, request: web.Request, entry: ModelEntry, body: bytes, path: str,
@@ -94,22 +85,22 @@ class Proxy:
             try:
                 started = time.monotonic()
                 try:
-                    upstream = await self.session.request(request.method, ep.base_url + path, data=body or None,
-                                                          headers=headers, allow_redirects=False)
-                except RETRYABLE as e:
-                    last_error = f"{type(e).__name__}: {e}"
+                    upstream = await self.pool.request(request.method, ep.address, ep.port, path, headers, body)
+                except ConnectError as e:
+                    last_error = str(e)
                     log.info("%s: %s unreachable, trying another endpoint: %s", entry.label, ep.base_url, last_error)
                     continue
-                except asyncio.TimeoutError:
+                except UpstreamTimeout:
                     raise GatewayError(504, f"model {entry.label} did not answer in time", "upstream_timeout") from None
-                except aiohttp.ClientError as e:
-                    raise GatewayError(502, f"model {entry.label} failed: {type(e).__name__}", "bad_gateway") from None
-                self.metrics.upstream_latency.labels(entry.label).observe(time.monotonic() - started)
+                except UpstreamError as e:
+                    log.warning("%s: %s failed: %s", entry.label, ep.base_url, e)
+                    raise GatewayError(502, f"model {entry.label} failed before answering", "bad_gateway") from None
+                self.metrics.child(self.metrics.upstream_latency, entry.label).observe(time.monotonic() - started)
                 request[rs.ENDPOINT] = ep
                 try:
                     return await self._relay(request, upstream, entry)
                 finally:
-                    upstream.close()  # no-op after a full read; mid-stream it drops the connection, stopping the engine
+                    upstream.release()  # pools a fully read connection; mid-stream it drops it, stopping the engine
             finally:
                 self.balancer.release(ep)
         if tried:
@@ -117,38 +108,36 @@ class Proxy:
                                "backend_unreachable")
         raise GatewayError(503, f"model {entry.label} has no ready backend", "no_backend", retry_after=5)
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     entry: ModelEntry) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, upstream: Response, entry: ModelEntry) -> web.StreamResponse:
         length = upstream.content_length
-        if length is not None and length <= SMALL_BODY and "chunked" not in upstream.headers.get(
-                "Transfer-Encoding", "").lower():
+        if length is not None and length <= SMALL_BODY and not upstream.chunked:
             # A small complete answer (non-streaming completion, /v1/models): one write carries headers and body,
             # instead of a syscall for the headers and another for the body.
             try:
                 body = await upstream.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except UpstreamError as e:
+                log.warning("%s: upstream failed mid-response: %s", entry.label, e)
                 raise GatewayError(502, f"model {entry.label} failed: {type(e).__name__}", "bad_gateway") from None
             small = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-            for k, v in upstream.headers.items():
+            for k, v in upstream.headers:
                 if k.lower() not in HOP_BY_HOP:
                     small.headers.add(k, v)
             return small
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for k, v in upstream.headers.items():
+        for k, v in upstream.headers:
             if k.lower() not in HOP_BY_HOP:
                 resp.headers.add(k, v)
-        chunked = "chunked" in upstream.headers.get("Transfer-Encoding", "").lower()
-        if upstream.content_length is not None and not chunked:
+        if upstream.content_length is not None and not upstream.chunked:
             resp.content_length = upstream.content_length
         try:
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 if not await self._write(request, resp, chunk):
                     return resp
             await resp.write_eof()
         except ConnectionResetError:
             _client_gone(request)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except UpstreamError as e:
             # The backend died or went silent mid-stream. Closing the client connection (no final chunk) tells the
             # client the answer is truncated; a clean end would pass a half answer off as whole.
             log.warning("%s: upstream failed mid-response: %s", entry.label, type(e).__name__)

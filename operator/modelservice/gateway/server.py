@@ -24,7 +24,7 @@ from modelservice.gateway.errors import GatewayError, error_response
 from modelservice.gateway.kubeops import ClusterOps
 from modelservice.gateway.metrics import Metrics
 from modelservice.gateway.parsing import model_of, parse_json, read_body, rewrite_model
-from modelservice.gateway.proxy import Proxy, make_session
+from modelservice.gateway.proxy import Proxy, make_pool
 from modelservice.gateway.routes import Key, ModelEntry, RouteTable
 
 log = logging.getLogger("modelservice.gateway")
@@ -69,7 +69,7 @@ class Gateway:
 
     async def _start(self, _: web.Application) -> None:
         cfg = self.config
-        self.proxy = Proxy(make_session(cfg.connect_timeout, cfg.upstream_timeout), self.balancer, self.metrics,
+        self.proxy = Proxy(make_pool(cfg.connect_timeout, cfg.upstream_timeout), self.balancer, self.metrics,
                            idle_timeout=cfg.idle_timeout)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -83,7 +83,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.proxy is not None:
-            await self.proxy.session.close()
+            await self.proxy.pool.close()
 
     def _on_change(self, key: Key) -> None:
         self.activator.on_change(key)
@@ -165,7 +165,7 @@ class Gateway:
         assert self.proxy is not None, "the app has not started"
         key = entry.key
         self.activity.started(key)
-        gauge = self.metrics.in_flight.labels(entry.label)
+        gauge = self.metrics.child(self.metrics.in_flight, entry.label)
         try:
             for attempt in range(2):  # a second round only after every endpoint refused to connect
                 if not self.table.ready(key):
@@ -199,13 +199,16 @@ class Gateway:
         except web.HTTPException as e:
             status = e.status
             return _route_error(request, e)
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = 499  # the client went away (nginx's code for it)
+        except ConnectionResetError:
+            status = 499  # the client went away mid-request (nginx's code for it); nobody reads an answer
+            return web.Response(status=499)
+        except asyncio.CancelledError:
+            status = 499
             raise
         finally:
             if request.path != "/healthz":
                 model = request.get(rs.MODEL, "")
-                self.metrics.requests.labels(model, str(status)).inc()
+                self.metrics.child(self.metrics.requests, model, str(status)).inc()
                 access_log.info("%s %s model=%s status=%d duration=%.3fs", request.method, request.path,
                                 model or "-", status, time.monotonic() - started)
 

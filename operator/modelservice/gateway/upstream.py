@@ -1,0 +1,318 @@
+"""The hop to model pods: keep-alive HTTP/1.1 connections per endpoint, answers parsed by httptools (llhttp, C).
+
+aiohttp's ClientSession was about half of the gateway's CPU per proxied request in `make bench` (a multidict of
+headers rebuilt per request, a payload registry, tracing hooks, a timer per read). This hop needs none of that: the
+gateway already holds the request body, so it sends head and body in one write and relays the answer's bytes as
+they arrive. Pooling, flow control and timeouts are all there is to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from typing import AsyncIterator, Optional
+
+import httptools
+
+HIGH_WATER = 256 * 1024  # unread answer bytes at which we stop reading from the pod (a slow client)
+LOW_WATER = 64 * 1024
+MAX_IDLE_PER_ENDPOINT = 256
+
+
+class UpstreamError(Exception):
+    """The pod failed while answering; the client may have seen part of the answer."""
+
+
+class ConnectError(UpstreamError):
+    """Nothing reached the pod: the connection was refused or timed out, or the pod closed it before answering.
+    Safe to send the request to another endpoint."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The pod went silent for longer than the read timeout."""
+
+
+class Response:
+    """One answer. Read it with read() or chunks(), then release() it (always: it returns or drops the connection)."""
+
+    def __init__(self, conn: "_Conn", method: str, read_timeout: float):
+        self._conn, self._method, self._read_timeout = conn, method, read_timeout
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: Optional[int] = None
+        self.chunked = False
+        self.received = False  # any byte of the answer arrived
+        self.done = False
+        self._reason = bytearray()
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_done = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._error: Optional[BaseException] = None
+        self._waiter: Optional[asyncio.Future[None]] = None
+
+    # -- fed by the connection's parser ------------------------------------------------------------------------
+    def on_status(self, reason: bytes) -> None:
+        self.received = True
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self._conn.parser.get_status_code()
+        self.reason = self._reason.decode("latin-1")
+        for name, value in self._raw_headers:
+            k, v = name.decode("latin-1"), value.decode("utf-8", "replace")
+            low = k.lower()
+            if low == "content-length" and v.strip().isdigit():
+                self.content_length = int(v)
+            elif low == "transfer-encoding" and "chunked" in v.lower():
+                self.chunked = True
+            self.headers.append((k, v))
+        self._head_done = True
+        if self._method == "HEAD":  # no body follows, whatever Content-Length says; the parser can't know that
+            self.done = True
+            self._conn.keep_alive = False
+        self._wake()
+
+    def on_body(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._paused:
+            self._paused = True
+            self._conn.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self._conn.keep_alive = self._conn.keep_alive and self._conn.parser.should_keep_alive()
+        self._wake()
+
+    def lost(self, exc: Optional[BaseException]) -> None:
+        if self.done:
+            return
+        if self._head_done and self.content_length is None and not self.chunked:
+            self.done = True  # an answer delimited by the connection's end (HTTP/1.0 style) is complete
+        elif not self.received:
+            self._error = ConnectError(f"the pod closed the connection before answering ({exc or 'EOF'})")
+        else:
+            self._error = UpstreamError(f"the pod closed the connection mid-answer ({exc or 'EOF'})")
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- read by the proxy -------------------------------------------------------------------------------------
+    async def _wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(self._read_timeout, self._timed_out, self._waiter)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            self._error = UpstreamTimeout(f"the pod sent nothing for {self._read_timeout:g}s")
+            waiter.set_result(None)
+
+    async def head(self) -> None:
+        while not self._head_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (chunked encoding removed), until the end of the answer."""
+        while True:
+            while self._chunks:
+                data = self._chunks.popleft()
+                self._buffered -= len(data)
+                if self._paused and self._buffered < LOW_WATER:
+                    self._paused = False
+                    self._conn.transport.resume_reading()
+                yield data
+            if self.done:
+                return
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    def release(self) -> None:
+        """A fully read answer leaves its connection in the pool; anything else closes it (an unfinished stream:
+        closing is how the engine learns that nobody is listening any more)."""
+        self._conn.finished(reusable=self.done and self._error is None and not self._chunks)
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, pool: "UpstreamPool", key: tuple[str, int]):
+        self.pool, self.key = pool, key
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: Optional[Response] = None
+        self.keep_alive = True
+        self.closed = False
+        self.idle_timer: Optional[asyncio.TimerHandle] = None
+
+    # parser callbacks, forwarded to the answer in progress
+    def on_status(self, reason: bytes) -> None:
+        self.response.on_status(reason)  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.response.on_header(name, value)  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        self.response.on_headers_complete()  # type: ignore[union-attr]
+
+    def on_body(self, data: bytes) -> None:
+        self.response.on_body(data)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        self.response.on_message_complete()  # type: ignore[union-attr]
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        resp = self.response
+        if resp is None or resp.done:  # bytes nobody asked for: this connection can't be trusted any more
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            resp.fail(UpstreamError(f"the pod sent a malformed answer: {e}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.response is not None:
+            self.response.lost(exc)
+        else:
+            self.pool.discard(self)
+
+    def close(self) -> None:
+        self.keep_alive = False
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def send(self, data: bytes, method: str, read_timeout: float) -> Response:
+        self.response = Response(self, method, read_timeout)
+        self.transport.write(data)
+        return self.response
+
+    def finished(self, *, reusable: bool) -> None:
+        if reusable and self.keep_alive and not self.closed:
+            self.response = None
+            self.pool.put(self)
+        else:
+            self.close()
+
+
+class UpstreamPool:
+    def __init__(self, *, connect_timeout: float, read_timeout: float, keepalive_timeout: float = 15.0):
+        self.connect_timeout, self.read_timeout, self.keepalive_timeout = connect_timeout, read_timeout, \
+            keepalive_timeout
+        self._idle: dict[tuple[str, int], list[_Conn]] = defaultdict(list)
+
+    async def request(self, method: str, host: str, port: int, target: str, headers: list[tuple[str, str]],
+                      body: bytes) -> Response:
+        """Send the request and wait for the answer's head. Raises ConnectError when the pod can't have seen it."""
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {netloc}"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body)}")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+        key = (host, port)
+        conn = self._take(key)
+        if conn is not None:
+            resp = conn.send(data, method, self.read_timeout)
+            try:
+                await resp.head()
+                return resp
+            except ConnectError:
+                # The pod closed a pooled connection as we reused it (its keep-alive timeout can be shorter than
+                # ours): it never saw this request, so a fresh connection is the same first attempt.
+                conn.close()
+            except BaseException:
+                conn.close()
+                raise
+        conn = await self._connect(key)
+        resp = conn.send(data, method, self.read_timeout)
+        try:
+            await resp.head()
+        except BaseException:
+            conn.close()
+            raise
+        return resp
+
+    async def _connect(self, key: tuple[str, int]) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, key), *key),
+                                             self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectError(f"connect to {key[0]}:{key[1]} timed out after {self.connect_timeout:g}s") from None
+        except OSError as e:
+            raise ConnectError(f"connect to {key[0]}:{key[1]} failed: {e.strerror or e}") from None
+        return conn
+
+    def _take(self, key: tuple[str, int]) -> Optional[_Conn]:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if not conn.closed:
+                return conn
+        return None
+
+    def put(self, conn: _Conn) -> None:
+        idle = self._idle[conn.key]
+        if len(idle) >= MAX_IDLE_PER_ENDPOINT:
+            conn.close()
+            return
+        idle.append(conn)
+        conn.idle_timer = asyncio.get_running_loop().call_later(self.keepalive_timeout, self._expire, conn)
+
+    def _expire(self, conn: _Conn) -> None:
+        conn.idle_timer = None
+        self.discard(conn)
+        conn.close()
+
+    def discard(self, conn: _Conn) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[conn.key]
+
+    async def close(self) -> None:
+        for idle in list(self._idle.values()):
+            for conn in idle:
+                if conn.idle_timer is not None:
+                    conn.idle_timer.cancel()
+                conn.close()
+        self._idle.clear()

@@ -1,0 +1,222 @@
+"""The gateway's hop to pods (upstream.py) against raw sockets that misbehave on purpose: stale keep-alive
+connections, answers delimited by EOF, HEAD, garbage, silence, a slow reader, a port nobody listens on."""
+
+import asyncio
+import contextlib
+import socket
+
+import pytest
+
+from modelservice.gateway import upstream
+from modelservice.gateway.upstream import ConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler):
+    """handler(reader, writer, n): n counts connections from 1."""
+    count = 0
+
+    async def on_conn(reader, writer):
+        nonlocal count
+        count += 1
+        try:
+            await handler(reader, writer, count)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], lambda: count
+    finally:
+        server.close()
+
+
+async def read_request(reader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+def pool(**kw) -> UpstreamPool:
+    return UpstreamPool(connect_timeout=kw.get("connect", 2.0), read_timeout=kw.get("read", 5.0))
+
+
+async def fetch(p: UpstreamPool, port: int, method: str = "POST", body: bytes = b"{}") -> tuple[int, bytes]:
+    resp = await p.request(method, "127.0.0.1", port, "/v1/x?q=1", [("X-Test", "1")], body)
+    try:
+        return resp.status, await resp.read()
+    finally:
+        resp.release()
+
+
+def test_keep_alive_connection_is_reused_and_request_is_sent_whole():
+    seen = []
+
+    async def handler(reader, writer, n):
+        while True:
+            seen.append(await read_request(reader))
+            writer.write(ok(b"hello"))
+            await writer.drain()
+
+    async def scenario():
+        async with raw_server(handler) as (port, conns):
+            p = pool()
+            assert await fetch(p, port) == (200, b"hello")
+            assert await fetch(p, port) == (200, b"hello")
+            assert conns() == 1
+            await p.close()
+        return port
+
+    port = run(scenario())
+    assert seen[0] == (b"POST /v1/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Test: 1\r\nContent-Length: 2\r\n\r\n{}"
+                       % port)
+
+
+def test_pooled_connection_closed_by_the_pod_is_replaced_transparently():
+    async def handler(reader, writer, n):
+        await read_request(reader)
+        writer.write(ok(b"conn%d" % n))
+        await writer.drain()
+        # closes after one answer without saying so (no Connection: close), like a keep-alive timeout firing
+
+    async def scenario():
+        async with raw_server(handler) as (port, conns):
+            p = pool()
+            assert await fetch(p, port) == (200, b"conn1")
+            await asyncio.sleep(0.1)  # the FIN may or may not have been noticed; both paths must work
+            assert await fetch(p, port) == (200, b"conn2")
+            assert await fetch(p, port) == (200, b"conn3")
+            await p.close()
+
+    run(scenario())
+
+
+def test_answer_delimited_by_eof_and_chunked_answer():
+    async def handler(reader, writer, n):
+        await read_request(reader)
+        if n == 1:
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async def scenario():
+        async with raw_server(handler) as (port, _):
+            p = pool()
+            assert await fetch(p, port) == (200, b"until the end")
+            resp = await p.request("GET", "127.0.0.1", port, "/", [], b"")
+            assert resp.chunked and resp.content_length is None
+            assert await resp.read() == b"abcde"
+            resp.release()
+            await p.close()
+
+    run(scenario())
+
+
+def test_head_answer_does_not_wait_for_a_body():
+    async def handler(reader, writer, n):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    async def scenario():
+        async with raw_server(handler) as (port, _):
+            p = pool(read=3)
+            resp = await p.request("HEAD", "127.0.0.1", port, "/", [], b"")
+            assert resp.status == 200 and resp.content_length == 100
+            assert await resp.read() == b""
+            resp.release()
+            await p.close()
+
+    run(scenario())
+
+
+def test_garbage_silence_and_refusal_are_distinct_errors():
+    async def garbage(reader, writer, n):
+        await read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def silent(reader, writer, n):
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def scenario():
+        p = pool(read=0.3)
+        async with raw_server(garbage) as (port, _):
+            with pytest.raises(UpstreamError) as e:
+                await fetch(p, port)
+            assert not isinstance(e.value, (ConnectError, UpstreamTimeout))
+        async with raw_server(silent) as (port, _):
+            with pytest.raises(UpstreamTimeout):
+                await fetch(p, port)
+        with socket.socket() as s:  # a port that was free a moment ago: nobody listens
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        with pytest.raises(ConnectError):
+            await fetch(p, free)
+        await p.close()
+
+    run(scenario())
+
+
+def test_death_mid_answer_is_an_error_not_a_short_answer():
+    async def handler(reader, writer, n):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await writer.drain()
+
+    async def scenario():
+        async with raw_server(handler) as (port, _):
+            p = pool()
+            with pytest.raises(UpstreamError) as e:
+                await fetch(p, port)
+            assert not isinstance(e.value, ConnectError)  # the pod saw the request: not safe to send elsewhere
+            await p.close()
+
+    run(scenario())
+
+
+def test_slow_reader_pauses_the_pod_instead_of_buffering_everything():
+    total = 8 * 1024 * 1024
+
+    async def handler(reader, writer, n):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * 65536
+        for _ in range(total // len(block)):
+            writer.write(block)
+            await writer.drain()
+
+    async def scenario():
+        async with raw_server(handler) as (port, _):
+            p = pool()
+            resp = await p.request("GET", "127.0.0.1", port, "/", [], b"")
+            got, peak = 0, 0
+            async for chunk in resp.chunks():
+                got += len(chunk)
+                peak = max(peak, resp._buffered)
+                await asyncio.sleep(0.001)
+            resp.release()
+            await p.close()
+            return got, peak
+
+    got, peak = run(scenario())
+    assert got == total
+    # Bounded by the high-water mark plus what the socket hands over in the read that crosses it.
+    assert peak < upstream.HIGH_WATER + 512 * 1024
