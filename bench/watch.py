@@ -43,6 +43,8 @@ class Watch:
         while True:  # Kube.watch relists on expiry; a failed list (apiserver busy) is retried here
             try:
                 async for event, obj in self.kube.watch(self.path, label_selector=self.selector):
+                    if event == "LISTING":
+                        continue
                     if event == "SYNCED":
                         self.lists += 1
                         self.synced.set()

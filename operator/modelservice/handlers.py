@@ -1,4 +1,6 @@
-"""Kopf wiring only: pin the framework's knobs, start the controller, forward watch events to it."""
+"""Kopf wiring only: pin the framework's knobs, start the controller, forward ModelService events to it.
+
+Kopf watches ModelServices; the controller watches what it owns itself (controller._watch_owned: why)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,8 @@ import kopf
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.controller import Controller, slim
 from modelservice.kube import Kube, object_path
-from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE
 from modelservice.metrics import LAST_WATCH_EVENT
 
-OURS = {MANAGED_BY: MANAGED_BY_VALUE}
 # Set by cli.py before kopf starts.
 OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig": None, "watch_dead_after": 900,
                            "resync_seconds": 600, "namespaces": []}
@@ -51,16 +51,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     kube = Kube.from_env(OPTIONS["kubeconfig"])
     controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"],
                             resync_seconds=OPTIONS["resync_seconds"], namespaces=OPTIONS["namespaces"])
-    await controller.start()
+    await controller.start(on_alive=_seen)
     memo.controller = controller
     memo.heartbeat = asyncio.create_task(_heartbeat(kube, controller))
 
 
 async def _heartbeat(kube: Kube, controller: Controller) -> None:
-    """A watch of our own on ModelServices, re-established every window/3: in a quiet cluster kopf's watches carry
+    """A watch of our own on ModelServices, re-established every window/3: in a quiet cluster the watches carry
     no events for hours, so "no event lately" alone would call a healthy operator dead. This watch proves the API
     server still answers watches; kopf's events prove the same. When it has to relist (410 Gone after a gap), kopf's
-    watches did too, and the controller rebuilds its caches. Reads only: an idle operator still writes nothing."""
+    watch did too, and the controller rebuilds its ModelService cache. Reads only: an idle operator writes nothing."""
     window = OPTIONS["watch_dead_after"]
     ns = OPTIONS.get("namespaces") or [None]
     path = object_path(f"{GROUP}/{VERSION}", "ModelService", ns[0])
@@ -104,33 +104,6 @@ def _seen() -> None:  # a watch answered: kopf delivered an event, or our heartb
 async def modelservice_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _seen()
     memo.controller.on_modelservice(event["type"], copy.deepcopy(slim(event["object"])))
-
-
-def _child_handler(kind: str):
-    async def handler(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        _seen()
-        memo.controller.on_child(kind, event["type"], slim(event["object"]))
-    handler.__name__ = f"{kind.lower()}_event"
-    return handler
-
-
-kopf.on.event("apps", "v1", "deployments", labels=OURS)(_child_handler("Deployment"))
-kopf.on.event("", "v1", "services", labels=OURS)(_child_handler("Service"))
-kopf.on.event("", "v1", "persistentvolumeclaims", labels=OURS)(_child_handler("PersistentVolumeClaim"))
-kopf.on.event("autoscaling", "horizontalpodautoscalers", labels=OURS)(_child_handler("HorizontalPodAutoscaler"))
-kopf.on.event("policy", "poddisruptionbudgets", labels=OURS)(_child_handler("PodDisruptionBudget"))
-
-
-@kopf.on.event("", "v1", "pods", labels=OURS)
-async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _seen()
-    memo.controller.on_pod(event["type"], slim(event["object"], "Pod"))
-
-
-@kopf.on.event("coordination.k8s.io", "v1", "leases", labels={ACTIVITY_LABEL: "true"})
-async def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _seen()
-    memo.controller.on_lease(event["type"], slim(event["object"], "Lease"))
 
 
 @kopf.on.probe(id="watching")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import ssl
 import time
@@ -20,7 +21,10 @@ import aiohttp
 
 from modelservice import FIELD_MANAGER
 
+log = logging.getLogger("modelservice.kube")
+
 SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+LIST_PAGE = 200
 
 # kind → (plural, namespaced). Only the kinds we touch.
 PLURALS = {
@@ -97,7 +101,10 @@ def load_credentials(kubeconfig: Optional[str] = None) -> Credentials:
 
 
 class Kube:
-    def __init__(self, creds: Credentials, *, user_agent: str = FIELD_MANAGER, limit: int = 64):
+    def __init__(self, creds: Credentials, *, user_agent: str = FIELD_MANAGER, limit: int = 0):
+        """limit: most connections at once (0: no limit). Every watch holds one for its whole life (the operator
+        runs 7 per namespace), so a limit would starve requests once enough namespaces are watched; the callers
+        bound their own concurrency (the operator's --workers, one wake-up per model in the gateway)."""
         self.creds = creds
         self._token = creds.token
         self._token_read = time.monotonic()
@@ -192,18 +199,25 @@ class Kube:
 
     async def watch(self, path: str, *, label_selector: Optional[str] = None, timeout_seconds: int = 300,
                     on_alive: Optional[Callable[[], None]] = None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """List then watch, forever: yields ("ADDED"|"MODIFIED"|"DELETED"|"SYNCED", obj). Restarts on expiry (410).
+        """List then watch, forever. Yields ("LISTING", {}) as a list starts, ("ADDED", obj) for what it holds and
+        ("SYNCED", {}) when it ends, then the watch's ("ADDED"|"MODIFIED"|"DELETED", obj); relists on expiry (410).
         on_alive() is called whenever the API server answers the list or a watch: the stream is not dead."""
         alive = on_alive or (lambda: None)
         while True:
             params: dict[str, Any] = {}
             if label_selector:
                 params["labelSelector"] = label_selector
-            listing = await self.get(path, **params)
-            rv = listing["metadata"]["resourceVersion"]
-            alive()
-            for item in listing.get("items", []):
-                yield "ADDED", item
+            page: dict[str, Any] = {"limit": LIST_PAGE}
+            yield "LISTING", {}
+            while True:  # pages of one snapshot: a LIST of 1,000 pods at once would set our peak memory
+                listing = await self.get(path, **params, **page)
+                rv = listing["metadata"]["resourceVersion"]
+                alive()
+                for item in listing.get("items", []):
+                    yield "ADDED", item
+                if not listing["metadata"].get("continue"):
+                    break
+                page["continue"] = listing["metadata"]["continue"]
             yield "SYNCED", {}
             while True:
                 params.update(watch="1", resourceVersion=rv, timeoutSeconds=timeout_seconds,
@@ -232,9 +246,11 @@ class Kube:
                                 yield event["type"], obj
                 except _Expired:
                     break
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    log.debug("watch %s dropped (%s); resuming from %s", path, type(e).__name__, rv)
                     await asyncio.sleep(1)  # connection dropped (apiserver restart): resume from rv
             # 410 Gone: our resourceVersion is too old; relist.
+            log.debug("watch %s expired at %s; relisting", path, rv)
 
 
 class _Expired(Exception):

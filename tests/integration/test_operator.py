@@ -137,6 +137,23 @@ def test_autoscaling_renders_an_hpa_and_removing_it_deletes_it(kube, namespace, 
     wait_for(lambda: _hpa(kube, namespace, "auto") is None, timeout=15, message="HPA deleted with autoscaling")
 
 
+def _versions(kube, op, namespace, name):
+    return (ms.get(kube, namespace, name)["metadata"]["resourceVersion"],
+            kube.apps.read_namespaced_deployment(name, namespace).metadata.resource_version,
+            kube.core.read_namespaced_service(name, namespace).metadata.resource_version,
+            op.counter("modelservice_api_writes_total"))
+
+
+def _settle(kube, op, namespace, name):
+    """Wait for a quiet state: the same versions and write count across one full reconcile pass."""
+    def settled():
+        before, passes = _versions(kube, op, namespace, name), op.counter('modelservice_reconcile_total{result="success"}')
+        wait_for(lambda: op.counter('modelservice_reconcile_total{result="success"}') > passes, timeout=10,
+                 message="a resync pass")
+        return before if _versions(kube, op, namespace, name) == before else None
+    return wait_for(settled, timeout=30, message="a quiet state")
+
+
 def test_idle_resync_writes_nothing(kube, namespace, crds, fake_nodes, tmp_path):
     # An operator of its own, scoped to this namespace, so its write counter speaks of this object only.
     op = OperatorProcess(kube.kubeconfig, tmp_path / "operator.log",
@@ -144,23 +161,11 @@ def test_idle_resync_writes_nothing(kube, namespace, crds, fake_nodes, tmp_path)
     try:
         ms.create(kube, namespace, ms.body("idle", replicas=2))
         ms.wait_condition(kube, namespace, "idle", "Ready", "True")
-
-        def versions():
-            return (ms.get(kube, namespace, "idle")["metadata"]["resourceVersion"],
-                    kube.apps.read_namespaced_deployment("idle", namespace).metadata.resource_version,
-                    kube.core.read_namespaced_service("idle", namespace).metadata.resource_version,
-                    op.counter("modelservice_api_writes_total"))
-        # Settled: the same versions and write count across one full reconcile pass.
-        def settled():
-            before, passes = versions(), op.counter('modelservice_reconcile_total{result="success"}')
-            wait_for(lambda: op.counter('modelservice_reconcile_total{result="success"}') > passes, timeout=10,
-                     message="a resync pass")
-            return before if versions() == before else None
-        before = wait_for(settled, timeout=30, message="a quiet state")
+        before = _settle(kube, op, namespace, "idle")
         passes = op.counter('modelservice_reconcile_total{result="success"}')
         wait_for(lambda: op.counter('modelservice_reconcile_total{result="success"}') >= passes + 3, timeout=30,
                  message="three more resync passes")
-        assert versions() == before  # no object changed and the operator sent no write
+        assert _versions(kube, op, namespace, "idle") == before  # no object changed and the operator sent no write
     finally:
         op.stop()
 
@@ -178,3 +183,37 @@ def test_a_change_the_api_server_refuses_is_stalled_not_retried(kube, namespace,
     ms.patch(kube, namespace, "cached", {"spec": {"cache": {"storageClassName": "fast"}}})
     obj = ms.wait_condition(kube, namespace, "cached", "Stalled", "False", timeout=30)
     assert operator.counter('modelservice_reconcile_total{result="error"}') == errors  # refused ≠ retried
+
+
+def test_a_restarted_operator_adopts_its_children_without_rewriting_them(kube, namespace, crds, fake_nodes,
+                                                                        tmp_path):
+    """The second operator learns the children from its first LIST (not from events): it must neither re-apply
+    them (0 writes at restart) nor stumble when one of them has to go (deleting needs the child's apiVersion)."""
+    def start(log_name):
+        # Flags as the session's operator (it may be running too, cluster-wide): two operators that disagree about
+        # status (endpoint) would take turns rewriting it.
+        return OperatorProcess(kube.kubeconfig, tmp_path / log_name,
+                               extra_args=["--namespace", namespace, "--gateway-enabled", "--resync-seconds", "2"]).start()
+
+    op = start("first.log")
+    try:
+        ms.create(kube, namespace, ms.body("adopt", resources={"requests": {"cpu": "1"}},
+                                           autoscaling={"minReplicas": 1, "maxReplicas": 2, "cpuUtilization": 70}))
+        ms.wait_condition(kube, namespace, "adopt", "Ready", "True")
+        _settle(kube, op, namespace, "adopt")
+    finally:
+        op.stop()
+    hpa_version = _hpa(kube, namespace, "adopt")["metadata"]["resourceVersion"]
+    op = start("second.log")
+    try:
+        before = _versions(kube, op, namespace, "adopt")  # the new operator's counter starts at 0
+        wait_for(lambda: op.counter('modelservice_reconcile_total{result="success"}') >= 3, timeout=30,
+                 message="the restarted operator reconciled (resync passes)")
+        writes = {k: v for k, v in op.metrics().items() if k.startswith("modelservice_api_writes_total")}
+        assert not writes and _versions(kube, op, namespace, "adopt") == before, writes
+        assert _hpa(kube, namespace, "adopt")["metadata"]["resourceVersion"] == hpa_version
+        ms.patch(kube, namespace, "adopt", {"spec": {"autoscaling": None}})
+        wait_for(lambda: _hpa(kube, namespace, "adopt") is None, timeout=15, message="HPA deleted with autoscaling")
+        assert op.counter('modelservice_reconcile_total{result="error"}') == 0, op.log_tail()
+    finally:
+        op.stop()

@@ -5,7 +5,7 @@ import pytest
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.routes import Endpoint, RouteTable, model_entry, slice_endpoints
 from modelservice.gateway.testing import deployment, endpointslice, modelservice
-from modelservice.gateway.watchers import _Mirror
+from modelservice.watching import Mirror
 
 pytestmark = pytest.mark.unit
 
@@ -95,11 +95,15 @@ def test_deployment_replicas():
 
 def test_mirror_drops_what_a_relist_no_longer_has():
     t, _ = table_with()
-    m = _Mirror(t.apply_slice)
+    m = Mirror(t.apply_slice)
+    m.feed("LISTING", {})
     m.feed("ADDED", endpointslice("m", [("127.0.1.1", True)], 8000, name="m-a"))
     m.feed("ADDED", endpointslice("m", [("127.0.1.2", True)], 8000, name="m-b"))
     m.feed("SYNCED", {})
+    # Watched changes after the first list do not count as "still there" at the next one.
+    m.feed("MODIFIED", endpointslice("m", [("127.0.1.1", True)], 8000, name="m-a"))
     # 410 Gone → relist: only m-b still exists; m-a was deleted while we were not watching.
+    m.feed("LISTING", {})
     m.feed("ADDED", endpointslice("m", [("127.0.1.2", True)], 8000, name="m-b"))
     m.feed("SYNCED", {})
     assert t.ready(("default", "m")) == (Endpoint("127.0.1.2", 8000),)

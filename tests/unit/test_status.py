@@ -91,3 +91,30 @@ def test_status_fields_and_transition_times():
 def test_huge_messages_are_cut():
     conds = conditions_for(_obs(apply_error="refused: " + "k" * 600_000))
     assert all(len(c["message"]) <= 2048 for c in conds) and conds[0]["message"].endswith("…")
+
+
+def test_the_operators_slim_pod_cache_keeps_what_status_reads():
+    from modelservice.controller import slim
+
+    def pod(name, *, scheduled=True, waiting=None, init_waiting=None):
+        cs = [{"name": "engine", "ready": False, "image": "vllm/vllm-openai:v0.6.3", "restartCount": 4,
+               "state": {"waiting": waiting} if waiting else {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]
+        ics = [{"name": "fetch", "state": {"waiting": init_waiting} if init_waiting else {"terminated": {}}}]
+        conds = [{"type": "PodScheduled", "status": "True" if scheduled else "False",
+                  "reason": None if scheduled else "Unschedulable", "message": "0/2 nodes: Insufficient gpu."},
+                 {"type": "Ready", "status": "True" if scheduled else "False"}]
+        return {"metadata": {"name": name, "namespace": "ns", "labels": {"a": "b"}, "resourceVersion": "7",
+                             "managedFields": [{"manager": "kubelet"}], "annotations": {"x": "y" * 1000}},
+                "spec": {"containers": [{"name": "engine", "args": ["--model", "m"] * 50}]},
+                "status": {"phase": "Pending", "conditions": conds, "containerStatuses": cs,
+                           "initContainerStatuses": ics, "podIP": "127.0.1.2"}}
+
+    cases = [[pod("a")], [pod("a", scheduled=False)], [pod("a"), pod("b", waiting={"reason": "CrashLoopBackOff",
+                                                                                  "message": "back-off 5m"})],
+             [pod("a", init_waiting={"reason": "ImagePullBackOff", "message": "pull failed"})]]
+    for pods in cases:
+        full = conditions_for(_obs(deployment=_dep(2, 1), pods=pods))
+        assert conditions_for(_obs(deployment=_dep(2, 1), pods=[slim(p, "Pod") for p in pods])) == full
+    # A healthy pod shrinks to the metadata the cache's bookkeeping needs.
+    assert slim(pod("a"), "Pod") == {"metadata": {"name": "a", "namespace": "ns", "labels": {"a": "b"},
+                                                  "resourceVersion": "7"}, "status": {}}
