@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from modelservice.corev1 import Affinity, EnvVarSource, Quantity, Toleration, TopologySpreadConstraint
+
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
-QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 URI_SCHEMES = ("hf", "s3", "gs", "pvc", "oci", "http", "https", "ollama")
 URI_PATTERN = r"^(hf|s3|gs|pvc|oci|https?|ollama)://.+$"
 # OpenAI model names are free-form; we keep them to characters that are safe in URLs, labels' neighbours and logs.
@@ -61,11 +62,6 @@ Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
 # Bounded so an oversized object is refused at admission (422) rather than failing in etcd (500).
 LabelValue = Annotated[str, Field(max_length=63)]
 AnnotationValue = Annotated[str, Field(max_length=65536)]
-# YAML users write `nvidia.com/gpu: 1` as often as `"1"`: int-or-string, as core/v1 Quantity is.
-Quantity = Annotated[
-    Union[int, Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]],
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
-]
 
 
 class ModelSource(_Model):
@@ -111,11 +107,11 @@ class Cache(_Model):
 
 class Placement(_Model):
     nodeSelector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64, description="core/v1 nodeSelector.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="core/v1 tolerations.")
-    affinity: Optional[dict[str, Any]] = Field(None, description="core/v1 Affinity.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="core/v1 tolerations.")
+    affinity: Optional[Affinity] = Field(None, description="core/v1 Affinity.")
     priorityClassName: Optional[str] = Field(None, max_length=253, description="PriorityClass of the model pods.")
-    topologySpreadConstraints: list[dict[str, Any]] = Field(
-        default_factory=list, description="core/v1 topologySpreadConstraints.")
+    topologySpreadConstraints: list[TopologySpreadConstraint] = Field(
+        default_factory=list, max_length=16, description="core/v1 topologySpreadConstraints.")
 
 
 class ImagePullSecret(_Model):
@@ -142,10 +138,9 @@ class SecretKeyRef(_Model):
 
 
 class EnvVar(_Model):
-    model_config = ConfigDict(extra="allow")  # valueFrom and friends: core/v1 EnvVar, checked by the API server
     name: str = Field(..., pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256, description="Variable name.")
     value: Optional[str] = Field(None, max_length=65536, description="Literal value.")
-    valueFrom: Optional[dict[str, Any]] = Field(None, description="core/v1 EnvVarSource (secretKeyRef, …).")
+    valueFrom: Optional[EnvVarSource] = Field(None, description="core/v1 EnvVarSource (secretKeyRef, …).")
 
 
 class ModelServiceSpec(_Model):

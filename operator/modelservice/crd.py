@@ -53,7 +53,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if out.get("type") == "object" and "properties" not in out:
         if isinstance(extra, dict) and extra:  # map[string]X
             out["additionalProperties"] = _structural(extra, defs)
-        else:  # an embedded core/v1 object we pass through (affinity, tolerations …); the API server checks it
+        else:  # an object of any shape (dict[str, Any]); api.py has none today: corev1.py types what we embed
             out["x-kubernetes-preserve-unknown-fields"] = True
     if "default" in out and isinstance(out["default"], (dict, list)) and not out["default"]:
         del out["default"]  # empty containers as defaults only add noise to every stored object
@@ -69,8 +69,6 @@ def _schema_of(model: type) -> dict[str, Any]:
 def _spec_schema() -> dict[str, Any]:
     schema = _schema_of(ModelServiceSpec)
     schema["description"] = "What to serve and how. The operator never writes to spec."
-    env_items = schema["properties"]["env"]["items"]
-    env_items["x-kubernetes-preserve-unknown-fields"] = True
     return schema
 
 

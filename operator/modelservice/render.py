@@ -153,6 +153,14 @@ def _resources(spec: ModelServiceSpec) -> dict[str, Any]:
     return out
 
 
+def _plain(value: Any) -> Any:
+    """Embedded core/v1 models as the API server stores them: unset fields and empty lists left out (omitempty), or
+    compare-before-apply would see a difference on every pass."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value.model_dump(exclude_defaults=True) if value is not None else None
+
+
 def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     eng = engine_of(spec)
     port = port_of(spec)
@@ -233,9 +241,9 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     if model.init:
         pod_spec["initContainers"] = model.init
     pl, pt = spec.placement, spec.podTemplate
-    for key, value in (("nodeSelector", pl.nodeSelector), ("tolerations", pl.tolerations),
-                       ("affinity", pl.affinity), ("priorityClassName", pl.priorityClassName),
-                       ("topologySpreadConstraints", pl.topologySpreadConstraints),
+    for key, value in (("nodeSelector", pl.nodeSelector), ("tolerations", _plain(pl.tolerations)),
+                       ("affinity", _plain(pl.affinity)), ("priorityClassName", pl.priorityClassName),
+                       ("topologySpreadConstraints", _plain(pl.topologySpreadConstraints)),
                        ("serviceAccountName", pt.serviceAccountName),
                        ("imagePullSecrets", [s.model_dump() for s in pt.imagePullSecrets])):
         if value:

@@ -114,10 +114,30 @@ def test_invalid_spec_stalls_once_and_recovers(kube, namespace, operator, fake_n
 
 def test_schema_refuses_what_it_can(kube, namespace, crds):
     for spec in ({"engine": "nope"}, {"engine": "vllm", "replicas": -1}, {"engine": "vllm", "model": {"uri": "ftp://x"}},
-                 {"engine": "vllm", "autoscaling": {"minReplicas": 1}}, {"engine": "vllm", "port": "http"}):
+                 {"engine": "vllm", "autoscaling": {"minReplicas": 1}}, {"engine": "vllm", "port": "http"},
+                 # The embedded core/v1 shapes are typed (corev1.py), not passed through.
+                 {"engine": "vllm", "placement": {"tolerations": [{"key": 5, "operator": "Exists"}]}},
+                 {"engine": "vllm", "placement": {"tolerations": [{"operator": "Sometimes"}]}},
+                 {"engine": "vllm", "placement": {"affinity": {"nodeAffinity": 5}}},
+                 {"engine": "vllm", "placement": {"topologySpreadConstraints": [{"maxSkew": 1}]}},
+                 {"engine": "vllm", "env": [{"name": "A", "valueFrom": {"secretKeyRef": "oops"}}]}):
         with pytest.raises(ApiException) as e:
             ms.create(kube, namespace, {**ms.body("refused"), "spec": spec})
-        assert e.value.status == 422
+        assert e.value.status == 422, spec
+
+
+def test_unknown_keys_in_embedded_core_types_are_pruned_as_in_a_pod(kube, namespace, crds):
+    """Like a Deployment's: the API server drops them (kubectl's field validation warns or refuses first). Garbage
+    nested 30 levels deep goes the same way, at once (docs/reliability.md finding 4: it used to pin the CPU)."""
+    deep: dict = {"x": "y"}
+    for _ in range(30):
+        deep = {"d": [deep]}
+    created = ms.create(kube, namespace, ms.body("pruned", env=[{"name": "A", "value": "1", "extra": "x"}],
+                                                 placement={"affinity": {"nodeAfinity": deep, "podAntiAffinity": {}},
+                                                            "tolerations": [{"key": "gpu", "colour": "red"}]}))
+    assert created["spec"]["env"] == [{"name": "A", "value": "1"}]
+    assert created["spec"]["placement"]["affinity"] == {"podAntiAffinity": {}}
+    assert created["spec"]["placement"]["tolerations"] == [{"key": "gpu"}]
 
 
 def test_gpu_request_no_node_can_satisfy_awaits_capacity(kube, namespace, operator, fake_nodes):

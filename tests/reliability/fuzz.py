@@ -2,13 +2,12 @@
 
 Each body starts from a valid spec (every engine, every optional section) and gets one to three mutations from a
 catalogue: wrong types, huge strings, unknown engines, negative and huge numbers, bad URIs, conflicting autoscaling,
-garbage inside the fields the CRD passes through unchecked (env valueFrom, affinity, tolerations), bad quantities,
+garbage inside the embedded core/v1 fields (env valueFrom, affinity, tolerations: typed by the CRD), bad quantities,
 durations and label values. A few bodies are left valid on purpose. Same seed, same bodies: a failure names its
 seed and index, and `generate(seed)[index]` rebuilds it.
 
 Sizes are bounded: most bodies are far under etcd's 1.5 MiB request limit; a few go over it on purpose (v1.20
-refuses those with 413 above 3 MiB, and with a 500 "larger than max" from its etcd client in between). Nesting
-is bounded too (see m_passthrough_garbage).
+refuses those with 413 above 3 MiB, and with a 500 "larger than max" from its etcd client in between).
 """
 
 from __future__ import annotations
@@ -145,7 +144,8 @@ class Gen:
             s["replicas"] = self.rng.randint(0, 5)
 
     def m_passthrough_garbage(self, s):
-        """The fields the CRD passes through unchecked (x-kubernetes-preserve-unknown-fields)."""
+        """The embedded core/v1 fields: typed in the CRD (corev1.py), which refuses wrong types and prunes unknown
+        keys; their semantics are left to the API server's Deployment validation."""
         choice = self.rng.randrange(8)
         if choice == 0:
             s["env"] = [{"name": "A", "valueFrom": self.pick([{"secretKeyRef": "oops"}, {"secretKeyRef": {"key": 5}},
@@ -165,9 +165,9 @@ class Gen:
             s["placement"] = {"topologySpreadConstraints": [{"maxSkew": -1, "whenUnsatisfiable": "Maybe"}]}
         elif choice == 5:
             deep: Any = "bottom"
-            # Not deeper: on v1.20 an object nested ~20 levels deep in a preserve-unknown-fields field pins the API
-            # server's CPUs for minutes (kubernetes#109099, docs/reliability.md finding 4).
-            for _ in range(self.pick([4, 8])):
+            # 30: when these fields were preserve-unknown-fields, ~20 levels pinned a v1.20 API server's CPUs for
+            # minutes (kubernetes#109099, docs/reliability.md finding 4); typed, the unknown key is pruned at once.
+            for _ in range(self.pick([4, 8, 30])):
                 deep = {"d": deep}
             s["placement"] = {"affinity": deep}
         elif choice == 6:

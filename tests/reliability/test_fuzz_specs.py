@@ -50,30 +50,35 @@ def test_fuzzed_specs_are_refused_or_reported(rcluster, rkube, rnamespace, start
     check_fuzz(r, COUNT, CONTROLS)
 
 
-# Specs the CRD admits (the fields are x-kubernetes-preserve-unknown-fields) but the API server's server-side apply
-# refuses for the Deployment, on v1.20 with a 500 "failed to create typed patch object". Regression test of
-# docs/reliability.md finding 3 (fixed in 697616b: that 500 is a permanent refusal).
-PASSTHROUGH_TYPOS = {
-    "env-extra-field": {"env": [{"name": "A", "value": "1", "extra": "x"}]},
-    "toleration-key-int": {"placement": {"tolerations": [{"key": 5, "operator": "Exists"}]}},
-    "affinity-typo": {"placement": {"affinity": {"nodeAfinity": {}}}},
+# Specs the CRD admits (it checks the embedded core/v1 types, not their semantics) but the API server refuses for the
+# Deployment: with 422 (a toleration's value with operator Exists, maxSkew 0), or, on v1.20, a field it does not know
+# (namespaceSelector, 1.21+) with the 500 "failed to create typed patch object" of server-side apply. Regression test
+# of docs/reliability.md finding 3 (fixed in 697616b: that 500 is a permanent refusal).
+REFUSED_BY_THE_DEPLOYMENT = {
+    "toleration-exists-with-value": {"placement": {"tolerations": [{"key": "gpu", "operator": "Exists",
+                                                                    "value": "x"}]}},
+    "spread-max-skew-0": {"placement": {"topologySpreadConstraints": [
+        {"maxSkew": 0, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]}},
+    "namespace-selector-on-1-20": {"placement": {"affinity": {"podAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname",
+                                                            "namespaceSelector": {"matchLabels": {"a": "b"}}}]}}}},
 }
 
 
 def test_a_child_the_apiserver_refuses_is_reported_stalled_not_retried(rcluster, rkube, rnamespace, start_operator,
                                                                        figures):
     op = start_operator(rcluster.kubeconfig, "--namespace", rnamespace, "--resync-seconds", "600")
-    for name, extra in PASSTHROUGH_TYPOS.items():
+    for name, extra in REFUSED_BY_THE_DEPLOYMENT.items():
         ms.create(rkube, rnamespace, ms.body(name, **extra))
 
     def reported() -> dict:
         out = {}
-        for name in PASSTHROUGH_TYPOS:
+        for name in REFUSED_BY_THE_DEPLOYMENT:
             c = condition(ms.get(rkube, rnamespace, name) or {}, "Stalled")
             out[name] = (c.get("status"), c.get("reason"))
         return out
     # Three retries each (0.5 + 1 + 2 s of backoff) is more than enough to have seen the answer is permanent.
-    wait_for(lambda: reconciles(op, "error") >= 3 * len(PASSTHROUGH_TYPOS) or
+    wait_for(lambda: reconciles(op, "error") >= 3 * len(REFUSED_BY_THE_DEPLOYMENT) or
              all(v == ("True", "ApplyFailed") for v in reported().values()), timeout=30, message="retries or Stalled")
     figures.update(stalled=reported(), error_reconciles=reconciles(op, "error"))
     assert all(v == ("True", "ApplyFailed") for v in reported().values()), f"not Stalled: {reported()}"
@@ -82,8 +87,8 @@ def test_a_child_the_apiserver_refuses_is_reported_stalled_not_retried(rcluster,
 
 # docs/reliability.md finding 6 (fixed: condition messages are cut at status.MAX_MESSAGE).
 def test_a_refusal_that_echoes_a_huge_value_is_still_reported(rcluster, rkube, rnamespace, start_operator, figures):
-    """A toleration key is a label name (63 characters), but tolerations pass through the CRD unchecked: a 600 KB key
-    is admitted, and the Deployment is refused with a 422 whose message quotes the key in full."""
+    """A toleration key is a label name (63 characters), but the CRD checks the embedded core/v1 types, not their
+    formats: a 600 KB key is admitted, and the Deployment is refused with a 422 whose message quotes it in full."""
     op = start_operator(rcluster.kubeconfig, "--namespace", rnamespace, "--resync-seconds", "600")
     ms.create(rkube, rnamespace, ms.body("echo", placement={"tolerations": [{"key": "k" * 600_000,
                                                                               "operator": "Exists"}]}))
