@@ -26,7 +26,8 @@ error_log {prefix}/error.log warn;
 worker_rlimit_nofile 8192;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  # One line per request, as nginx's default does and as our gateway logs by default: same work on both sides.
+  access_log {prefix}/access.log;
   client_body_temp_path {prefix}/body;
   proxy_temp_path {prefix}/proxy;
   fastcgi_temp_path {prefix}/fastcgi;
