@@ -17,7 +17,6 @@ READ_CHUNK = 64 * 1024
 BODY_DEADLINE = 300.0
 
 
-
 async def _read(request: web.Request, wait: float) -> bytes:
     if sys.version_info >= (3, 11):
         async with asyncio.timeout(wait):  # no task per read, unlike wait_for
