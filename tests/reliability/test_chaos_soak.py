@@ -95,7 +95,7 @@ def test_chaos_apiserver_flaps_and_a_long_outage(restartable_cluster, start_oper
     inv = Inventory.take(cp.kubeconfig, ns).report()
     log = op.log_path.read_text(errors="replace")
     figures.update(objects=inv["modelservices"], rounds=rounds, inventory=inv,
-                   watch_streams_restarted_410=log.count("Restarting the watch-stream"),
+                   watch_streams_restarted_410=log.count("Restarting the watch-stream") + log.count("; relisting"),
                    reconcile_errors=reconciles(op, "error"))
     assert all(r["operator_alive"] for r in rounds)
     assert inv["modelservices"] == 130
