@@ -19,7 +19,7 @@ from modelservice import GROUP, VERSION
 from modelservice.api import InvalidSpec, validate_spec
 from modelservice.apply import discover_versions, sync_children
 from modelservice.events import EventRecorder, now_rfc3339
-from modelservice.kube import ApiError, Kube, object_path
+from modelservice.kube import LIST_PAGE, ApiError, Kube, object_path
 from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE, MODELSERVICE_LABEL
 from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
@@ -31,7 +31,6 @@ from modelservice.workqueue import WorkQueue
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 MANAGED_SELECTOR = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
-RELIST_PAGE = 200
 # Workers wait this long at start for the first list of every owned kind: reconciling against an empty cache
 # would re-apply every child once per operator restart. A watch that can't list (RBAC) must not stall us forever.
 SYNC_WAIT = 30.0
@@ -209,7 +208,7 @@ class Controller:
         items: list[dict[str, Any]] = []
         list_rv: Optional[int] = None  # the oldest of the lists: only what predates all of them can be stale
         for ns in self.namespaces:
-            params: dict[str, Any] = {"limit": RELIST_PAGE}
+            params: dict[str, Any] = {"limit": LIST_PAGE}
             while True:
                 listing = await self.kube.get(object_path(api_version, "ModelService", ns), **params)
                 items += [slim(dict(i, apiVersion=api_version, kind="ModelService")) for i in listing.get("items", [])]
