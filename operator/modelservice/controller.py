@@ -19,7 +19,7 @@ from modelservice import GROUP, VERSION
 from modelservice.api import InvalidSpec, validate_spec
 from modelservice.apply import discover_versions, sync_children
 from modelservice.events import EventRecorder, now_rfc3339
-from modelservice.kube import LIST_PAGE, ApiError, Kube, object_path
+from modelservice.kube import ApiError, Kube, object_path
 from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE, MODELSERVICE_LABEL
 from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
@@ -208,15 +208,10 @@ class Controller:
         items: list[dict[str, Any]] = []
         list_rv: Optional[int] = None  # the oldest of the lists: only what predates all of them can be stale
         for ns in self.namespaces:
-            params: dict[str, Any] = {"limit": LIST_PAGE}
-            while True:
-                listing = await self.kube.get(object_path(api_version, "ModelService", ns), **params)
+            async for listing in self.kube.pages(object_path(api_version, "ModelService", ns)):
                 items += [slim(dict(i, apiVersion=api_version, kind="ModelService")) for i in listing.get("items", [])]
                 rv = int(listing["metadata"].get("resourceVersion") or 0)
                 list_rv = rv if list_rv is None else min(list_rv, rv)
-                if not listing["metadata"].get("continue"):
-                    break
-                params["continue"] = listing["metadata"]["continue"]
         listed = {_key(i) for i in items}
         for key, body in list(self.store.modelservices.items()):
             if key not in listed and _rv(body) <= (list_rv or 0):  # unless the cache saw it after the LIST

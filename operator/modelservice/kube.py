@@ -197,6 +197,18 @@ class Kube:
         versions = [v["groupVersion"] for v in doc.get("versions", [])]
         return sorted(versions, key=lambda v: v != preferred)
 
+    async def pages(self, path: str, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """A LIST in pages of LIST_PAGE items, all from one snapshot (the continue token's): a LIST of 1,000 pods at
+        once would set our peak memory."""
+        params = {**params, "limit": LIST_PAGE}
+        while True:
+            listing = await self.get(path, **params)
+            yield listing
+            token = listing["metadata"].get("continue")
+            if not token:
+                return
+            params["continue"] = token
+
     async def watch(self, path: str, *, label_selector: Optional[str] = None, timeout_seconds: int = 300,
                     on_alive: Optional[Callable[[], None]] = None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """List then watch, forever. Yields ("LISTING", {}) as a list starts, ("ADDED", obj) for what it holds and
@@ -207,17 +219,12 @@ class Kube:
             params: dict[str, Any] = {}
             if label_selector:
                 params["labelSelector"] = label_selector
-            page: dict[str, Any] = {"limit": LIST_PAGE}
             yield "LISTING", {}
-            while True:  # pages of one snapshot: a LIST of 1,000 pods at once would set our peak memory
-                listing = await self.get(path, **params, **page)
+            async for listing in self.pages(path, **params):
                 rv = listing["metadata"]["resourceVersion"]
                 alive()
                 for item in listing.get("items", []):
                     yield "ADDED", item
-                if not listing["metadata"].get("continue"):
-                    break
-                page["continue"] = listing["metadata"]["continue"]
             yield "SYNCED", {}
             while True:
                 params.update(watch="1", resourceVersion=rv, timeoutSeconds=timeout_seconds,
