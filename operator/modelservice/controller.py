@@ -25,7 +25,7 @@ from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
 from modelservice.scaling import activity_from_leases, decide
 from modelservice.status import Observed, compute_status, status_changed
-from modelservice.watching import Mirror, all_synced, keep_watching
+from modelservice import watching
 from modelservice.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,7 @@ class Controller:
                    lambda event, obj: self.on_lease(event, slim(obj, "Lease")))]
         watches = [(object_path(api_version, kind, ns), selector, apply)
                    for ns in self.namespaces for kind, api_version, selector, apply in kinds]
-        synced = all_synced(len(watches), self.synced.set)
-        return [asyncio.create_task(keep_watching(self.kube, path, selector, Mirror(apply), lambda i=i: synced(i),
-                                                  on_alive), name=f"watch {path}")
-                for i, (path, selector, apply) in enumerate(watches)]
+        return watching.start(self.kube, watches, self.synced.set, on_alive)
 
     async def stop(self) -> None:
         for t in self._tasks:

@@ -47,11 +47,6 @@ class Mirror:
         self.apply(event, obj)
 
 
-def collection_path(prefix: str, namespace: Optional[str], plural: str) -> str:
-    """prefix: "/api/v1" or "/apis/<group>/<version>"; namespace None: across all namespaces."""
-    return f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
-
-
 async def keep_watching(kube: Kube, path: str, selector: Optional[str], mirror: Mirror,
                         synced: Callable[[], None], on_alive: Optional[Callable[[], None]] = None) -> None:
     """Until cancelled. synced() after every complete list. Failures (a CRD not installed yet, an API server
@@ -75,13 +70,17 @@ async def keep_watching(kube: Kube, path: str, selector: Optional[str], mirror: 
         backoff = min(MAX_BACKOFF, backoff * 2)
 
 
-def all_synced(count: int, then: Callable[[], None]) -> Callable[[int], None]:
-    """A callback for watch i's SYNCED; calls then() once, when each of the count watches has listed once."""
-    pending = set(range(count))
+def start(kube: Kube, watches: list[tuple[str, Optional[str], Apply]], on_synced: Callable[[], None],
+          on_alive: Optional[Callable[[], None]] = None) -> list[asyncio.Task[None]]:
+    """One task per (path, label selector, apply); on_synced() once every watch has listed once. Cancel to stop."""
+    pending = set(range(len(watches)))
 
     def synced(i: int) -> None:
         if i in pending:
             pending.discard(i)
             if not pending:
-                then()
-    return synced
+                on_synced()
+
+    return [asyncio.create_task(keep_watching(kube, path, selector, Mirror(apply), lambda i=i: synced(i), on_alive),
+                                name=f"watch {path}")
+            for i, (path, selector, apply) in enumerate(watches)]

@@ -9,11 +9,10 @@ import asyncio
 import logging
 from typing import Callable
 
-from modelservice import GROUP, PLURAL, VERSION
-from modelservice.kube import Kube
+from modelservice import GROUP, VERSION, watching
+from modelservice.kube import Kube, object_path
 from modelservice.labels import MANAGED_BY, MANAGED_BY_VALUE
 from modelservice.gateway.routes import SERVICE_NAME_LABEL, RouteTable
-from modelservice.watching import Mirror, all_synced, collection_path, keep_watching
 
 log = logging.getLogger("modelservice.gateway.watch")
 SLICE_VERSIONS = ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1")
@@ -36,18 +35,14 @@ async def start(kube: Kube, table: RouteTable, namespaces: list[str],
     watches = []
     for ns in namespaces or [None]:
         watches += [
-            (collection_path(f"/apis/{GROUP}/{VERSION}", ns, PLURAL), None, table.apply_modelservice),
+            (object_path(f"{GROUP}/{VERSION}", "ModelService", ns), None, table.apply_modelservice),
             # Existence selector: slices of every Service; the table keeps those whose name matches a model.
-            (collection_path(f"/apis/{slices}", ns, "endpointslices"), SERVICE_NAME_LABEL, table.apply_slice),
-            (collection_path("/apis/apps/v1", ns, "deployments"), f"{MANAGED_BY}={MANAGED_BY_VALUE}",
-             table.apply_deployment),
+            (object_path(slices, "EndpointSlice", ns), SERVICE_NAME_LABEL, table.apply_slice),
+            (object_path("apps/v1", "Deployment", ns), f"{MANAGED_BY}={MANAGED_BY_VALUE}", table.apply_deployment),
         ]
 
     def done() -> None:
         log.info("watches synced: %d model(s)", len(table.models))
         on_synced()
 
-    synced = all_synced(len(watches), done)
-    loop = asyncio.get_running_loop()
-    return [loop.create_task(keep_watching(kube, path, selector, Mirror(apply), lambda i=i: synced(i)), name=path)
-            for i, (path, selector, apply) in enumerate(watches)]
+    return watching.start(kube, watches, done)
