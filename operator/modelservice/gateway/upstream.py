@@ -247,18 +247,15 @@ class UpstreamPool:
         key = (host, port)
         conn = self._take(key)
         if conn is not None:
-            resp = conn.send(data, method, self.read_timeout)
             try:
-                await resp.head()
-                return resp
+                return await self._exchange(conn, data, method)
             except ConnectError:
                 # The pod closed a pooled connection as we reused it (its keep-alive timeout can be shorter than
                 # ours): it never saw this request, so a fresh connection is the same first attempt.
-                conn.close()
-            except BaseException:
-                conn.close()
-                raise
-        conn = await self._connect(key)
+                pass
+        return await self._exchange(await self._connect(key), data, method)
+
+    async def _exchange(self, conn: _Conn, data: bytes, method: str) -> Response:
         resp = conn.send(data, method, self.read_timeout)
         try:
             await resp.head()
