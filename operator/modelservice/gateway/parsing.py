@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from typing import Any
 
 from aiohttp import web
 
+from modelservice.gateway.deadline import within
 from modelservice.gateway.errors import GatewayError
 
 READ_CHUNK = 64 * 1024
 # A whole body within this, however steadily it trickles: the idle timeout alone would let a client pin a request
 # for hours at one byte per idle period. 10 MiB in 5 minutes is 35 KB/s, slower than any real client.
 BODY_DEADLINE = 300.0
-
-
-async def _read(request: web.Request, wait: float) -> bytes:
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(wait):  # no task per read, unlike wait_for
-            return await request.content.read(READ_CHUNK)
-    return await asyncio.wait_for(request.content.read(READ_CHUNK), wait)  # pragma: no cover
 
 
 async def read_body(request: web.Request, max_bytes: int, idle_timeout: float) -> bytes:
@@ -44,7 +37,8 @@ async def read_body(request: web.Request, max_bytes: int, idle_timeout: float) -
     while True:
         wait = min(idle_timeout, deadline - loop.time())
         try:
-            chunk = await _read(request, max(0.0, wait))
+            async with within(max(0.0, wait)):
+                chunk = await request.content.read(READ_CHUNK)
         except asyncio.TimeoutError:
             raise GatewayError(408, f"request body too slow: nothing for {idle_timeout:g}s, or not complete "
                                     f"within {BODY_DEADLINE:g}s", "request_timeout") from None

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from typing import Callable, Sequence
 
 from aiohttp import web
 
 from modelservice.gateway.balancer import Balancer
+from modelservice.gateway.deadline import within
 from modelservice.gateway import reqstate as rs
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.metrics import Metrics
@@ -28,22 +28,6 @@ SMALL_BODY = 64 * 1024  # answers up to this size are relayed in one write
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length",
                         "expect"})  # we hold the whole body already; a 100-continue handshake upstream only adds a trip
-
-if sys.version_info >= (3, 11):
-    _timeout = asyncio.timeout
-else:  # pragma: no cover
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def _timeout(delay: float):  # type: ignore[misc]
-        task = asyncio.current_task()
-        handle = asyncio.get_running_loop().call_later(delay, task.cancel)  # type: ignore[union-attr]
-        try:
-            yield
-        except asyncio.CancelledError:
-            raise asyncio.TimeoutError from None
-        finally:
-            handle.cancel()
 
 
 def make_pool(connect_timeout: float, read_timeout: float) -> UpstreamPool:
@@ -147,7 +131,7 @@ class Proxy:
 
     async def _write(self, request: web.Request, resp: web.StreamResponse, chunk: bytes) -> bool:
         try:
-            async with _timeout(self.idle_timeout):  # a client that stops reading must not pin us forever
+            async with within(self.idle_timeout):  # a client that stops reading must not pin us forever
                 await resp.write(chunk)
             return True
         except (ConnectionResetError, asyncio.TimeoutError):
