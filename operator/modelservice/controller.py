@@ -24,7 +24,7 @@ from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE, MO
 from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
 from modelservice.scaling import activity_from_leases, decide
-from modelservice.status import Observed, compute_status, status_changed
+from modelservice.status import Observed, compute_status, exited_unready, status_changed
 from modelservice import watching
 from modelservice.workqueue import WorkQueue
 
@@ -83,8 +83,9 @@ def _slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
     st = obj.get("status") or {}
 
     def waiting(statuses: Optional[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        return [{"state": {"waiting": cs["state"]["waiting"]}} for cs in statuses or []
-                if (cs.get("state") or {}).get("waiting")]
+        # A container that waits, or that runs unready after exiting (its last words are in lastState.terminated).
+        return [{k: cs[k] for k in ("state", "lastState", "restartCount", "ready") if k in cs} for cs in statuses or []
+                if (cs.get("state") or {}).get("waiting") or exited_unready(cs)]
 
     status = {"conditions": [c for c in st.get("conditions") or [] if c.get("status") == "False"],
               "containerStatuses": waiting(st.get("containerStatuses")),

@@ -50,14 +50,36 @@ def _unschedulable(pods: list[dict[str, Any]]) -> Optional[str]:
     return None
 
 
-def _pod_problem(pods: list[dict[str, Any]]) -> Optional[str]:
+def exited_unready(cs: dict[str, Any]) -> bool:
+    """A container that exited with an error and is not Ready again (restarting, or crash-looping)."""
+    last = (cs.get("lastState") or {}).get("terminated") or {}
+    return bool(cs.get("restartCount")) and not cs.get("ready") and last.get("exitCode", 0) != 0
+
+
+def _pod_problem(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
+    """(reason, message) of the first pod whose container cannot start or keeps failing, with the engine's last words
+    (lastState.terminated.message: its last log lines, as the rendered FallbackToLogsOnError policy puts them)."""
     for pod in pods:
         for cs in (pod.get("status", {}).get("containerStatuses") or []) + \
                   (pod.get("status", {}).get("initContainerStatuses") or []):
             waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in _WAITING_PROBLEMS:
-                return f"pod {pod['metadata']['name']}: {waiting['reason']}: {waiting.get('message', '')}".strip(": ")
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            if waiting.get("reason") not in _WAITING_PROBLEMS and not exited_unready(cs):
+                continue
+            reason = waiting.get("reason") if waiting.get("reason") in _WAITING_PROBLEMS else "ContainerRestarting"
+            msg = f"pod {pod['metadata']['name']}: {reason}: {waiting.get('message', '')}".strip(": ")
+            if last:
+                msg += (f"; the engine exited with code {last.get('exitCode')} after "
+                        f"{cs.get('restartCount', 0)} restart(s)")
+                if last.get("message"):
+                    msg += ", its last log lines:\n" + _tail(last["message"], MAX_MESSAGE // 2)
+            return reason, msg
     return None
+
+
+def _tail(text: str, limit: int) -> str:
+    # The end of a log says why it stopped; the cut keeps room for the rest of the message within MAX_MESSAGE.
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
 def _deployment_stalled(dep: dict[str, Any]) -> Optional[str]:
@@ -107,13 +129,19 @@ def conditions_for(o: Observed) -> list[dict[str, Any]]:
     if capacity:
         reason, msg = "AwaitingCapacity", capacity
     elif problem:
-        reason, msg = "Progressing", problem
+        reason, msg = problem
     elif o.scale_to_zero and ready == 0:
         reason, msg = "Activating", f"Waking from zero: 0/{desired} replicas ready (loading the model)"
     else:
         reason, msg = "Progressing", f"{ready}/{desired} replicas ready, {updated}/{desired} updated"
     # A rollout with old replicas still serving is Ready for traffic while it progresses.
     serving = ready >= desired and reason == "Progressing" and not problem
+    if problem:
+        # A container that cannot start or keeps failing needs a person (a bad image, bad args, a model it cannot
+        # load): Stalled, with the engine's own words. Ready stays True while older replicas still serve.
+        up = ready >= desired
+        return [_cond(READY, up, "Available" if up else reason, msg, g), _cond(RECONCILING, False, reason, msg, g),
+                _cond(STALLED, True, reason, msg, g)]
     return [_cond(READY, serving, "Available" if serving else reason, msg, g),
             _cond(RECONCILING, True, reason, msg, g), _cond(STALLED, False, reason, "", g)]
 

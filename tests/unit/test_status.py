@@ -1,5 +1,6 @@
 """Status is a pure function of what the children say."""
 
+from modelservice.controller import slim
 from modelservice.status import Observed, compute_status, conditions_for, status_changed
 
 
@@ -58,6 +59,27 @@ def test_crash_loop_is_surfaced():
         {"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m"}}}]}}
     conds = conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))
     assert "CrashLoopBackOff" in conds[0]["message"]
+    assert _by_type(conds)["Stalled"] == ("True", "CrashLoopBackOff")
+
+
+def test_an_engine_that_exits_is_reported_with_its_last_log_lines():
+    """FallbackToLogsOnError puts the engine's last log lines in lastState.terminated; the condition carries them,
+    from the first restart on (before the crash-loop backoff starts)."""
+    logs = "\n".join(f"loading layer {i}" for i in range(500)) + "\nerror: invalid argument: --no-such-flag"
+    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [
+        {"ready": False, "restartCount": 1, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+         "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": logs}}}]}}
+    conds = {c["type"]: c for c in conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))}
+    assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "ContainerRestarting"
+    assert conds["Stalled"]["status"] == "True"
+    message = conds["Stalled"]["message"]
+    assert "exited with code 1 after 1 restart(s)" in message and message.endswith("--no-such-flag")
+    assert len(message) <= 2048  # the end of the log is kept, the start cut
+    # The operator's pod cache keeps what that needs.
+    assert conditions_for(_obs(deployment=_dep(1, 0), pods=[slim(pod, "Pod")])) == list(conds.values())
+    # A restarted container that is Ready again (a one-off crash) is no problem.
+    pod["status"]["containerStatuses"][0]["ready"] = True
+    assert _by_type(conditions_for(_obs(deployment=_dep(1, 1), pods=[pod])))["Stalled"][0] == "False"
 
 
 def test_progress_deadline_is_stalled():
