@@ -56,6 +56,9 @@ class Activator:
             raise GatewayError(503, f"model {entry.label} has no backend: its Deployment does not exist yet; check "
                                     f"`kubectl describe modelservice -n {entry.namespace} {entry.name}`",
                                "no_backend", retry_after=RETRY_AFTER_SECONDS)
+        if entry.stalled and replicas:
+            raise GatewayError(503, f"model {entry.label} cannot start: {entry.stalled}", "model_not_starting",
+                               retry_after=RETRY_AFTER_SECONDS)
         if replicas == 0 and not entry.autoscaled:
             raise GatewayError(503, f"model {entry.label} is scaled to zero (spec.replicas: 0); set spec.replicas, or "
                                     "spec.autoscaling.minReplicas: 0 to wake it on demand", "no_backend")
@@ -76,7 +79,8 @@ class Activator:
                                         "(it may still be loading); retry later", "activation_timeout",
                                    retry_after=RETRY_AFTER_SECONDS) from None
             if not self.table.ready(key):
-                raise GatewayError(503, ep.error or f"model {entry.label} has no ready backend", "no_backend",
+                raise GatewayError(503, ep.error or f"model {entry.label} has no ready backend",
+                                   "model_not_starting" if "cannot start" in (ep.error or "") else "no_backend",
                                    retry_after=RETRY_AFTER_SECONDS)
         finally:
             ep.held -= 1
@@ -96,6 +100,12 @@ class Activator:
         entry = self.table.models.get(key)
         if entry is None:  # the ModelService was deleted: nothing is coming up, answer the held requests now
             ep.error = f"model {key[0]}/{key[1]} was deleted"
+            ep.ready.set()
+            del self._episodes[key]
+        elif entry.stalled and self.table.replicas(key):
+            # The operator says the model cannot come up (e.g. the engine crash-loops): tell the held requests why
+            # now; holding them to the activation timeout would only hide the reason.
+            ep.error = f"model {entry.label} cannot start: {entry.stalled}"
             ep.ready.set()
             del self._episodes[key]
         elif ep.held:

@@ -8,6 +8,8 @@ handler_cancellation), which closes the upstream connection, so the engine stops
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from typing import Callable, Sequence
@@ -123,9 +125,14 @@ class Proxy:
             _client_gone(request)
         except UpstreamError as e:
             # The backend died or went silent mid-stream. Closing the client connection (no final chunk) tells the
-            # client the answer is truncated; a clean end would pass a half answer off as whole.
+            # client the answer is truncated; a clean end would pass a half answer off as whole. An event stream
+            # first gets an error event in OpenAI's shape: SDKs raise on it, where a bare cut reads as a network blip.
             log.warning("%s: upstream failed mid-response: %s", entry.label, type(e).__name__)
             request[rs.UPSTREAM_ABORTED] = True
+            if _is_event_stream(upstream):
+                with contextlib.suppress(ConnectionResetError, asyncio.TimeoutError):
+                    async with within(self.idle_timeout):
+                        await resp.write(_stream_error(entry, e))
             _drop(request)
         return resp
 
@@ -137,6 +144,18 @@ class Proxy:
         except (ConnectionResetError, asyncio.TimeoutError):
             _client_gone(request)
             return False
+
+
+def _is_event_stream(upstream: Response) -> bool:
+    return any(k.lower() == "content-type" and v.lower().startswith("text/event-stream") for k, v in upstream.headers)
+
+
+def _stream_error(entry: ModelEntry, e: Exception) -> bytes:
+    """The SSE event OpenAI's API sends when a stream fails after it began: `data: {"error": {...}}`."""
+    detail = "it stopped answering" if isinstance(e, UpstreamTimeout) else "its connection closed"
+    return b"data: " + json.dumps({"error": {
+        "message": f"model {entry.label} failed mid-stream ({detail}); the answer above is incomplete",
+        "type": "server_error", "param": None, "code": "upstream_failed_mid_stream"}}).encode() + b"\n\n"
 
 
 def _client_gone(request: web.Request) -> None:

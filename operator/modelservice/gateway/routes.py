@@ -41,6 +41,9 @@ class ModelEntry:
     autoscaled: bool  # only then may the gateway wake it from zero (manual replicas: 0 is the user's choice)
     wake_replicas: int
     created: int  # epoch seconds, for /v1/models
+    # The operator's word when the model cannot come up without a person (status Stalled=True: a crash-looping engine
+    # with its last log lines, a bad image, a refused spec): held requests get it at once, not after a timeout.
+    stalled: Optional[str] = None
 
     @property
     def key(self) -> Key:
@@ -67,7 +70,17 @@ def model_entry(obj: dict[str, Any]) -> ModelEntry:
         namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
         served_name=str(model.get("servedName") or meta.get("name", "")), engine=engine, upstream_model=upstream,
         api_key_ref=api_key_ref, autoscaled=autoscaling is not None, wake_replicas=max(1, min_replicas),
-        created=_epoch(meta.get("creationTimestamp")))
+        created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj))
+
+
+def _stalled(obj: dict[str, Any]) -> Optional[str]:
+    status = obj.get("status") or {}
+    if status.get("observedGeneration") != (obj.get("metadata") or {}).get("generation"):
+        return None  # said of an older spec: the operator has not judged this one yet
+    for c in status.get("conditions") or []:
+        if c.get("type") == "Stalled" and c.get("status") == "True":
+            return f"{c.get('reason', 'Stalled')}: {c.get('message', '')}".rstrip(": ")
+    return None
 
 
 def _epoch(ts: Optional[str]) -> int:
