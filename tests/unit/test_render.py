@@ -44,8 +44,8 @@ def test_every_engine_renders(engine):
 
 
 def test_model_reaches_the_engine_in_its_own_flags():
-    assert _container(_render({"engine": "vllm", "model": {"uri": "hf://org/repo", "servedName": "chat"}}))["args"][:3] \
-        == ["org/repo", "--served-model-name", "chat"]
+    assert _container(_render({"engine": "vllm", "model": {"uri": "hf://org/repo", "servedName": "chat"}}))["args"][:4] \
+        == ["--model", "org/repo", "--served-model-name", "chat"]
     assert "--model-path" in _container(_render({"engine": "sglang", "model": {"uri": "hf://org/repo"}}))["args"]
     assert _container(_render({"engine": "tgi", "model": {"uri": "hf://org/repo"}}))["args"][:2] == ["--model-id", "org/repo"]
     assert _container(_render({"engine": "llamacpp", "model": {"uri": "hf://o/r:Q4"}}))["args"][:2] == ["-hf", "o/r:Q4"]
@@ -58,15 +58,26 @@ def test_pvc_and_downloaded_models_are_mounted():
     out = _render({"engine": "vllm", "model": {"uri": "pvc://weights/llama/8b"}})
     pod = out["Deployment"]["spec"]["template"]["spec"]
     assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
-    assert _container(out)["args"][0] == "/mnt/models/llama/8b"
+    assert _container(out)["args"][:2] == ["--model", "/mnt/models/llama/8b"]
     out = _render({"engine": "vllm", "model": {"uri": "s3://bucket/llama"}})
     init = out["Deployment"]["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["args"] == ["s3://bucket/llama", "/mnt/models"] and _container(out)["args"][0] == "/mnt/models"
+    assert init["args"] == ["s3://bucket/llama", "/mnt/models"] and _container(out)["args"][:2] == ["--model", "/mnt/models"]
 
 
 def test_startup_probe_is_sized_from_startup_timeout():
     c = _container(_render({"engine": "vllm", "model": {"uri": "hf://o/r"}, "startupTimeout": "20m"}))
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] == 1200
+    # A loaded model is noticed within a second (the cold-start goal in docs/benchmarks.md depends on it).
+    assert c["startupProbe"]["periodSeconds"] == 1
+
+
+def test_engines_that_run_here_render_a_command_that_runs_in_the_upstream_image_too():
+    c = _container(_render({"engine": "vllm", "model": {"uri": "hf://o/r"}}))
+    assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert c["args"][:2] == ["--model", "o/r"] and c["image"].startswith("vllm/vllm-openai:v")
+    c = _container(_render({"engine": "llamacpp", "model": {"uri": "hf://o/r:Q4_K_M"}}))
+    assert c["command"] == ["/app/llama-server"] and c["args"][:2] == ["-hf", "o/r:Q4_K_M"]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
 def test_gpu_resources_env_placement_and_security():
