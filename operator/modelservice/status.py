@@ -51,9 +51,9 @@ def _unschedulable(pods: list[dict[str, Any]]) -> Optional[str]:
 
 
 def exited_unready(cs: dict[str, Any]) -> bool:
-    """A container that exited with an error and is not Ready again (restarting, or crash-looping)."""
-    last = (cs.get("lastState") or {}).get("terminated") or {}
-    return bool(cs.get("restartCount")) and not cs.get("ready") and last.get("exitCode", 0) != 0
+    """A container that stopped and is not Ready again (restarting, or crash-looping). Any exit code: a model server
+    never exits on its own, and one killed by its startup probe may well exit 0 on the SIGTERM."""
+    return bool(cs.get("restartCount")) and not cs.get("ready") and bool((cs.get("lastState") or {}).get("terminated"))
 
 
 def _pod_problem(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:

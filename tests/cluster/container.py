@@ -46,6 +46,10 @@ async def _nothing() -> None:
     return None
 
 
+async def _no_event(type_: str, reason: str, message: str) -> None:
+    return None
+
+
 class Clock:
     def now(self) -> float:
         return time.monotonic()
@@ -142,10 +146,13 @@ class ProcessContainer:
 
     def __init__(self, name: str, image: str, container: dict, launch: Launch, host: str, log_dir: Path, *,
                  grace: float, http: aiohttp.ClientSession, on_change: Callable[[], Awaitable[None]] | None = None,
-                 clock: Clock | None = None, start_file: Path | None = None):
+                 clock: Clock | None = None, start_file: Path | None = None,
+                 on_event: Callable[[str, str, str], Awaitable[None]] | None = None):
         self.state = ContainerState(name, image)
         self.container, self.launch, self.host, self.log_dir = container, launch, host, log_dir
         self.grace, self.on_change, self.http = grace, on_change or _nothing, http
+        self.on_event = on_event or _no_event  # (type, reason, message): the kubelet's Events on the pod
+        self.probe_error = ""  # why the last probe failed, for the Unhealthy event
         self.clock = clock or Clock()
         self.start_file = start_file
         self.startup = ProbeSpec.from_container(container, "startupProbe")
@@ -177,6 +184,7 @@ class ProcessContainer:
                 self.state.waiting = {"reason": "CrashLoopBackOff", "message": (
                     f"back-off {delay:g}s restarting failed container={self.state.name} ({outcome})")}
                 await self.on_change()
+                await self.on_event("Warning", "BackOff", f"Back-off restarting failed container {self.state.name}")
                 await self.clock.sleep(delay)
 
     async def _run_once(self) -> str:
@@ -209,6 +217,10 @@ class ProcessContainer:
             if probes in done and not exited.done():
                 why = probes.result()  # a failed startup/liveness probe: the kubelet kills the container
                 log.info("%s: %s; killing", self.state.name, why)
+                kind = why.split()[0]
+                await self.on_event("Warning", "Unhealthy", f"{kind.capitalize()} probe failed: {self.probe_error}")
+                await self.on_event("Normal", "Killing",
+                                    f"Container {self.state.name} failed {kind} probe, will be restarted")
                 await self._kill()
             code = await exited
             _kill_group(self.proc.pid)  # what the engine left behind (vLLM's engine core outlives a crashed server)
@@ -296,17 +308,19 @@ class ProcessContainer:
             await self.clock.sleep(spec.period)
 
     async def _probe(self, spec: ProbeSpec) -> bool:
+        url = f"http://{self.host}:{spec.port}{spec.path}"
         try:
             if spec.kind == "http":
-                async with self.http.get(f"http://{self.host}:{spec.port}{spec.path}",
-                                         timeout=aiohttp.ClientTimeout(total=spec.timeout)) as r:
+                async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=spec.timeout)) as r:
+                    self.probe_error = f"HTTP probe failed with statuscode: {r.status} ({url})"
                     return 200 <= r.status < 400
             if spec.kind == "tcp":
                 _, w = await asyncio.wait_for(asyncio.open_connection(self.host, spec.port), spec.timeout)
                 w.close()
                 return True
             return True
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            self.probe_error = f"Get {url}: {type(e).__name__} {e}".strip()
             return False
 
     async def _measure_start(self, began: float) -> None:

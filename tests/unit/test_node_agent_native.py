@@ -201,8 +201,13 @@ def test_a_startup_probe_that_never_passes_kills_and_restarts_the_engine(tmp_pat
         port = _free_port()
         launch = Launch([sys.executable, "-c", SERVER, str(port), "0"], {}, str(tmp_path))
         async with aiohttp.ClientSession() as http:
+            events: list[tuple[str, str, str]] = []
+
+            async def on_event(*event: str) -> None:
+                events.append(event)
             pc = ProcessContainer("server", "img", _container(port, path="/never", threshold=2), launch,
-                                  "127.0.0.1", tmp_path / "logs", grace=2, http=http, clock=FakeClock())
+                                  "127.0.0.1", tmp_path / "logs", grace=2, http=http, clock=FakeClock(),
+                                  on_event=on_event)
             seen: list[dict] = []
 
             async def on_change() -> None:
@@ -215,6 +220,9 @@ def test_a_startup_probe_that_never_passes_kills_and_restarts_the_engine(tmp_pat
         term = next(s["lastState"]["terminated"] for s in seen if s["lastState"])
         assert term["exitCode"] in (143, 137) and term["reason"] == "Error"  # SIGTERM (or SIGKILL after the grace)
         assert not any(s["ready"] for s in seen)
+        # The kubelet's Events on the pod (kubectl describe pod): why it was killed.
+        assert ("Warning", "Unhealthy") == events[0][:2] and "statuscode: 404" in events[0][2]
+        assert events[1][:2] == ("Normal", "Killing") and "failed startup probe" in events[1][2]
     _run(scenario())
 
 

@@ -77,6 +77,10 @@ def test_an_engine_that_exits_is_reported_with_its_last_log_lines():
     assert len(message) <= 2048  # the end of the log is kept, the start cut
     # The operator's pod cache keeps what that needs.
     assert conditions_for(_obs(deployment=_dep(1, 0), pods=[slim(pod, "Pod")])) == list(conds.values())
+    # A server that exits 0 (e.g. on the SIGTERM of a failed startup probe) and is not back is a problem too.
+    pod["status"]["containerStatuses"][0]["lastState"]["terminated"] = {"exitCode": 0, "reason": "Completed"}
+    conds = {c["type"]: c for c in conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))}
+    assert conds["Stalled"]["status"] == "True" and "exited with code 0 after 1 restart(s)" in conds["Stalled"]["message"]
     # A restarted container that is Ready again (a one-off crash) is no problem.
     pod["status"]["containerStatuses"][0]["ready"] = True
     assert _by_type(conditions_for(_obs(deployment=_dep(1, 1), pods=[pod])))["Stalled"][0] == "False"
