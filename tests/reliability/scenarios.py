@@ -175,6 +175,7 @@ class FuzzResult:
     seconds: float
     operator_alive: bool
     unexpected_exceptions: list[str]
+    timed_out: list[str]  # the waits that reached their deadline: each is a failure (check_fuzz says so)
 
 
 def backoff_bound(seconds: float, base: float = 0.5, cap: float = 60.0) -> int:
@@ -234,10 +235,11 @@ def fuzz_specs(kube: Kube, kubeconfig: Path, ns: str, control_ns: str, start_ope
             if outcome == "unreported" or (outcome == "stuck-first-pass" and name not in bad):
                 return False
         return True
+    timed_out: list[str] = []
     try:
         wait_for(settled, timeout=settle_timeout, interval=1, message="every admitted object reported")
-    except AssertionError:
-        pass  # what is left shows up in `problems`
+    except AssertionError as e:  # caught only to report what is left (in `problems`) before check_fuzz fails
+        timed_out.append(str(e))
     objs = listed()
     problems = []
     log = op.log_path.read_text(errors="replace")
@@ -261,8 +263,8 @@ def fuzz_specs(kube: Kube, kubeconfig: Path, ns: str, control_ns: str, start_ope
     try:
         wait_for(lambda: controls_ready() == len(control_at), timeout=settle_timeout, interval=0.5,
                  message="control objects Ready")
-    except AssertionError:
-        pass
+    except AssertionError as e:
+        timed_out.append(str(e))
     log = op.log_path.read_text(errors="replace")
     per_object = collections.Counter(re.findall(r"reconcile (\S+) (?:failed|crashed)", log))
     return FuzzResult(
@@ -272,4 +274,5 @@ def fuzz_specs(kube: Kube, kubeconfig: Path, ns: str, control_ns: str, start_ope
         errors_per_object_bound=backoff_bound(time.monotonic() - started),
         error_reconciles=reconciles(op, "error"), invalid_reconciles=reconciles(op, "invalid"),
         controls_ready=controls_ready(), seconds=round(time.monotonic() - started, 1),
-        operator_alive=op.proc.poll() is None, unexpected_exceptions=unexpected_exceptions(log)[:20])
+        operator_alive=op.proc.poll() is None, unexpected_exceptions=unexpected_exceptions(log)[:20],
+        timed_out=timed_out)

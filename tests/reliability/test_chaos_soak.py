@@ -19,7 +19,7 @@ from tests.integration import ms
 from tests.reliability import test_gateway_abuse as gwa
 from tests.reliability.harness import Inventory, unexpected_exceptions, wait_healthz
 from tests.reliability.scenarios import crash_mid_rollout, freeze, fuzz_specs, reconciles, thaw, writes
-from tests.reliability.test_conflicts import _image, fight
+from tests.reliability.test_conflicts import check_contest, contest
 from tests.reliability.test_fuzz_specs import check_fuzz
 from tests.reliability.test_gateway_abuse import stage  # noqa: F401  (fixture)
 
@@ -123,15 +123,26 @@ def test_chaos_a_missed_deletion_does_not_make_the_operator_churn(restartable_cl
         thaw(op)
     before = writes(op)
     t0 = time.monotonic()
-    # The garbage collector takes ~30 s to resync after an apiserver restart; watch for 60 s in all.
-    try:
-        wait_for(lambda: writes(op) - before > 50, timeout=60, interval=1, message="a churn of writes")
-    except AssertionError:
-        pass
+    # Wait for the end state a correct operator reaches and a churning one never does: it has forgotten the
+    # ModelService (relisted after the gap), and the garbage collector has removed the orphaned children, whose
+    # deletion events are what used to make it recreate them. A churn of writes ends the wait early; either way a
+    # timeout fails the test. The garbage collector takes ~30 s to resync after an apiserver restart: the deadline
+    # is a generous multiple of that, not an observation window.
+    def settled() -> bool:
+        return managed(op) == 0 and not kube.apps.list_namespaced_deployment(ns).items
+
+    wait_for(lambda: settled() or writes(op) - before > 50, timeout=240, interval=1,
+             message="the operator to forget the deleted ModelService and its children to be collected")
     churn = writes(op) - before
-    figures.update(writes_after_the_missed_deletion=churn, seconds_observed=round(time.monotonic() - t0, 1),
+    figures.update(writes_after_the_missed_deletion=churn, seconds_to_settle=round(time.monotonic() - t0, 1),
+                   managed_gauge=managed(op),
                    deployments_left=[d.metadata.name for d in kube.apps.list_namespaced_deployment(ns).items])
     assert churn <= 2, f"{churn:g} writes for a ModelService that no longer exists"
+    assert managed(op) == 0, "the operator still manages a ModelService that no longer exists"
+
+
+def managed(op) -> float:
+    return op.metrics().get("modelservice_managed", -1)
 
 
 @pytest.mark.timeout(900)
@@ -140,13 +151,12 @@ def test_chaos_a_minute_long_fight(rcluster, rkube, rnamespace, start_operator, 
     op = start_operator(rcluster.kubeconfig, "--namespace", ns, "--resync-seconds", "600")
     ms.create(kube, ns, ms.body(name))
     ms.wait_condition(kube, ns, name, "Ready", "True", timeout=60)
-    ours = _image(kube, ns, name)
-    before = writes(op, verb="apply", kind="Deployment")
-    times = fight(kube, ns, name, 120, 0.5)
-    wait_for(lambda: _image(kube, ns, name) == ours, timeout=10, interval=0.1, message="won back within 10 s")
-    applies = writes(op, verb="apply", kind="Deployment") - before
-    figures.update(foreign_edits=len(times), operator_deployment_applies=applies)
-    assert applies <= len(times) + 2
+    kube.apps.patch_namespaced_deployment(name, ns, {"metadata": {"annotations": {"team.example.com/owner": "alice"}}},
+                                          field_manager="alice")
+    # The quick test's episode and checks at 120 edits: repair awaited as a condition, no hot loop judged by probes.
+    r = contest(kube, op, ns, name, 120)
+    figures.update(r)
+    check_contest(r, 120)
 
 
 @pytest.mark.timeout(900)
