@@ -1,18 +1,32 @@
-"""Scale from zero with a fake scaler: one wake-up for many held requests, Lease before scale, failures."""
+"""Scale from zero with a fake scaler: one wake-up for many held requests, Lease before scale, failures.
+
+Held requests are awaited as conditions (the activator's own count), "at once" means "before the activation timeout
+could have answered" (a timeout far beyond the test's guard), and the activation time is read on an injected clock.
+"""
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
 
+from modelservice.gateway import activator
 from modelservice.gateway.testing import FakeOps, deployment, endpointslice, modelservice
 from tests.unit.test_gateway_http import chat, gateway, post, run, stubs
+from tests.unit.test_workqueue import until
+
+# Longer than run()'s guard (30 s): a held request answered by this timeout fails the test instead.
+NEVER = 3600
 
 pytestmark = pytest.mark.unit
 
 
-def test_twenty_held_requests_one_wake_up():
+def test_twenty_held_requests_one_wake_up(monkeypatch):
+    # The activator times a wake with time.monotonic(); its module's `time` becomes a clock the "pod" moves.
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(activator, "time", SimpleNamespace(monotonic=lambda: clock.now))
+
     async def scenario():
         async with stubs("127.0.0.6") as addrs:
             host, port = addrs[0]
@@ -21,15 +35,16 @@ def test_twenty_held_requests_one_wake_up():
             async def bring_up(ns, name, replicas):
                 gw = box["gw"]
 
-                async def later():  # the "pod" takes a moment to become Ready, then the slice watch fires
+                async def later():  # the "pod" becomes Ready once all 20 wait, 0.5 s later on the clock
                     gw.table.apply_deployment("MODIFIED", deployment(name, replicas, ns))
-                    await asyncio.sleep(0.5)
+                    await until(lambda: gw.activator.held((ns, name)) == 20, message="20 held requests")
+                    clock.now += 0.5
                     gw.table.apply_slice("ADDED", endpointslice(name, [(host, True)], port, ns))
                 asyncio.get_running_loop().create_task(later())
 
             ops = FakeOps(on_scale=bring_up)
             async with gateway(modelservice("z", min_replicas=0), deployment("z", 0), ops=ops,
-                               activation_timeout=10) as (gw, url), aiohttp.ClientSession() as s:
+                               activation_timeout=NEVER) as (gw, url), aiohttp.ClientSession() as s:
                 box["gw"] = gw
                 results = await asyncio.gather(*(post(s, url, chat("z", stream=True)) for _ in range(20)))
                 assert [r[0] for r in results] == [200] * 20
@@ -39,7 +54,7 @@ def test_twenty_held_requests_one_wake_up():
                 assert gw.activator.wakes == 1 and gw.activator._episodes == {}
                 hist = {s.name: s.value for s in gw.metrics.activation.collect()[0].samples}
                 assert hist["modelservice_gateway_activation_seconds_count"] == 1
-                assert 0.4 < hist["modelservice_gateway_activation_seconds_sum"] < 5
+                assert hist["modelservice_gateway_activation_seconds_sum"] == pytest.approx(0.5)
                 held = gw.metrics.held.labels("default/z")._value.get()
                 assert held == 0
 
@@ -74,18 +89,19 @@ def test_failed_scale_releases_held_requests_at_once():
         class Forbidden(Exception):
             status = 403
 
-        def deny(ns, name, replicas):
+        box = {}
+
+        async def deny(ns, name, replicas):  # refused once all five wait: one wake-up answers them all
+            await until(lambda: box["gw"].activator.held((ns, name)) == 5, message="five held requests")
             raise Forbidden("deployments.apps \"z\" is forbidden: cannot patch resource \"deployments/scale\"")
 
         ops = FakeOps(on_scale=deny)
         async with gateway(modelservice("z", min_replicas=0), deployment("z", 0), ops=ops,
-                           activation_timeout=30) as (gw, url), aiohttp.ClientSession() as s:
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
+                           activation_timeout=NEVER) as (gw, url), aiohttp.ClientSession() as s:
+            box["gw"] = gw
             results = await asyncio.gather(*(post(s, url, chat("z")) for _ in range(5)))
-            assert loop.time() - t0 < 5
             assert [r[0] for r in results] == [503] * 5
-            assert "could not scale" in json.loads(results[0][1])["error"]["message"]
+            assert all("could not scale" in json.loads(r[1])["error"]["message"] for r in results)
             assert len(ops.scales) == 1  # permanent errors are not retried
 
     run(scenario())
@@ -96,9 +112,9 @@ def test_requests_wait_for_a_starting_pod_without_scaling():
         async with stubs("127.0.0.7") as addrs:
             ops = FakeOps()
             async with gateway(modelservice("m", min_replicas=0), deployment("m", 1), ops=ops,
-                               activation_timeout=10) as (gw, url), aiohttp.ClientSession() as s:
+                               activation_timeout=NEVER) as (gw, url), aiohttp.ClientSession() as s:
                 task = asyncio.create_task(post(s, url, chat("m")))
-                await asyncio.sleep(0.3)
+                await until(lambda: gw.activator.held(("default", "m")) == 1, message="the request held")
                 assert not task.done()
                 gw.table.apply_slice("ADDED", endpointslice("m", [(addrs[0][0], True)], addrs[0][1]))
                 assert (await task)[0] == 200
@@ -109,16 +125,13 @@ def test_requests_wait_for_a_starting_pod_without_scaling():
 
 def test_deleting_the_model_answers_held_requests_at_once():
     async def scenario():
-        async with gateway(modelservice("z", min_replicas=0), deployment("z", 1), activation_timeout=30) as (
+        async with gateway(modelservice("z", min_replicas=0), deployment("z", 1), activation_timeout=NEVER) as (
                 gw, url), aiohttp.ClientSession() as s:
             held = [asyncio.create_task(post(s, url, chat("z"))) for _ in range(3)]
-            for _ in range(100):
-                await asyncio.sleep(0.02)
-                if gw.activator.held(("default", "z")) == 3:
-                    break
+            await until(lambda: gw.activator.held(("default", "z")) == 3, message="three held requests")
             gw.table.apply_modelservice("DELETED", modelservice("z", min_replicas=0))
-            results = await asyncio.wait_for(asyncio.gather(*held), 3)
+            results = await asyncio.gather(*held)
             assert [r[0] for r in results] == [503] * 3
-            assert "deleted" in json.loads(results[0][1])["error"]["message"]
+            assert all("deleted" in json.loads(r[1])["error"]["message"] for r in results)
 
     run(scenario())

@@ -1,22 +1,23 @@
 """The gateway over real sockets on 127.0.0.x: status codes, streaming, balancing, retries, disconnects.
 
-No cluster: the routing table is filled by hand and the Kubernetes-facing parts are a FakeOps.
+No cluster: the routing table is filled by hand and the Kubernetes-facing parts are a FakeOps. Timeouts are judged
+on an injected clock (the event loop's, frozen and moved by the test: FrozenLoopClock), waits are on conditions
+(`until`), and nothing passes or fails because the machine was slow.
 """
 
 import asyncio
 import base64
 import contextlib
 import json
-import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from modelservice.gateway import reqstate as rs
 from modelservice.gateway.testing import (FakeOps, deployment, endpointslice, gateway_with, modelservice,
                                          serving)
 from tests.cluster.stub_server import make_app as stub_app
+from tests.unit.test_workqueue import FrozenLoopClock, settle, until
 
 pytestmark = pytest.mark.unit
 
@@ -110,16 +111,19 @@ def test_held_queue_full_is_429_and_no_backend_is_503():
     async def scenario():
         async with gateway(modelservice("z", min_replicas=0), deployment("z", 0), modelservice("gone"),
                            max_held_per_model=2, activation_timeout=2) as (gw, url), aiohttp.ClientSession() as s:
-            held = [asyncio.create_task(post(s, url, chat("z"))) for _ in range(2)]
-            for _ in range(100):
-                await asyncio.sleep(0.02)
-                if gw.activator.held(("default", "z")) == 2:
-                    break
-            status, body, headers = await post(s, url, chat("z"))
-            assert status == 429 and headers["Retry-After"] and json.loads(body)["error"]["code"]
-            results = await asyncio.gather(*held)  # nothing comes up: activation timeout
+            # The activation timeout runs on the frozen clock: the two held requests stay held until the test moves
+            # it, however long the third request takes to get through.
+            async with FrozenLoopClock() as clock:
+                held = [asyncio.create_task(post(s, url, chat("z"))) for _ in range(2)]
+                await until(lambda: gw.activator.held(("default", "z")) == 2, message="two held requests")
+                status, body, headers = await post(s, url, chat("z"))
+                assert status == 429 and headers["Retry-After"] and json.loads(body)["error"]["code"]
+                assert not any(t.done() for t in held)
+                await clock.advance(2)  # nothing comes up: activation timeout
+                await until(lambda: all(t.done() for t in held), message="the held requests answered")
+            results = [t.result() for t in held]
             assert [r[0] for r in results] == [503, 503]
-            assert json.loads(results[0][1])["error"]["code"] == "activation_timeout"
+            assert all(json.loads(r[1])["error"]["code"] == "activation_timeout" for r in results)
             status, body, _ = await post(s, url, chat("gone"))  # no Deployment at all
             assert status == 503 and json.loads(body)["error"]["code"] == "no_backend"
 
@@ -127,22 +131,37 @@ def test_held_queue_full_is_429_and_no_backend_is_503():
 
 
 def test_least_in_flight_spreads_over_three_replicas():
+    """30 requests at once over three replicas: exactly 10 each. Every upstream holds its answer until all 30 have
+    arrived, so all 30 are in flight together whatever the machine's speed, and each choice rests on in-flight
+    counts alone (a request that finished early would leave a tie, broken at random)."""
+    n = 30
+
     async def scenario():
         hosts = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
-        async with stubs(*hosts, tps=100) as addrs, gateway(modelservice("m"), *slice_for("m", addrs)) as (
-                gw, url), aiohttp.ClientSession() as s:
-            seen = []
-            orig = gw.proxy.forward
+        arrived = {h: 0 for h in hosts}
+        everyone = asyncio.Event()
 
-            async def spy(request, *a, **kw):
-                resp = await orig(request, *a, **kw)
-                seen.append(request[rs.ENDPOINT].address)
-                return resp
-            gw.proxy.forward = spy
-            results = await asyncio.gather(*(post(s, url, chat("m", max_tokens=20)) for _ in range(30)))
-            assert all(r[0] == 200 for r in results)
-            counts = {h: seen.count(h) for h in hosts}
-            assert all(8 <= c <= 12 for c in counts.values()), counts
+        def upstream(host):
+            async def answer(request):
+                arrived[host] += 1
+                if sum(arrived.values()) == n:
+                    everyone.set()
+                await everyone.wait()
+                return web.json_response({"choices": [{"message": {"role": "assistant", "content": "hi"}}]})
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", answer)
+            return app
+
+        async with contextlib.AsyncExitStack() as stack:
+            addrs = []
+            for h in hosts:
+                up = await stack.enter_async_context(serving(upstream(h), host=h))
+                addrs.append((h, int(up.rsplit(":", 1)[1])))
+            gw, url = await stack.enter_async_context(gateway(modelservice("m"), *slice_for("m", addrs)))
+            s = await stack.enter_async_context(aiohttp.ClientSession())
+            results = await asyncio.gather(*(post(s, url, chat("m")) for _ in range(n)))
+        assert all(r[0] == 200 for r in results)
+        assert arrived == {h: n // len(hosts) for h in hosts}, arrived
 
     run(scenario())
 
@@ -196,12 +215,19 @@ def test_slow_request_head_is_cut_off():
     async def scenario():
         async with gateway(modelservice("m"), header_timeout=0.5) as (gw, url):
             host, port = url[len("http://"):].split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # ...and never finish the head
-            await writer.drain()
-            t0 = time.monotonic()
-            assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed the connection
-            assert time.monotonic() - t0 < 2
+            # The header timeout runs on the frozen clock (frozen before the connection, so it is armed at 0): the
+            # connection is open until the clock passes it, and closed once it has, however slow the machine.
+            async with FrozenLoopClock() as clock:
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # ...and never finish the head
+                await writer.drain()
+                closed = asyncio.create_task(reader.read())
+                await clock.advance(0.4)
+                await settle(20)
+                assert not closed.done(), "cut before the header timeout"
+                await clock.advance(0.2)
+                await until(closed.done, message="the gateway to close the connection")
+            assert closed.result() == b""  # closed without an answer
             writer.close()
 
     run(scenario())
@@ -222,20 +248,40 @@ def test_healthz_waits_for_sync():
 
 def test_activity_leases_are_flushed_in_the_background():
     async def scenario():
-        ops = FakeOps()
+        class RecordingOps(FakeOps):
+            def __init__(self):
+                super().__init__()
+                self.writers = []  # the task that wrote each Lease
+
+            async def write_lease(self, lease):
+                self.writers.append(asyncio.current_task().get_name())
+                await super().write_lease(lease)
+
+        ops = RecordingOps()
         async with stubs("127.0.0.1") as addrs, gateway(modelservice("m"), *slice_for("m", addrs), ops=ops,
                                                         activity_interval=0.5) as (gw, url), \
                 aiohttp.ClientSession() as s:
+            passes = []  # the flusher's passes: it asks due() once per tick
+            due = gw.activity.due
+
+            def counting_due():
+                passes.append(1)
+                return due()
+            gw.activity.due = counting_due
             assert (await post(s, url, chat("m")))[0] == 200
-            assert ops.leases == []  # never on the request path
-            for _ in range(40):
-                await asyncio.sleep(0.1)
-                if len(ops.leases) >= 2:
-                    break
-            ann = [lease["metadata"]["annotations"]["serving.modelservice.dev/in-flight"] for lease in ops.leases]
-            assert ann[:2] == ["1", "0"]
-            await asyncio.sleep(1.2)
-            assert len(ops.leases) == 2  # idle and unchanged: no more writes
+
+            def in_flight(lease):
+                return lease["metadata"]["annotations"]["serving.modelservice.dev/in-flight"]
+            await until(lambda: ops.leases and in_flight(ops.leases[-1]) == "0", message="a Lease saying 0 in flight")
+            ann = [in_flight(lease) for lease in ops.leases]
+            # 1 in flight (once, or twice if a flush fell inside the request), then 0; never on the request path.
+            assert ann[0] == "1" and ann[-1] == "0" and set(ann[:-1]) == {"1"} and len(ann) <= 3, ann
+            assert set(ops.writers) == {"activity-leases"}, ops.writers
+            # Idle and unchanged: two more passes of the flusher, each a whole tick (1 s) after the last write, so
+            # past the interval (0.5 s): a Lease would be due at each if the tracker wrote when nothing changed.
+            written, seen = len(ops.leases), len(passes)
+            await until(lambda: len(passes) >= seen + 2, message="two more flusher passes")
+            assert len(ops.leases) == written
 
     run(scenario())
 
@@ -245,15 +291,30 @@ def test_trickled_body_hits_the_body_deadline(monkeypatch):
     monkeypatch.setattr(parsing, "BODY_DEADLINE", 0.5)
 
     async def scenario():
-        async def drip():
-            for _ in range(20):  # one byte every 0.1 s: never idle, never done
-                yield b" "
-                await asyncio.sleep(0.1)
+        drips: asyncio.Queue = asyncio.Queue()
 
+        async def drip():  # one byte whenever the test says: never idle, never done
+            while True:
+                yield await drips.get()
+
+        # Both deadlines run on the frozen clock, moved 0.2 s per byte: the idle timeout (1 s) can never fire and
+        # the body never ends, so a 408 can only be the body deadline's, and never before the clock passes 0.5 s.
         async with gateway(modelservice("m"), idle_timeout=1) as (gw, url), aiohttp.ClientSession() as s:
-            t0 = time.monotonic()
-            async with s.post(url + "/v1/chat/completions", data=drip()) as r:
-                assert r.status == 408
-            assert time.monotonic() - t0 < 1.5
+            async with FrozenLoopClock() as clock:
+                async def send():
+                    async with s.post(url + "/v1/chat/completions", data=drip()) as r:
+                        return r.status
+                start, seen_at = clock.now, None
+                answer = asyncio.create_task(send())
+                for _ in range(10):  # bounded: 2 s on the frozen clock, four times the deadline
+                    drips.put_nowait(b" ")
+                    await settle(20)  # the byte goes out and is read at the current time
+                    if answer.done():
+                        seen_at = clock.now - start
+                        break
+                    await clock.advance(0.2)
+                await until(answer.done, message="the gateway's answer")
+            assert answer.result() == 408
+            assert seen_at is None or seen_at >= 0.5, f"cut at {seen_at:.1f}s, before the body deadline"
 
     run(scenario())
