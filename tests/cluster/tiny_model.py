@@ -117,6 +117,7 @@ def build(out_dir: str | Path, *, seed: int = 0, hidden: int = 256, layers: int 
     if _read_stamp(out) == stamp:
         return TinyModel(out, spec, seed, parameter_count(spec))
     out.mkdir(parents=True, exist_ok=True)
+    (out / STAMP).unlink(missing_ok=True)  # another build's stamp must not vouch for files half rewritten
     tokenizer = train_tokenizer(spec.vocab)
     weights = random_weights(spec, seed, printable_token_ids(tokenizer))
     write_hf(out, spec, tokenizer, weights)
