@@ -112,7 +112,7 @@ class Controller:
         self.workers = workers
         self.resync_seconds = resync_seconds
         self.namespaces = namespaces or [None]  # [None]: all namespaces
-        self._awake_since: dict[Key, float] = {}
+        self._ready_since: dict[Key, float] = {}  # first seen with a ready replica since it last woke
         self._tasks: list[asyncio.Task[None]] = []
         self.synced = asyncio.Event()  # every owned kind has been listed once
 
@@ -155,7 +155,7 @@ class Controller:
             self.store.modelservices.pop(key, None)
             for d in (self.store.children, self.store.pods, self.store.leases):
                 d.pop(key, None)
-            self._awake_since.pop(key, None)
+            self._ready_since.pop(key, None)
             self.events.forget(body["metadata"].get("uid", ""))
         else:
             old = self.store.modelservices.get(key)
@@ -264,12 +264,13 @@ class Controller:
 
         now = time.time()
         current = (dep or {}).get("spec", {}).get("replicas") if dep else None
-        if current:  # first seen awake now (or at operator start): the idle clock starts no earlier than this
-            self._awake_since.setdefault(key, now)
-        else:
-            self._awake_since.pop(key, None)
+        ready = (dep or {}).get("status", {}).get("readyReplicas") or 0
+        if current and ready:  # first seen Ready now (or at operator start): the idle clock starts no earlier
+            self._ready_since.setdefault(key, now)
+        elif not current:
+            self._ready_since.pop(key, None)
         activity = activity_from_leases(list(self.store.leases.get(key, {}).values()), now)
-        decision = decide(spec, current, activity, self._awake_since.get(key), now)
+        decision = decide(spec, current, activity, self._ready_since.get(key), now)
         ctx = Context(name=name, namespace=ns, uid=meta["uid"], labels=meta.get("labels") or {},
                       replicas=decision.apply_replicas, hpa_min_replicas=decision.hpa_floor, versions=self.versions)
         facts = dict(base, url=service_url(name, ns, port_of(spec)),

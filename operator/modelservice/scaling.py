@@ -63,8 +63,11 @@ def activity_from_leases(leases: list[dict[str, Any]], now: float) -> Activity:
     return Activity(last_request=last, in_flight=in_flight)
 
 
-def decide(spec: ModelServiceSpec, current: Optional[int], activity: Activity, awake_since: Optional[float],
+def decide(spec: ModelServiceSpec, current: Optional[int], activity: Activity, ready_since: Optional[float],
            now: float) -> Decision:
+    """`ready_since`: when the operator first saw a ready replica since the model last woke (None: not yet). A model
+    that is still loading is never idle: weights take minutes, a node may take longer to appear, and the first
+    replica of a new scale-to-zero model is there to prove that it loads. The idle clock starts at Ready."""
     a = spec.autoscaling
     if a is None:
         return Decision(apply_replicas=spec.replicas)
@@ -77,8 +80,10 @@ def decide(spec: ModelServiceSpec, current: Optional[int], activity: Activity, a
     if a.minReplicas == 0:
         if current == 0:  # asleep: only the gateway wakes it
             return Decision(apply_replicas=None, hpa_floor=wanted if hpa else None)
+        if ready_since is None:  # loading: not idle; the pod turning Ready triggers the next pass
+            return Decision(apply_replicas=None, hpa_floor=wanted if hpa else None)
         window = parse_duration(a.scaleToZeroAfter)
-        since = max(activity.last_request or 0.0, awake_since or 0.0)
+        since = max(activity.last_request or 0.0, ready_since)
         idle = now - since
         if idle >= window and activity.in_flight == 0:
             return Decision(apply_replicas=None, scale_to=0, hpa_floor=wanted if hpa else None)

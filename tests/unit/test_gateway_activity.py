@@ -67,6 +67,29 @@ def test_writes_are_rate_limited_and_only_on_change():
     assert t.due() == []  # idle and unchanged: no writes at all
 
 
+def test_a_request_in_flight_renews_the_lease_every_interval():
+    """A held request (a slow load) or a long stream is demand for as long as it lasts: its Lease must not go
+    stale (the operator ignores in-flight figures older than LEASE_FRESH_SECONDS and would park the model)."""
+    clock = Clock()
+    t = ActivityTracker("gw-0", 10, wall=lambda: clock.wall, mono=lambda: clock.mono)
+    e = model_entry(modelservice("m"))
+    t.started(e.key)
+    t.lease(e)
+    for _ in range(6):  # a minute with one request in flight and nothing else happening
+        clock.advance(10)
+        assert t.due() == [e.key]
+        lease = t.lease(e)
+        assert lease["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "1"
+        assert lease["spec"]["renewTime"] == rfc3339_micro(clock.wall)
+    t.finished(e.key)
+    clock.advance(10)
+    assert t.due() == [e.key] and t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "1"
+    clock.advance(10)
+    assert t.due() == [e.key] and t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "0"
+    clock.advance(60)
+    assert t.due() == []
+
+
 def test_wake_lease_sets_last_request_now():
     clock = Clock()
     t = ActivityTracker("gw-0", 10, wall=lambda: clock.wall, mono=lambda: clock.mono)

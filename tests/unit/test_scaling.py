@@ -32,6 +32,17 @@ def test_just_woken_model_is_not_put_back_to_sleep():
     assert decide(spec, 1, Activity(last_request=NOW - 3600), NOW - 5, NOW).scale_to is None
 
 
+def test_a_loading_model_is_never_idle():
+    """Load time does not count as idle: a replica that has not been Ready since the model woke (the first replica
+    of a new model, or one starting after a wake-up) keeps the model up however old its last request is."""
+    spec = _spec(minReplicas=0, maxReplicas=3, scaleToZeroAfter="60s")
+    loading = decide(spec, 1, Activity(last_request=NOW - 3600), None, NOW)
+    assert loading.scale_to is None and loading.requeue_after is None  # the Ready transition brings the next pass
+    # Ready for a moment: the window counts from Ready, not from the request that woke it an hour ago.
+    assert decide(spec, 1, Activity(last_request=NOW - 3600), NOW - 59, NOW).scale_to is None
+    assert decide(spec, 1, Activity(last_request=NOW - 3600), NOW - 61, NOW).scale_to == 0
+
+
 def test_asleep_model_stays_asleep_until_the_gateway_wakes_it():
     spec = _spec(minReplicas=0, maxReplicas=3)
     assert decide(spec, 0, Activity(in_flight=0), None, NOW).scale_to is None

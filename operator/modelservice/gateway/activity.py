@@ -80,9 +80,13 @@ class ActivityTracker:
         m.last_request, m.traffic = self._wall(), True
 
     def due(self) -> list[Key]:
+        """Models whose Lease needs a write: something changed, or requests are in flight (held or streaming), which
+        renews the Lease each interval: the operator takes an in-flight figure older than LEASE_FRESH_SECONDS as
+        stale, and would take a model whose one request outlives that (a slow load, a long stream) for idle."""
         now = self._mono()
         return [k for k, m in self._models.items()
-                if now - m.last_write >= self.interval and (m.traffic or m.peak != m.written_in_flight)]
+                if now - m.last_write >= self.interval
+                and (m.traffic or m.peak != m.written_in_flight or m.in_flight > 0)]
 
     def lease(self, entry: ModelEntry, *, wake: bool = False) -> dict[str, Any]:
         """The Lease to apply now, and mark it written (the peak window restarts from the current in-flight)."""
