@@ -67,3 +67,10 @@ lint: helm ## helm lint --strict over the default values and every values file i
 
 clean:
 	rm -rf .cluster .pytest_cache
+
+.PHONY: image lock
+image: ## the container image without Docker (buildah + a local Debian base): OCI archive, digest, SBOM; docs/image.md
+	bash hack/build-image.sh build
+
+lock: ## regenerate requirements.lock (the image's Python dependencies, with hashes) from pyproject.toml
+	bash hack/build-image.sh lock
