@@ -106,3 +106,31 @@ async def test_an_engine_that_dies_mid_stream_leaves_an_openai_error_event():
     assert events[0] + b"\n\n" == first
     error = json.loads(events[1].removeprefix(b"data: "))["error"]
     assert error["code"] == "upstream_failed_mid_stream" and "incomplete" in error["message"]
+
+
+@run_async
+async def test_a_request_to_a_pod_that_just_went_away_waits_for_its_replacement():
+    """Scaled to zero and woken at once: the EndpointSlice still lists the old pod, which no longer listens. Nothing
+    was sent to it, so the request waits for the new pod instead of failing with 502."""
+    import socket
+
+    from modelservice.gateway.testing import serving
+    from tests.cluster.stub_server import make_app as stub_app
+
+    with socket.socket() as s:  # an address where nothing listens: the old pod
+        s.bind(("127.0.0.11", 0))
+        gone_port = s.getsockname()[1]
+    async with serving(stub_app("m", 1000.0), host="127.0.0.12") as new_url:
+        new_port = int(new_url.rsplit(":", 1)[1])
+        async with gateway_with(modelservice("m", min_replicas=0), deployment("m", 1),
+                                endpointslice("m", [("127.0.0.11", True)], gone_port, name="m-old"),
+                                activation_timeout=300) as (gw, url):
+            answer = asyncio.ensure_future(_post(url, chat("m")))
+            while not gw.activator.held(("default", "m")):  # refused, then held: not a 502
+                assert not answer.done(), answer.result()
+                await asyncio.sleep(0.01)
+            feed(gw.table, endpointslice("m", [], gone_port, name="m-old"), event="MODIFIED")  # the old pod leaves
+            assert not answer.done()
+            feed(gw.table, endpointslice("m", [("127.0.0.12", True)], new_port, name="m-new"))  # the new one is Ready
+            status, body = await asyncio.wait_for(answer, 10)
+    assert status == 200, body

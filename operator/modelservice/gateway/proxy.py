@@ -90,6 +90,7 @@ class Proxy:
             finally:
                 self.balancer.release(ep)
         if tried:
+            request[rs.REFUSED] = frozenset(tried)  # every one refused: the caller may wait for replacements
             raise GatewayError(502, f"model {entry.label}: no backend accepted the connection ({last_error})",
                                "backend_unreachable")
         raise GatewayError(503, f"model {entry.label} has no ready backend", "no_backend", retry_after=5)

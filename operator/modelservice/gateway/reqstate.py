@@ -17,3 +17,4 @@ ENDPOINT = _key("endpoint", object)  # the routes.Endpoint that answered
 STRIP_AUTHORIZATION = _key("strip_authorization", bool)
 CLIENT_GONE = _key("client_gone", bool)
 UPSTREAM_ABORTED = _key("upstream_aborted", bool)
+REFUSED = _key("refused", frozenset)  # endpoints that refused the connection (nothing was sent to them)

@@ -124,6 +124,7 @@ class RouteTable:
         self._service_slices: dict[Key, set[str]] = {}
         self._ready: dict[Key, tuple[Endpoint, ...]] = {}
         self._replicas: dict[Key, int] = {}
+        self._refused: dict[Key, frozenset[Endpoint]] = {}  # refused a connection; dropped at the next slice change
 
     # -- events ------------------------------------------------------------------------------------------------
     def apply_modelservice(self, event: str, obj: dict[str, Any]) -> None:
@@ -169,6 +170,7 @@ class RouteTable:
             for ep in self._slices[(key[0], name)][1]:
                 seen[ep] = None
         new = tuple(seen)
+        self._refused.pop(key, None)  # the slice moved on: judge its endpoints afresh
         if not self._service_slices.get(key):
             self._service_slices.pop(key, None)
         if new != self._ready.get(key, ()):
@@ -187,7 +189,15 @@ class RouteTable:
         return self.models.get((namespace, name))
 
     def ready(self, key: Key) -> tuple[Endpoint, ...]:
-        return self._ready.get(key, ())
+        eps = self._ready.get(key, ())
+        refused = self._refused.get(key)
+        return tuple(e for e in eps if e not in refused) if refused else eps
+
+    def refused(self, key: Key, endpoints: frozenset[Endpoint]) -> None:
+        """Endpoints that refused a connection are not ready until their EndpointSlice changes (a pod that is going
+        away stops listening before the slice drops it)."""
+        if endpoints:
+            self._refused[key] = self._refused.get(key, frozenset()) | endpoints
 
     def replicas(self, key: Key) -> Optional[int]:
         """The Deployment's spec.replicas; None when we have not seen the Deployment."""
