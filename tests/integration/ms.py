@@ -9,6 +9,7 @@ from typing import Any, Optional
 import yaml
 from kubernetes.client.rest import ApiException
 
+from tests.cluster.podspec import STUB_IMAGE
 from tests.cluster.wait import wait_for
 
 GROUP, VERSION, PLURAL = "serving.modelservice.dev", "v1alpha1", "modelservices"
@@ -16,13 +17,25 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def body(name: str, **spec: Any) -> dict[str, Any]:
+    """A ModelService served by the stub model server, unless `image=None` asks for the engine's own image (which the
+    node agent runs for real where the engine is installed: test_real_engines.py)."""
     spec.setdefault("engine", "vllm")
     spec.setdefault("model", {"uri": "hf://org/model"})
+    if spec.setdefault("image", STUB_IMAGE) is None:
+        del spec["image"]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelService", "metadata": {"name": name}, "spec": spec}
 
 
+# Examples whose engine runs for real here but whose flags are for a GPU (an 8B model, CUDA defaults): on the fake
+# nodes they get the stub; test_real_engines.py runs the same engine with its CPU flags.
+GPU_ONLY_EXAMPLES = {"vllm", "scale-to-zero"}
+
+
 def example(name: str) -> dict[str, Any]:
-    return yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    obj = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    if name in GPU_ONLY_EXAMPLES:
+        obj["spec"]["image"] = STUB_IMAGE
+    return obj
 
 
 def create(kube, ns: str, obj: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.cluster.kube import Kube, create_namespace, delete_namespace
+from tests.cluster.podspec import STUB_IMAGE
 from tests.cluster.wait import wait_for
 
 MODEL = "tiny-model"
@@ -28,7 +29,7 @@ def _ready(pod: client.V1Pod) -> bool:
 
 def _stub_container(**extra) -> client.V1Container:
     return client.V1Container(
-        name="engine", image="vllm/vllm-openai:stub", args=["--served-model-name", MODEL],
+        name="engine", image=STUB_IMAGE, args=["--served-model-name", MODEL],
         ports=[client.V1ContainerPort(container_port=8000, name="http")],
         readiness_probe=client.V1Probe(http_get=client.V1HTTPGetAction(path="/health", port="http")), **extra)
 
