@@ -16,6 +16,12 @@ tools (umoci to unpack, util-linux's unshare and mount):
     os.killpg(proc.pid, signal.SIGTERM)            # the workload gets it (unshare itself ignores SIGTERM), then
     os.killpg(proc.pid, signal.SIGKILL)            # after the grace period
 
+The API: unpack(archive) -> rootfs Path; image_config(archive) -> ImageConfig; manifest_digest(archive);
+resolve_argv(cfg, command, args); container_env(cfg, env); resolve_user(rootfs, user) -> (uid, gid);
+resolve_in_root(rootfs, path); launch_argv(rootfs, user, argv, mounts, read_only=True, *, workdir, supplemental_groups,
+tmp_size, drop_capabilities, no_new_privileges) -> argv; run(archive, args, command=, env=, mounts=, user=) for
+one-shot commands; prune(keep); ensure_tools(). Errors are ImageError, with what to do in the message.
+
 `launch_argv` returns `unshare --mount --pid --fork --kill-child -- python3 -I -c <stub> <spec>`: in a new mount and
 PID namespace the stub bind-mounts the root filesystem onto itself, adds the given bind mounts, /proc, a minimal
 /dev and a tmpfs /tmp, remounts the root read-only, then chroot()s, sets the groups, gid and uid, drops the
@@ -28,9 +34,10 @@ enforced: seccomp, cgroup limits, and network isolation (the process shares the 
 fake node gives pods their 127.x addresses). Needs root (mount namespaces, chroot); `unpack` also works rootless
 (file owners are then lost). Command line:
 
-    python3 -m tests.cluster.oci_images config ARCHIVE
-    python3 -m tests.cluster.oci_images unpack ARCHIVE
-    python3 -m tests.cluster.oci_images run ARCHIVE [--mount CPATH=HOSTPATH[:ro]]... [--env K=V]... [-- ARGS...]
+    python3 -m tests.cluster.oci_images config [ARCHIVE]      # default: dist/modelservice-operator.oci.tar
+    python3 -m tests.cluster.oci_images unpack [ARCHIVE]
+    python3 -m tests.cluster.oci_images run ARCHIVE [--mount CPATH=HOSTPATH[:ro]]... [--env K=V]... [--user U]
+                                            [--command EXE] [--writable-root] [-- ARGS...]
 """
 
 from __future__ import annotations
@@ -133,15 +140,24 @@ def _pick_manifest(tar: tarfile.TarFile, index: dict, arch: str) -> dict:
     return desc
 
 
+def _open(archive: Path) -> tarfile.TarFile:
+    if not Path(archive).is_file():
+        raise ImageError(f"{archive}: no such OCI archive (build one with `make image`)")
+    try:
+        return tarfile.open(archive)
+    except tarfile.TarError as e:
+        raise ImageError(f"{archive} is not an OCI archive (a tar of an OCI image layout): {e}") from None
+
+
 def _manifest_descriptor(archive: Path) -> dict:
-    with tarfile.open(archive) as tar:
+    with _open(archive) as tar:
         return _pick_manifest(tar, _json_member(tar, "index.json"), _host_arch())
 
 
 def image_config(archive: Union[str, Path]) -> ImageConfig:
     """Entrypoint, cmd, user, workdir, env and labels of the image in an OCI archive (the host's platform)."""
     archive = Path(archive)
-    with tarfile.open(archive) as tar:
+    with _open(archive) as tar:
         desc = _pick_manifest(tar, _json_member(tar, "index.json"), _host_arch())
         manifest = json.loads(_blob(tar, desc["digest"]))
         blob = json.loads(_blob(tar, manifest["config"]["digest"]))
@@ -252,8 +268,6 @@ def unpack(archive: Union[str, Path], cache: Optional[Path] = None) -> Path:
     """The image's root filesystem, unpacked with umoci under the cache (…/unpacked/<manifest digest>), once per
     digest: a second call (from any process) returns the same directory at once. Returns the rootfs path."""
     archive = Path(archive)
-    if not archive.is_file():
-        raise ImageError(f"{archive}: no such OCI archive (build one with `make image`)")
     base = Path(cache) if cache else UNPACKED
     desc = _manifest_descriptor(archive)
     hexd = desc["digest"].partition(":")[2]
@@ -350,22 +364,23 @@ for cpath, host, ro in spec["mounts"]:
     mount("--bind", host, target)
     if ro:
         mount("-o", "remount,bind,ro,nosuid,nodev", target)
-mountpoint(inside("/proc"), True)
-mount("-t", "proc", "-o", "nosuid,nodev,noexec", "proc", inside("/proc"))
-mountpoint(inside("/dev"), True)
-mount("-t", "tmpfs", "-o", "nosuid,noexec,mode=755,size=1m", "tmpfs", inside("/dev"))
+proc, dev, tmp = (inside(spec["system"][p]) for p in ("/proc", "/dev", "/tmp"))
+mountpoint(proc, True)
+mount("-t", "proc", "-o", "nosuid,nodev,noexec", "proc", proc)
+mountpoint(dev, True)
+mount("-t", "tmpfs", "-o", "nosuid,noexec,mode=755,size=1m", "tmpfs", dev)
 for node in spec["dev_nodes"]:
     if os.path.exists("/dev/" + node):
-        mountpoint(inside("/dev/" + node), False)
-        mount("--bind", "/dev/" + node, inside("/dev/" + node))
+        mountpoint(os.path.join(dev, node), False)
+        mount("--bind", "/dev/" + node, os.path.join(dev, node))
 for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                      ("stderr", "/proc/self/fd/2")):
-    os.symlink(target, inside("/dev/" + name))
-mountpoint(inside("/dev/shm"), True)
-mount("-t", "tmpfs", "-o", "nosuid,nodev,noexec,mode=1777,size=64m", "tmpfs", inside("/dev/shm"))
+    os.symlink(target, os.path.join(dev, name))
+mountpoint(os.path.join(dev, "shm"), True)
+mount("-t", "tmpfs", "-o", "nosuid,nodev,noexec,mode=1777,size=64m", "tmpfs", os.path.join(dev, "shm"))
 if spec["tmp_size"]:
-    mountpoint(inside("/tmp"), True)
-    mount("-t", "tmpfs", "-o", "nosuid,nodev,mode=1777,size=" + spec["tmp_size"], "tmpfs", inside("/tmp"))
+    mountpoint(tmp, True)
+    mount("-t", "tmpfs", "-o", "nosuid,nodev,mode=1777,size=" + spec["tmp_size"], "tmpfs", tmp)
 if spec["read_only"]:
     mount("-o", "remount,bind,ro,nosuid,nodev", root)
 os.chroot(root)
@@ -382,6 +397,8 @@ if spec["drop_caps"]:
 os.setgroups(spec["groups"])
 os.setgid(spec["gid"])
 os.setuid(spec["uid"])  # a non-zero uid loses every capability here
+PR_SET_PDEATHSIG = 1  # changing credentials cleared unshare's --kill-child: arm it again
+libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
 PR_SET_NO_NEW_PRIVS = 38
 if spec["no_new_privs"] and libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
     fail("prctl(PR_SET_NO_NEW_PRIVS): errno %d" % ctypes.get_errno())
@@ -393,6 +410,34 @@ except FileNotFoundError:
 except OSError as e:
     fail("%s: %s" % (argv[0], e), 126)
 """
+
+
+def resolve_in_root(rootfs: Union[str, Path], path: str) -> str:
+    """`path` as the container sees it: symlinks in the image are followed relative to its root and can never lead
+    out of it (what runc's securejoin does; /var/run -> /run in Debian images is the common case). Returns the
+    absolute in-image path, whose existing components are no symlinks; missing components are kept as given."""
+    root = Path(rootfs)
+    parts = [p for p in path.split("/") if p and p != "."]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise ImageError(f"too many levels of symbolic links in {path} inside the image")
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                resolved = []
+            parts = [p for p in link.split("/") if p and p != "."] + parts
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
 
 
 def _host_tool(name: str) -> str:
@@ -418,18 +463,20 @@ def launch_argv(rootfs: Union[str, Path], user: str, argv: Sequence[str],
         raise ImageError("nothing to run: empty argv")
     uid, gid = resolve_user(rootfs, user)
     spec_mounts = []
-    for cpath, m in sorted((mounts or {}).items(), key=lambda kv: kv[0].count("/")):  # parents before children
+    for cpath, m in (mounts or {}).items():
         m = m if isinstance(m, Mount) else Mount(m)
         if not cpath.startswith("/"):
             raise ImageError(f"mount path {cpath!r} must be absolute")
         host = Path(m.host).resolve()
         if not host.exists():
             raise ImageError(f"mount {cpath}: host path {host} does not exist")
-        spec_mounts.append([cpath, str(host), m.read_only])
+        spec_mounts.append([resolve_in_root(rootfs, cpath), str(host), m.read_only])
+    spec_mounts.sort(key=lambda m: m[0].count("/"))  # parents before children
+    system = {p: resolve_in_root(rootfs, p) for p in ("/proc", "/dev", "/tmp")}
     spec = {
         "root": str(rootfs), "mount": _host_tool("mount"), "mounts": spec_mounts, "read_only": read_only,
-        "tmp_size": "" if "/tmp" in (mounts or {}) else tmp_size, "dev_nodes": list(DEV_NODES),
-        "workdir": workdir or "/", "uid": uid, "gid": gid,
+        "system": system, "tmp_size": "" if system["/tmp"] in {m[0] for m in spec_mounts} else tmp_size,
+        "dev_nodes": list(DEV_NODES), "workdir": workdir or "/", "uid": uid, "gid": gid,
         "groups": sorted({gid, *supplemental_groups}), "drop_caps": drop_capabilities,
         "no_new_privs": no_new_privileges, "argv": list(argv),
     }
@@ -467,13 +514,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in ("config", "unpack"):
         sub.add_parser(name).add_argument("archive", nargs="?", default=str(DEFAULT_ARCHIVE))
     r = sub.add_parser("run", help="run the image once: ARCHIVE [options] [-- ARGS...]")
-    r.add_argument("archive", nargs="?", default=str(DEFAULT_ARCHIVE))
+    r.add_argument("archive", help=f"the OCI archive (`make image` leaves one at {DEFAULT_ARCHIVE})")
     r.add_argument("--mount", action="append", type=_mount_arg, default=[], help="CPATH=HOSTPATH[:ro]")
     r.add_argument("--env", action="append", default=[], help="KEY=VALUE")
     r.add_argument("--user", help="override the image's USER")
     r.add_argument("--command", help="replace the entrypoint (like a pod's command)")
     r.add_argument("--writable-root", action="store_true", help="do not make the root filesystem read-only")
-    r.add_argument("args", nargs=argparse.REMAINDER)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] = []
+    if "--" in argv:  # what follows "--" is the container's args, options included
+        rest = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
     ns = p.parse_args(argv)
     try:
         if ns.cmd == "config":
@@ -482,8 +533,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif ns.cmd == "unpack":
             print(unpack(ns.archive))
         else:
-            args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-            done = run(ns.archive, args or None, command=[ns.command] if ns.command else None,
+            done = run(ns.archive, rest or None, command=[ns.command] if ns.command else None,
                        env=dict(e.partition("=")[::2] for e in ns.env), mounts=dict(ns.mount), user=ns.user,
                        read_only=not ns.writable_root)
             sys.stdout.write(done.stdout)
@@ -492,6 +542,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ImageError as e:
         print(f"oci_images: {e}", file=sys.stderr)
         return 2
+    except subprocess.TimeoutExpired as e:
+        print(f"oci_images: still running after {e.timeout:.0f} s: stopped (`run` is for commands that end)",
+              file=sys.stderr)
+        return 124
     return 0
 
 
