@@ -88,7 +88,8 @@ class Launch:
     translations: list[str] = field(default_factory=list)  # what was translated, for the pod's log and the docs
 
 
-def _flag(args: list[str], names: tuple[str, ...]) -> Optional[str]:
+def flag_value(args: list[str], *names: str) -> Optional[str]:
+    """The value of the first of `names` in a command line (`--flag value` or `--flag=value`)."""
     for i, a in enumerate(args):
         for n in names:
             if a == n and i + 1 < len(args):
@@ -159,7 +160,7 @@ def launch_for(engine: NativeEngine, container: dict, env: dict[str, str], *, po
         translations.append(f"{', '.join(engine.loopback_env)} -> {pod_ip}")
     if mounts:
         translations.append("mounts: " + ", ".join(f"{c} -> {h}" for c, h in sorted(mounts.items())))
-    model = _flag(command[1:] + args, engine.model_flags)
+    model = flag_value(command[1:] + args, *engine.model_flags)
     hub_model = model if model and not model.startswith("/") and "/" in model else None
     cache = out_env.get(engine.cache_env)
     cwd = container.get("workingDir")

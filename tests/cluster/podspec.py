@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modelservice.labels import MODELSERVICE_LABEL, STUB_STARTUP_DELAY_ANNOTATION
+from tests.cluster.native import flag_value
 
 TPS_ANNOTATION = "stub.modelservice.dev/tokens-per-second"
 # An image no node runs for real: tests and benchmarks that are not about engines name it to get the stub model
@@ -22,21 +23,11 @@ class StubConfig:
     probes: list[tuple[int, str]]  # (port, path) that must answer 2xx/3xx before Ready
 
 
-def _flag(args: list[str], *names: str) -> str | None:
-    for i, a in enumerate(args):
-        for n in names:
-            if a == n and i + 1 < len(args):
-                return args[i + 1]
-            if a.startswith(n + "="):
-                return a.split("=", 1)[1]
-    return None
-
-
 def stub_config(pod: dict, default_tps: float) -> StubConfig:
     meta, c0 = pod["metadata"], pod["spec"]["containers"][0]
     ann, env = meta.get("annotations") or {}, {e["name"]: e.get("value", "") for e in c0.get("env") or []}
     args = [str(a) for a in (c0.get("command") or []) + (c0.get("args") or [])]
-    model = (_flag(args, "--served-model-name") or _flag(args, "--model", "--model-path", "--model-id")
+    model = (flag_value(args, "--served-model-name") or flag_value(args, "--model", "--model-path", "--model-id")
              or env.get("SERVED_MODEL_NAME") or env.get("MODEL_NAME") or env.get("MODEL_ID")
              or (meta.get("labels") or {}).get(MODELSERVICE_LABEL) or meta["name"])
 
