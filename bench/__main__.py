@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="N=100 only, 60 s idle window, fewer requests and cold starts (about 5 minutes)")
-    p.add_argument("--only", choices=("operator", "gateway"), help="run one part only")
+    p.add_argument("--only", choices=("operator", "gateway", "engine"), help="run one part only")
     p.add_argument("--sizes", type=_ints, help="ModelService counts, e.g. 100,500,1000 (default: 100,500,1000; quick: 100)")
     p.add_argument("--concurrency", type=int, default=4,
                    help="operator --workers, and the bare client's and the creator's concurrency (default 4)")
@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-tokens", type=int, default=200, help="tokens per stream (default 200)")
     p.add_argument("--stream-tps", type=float, default=100.0, help="stub tokens/s per stream (default 100)")
     p.add_argument("--cold-starts", type=int, help="scale-from-zero repetitions (default 20; quick 5)")
+    p.add_argument("--engine", choices=("vllm", "llamacpp"), default="vllm",
+                   help="the real engine of the engine part's scale-from-zero figure (default vllm)")
+    p.add_argument("--engine-cold-starts", type=int, default=5, help="real-engine cold starts (default 5)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the operator (materialization at the largest N) and the gateway (latency at the "
                         "highest concurrency, and streaming)")
@@ -106,6 +109,15 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         results["gateway"] = await run_gateway(gcfg)
         results["gateway"]["seconds"] = time.monotonic() - t0
+    if args.only in (None, "engine"):
+        from bench.engine_cold import EngineColdConfig, run as run_engine
+        t0 = time.monotonic()
+        try:
+            results["engine"] = await run_engine(EngineColdConfig(work, args.engine, args.engine_cold_starts))
+        except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what the other parts measured
+            log.exception("engine benchmark failed")
+            results["engine"] = {"error": f"{type(e).__name__}: {e}"}
+        results["engine"]["seconds"] = time.monotonic() - t0
     return results
 
 

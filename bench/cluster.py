@@ -28,10 +28,13 @@ API_METRICS = ("apiserver_request_total",)
 
 
 @contextlib.asynccontextmanager
-async def control_plane(work: Path, label: str, *, pods: int) -> AsyncIterator["Cluster"]:
-    """Start a fresh control plane in work/<label>, yield a Cluster, always stop it (and its processes)."""
+async def control_plane(work: Path, label: str, *, pods: int,
+                        engines: tuple[str, ...] = ()) -> AsyncIterator["Cluster"]:
+    """Start a fresh control plane in work/<label>, yield a Cluster, always stop it (and its processes).
+    `engines` run for real on its nodes (tests/cluster/native.py); other pods get the stub."""
     state = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=work))
-    cp = ControlPlane(state, nodes=2, pods_per_node=max(1000, (pods + 1) // 2 + 50), start_timeout=180)
+    cp = ControlPlane(state, nodes=2, pods_per_node=max(1000, (pods + 1) // 2 + 50), start_timeout=180,
+                      engines=engines)
     t0 = time.monotonic()
     await asyncio.to_thread(cp.start)
     log.info("[%s] control plane up in %.1fs (%s)", label, time.monotonic() - t0, state)

@@ -31,7 +31,7 @@ from bench.watch import Watch
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.controlplane import free_port
-from tests.cluster.podspec import TPS_ANNOTATION
+from tests.cluster.podspec import STUB_IMAGE, TPS_ANNOTATION
 from tests.integration.operator_process import OperatorProcess
 
 log = logging.getLogger("bench")
@@ -162,7 +162,7 @@ def endpoint_slice(api_version: str, service: str, host: str, port: int) -> dict
 
 def modelservice(name: str, annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelService", "metadata": {"name": name, "namespace": NS},
-            "spec": {"engine": "vllm", "model": {"uri": "hf://bench/tiny-model"},
+            "spec": {"engine": "vllm", "model": {"uri": "hf://bench/tiny-model"}, "image": STUB_IMAGE,
                      "podTemplate": {"annotations": annotations}, **spec}}
 
 

@@ -28,6 +28,7 @@ from modelservice.kube import ApiError, Kube, object_path
 from modelservice.labels import MANAGED_BY, MANAGED_BY_VALUE, MODELSERVICE_LABEL
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, render
 from modelservice.scaling import Activity, decide
+from tests.cluster.podspec import STUB_IMAGE
 from tests.integration.operator_process import OperatorProcess
 
 log = logging.getLogger("bench")
@@ -63,7 +64,7 @@ def modelservice(name: str, namespace: str = NS) -> dict[str, Any]:
     """The benchmark's ModelService: one vLLM replica (a stub pod on the fake nodes), no GPU, no autoscaling."""
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelService",
             "metadata": {"name": name, "namespace": namespace},
-            "spec": {"engine": "vllm", "model": {"uri": "hf://bench/tiny-model"}}}
+            "spec": {"engine": "vllm", "model": {"uri": "hf://bench/tiny-model"}, "image": STUB_IMAGE}}
 
 
 def bare_children(name: str, namespace: str, versions: ApiVersions) -> list[dict[str, Any]]:

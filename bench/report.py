@@ -9,7 +9,7 @@ from bench.stats import fmt_ratio, fmt_seconds, ratio
 Row = tuple[str, str, str, str, str, str]  # figure, value, baseline, ratio, goal, met
 HEAD: Row = ("figure", "value", "baseline (same run)", "ratio", "goal", "met")
 GOALS = {"materialize_ratio": 1.3, "idle_writes": 0, "rss_mb": 150, "latency_ratio": 2.0, "stream_share": 0.90,
-         "wake_overhead": 0.300}
+         "wake_overhead": 0.300, "engine_overhead_p50": 1.0}
 
 
 def _get(d: Any, *path: Any) -> Any:
@@ -150,6 +150,24 @@ def gateway_rows(res: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def engine_rows(res: dict[str, Any]) -> list[Row]:
+    if res.get("error"):
+        return [("real-engine scale from zero", "failed", res["error"][:80], "", "", "NO")]
+    o = res.get("overhead")
+    rows: list[Row] = [
+        (f"scale from zero x{_get(o, 'n') or 0} ({res.get('engine')}): request -> first token, minus the engine's "
+         "own start, p50/p99", _lat2(o), f"engine's own start {_lat2(res.get('engine_start'))}", "",
+         f"p50 <= {GOALS['engine_overhead_p50']:g} s",
+         _mark(None if not o or o.get("p50") is None else o["p50"] <= GOALS["engine_overhead_p50"])),
+        ("  request -> engine process started p50/p99", _lat2(res.get("request_to_process_start")), "", "", "", ""),
+        (f"  engine's first /health 200 -> first token p50/p99 (startup probe every "
+         f"{res.get('startup_probe_period_seconds')} s)", _lat2(res.get("healthy_to_first_token")), "", "", "", ""),
+        ("  request -> first token p50/p99", _lat2(res.get("request_to_first_token")), "", "", "", "")]
+    if res.get("failures"):
+        rows.append(("real-engine scale from zero: failed cycles", str(res["failures"]), "", "", "0", "NO"))
+    return rows
+
+
 def render(rows: list[Row]) -> str:
     widths = [max(len(r[i]) for r in [HEAD, *rows]) for i in range(len(HEAD))]
     line = "  ".join("-" * w for w in widths)
@@ -172,4 +190,6 @@ def table(doc: dict[str, Any]) -> str:
         parts += ["", f"GATEWAY (loadgen {g.get('loadgen', '?')}; "
                       f"nginx {g.get('nginx_version', '?')}, 1 worker)",
                   render(gateway_rows(g))]
+    if "engine" in res:
+        parts += ["", "REAL ENGINE (the node agent runs it from the rendered pod spec)", render(engine_rows(res["engine"]))]
     return "\n".join(parts)
