@@ -83,7 +83,7 @@ class NodeAgent:
         self.engines = engines or {}  # native engine name → the host executable (hack/get-engines.sh)
         self.pods_dir = pods_dir or Path("/tmp/modelservice-pods")
         self.models = models  # models_offline.OfflineModels: what pre-fills engines' download caches
-        self.kubelet_port, self.kubelet_tls = 10250, None  # `kubectl logs` (kubelet_api.py): set by serve_logs()
+        self.kubelet_port = 10250  # `kubectl logs` reaches the agent here (kubelet_api.py): set by serve_logs()
         self.node_names, self.ready_file = nodes, ready_file
         self.runtimes: dict[str, PodRuntime] = {}
         self.node_uids: dict[str, str] = {}
