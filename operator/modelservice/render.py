@@ -21,7 +21,8 @@ _NOT_PROPAGATED_LABEL_PREFIXES = ("app.kubernetes.io/instance", "argocd.argoproj
                                   "kubectl.kubernetes.io/")
 # The startup probe's period is the largest part of what a cold start costs beyond the engine's own load: a kubelet
 # notices a loaded model on the next probe, then runs the readiness probe at once. 1 s (the smallest a kubelet takes)
-# costs 0.5 s on average; an HTTP GET to /health a second is nothing next to loading weights.
+# costs 0.5 s on average for a load that ends at a random moment, a whole period for an engine up within the first
+# (docs/benchmarks.md); an HTTP GET to /health a second is nothing next to loading weights.
 STARTUP_PERIOD_SECONDS = 1
 
 

@@ -31,6 +31,7 @@ class _Episode:
     held: int = 0
     wake: Optional[asyncio.Task] = None
     error: Optional[str] = None
+    code: str = "no_backend"  # the OpenAI error code that goes with `error`
 
 
 class Activator:
@@ -79,8 +80,7 @@ class Activator:
                                         "(it may still be loading); retry later", "activation_timeout",
                                    retry_after=RETRY_AFTER_SECONDS) from None
             if not self.table.ready(key):
-                raise GatewayError(503, ep.error or f"model {entry.label} has no ready backend",
-                                   "model_not_starting" if "cannot start" in (ep.error or "") else "no_backend",
+                raise GatewayError(503, ep.error or f"model {entry.label} has no ready backend", ep.code,
                                    retry_after=RETRY_AFTER_SECONDS)
         finally:
             ep.held -= 1
@@ -105,7 +105,7 @@ class Activator:
         elif entry.stalled and self.table.replicas(key):
             # The operator says the model cannot come up (e.g. the engine crash-loops): tell the held requests why
             # now; holding them to the activation timeout would only hide the reason.
-            ep.error = f"model {entry.label} cannot start: {entry.stalled}"
+            ep.error, ep.code = f"model {entry.label} cannot start: {entry.stalled}", "model_not_starting"
             ep.ready.set()
             del self._episodes[key]
         elif ep.held:
