@@ -138,6 +138,10 @@ def test_llamacpp_serverless_loop_and_its_metrics(kube, namespace, operator, fak
     # `kubectl logs` reads the engine's own output through the API server (the agent serves the kubelet's endpoint).
     logs = kubectl(kube.kubeconfig, "logs", "-n", namespace, pod.metadata.name, "--tail=200")
     assert "llama" in logs.lower() and "server" in logs.lower(), logs[-1000:]
+    # llama-server's own error, unchanged and in OpenAI's shape, through the gateway: a prompt over its context.
+    too_long = asyncio.run(post(engine_gateway.url, {"model": name, "max_tokens": 4, "messages": [
+        {"role": "user", "content": "hello " * 6000}]}))
+    assert too_long[0] == 400 and "context" in too_long[1]["error"]["message"].lower(), too_long
     # Without include_usage, no usage chunk: the client gets what it asked for.
     status, chunks, raw = asyncio.run(stream_chat(engine_gateway.url, name, usage=False))
     assert status == 200, raw[-2000:]
