@@ -169,61 +169,54 @@ def test_startup_then_readiness_from_the_engines_own_health(tmp_path):
     _run(scenario())
 
 
-def test_an_engine_that_exits_crash_loops_with_its_last_words(tmp_path):
-    async def scenario():
-        clock = FakeClock()
-        script = "import sys; print('loading', flush=True); print('error: invalid argument: --nope', file=sys.stderr); sys.exit(3)"
-        launch = Launch([sys.executable, "-c", script], {}, str(tmp_path))
-        async with aiohttp.ClientSession() as http:
-            pc = ProcessContainer("server", "img", _container(_free_port()), launch, "127.0.0.1", tmp_path / "logs",
-                                  grace=2, http=http, clock=clock)
-            statuses: list[dict] = []
+async def _run_until(tmp_path, container: dict, argv: list[str], until, what: str, clock: Clock):
+    """Run one ProcessContainer until `until(pc)`, then stop it; returns (statuses reported, Events emitted)."""
+    statuses: list[dict] = []
+    events: list[tuple[str, ...]] = []
+    async with aiohttp.ClientSession() as http:
+        pc = ProcessContainer("server", "img", container, Launch(argv, {}, str(tmp_path)), "127.0.0.1",
+                              tmp_path / "logs", grace=2, http=http, clock=clock)
 
-            async def on_change() -> None:
-                statuses.append(pc.state.to_status("native://x"))
-            pc.on_change = on_change
-            task = asyncio.ensure_future(pc.run())
-            await _until(lambda: pc.state.restart_count >= 4, "four restarts")
-            await pc.stop()
-            await asyncio.wait_for(task, 10)
-        assert clock.slept[:3] == [10, 20, 40]  # first restart immediate, then the kubelet's backoff
-        looping = [s for s in statuses if s["state"].get("waiting", {}).get("reason") == "CrashLoopBackOff"]
-        assert looping and "back-off 10s" in looping[0]["state"]["waiting"]["message"]
-        term = looping[-1]["lastState"]["terminated"]
-        assert term["exitCode"] == 3 and term["reason"] == "Error"
-        assert term["message"].endswith("error: invalid argument: --nope") and "loading" in term["message"]
-        assert len(sorted((tmp_path / "logs").glob("*.log"))) >= 4  # one log per restart, as `kubectl logs -p` has
-    _run(scenario())
+        async def on_change() -> None:
+            statuses.append(pc.state.to_status("native://x"))
+
+        async def on_event(*event: str) -> None:
+            events.append(event)
+        pc.on_change, pc.on_event = on_change, on_event
+        task = asyncio.ensure_future(pc.run())
+        await _until(lambda: until(pc), what)
+        await pc.stop()
+        await asyncio.wait_for(task, 10)
+    return statuses, events
+
+
+def test_an_engine_that_exits_crash_loops_with_its_last_words(tmp_path):
+    clock = FakeClock()
+    script = "import sys; print('loading', flush=True); print('error: invalid argument: --nope', file=sys.stderr); sys.exit(3)"
+    statuses, events = asyncio.run(asyncio.wait_for(_run_until(
+        tmp_path, _container(_free_port()), [sys.executable, "-c", script],
+        lambda pc: pc.state.restart_count >= 4, "four restarts", clock), 60))
+    assert clock.slept[:3] == [10, 20, 40]  # first restart immediate, then the kubelet's backoff
+    looping = [s for s in statuses if s["state"].get("waiting", {}).get("reason") == "CrashLoopBackOff"]
+    assert looping and "back-off 10s" in looping[0]["state"]["waiting"]["message"]
+    assert ("Warning", "BackOff") in {e[:2] for e in events}
+    term = looping[-1]["lastState"]["terminated"]
+    assert term["exitCode"] == 3 and term["reason"] == "Error"
+    assert term["message"].endswith("error: invalid argument: --nope") and "loading" in term["message"]
+    assert len(sorted((tmp_path / "logs").glob("*.log"))) >= 4  # one log per restart, as `kubectl logs -p` has
 
 
 def test_a_startup_probe_that_never_passes_kills_and_restarts_the_engine(tmp_path):
-    async def scenario():
-        port = _free_port()
-        launch = Launch([sys.executable, "-c", SERVER, str(port), "0"], {}, str(tmp_path))
-        async with aiohttp.ClientSession() as http:
-            events: list[tuple[str, str, str]] = []
-
-            async def on_event(*event: str) -> None:
-                events.append(event)
-            pc = ProcessContainer("server", "img", _container(port, path="/never", threshold=2), launch,
-                                  "127.0.0.1", tmp_path / "logs", grace=2, http=http, clock=FakeClock(),
-                                  on_event=on_event)
-            seen: list[dict] = []
-
-            async def on_change() -> None:
-                seen.append(pc.state.to_status("native://x"))
-            pc.on_change = on_change
-            task = asyncio.ensure_future(pc.run())
-            await _until(lambda: pc.state.restart_count >= 1, "a restart after the startup probe gave up")
-            await pc.stop()
-            await asyncio.wait_for(task, 10)
-        term = next(s["lastState"]["terminated"] for s in seen if s["lastState"])
-        assert term["exitCode"] in (143, 137) and term["reason"] == "Error"  # SIGTERM (or SIGKILL after the grace)
-        assert not any(s["ready"] for s in seen)
-        # The kubelet's Events on the pod (kubectl describe pod): why it was killed.
-        assert ("Warning", "Unhealthy") == events[0][:2] and "statuscode: 404" in events[0][2]
-        assert events[1][:2] == ("Normal", "Killing") and "failed startup probe" in events[1][2]
-    _run(scenario())
+    port = _free_port()
+    seen, events = asyncio.run(asyncio.wait_for(_run_until(
+        tmp_path, _container(port, path="/never", threshold=2), [sys.executable, "-c", SERVER, str(port), "0"],
+        lambda pc: pc.state.restart_count >= 1, "a restart after the startup probe gave up", FakeClock()), 60))
+    term = next(s["lastState"]["terminated"] for s in seen if s["lastState"])
+    assert term["exitCode"] in (143, 137) and term["reason"] == "Error"  # SIGTERM (or SIGKILL after the grace)
+    assert not any(s["ready"] for s in seen)
+    # The kubelet's Events on the pod (kubectl describe pod): why it was killed.
+    assert ("Warning", "Unhealthy") == events[0][:2] and "statuscode: 404" in events[0][2]
+    assert events[1][:2] == ("Normal", "Killing") and "failed startup probe" in events[1][2]
 
 
 def test_the_kubelet_log_endpoint_serves_current_previous_and_tail(tmp_path):
