@@ -181,7 +181,7 @@ class ControlPlane:
         if self.pids_file.exists():
             if self.is_up():
                 self.reused = True
-                self._add_engines()
+                self.ensure_engines()
                 return self
             st = self.status()
             if self._state().get("node_agent", True) and all(st.get(n) for n in self.ORDER[:-1]) \
@@ -274,7 +274,7 @@ class ControlPlane:
         ])
         self._wait("node-agent", ready.exists, "the node agent to register its nodes and adopt their pods")
 
-    def _add_engines(self) -> None:
+    def ensure_engines(self) -> None:
         """A reused cluster whose node agent runs fewer engines than asked for gets an agent that runs them all."""
         recorded = next((c for c in self._state()["components"] if c["name"] == "node-agent"), None)
         if recorded is None or not self.engines:

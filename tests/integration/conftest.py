@@ -58,8 +58,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster
         _summary.append(f"cluster: KUBECONFIG={env}")
         yield RunningCluster(path, None, "KUBECONFIG")
         return
-    local = ControlPlane(DEFAULT_STATE_DIR)
+    local = ControlPlane(DEFAULT_STATE_DIR, engines=ENGINES)
     if not fresh and local.kubeconfig.exists() and local.is_up() and answers(local.kubeconfig):
+        local.ensure_engines()  # a `make cluster` runs llama.cpp only: its node agent gets the rest
         _summary.append(f"cluster: reused {local.state_dir}")
         yield RunningCluster(local.kubeconfig, local, "reused .cluster/")
         return
