@@ -74,13 +74,14 @@ class _Rogue(socketserver.BaseRequestHandler):
             return
         path = head.split(b" ", 2)[1].decode(errors="replace")
         self.server.paths.append(path)  # type: ignore[attr-defined]
-        if path.startswith("/close"):
+        # The misbehaviour is chosen by the query: the gateway forwards only client paths (gateway/paths.py).
+        if path.endswith("mode=close"):
             sock.close()
-        elif path.startswith("/garbage"):
+        elif path.endswith("mode=garbage"):
             sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
-        elif path.startswith("/silent"):
+        elif path.endswith("mode=silent"):
             self.server.release.wait(30)  # type: ignore[attr-defined]
-        elif path.startswith("/midstream"):
+        elif path.endswith("mode=midstream"):
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
             for i in range(3):
                 data = f'data: {{"token": {i}}}\n\n'.encode()
@@ -473,7 +474,7 @@ async def _held(stage: Stage, label: str, want: int) -> bool:
 
 def test_dying_upstreams_get_the_gateway_status_codes(stage, figures):
     async def status_and_code(s, mode: str) -> tuple[int, str]:
-        async with s.post(stage.model_url("rogue", mode), json=chat("rogue")) as r:
+        async with s.post(stage.model_url("rogue", f"v1/chat/completions?mode={mode}"), json=chat("rogue")) as r:
             return r.status, (await r.json()).get("error", {}).get("code") if r.status >= 400 else ""
 
     async def scenario():
@@ -482,7 +483,7 @@ def test_dying_upstreams_get_the_gateway_status_codes(stage, figures):
             for mode in ("garbage", "silent", "ok"):
                 out[mode] = await status_and_code(s, mode)
             # Mid-stream death: the headers (200) went out; the body must end truncated, not cleanly.
-            async with s.post(stage.model_url("rogue", "midstream"), json=chat("rogue", stream=True)) as r:
+            async with s.post(stage.model_url("rogue", "v1/chat/completions?mode=midstream"), json=chat("rogue", stream=True)) as r:
                 got = b""
                 try:
                     async for chunk in r.content.iter_any():  # bounded by the upstream's three chunks

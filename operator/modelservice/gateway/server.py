@@ -19,7 +19,7 @@ from modelservice.gateway.activity import ActivityTracker
 from modelservice.gateway.auth import KeyStore, bearer_token, key_matches
 from modelservice.gateway.balancer import Balancer
 from modelservice.gateway.config import Config
-from modelservice.gateway import reqstate as rs
+from modelservice.gateway import paths, reqstate as rs
 from modelservice.gateway.errors import GatewayError, error_response
 from modelservice.gateway.kubeops import ClusterOps
 from modelservice.gateway.metrics import Metrics
@@ -119,9 +119,10 @@ class Gateway:
 
         entry = self._known(request, lookup)
         await self._authorize(request, entry)  # before reading the body: strangers don't get to upload 10 MiB
-        body = await read_body(request, self.config.max_body_bytes, self.config.idle_timeout)
         rest = request.rel_url.raw_path.split("/", 4)
         path = "/" + (rest[4] if len(rest) > 4 else "")
+        paths.check(entry.engine, request.method, path)  # engine admin paths are not for clients
+        body = await read_body(request, self.config.max_body_bytes, self.config.idle_timeout)
         if request.rel_url.raw_query_string:
             path += "?" + request.rel_url.raw_query_string
         return await self._serve(request, entry, body, path)
