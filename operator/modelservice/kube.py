@@ -96,7 +96,8 @@ def load_credentials(kubeconfig: Optional[str] = None) -> Credentials:
     if ctx and cfg.cert_file:
         ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
     auth = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
-    token = auth.split(" ", 1)[1] if auth and auth.startswith("Bearer ") else auth
+    # In-cluster config writes "bearer <token>" (lower case), kubeconfig loading "Bearer <token>".
+    token = auth.split(" ", 1)[1] if auth and auth.lower().startswith("bearer ") else auth
     return Credentials(server=cfg.host.rstrip("/"), ssl=ctx, token=token, token_file=token_file)
 
 
