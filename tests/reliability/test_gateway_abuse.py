@@ -472,6 +472,11 @@ async def _held(stage: Stage, label: str, want: int) -> bool:
     return await asyncio.to_thread(stage.gw.metric, "modelservice_gateway_held_requests", model=label) == want
 
 
+def rogue_slice(st: Stage, address: str) -> None:
+    kubectl(st.gw.kubeconfig, "patch", "endpointslice", "rogue-manual", "-n", st.ns, "--type", "json", "-p",
+            json.dumps([{"op": "replace", "path": "/endpoints/0/addresses/0", "value": address}]))
+
+
 def test_dying_upstreams_get_the_gateway_status_codes(stage, figures):
     async def status_and_code(s, mode: str) -> tuple[int, str]:
         async with s.post(stage.model_url("rogue", f"v1/chat/completions?mode={mode}"), json=chat("rogue")) as r:
@@ -496,13 +501,21 @@ def test_dying_upstreams_get_the_gateway_status_codes(stage, figures):
                 out["midstream"] = (r.status, "truncated" if truncated else "clean end",
                                     sum(1 for e in events if e.startswith(b'data: {"token"')),
                                     (last.get("error") or {}).get("code"))
-            # Closed before answering: a refused connection. Last, because since ea2316a an endpoint that refused
-            # is not ready until its EndpointSlice changes: the next request finds no backend at all...
+            # Closed after reading the request, before answering: the engine may have started on it, so it is
+            # not sent elsewhere (the one replay rule), and the endpoint stays (it accepted the connection).
             out["close"] = await status_and_code(s, "close")
             out["after_close"] = await status_and_code(s, "ok")
-            # ...and once the slice changes (any update) the endpoint is judged afresh and used again.
-            await asyncio.to_thread(kubectl, stage.gw.kubeconfig, "annotate", "endpointslice", "rogue-manual",
-                                    "-n", stage.ns, "test.modelservice.dev/touched=1", "--overwrite")
+            # An endpoint that does not listen (127.0.0.2: the rogue listens on 127.0.0.1 only) is out of the table
+            # until its EndpointSlice changes (since ea2316a): the next request finds no backend at all...
+            await asyncio.to_thread(rogue_slice, stage, "127.0.0.2")
+
+            async def refused() -> bool:  # once the gateway has seen the slice move
+                out["refused"] = await status_and_code(s, "ok")
+                return out["refused"][0] != 200
+            await async_wait_for(refused, timeout=30, interval=0.2, message="the gateway routed to 127.0.0.2")
+            out["after_refused"] = await status_and_code(s, "ok")
+            # ...and once the slice changes the endpoint is judged afresh and used again.
+            await asyncio.to_thread(rogue_slice, stage, "127.0.0.1")
 
             async def served_again() -> bool:
                 return (await status_and_code(s, "ok"))[0] == 200
@@ -522,8 +535,10 @@ def test_dying_upstreams_get_the_gateway_status_codes(stage, figures):
     assert out["ok"][0] == 200
     # The upstream's three events, then the gateway's error event (OpenAI's shape, since 82f7b2b), then the cut.
     assert out["midstream"] == (200, "truncated", 3, "upstream_failed_mid_stream"), out["midstream"]
-    assert out["close"] == (502, "backend_unreachable")
-    assert out["after_close"] == (503, "no_backend")
+    assert out["close"] == (502, "bad_gateway")
+    assert out["after_close"] == (200, "")
+    assert out["refused"] == (502, "backend_unreachable")
+    assert out["after_refused"] == (503, "no_backend")
     assert out["parked"] == (503, "no_backend")
     assert out["warm"] == 200
     assert stage.gw.alive()

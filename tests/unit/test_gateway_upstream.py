@@ -1,14 +1,19 @@
 """The gateway's hop to pods (upstream.py) against raw sockets that misbehave on purpose: stale keep-alive
-connections, answers delimited by EOF, HEAD, garbage, silence, a slow reader, a port nobody listens on."""
+connections, answers delimited by EOF, HEAD, garbage, silence, a slow reader, a port nobody listens on.
+
+The pool never retries: each branch here says whether the pod can have seen the request (NotSent or not), which is
+what the proxy's one replay rule decides on (test_gateway_replay.py)."""
 
 import asyncio
 import contextlib
 import socket
+import threading
+import time
 
 import pytest
 
 from modelservice.gateway import upstream
-from modelservice.gateway.upstream import ConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
+from modelservice.gateway.upstream import NotSent, UpstreamError, UpstreamPool, UpstreamTimeout
 
 
 def run(coro):
@@ -85,20 +90,116 @@ def test_keep_alive_connection_is_reused_and_request_is_sent_whole():
                        % port)
 
 
-def test_pooled_connection_closed_by_the_pod_is_replaced_transparently():
+class BlockingPod:
+    """A pod on a plain socket in a thread, so the test decides when it closes a connection while the event loop is
+    not running (asyncio then cannot have noticed the close: only the kernel knows)."""
+
+    def __init__(self, how: str = "fin"):
+        self.how = how  # after one answer: "fin" closes, "rst" resets (SO_LINGER 0)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.close_now, self.closed = threading.Event(), threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while b"{}" not in data:  # every request here carries the body {}
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if not data:
+                    continue
+                self.requests.append(data)
+                conn.sendall(ok(b"answer%d" % len(self.requests)))
+                if not self.close_now.wait(10):
+                    continue
+                if self.how == "rst":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self.closed.set()
+            self.close_now.clear()
+
+    def close_pooled(self, p: UpstreamPool) -> "upstream._Conn":
+        """Close the pod's side of the one pooled connection and block (the loop does not run) until our kernel
+        knows; returns that connection, which asyncio still takes for open."""
+        (conn,) = [c for idle in p._idle.values() for c in idle]
+        self.close_now.set()
+        assert self.closed.wait(10)
+        for _ in range(1000):  # bounded; the kernel usually knows by the time close() returned
+            if conn.peer_gone():
+                break
+            time.sleep(0.01)
+        assert conn.peer_gone() and not conn.closed
+        return conn
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_pooled_connection_the_pod_closed_is_never_written_to(how):
+    """The pod closed an idle keep-alive connection (its keep-alive timeout is shorter than ours) and asyncio has
+    not noticed yet: the pool must not write the request into it (the pod could not be shown not to have read it);
+    it takes a fresh connection, and the pod gets the request exactly once."""
+    pod = BlockingPod(how)
+
+    async def scenario():
+        p = pool()
+        assert await fetch(p, pod.port) == (200, b"answer1")
+        pod.close_pooled(p)
+        assert await fetch(p, pod.port) == (200, b"answer2")  # a new connection, the same single try
+        await p.close()
+
+    try:
+        run(scenario())
+    finally:
+        pod.stop()
+    assert len(pod.requests) == 2
+
+
+def test_a_connection_reset_before_the_write_is_not_sent():
+    """The first write fails at once (the socket was reset): no byte left, so NotSent, whatever asyncio knew."""
+    pod = BlockingPod("rst")
+
+    async def scenario():
+        p = pool()
+        assert await fetch(p, pod.port) == (200, b"answer1")
+        conn = pod.close_pooled(p)
+        p._idle.clear()
+        with pytest.raises(NotSent):
+            await p._exchange(conn, b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "POST")
+        await p.close()
+
+    try:
+        run(scenario())
+    finally:
+        pod.stop()
+    assert len(pod.requests) == 1
+
+
+def test_a_pod_that_reads_the_request_and_closes_may_have_seen_it():
+    """Closed after the request was written, before any byte of an answer: not NotSent (the pod may have started on
+    it), and the pool does not send it again."""
     async def handler(reader, writer, n):
         await read_request(reader)
-        writer.write(ok(b"conn%d" % n))
-        await writer.drain()
-        # closes after one answer without saying so (no Connection: close), like a keep-alive timeout firing
 
     async def scenario():
         async with raw_server(handler) as (port, conns):
             p = pool()
-            assert await fetch(p, port) == (200, b"conn1")
-            await asyncio.sleep(0.1)  # the FIN may or may not have been noticed; both paths must work
-            assert await fetch(p, port) == (200, b"conn2")
-            assert await fetch(p, port) == (200, b"conn3")
+            with pytest.raises(UpstreamError) as e:
+                await fetch(p, port)
+            assert not isinstance(e.value, NotSent)
+            assert conns() == 1
             await p.close()
 
     run(scenario())
@@ -161,14 +262,14 @@ def test_garbage_silence_and_refusal_are_distinct_errors():
         async with raw_server(garbage) as (port, _):
             with pytest.raises(UpstreamError) as e:
                 await fetch(p, port)
-            assert not isinstance(e.value, (ConnectError, UpstreamTimeout))
+            assert not isinstance(e.value, (NotSent, UpstreamTimeout))
         async with raw_server(silent) as (port, _):
             with pytest.raises(UpstreamTimeout):
                 await fetch(p, port)
         with socket.socket() as s:  # a port that was free a moment ago: nobody listens
             s.bind(("127.0.0.1", 0))
             free = s.getsockname()[1]
-        with pytest.raises(ConnectError):
+        with pytest.raises(NotSent):
             await fetch(p, free)
         await p.close()
 
@@ -186,7 +287,7 @@ def test_death_mid_answer_is_an_error_not_a_short_answer():
             p = pool()
             with pytest.raises(UpstreamError) as e:
                 await fetch(p, port)
-            assert not isinstance(e.value, ConnectError)  # the pod saw the request: not safe to send elsewhere
+            assert not isinstance(e.value, NotSent)  # the pod saw the request: not safe to send elsewhere
             await p.close()
 
     run(scenario())

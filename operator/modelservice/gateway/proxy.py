@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
@@ -21,11 +21,19 @@ from modelservice.gateway.deadline import within
 from modelservice.gateway import reqstate as rs
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.metrics import Metrics
-from modelservice.gateway.routes import Endpoint, ModelEntry
-from modelservice.gateway.upstream import ConnectError, Response, UpstreamError, UpstreamPool, UpstreamTimeout
+from modelservice.gateway.routes import Endpoint, ModelEntry, RouteTable
+from modelservice.gateway.upstream import NotSent, Response, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger("modelservice.gateway.proxy")
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # sends per request, whatever their outcome
+MAX_WAITS = 2  # waits for a ready endpoint per request: a cold start, then the replacements of dead endpoints
+# Answers that say the engine did not take the request on: Ollama's "server busy" (503), TGI's "model is overloaded"
+# (429), a server shutting down (503). The head is all the engine wrote, so another endpoint may have it instead.
+REFUSAL_STATUSES = frozenset({429, 503})
+RETRY_AFTER = 5  # seconds, on our 503s
+# Idle pooled connections close before the engines close them (5 s: uvicorn's for vLLM, cpp-httplib's for
+# llama.cpp), so a pod rarely closes one just as a request is written to it: that request could not be replayed.
+KEEPALIVE = 4.0
 SMALL_BODY = 64 * 1024  # answers up to this size are relayed in one write
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length",
@@ -33,7 +41,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 
 
 def make_pool(connect_timeout: float, read_timeout: float) -> UpstreamPool:
-    return UpstreamPool(connect_timeout=connect_timeout, read_timeout=read_timeout, keepalive_timeout=15)
+    return UpstreamPool(connect_timeout=connect_timeout, read_timeout=read_timeout, keepalive_timeout=KEEPALIVE)
 
 
 def upstream_headers(request: web.BaseRequest, *, strip_authorization: bool) -> list[tuple[str, str]]:
@@ -56,25 +64,56 @@ class Proxy:
         self.pool, self.balancer, self.metrics = pool, balancer, metrics
         self.idle_timeout = idle_timeout
 
-    async def forward(self, request: web.Request, entry: ModelEntry, body: bytes, path: str,
-                      endpoints: Callable[[], Sequence[Endpoint]], *, strip_authorization: bool) -> web.StreamResponse:
-        """Send to the least-loaded ready endpoint; on a connect failure try another (nothing was sent yet)."""
+    async def forward(self, request: web.Request, entry: ModelEntry, body: bytes, path: str, table: RouteTable,
+                      wait_ready: Callable[[], Awaitable[None]], *, strip_authorization: bool) -> web.StreamResponse:
+        """Serve the request from one of the model's ready endpoints: the gateway's one retry loop.
+
+        One budget per request: at most MAX_ATTEMPTS sends, and at most two waits for a ready endpoint (a cold
+        start, and the replacements of endpoints that all stopped listening). A try is replayed on another endpoint
+        only when that endpoint provably produced nothing: NotSent (no byte of the request was written) or a refusal
+        (REFUSAL_STATUSES before any byte of the body). Anything else is the answer, relayed or turned into 502/504:
+        an engine that may have read the request is never sent it twice.
+        """
         headers = upstream_headers(request, strip_authorization=strip_authorization)
+        key = entry.key
         tried: set[Endpoint] = set()
-        last_error = "no ready endpoint"
-        for _ in range(MAX_ATTEMPTS):
-            ep = self.balancer.pick(endpoints(), exclude=tried)
+        unreachable: set[Endpoint] = set()
+        failure: Optional[GatewayError] = None  # what the tries so far came to, if nothing answers
+        attempts = waits = 0
+        while True:
+            ep = self.balancer.pick(table.ready(key), exclude=tried) if attempts < MAX_ATTEMPTS else None
             if ep is None:
-                break
+                if unreachable:
+                    # Not listening: a pod that is going away stops listening before its EndpointSlice drops it.
+                    # Out of the table until the slice changes, or the wait below would return at once to them.
+                    table.refused(key, frozenset(unreachable))
+                    unreachable.clear()
+                if attempts == MAX_ATTEMPTS or waits == MAX_WAITS or table.ready(key):
+                    raise failure or GatewayError(503, f"model {entry.label} has no ready backend", "no_backend",
+                                                  retry_after=RETRY_AFTER)
+                waits += 1
+                try:
+                    await wait_ready()  # the activator: wakes a model at zero, holds the request until a pod is ready
+                except GatewayError:
+                    if failure is None:
+                        raise
+                    raise failure from None  # nothing replaced them: the precise error is what they did
+                continue
+            attempts += 1
             tried.add(ep)
+            gauge = self.metrics.child(self.metrics.in_flight, entry.label)
+            gauge.inc()
             self.balancer.acquire(ep)
             try:
                 started = time.monotonic()
                 try:
                     upstream = await self.pool.request(request.method, ep.address, ep.port, path, headers, body)
-                except ConnectError as e:
-                    last_error = str(e)
-                    log.info("%s: %s unreachable, trying another endpoint: %s", entry.label, ep.base_url, last_error)
+                except NotSent as e:
+                    log.info("%s: %s unreachable: %s", entry.label, ep.base_url, e)
+                    unreachable.add(ep)
+                    if failure is None or failure.code == "backend_unreachable":  # a refusal says more
+                        failure = GatewayError(502, f"model {entry.label}: no backend accepted the connection ({e})",
+                                               "backend_unreachable")
                     continue
                 except UpstreamTimeout:
                     raise GatewayError(504, f"model {entry.label} did not answer in time", "upstream_timeout") from None
@@ -82,18 +121,22 @@ class Proxy:
                     log.warning("%s: %s failed: %s", entry.label, ep.base_url, e)
                     raise GatewayError(502, f"model {entry.label} failed before answering", "bad_gateway") from None
                 self.metrics.child(self.metrics.upstream_latency, entry.label).observe(time.monotonic() - started)
-                request[rs.ENDPOINT] = ep
+                if upstream.status in REFUSAL_STATUSES and attempts < MAX_ATTEMPTS \
+                        and self.balancer.pick(table.ready(key), exclude=tried) is not None:
+                    log.info("%s: %s refused the request (%d), trying another endpoint", entry.label, ep.base_url,
+                             upstream.status)
+                    upstream.release()  # unread: the connection closes; the next endpoint's answer replaces it
+                    failure = GatewayError(503, f"model {entry.label} is busy: its backends refused the request "
+                                                f"({upstream.status} {upstream.reason})", "backend_busy",
+                                           retry_after=RETRY_AFTER)
+                    continue
                 try:
                     return await self._relay(request, upstream, entry)
                 finally:
                     upstream.release()  # pools a fully read connection; mid-stream it drops it, stopping the engine
             finally:
                 self.balancer.release(ep)
-        if tried:
-            request[rs.REFUSED] = frozenset(tried)  # every one refused: the caller may wait for replacements
-            raise GatewayError(502, f"model {entry.label}: no backend accepted the connection ({last_error})",
-                               "backend_unreachable")
-        raise GatewayError(503, f"model {entry.label} has no ready backend", "no_backend", retry_after=5)
+                gauge.dec()
 
     async def _relay(self, request: web.Request, upstream: Response, entry: ModelEntry) -> web.StreamResponse:
         length = upstream.content_length
@@ -129,7 +172,6 @@ class Proxy:
             # client the answer is truncated; a clean end would pass a half answer off as whole. An event stream
             # first gets an error event in OpenAI's shape: SDKs raise on it, where a bare cut reads as a network blip.
             log.warning("%s: upstream failed mid-response: %s", entry.label, type(e).__name__)
-            request[rs.UPSTREAM_ABORTED] = True
             if _is_event_stream(upstream):
                 with contextlib.suppress(ConnectionResetError, asyncio.TimeoutError):
                     async with within(self.idle_timeout):

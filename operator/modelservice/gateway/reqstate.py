@@ -13,8 +13,5 @@ def _key(name: str, t: type) -> Any:
 
 
 MODEL = _key("model", str)  # namespace/name, once resolved
-ENDPOINT = _key("endpoint", object)  # the routes.Endpoint that answered
 STRIP_AUTHORIZATION = _key("strip_authorization", bool)
 CLIENT_GONE = _key("client_gone", bool)
-UPSTREAM_ABORTED = _key("upstream_aborted", bool)
-REFUSED = _key("refused", frozenset)  # endpoints that refused the connection (nothing was sent to them)

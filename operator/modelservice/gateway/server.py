@@ -163,38 +163,14 @@ class Gateway:
         request[rs.STRIP_AUTHORIZATION] = True  # our key is for us; the model server never sees it
 
     async def _serve(self, request: web.Request, entry: ModelEntry, body: bytes, path: str) -> web.StreamResponse:
+        """The one place a proxied request starts and ends (held or not): its outcome is known in the finally."""
         assert self.proxy is not None, "the app has not started"
-        key = entry.key
-        self.activity.started(key)
-        gauge = self.metrics.child(self.metrics.in_flight, entry.label)
-        refused: GatewayError | None = None
+        self.activity.started(entry.key)
         try:
-            for attempt in range(2):  # a second round only after every endpoint refused to connect
-                if not self.table.ready(key):
-                    try:
-                        await self.activator.wait(entry)
-                    except GatewayError:
-                        if refused is None:
-                            raise
-                        raise refused from None  # nothing replaced them: the precise error is the refusal
-                gauge.inc()
-                try:
-                    return await self.proxy.forward(
-                        request, entry, body, path, lambda: self.table.ready(key),
-                        strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False))
-                except GatewayError as e:
-                    # The pods we knew died (a rollout, a crash, a scale to zero the EndpointSlice has not caught up
-                    # with): nothing was sent to them, so wait for the replacement like a cold start. They stop
-                    # counting as ready until their slice changes, or the wait would return at once to them.
-                    if attempt or e.code not in ("no_backend", "backend_unreachable"):
-                        raise
-                    refused = e
-                    self.table.refused(key, request.get(rs.REFUSED, frozenset()))
-                finally:
-                    gauge.dec()
-            raise AssertionError("unreachable")
+            return await self.proxy.forward(request, entry, body, path, self.table, lambda: self.activator.wait(entry),
+                                            strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False))
         finally:
-            self.activity.finished(key)
+            self.activity.finished(entry.key)
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:

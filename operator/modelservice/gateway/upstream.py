@@ -9,11 +9,14 @@ they arrive. Pooling, flow control and timeouts are all there is to it.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import defaultdict, deque
 from typing import AsyncIterator, Optional
 
 import httptools
 
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info (linux/tcp.h)
 HIGH_WATER = 256 * 1024  # unread answer bytes at which we stop reading from the pod (a slow client)
 LOW_WATER = 64 * 1024
 MAX_IDLE_PER_ENDPOINT = 256
@@ -23,9 +26,9 @@ class UpstreamError(Exception):
     """The pod failed while answering; the client may have seen part of the answer."""
 
 
-class ConnectError(UpstreamError):
-    """Nothing reached the pod: the connection was refused or timed out, or the pod closed it before answering.
-    Safe to send the request to another endpoint."""
+class NotSent(UpstreamError):
+    """No byte of the request left the gateway: the connection could not be made, or the first write failed. The pod
+    cannot have seen the request, so it may go to another endpoint (docs/reliability.md, "One replay rule")."""
 
 
 class UpstreamTimeout(UpstreamError):
@@ -97,7 +100,8 @@ class Response:
         if self._head_done and self.content_length is None and not self.chunked:
             self.done = True  # an answer delimited by the connection's end (HTTP/1.0 style) is complete
         elif not self.received:
-            self._error = ConnectError(f"the pod closed the connection before answering ({exc or 'EOF'})")
+            # The request was written: the pod may have read it and died working on it. Not NotSent.
+            self._error = UpstreamError(f"the pod closed the connection before answering ({exc or 'EOF'})")
         else:
             self._error = UpstreamError(f"the pod closed the connection mid-answer ({exc or 'EOF'})")
         self._wake()
@@ -216,9 +220,27 @@ class _Conn(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def peer_gone(self) -> bool:
+        """The pod closed (FIN) or reset this idle connection, as the kernel knows it now: asyncio learns of it only
+        on the loop's next poll, and a request written in between would be lost with no way to tell whether the pod
+        read it. Linux only (TCP_INFO); elsewhere what asyncio has seen (`closed`) is all we know."""
+        if self.closed:
+            return True
+        if _TCP_INFO is None:
+            return False
+        try:
+            return self.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] \
+                != _TCP_ESTABLISHED
+        except (OSError, AttributeError):
+            return False
+
     def send(self, data: bytes, method: str, read_timeout: float) -> Response:
         self.response = Response(self, method, read_timeout)
         self.transport.write(data)
+        if self.transport.is_closing():
+            # write() tries send() at once; only its failure closes the transport, and a failed send() took no byte.
+            self.closed = True
+            raise NotSent("the pod's connection failed before the request was written")
         return self.response
 
     def finished(self, *, reusable: bool) -> None:
@@ -237,7 +259,8 @@ class UpstreamPool:
 
     async def request(self, method: str, host: str, port: int, target: str, headers: list[tuple[str, str]],
                       body: bytes) -> Response:
-        """Send the request and wait for the answer's head. Raises ConnectError when the pod can't have seen it."""
+        """Send the request once and wait for the answer's head. NotSent: the pod cannot have seen it; any other
+        UpstreamError: it may have. Never retries: that is the proxy's one decision (proxy.py)."""
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         lines = [f"{method} {target} HTTP/1.1", f"Host: {netloc}"]
         lines += [f"{k}: {v}" for k, v in headers]
@@ -245,19 +268,12 @@ class UpstreamPool:
             lines.append(f"Content-Length: {len(body)}")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
         key = (host, port)
-        conn = self._take(key)
-        if conn is not None:
-            try:
-                return await self._exchange(conn, data, method)
-            except ConnectError:
-                # The pod closed a pooled connection as we reused it (its keep-alive timeout can be shorter than
-                # ours): it never saw this request, so a fresh connection is the same first attempt.
-                pass
-        return await self._exchange(await self._connect(key), data, method)
+        conn = self._take(key) or await self._connect(key)
+        return await self._exchange(conn, data, method)
 
     async def _exchange(self, conn: _Conn, data: bytes, method: str) -> Response:
-        resp = conn.send(data, method, self.read_timeout)
         try:
+            resp = conn.send(data, method, self.read_timeout)
             await resp.head()
         except BaseException:
             conn.close()
@@ -270,20 +286,23 @@ class UpstreamPool:
             _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, key), *key),
                                              self.connect_timeout)
         except asyncio.TimeoutError:
-            raise ConnectError(f"connect to {key[0]}:{key[1]} timed out after {self.connect_timeout:g}s") from None
+            raise NotSent(f"connect to {key[0]}:{key[1]} timed out after {self.connect_timeout:g}s") from None
         except OSError as e:
-            raise ConnectError(f"connect to {key[0]}:{key[1]} failed: {e.strerror or e}") from None
+            raise NotSent(f"connect to {key[0]}:{key[1]} failed: {e.strerror or e}") from None
         return conn
 
     def _take(self, key: tuple[str, int]) -> Optional[_Conn]:
+        """An idle connection the pod has not closed, if any: one it closed while idle (its keep-alive timeout) is
+        dropped here, before a byte is written to it, so its loss costs no attempt."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
                 conn.idle_timer = None
-            if not conn.closed:
+            if not conn.peer_gone():
                 return conn
+            conn.close()
         return None
 
     def put(self, conn: _Conn) -> None:
