@@ -39,6 +39,21 @@ def _render(path: str, gateway_enabled: bool) -> int:
     return 0
 
 
+def _network_policy(args: argparse.Namespace):
+    from modelservice.netpol import NetworkPolicyConfig, parse_labels
+
+    if not args.network_policy:
+        return None
+    if not args.gateway_namespace or not args.gateway_pod_selector:
+        raise SystemExit("--network-policy needs --gateway-namespace and --gateway-pod-selector: the policy lets only "
+                         "the gateway's pods reach a model")
+    try:
+        labels = parse_labels(args.gateway_pod_selector)
+    except ValueError as e:
+        raise SystemExit(f"--gateway-pod-selector: {e}") from None
+    return NetworkPolicyConfig(args.gateway_namespace, labels, tuple(args.metrics_namespace or ()))
+
+
 def _run(args: argparse.Namespace) -> int:
     import os
     if args.kubeconfig:  # before kopf/kubernetes are imported: they read $KUBECONFIG at import time
@@ -49,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     from modelservice import handlers
 
     handlers.OPTIONS.update(gateway_enabled=args.gateway_enabled, workers=args.workers,
+                            network_policy=_network_policy(args),
                             kubeconfig=args.kubeconfig, watch_dead_after=args.watch_dead_after,
                             resync_seconds=args.resync_seconds, namespaces=args.namespace or [])
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
@@ -77,6 +93,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch all namespaces (default)")
     run.add_argument("--gateway-enabled", action="store_true", help="the gateway is installed (scale to zero, API keys)")
+    run.add_argument("--network-policy", action="store_true",
+                     help="render a NetworkPolicy per ModelService: only the gateway's pods reach the engine port")
+    run.add_argument("--gateway-namespace", help="namespace of the gateway's pods (for --network-policy)")
+    run.add_argument("--gateway-pod-selector", metavar="K=V[,K=V]", help="labels of the gateway's pods")
+    run.add_argument("--metrics-namespace", action="append", metavar="NS",
+                     help="also let pods of this namespace reach the engines' metrics port (repeatable; opt-in: "
+                          "most engines serve metrics on the inference port, so this lets them call models too)")
     run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     run.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port, /healthz (0: off)")
     run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")

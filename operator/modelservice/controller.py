@@ -21,6 +21,7 @@ from modelservice.apply import discover_versions, sync_children
 from modelservice.events import EventRecorder, now_rfc3339
 from modelservice.kube import ApiError, Kube, object_path
 from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE, MODELSERVICE_LABEL
+from modelservice.netpol import API_VERSION as NETPOL_API_VERSION, NetworkPolicyConfig, network_policy
 from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
 from modelservice.scaling import activity_from_leases, decide
@@ -102,8 +103,9 @@ def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
 
 class Controller:
     def __init__(self, kube: Kube, *, gateway_enabled: bool = False, workers: int = 4, resync_seconds: float = 600,
-                 namespaces: Optional[list[str]] = None):
+                 namespaces: Optional[list[str]] = None, network_policy: Optional[NetworkPolicyConfig] = None):
         self.kube = kube
+        self.network_policy = network_policy  # None: no NetworkPolicy per model (and ours are deleted)
         self.gateway_enabled = gateway_enabled
         self.store = Store()
         self.queue: WorkQueue[Key] = WorkQueue()
@@ -135,7 +137,8 @@ class Controller:
 
         kinds = [(kind, api_version, MANAGED_SELECTOR, child(kind, api_version)) for kind, api_version in (
             ("Deployment", "apps/v1"), ("Service", "v1"), ("PersistentVolumeClaim", "v1"),
-            ("HorizontalPodAutoscaler", self.versions.hpa), ("PodDisruptionBudget", self.versions.pdb))]
+            ("HorizontalPodAutoscaler", self.versions.hpa), ("PodDisruptionBudget", self.versions.pdb),
+            ("NetworkPolicy", NETPOL_API_VERSION))]
         kinds += [("Pod", "v1", MANAGED_SELECTOR, lambda event, obj: self.on_pod(event, slim(obj, "Pod"))),
                   ("Lease", "coordination.k8s.io/v1", f"{ACTIVITY_LABEL}=true",
                    lambda event, obj: self.on_lease(event, slim(obj, "Lease")))]
@@ -279,7 +282,9 @@ class Controller:
         if not old_status:  # tell GitOps tools we are on it before the first child exists
             await self._write_status(body, Observed(**facts, first_pass=True))
 
-        result = await sync_children(self.kube, render(ctx, spec), children, meta["uid"], CHILD_KINDS)
+        desired = {**render(ctx, spec), "NetworkPolicy": network_policy(ctx, spec, self.network_policy)}
+        # The policy first: the pods are never reachable around the gateway, not even while it is being created.
+        result = await sync_children(self.kube, desired, children, meta["uid"], ("NetworkPolicy",) + CHILD_KINDS)
         for verb, kinds in (("apply", result.created + result.updated), ("delete", result.deleted)):
             for kind in kinds:
                 API_WRITES.labels(verb=verb, kind=kind).inc()

@@ -32,7 +32,7 @@ PLURALS = {
     "HorizontalPodAutoscaler": "horizontalpodautoscalers", "PodDisruptionBudget": "poddisruptionbudgets",
     "Pod": "pods", "Event": "events", "Lease": "leases", "EndpointSlice": "endpointslices",
     "ModelService": "modelservices", "Secret": "secrets", "Namespace": "namespaces",
-    "CustomResourceDefinition": "customresourcedefinitions",
+    "CustomResourceDefinition": "customresourcedefinitions", "NetworkPolicy": "networkpolicies",
 }
 CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition"}
 

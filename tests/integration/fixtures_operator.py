@@ -9,6 +9,13 @@ import pytest
 from tests.integration.gateway_process import TEST_FLAGS, GatewayProcess
 from tests.integration.operator_process import OperatorProcess, install_crds
 
+# The session operator's flags; a test that runs a second operator beside it uses the same ones, or the two would take
+# turns rewriting what they disagree on (status.endpoint, the NetworkPolicy). The gateway runs here as a process, not
+# a pod: the selector names the chart's gateway pods, and the policies are checked for what they select.
+GATEWAY_POD_SELECTOR = "app.kubernetes.io/name=modelservice-operator,app.kubernetes.io/component=gateway"
+OPERATOR_FLAGS = ["--gateway-enabled", "--network-policy", "--gateway-namespace", "modelservice-system",
+                  "--gateway-pod-selector", GATEWAY_POD_SELECTOR]
+
 
 @pytest.fixture(scope="session")
 def crds(cluster) -> None:
@@ -19,7 +26,7 @@ def crds(cluster) -> None:
 def operator(cluster, crds, tmp_path_factory) -> Iterator[OperatorProcess]:
     # A short resync so the idle-resync test sees several passes; production default is 600 s.
     op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
-                         extra_args=["--gateway-enabled", "--resync-seconds", "3"]).start()
+                         extra_args=[*OPERATOR_FLAGS, "--resync-seconds", "3"]).start()
     yield op
     op.stop()
 

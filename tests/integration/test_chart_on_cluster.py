@@ -14,6 +14,7 @@ import yaml
 from tests import helm_util as hu
 from tests.cluster.kube import create_namespace, delete_namespace
 from tests.integration import ms
+from tests.integration.fixtures_operator import OPERATOR_FLAGS
 from tests.integration.gateway_process import TEST_FLAGS, GatewayProcess
 from tests.integration.operator_process import OperatorProcess, kubectl
 
@@ -99,7 +100,7 @@ def test_operator_and_gateway_run_as_their_service_accounts(kube, namespace, crd
     op = gw = None
     try:
         op = OperatorProcess(_sa_kubeconfig(kube, release_ns, op_sa, tmp_path / "op.kubeconfig"),
-                             tmp_path / "operator.log", extra_args=["--gateway-enabled", *scope_args]).start()
+                             tmp_path / "operator.log", extra_args=[*OPERATOR_FLAGS, *scope_args]).start()
         gw = GatewayProcess(_sa_kubeconfig(kube, release_ns, gw_sa, tmp_path / "gw.kubeconfig"),
                             tmp_path / "gateway.log", *TEST_FLAGS, *scope_args).start()
         ms.create(kube, work, ms.body("rbac", resources={"requests": {"cpu": "1"}},

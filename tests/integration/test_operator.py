@@ -9,6 +9,7 @@ from kubernetes.client.rest import ApiException
 
 from tests.cluster.wait import wait_for
 from tests.integration import ms
+from tests.integration.fixtures_operator import OPERATOR_FLAGS
 from tests.integration.operator_process import OperatorProcess, kubectl
 
 ENGINE_EXAMPLES = ["vllm", "sglang", "tgi", "triton", "ollama", "llamacpp", "custom", "scale-to-zero"]
@@ -184,7 +185,7 @@ def _settle(kube, op, namespace, name):
 def test_idle_resync_writes_nothing(kube, namespace, crds, fake_nodes, tmp_path):
     # An operator of its own, scoped to this namespace, so its write counter speaks of this object only.
     op = OperatorProcess(kube.kubeconfig, tmp_path / "operator.log",
-                         extra_args=["--namespace", namespace, "--gateway-enabled", "--resync-seconds", "2"]).start()
+                         extra_args=["--namespace", namespace, *OPERATOR_FLAGS, "--resync-seconds", "2"]).start()
     try:
         ms.create(kube, namespace, ms.body("idle", replicas=2))
         ms.wait_condition(kube, namespace, "idle", "Ready", "True")
@@ -220,7 +221,7 @@ def test_a_restarted_operator_adopts_its_children_without_rewriting_them(kube, n
         # Flags as the session's operator (it may be running too, cluster-wide): two operators that disagree about
         # status (endpoint) would take turns rewriting it.
         return OperatorProcess(kube.kubeconfig, tmp_path / log_name,
-                               extra_args=["--namespace", namespace, "--gateway-enabled", "--resync-seconds", "2"]).start()
+                               extra_args=["--namespace", namespace, *OPERATOR_FLAGS, "--resync-seconds", "2"]).start()
 
     op = start("first.log")
     try:

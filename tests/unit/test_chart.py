@@ -39,6 +39,7 @@ OPERATOR_NAMESPACED = (
     | _triples("", "services persistentvolumeclaims", CHILD)
     | _triples("autoscaling", "horizontalpodautoscalers", CHILD)
     | _triples("policy", "poddisruptionbudgets", CHILD)
+    | _triples("networking.k8s.io", "networkpolicies", CHILD)
     | _triples("", "pods", "get list watch")
     | _triples("coordination.k8s.io", "leases", "get list watch")
     | _triples("", "events", "get create patch")
@@ -154,7 +155,9 @@ def test_operator_deployment_contract():
     assert c["image"] == "ghcr.io/modelservice/modelservice-operator:0.1.0"
     assert c["command"] == ["modelservice-operator"]
     assert c["args"] == ["run", "--all-namespaces", "--metrics-port", "8080", "--health-port", "8081",
-                         "--gateway-enabled"]
+                         "--gateway-enabled", "--network-policy", "--gateway-namespace", "modelservice-system",
+                         "--gateway-pod-selector", "app.kubernetes.io/component=gateway,app.kubernetes.io/instance="
+                         "modelservice,app.kubernetes.io/name=modelservice-operator"]
     for probe in (c["livenessProbe"], c["readinessProbe"]):
         assert probe["httpGet"]["path"] == "/healthz"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080, "health": 8081}
@@ -240,10 +243,26 @@ def test_image_tag_and_digest():
     assert image.startswith("registry.example.com/mirror/modelservice-operator@sha256:")
 
 
+def test_network_policy_lets_in_exactly_the_gateway_pods():
+    """The selector the operator gets names the labels the gateway's pods carry (and pods of no other Deployment)."""
+    from modelservice.netpol import parse_labels
+
+    docs = hu.render(values={"networkPolicy": {"metricsNamespaces": ["monitoring"]}})
+    args = hu.container_args(docs, OPERATOR)
+    selector = parse_labels(args[args.index("--gateway-pod-selector") + 1])
+    for dep in hu.of_kind(docs, "Deployment"):
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert (selector.items() <= labels.items()) == (dep["metadata"]["name"] == GATEWAY), dep["metadata"]["name"]
+    assert args[args.index("--metrics-namespace") + 1] == "monitoring"
+    off = hu.container_args(hu.render(values={"networkPolicy": {"enabled": False}}), OPERATOR)
+    assert "--network-policy" not in off and "--gateway-enabled" in off
+
+
 def test_gateway_off_renders_no_gateway():
     docs = rendered(hu.CI_VALUES_DIR / "gateway-off-values.yaml")
     assert [d for d in docs if hu.component(d) == "gateway"] == []
     assert "--gateway-enabled" not in hu.container_args(docs, OPERATOR)
+    assert "--network-policy" not in hu.container_args(docs, OPERATOR)  # no gateway: nothing to let in
 
 
 @pytest.mark.parametrize("kube_version, api_version", [("1.20.0", "policy/v1beta1"), ("1.21.0", "policy/v1"),

@@ -72,6 +72,15 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/* A label map as k=v,k=v (sorted by key): a label selector on a command line. */}}
+{{- define "modelservice.labelList" -}}
+{{- $out := list }}
+{{- range $k, $v := . }}
+{{- $out = append $out (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $out }}
+{{- end }}
+
 {{- define "modelservice.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "modelservice.fullname" .) .Values.serviceAccount.name }}

@@ -28,6 +28,10 @@ is a change of the product's security surface and must change the test too.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- /* A NetworkPolicy per model (networkPolicy.enabled); watched and deleted also when off, to remove ours. */}}
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- /* Pods only to explain status (unschedulable, crash loops); activity Leases are the gateway's, read here. */}}
 - apiGroups: [""]
   resources: ["pods"]
