@@ -14,7 +14,7 @@ import kopf
 
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.controller import Controller, slim
-from modelservice.kube import Kube, object_path
+from modelservice.kube import SA_CA, Kube, load_credentials, object_path
 from modelservice.metrics import LAST_WATCH_EVENT
 
 # Set by cli.py before kopf starts.
@@ -81,8 +81,13 @@ async def _heartbeat(kube: Kube, controller: Controller) -> None:
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster token first, else the kubeconfig; no piggybacking on client libraries (one clear error path)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    """The credentials our own client uses (kube.load_credentials): in a pod, the ServiceAccount token for the API
+    server that KUBERNETES_SERVICE_HOST/PORT name, as client-go does (kopf's own in-cluster login assumes DNS for
+    kubernetes.default.svc, which a cluster without cluster DNS lacks); else the kubeconfig."""
+    creds = load_credentials(OPTIONS["kubeconfig"])
+    if creds.token_file:
+        return kopf.ConnectionInfo(server=creds.server, ca_path=SA_CA, scheme="Bearer", token=creds.token)
+    return kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.cleanup()

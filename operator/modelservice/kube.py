@@ -24,6 +24,7 @@ from modelservice import FIELD_MANAGER
 log = logging.getLogger("modelservice.kube")
 
 SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+SA_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 LIST_PAGE = 200
 
 # kind → (plural, namespaced). Only the kinds we touch.

@@ -30,3 +30,13 @@ def test_the_mounted_token_is_sent_as_is(in_a_pod):
     assert creds.server == "https://10.96.0.1:443"
     assert creds.token == "eyJhbGciOi.the-token.sig"
     assert creds.token_file == str(in_a_pod)  # re-read later: projected tokens rotate
+
+
+def test_kopf_logs_in_with_the_same_credentials(in_a_pod):
+    """Not kopf's login_with_service_account: it dials kubernetes.default.svc, which needs cluster DNS."""
+    from modelservice import handlers
+
+    info = handlers.login()
+    assert info.server == "https://10.96.0.1:443"
+    assert (info.scheme, info.token) == ("Bearer", "eyJhbGciOi.the-token.sig")
+    assert info.ca_path == kube.SA_CA
