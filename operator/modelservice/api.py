@@ -160,6 +160,11 @@ class ModelServiceSpec(_Model):
     probes: Probes = Field(default_factory=Probes, description="Probe and metrics paths (custom engines).")
     apiKeySecretRef: Optional[SecretKeyRef] = Field(
         None, description="API keys the gateway requires for this model (Secret, one key per line).")
+    priority: int = Field(
+        0, ge=0, le=1000,
+        description="Who gives GPUs back first on a full pool (0-1000, default 0): an idle scale-to-zero model is "
+                    "parked for a woken model of equal or higher priority, lowest priority first, then longest "
+                    "idle. spec.placement.priorityClassName, if set, ranks first (docs/gpu-pool.md).")
 
     @field_validator("env")
     @classmethod
@@ -217,6 +222,7 @@ class ModelServiceStatus(_Model):
     selector: Optional[str] = Field(None, description="Label selector of the model pods (scale subresource).")
     url: Optional[str] = Field(None, description="In-cluster URL of the model's Service.")
     endpoint: Optional[str] = Field(None, description="Path of this model on the gateway.")
+    gpus: Optional[int] = Field(None, description="nvidia.com/gpu held by the model's pods on nodes now.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled (kstatus).")
 
 

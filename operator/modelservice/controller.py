@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import aiohttp
 
 from modelservice import GROUP, VERSION
-from modelservice.api import InvalidSpec, validate_spec
+from modelservice.api import InvalidSpec, ModelServiceSpec, validate_spec
 from modelservice.apply import discover_versions, sync_children
 from modelservice.events import EventRecorder, now_rfc3339
 from modelservice.kube import ApiError, Kube, object_path
@@ -24,7 +24,8 @@ from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE, MO
 from modelservice.netpol import API_VERSION as NETPOL_API_VERSION, NetworkPolicyConfig, network_policy
 from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
-from modelservice.scaling import activity_from_leases, decide
+from modelservice import parking
+from modelservice.scaling import Activity, activity_from_leases, decide
 from modelservice.status import Observed, compute_status, exited_unready, status_changed
 from modelservice import watching
 from modelservice.workqueue import WorkQueue
@@ -43,6 +44,7 @@ class Store:
     children: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
     pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
     leases: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _key(obj: dict[str, Any]) -> Key:
@@ -61,6 +63,9 @@ def _rv(obj: dict[str, Any]) -> int:
     except ValueError:
         return 0
 
+
+# A burst of pod and Lease events (a model coming up) is one planning pass, not one per event.
+PLAN_DEBOUNCE = 0.2
 
 # What reconcile reads of leases; of other kinds except pods it reads most fields.
 SLIM_KEEP = {"Lease": ("spec",)}
@@ -90,9 +95,28 @@ def _slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
 
     status = {"conditions": [c for c in st.get("conditions") or [] if c.get("status") == "False"],
               "containerStatuses": waiting(st.get("containerStatuses")),
-              "initContainerStatuses": waiting(st.get("initContainerStatuses"))}
-    return {"metadata": {k: v for k, v in obj["metadata"].items() if k in POD_META},
-            "status": {k: v for k, v in status.items() if v}}
+              "initContainerStatuses": waiting(st.get("initContainerStatuses")),
+              "nominatedNodeName": st.get("nominatedNodeName")}
+    out = {"metadata": {k: v for k, v in obj["metadata"].items() if k in POD_META},
+           "status": {k: v for k, v in status.items() if v}}
+    # The GPU pool planner's view (parking.py): where the pod runs, its scheduler priority and its GPU count (a
+    # derived field of this cache only: the containers themselves are not kept).
+    spec = {k: v for k, v in (obj.get("spec") or {}).items() if k in ("nodeName", "priority") and v}
+    if spec:
+        out["spec"] = spec
+    gpus = parking.pod_gpus(obj)
+    if gpus:
+        out["gpus"] = gpus
+    return out
+
+
+def _slim_node(obj: dict[str, Any]) -> dict[str, Any]:
+    """Of a node, the planner reads labels, taints, cordon and allocatable GPUs."""
+    spec = obj.get("spec") or {}
+    return {"metadata": {"name": obj["metadata"]["name"], "labels": obj["metadata"].get("labels") or {}},
+            "spec": {k: spec[k] for k in ("taints", "unschedulable") if spec.get(k)},
+            "status": {"allocatable": {k: v for k, v in ((obj.get("status") or {}).get("allocatable") or {}).items()
+                                       if k == parking.GPU}}}
 
 
 def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
@@ -115,6 +139,12 @@ class Controller:
         self.resync_seconds = resync_seconds
         self.namespaces = namespaces or [None]  # [None]: all namespaces
         self._ready_since: dict[Key, float] = {}  # first seen with a ready replica since it last woke
+        # The GPU pool planner (parking.py): validated specs of the models it weighs, the pods the scheduler could
+        # not place for lack of GPUs, and what each waiting model was last told.
+        self._specs: dict[Key, ModelServiceSpec] = {}
+        self._gpu_pending: dict[Key, set[str]] = {}
+        self._waiting: dict[Key, str] = {}
+        self._pool_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.synced = asyncio.Event()  # every owned kind has been listed once
 
@@ -125,6 +155,10 @@ class Controller:
         self._tasks = self._watch_owned(on_alive)
         self._tasks += [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._resync()))
+        # Nodes are cluster-scoped: their watch stays out of `synced`, so an install that may not read them still
+        # reconciles at once (and parks no one: without nodes the planner cannot tell where a pod fits).
+        self._tasks += watching.start(self.kube, [("/api/v1/nodes", None, self.on_node)], lambda: None, on_alive)
+        self._tasks.append(asyncio.create_task(self._plan_loop()))
 
     def _watch_owned(self, on_alive: Optional[Callable[[], None]]) -> list[asyncio.Task[None]]:
         """Our own list-then-watch of children, pods and activity Leases; kopf watches only ModelServices. These
@@ -159,6 +193,9 @@ class Controller:
             for d in (self.store.children, self.store.pods, self.store.leases):
                 d.pop(key, None)
             self._ready_since.pop(key, None)
+            self._specs.pop(key, None)
+            self._waiting.pop(key, None)
+            self._gpu_pending.pop(key, None)
             self.events.forget(body["metadata"].get("uid", ""))
         else:
             old = self.store.modelservices.get(key)
@@ -185,9 +222,35 @@ class Controller:
 
     def on_pod(self, event_type: Optional[str], body: dict[str, Any]) -> None:
         self._on_owned(self.store.pods, body["metadata"]["name"], event_type, body)
+        key = _owner_key(body)
+        if key is None:
+            return
+        name = body["metadata"]["name"]
+        pending = self._gpu_pending.setdefault(key, set())
+        was = name in pending
+        if event_type != "DELETED" and not (body.get("spec") or {}).get("nodeName") \
+                and parking.pending_gpu_message(body) is not None:
+            pending.add(name)
+        else:
+            pending.discard(name)
+        if not pending:
+            del self._gpu_pending[key]
+        if was or self._gpu_pending:
+            self._pool_changed.set()  # a pod lacks GPUs, or stopped lacking them, or one may have freed some
 
     def on_lease(self, event_type: Optional[str], body: dict[str, Any]) -> None:
         self._on_owned(self.store.leases, body["metadata"]["name"], event_type, body)
+        if self._gpu_pending:
+            self._pool_changed.set()  # a model turning busy or idle changes who may be parked
+
+    def on_node(self, event_type: str, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        if event_type == "DELETED":
+            self.store.nodes.pop(name, None)
+        else:
+            self.store.nodes[name] = _slim_node(body)
+        if self._gpu_pending:
+            self._pool_changed.set()
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     async def _resync(self) -> None:
@@ -199,6 +262,7 @@ class Controller:
                 log.warning("relist failed, resyncing from the cache: %s", e)
             for key in list(self.store.modelservices):
                 self.queue.add(key)
+            self._pool_changed.set()
 
     async def relist(self) -> None:
         """Rebuild the ModelService cache from a fresh LIST. Kopf resumes a watch that expired (410 Gone) with a new
@@ -221,6 +285,91 @@ class Controller:
             cached = self.store.modelservices.get(_key(body))
             if cached is None or _rv(cached) < _rv(body):
                 self.on_modelservice("MODIFIED", body)
+
+    # ---- the GPU pool planner: one loop over the whole pool (parking.py decides, this applies) ------------------
+    async def _plan_loop(self) -> None:
+        try:
+            await asyncio.wait_for(self.synced.wait(), SYNC_WAIT)
+        except asyncio.TimeoutError:
+            pass
+        while True:
+            await self._pool_changed.wait()
+            await asyncio.sleep(PLAN_DEBOUNCE)
+            self._pool_changed.clear()
+            try:
+                await self.plan_pool()
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                log.warning("GPU pool: planning failed, retrying: %s", e)
+                await asyncio.sleep(1.0)
+                self._pool_changed.set()
+            except Exception:  # a bug must not end planning; the next change or resync tries again
+                log.exception("GPU pool: planning crashed")
+
+    def pool_models(self, now: float) -> list[parking.Model]:
+        """The planner's view of every model that holds GPUs or waits for them, from the watch caches."""
+        out = []
+        for key, pods in self.store.pods.items():
+            spec = self._specs.get(key)
+            dep = self.store.children.get(key, {}).get("Deployment")
+            if spec is None or dep is None:
+                continue
+            bound, pending, pod_priority = [], None, 0
+            for pod in pods.values():
+                gpus = pod.get("gpus") or 0
+                node = (pod.get("spec") or {}).get("nodeName")
+                pod_priority = max(pod_priority, (pod.get("spec") or {}).get("priority") or 0)
+                if node and gpus:
+                    bound.append(parking.Pod(node, gpus, terminating=bool(pod["metadata"].get("deletionTimestamp"))))
+                elif not node and gpus and pending is None and not pod["metadata"].get("deletionTimestamp"):
+                    msg = parking.pending_gpu_message(pod)
+                    if msg is not None:
+                        pending = parking.Pending(gpus, msg, nominated=bool(
+                            (pod.get("status") or {}).get("nominatedNodeName")))
+            if not bound and pending is None:
+                continue
+            a = spec.autoscaling
+            replicas = dep.get("spec", {}).get("replicas")
+            activity = activity_from_leases(list(self.store.leases.get(key, {}).values()), now) if a else Activity()
+            out.append(parking.Model(
+                key=key, replicas=1 if replicas is None else replicas,
+                min_replicas=a.minReplicas if a else spec.replicas, scale_to_zero=bool(a and a.minReplicas == 0),
+                in_flight=activity.in_flight, ready_since=self._ready_since.get(key),
+                last_request=activity.last_request, priority=spec.priority, pod_priority=pod_priority,
+                placement=parking.placement_from(spec.placement), pods=tuple(bound), pending=pending))
+        return out
+
+    async def plan_pool(self) -> None:
+        if not self.store.nodes:
+            return  # not listed yet (or not readable): nowhere to tell a fit from a misfit
+        result = parking.plan(self.pool_models(time.time()), [parking.node_from(n) for n in self.store.nodes.values()])
+        for park in result.parks:
+            await self._park(park)
+        old, self._waiting = self._waiting, result.waiting
+        for key in set(old) | set(result.waiting):
+            if old.get(key) != result.waiting.get(key):
+                self.queue.add(key)  # its AwaitingCapacity message changed
+                body = self.store.modelservices.get(key)
+                if body is not None and key in result.waiting:
+                    await self.events.record(body, "Normal", "AwaitingCapacity", result.waiting[key])
+
+    async def _park(self, park: parking.Park) -> None:
+        """Scale the victim to zero and say for whom, in one write: a restart finds either both or neither."""
+        (ns, name), waiter = park.victim, parking.label(park.waiter)
+        dep = self.store.children.get(park.victim, {}).get("Deployment")
+        if dep is None or dep.get("spec", {}).get("replicas") == 0:
+            return
+        await self.kube.merge_patch(object_path("apps/v1", "Deployment", ns, name), {
+            "metadata": {"annotations": {parking.PARKED_FOR_ANNOTATION: waiter}}, "spec": {"replicas": 0}})
+        API_WRITES.labels(verb="scale", kind="Deployment").inc()
+        log.info("GPU pool: parked %s/%s (%d GPU(s) on %s) for %s", ns, name, park.gpus, park.node, waiter)
+        victim = self.store.modelservices.get(park.victim)
+        if victim is not None:
+            await self.events.record(victim, "Normal", "Parked", park.message)
+        body = self.store.modelservices.get(park.waiter)
+        if body is not None:
+            await self.events.record(body, "Normal", "MakingRoom",
+                                     f"parked {ns}/{name} ({park.gpus} GPU(s) on node {park.node}) to make room")
+        self.queue.add(park.victim)
 
     async def _worker(self, n: int) -> None:
         try:
@@ -261,10 +410,12 @@ class Controller:
         try:
             spec = validate_spec(body.get("spec") or {}, gateway_enabled=self.gateway_enabled)
         except InvalidSpec as e:
+            self._specs.pop(key, None)
             await self._write_status(body, Observed(**base, deployment=dep, invalid_spec=str(e)))
             await self.events.record(body, "Warning", "InvalidSpec", str(e))
             return "invalid"
 
+        self._specs[key] = spec
         now = time.time()
         current = (dep or {}).get("spec", {}).get("replicas") if dep else None
         ready = (dep or {}).get("status", {}).get("readyReplicas") or 0
@@ -298,9 +449,14 @@ class Controller:
             await self.events.record(body, "Warning", "ApplyFailed", msg)
             return "invalid"
 
+        parked_for = ((dep or {}).get("metadata", {}).get("annotations") or {}).get(parking.PARKED_FOR_ANNOTATION)
         if decision.scale_to is not None and dep is not None and current != decision.scale_to:
-            await self.kube.merge_patch(object_path("apps/v1", "Deployment", ns, name, "scale"),
-                                        {"spec": {"replicas": decision.scale_to}})
+            if decision.scale_to == 0 and parked_for:  # idle this time, not parked: the old "for whom" goes
+                await self.kube.merge_patch(object_path("apps/v1", "Deployment", ns, name), {
+                    "metadata": {"annotations": {parking.PARKED_FOR_ANNOTATION: None}}, "spec": {"replicas": 0}})
+            else:
+                await self.kube.merge_patch(object_path("apps/v1", "Deployment", ns, name, "scale"),
+                                            {"spec": {"replicas": decision.scale_to}})
             API_WRITES.labels(verb="scale", kind="Deployment").inc()
             reason = "ScaledToZero" if decision.scale_to == 0 else "Scaled"
             await self.events.record(body, "Normal", reason, f"scaled from {current} to {decision.scale_to} replicas")
@@ -308,8 +464,10 @@ class Controller:
             self.queue.add_after(key, decision.requeue_after)
 
         pods = list(self.store.pods.get(key, {}).values())
-        await self._write_status(body, Observed(**facts, deployment=dep, pods=pods,
-                                                first_pass=dep is None))
+        gpus = sum(p.get("gpus") or 0 for p in pods if (p.get("spec") or {}).get("nodeName"))
+        await self._write_status(body, Observed(**facts, deployment=dep, pods=pods, first_pass=dep is None,
+                                                gpus=gpus, awaiting=self._waiting.get(key),
+                                                parked_for=parked_for if current == 0 else None))
         return "success"
 
     async def _write_status(self, body: dict[str, Any], observed: Observed) -> None:

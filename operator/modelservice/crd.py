@@ -117,6 +117,7 @@ def build_crd() -> dict[str, Any]:
             {"name": "Engine", "type": "string", "jsonPath": ".spec.engine"},
             {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+            {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"},
             {"name": "Status", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
             {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

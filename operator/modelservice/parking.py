@@ -25,8 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from modelservice import GROUP
+
 Key = tuple[str, str]  # (namespace, ModelService name)
 GPU = "nvidia.com/gpu"
+# On a parked model's Deployment, written with its scale to zero in one patch: "namespace/name" it made room for.
+PARKED_FOR_ANNOTATION = f"{GROUP}/parked-for"
 
 
 def label(key: Key) -> str:
@@ -293,3 +297,51 @@ def _make_room(w: Model, by_key: dict[Key, Model], nodes: list[Node], parked: se
         out.parks.append(Park(victim=m.key, waiter=w.key, node=node.name, gpus=m.gpus_on(node.name)))
     names = ", ".join(label(m.key) for m in chosen)
     return f"waiting for GPUs on node {node.name}: parking {names} to make room (no GPU free: {p.message})"
+
+
+# ---- from the API's objects (the controller's slim caches) -----------------------------------------------------
+
+def pod_gpus(pod: dict) -> int:
+    """nvidia.com/gpu a pod asks for: the sum over its containers (GPUs cannot overcommit: limits equal requests)."""
+    total = 0
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        res = c.get("resources") or {}
+        value = (res.get("limits") or {}).get(GPU, (res.get("requests") or {}).get(GPU, 0))
+        try:
+            total += int(str(value))
+        except ValueError:
+            pass
+    return total
+
+
+def pending_gpu_message(pod: dict) -> Optional[str]:
+    """The scheduler's message if it could not place the pod for lack of GPUs (PodScheduled=False, Unschedulable)."""
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if (c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
+                and GPU in (c.get("message") or "")):
+            return c.get("message") or ""
+    return None
+
+
+def node_from(obj: dict) -> Node:
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    try:
+        gpus = int(str((status.get("allocatable") or {}).get(GPU, 0)))
+    except ValueError:
+        gpus = 0
+    taints = tuple(Taint(t.get("key", ""), t.get("value") or "", t.get("effect", "")) for t in spec.get("taints") or [])
+    return Node(name=obj["metadata"]["name"], gpus=gpus, labels=dict(obj["metadata"].get("labels") or {}),
+                taints=taints, unschedulable=bool(spec.get("unschedulable")))
+
+
+def placement_from(pl) -> Placement:
+    """spec.placement (api.Placement) → what the scheduler will hold the pending pod to."""
+    terms: list[Term] = []
+    na = pl.affinity.nodeAffinity if pl.affinity else None
+    required = na.requiredDuringSchedulingIgnoredDuringExecution if na else None
+    for t in (required.nodeSelectorTerms if required else []):
+        terms.append(Term(expressions=tuple(Requirement(r.key, r.operator, tuple(r.values)) for r in t.matchExpressions),
+                          fields=tuple(Requirement(r.key, r.operator, tuple(r.values)) for r in t.matchFields)))
+    tolerations = tuple(Toleration(t.key or "", t.operator or "Equal", t.value or "", t.effect or "")
+                        for t in pl.tolerations)
+    return Placement(node_selector=dict(pl.nodeSelector), terms=tuple(terms), tolerations=tolerations)

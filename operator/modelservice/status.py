@@ -32,6 +32,9 @@ class Observed:
     invalid_spec: Optional[str] = None  # message from validation
     apply_error: Optional[str] = None  # the API server refused a child (permanent)
     first_pass: bool = False  # nothing applied yet for this generation
+    gpus: Optional[int] = None  # nvidia.com/gpu held by its pods on nodes
+    awaiting: Optional[str] = None  # the pool planner's word on its unschedulable pod (parking.py)
+    parked_for: Optional[str] = None  # "ns/name" it was parked for, while at zero replicas
 
 
 def _cond(type_: str, status: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
@@ -115,8 +118,12 @@ def conditions_for(o: Observed) -> list[dict[str, Any]]:
                 _cond(RECONCILING, False, "ProgressDeadlineExceeded", stalled, g),
                 _cond(STALLED, True, "ProgressDeadlineExceeded", stalled, g)]
     if desired == 0:
-        reason, msg = (("ScaledToZero", "Scaled to zero while idle; the first request wakes it") if o.scale_to_zero
-                       else ("ScaledDown", "spec.replicas is 0"))
+        if o.parked_for:
+            reason, msg = "Parked", f"Parked to make room for {o.parked_for}; the first request wakes it"
+        elif o.scale_to_zero:
+            reason, msg = "ScaledToZero", "Scaled to zero while idle; the first request wakes it"
+        else:
+            reason, msg = "ScaledDown", "spec.replicas is 0"
         return [_cond(READY, False, reason, msg, g), _cond(RECONCILING, False, reason, "", g),
                 _cond(STALLED, False, reason, "", g)]
     rolled_out = current_gen and updated >= desired and ready >= desired and st.get("replicas", 0) == desired
@@ -127,7 +134,7 @@ def conditions_for(o: Observed) -> list[dict[str, Any]]:
     capacity = _unschedulable(o.pods)
     problem = _pod_problem(o.pods)
     if capacity:
-        reason, msg = "AwaitingCapacity", capacity
+        reason, msg = "AwaitingCapacity", o.awaiting or capacity
     elif problem:
         reason, msg = problem
     elif o.scale_to_zero and ready == 0:
@@ -168,6 +175,8 @@ def compute_status(o: Observed, old_status: dict[str, Any], now: str) -> dict[st
         "selector": selector_string(o.name),
         "conditions": merge_transition_times(conditions_for(o), old_status.get("conditions", []), now),
     }
+    if o.gpus is not None:
+        status["gpus"] = o.gpus
     if o.url:
         status["url"] = o.url
     if o.endpoint:

@@ -38,6 +38,8 @@ VALID = {"engine": "vllm", "model": {"uri": "hf://org/repo"}}
     ({**VALID, "resources": {"limits": {"nvidia.com/gpu": "500m"}}}, False, "spec.resources", "whole number"),
     ({**VALID, "port": 70000}, False, "spec.port", "less than or equal to 65535"),
     ({**VALID, "unknownField": 1}, False, "spec.unknownField", "Extra inputs"),
+    ({**VALID, "priority": 1001}, False, "spec.priority", "less than or equal to 1000"),
+    ({**VALID, "priority": -1}, False, "spec.priority", "greater than or equal to 0"),
 ])
 def test_invalid_specs_name_the_field_and_the_fix(spec, gateway, field, hint):
     with pytest.raises(InvalidSpec) as e:

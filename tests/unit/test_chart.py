@@ -44,7 +44,8 @@ OPERATOR_NAMESPACED = (
     | _triples("coordination.k8s.io", "leases", "get list watch")
     | _triples("", "events", "get create patch")
 )
-OPERATOR_CLUSTER = _triples("apiextensions.k8s.io", "customresourcedefinitions", "get list watch")
+OPERATOR_CLUSTER = (_triples("apiextensions.k8s.io", "customresourcedefinitions", "get list watch")
+                    | _triples("", "nodes", "get list watch"))  # the GPU pool planner: where a pod fits
 GATEWAY_RULES = (
     _triples("serving.modelservice.dev", "modelservices", "get list watch")
     | _triples("discovery.k8s.io", "endpointslices", "get list watch")
@@ -54,7 +55,7 @@ GATEWAY_RULES = (
     | _triples("", "events", "create patch")
 )
 GATEWAY_SECRETS = _triples("", "secrets", "get")  # point reads of the Secrets ModelServices name; no list/watch
-CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
+CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "nodes")}
 
 
 @pytest.fixture(scope="module", autouse=True)

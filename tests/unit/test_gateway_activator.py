@@ -135,3 +135,30 @@ def test_deleting_the_model_answers_held_requests_at_once():
             assert all("deleted" in json.loads(r[1])["error"]["message"] for r in results)
 
     run(scenario())
+
+
+def test_a_held_request_that_times_out_waiting_for_gpus_says_so():
+    said = ("no GPU free: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu.; nothing can be parked: "
+            "team-a/x is busy (1 request(s) in flight)")
+
+    async def scenario():
+        box = {}
+
+        async def pending(ns, name, replicas):  # scaled up, and the operator then says its pod waits for GPUs
+            gw = box["gw"]
+            gw.table.apply_deployment("MODIFIED", deployment(name, replicas, ns))
+            ms = modelservice(name, ns, min_replicas=0)
+            ms["status"] = {"conditions": [{"type": "Ready", "status": "False", "reason": "AwaitingCapacity",
+                                            "message": said}]}
+            gw.table.apply_modelservice("MODIFIED", ms)
+
+        ops = FakeOps(on_scale=pending)
+        async with gateway(modelservice("z", min_replicas=0), deployment("z", 0), ops=ops,
+                           activation_timeout=0.5) as (gw, url), aiohttp.ClientSession() as s:
+            box["gw"] = gw
+            status, body, _ = await post(s, url, chat("z"))
+            error = json.loads(body)["error"]
+            assert status == 503 and error["code"] == "awaiting_capacity"
+            assert error["message"] == f"model default/z did not become ready within 0.5s: {said}; retry later"
+
+    run(scenario())

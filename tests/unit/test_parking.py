@@ -261,3 +261,34 @@ def test_requirements(req, labels, ok):
 
 def test_an_empty_term_matches_no_node():
     assert not Term().matches(Node("n0", 1))
+
+
+# ---- from the API's objects ----------------------------------------------------------------------------------
+
+def test_converters_read_what_the_scheduler_reads():
+    from modelservice.api import Placement as SpecPlacement
+    from modelservice.parking import node_from, pending_gpu_message, placement_from
+
+    node = node_from({"metadata": {"name": "n0", "labels": {"gpu": "h100"}},
+                      "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}], "unschedulable": True},
+                      "status": {"allocatable": {"nvidia.com/gpu": "8"}}})
+    assert node == Node("n0", 8, {"gpu": "h100"}, (Taint("k", "", "NoSchedule"),), unschedulable=True)
+    assert node_from({"metadata": {"name": "cpu"}}).gpus == 0
+    pl = placement_from(SpecPlacement.model_validate({
+        "nodeSelector": {"pool": "a"},
+        "tolerations": [{"key": "k", "operator": "Exists"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}}))
+    assert pl.node_selector == {"pool": "a"} and pl.tolerations == (Toleration("k", "Exists"),)
+    assert pl.terms == (Term(expressions=(Requirement("gpu", "In", ("h100",)),)),)
+    assert pl.allows(Node("x", 1, {"pool": "a", "gpu": "h100"}, (Taint("k", "v", "NoExecute"),)))
+    assert not pl.allows(Node("x", 1, {"pool": "a", "gpu": "a10"}))
+    assert placement_from(SpecPlacement()) == Placement()
+
+    def pod(reason, message):
+        return {"status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": reason,
+                                           "message": message}]}}
+    assert pending_gpu_message(pod("Unschedulable", MSG)) == MSG
+    assert pending_gpu_message(pod("Unschedulable", "0/2 nodes are available: 2 Insufficient memory.")) is None
+    assert pending_gpu_message(pod("SchedulerError", MSG)) is None
+    assert pending_gpu_message({}) is None

@@ -144,3 +144,34 @@ def test_the_operators_slim_pod_cache_keeps_what_status_reads():
     # A healthy pod shrinks to the metadata the cache's bookkeeping needs.
     assert slim(pod("a"), "Pod") == {"metadata": {"name": "a", "namespace": "ns", "labels": {"a": "b"},
                                                   "resourceVersion": "7"}, "status": {}}
+
+
+def test_parked_says_for_whom_and_gpus_show_who_holds_them():
+    c = conditions_for(_obs(deployment=_dep(0, 0), scale_to_zero=True, parked_for="team-b/llama-70b"))
+    assert _by_type(c)["Ready"] == ("False", "Parked")
+    assert c[0]["message"] == "Parked to make room for team-b/llama-70b; the first request wakes it"
+    # Woken again: the old "for whom" no longer applies (the controller passes it at zero replicas only).
+    assert _by_type(conditions_for(_obs(deployment=_dep(1, 0), scale_to_zero=True)))["Ready"][1] == "Activating"
+    status = compute_status(_obs(deployment=_dep(1, 1), gpus=2), {}, "2026-01-01T00:00:00Z")
+    assert status["gpus"] == 2
+    assert "gpus" not in compute_status(_obs(deployment=_dep(1, 1)), {}, "2026-01-01T00:00:00Z")
+
+
+def test_awaiting_capacity_carries_the_planners_word():
+    pod = {"metadata": {"name": "p"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]}}
+    said = "waiting for GPUs on node n0: parking ns/a to make room (no GPU free: 0/2 nodes ...)"
+    conds = conditions_for(_obs(deployment=_dep(1, 0), pods=[pod], awaiting=said, scale_to_zero=True))
+    assert _by_type(conds)["Ready"] == ("False", "AwaitingCapacity") and conds[0]["message"] == said
+
+
+def test_the_slim_pod_keeps_what_the_pool_planner_reads():
+    pod = {"metadata": {"name": "a", "namespace": "ns", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+           "spec": {"nodeName": "n0", "priority": 100, "containers": [
+               {"name": "s", "resources": {"limits": {"nvidia.com/gpu": "2", "cpu": "1"}}},
+               {"name": "side", "resources": {"requests": {"nvidia.com/gpu": 1}}}]},
+           "status": {"nominatedNodeName": "n1"}}
+    s = slim(pod, "Pod")
+    assert s["spec"] == {"nodeName": "n0", "priority": 100} and s["gpus"] == 3
+    assert s["status"] == {"nominatedNodeName": "n1"} and s["metadata"]["deletionTimestamp"]

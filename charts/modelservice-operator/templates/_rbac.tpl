@@ -45,10 +45,14 @@ is a change of the product's security surface and must change the test too.
   verbs: ["get", "create", "patch"]
 {{- end }}
 
-{{/* Operator, cluster-scoped: kopf checks the CRD at startup. Always a ClusterRole. */}}
+{{/* Operator, cluster-scoped: kopf checks the CRD at startup; the GPU pool planner reads Nodes (labels, taints,
+allocatable GPUs) to know where a waiting model's pod fits (docs/gpu-pool.md). Always a ClusterRole. */}}
 {{- define "modelservice.operatorClusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["nodes"]
   verbs: ["get", "list", "watch"]
 {{- end }}
 

@@ -76,6 +76,11 @@ class Activator:
             try:
                 await asyncio.wait_for(ep.ready.wait(), self.timeout)
             except asyncio.TimeoutError:
+                now = self.table.models.get(key) or entry  # the operator's latest word, not the one at arrival
+                if now.capacity:  # waiting for GPUs, not loading: say so, with whom it waits for
+                    raise GatewayError(503, f"model {entry.label} did not become ready within {self.timeout:g}s: "
+                                            f"{now.capacity}; retry later", "awaiting_capacity",
+                                       retry_after=RETRY_AFTER_SECONDS) from None
                 raise GatewayError(503, f"model {entry.label} did not become ready within {self.timeout:g}s "
                                         "(it may still be loading); retry later", "activation_timeout",
                                    retry_after=RETRY_AFTER_SECONDS) from None

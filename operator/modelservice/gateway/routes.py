@@ -44,6 +44,9 @@ class ModelEntry:
     # The operator's word when the model cannot come up without a person (status Stalled=True: a crash-looping engine
     # with its last log lines, a bad image, a refused spec): held requests get it at once, not after a timeout.
     stalled: Optional[str] = None
+    # The operator's word when its pod waits for GPUs (Ready=False, AwaitingCapacity: whom it waits for, or "no GPU
+    # free" and why nothing can be parked): a held request that times out says the same.
+    capacity: Optional[str] = None
 
     @property
     def key(self) -> Key:
@@ -70,7 +73,14 @@ def model_entry(obj: dict[str, Any]) -> ModelEntry:
         namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
         served_name=str(model.get("servedName") or meta.get("name", "")), engine=engine, upstream_model=upstream,
         api_key_ref=api_key_ref, autoscaled=autoscaling is not None, wake_replicas=max(1, min_replicas),
-        created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj))
+        created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj), capacity=_awaiting_capacity(obj))
+
+
+def _awaiting_capacity(obj: dict[str, Any]) -> Optional[str]:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready" and c.get("reason") == "AwaitingCapacity":
+            return c.get("message") or "waiting for a GPU"
+    return None
 
 
 def _stalled(obj: dict[str, Any]) -> Optional[str]:
