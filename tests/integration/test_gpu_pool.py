@@ -1,0 +1,117 @@
+"""The GPU pool on the local control plane (2 fake nodes x 2 nvidia.com/gpu, the real kube-scheduler): a model woken
+on a full pool gets the GPU of the idle, lowest-priority, longest-idle model; with nothing parkable the status and the
+held request's 503 say "no GPU free" with the scheduler's message.
+
+Each test first waits until no pod in the cluster holds a GPU (earlier tests' namespaces are torn down in the
+background), so the pool it fills is exactly the one it counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from modelservice.labels import MODELSERVICE_LABEL, STUB_STARTUP_DELAY_ANNOTATION
+from tests.cluster.wait import wait_for
+from tests.integration import ms
+from tests.integration.gateway_process import GatewayProcess
+from tests.integration.test_gateway_cluster import _post, chat, run
+
+GPU = {"limits": {"nvidia.com/gpu": 1}}
+POOL = 4  # 2 nodes x 2 GPUs: the local control plane's default
+
+
+def gpu_pods(kube) -> list:
+    return [p for p in kube.core.list_pod_for_all_namespaces().items
+            if p.spec.node_name and p.status.phase not in ("Succeeded", "Failed")
+            and any((c.resources.limits or {}).get("nvidia.com/gpu") for c in p.spec.containers)]
+
+
+def wait_pool_empty(kube) -> None:
+    wait_for(lambda: not gpu_pods(kube), timeout=180, interval=0.5, message="no pod holding a GPU in the cluster")
+
+
+def create_ready(kube, ns: str, name: str, **spec) -> None:
+    ms.create(kube, ns, ms.body(name, resources=GPU, **spec))
+    ms.wait_condition(kube, ns, name, "Ready", "True", timeout=90)
+
+
+def scale_to_zero_now(kube, ns: str, name: str) -> None:
+    wait_for(lambda: kube.apps.read_namespaced_deployment(name, ns), timeout=30, message=f"Deployment {name}")
+    kube.apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 0}})
+    wait_for(lambda: not kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items,
+             timeout=60, message=f"{name} has no pod")
+
+
+def replicas(kube, ns: str, name: str) -> int:
+    return kube.apps.read_namespaced_deployment(name, ns).spec.replicas
+
+
+def events(kube, ns: str, name: str, reason: str) -> list[str]:
+    return [e.message for e in kube.core.list_namespaced_event(ns).items
+            if e.involved_object.name == name and e.reason == reason]
+
+
+def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(kube, namespace, operator, fake_nodes,
+                                                                            gateway):
+    wait_pool_empty(kube)
+    idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
+    # w is asleep; the pool then fills with four idle models, one at a time so that their idle clocks (which
+    # start at Ready) are ordered: a is idle longest. a and b have the lowest priority.
+    ms.create(kube, namespace, ms.body("w", resources=GPU, priority=3, **idle,
+                                       podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "2"}}))
+    scale_to_zero_now(kube, namespace, "w")
+    for name, priority in (("a", 0), ("b", 0), ("c", 3), ("d", 3)):
+        create_ready(kube, namespace, name, priority=priority, **idle)
+    assert len(gpu_pods(kube)) == POOL
+
+    status, body = run(_post_once(gateway.url, "w"))
+    assert status == 200, body  # answered once a was parked and w loaded
+
+    parked = ms.wait_condition(kube, namespace, "a", "Ready", "False", reason="Parked", timeout=30)
+    assert f"to make room for {namespace}/w" in ms.condition(parked, "Ready")["message"]
+    assert [replicas(kube, namespace, n) for n in "abcd"] == [0, 1, 1, 1]  # only as many as needed
+    w = ms.wait_condition(kube, namespace, "w", "Ready", "True", timeout=30)
+    assert w["status"]["gpus"] == 1
+    wait_for(lambda: ms.get(kube, namespace, "a")["status"].get("gpus") == 0, timeout=30, message="a holds 0 GPUs")
+    assert any(f"{namespace}/w" in m for m in events(kube, namespace, "a", "Parked"))
+    assert any(f"{namespace}/a" in m for m in events(kube, namespace, "w", "MakingRoom"))
+
+
+async def _post_once(url: str, model: str, timeout: float = 90) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        return await _post(s, url, chat(model))
+
+
+def test_nothing_parkable_says_no_gpu_free_in_status_and_503(kube, namespace, operator, fake_nodes, cluster,
+                                                             tmp_path):
+    wait_pool_empty(kube)
+    # A gateway of its own with a short activation timeout: the 503 comes from a held request that times out.
+    gw = GatewayProcess(cluster.kubeconfig, tmp_path / "gateway.log", "--activation-timeout", "15s",
+                        "--activity-interval", "1s", env={"POD_NAME": "gateway-pool-test"}).start()
+    try:
+        ms.create(kube, namespace, ms.body("w", resources=GPU,
+                                           autoscaling={"minReplicas": 0, "maxReplicas": 1}))
+        scale_to_zero_now(kube, namespace, "w")
+        # The pool is full of models that must run (a floor of one replica): none may be parked.
+        for name in "abcd":
+            create_ready(kube, namespace, name, replicas=1)
+        assert len(gpu_pods(kube)) == POOL
+
+        first, _ = run(_post_once(gw.url, "w"))  # wakes w; its pod cannot be placed
+        assert first == 503
+        obj = ms.wait_condition(kube, namespace, "w", "Ready", "False", reason="AwaitingCapacity", timeout=30)
+        said = ms.condition(obj, "Ready")["message"]
+        assert said.startswith("no GPU free: ") and "Insufficient nvidia.com/gpu" in said
+
+        # Held while the status says so: the 503 at the timeout repeats it.
+        status, body = run(_post_once(gw.url, "w"))
+        error = json.loads(body)["error"]
+        assert status == 503 and error["code"] == "awaiting_capacity", error
+        assert "no GPU free: " in error["message"] and "Insufficient nvidia.com/gpu" in error["message"]
+        assert "nothing can be parked" in error["message"] and f"{namespace}/a has minReplicas 1" in error["message"]
+        assert [replicas(kube, namespace, n) for n in "abcd"] == [1, 1, 1, 1]
+    finally:
+        gw.stop()
