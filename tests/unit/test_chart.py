@@ -334,6 +334,26 @@ def test_secrets_only_with_api_keys(values_file):
             assert secrets == set(), f"{role['kind']}/{role['metadata']['name']} may read Secrets"
 
 
+def test_tenants_grant_secrets_of_the_release_namespace_only(monkeypatch):
+    gateway_cli = pytest.importorskip("modelservice.gateway.cli")
+    for values in ({}, {"watchNamespaces": ["team-a"]}):
+        docs = hu.render(values={**values, "gateway": {"tenants": {"enabled": True}}})
+        (role,) = [r for r in roles(docs, "gateway", "Role") if r["metadata"]["name"] == f"{GATEWAY}-tenants"]
+        assert role["metadata"]["namespace"] == hu.NAMESPACE
+        assert hu.rule_triples(role) == _triples("", "secrets", "get list watch") | _triples("", "events",
+                                                                                            "create patch")
+        others = [r for r in hu.of_kind(docs, "Role", "ClusterRole") if r is not role]
+        assert not any(t[1] == "secrets" for r in others for t in hu.rule_triples(r))
+        (binding,) = [b for b in hu.of_kind(docs, "RoleBinding") if b["roleRef"]["name"] == f"{GATEWAY}-tenants"]
+        assert binding["subjects"][0]["name"] == GATEWAY
+        args = hu.container_args(docs, GATEWAY)
+        assert "--tenants" in args
+        monkeypatch.setenv("POD_NAMESPACE", hu.NAMESPACE)
+        config = gateway_cli.config_from(gateway_cli.parser().parse_args(args[1:]))
+        assert config.tenant_namespace == hu.NAMESPACE
+    assert "--tenants" not in hu.container_args(rendered(), GATEWAY)
+
+
 @pytest.mark.parametrize("values_file", MATRIX, ids=MATRIX_IDS)
 def test_bindings_point_at_rendered_roles_and_service_accounts(values_file):
     docs = rendered(values_file)

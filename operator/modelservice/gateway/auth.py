@@ -1,4 +1,5 @@
-"""API keys: per model (spec.apiKeySecretRef) and/or global (--api-key-secret), one key per line in a Secret.
+"""API keys: per model (spec.apiKeySecretRef) and/or global (--api-key-secret), one key per line in a Secret; and
+tenant keys (tenants.py), which also say whose request it is.
 
 Keys are compared with hmac.compare_digest against every allowed key (no early exit) so timing does not reveal a
 prefix. Keys are never logged: nothing here formats a key into a message.
@@ -17,10 +18,14 @@ from modelservice.gateway.routes import ModelEntry
 
 if TYPE_CHECKING:
     from modelservice.gateway.kubeops import ClusterOps
+    from modelservice.gateway.tenants import TenantStore
 
 log = logging.getLogger("modelservice.gateway.auth")
 
 SecretRef = tuple[str, str]  # (namespace, name)
+# Who a request is billed to when no tenant key was used. Not DNS labels, so no tenant can be named like them.
+ANONYMOUS = "_anonymous"  # the model needs no key
+MODEL_KEY = "_model-key"  # a per-model or global key: it belongs to no tenant
 
 
 def bearer_token(header: Optional[str]) -> Optional[str]:
@@ -62,14 +67,15 @@ def secret_keys(secret: dict) -> dict[str, tuple[str, ...]]:
 class KeyStore:
     """What keys each model accepts. Filled by a background refresher (watchers.py); read on the request path."""
 
-    def __init__(self, global_ref: Optional[tuple[str, str, str]] = None):
+    def __init__(self, global_ref: Optional[tuple[str, str, str]] = None, tenants: Optional["TenantStore"] = None):
         self.global_ref = global_ref  # (namespace, name, data key)
+        self.tenants = tenants  # set: tenant keys are on, and every model needs a key
         self._secrets: dict[SecretRef, dict[str, tuple[str, ...]]] = {}  # absent Secret: {}
         self._loaded: dict[SecretRef, asyncio.Event] = {}
         self._kick: Optional[asyncio.Event] = None
 
     def required(self, entry: ModelEntry) -> bool:
-        return entry.api_key_ref is not None or self.global_ref is not None
+        return self.tenants is not None or entry.api_key_ref is not None or self.global_ref is not None
 
     def wanted(self, entries: Iterable[ModelEntry]) -> set[SecretRef]:
         refs = {(e.namespace, e.api_key_ref[0]) for e in entries if e.api_key_ref}
@@ -120,9 +126,22 @@ class KeyStore:
         return keys + self.global_keys()
 
     def permits(self, entry: ModelEntry, authorization: Optional[str]) -> bool:
+        return self.identify(entry, authorization) is not None
+
+    def identify(self, entry: ModelEntry, authorization: Optional[str]) -> Optional[str]:
+        """Whom to bill a request to this model (a tenant's name, ANONYMOUS or MODEL_KEY), or None: refuse it."""
+        token = bearer_token(authorization)
+        if self.tenants is not None:
+            tenant = self.tenants.identify(token)
+            if tenant is not None:
+                return tenant.name if tenant.may_use(entry) else None
         if not self.required(entry):
-            return True
-        return key_matches(bearer_token(authorization), self.allowed(entry))
+            return ANONYMOUS
+        return MODEL_KEY if key_matches(token, self.allowed(entry)) else None
+
+    def known_tenant(self, authorization: Optional[str]) -> bool:
+        """A valid tenant key: a refusal is then about the model (404), not the key (401)."""
+        return self.tenants is not None and self.tenants.identify(bearer_token(authorization)) is not None
 
     def kick(self) -> None:
         """A model now references a Secret we have not fetched: fetch now rather than at the next refresh."""

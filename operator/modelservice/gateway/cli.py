@@ -44,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", default=None)
     p.add_argument("--api-key-secret", default=None, metavar="[NS/]NAME[:KEY]",
                    help="global API keys (one per line) accepted for every model; NS defaults to POD_NAMESPACE")
+    p.add_argument("--tenants", action="store_true",
+                   help="tenant API keys from Secrets labelled serving.modelservice.dev/tenant in --tenant-namespace "
+                        "(watched: rotation within seconds); every model then needs a key (docs/tenants.md)")
+    p.add_argument("--tenant-namespace", default=None, metavar="NS", help="default: POD_NAMESPACE")
     p.add_argument("--activity-interval", type=seconds, default=f"{d.activity_interval:g}s",
                    help="at most one activity Lease write per model per interval")
     p.add_argument("--log-level", default="INFO")
@@ -52,11 +56,14 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from(args: argparse.Namespace) -> Config:
     keys = secret_ref(args.api_key_secret, os.environ.get("POD_NAMESPACE", "")) if args.api_key_secret else None
+    tenant_ns = (args.tenant_namespace or os.environ.get("POD_NAMESPACE")) if args.tenants else None
+    if args.tenants and not tenant_ns:
+        raise ValueError("--tenants needs --tenant-namespace (or POD_NAMESPACE): where the tenant Secrets are")
     return Config(host=args.host, port=args.port, metrics_port=args.metrics_port, namespaces=args.namespaces,
                   activation_timeout=args.activation_timeout, max_body_bytes=args.max_body_bytes,
                   max_held_per_model=args.max_held_per_model, header_timeout=args.header_timeout,
                   idle_timeout=args.idle_timeout, upstream_timeout=args.upstream_timeout, kubeconfig=args.kubeconfig,
-                  api_key_secret=keys, activity_interval=args.activity_interval)
+                  api_key_secret=keys, activity_interval=args.activity_interval, tenant_namespace=tenant_ns)
 
 
 async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
@@ -83,7 +90,17 @@ async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
             await mrunner.setup()
             runners.append(mrunner)
             await web.TCPSite(mrunner, config.host, config.metrics_port, reuse_address=True).start()
-        tasks = await watchers.start(kube, gateway.table, config.namespaces, lambda: setattr(gateway, "synced", True))
+        # Ready once every watch has listed: the routes, and the tenant keys when tenants are on (a gateway that took
+        # traffic before knowing the keys would refuse good ones).
+        pending = {"routes", "tenants"} if gateway.keys.tenants is not None else {"routes"}
+
+        def synced(part: str) -> None:
+            pending.discard(part)
+            gateway.synced = not pending
+
+        tasks = await watchers.start(kube, gateway.table, config.namespaces, lambda: synced("routes"))
+        if gateway.keys.tenants is not None:
+            tasks += gateway.keys.tenants.watch(kube, config.tenant_namespace, lambda: synced("tenants"))
         log.info("gateway %s listening on %s:%d (metrics :%d), namespaces: %s", config.pod_name, config.host,
                  config.port, config.metrics_port, ",".join(config.namespaces) or "all")
         await stop.wait()

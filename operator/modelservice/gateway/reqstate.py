@@ -13,5 +13,6 @@ def _key(name: str, t: type) -> Any:
 
 
 MODEL = _key("model", str)  # namespace/name, once resolved
+TENANT = _key("tenant", str)  # whom the request is billed to (auth.py: a tenant, or _anonymous/_model-key)
 STRIP_AUTHORIZATION = _key("strip_authorization", bool)
 CLIENT_GONE = _key("client_gone", bool)

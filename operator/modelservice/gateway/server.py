@@ -26,6 +26,7 @@ from modelservice.gateway.metrics import Metrics
 from modelservice.gateway.parsing import model_of, parse_json, read_body, rewrite_model
 from modelservice.gateway.proxy import Proxy, make_pool
 from modelservice.gateway.routes import Key, ModelEntry, RouteTable
+from modelservice.gateway.tenants import TenantStore
 
 log = logging.getLogger("modelservice.gateway")
 access_log = logging.getLogger("modelservice.gateway.access")
@@ -39,7 +40,7 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.table = RouteTable(on_change=self._on_change)
         self.balancer = Balancer()
-        self.keys = KeyStore(config.api_key_secret)
+        self.keys = KeyStore(config.api_key_secret, TenantStore() if config.tenant_namespace else None)
         self.activity = ActivityTracker(config.pod_name, config.activity_interval)
         self.activator = Activator(self.table, ops, self.activity, self.metrics,
                                    timeout=config.activation_timeout, max_held=config.max_held_per_model)
@@ -129,7 +130,8 @@ class Gateway:
 
     async def list_models(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization")
-        if self.keys.global_ref and not any(self.keys.permits(e, auth) for e in self.table.models.values()):
+        if (self.keys.global_ref or self.keys.tenants is not None) and not self.keys.known_tenant(auth) and not any(
+                self.keys.permits(e, auth) for e in self.table.models.values()):
             if not key_matches(bearer_token(auth), self.keys.global_keys()):
                 raise _unauthorized()
         data = [{"id": model_id, "object": "model", "created": e.created, "owned_by": e.namespace}
@@ -143,12 +145,14 @@ class Gateway:
 
     # -- the request path --------------------------------------------------------------------------------------
     def _known(self, request: web.Request, lookup) -> ModelEntry:
-        """Resolve the model; with global keys, a caller without one learns nothing (401, not 404/400)."""
+        """Resolve the model; with global or tenant keys, a caller without one learns nothing (401, not 404/400)."""
         try:
             entry = lookup()
         except GatewayError as e:
-            if e.status in (400, 404) and e.code != "missing_model" and self.keys.global_ref and not key_matches(
-                    bearer_token(request.headers.get("Authorization")), self.keys.global_keys()):
+            auth = request.headers.get("Authorization")
+            if e.status in (400, 404) and e.code != "missing_model" and (
+                    self.keys.global_ref or self.keys.tenants is not None) and not key_matches(
+                    bearer_token(auth), self.keys.global_keys()) and not self.keys.known_tenant(auth):
                 raise _unauthorized() from None
             raise
         request[rs.MODEL] = entry.label
@@ -158,8 +162,14 @@ class Gateway:
         if not self.keys.required(entry):
             return
         await self.keys.wait_loaded(entry, SECRET_WAIT)
-        if not self.keys.permits(entry, request.headers.get("Authorization")):
+        auth = request.headers.get("Authorization")
+        tenant = self.keys.identify(entry, auth)
+        if tenant is None:
+            if self.keys.known_tenant(auth):  # a good key, for another model: as if the model did not exist
+                raise GatewayError(404, f"The model {entry.label!r} does not exist or your key may not use it; "
+                                        "GET /v1/models lists the models you can use", "model_not_found")
             raise _unauthorized()
+        request[rs.TENANT] = tenant
         request[rs.STRIP_AUTHORIZATION] = True  # our key is for us; the model server never sees it
 
     async def _serve(self, request: web.Request, entry: ModelEntry, body: bytes, path: str) -> web.StreamResponse:
@@ -196,8 +206,8 @@ class Gateway:
             if request.path != "/healthz":
                 model = request.get(rs.MODEL, "")
                 self.metrics.child(self.metrics.requests, model, str(status)).inc()
-                access_log.info("%s %s model=%s status=%d duration=%.3fs", request.method, request.path,
-                                model or "-", status, time.monotonic() - started)
+                access_log.info("%s %s model=%s tenant=%s status=%d duration=%.3fs", request.method, request.path,
+                                model or "-", request.get(rs.TENANT, "-"), status, time.monotonic() - started)
 
 
 def _unauthorized() -> GatewayError:
