@@ -292,3 +292,17 @@ def test_converters_read_what_the_scheduler_reads():
     assert pending_gpu_message(pod("Unschedulable", "0/2 nodes are available: 2 Insufficient memory.")) is None
     assert pending_gpu_message(pod("SchedulerError", MSG)) is None
     assert pending_gpu_message({}) is None
+
+
+def test_a_restart_between_two_parks_parks_only_what_is_still_missing():
+    # A 2-GPU pod needs both c and d (n1). The operator parked c, then restarted: the fresh plan counts c's GPUs as
+    # on their way back and parks d only; once both are leaving it parks no one.
+    models = full_pool(a={"in_flight": 1}, b={"in_flight": 1})
+    w = waiter(gpus=2)
+    assert sorted(parked(plan(models + [w], NODES))) == ["c", "d"]
+    c_gone = full_pool(a={"in_flight": 1}, b={"in_flight": 1}, c={"replicas": 0})
+    p = plan(c_gone + [w], NODES)
+    assert parked(p) == ["d"] and p.parks[0].node == "n1"
+    both = full_pool(a={"in_flight": 1}, b={"in_flight": 1}, c={"replicas": 0}, d={"replicas": 0})
+    p = plan(both + [w], NODES)
+    assert p.parks == [] and p.waiting[("ns", "w")].startswith("waiting for ns/c, ns/d to give back GPUs on node n1")
