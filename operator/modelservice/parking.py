@@ -183,9 +183,13 @@ class Park:
     waiter: Key
     node: str
     gpus: int  # freed on that node
+    competing: bool = False  # held no GPU: its own pending pod would have taken the ones freed for the waiter
 
     @property
     def message(self) -> str:
+        if self.competing:
+            return (f"parked to make room for {label(self.waiter)}: this model waited for GPUs with no request "
+                    f"for it, and its pod would have taken the ones freed on node {self.node}")
         return (f"parked to make room for {label(self.waiter)}: it needs GPUs on node {self.node}, "
                 f"and this model was the idle one to give {self.gpus} back")
 
@@ -259,6 +263,7 @@ def _make_room(w: Model, by_key: dict[Key, Model], nodes: list[Node], parked: se
             return f"no GPU free: {p.message}; node {n.name} looks free now: waiting for the scheduler to retry"
     for n, _, free, leaving in stats:
         if leaving and free + leaving >= p.gpus:
+            _park_competitors(w, n, by_key, parked, out)
             going = sorted(label(m.key) for m in by_key.values() if m.leaving_on(n.name))
             return f"waiting for {', '.join(going)} to give back GPUs on node {n.name} (no GPU free: {p.message})"
     best: Optional[tuple[tuple, Node, list[Model]]] = None
@@ -295,6 +300,7 @@ def _make_room(w: Model, by_key: dict[Key, Model], nodes: list[Node], parked: se
     for m in chosen:
         parked.add(m.key)
         out.parks.append(Park(victim=m.key, waiter=w.key, node=node.name, gpus=m.gpus_on(node.name)))
+    _park_competitors(w, node, by_key, parked, out)
     names = ", ".join(label(m.key) for m in chosen)
     return f"waiting for GPUs on node {node.name}: parking {names} to make room (no GPU free: {p.message})"
 
@@ -345,3 +351,16 @@ def placement_from(pl) -> Placement:
     tolerations = tuple(Toleration(t.key or "", t.operator or "Equal", t.value or "", t.effect or "")
                         for t in pl.tolerations)
     return Placement(node_selector=dict(pl.nodeSelector), terms=tuple(terms), tolerations=tolerations)
+
+
+def _park_competitors(w: Model, node: Node, by_key: dict[Key, Model], parked: set[Key], out: Plan) -> None:
+    """GPUs freed for `w` go to whichever pending pod the scheduler takes first (higher priority, then older): a
+    scale-to-zero model that waits with no request for it (a new model's first replica, a pod the scheduler
+    preempted) would take them, and the planner would park another victim for `w`. Such a model is parked too,
+    if it ranks no higher than `w` (one the scheduler ranks higher gets the GPUs first, as its band says)."""
+    for m in sorted(by_key.values(), key=lambda m: m.key):
+        if (m.key != w.key and m.key not in parked and m.pending is not None and not m.asks and m.scale_to_zero
+                and m.replicas > 0 and (m.pod_priority, m.priority) <= (w.pod_priority, w.priority)
+                and m.placement.allows(node) and m.pending.gpus <= node.gpus):
+            parked.add(m.key)
+            out.parks.append(Park(victim=m.key, waiter=w.key, node=node.name, gpus=0, competing=True))

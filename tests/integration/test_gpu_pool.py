@@ -115,3 +115,70 @@ def test_nothing_parkable_says_no_gpu_free_in_status_and_503(kube, namespace, op
         assert [replicas(kube, namespace, n) for n in "abcd"] == [1, 1, 1, 1]
     finally:
         gw.stop()
+
+
+def _priority_class(kube, name: str, value: int):
+    from kubernetes import client
+    api = client.SchedulingV1Api(kube.api_client)
+    api.create_priority_class(client.V1PriorityClass(metadata=client.V1ObjectMeta(name=name), value=value))
+    return lambda: api.delete_priority_class(name)
+
+
+def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, operator, fake_nodes, gateway):
+    """The scheduler's PriorityClass band ranks before spec.priority: the planner leaves a pod the scheduler preempts
+    for to the scheduler (no double freeing), and never parks a model the scheduler ranks above the waiting one
+    (it would preempt its way back when woken)."""
+    from kubernetes.client.rest import ApiException
+
+    # Why the operator cannot switch preemption off per pod: the API server takes preemptionPolicy from the class.
+    try:
+        kube.core.create_namespaced_pod(namespace, {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "never"},
+            "spec": {"preemptionPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}})
+        refused = None
+    except ApiException as e:
+        refused = e
+    assert refused is not None and refused.status == 403 and "PreemptionPolicy" in refused.body, refused
+
+    wait_pool_empty(kube)
+    high = f"{namespace}-high"[:253]
+    delete_class = _priority_class(kube, high, 1000)
+    try:
+        idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
+        ms.create(kube, namespace, ms.body("w", resources=GPU, **idle, placement={"priorityClassName": high}))
+        scale_to_zero_now(kube, namespace, "w")
+        for name in "abcd":
+            create_ready(kube, namespace, name, **idle)
+        assert len(gpu_pods(kube)) == POOL
+
+        # 1. w's class preempts: the scheduler evicts one pod for it; the planner parks no one on top.
+        status, body = run(_post_once(gateway.url, "w"))
+        assert status == 200, body
+        ms.wait_condition(kube, namespace, "w", "Ready", "True", timeout=30)
+        preempted = wait_for(lambda: [n for n in "abcd" if ms.condition(ms.get(kube, namespace, n), "Ready")
+                                      .get("reason") == "AwaitingCapacity"], timeout=60, message="one preempted")
+        assert len(preempted) == 1
+        said = ms.condition(ms.get(kube, namespace, preempted[0]), "Ready")["message"]
+        assert "no request is waiting for it" in said  # the preempted model does not park anyone back
+        # Several planning passes later (the operator resyncs every 3 s): still nobody parked, w keeps its GPU.
+        w_pod = [p.metadata.uid for p in gpu_pods(kube) if p.metadata.labels.get(MODELSERVICE_LABEL) == "w"]
+        seen = operator.counter("modelservice_reconcile_total")
+        wait_for(lambda: operator.counter("modelservice_reconcile_total") >= seen + 15, timeout=60,
+                 message="three more resyncs")
+        assert [replicas(kube, namespace, n) for n in "abcdw"] == [1, 1, 1, 1, 1]
+        assert not [e for e in kube.core.list_namespaced_event(namespace).items if e.reason == "Parked"]
+        assert [p.metadata.uid for p in gpu_pods(kube) if p.metadata.labels.get(MODELSERVICE_LABEL) == "w"] == w_pod
+
+        # 2. A model outside the class with the highest spec.priority and a floor of one (it must run): the
+        #    scheduler may not preempt for it; the planner parks one idle model of its band for it (and the preempted
+        #    one, whose pending pod would take the freed GPU first), never w, which the scheduler ranks above it.
+        ms.create(kube, namespace, ms.body("low", resources=GPU, replicas=1, priority=1000))
+        ms.wait_condition(kube, namespace, "low", "Ready", "True", timeout=90)
+        assert replicas(kube, namespace, "w") == 1
+        parked = sorted(n for n in "abcd" if replicas(kube, namespace, n) == 0)
+        assert len(parked) == 2 and preempted[0] in parked, parked
+        for n in parked:
+            obj = ms.wait_condition(kube, namespace, n, "Ready", "False", reason="Parked", timeout=30)
+            assert f"to make room for {namespace}/low" in ms.condition(obj, "Ready")["message"]
+    finally:
+        delete_class()

@@ -306,3 +306,20 @@ def test_a_restart_between_two_parks_parks_only_what_is_still_missing():
     both = full_pool(a={"in_flight": 1}, b={"in_flight": 1}, c={"replicas": 0}, d={"replicas": 0})
     p = plan(both + [w], NODES)
     assert p.parks == [] and p.waiting[("ns", "w")].startswith("waiting for ns/c, ns/d to give back GPUs on node n1")
+
+
+def test_a_pending_model_nothing_asked_for_is_parked_so_it_cannot_take_the_freed_gpu():
+    # p waits for a GPU with no request for it (say its pod was preempted): the GPU freed for w would go to p first.
+    p_idle = replace(waiter("p", in_flight=0), ready_since=1.0)
+    plan_ = plan(full_pool() + [p_idle, waiter(priority=0)], NODES)
+    assert [(x.victim[1], x.competing) for x in plan_.parks] == [("b", False), ("p", True)]
+    assert "would have taken the ones freed on node n0" in plan_.parks[1].message
+    # One the scheduler ranks above w keeps its place in the queue: it is not ours to park.
+    above = replace(p_idle, pod_priority=10)
+    assert parked(plan(full_pool() + [above, waiter()], NODES)) == ["b"]
+    # One that cannot use the node freed for w does not compete.
+    elsewhere = replace(p_idle, placement=Placement(node_selector={"pool": "other"}))
+    assert parked(plan(full_pool() + [elsewhere, waiter()], NODES)) == ["b"]
+    # While the victim's GPUs are on their way back, a competitor is parked as well.
+    leaving = full_pool(b={"replicas": 0})
+    assert parked(plan(leaving + [p_idle, waiter()], NODES)) == ["p"]
