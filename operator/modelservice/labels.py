@@ -16,9 +16,6 @@ ACTIVITY_LABEL = f"{GROUP}/activity"
 IN_FLIGHT_ANNOTATION = f"{GROUP}/in-flight"
 LAST_REQUEST_ANNOTATION = f"{GROUP}/last-request"
 
-# The fake node agent reads this pod annotation (set through spec.podTemplate.annotations) to simulate weight loading.
-STUB_STARTUP_DELAY_ANNOTATION = "stub.modelservice.dev/startup-delay"
-
 
 def child_name(ms_name: str) -> str:
     """Deployment, Service, HPA and PDB share the ModelService's name: what `kubectl get` users expect."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelservice.labels import MODELSERVICE_LABEL, STUB_STARTUP_DELAY_ANNOTATION
+from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.native import flag_value
 
 TPS_ANNOTATION = "stub.modelservice.dev/tokens-per-second"
+# Seconds the stub takes to turn Ready (simulated weight loading), set through spec.podTemplate.annotations.
+STUB_STARTUP_DELAY_ANNOTATION = "stub.modelservice.dev/startup-delay"
 # An image no node runs for real: tests and benchmarks that are not about engines name it to get the stub model
 # server (cheap, 1000 per process). Engine images run the real engine where it is installed (native.py).
 STUB_IMAGE = "stub.modelservice.dev/model-server:v1"

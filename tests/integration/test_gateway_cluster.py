@@ -24,7 +24,8 @@ import aiohttp
 from kubernetes import watch as kwatch
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelservice.labels import MODELSERVICE_LABEL, STUB_STARTUP_DELAY_ANNOTATION
+from modelservice.labels import MODELSERVICE_LABEL
+from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
 from tests.integration.gateway_process import HELD_LIMIT, GatewayProcess

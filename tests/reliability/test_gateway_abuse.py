@@ -36,8 +36,8 @@ from typing import Iterator, Optional
 import aiohttp
 import pytest
 
-from modelservice.labels import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.kube import Kube, create_namespace, delete_namespace
+from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
 from tests.integration.operator_process import OperatorProcess, kubectl

@@ -107,3 +107,23 @@ def test_mirror_drops_what_a_relist_no_longer_has():
     m.feed("ADDED", endpointslice("m", [("127.0.1.2", True)], 8000, name="m-b"))
     m.feed("SYNCED", {})
     assert t.ready(("default", "m")) == (Endpoint("127.0.1.2", 8000),)
+
+
+def test_a_spec_that_turns_invalid_stops_routing_until_fixed_and_status_updates_are_seen():
+    t, changes = table_with()
+    ms = modelservice("m")
+    ms["metadata"]["generation"] = 1
+    t.apply_modelservice("ADDED", ms)
+    assert t.resolve("m").name == "m"
+    bad = {**ms, "metadata": {**ms["metadata"], "generation": 2}, "spec": {**ms["spec"], "replicas": -1}}
+    t.apply_modelservice("MODIFIED", bad)
+    assert t.get("default", "m") is None and "spec.replicas" in t.invalid[("default", "m")]
+    fixed = {**ms, "metadata": {**ms["metadata"], "generation": 3}}
+    t.apply_modelservice("MODIFIED", fixed)
+    assert t.get("default", "m") is not None and t.invalid == {}
+    # A status write keeps the generation: the parsed spec is reused, the status is read afresh.
+    stalled = {**fixed, "status": {"observedGeneration": 3, "conditions": [
+        {"type": "Stalled", "status": "True", "reason": "CrashLoopBackOff", "message": "boom"}]}}
+    t.apply_modelservice("MODIFIED", stalled)
+    assert t.get("default", "m").stalled == "CrashLoopBackOff: boom"
+    assert changes.count(("default", "m")) == 4

@@ -150,7 +150,7 @@ class Activator:
         for attempt in range(SCALE_ATTEMPTS):  # bounded: a conflict or a restarting API server, not a loop forever
             try:
                 self.metrics.scale_requests.labels(entry.label).inc()
-                await self.ops.scale(entry.namespace, entry.name, entry.wake_replicas)
+                await self.ops.scale(entry.namespace, entry.child, entry.wake_replicas)
                 return None
             except Exception as e:  # noqa: BLE001 - reported to the held clients below
                 last = str(e)

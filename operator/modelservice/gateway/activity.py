@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from modelservice import GROUP, KIND, VERSION
 from modelservice.labels import ACTIVITY_LABEL, IN_FLIGHT_ANNOTATION, LAST_REQUEST_ANNOTATION, MODELSERVICE_LABEL
 from modelservice.gateway.routes import Key, ModelEntry
 
@@ -104,7 +105,7 @@ class ActivityTracker:
             "labels": {MODELSERVICE_LABEL: entry.name, ACTIVITY_LABEL: "true"}, "annotations": annotations}
         if entry.uid:
             # Garbage-collected with the ModelService; not a controller reference (the operator owns that role).
-            meta["ownerReferences"] = [{"apiVersion": "serving.modelservice.dev/v1alpha1", "kind": "ModelService",
+            meta["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                                         "name": entry.name, "uid": entry.uid}]
         return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
                 "spec": {"holderIdentity": self.pod_name, "renewTime": rfc3339_micro(now),

@@ -32,6 +32,9 @@ class Metrics:
         self.ready_endpoints = Gauge("modelservice_gateway_ready_endpoints",
                                      "Ready backends the gateway routes to, from EndpointSlices.", ["model"],
                                      registry=r)
+        self.invalid_modelservices = Gauge(
+            "modelservice_gateway_invalid_modelservices",
+            "ModelServices not routed: their spec is invalid (the operator reports them Stalled).", registry=r)
         self.activation = Histogram("modelservice_gateway_activation_seconds",
                                     "Time from a wake-up (scale from zero) to the first ready endpoint.",
                                     buckets=ACTIVATION_BUCKETS, registry=r)

@@ -7,12 +7,20 @@ never waits on the API server to find its backend.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Optional
 
-from modelservice.gateway.errors import GatewayError
+from pydantic import ValidationError
 
+from modelservice.api import ModelServiceSpec, _format_error
+from modelservice.engines import ENGINES
+from modelservice.gateway.errors import GatewayError
+from modelservice.labels import child_name
+from modelservice.render import served_name
+
+log = logging.getLogger("modelservice.gateway.routes")
 Key = tuple[str, str]  # (namespace, ModelService name)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PORT_NAME = "http"
@@ -31,6 +39,8 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """What the gateway needs of one ModelService, derived from the operator's own model of it (api.py) with the
+    operator's own helpers (render.py, labels.py, engines.py): a default or a name changed there changes here."""
     namespace: str
     name: str
     uid: str
@@ -40,6 +50,7 @@ class ModelEntry:
     api_key_ref: Optional[tuple[str, str]]  # (Secret name, data key) in the model's namespace
     autoscaled: bool  # only then may the gateway wake it from zero (manual replicas: 0 is the user's choice)
     wake_replicas: int
+    child: str  # the name of its Deployment and Service
     created: int  # epoch seconds, for /v1/models
     # The operator's word when the model cannot come up without a person (status Stalled=True: a crash-looping engine
     # with its last log lines, a bad image, a refused spec): held requests get it at once, not after a timeout.
@@ -58,22 +69,33 @@ class ModelEntry:
 
 
 def model_entry(obj: dict[str, Any]) -> ModelEntry:
-    """Lenient on purpose: the operator validates and reports spec errors; the gateway routes what it can."""
+    """Raises pydantic's ValidationError for a spec the operator refuses too (it reports it as Stalled). Cross-field
+    problems (api.cross_field_problems) are routed: the operator's Stalled condition then answers the requests."""
     meta = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
-    model = spec.get("model") or {}
-    engine = str(spec.get("engine") or "")
-    uri = str(model.get("uri") or "")
-    upstream = uri[len("ollama://"):] if engine == "ollama" and uri.startswith("ollama://") else None
-    ref = spec.get("apiKeySecretRef") or None
-    api_key_ref = (str(ref["name"]), str(ref.get("key") or "keys")) if ref and ref.get("name") else None
-    autoscaling = spec.get("autoscaling")
-    min_replicas = int((autoscaling or {}).get("minReplicas", 1) or 0)
+    return _with_status(spec_entry(meta, ModelServiceSpec.model_validate(obj.get("spec") or {})), obj)
+
+
+def spec_entry(meta: dict[str, Any], spec: ModelServiceSpec) -> ModelEntry:
+    name = meta.get("name", "")
+    a, ref = spec.autoscaling, spec.apiKeySecretRef
     return ModelEntry(
-        namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
-        served_name=str(model.get("servedName") or meta.get("name", "")), engine=engine, upstream_model=upstream,
-        api_key_ref=api_key_ref, autoscaled=autoscaling is not None, wake_replicas=max(1, min_replicas),
-        created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj), capacity=_awaiting_capacity(obj))
+        namespace=meta.get("namespace", ""), name=name, uid=meta.get("uid", ""),
+        served_name=served_name(spec, name), engine=spec.engine.value, upstream_model=_upstream_model(spec),
+        api_key_ref=(ref.name, ref.key) if ref else None, autoscaled=a is not None,
+        # What the operator keeps once the model is awake (scaling.decide's floor), so it does not scale it again.
+        wake_replicas=max(1, a.minReplicas) if a else 1, child=child_name(name), created=0)
+
+
+def _upstream_model(spec: ModelServiceSpec) -> Optional[str]:
+    """The name the engine serves the model under, when it is not the served name we give it (ollama: its tag)."""
+    if not ENGINES[spec.engine].serves_by_reference or not spec.model.uri:
+        return None
+    return spec.model.uri.split("://", 1)[1]
+
+
+def _with_status(entry: ModelEntry, obj: dict[str, Any]) -> ModelEntry:
+    return replace(entry, created=_epoch((obj.get("metadata") or {}).get("creationTimestamp")),
+                   stalled=_stalled(obj), capacity=_awaiting_capacity(obj))
 
 
 def _awaiting_capacity(obj: dict[str, Any]) -> Optional[str]:
@@ -124,30 +146,62 @@ def slice_endpoints(obj: dict[str, Any]) -> tuple[Optional[str], tuple[Endpoint,
 
 
 class RouteTable:
-    """on_change(key) is called after anything that may change a model's routability (endpoints, replicas, spec)."""
+    """on_change(key) is called after anything that may change a model's routability (endpoints, replicas, spec).
+
+    Models are keyed by (namespace, ModelService name); their Service and Deployment by (namespace, child name), as
+    labels.child_name names them, so the two can differ without a change here."""
 
     def __init__(self, on_change: Optional[Callable[[Key], None]] = None):
         self.on_change = on_change
         self.models: dict[Key, ModelEntry] = {}
+        self.invalid: dict[Key, str] = {}  # ModelServices whose spec the operator's model refuses: not routed
         self._by_served: dict[str, set[Key]] = {}
+        self._owner: dict[Key, Key] = {}  # (ns, child name) → model key
+        self._parsed: dict[Key, tuple[str, Any, ModelEntry]] = {}  # key → (uid, generation, entry without status)
         self._slices: dict[tuple[str, str], tuple[str, tuple[Endpoint, ...]]] = {}  # (ns, slice) → (svc, eps)
         self._service_slices: dict[Key, set[str]] = {}
-        self._ready: dict[Key, tuple[Endpoint, ...]] = {}
-        self._replicas: dict[Key, int] = {}
+        self._ready: dict[Key, tuple[Endpoint, ...]] = {}  # by (ns, Service name)
+        self._replicas: dict[Key, int] = {}  # by (ns, Deployment name)
         self._refused: dict[Key, frozenset[Endpoint]] = {}  # refused a connection; dropped at the next slice change
 
     # -- events ------------------------------------------------------------------------------------------------
     def apply_modelservice(self, event: str, obj: dict[str, Any]) -> None:
-        entry = model_entry(obj)
-        old = self.models.pop(entry.key, None)
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        old = self.models.pop(key, None)
         if old is not None:
-            self._by_served.get(old.served_name, set()).discard(entry.key)
+            self._by_served.get(old.served_name, set()).discard(key)
             if not self._by_served.get(old.served_name):
                 self._by_served.pop(old.served_name, None)
-        if event != "DELETED":
-            self.models[entry.key] = entry
-            self._by_served.setdefault(entry.served_name, set()).add(entry.key)
-        self._changed(entry.key)
+            self._owner.pop((key[0], old.child), None)
+        if event == "DELETED":
+            self._parsed.pop(key, None)
+            self.invalid.pop(key, None)
+        entry = None if event == "DELETED" else self._entry(key, meta, obj)
+        if entry is not None:
+            self.models[key] = entry
+            self._by_served.setdefault(entry.served_name, set()).add(key)
+            self._owner[(key[0], entry.child)] = key
+        self._changed(key)
+
+    def _entry(self, key: Key, meta: dict[str, Any], obj: dict[str, Any]) -> Optional[ModelEntry]:
+        """The entry, parsed once per spec generation: the operator's status writes are most of the events."""
+        uid, generation = meta.get("uid", ""), meta.get("generation")
+        parsed = self._parsed.get(key)
+        if parsed is None or parsed[:2] != (uid, generation) or generation is None:
+            try:
+                spec = ModelServiceSpec.model_validate(obj.get("spec") or {})
+            except ValidationError as e:
+                self._parsed.pop(key, None)
+                reason = "; ".join(_format_error(err) for err in e.errors()[:3])
+                if self.invalid.get(key) != reason:
+                    log.warning("ModelService %s/%s not routed: its spec is invalid (%s); the operator reports it as "
+                                "Stalled", key[0], key[1], reason)
+                self.invalid[key] = reason
+                return None
+            parsed = self._parsed[key] = (uid, generation, spec_entry(meta, spec))
+        self.invalid.pop(key, None)
+        return _with_status(parsed[2], obj)
 
     def apply_slice(self, event: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -166,52 +220,59 @@ class RouteTable:
 
     def apply_deployment(self, event: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
-        key = (meta.get("namespace", ""), meta.get("name", ""))
+        child = (meta.get("namespace", ""), meta.get("name", ""))
         if event == "DELETED":
-            self._replicas.pop(key, None)
+            self._replicas.pop(child, None)
         else:
             replicas = (obj.get("spec") or {}).get("replicas")
-            self._replicas[key] = 1 if replicas is None else int(replicas)  # the API's default
-        self._changed(key)
+            self._replicas[child] = 1 if replicas is None else int(replicas)  # the API's default
+        self._changed_child(child)
 
-    def _recompute(self, key: Key) -> None:
+    def _recompute(self, service: Key) -> None:
         seen: dict[Endpoint, None] = {}
-        for name in sorted(self._service_slices.get(key, ())):
-            for ep in self._slices[(key[0], name)][1]:
+        for name in sorted(self._service_slices.get(service, ())):
+            for ep in self._slices[(service[0], name)][1]:
                 seen[ep] = None
         new = tuple(seen)
-        self._refused.pop(key, None)  # the slice moved on: judge its endpoints afresh
-        if not self._service_slices.get(key):
-            self._service_slices.pop(key, None)
-        if new != self._ready.get(key, ()):
+        self._refused.pop(service, None)  # the slice moved on: judge its endpoints afresh
+        if not self._service_slices.get(service):
+            self._service_slices.pop(service, None)
+        if new != self._ready.get(service, ()):
             if new:
-                self._ready[key] = new
+                self._ready[service] = new
             else:
-                self._ready.pop(key, None)
+                self._ready.pop(service, None)
+            self._changed_child(service)
+
+    def _changed_child(self, child: Key) -> None:
+        key = self._owner.get(child)
+        if key is not None:
             self._changed(key)
 
     def _changed(self, key: Key) -> None:
         if self.on_change is not None:
             self.on_change(key)
 
-    # -- queries -----------------------------------------------------------------------------------------------
+    # -- queries (by model key) --------------------------------------------------------------------------------
     def get(self, namespace: str, name: str) -> Optional[ModelEntry]:
         return self.models.get((namespace, name))
 
     def ready(self, key: Key) -> tuple[Endpoint, ...]:
-        eps = self._ready.get(key, ())
-        refused = self._refused.get(key)
+        service = (key[0], child_name(key[1]))
+        eps = self._ready.get(service, ())
+        refused = self._refused.get(service)
         return tuple(e for e in eps if e not in refused) if refused else eps
 
     def refused(self, key: Key, endpoints: frozenset[Endpoint]) -> None:
         """Endpoints that refused a connection are not ready until their EndpointSlice changes (a pod that is going
         away stops listening before the slice drops it)."""
         if endpoints:
-            self._refused[key] = self._refused.get(key, frozenset()) | endpoints
+            service = (key[0], child_name(key[1]))
+            self._refused[service] = self._refused.get(service, frozenset()) | endpoints
 
     def replicas(self, key: Key) -> Optional[int]:
         """The Deployment's spec.replicas; None when we have not seen the Deployment."""
-        return self._replicas.get(key)
+        return self._replicas.get((key[0], child_name(key[1])))
 
     def resolve(self, model: str) -> ModelEntry:
         """The OpenAI `model` field → a ModelService: its served name, or `namespace/name`."""

@@ -39,6 +39,7 @@ class Gateway:
         self.config, self.ops = config, ops
         self.metrics = metrics or Metrics()
         self.table = RouteTable(on_change=self._on_change)
+        self.metrics.invalid_modelservices.set_function(lambda: len(self.table.invalid))
         self.balancer = Balancer()
         self.keys = KeyStore(config.api_key_secret, TenantStore() if config.tenant_namespace else None)
         self.activity = ActivityTracker(config.pod_name, config.activity_interval)
