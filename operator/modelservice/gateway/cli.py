@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tenants", action="store_true",
                    help="tenant API keys from Secrets labelled serving.modelservice.dev/tenant in --tenant-namespace "
                         "(watched: rotation within seconds); every model then needs a key (docs/tenants.md)")
+    p.add_argument("--max-metered-tenants", type=int, default=d.max_metered_tenants,
+                   help="tenants with their own label in the token metrics; more are summed as tenant=_other")
     p.add_argument("--tenant-namespace", default=None, metavar="NS", help="default: POD_NAMESPACE")
     p.add_argument("--activity-interval", type=seconds, default=f"{d.activity_interval:g}s",
                    help="at most one activity Lease write per model per interval")
@@ -63,7 +65,8 @@ def config_from(args: argparse.Namespace) -> Config:
                   activation_timeout=args.activation_timeout, max_body_bytes=args.max_body_bytes,
                   max_held_per_model=args.max_held_per_model, header_timeout=args.header_timeout,
                   idle_timeout=args.idle_timeout, upstream_timeout=args.upstream_timeout, kubeconfig=args.kubeconfig,
-                  api_key_secret=keys, activity_interval=args.activity_interval, tenant_namespace=tenant_ns)
+                  api_key_secret=keys, activity_interval=args.activity_interval, tenant_namespace=tenant_ns,
+                  max_metered_tenants=args.max_metered_tenants)
 
 
 async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:

@@ -27,6 +27,7 @@ class Config:
     api_key_secret: Optional[tuple[str, str, str]] = None  # (namespace, name, data key)
     activity_interval: float = 10.0
     secret_refresh: float = 30.0
+    max_metered_tenants: int = 100  # tenant label values in metrics; the rest are summed as "_other"
     tenant_namespace: Optional[str] = None  # set: tenant keys from Secrets labelled as tenants in it (tenants.py)
     pod_name: str = field(default_factory=lambda: os.environ.get("POD_NAME") or socket.gethostname())
     pod_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE", ""))

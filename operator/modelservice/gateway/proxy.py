@@ -20,6 +20,7 @@ from modelservice.gateway.balancer import Balancer
 from modelservice.gateway.deadline import within
 from modelservice.gateway import reqstate as rs
 from modelservice.gateway.errors import GatewayError
+from modelservice.gateway.metering import Meter
 from modelservice.gateway.metrics import Metrics
 from modelservice.gateway.routes import Endpoint, ModelEntry, RouteTable
 from modelservice.gateway.upstream import NotSent, Response, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -139,6 +140,8 @@ class Proxy:
                 gauge.dec()
 
     async def _relay(self, request: web.Request, upstream: Response, entry: ModelEntry) -> web.StreamResponse:
+        request[rs.ANSWERED] = True
+        meter: Optional[Meter] = request.get(rs.METER)  # token metering (metering.py): reads, may drop its event
         length = upstream.content_length
         if length is not None and length <= SMALL_BODY and not upstream.chunked:
             # A small complete answer (non-streaming completion, /v1/models): one write carries headers and body,
@@ -148,6 +151,8 @@ class Proxy:
             except UpstreamError as e:
                 log.warning("%s: upstream failed mid-response: %s", entry.label, e)
                 raise GatewayError(502, f"model {entry.label} failed: {type(e).__name__}", "bad_gateway") from None
+            if meter is not None:
+                meter.whole(body)
             small = web.Response(status=upstream.status, reason=upstream.reason, body=body)
             for k, v in upstream.headers:
                 if k.lower() not in HOP_BY_HOP:
@@ -159,10 +164,20 @@ class Proxy:
                 resp.headers.add(k, v)
         if upstream.content_length is not None and not upstream.chunked:
             resp.content_length = upstream.content_length
+            if meter is not None:
+                meter.strip = False  # a declared length: the bytes go out as they came
         try:
             await resp.prepare(request)
             async for chunk in upstream.chunks():
+                if meter is not None:
+                    chunk = meter.feed(chunk)
+                    if not chunk:
+                        continue
                 if not await self._write(request, resp, chunk):
+                    return resp
+            if meter is not None:
+                rest = meter.finish()
+                if rest and not await self._write(request, resp, rest):
                     return resp
             await resp.write_eof()
         except ConnectionResetError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Optional
@@ -16,10 +17,11 @@ from aiohttp import web
 
 from modelservice.gateway.activator import Activator
 from modelservice.gateway.activity import ActivityTracker
-from modelservice.gateway.auth import KeyStore, bearer_token, key_matches
+from modelservice.gateway.auth import ANONYMOUS, KeyStore, bearer_token, key_matches
 from modelservice.gateway.balancer import Balancer
 from modelservice.gateway.config import Config
-from modelservice.gateway import paths, reqstate as rs
+from modelservice.gateway import metering, paths, reqstate as rs
+from modelservice.gateway.metering import Metering
 from modelservice.gateway.errors import GatewayError, error_response
 from modelservice.gateway.kubeops import ClusterOps
 from modelservice.gateway.metrics import Metrics
@@ -38,6 +40,7 @@ class Gateway:
     def __init__(self, config: Config, ops: ClusterOps, *, metrics: Optional[Metrics] = None):
         self.config, self.ops = config, ops
         self.metrics = metrics or Metrics()
+        self.metering = Metering(self.metrics.registry, config.max_metered_tenants)
         self.table = RouteTable(on_change=self._on_change)
         self.metrics.invalid_modelservices.set_function(lambda: len(self.table.invalid))
         self.balancer = Balancer()
@@ -105,6 +108,7 @@ class Gateway:
         doc = parse_json(body)
         entry = self._known(request, lambda: self.table.resolve(model_of(doc)))
         await self._authorize(request, entry)
+        body = self._meter(request, doc, request.path) or body
         if entry.upstream_model:
             body = rewrite_model(doc, entry.upstream_model)
         return await self._serve(request, entry, body, request.raw_path)
@@ -125,6 +129,11 @@ class Gateway:
         path = "/" + (rest[4] if len(rest) > 4 else "")
         paths.check(entry.engine, request.method, path)  # engine admin paths are not for clients
         body = await read_body(request, self.config.max_body_bytes, self.config.idle_timeout)
+        if request.method == "POST" and path in metering.METERED_PATHS:
+            try:
+                body = self._meter(request, parse_json(body), path) or body
+            except GatewayError:
+                pass  # not JSON: the engine says what is wrong with it
         if request.rel_url.raw_query_string:
             path += "?" + request.rel_url.raw_query_string
         return await self._serve(request, entry, body, path)
@@ -159,8 +168,15 @@ class Gateway:
         request[rs.MODEL] = entry.label
         return entry
 
+    def _meter(self, request: web.Request, doc: dict, path: str) -> Optional[bytes]:
+        """Attach the request's Meter; the body re-encoded when the meter asked the engine for usage (or None)."""
+        meter, changed = metering.prepare(doc, path)
+        request[rs.METER] = meter
+        return json.dumps(doc, separators=(",", ":")).encode() if changed else None
+
     async def _authorize(self, request: web.Request, entry: ModelEntry) -> None:
         if not self.keys.required(entry):
+            request[rs.TENANT] = ANONYMOUS
             return
         await self.keys.wait_loaded(entry, SECRET_WAIT)
         auth = request.headers.get("Authorization")
@@ -207,6 +223,9 @@ class Gateway:
             if request.path != "/healthz":
                 model = request.get(rs.MODEL, "")
                 self.metrics.child(self.metrics.requests, model, str(status)).inc()
+                tenant = request.get(rs.TENANT)
+                if tenant is not None:  # known caller, known model: tokens and outcome per tenant
+                    self.metering.record(tenant, model, status, request.get(rs.METER), request.get(rs.ANSWERED, False))
                 access_log.info("%s %s model=%s tenant=%s status=%d duration=%.3fs", request.method, request.path,
                                 model or "-", request.get(rs.TENANT, "-"), status, time.monotonic() - started)
 
