@@ -155,6 +155,10 @@ class ModelServiceSpec(_Model):
     autoscaling: Optional[Autoscaling] = Field(None, description="Autoscaling; when set, it owns the replica count.")
     cache: Optional[Cache] = Field(None, description="A PersistentVolumeClaim for weights (mounted where the engine caches).")
     startupTimeout: Duration = Field("30m", description="How long a replica may take to load the model before it is restarted.")
+    drainTimeout: Duration = Field(
+        "5m", description="How long a replica that is going away (scale-down, parking, a rollout) may go on "
+                          "generating for the requests it already has, long streams included, before its engine is "
+                          "stopped. Sizes the pod's terminationGracePeriodSeconds.")
     placement: Placement = Field(default_factory=Placement, description="Where model pods may run.")
     podTemplate: PodTemplate = Field(default_factory=PodTemplate, description="Extra pod metadata and identity.")
     probes: Probes = Field(default_factory=Probes, description="Probe and metrics paths (custom engines).")

@@ -24,6 +24,10 @@ _NOT_PROPAGATED_LABEL_PREFIXES = ("app.kubernetes.io/instance", "argocd.argoproj
 # costs 0.5 s on average for a load that ends at a random moment, a whole period for an engine up within the first
 # (docs/benchmarks.md); an HTTP GET to /health a second is nothing next to loading weights.
 STARTUP_PERIOD_SECONDS = 1
+# A pod going away leaves its EndpointSlice at once, but the gateway (and kube-proxy) hear of it a moment later: the
+# preStop hook holds the engine's SIGTERM that long, so no new request reaches an engine that has stopped accepting.
+# Short on purpose: a parked model's GPUs are free only once its pod is gone, and a woken model waits for them.
+PRESTOP_SECONDS = 2
 
 
 @dataclass(frozen=True)
@@ -224,10 +228,15 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         # where the operator reads them into the ModelService's condition: no log access needed to see why.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    lifecycle: dict[str, Any] = {}
     if eng.pull_model_on_start and model.ref:
         # PostStart holds the container out of Ready until the pull is done, so no request hits an empty server.
-        container["lifecycle"] = {"postStart": {"exec": {"command": [
-            "/bin/sh", "-c", f"until ollama list >/dev/null 2>&1; do sleep 1; done; ollama pull '{model.ref}'"]}}}
+        lifecycle["postStart"] = {"exec": {"command": [
+            "/bin/sh", "-c", f"until ollama list >/dev/null 2>&1; do sleep 1; done; ollama pull '{model.ref}'"]}}
+    if spec.engine is not Engine.custom:  # the engines' images have sleep; a custom image may be distroless
+        lifecycle["preStop"] = {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}
+    if lifecycle:
+        container["lifecycle"] = lifecycle
 
     metrics_path = spec.probes.metricsPath or eng.metrics_path
     annotations = dict(spec.podTemplate.annotations)
@@ -243,7 +252,9 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         "enableServiceLinks": False,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"},
                             **({"runAsNonRoot": True, "fsGroup": 1000} if eng.restricted else {})},
-        "terminationGracePeriodSeconds": 30,
+        # Drain, not the 30 s default: SIGTERM makes the engines stop accepting and finish what they are generating
+        # (a long stream takes minutes), and the kubelet kills them only when this has passed.
+        "terminationGracePeriodSeconds": int(parse_duration(spec.drainTimeout)) + PRESTOP_SECONDS,
     }
     if model.init:
         pod_spec["initContainers"] = model.init

@@ -537,6 +537,7 @@ class NodeAgent:
 
     async def finish_deletion(self, rt: PodRuntime, meta: dict) -> None:
         """What the kubelet does after the containers stop: confirm the deletion with grace 0."""
+        await self.drain_stub(rt, float(meta.get("deletionGracePeriodSeconds") or 0))
         await self.teardown(rt)
         try:
             await self._api_retry("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
@@ -545,6 +546,18 @@ class NodeAgent:
             log.info("%s deleted", rt.key)
         except (ApiError, *TRANSIENT) as e:
             log.warning("%s: delete: %s", rt.key, e)
+
+    @staticmethod
+    async def drain_stub(rt: PodRuntime, grace: float) -> None:
+        """An engine told to stop finishes what it is generating within the pod's grace period, as vLLM does on
+        SIGTERM: the stub's requests in progress (a long stream) run to their end, up to the grace period, before
+        teardown closes it. (Native engines get the same from their container's SIGTERM and grace.)"""
+        if rt.runner is None or rt.container is not None:
+            return
+        state, loop = stub_state(rt.runner.app), asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while state.running + state.waiting > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.1)
 
     def find_logs(self, namespace: str, pod: str, container: str) -> list[Path] | None:
         key = f"{namespace}/{pod}"

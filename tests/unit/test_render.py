@@ -144,3 +144,16 @@ def test_cache_pvc():
     c = _container(out)
     assert {"name": "cache", "mountPath": "/cache"} in c["volumeMounts"]
     assert {"name": "HF_HOME", "value": "/cache/huggingface"} in c["env"]
+
+
+def test_pods_drain_for_the_length_of_a_generation_before_the_engine_stops():
+    pod = _render({"engine": "vllm", "model": {"uri": "hf://o/m"}, "drainTimeout": "10m"})[
+        "Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 600 + 2
+    assert pod["containers"][0]["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "2"]}}}
+    default = _render({"engine": "vllm", "model": {"uri": "hf://o/m"}})["Deployment"]["spec"]["template"]["spec"]
+    assert default["terminationGracePeriodSeconds"] == 300 + 2
+    ollama = _container(_render({"engine": "ollama", "model": {"uri": "ollama://llama3.2:1b"}}))
+    assert set(ollama["lifecycle"]) == {"postStart", "preStop"}
+    custom = _container(_render({"engine": "custom", "image": "ghcr.io/acme/s:1", "port": 9000}))
+    assert "lifecycle" not in custom  # a custom image may have no sleep: a failing hook is only noise

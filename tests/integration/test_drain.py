@@ -1,0 +1,58 @@
+"""Never cut a stream: a replica that goes away (here: a scale-down to zero) finishes the stream it is serving within
+the rendered grace period (spec.drainTimeout), and goes away as soon as it has, not at the end of the grace period.
+
+Overlap by construction: the stub generates 2 tokens a second and the stream asks for 60 (30 s); the test checks
+that the pod was already terminating while the stream was still open, so it cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from modelservice.labels import MODELSERVICE_LABEL
+from tests.cluster.wait import async_wait_for, wait_for
+from tests.integration import ms
+from tests.integration.test_gateway_cluster import chat, run
+
+TOKENS = 60
+
+
+def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, operator, fake_nodes, gateway):
+    name = "drain"
+    ms.create(kube, namespace, ms.body(
+        name, autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}, drainTimeout="5m",
+        podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "2"}}))
+    ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=90)
+    (pod,) = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items
+    assert pod.spec.termination_grace_period_seconds == 300 + 2
+
+    def terminating() -> bool:
+        p = kube.core.list_namespaced_pod(namespace, field_selector=f"metadata.name={pod.metadata.name}").items
+        return bool(p and p[0].metadata.deletion_timestamp)
+
+    async def scenario() -> tuple[bytes, bool]:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gateway.url + "/v1/chat/completions",
+                              json=chat(name, stream=True, max_tokens=TOKENS)) as r:
+                assert r.status == 200
+                body = await r.content.readline()
+                await asyncio.to_thread(kube.apps.patch_namespaced_deployment_scale, name, namespace,
+                                        {"spec": {"replicas": 0}})
+
+                async def going_away() -> bool:
+                    return await asyncio.to_thread(terminating)
+                await async_wait_for(going_away, timeout=60, interval=0.2, message="the pod terminating")
+                still_open = not r.content.at_eof()
+                body += await r.read()
+                return body, still_open
+
+    body, still_open = run(scenario(), timeout=180)
+    assert still_open, "the stream ended before the scale-down: the test proved nothing"
+    chunks = [ln for ln in body.decode().splitlines() if ln.startswith("data: {")]
+    assert body.rstrip().endswith(b"data: [DONE]"), body[-300:]
+    assert len(chunks) >= TOKENS and '"finish_reason": "length"' in body.decode().replace('":"', '": "')
+    # The replica went as soon as its stream was done, well before its 302 s grace period.
+    wait_for(lambda: not kube.core.list_namespaced_pod(
+        namespace, field_selector=f"metadata.name={pod.metadata.name}").items, timeout=60, message="pod gone")
