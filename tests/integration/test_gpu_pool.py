@@ -13,7 +13,8 @@ import json
 
 import aiohttp
 
-from modelservice.labels import MODELSERVICE_LABEL, STUB_STARTUP_DELAY_ANNOTATION
+from modelservice.labels import MODELSERVICE_LABEL
+from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import wait_for
 from tests.integration import ms
 from tests.integration.gateway_process import GatewayProcess
