@@ -351,6 +351,7 @@ def test_tenants_grant_secrets_of_the_release_namespace_only(monkeypatch):
         monkeypatch.setenv("POD_NAMESPACE", hu.NAMESPACE)
         config = gateway_cli.config_from(gateway_cli.parser().parse_args(args[1:]))
         assert config.tenant_namespace == hu.NAMESPACE
+        assert config.quota_share == 2  # gateway.replicas: each replica enforces its share of a quota
     assert "--tenants" not in hu.container_args(rendered(), GATEWAY)
 
 

@@ -49,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
                         "(watched: rotation within seconds); every model then needs a key (docs/tenants.md)")
     p.add_argument("--max-metered-tenants", type=int, default=d.max_metered_tenants,
                    help="tenants with their own label in the token metrics; more are summed as tenant=_other")
+    p.add_argument("--quota-replicas", type=int, default=d.quota_share,
+                   help="gateway replicas: each enforces this share of a tenant's quota (docs/tenants.md)")
+    p.add_argument("--quota-default-max-tokens", type=int, default=d.quota_default_max_tokens,
+                   help="tokens reserved for an answer whose request sets no max_tokens")
     p.add_argument("--tenant-namespace", default=None, metavar="NS", help="default: POD_NAMESPACE")
     p.add_argument("--activity-interval", type=seconds, default=f"{d.activity_interval:g}s",
                    help="at most one activity Lease write per model per interval")
@@ -66,7 +70,8 @@ def config_from(args: argparse.Namespace) -> Config:
                   max_held_per_model=args.max_held_per_model, header_timeout=args.header_timeout,
                   idle_timeout=args.idle_timeout, upstream_timeout=args.upstream_timeout, kubeconfig=args.kubeconfig,
                   api_key_secret=keys, activity_interval=args.activity_interval, tenant_namespace=tenant_ns,
-                  max_metered_tenants=args.max_metered_tenants)
+                  max_metered_tenants=args.max_metered_tenants, quota_share=args.quota_replicas,
+                  quota_default_max_tokens=args.quota_default_max_tokens)
 
 
 async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:

@@ -28,6 +28,8 @@ class Config:
     activity_interval: float = 10.0
     secret_refresh: float = 30.0
     max_metered_tenants: int = 100  # tenant label values in metrics; the rest are summed as "_other"
+    quota_share: int = 1  # gateway replicas: each enforces 1/share of a tenant's quota (quotas.py)
+    quota_default_max_tokens: int = 1024  # reserved for the answer when a request sets no max_tokens
     tenant_namespace: Optional[str] = None  # set: tenant keys from Secrets labelled as tenants in it (tenants.py)
     pod_name: str = field(default_factory=lambda: os.environ.get("POD_NAME") or socket.gethostname())
     pod_namespace: str = field(default_factory=lambda: os.environ.get("POD_NAMESPACE", ""))

@@ -15,6 +15,7 @@ def _key(name: str, t: type) -> Any:
 MODEL = _key("model", str)  # namespace/name, once resolved
 METER = _key("meter", object)  # metering.Meter of a metered path (its answer's token counts)
 ANSWERED = _key("answered", bool)  # an engine's answer is being relayed (the request reached an engine)
+QUOTA = _key("quota", object)  # quotas.Reservation: tokens reserved at admission, settled at the end
 TENANT = _key("tenant", str)  # whom the request is billed to (auth.py: a tenant, or _anonymous/_model-key)
 STRIP_AUTHORIZATION = _key("strip_authorization", bool)
 CLIENT_GONE = _key("client_gone", bool)

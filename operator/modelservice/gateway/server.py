@@ -22,6 +22,7 @@ from modelservice.gateway.balancer import Balancer
 from modelservice.gateway.config import Config
 from modelservice.gateway import metering, paths, reqstate as rs
 from modelservice.gateway.metering import Metering
+from modelservice.gateway.quotas import Quotas
 from modelservice.gateway.errors import GatewayError, error_response
 from modelservice.gateway.kubeops import ClusterOps
 from modelservice.gateway.metrics import Metrics
@@ -41,6 +42,7 @@ class Gateway:
         self.config, self.ops = config, ops
         self.metrics = metrics or Metrics()
         self.metering = Metering(self.metrics.registry, config.max_metered_tenants)
+        self.quotas = Quotas(config.quota_share, config.quota_default_max_tokens)
         self.table = RouteTable(on_change=self._on_change)
         self.metrics.invalid_modelservices.set_function(lambda: len(self.table.invalid))
         self.balancer = Balancer()
@@ -108,6 +110,7 @@ class Gateway:
         doc = parse_json(body)
         entry = self._known(request, lambda: self.table.resolve(model_of(doc)))
         await self._authorize(request, entry)
+        self._admit(request, len(body), doc, request.path)
         body = self._meter(request, doc, request.path) or body
         if entry.upstream_model:
             body = rewrite_model(doc, entry.upstream_model)
@@ -129,11 +132,15 @@ class Gateway:
         path = "/" + (rest[4] if len(rest) > 4 else "")
         paths.check(entry.engine, request.method, path)  # engine admin paths are not for clients
         body = await read_body(request, self.config.max_body_bytes, self.config.idle_timeout)
+        doc = None
         if request.method == "POST" and path in metering.METERED_PATHS:
             try:
-                body = self._meter(request, parse_json(body), path) or body
+                doc = parse_json(body)
             except GatewayError:
                 pass  # not JSON: the engine says what is wrong with it
+        self._admit(request, len(body), doc, path)  # every client path counts against a tenant's quota
+        if doc is not None:
+            body = self._meter(request, doc, path) or body
         if request.rel_url.raw_query_string:
             path += "?" + request.rel_url.raw_query_string
         return await self._serve(request, entry, body, path)
@@ -167,6 +174,14 @@ class Gateway:
             raise
         request[rs.MODEL] = entry.label
         return entry
+
+    def _admit(self, request: web.Request, body_len: int, doc: Optional[dict], path: str) -> None:
+        """A tenant over its quota gets 429 here, before any engine work (quotas.py)."""
+        name = request.get(rs.TENANT)
+        tenant = self.keys.tenants.tenants.get(name) if self.keys.tenants is not None and name else None
+        if tenant is not None and (tenant.rpm or tenant.tpm):
+            tokens = self.quotas.estimate(body_len, doc, path) if tenant.tpm else 0
+            request[rs.QUOTA] = self.quotas.admit(name, tenant.rpm, tenant.tpm, tokens)
 
     def _meter(self, request: web.Request, doc: dict, path: str) -> Optional[bytes]:
         """Attach the request's Meter; the body re-encoded when the meter asked the engine for usage (or None)."""
@@ -225,7 +240,13 @@ class Gateway:
                 self.metrics.child(self.metrics.requests, model, str(status)).inc()
                 tenant = request.get(rs.TENANT)
                 if tenant is not None:  # known caller, known model: tokens and outcome per tenant
-                    self.metering.record(tenant, model, status, request.get(rs.METER), request.get(rs.ANSWERED, False))
+                    meter, answered = request.get(rs.METER), request.get(rs.ANSWERED, False)
+                    self.metering.record(tenant, model, status, meter, answered)
+                    reservation = request.get(rs.QUOTA)
+                    if reservation is not None:  # settle the reserved tokens to what was used (unknown: it stands)
+                        used = (meter.prompt + (meter.completion or 0) if meter is not None and meter.prompt is not None
+                                else None if answered else 0)
+                        self.quotas.settle(reservation, used)
                 access_log.info("%s %s model=%s tenant=%s status=%d duration=%.3fs", request.method, request.path,
                                 model or "-", request.get(rs.TENANT, "-"), status, time.monotonic() - started)
 

@@ -38,6 +38,8 @@ log = logging.getLogger("modelservice.gateway.tenants")
 TENANT_LABEL = f"{GROUP}/tenant"
 NAMESPACES_ANNOTATION = f"{GROUP}/namespaces"
 MODELS_ANNOTATION = f"{GROUP}/models"
+RPM_ANNOTATION = f"{GROUP}/requests-per-minute"  # quotas.py
+TPM_ANNOTATION = f"{GROUP}/tokens-per-minute"
 KEYS_DATA_KEY = "keys"
 EVENT_SOURCE = "modelservice-gateway"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -54,6 +56,8 @@ class Tenant:
     name: str
     namespaces: frozenset[str] = frozenset()  # "*" in it: every namespace
     models: frozenset[str] = frozenset()  # "namespace/name"
+    rpm: Optional[int] = None  # requests per minute, all gateway replicas together (None: no limit)
+    tpm: Optional[int] = None  # tokens (prompt + completion) per minute
 
     def may_use(self, entry: "ModelEntry") -> bool:
         return "*" in self.namespaces or entry.namespace in self.namespaces or entry.label in self.models
@@ -103,11 +107,22 @@ def parse_secret(obj: dict[str, Any]) -> tuple[Optional[TenantSecret], Optional[
     if bad:
         return None, (f"{NAMESPACES_ANNOTATION} / {MODELS_ANNOTATION}: {', '.join(bad)!s} is not a namespace or "
                       "namespace/name")
+    limits: dict[str, Optional[int]] = {}
+    for field_, note in (("rpm", RPM_ANNOTATION), ("tpm", TPM_ANNOTATION)):
+        text = notes.get(note, "").strip()
+        if text and (not text.isdigit() or int(text) < 1):
+            return None, f"{note}={text!r} is not a whole number of at least 1"
+        limits[field_] = int(text) if text else None
     if not namespaces and not models:
         return None, (f"the tenant may use no model: annotate the Secret with {NAMESPACES_ANNOTATION} "
                       f"(namespaces, or *) and/or {MODELS_ANNOTATION} (namespace/name, comma-separated)")
     return TenantSecret((meta.get("namespace", ""), meta.get("name", "")),
-                        Tenant(name, namespaces, models), frozenset(digest(k) for k in keys)), None
+                        Tenant(name, namespaces, models, **limits), frozenset(digest(k) for k in keys)), None
+
+
+def _least(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    """Two Secrets of one tenant that both set a limit: the lower one holds."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _involved(obj: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +173,8 @@ class TenantStore:
         for ts in self._secrets.values():
             t = tenants.get(ts.tenant.name)
             tenants[ts.tenant.name] = ts.tenant if t is None else Tenant(
-                t.name, t.namespaces | ts.tenant.namespaces, t.models | ts.tenant.models)
+                t.name, t.namespaces | ts.tenant.namespaces, t.models | ts.tenant.models,
+                _least(t.rpm, ts.tenant.rpm), _least(t.tpm, ts.tenant.tpm))
         for d, by_tenant in owners.items():
             if len(by_tenant) == 1:
                 index[d] = tenants[next(iter(by_tenant))]
