@@ -66,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     handlers.OPTIONS.update(gateway_enabled=args.gateway_enabled, workers=args.workers,
                             network_policy=_network_policy(args),
                             kubeconfig=args.kubeconfig, watch_dead_after=args.watch_dead_after,
-                            resync_seconds=args.resync_seconds, namespaces=args.namespace or [])
+                            resync_seconds=args.resync_seconds, namespaces=args.namespace or [],
+                            gpu_pool_policy=args.gpu_pool_policy)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one INFO line per watch event is noise
@@ -104,6 +105,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port, /healthz (0: off)")
     run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
     run.add_argument("--resync-seconds", type=float, default=600, help="re-check every ModelService this often")
+    run.add_argument("--gpu-pool-policy", choices=("park", "idle-timer"), default="park",
+                     help="park: park idle models to make room for one that lacks GPUs (docs/gpu-pool.md); "
+                          "idle-timer: only each model's own scaleToZeroAfter (the old behaviour, for comparison)")
     run.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG or in-cluster)")
     run.add_argument("--watch-dead-after", type=float, default=900,
                      help="seconds without an answer on any watch before /healthz fails")

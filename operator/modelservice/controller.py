@@ -127,8 +127,10 @@ def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
 
 class Controller:
     def __init__(self, kube: Kube, *, gateway_enabled: bool = False, workers: int = 4, resync_seconds: float = 600,
-                 namespaces: Optional[list[str]] = None, network_policy: Optional[NetworkPolicyConfig] = None):
+                 namespaces: Optional[list[str]] = None, network_policy: Optional[NetworkPolicyConfig] = None,
+                 parking: bool = True):
         self.kube = kube
+        self.parking = parking  # False: no GPU pool planner, only each model's idle timer (bench comparison)
         self.network_policy = network_policy  # None: no NetworkPolicy per model (and ours are deleted)
         self.gateway_enabled = gateway_enabled
         self.store = Store()
@@ -158,7 +160,8 @@ class Controller:
         # Nodes are cluster-scoped: their watch stays out of `synced`, so an install that may not read them still
         # reconciles at once (and parks no one: without nodes the planner cannot tell where a pod fits).
         self._tasks += watching.start(self.kube, [("/api/v1/nodes", None, self.on_node)], lambda: None, on_alive)
-        self._tasks.append(asyncio.create_task(self._plan_loop()))
+        if self.parking:
+            self._tasks.append(asyncio.create_task(self._plan_loop()))
 
     def _watch_owned(self, on_alive: Optional[Callable[[], None]]) -> list[asyncio.Task[None]]:
         """Our own list-then-watch of children, pods and activity Leases; kopf watches only ModelServices. These

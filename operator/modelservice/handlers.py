@@ -19,7 +19,8 @@ from modelservice.metrics import LAST_WATCH_EVENT
 
 # Set by cli.py before kopf starts.
 OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig": None, "watch_dead_after": 900,
-                           "resync_seconds": 600, "namespaces": [], "network_policy": None}
+                           "resync_seconds": 600, "namespaces": [], "network_policy": None,
+                           "gpu_pool_policy": "park"}
 _last_event = [time.time()]
 
 
@@ -51,7 +52,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     kube = Kube.from_env(OPTIONS["kubeconfig"])
     controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"],
                             resync_seconds=OPTIONS["resync_seconds"], namespaces=OPTIONS["namespaces"],
-                            network_policy=OPTIONS["network_policy"])
+                            network_policy=OPTIONS["network_policy"],
+                            parking=OPTIONS["gpu_pool_policy"] == "park")
     await controller.start(on_alive=_seen)
     memo.controller = controller
     memo.heartbeat = asyncio.create_task(_heartbeat(kube, controller))
