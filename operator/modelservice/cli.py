@@ -55,9 +55,6 @@ def _network_policy(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
-    if args.kubeconfig:  # before kopf/kubernetes are imported: they read $KUBECONFIG at import time
-        os.environ["KUBECONFIG"] = args.kubeconfig
     import kopf
     from prometheus_client import start_http_server
 

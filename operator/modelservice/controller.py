@@ -148,6 +148,7 @@ class Controller:
         self._waiting: dict[Key, str] = {}
         self._pool_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._relisting: Optional[asyncio.Task[None]] = None
         self.synced = asyncio.Event()  # every owned kind has been listed once
 
     async def start(self, on_alive: Optional[Callable[[], None]] = None) -> None:
@@ -181,12 +182,26 @@ class Controller:
                    lambda event, obj: self.on_lease(event, slim(obj, "Lease")))]
         watches = [(object_path(api_version, kind, ns), selector, apply)
                    for ns in self.namespaces for kind, api_version, selector, apply in kinds]
-        return watching.start(self.kube, watches, self.synced.set, on_alive)
+        return watching.start(self.kube, watches, self.synced.set, on_alive, on_relist=self._relist_soon)
+
+    def _relist_soon(self) -> None:
+        """One of our watches had to list again (410 Gone after a gap, an API server restart): kopf's ModelService
+        watch had the same gap, and its relist reports what exists, not what was deleted meanwhile. One relist at a
+        time: one that starts after the gap has ended sees everything the gap hid, so the others' calls are moot."""
+        if self._relisting is None or self._relisting.done():
+            self._relisting = asyncio.create_task(self._relist_logged(), name="relist modelservices")
+
+    async def _relist_logged(self) -> None:
+        try:
+            await self.relist()
+        except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            log.warning("relist after a watch gap failed (the next resync retries): %s", e)
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = self._tasks + ([self._relisting] if self._relisting is not None else [])
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- events in -------------------------------------------------------------------------------------------
     def on_modelservice(self, event_type: Optional[str], body: dict[str, Any]) -> None:
@@ -271,7 +286,8 @@ class Controller:
         """Rebuild the ModelService cache from a fresh LIST. Kopf resumes a watch that expired (410 Gone) with a new
         list, which replays what exists but says nothing of what was deleted meanwhile: without this, a ModelService
         deleted in the gap would be reconciled forever. (Children, pods and Leases come from our own watches, whose
-        Mirror does the same at every relist.) Reads only; called on every resync and after a watch gap."""
+        Mirror does the same at every relist.) Reads only; called on every resync and when one of our watches relisted
+        (_relist_soon)."""
         api_version = f"{GROUP}/{VERSION}"
         items: list[dict[str, Any]] = []
         list_rv: Optional[int] = None  # the oldest of the lists: only what predates all of them can be stale

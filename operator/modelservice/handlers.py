@@ -4,7 +4,6 @@ Kopf watches ModelServices; the controller watches what it owns itself (controll
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import time
@@ -14,7 +13,7 @@ import kopf
 
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.controller import Controller, slim
-from modelservice.kube import SA_CA, Kube, load_credentials, object_path
+from modelservice.kube import Kube, TokenSource, load_credentials
 from modelservice.metrics import LAST_WATCH_EVENT
 
 # Set by cli.py before kopf starts.
@@ -26,7 +25,9 @@ _last_event = [time.time()]
 
 class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
     """Kopf deep-copies every object on every event to diff it for on.update handlers; we have none (the controller
-    compares desired with observed itself). `make bench` profiled that copy at a fifth of the operator's CPU."""
+    compares desired with observed itself). `make bench` profiled that copy at a fifth of the operator's CPU.
+    build() is kopf's documented storage interface, but that kopf calls it on every event is its internals:
+    tests/unit/test_kopf_seam.py fails if either changes."""
 
     def build(self, *, body: Any, extra_fields: Any = None) -> Any:
         return {}
@@ -49,61 +50,59 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         # Named namespaces need no scanning, and a namespaced install may not list namespaces (RBAC is per
         # namespace): without this, kopf retries the forbidden list forever in the log.
         settings.scanning.disabled = True
-    kube = Kube.from_env(OPTIONS["kubeconfig"])
+    # Liveness on a quiet cluster: the controller's own watches (7 per namespace, every namespace we watch) are
+    # resumed every window/3, and each resumption is an answer from the API server (on_alive). No event for hours
+    # is then no reason to call a healthy operator dead, and no second ModelService watch is needed for it.
+    watch_timeout = max(1, min(300, int(OPTIONS["watch_dead_after"] / 3)))
+    kube = Kube(_token_source().creds, tokens=_token_source(), watch_timeout=watch_timeout)
     controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"],
                             resync_seconds=OPTIONS["resync_seconds"], namespaces=OPTIONS["namespaces"],
                             network_policy=OPTIONS["network_policy"],
                             parking=OPTIONS["gpu_pool_policy"] == "park")
     await controller.start(on_alive=_seen)
     memo.controller = controller
-    memo.heartbeat = asyncio.create_task(_heartbeat(kube, controller))
 
 
-async def _heartbeat(kube: Kube, controller: Controller) -> None:
-    """A watch of our own on ModelServices, re-established every window/3: in a quiet cluster the watches carry
-    no events for hours, so "no event lately" alone would call a healthy operator dead. This watch proves the API
-    server still answers watches; kopf's events prove the same. When it has to relist (410 Gone after a gap), kopf's
-    watch did too, and the controller rebuilds its ModelService cache. Reads only: an idle operator writes nothing."""
-    window = OPTIONS["watch_dead_after"]
-    ns = OPTIONS.get("namespaces") or [None]
-    path = object_path(f"{GROUP}/{VERSION}", "ModelService", ns[0])
-    lists = 0
-    while True:
-        try:
-            async for event_type, _ in kube.watch(path, timeout_seconds=max(1, int(window / 3)), on_alive=_seen):
-                if event_type == "SYNCED":
-                    lists += 1
-                    if lists > 1:  # our watch had to relist (410 after a gap): kopf's did too; drop what vanished
-                        await controller.relist()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the API server is away: liveness will say so once the window has passed
-            await asyncio.sleep(min(5.0, window / 3))
+_TOKENS: list[TokenSource] = []  # the one credentials source of this process, loaded on first use
+_GIVEN: list[str | None] = []  # the token kopf was last given
+
+
+def _token_source() -> TokenSource:
+    if not _TOKENS:
+        _TOKENS.append(TokenSource(load_credentials(OPTIONS["kubeconfig"])))
+    return _TOKENS[0]
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """The credentials our own client uses (kube.load_credentials): in a pod, the ServiceAccount token for the API
-    server that KUBERNETES_SERVICE_HOST/PORT name, as client-go does (kopf's own in-cluster login assumes DNS for
-    kubernetes.default.svc, which a cluster without cluster DNS lacks); else the kubeconfig."""
-    creds = load_credentials(OPTIONS["kubeconfig"])
-    if creds.token_file:
-        return kopf.ConnectionInfo(server=creds.server, ca_path=SA_CA, scheme="Bearer", token=creds.token)
-    return kopf.login_with_kubeconfig(**kwargs)
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """Kopf's requests and ours use the same credentials, from the same loader and the same TokenSource: one place
+    decides between the service account and the kubeconfig (in a pod, the API server KUBERNETES_SERVICE_HOST/PORT
+    name, as client-go does: kopf's own in-cluster login dials kubernetes.default.svc, which needs cluster DNS), and
+    a token that expires (exec plugins) or rotates (token files) is fetched again for both. Kopf logs in again when `expiration` passes or after a 401: then
+    the token is fetched anew, not handed back unchanged (unless our client already replaced it meanwhile)."""
+    tokens = _token_source()
+    if _GIVEN and tokens.refreshable:
+        token = await tokens.refresh(stale=_GIVEN[0])
+    else:
+        token = await tokens.get()
+    _GIVEN[:] = [token]
+    c = tokens.creds
+    return kopf.ConnectionInfo(
+        server=c.server, ca_path=c.ca_path, ca_data=c.ca_data, insecure=c.insecure or None,
+        certificate_path=c.certificate_path, certificate_data=c.certificate_data,
+        private_key_path=c.private_key_path, private_key_data=c.private_key_data,
+        token=token, default_namespace=c.default_namespace, expiration=tokens.expiration)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    heartbeat: asyncio.Task[None] | None = getattr(memo, "heartbeat", None)
-    if heartbeat is not None:
-        heartbeat.cancel()
     controller: Controller | None = getattr(memo, "controller", None)
     if controller is not None:
         await controller.stop()
         await controller.kube.close()
 
 
-def _seen() -> None:  # a watch answered: kopf delivered an event, or our heartbeat watch connected
+def _seen() -> None:  # a watch answered: kopf delivered an event, or one of the controller's watches
     _last_event[0] = time.time()
     LAST_WATCH_EVENT.set(_last_event[0])
 

@@ -71,8 +71,11 @@ async def keep_watching(kube: Kube, path: str, selector: Optional[str], mirror: 
 
 
 def start(kube: Kube, watches: list[tuple[str, Optional[str], Apply]], on_synced: Callable[[], None],
-          on_alive: Optional[Callable[[], None]] = None) -> list[asyncio.Task[None]]:
-    """One task per (path, label selector, apply); on_synced() once every watch has listed once. Cancel to stop."""
+          on_alive: Optional[Callable[[], None]] = None,
+          on_relist: Optional[Callable[[], None]] = None) -> list[asyncio.Task[None]]:
+    """One task per (path, label selector, apply); on_synced() once every watch has listed once; on_relist() each
+    time a watch has listed again (a 410 after a gap: other watches of this API server had the same gap). Cancel to
+    stop."""
     pending = set(range(len(watches)))
 
     def synced(i: int) -> None:
@@ -80,6 +83,8 @@ def start(kube: Kube, watches: list[tuple[str, Optional[str], Apply]], on_synced
             pending.discard(i)
             if not pending:
                 on_synced()
+        elif on_relist is not None:
+            on_relist()
 
     return [asyncio.create_task(keep_watching(kube, path, selector, Mirror(apply), lambda i=i: synced(i), on_alive),
                                 name=f"watch {path}")

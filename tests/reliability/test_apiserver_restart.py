@@ -128,8 +128,9 @@ def test_changes_made_while_the_watches_are_down_are_not_lost(restartable_cluste
 def test_liveness_stays_healthy_on_a_quiet_cluster(rcluster, rkube, rnamespace, start_operator, figures):
     """Healthy watches on a cluster where nothing changes must not fail liveness (the chart's probe would restart
     the operator every --watch-dead-after + 60 s on a quiet cluster, 900 s by default). Regression test of
-    docs/reliability.md finding 1 (fixed in 1e64897 by a heartbeat watch)."""
-    dead_after = 3  # the old probe failed after 3 quiet seconds; the heartbeat answers every second
+    docs/reliability.md finding 1 (fixed in 1e64897 by a heartbeat watch; since issue #17 by the operator's own watches,
+    resumed every --watch-dead-after/3)."""
+    dead_after = 3  # the old probe failed after 3 quiet seconds; the operator's watches now resume every second
     op = start_operator(rcluster.kubeconfig, "--namespace", rnamespace, "--watch-dead-after", str(dead_after),
                         log_name="operator-quiet.log")
     ms.create(rkube, rnamespace, ms.body("quiet"))
@@ -138,7 +139,7 @@ def test_liveness_stays_healthy_on_a_quiet_cluster(rcluster, rkube, rnamespace, 
     t0, start = time.monotonic(), time.time()
     # A broken probe has turned 500 once the last events of the rollout (a few seconds after Ready), the window and
     # kopf's 10 s probe cache have passed. The observation ends when the operator itself says its watches answered
-    # after that span (its last-watch-event metric; the heartbeat keeps it fresh on a quiet cluster), not when the
+    # after that span (its last-watch-event metric; watch resumptions keep it fresh on a quiet cluster), not when the
     # test's clock says so; every /healthz answer on the way must be 200, and an operator that exits or stops
     # answering fails the test (a timeout) instead of passing it.
     span = 5 + dead_after + 10 + 6
