@@ -119,6 +119,12 @@ def _slim_node(obj: dict[str, Any]) -> dict[str, Any]:
                                        if k == parking.GPU}}}
 
 
+def _rolling(dep: Optional[dict[str, Any]]) -> bool:
+    """A rollout is under way: pods of an older template remain beside the updated ones."""
+    st = (dep or {}).get("status") or {}
+    return (st.get("replicas") or 0) > (st.get("updatedReplicas") or 0)
+
+
 def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
     """What can change a reconcile's outcome; a status-only change (our own write) is not worth a pass."""
     m = body.get("metadata", {})
@@ -146,6 +152,7 @@ class Controller:
         self._specs: dict[Key, ModelServiceSpec] = {}
         self._gpu_pending: dict[Key, set[str]] = {}
         self._waiting: dict[Key, str] = {}
+        self._in_place: set[Key] = set()  # rolling out without a surge replica until the rollout is done
         self._pool_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._relisting: Optional[asyncio.Task[None]] = None
@@ -213,6 +220,7 @@ class Controller:
             self._ready_since.pop(key, None)
             self._specs.pop(key, None)
             self._waiting.pop(key, None)
+            self._in_place.discard(key)
             self._gpu_pending.pop(key, None)
             self.events.forget(body["metadata"].get("uid", ""))
         else:
@@ -348,13 +356,15 @@ class Controller:
                 continue
             a = spec.autoscaling
             replicas = dep.get("spec", {}).get("replicas")
+            st = dep.get("status") or {}
             activity = activity_from_leases(list(self.store.leases.get(key, {}).values()), now) if a else Activity()
             out.append(parking.Model(
                 key=key, replicas=1 if replicas is None else replicas,
                 min_replicas=a.minReplicas if a else spec.replicas, scale_to_zero=bool(a and a.minReplicas == 0),
                 in_flight=activity.in_flight, ready_since=self._ready_since.get(key),
                 last_request=activity.last_request, priority=spec.priority, pod_priority=pod_priority,
-                placement=parking.placement_from(spec.placement), pods=tuple(bound), pending=pending))
+                placement=parking.placement_from(spec.placement), pods=tuple(bound), pending=pending,
+                rolling=_rolling(dep), ready=st.get("readyReplicas") or 0))
         return out
 
     async def plan_pool(self) -> None:
@@ -363,6 +373,11 @@ class Controller:
         result = parking.plan(self.pool_models(time.time()), [parking.node_from(n) for n in self.store.nodes.values()])
         for park in result.parks:
             await self._park(park)
+        in_place = {k for k in self._in_place | result.in_place
+                    if _rolling(self.store.children.get(k, {}).get("Deployment"))}
+        for key in in_place ^ self._in_place:
+            self.queue.add(key)  # its Deployment's strategy changes
+        self._in_place = in_place
         old, self._waiting = self._waiting, result.waiting
         for key in set(old) | set(result.waiting):
             if old.get(key) != result.waiting.get(key):
@@ -444,8 +459,11 @@ class Controller:
             self._ready_since.pop(key, None)
         activity = activity_from_leases(list(self.store.leases.get(key, {}).values()), now)
         decision = decide(spec, current, activity, self._ready_since.get(key), now)
+        if key in self._in_place and not _rolling(dep):
+            self._in_place.discard(key)  # rolled out: surge again next time
         ctx = Context(name=name, namespace=ns, uid=meta["uid"], labels=meta.get("labels") or {},
-                      replicas=decision.apply_replicas, hpa_min_replicas=decision.hpa_floor, versions=self.versions)
+                      replicas=decision.apply_replicas, hpa_min_replicas=decision.hpa_floor, versions=self.versions,
+                      surge=key not in self._in_place)
         facts = dict(base, url=service_url(name, ns, port_of(spec)),
                      endpoint=gateway_path(name, ns) if self.gateway_enabled else None,
                      scale_to_zero=bool(spec.autoscaling and spec.autoscaling.minReplicas == 0))

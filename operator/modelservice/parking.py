@@ -156,6 +156,13 @@ class Model:
     placement: Placement = field(default_factory=Placement)
     pods: tuple[Pod, ...] = ()  # bound to a node
     pending: Optional[Pending] = None
+    rolling: bool = False  # a rollout is under way: old pods remain, and the pending pod is its surge
+    ready: int = 0  # ready replicas
+
+    @property
+    def wanted(self) -> bool:
+        """Someone relies on it now: requests held or in flight, or a floor of one replica or more."""
+        return self.in_flight > 0 or self.min_replicas >= 1
 
     @property
     def idle_since(self) -> float:
@@ -163,8 +170,9 @@ class Model:
 
     @property
     def asks(self) -> bool:
-        """May this model's pending pod make room? Only if something asked for it."""
-        return self.in_flight > 0 or self.min_replicas >= 1
+        """May this model's pending pod make room? Only if something asked for it (a rollout of a model someone
+        relies on counts: its owner asked for the new version)."""
+        return self.wanted
 
     def gpus_on(self, node: str) -> int:
         """GPUs it holds on `node` and keeps holding (not on their way back)."""
@@ -199,6 +207,9 @@ class Plan:
     parks: list[Park] = field(default_factory=list)
     # waiting model → what it waits for (AwaitingCapacity). Also set for models we park for.
     waiting: dict[Key, str] = field(default_factory=dict)
+    # Rollouts to do in place (maxSurge 0, maxUnavailable 1): no GPU for a surge replica, and replacing one replica
+    # at a time takes nothing from anyone (the model is idle, or others of its replicas keep serving).
+    in_place: set[Key] = field(default_factory=set)
 
 
 def _rank(m: Model) -> tuple[int, int, float]:
@@ -231,6 +242,11 @@ def plan(models: list[Model], nodes: list[Node]) -> Plan:
     for w in waiters:
         p = w.pending
         assert p is not None
+        if w.rolling and not w.wanted:
+            out.in_place.add(w.key)
+            out.waiting[w.key] = (f"rolling out in place, one replica at a time: no GPU free for a surge replica "
+                                  f"({p.message}), and nothing relies on this model now")
+            continue
         if not w.asks:
             out.waiting[w.key] = (f"no GPU free: {p.message}; no request is waiting for it, so it parks no one "
                                   "and starts when GPUs free up")
@@ -239,7 +255,12 @@ def plan(models: list[Model], nodes: list[Node]) -> Plan:
             out.waiting[w.key] = (f"no GPU free: {p.message}; the scheduler is preempting lower-priority pods "
                                   "for it (spec.placement.priorityClassName)")
             continue
-        out.waiting[w.key] = _make_room(w, by_key, nodes, parked, out)
+        before = len(out.parks)
+        said = _make_room(w, by_key, nodes, parked, out)
+        if w.rolling and len(out.parks) == before and said.startswith("no GPU free") and w.ready > 1:
+            out.in_place.add(w.key)  # nothing to park: replace one of its replicas, the others keep serving
+            said = f"rolling out in place, one replica at a time (other replicas keep serving): {said}"
+        out.waiting[w.key] = said
     return out
 
 

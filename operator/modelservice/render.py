@@ -47,6 +47,7 @@ class Context:
     replicas: Optional[int]  # None: someone else (HPA) owns spec.replicas, so the apply leaves it out
     hpa_min_replicas: Optional[int] = None  # raised above minReplicas by gateway load (scaling.py)
     versions: ApiVersions = ApiVersions()
+    surge: bool = True  # False: roll out in place, the pool has no GPU for a surge replica (parking.py)
 
 
 def served_name(spec: ModelServiceSpec, name: str) -> str:
@@ -280,8 +281,10 @@ def deployment(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         "metadata": _meta(ctx, spec, child_name(ctx.name)),
         "spec": {
             "selector": {"matchLabels": selector_labels(ctx.name)},
-            # Never take a serving replica away before its replacement is Ready.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            # Never take a serving replica away before its replacement is Ready; but on a full GPU pool, when the
+            # planner found no GPU for the surge replica and none to free, replace one at a time (docs/gpu-pool.md).
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": (
+                {"maxSurge": 1, "maxUnavailable": 0} if ctx.surge else {"maxSurge": 0, "maxUnavailable": 1})},
             "revisionHistoryLimit": 3,
             # Beyond startupTimeout a rollout that has not progressed is stuck (crash loop, bad image): say Stalled.
             "progressDeadlineSeconds": int(parse_duration(spec.startupTimeout)) + 300,

@@ -183,3 +183,63 @@ def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, operator
             assert f"to make room for {namespace}/low" in ms.condition(obj, "Ready")["message"]
     finally:
         delete_class()
+
+
+def _rolled_out(kube, ns: str, name: str) -> bool:
+    d = kube.apps.read_namespaced_deployment(name, ns)
+    st = d.status
+    return (st.observed_generation == d.metadata.generation and (st.updated_replicas or 0) == d.spec.replicas
+            and (st.ready_replicas or 0) == d.spec.replicas and (st.replicas or 0) == d.spec.replicas)
+
+
+def _new_spec(kube, ns: str, name: str) -> None:
+    ms.patch(kube, ns, name, {"spec": {"env": [{"name": "ROLLOUT", "value": "2"}]}})
+
+
+def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, gateway):
+    """An idle model rolls out in place (no GPU for a surge replica, nothing relies on it: nobody is parked); a model
+    serving a request gets its surge replica's GPU from the longest-idle model, and keeps serving throughout."""
+    wait_pool_empty(kube)
+    idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
+    for name in "abcr":
+        create_ready(kube, namespace, name, **idle,
+                     podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "2"}})
+    assert len(gpu_pods(kube)) == POOL
+
+    # 1. r is idle: in place.
+    _new_spec(kube, namespace, "r")
+    wait_for(lambda: _rolled_out(kube, namespace, "r") and kube.apps.read_namespaced_deployment(
+        "r", namespace).spec.template.spec.containers[0].env[-1].name == "ROLLOUT", timeout=120, interval=0.5,
+        message="r rolled out")
+    assert [replicas(kube, namespace, n) for n in "abc"] == [1, 1, 1]
+    assert not [e for e in kube.core.list_namespaced_event(namespace).items if e.reason == "Parked"]
+    # Back to surging once done: the in-place strategy lasts one rollout.
+    wait_for(lambda: kube.apps.read_namespaced_deployment("r", namespace).spec.strategy.rolling_update.max_surge == 1,
+             timeout=30, message="r surges again")
+
+    # 2. r serves a stream (60 tokens at 2/s): its rollout parks a (idle longest) for the surge replica.
+    async def scenario() -> bytes:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gateway.url + "/v1/chat/completions",
+                              json=chat("r", stream=True, max_tokens=60)) as resp:
+                assert resp.status == 200
+                first = await resp.content.readline()
+
+                def in_flight_seen() -> bool:  # the operator must know r is in use before its rollout starts
+                    leases = kube.custom.list_namespaced_custom_object(
+                        "coordination.k8s.io", "v1", namespace, "leases",
+                        label_selector=f"{MODELSERVICE_LABEL}=r")["items"]
+                    return any(int((lease["metadata"].get("annotations") or {}).get(
+                        "serving.modelservice.dev/in-flight", "0")) > 0 for lease in leases)
+                await asyncio.to_thread(wait_for, in_flight_seen, 30, 0.2, "r's in-flight Lease")
+                await asyncio.to_thread(ms.patch, kube, namespace, "r",
+                                        {"spec": {"env": [{"name": "ROLLOUT", "value": "3"}]}})
+                await asyncio.to_thread(ms.wait_condition, kube, namespace, "a", "Ready", "False", "Parked", 60)
+                return first + await resp.read()
+
+    body = run(scenario(), timeout=180)
+    assert body.rstrip().endswith(b"data: [DONE]")  # the serving replica finished its stream
+    wait_for(lambda: _rolled_out(kube, namespace, "r"), timeout=120, interval=0.5, message="r rolled out again")
+    assert [replicas(kube, namespace, n) for n in "abc"] == [0, 1, 1]
+    parked = ms.get(kube, namespace, "a")
+    assert f"to make room for {namespace}/r" in ms.condition(parked, "Ready")["message"]

@@ -323,3 +323,40 @@ def test_a_pending_model_nothing_asked_for_is_parked_so_it_cannot_take_the_freed
     # While the victim's GPUs are on their way back, a competitor is parked as well.
     leaving = full_pool(b={"replicas": 0})
     assert parked(plan(leaving + [p_idle, waiter()], NODES)) == ["p"]
+
+
+# ---- rollouts on a full pool ----------------------------------------------------------------------------------
+
+def rolling(name: str, node: str, *, replicas: int = 1, ready: int = 1, **kw) -> Model:
+    """A model whose spec changed: its old replicas serve on `node`, the surge pod cannot be placed."""
+    kw.setdefault("min_replicas", 0)
+    return Model(key=("ns", name), replicas=replicas, scale_to_zero=kw["min_replicas"] == 0, ready_since=1.0,
+                 last_request=1.0, pods=tuple(Pod(node, 1) for _ in range(ready)), pending=Pending(1, MSG),
+                 rolling=True, ready=ready, **{k: v for k, v in kw.items() if k != "min_replicas"},
+                 min_replicas=kw["min_replicas"])
+
+
+def test_a_rollout_of_an_idle_scale_to_zero_model_replaces_in_place_and_parks_no_one():
+    others = [idle("b", "n0", since=50), idle("c", "n1", since=300), idle("d", "n1", since=200)]
+    p = plan(others + [rolling("r", "n0")], NODES)
+    assert p.parks == [] and p.in_place == {("ns", "r")}
+    assert p.waiting[("ns", "r")].startswith("rolling out in place")
+
+
+def test_a_rollout_of_a_model_in_use_parks_an_idle_one_for_its_surge():
+    others = [idle("b", "n0", since=50), idle("c", "n1", since=300), idle("d", "n1", since=200)]
+    p = plan(others + [rolling("r", "n0", in_flight=2)], NODES)
+    assert parked(p) == ["b"] and p.in_place == set()
+
+
+def test_a_rollout_with_nothing_to_park_replaces_in_place_only_if_other_replicas_serve():
+    floors = [replace(idle(n, node, since=1), min_replicas=1, scale_to_zero=False)
+              for n, node in (("b", "n0"), ("c", "n1"))]
+    busy_single = rolling("r", "n0", in_flight=3)
+    p = plan(floors + [idle("x", "n1", since=1, in_flight=1), busy_single], NODES)
+    assert p.parks == [] and p.in_place == set()  # its one replica serves requests: the rollout waits
+    assert "nothing can be parked" in p.waiting[("ns", "r")]
+    two = rolling("r", "n0", replicas=2, ready=2, in_flight=3, min_replicas=2)
+    p = plan([replace(floors[1], pods=(Pod("n1", 2),))] + [two], NODES)
+    assert p.parks == [] and p.in_place == {("ns", "r")}
+    assert "other replicas keep serving" in p.waiting[("ns", "r")]

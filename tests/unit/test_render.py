@@ -157,3 +157,11 @@ def test_pods_drain_for_the_length_of_a_generation_before_the_engine_stops():
     assert set(ollama["lifecycle"]) == {"postStart", "preStop"}
     custom = _container(_render({"engine": "custom", "image": "ghcr.io/acme/s:1", "port": 9000}))
     assert "lifecycle" not in custom  # a custom image may have no sleep: a failing hook is only noise
+
+
+def test_rollouts_surge_unless_the_pool_planner_says_in_place():
+    spec = validate_spec({"engine": "vllm", "model": {"uri": "hf://o/m"}}, gateway_enabled=True)
+    surge = render(Context(**CTX, replicas=1), spec)["Deployment"]["spec"]["strategy"]["rollingUpdate"]
+    assert surge == {"maxSurge": 1, "maxUnavailable": 0}
+    in_place = render(Context(**CTX, replicas=1, surge=False), spec)["Deployment"]["spec"]["strategy"]
+    assert in_place["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
