@@ -449,6 +449,8 @@ class Controller:
             await self.events.record(body, "Warning", "InvalidSpec", str(e))
             return "invalid"
 
+        if key in self._gpu_pending and key not in self._specs:
+            self._pool_changed.set()  # a waiting model the planner could not weigh yet (just after a restart)
         self._specs[key] = spec
         now = time.time()
         current = (dep or {}).get("spec", {}).get("replicas") if dep else None
