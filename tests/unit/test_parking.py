@@ -360,3 +360,50 @@ def test_a_rollout_with_nothing_to_park_replaces_in_place_only_if_other_replicas
     p = plan([replace(floors[1], pods=(Pod("n1", 2),))] + [two], NODES)
     assert p.parks == [] and p.in_place == {("ns", "r")}
     assert "other replicas keep serving" in p.waiting[("ns", "r")]
+
+
+# ---- the controller's view: slim caches → the planner's models ------------------------------------------------
+
+def test_the_controller_builds_the_planners_view_from_its_slim_caches():
+    from modelservice.api import validate_spec
+    from modelservice.controller import Controller, slim
+
+    c = Controller(kube=None)  # nothing here talks to an API server
+    gpu = {"containers": [{"name": "s", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
+
+    def pod(model, name, node=None, deleting=False, pending=None, priority=None, nominated=None):
+        meta = {"name": name, "namespace": "ns", "labels": {"serving.modelservice.dev/modelservice": model}}
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        spec = dict(gpu, **({"nodeName": node} if node else {}), **({"priority": priority} if priority else {}))
+        status = {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                  "message": pending}]} if pending else {}
+        if nominated:
+            status["nominatedNodeName"] = nominated
+        return slim({"metadata": meta, "spec": spec, "status": status}, "Pod")
+
+    def dep(replicas, ready, total=None, updated=None):
+        return {"metadata": {"name": "x"}, "spec": {"replicas": replicas},
+                "status": {"readyReplicas": ready, "replicas": total or replicas, "updatedReplicas": updated or replicas}}
+
+    s2z = {"engine": "vllm", "model": {"uri": "hf://o/m"}, "priority": 7,
+           "autoscaling": {"minReplicas": 0, "maxReplicas": 2}, "placement": {"nodeSelector": {"gpu": "h100"}}}
+    c._specs[("ns", "a")] = validate_spec(s2z, gateway_enabled=True)
+    c._specs[("ns", "w")] = validate_spec({"engine": "vllm", "model": {"uri": "hf://o/m"}, "replicas": 2},
+                                          gateway_enabled=True)
+    c.store.children[("ns", "a")]["Deployment"] = dep(1, 1, total=2, updated=1)
+    c.store.children[("ns", "w")]["Deployment"] = dep(2, 1)
+    c.store.pods[("ns", "a")] = {"a-1": pod("a", "a-1", node="n0", priority=100),
+                                 "a-2": pod("a", "a-2", pending=MSG)}
+    c.store.pods[("ns", "w")] = {"w-1": pod("w", "w-1", node="n1", deleting=True),
+                                 "w-2": pod("w", "w-2", pending=MSG, nominated="n1")}
+    c.store.pods[("ns", "cpu-only")] = {"x": pod("cpu-only", "x", node="n0")}  # no spec seen yet: skipped
+    c._ready_since[("ns", "a")] = 5.0
+    models = {m.key[1]: m for m in c.pool_models(now=10.0)}
+    assert set(models) == {"a", "w"}
+    a, w = models["a"], models["w"]
+    assert a.pods == (Pod("n0", 1),) and a.pending == Pending(1, MSG) and a.rolling and a.ready == 1
+    assert (a.priority, a.pod_priority, a.scale_to_zero, a.min_replicas, a.ready_since) == (7, 100, True, 0, 5.0)
+    assert a.placement.node_selector == {"gpu": "h100"}
+    assert w.pods == (Pod("n1", 1, terminating=True),) and w.pending == Pending(1, MSG, nominated=True)
+    assert (w.min_replicas, w.scale_to_zero, w.rolling) == (2, False, False)
