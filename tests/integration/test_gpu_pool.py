@@ -18,6 +18,7 @@ from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import wait_for
 from tests.integration import ms
 from tests.integration.gateway_process import GatewayProcess
+from tests.integration.operator_process import kubectl
 from tests.integration.test_gateway_cluster import _post, chat, run
 
 GPU = {"limits": {"nvidia.com/gpu": 1}}
@@ -56,7 +57,7 @@ def events(kube, ns: str, name: str, reason: str) -> list[str]:
 
 
 def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(kube, namespace, operator, fake_nodes,
-                                                                            gateway):
+                                                                            gateway, cluster):
     wait_pool_empty(kube)
     idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
     # w is asleep; the pool then fills with four idle models, one at a time so that their idle clocks (which
@@ -79,6 +80,12 @@ def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(kube
     wait_for(lambda: ms.get(kube, namespace, "a")["status"].get("gpus") == 0, timeout=30, message="a holds 0 GPUs")
     assert any(f"{namespace}/w" in m for m in events(kube, namespace, "a", "Parked"))
     assert any(f"{namespace}/a" in m for m in events(kube, namespace, "w", "MakingRoom"))
+    # `kubectl get ms` says who holds how many GPUs.
+    rows = [ln.split() for ln in kubectl(cluster.kubeconfig, "get", "ms", "-n", namespace).splitlines()]
+    assert rows[0][:5] == ["NAME", "ENGINE", "MODEL", "READY", "GPUS"]
+    assert {r[0]: (r[4], r[5]) for r in rows[1:]} == {
+        "a": ("0", "Parked"), "b": ("1", "Available"), "c": ("1", "Available"), "d": ("1", "Available"),
+        "w": ("1", "Available")}
 
 
 async def _post_once(url: str, model: str, timeout: float = 90) -> tuple[int, bytes]:
