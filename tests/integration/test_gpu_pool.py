@@ -250,3 +250,45 @@ def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, gateway)
     assert [replicas(kube, namespace, n) for n in "abc"] == [0, 1, 1]
     parked = ms.get(kube, namespace, "a")
     assert f"to make room for {namespace}/r" in ms.condition(parked, "Ready")["message"]
+
+
+def test_an_operator_restart_in_the_middle_of_making_room_finishes_it(kube, namespace, operator, fake_nodes, gateway):
+    """w needs both GPUs of one node. The operator parked a (node 0) and died before parking b: the operator that
+    starts next parks b only (not c or d on the other node), and w's held request is answered."""
+    wait_pool_empty(kube)
+    n0, n1 = sorted(fake_nodes)[:2]
+    idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
+    ms.create(kube, namespace, ms.body("w", resources={"limits": {"nvidia.com/gpu": 2}}, priority=5, **idle))
+    scale_to_zero_now(kube, namespace, "w")
+    for name, node, priority in (("a", n0, 0), ("b", n0, 0), ("c", n1, 5), ("d", n1, 5)):
+        create_ready(kube, namespace, name, priority=priority, **idle,
+                     placement={"nodeSelector": {"kubernetes.io/hostname": node}})
+    assert len(gpu_pods(kube)) == POOL
+
+    operator.stop()
+    try:
+        # What a park that was cut short leaves: a at zero, with for whom; nothing else.
+        kube.apps.patch_namespaced_deployment(
+            "a", namespace, {"metadata": {"annotations": {"serving.modelservice.dev/parked-for": f"{namespace}/w"}},
+                             "spec": {"replicas": 0}})
+
+        async def scenario() -> tuple[int, bytes]:
+            request = asyncio.ensure_future(_post_once(gateway.url, "w", timeout=150))
+
+            def w_pending() -> bool:
+                pods = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}=w").items
+                return any(c.type == "PodScheduled" and c.status == "False"
+                           for p in pods for c in (p.status.conditions or []))
+            await asyncio.to_thread(wait_for, w_pending, 60, 0.2, "w's pod waiting for GPUs")
+            await asyncio.to_thread(operator.start)
+            return await request
+
+        status, body = run(scenario(), timeout=200)
+    finally:
+        if operator.proc is None or operator.proc.poll() is not None:  # the session's later tests need it running
+            operator.start()
+    assert status == 200, body
+    assert [replicas(kube, namespace, n) for n in "abcd"] == [0, 0, 1, 1]
+    obj = ms.wait_condition(kube, namespace, "b", "Ready", "False", reason="Parked", timeout=30)
+    assert f"to make room for {namespace}/w" in ms.condition(obj, "Ready")["message"]
+    assert ms.condition(ms.get(kube, namespace, "a"), "Ready")["reason"] == "Parked"
