@@ -14,7 +14,7 @@ import aiohttp
 from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
-from tests.integration.test_gateway_cluster import chat, run
+from tests.integration.test_gateway_cluster import _post, chat, run, stub_successes
 
 TOKENS = 60
 
@@ -32,7 +32,7 @@ def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, operato
         p = kube.core.list_namespaced_pod(namespace, field_selector=f"metadata.name={pod.metadata.name}").items
         return bool(p and p[0].metadata.deletion_timestamp)
 
-    async def scenario() -> tuple[bytes, bool]:
+    async def scenario() -> tuple[bytes, bool, int, float]:
         async with aiohttp.ClientSession() as s:
             async with s.post(gateway.url + "/v1/chat/completions",
                               json=chat(name, stream=True, max_tokens=TOKENS)) as r:
@@ -45,11 +45,15 @@ def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, operato
                     return await asyncio.to_thread(terminating)
                 await async_wait_for(going_away, timeout=60, interval=0.2, message="the pod terminating")
                 still_open = not r.content.at_eof()
+                # A new request meanwhile is not sent to the pod going away: it wakes a new replica.
+                status, _ = await _post(s, gateway.url, chat(name, max_tokens=2))
+                served_by_old = await asyncio.to_thread(stub_successes, pod.status.pod_ip)
                 body += await r.read()
-                return body, still_open
+                return body, still_open, status, served_by_old
 
-    body, still_open = run(scenario(), timeout=180)
+    body, still_open, status, served_by_old = run(scenario(), timeout=240)
     assert still_open, "the stream ended before the scale-down: the test proved nothing"
+    assert status == 200 and served_by_old == 0
     chunks = [ln for ln in body.decode().splitlines() if ln.startswith("data: {")]
     assert body.rstrip().endswith(b"data: [DONE]"), body[-300:]
     assert len(chunks) >= TOKENS and '"finish_reason": "length"' in body.decode().replace('":"', '": "')
