@@ -213,6 +213,36 @@ def test_410_gone_mid_watch_relists(how: str) -> None:
     run(scenario)
 
 
+def test_a_relisting_watch_tells_the_controller() -> None:
+    """watching.start: on_synced once, when every watch has listed; on_relist each time one lists again (kopf's
+    ModelService watch had the same gap, so the controller relists ModelServices: Controller._relist_soon)."""
+    from modelservice import watching
+
+    async def scenario(server: FakeApiServer) -> None:
+        gone = line("ERROR", {"kind": "Status", "code": 410})
+        server.watches = [[gone], [gone]]  # then the watch holds: a quiet cluster
+        kube = client(server)
+        synced, relisted = [], asyncio.Event()
+        relists: list[int] = []
+
+        def on_relist() -> None:
+            relists.append(1)
+            if len(relists) == 2:
+                relisted.set()
+
+        tasks = watching.start(kube, [(PODS, None, lambda event, obj: None)], lambda: synced.append(1),
+                               on_relist=on_relist)
+        await asyncio.wait_for(relisted.wait(), 60)  # a bound on failure only; it comes at once
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await kube.close()
+        assert (len(synced), len(relists)) == (1, 2)
+        assert len([r for r in server.requests if "watch" not in r.query]) == 3  # the first list and two relists
+
+    run(scenario)
+
+
 def test_watch_once_raises_watch_expired_on_410() -> None:
     async def scenario(server: FakeApiServer) -> None:
         server.watches = [[line("ERROR", {"kind": "Status", "code": 410})]]
