@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Optional
 
@@ -71,11 +71,11 @@ class ModelEntry:
 def model_entry(obj: dict[str, Any]) -> ModelEntry:
     """Raises pydantic's ValidationError for a spec the operator refuses too (it reports it as Stalled). Cross-field
     problems (api.cross_field_problems) are routed: the operator's Stalled condition then answers the requests."""
+    return entry_of(obj, ModelServiceSpec.model_validate(obj.get("spec") or {}))
+
+
+def entry_of(obj: dict[str, Any], spec: ModelServiceSpec) -> ModelEntry:
     meta = obj.get("metadata") or {}
-    return _with_status(spec_entry(meta, ModelServiceSpec.model_validate(obj.get("spec") or {})), obj)
-
-
-def spec_entry(meta: dict[str, Any], spec: ModelServiceSpec) -> ModelEntry:
     name = meta.get("name", "")
     a, ref = spec.autoscaling, spec.apiKeySecretRef
     return ModelEntry(
@@ -83,7 +83,8 @@ def spec_entry(meta: dict[str, Any], spec: ModelServiceSpec) -> ModelEntry:
         served_name=served_name(spec, name), engine=spec.engine.value, upstream_model=_upstream_model(spec),
         api_key_ref=(ref.name, ref.key) if ref else None, autoscaled=a is not None,
         # What the operator keeps once the model is awake (scaling.decide's floor), so it does not scale it again.
-        wake_replicas=max(1, a.minReplicas) if a else 1, child=child_name(name), created=0)
+        wake_replicas=max(1, a.minReplicas) if a else 1, child=child_name(name),
+        created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj), capacity=_awaiting_capacity(obj))
 
 
 def _upstream_model(spec: ModelServiceSpec) -> Optional[str]:
@@ -91,11 +92,6 @@ def _upstream_model(spec: ModelServiceSpec) -> Optional[str]:
     if not ENGINES[spec.engine].serves_by_reference or not spec.model.uri:
         return None
     return spec.model.uri.split("://", 1)[1]
-
-
-def _with_status(entry: ModelEntry, obj: dict[str, Any]) -> ModelEntry:
-    return replace(entry, created=_epoch((obj.get("metadata") or {}).get("creationTimestamp")),
-                   stalled=_stalled(obj), capacity=_awaiting_capacity(obj))
 
 
 def _awaiting_capacity(obj: dict[str, Any]) -> Optional[str]:
@@ -157,7 +153,7 @@ class RouteTable:
         self.invalid: dict[Key, str] = {}  # ModelServices whose spec the operator's model refuses: not routed
         self._by_served: dict[str, set[Key]] = {}
         self._owner: dict[Key, Key] = {}  # (ns, child name) → model key
-        self._parsed: dict[Key, tuple[str, Any, ModelEntry]] = {}  # key → (uid, generation, entry without status)
+        self._parsed: dict[Key, tuple[str, Any, ModelServiceSpec]] = {}  # key → (uid, generation, spec)
         self._slices: dict[tuple[str, str], tuple[str, tuple[Endpoint, ...]]] = {}  # (ns, slice) → (svc, eps)
         self._service_slices: dict[Key, set[str]] = {}
         self._ready: dict[Key, tuple[Endpoint, ...]] = {}  # by (ns, Service name)
@@ -199,9 +195,9 @@ class RouteTable:
                                 "Stalled", key[0], key[1], reason)
                 self.invalid[key] = reason
                 return None
-            parsed = self._parsed[key] = (uid, generation, spec_entry(meta, spec))
+            parsed = self._parsed[key] = (uid, generation, spec)
         self.invalid.pop(key, None)
-        return _with_status(parsed[2], obj)
+        return entry_of(obj, parsed[2])
 
     def apply_slice(self, event: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
