@@ -23,14 +23,12 @@ class ClusterOps(Protocol):
 class KubeOps:
     def __init__(self, kube: Kube):
         self.kube = kube
-        self.scale_calls = 0  # visible in tests and logs: one wake-up must mean one scale call
 
     async def write_lease(self, lease: dict[str, Any]) -> None:
         # Server-side apply: create-or-update in one call, and our field manager owns only what we set.
         await self.kube.apply(lease, field_manager=FIELD_MANAGER)
 
     async def scale(self, namespace: str, name: str, replicas: int) -> None:
-        self.scale_calls += 1
         path = object_path("apps/v1", "Deployment", namespace, name, "scale")
         await self.kube.merge_patch(path, {"spec": {"replicas": replicas}})
 
