@@ -7,7 +7,10 @@ No I/O and no clock: the controller observes, calls plan(), applies (controller.
 
 Rules (docs/gpu-pool.md says why):
 - Only a model that asked for a GPU makes room: one with requests held or in flight, or one whose floor
-  (minReplicas >= 1, or manual replicas) says it must run. A new scale-to-zero model's first replica waits its turn.
+  (minReplicas >= 1, or manual replicas) says it must run. A new scale-to-zero model's first replica waits its turn,
+  and is parked itself when room is made on a node its pod could take (it would take the freed GPUs first).
+- A rollout whose surge pod lacks GPUs: a model in use makes room like any other; an idle one, or one whose other
+  replicas keep serving when nothing can be parked, rolls out in place (Plan.in_place).
 - A victim is idle (nothing held or in flight), Ready (a model still loading is never idle), scale-to-zero
   (minReplicas 0: parking never takes a model below its floor) and not waiting for GPUs itself.
 - Who may take from whom: a victim's scheduler priority (its pods' PriorityClass value) and spec.priority are both
@@ -161,18 +164,13 @@ class Model:
 
     @property
     def wanted(self) -> bool:
-        """Someone relies on it now: requests held or in flight, or a floor of one replica or more."""
+        """Someone relies on it now: requests held or in flight, or a floor of one replica or more. Only then may
+        its pending pod make room (a rollout of such a model too: its owner asked for the new version)."""
         return self.in_flight > 0 or self.min_replicas >= 1
 
     @property
     def idle_since(self) -> float:
         return max(self.last_request or 0.0, self.ready_since or 0.0)
-
-    @property
-    def asks(self) -> bool:
-        """May this model's pending pod make room? Only if something asked for it (a rollout of a model someone
-        relies on counts: its owner asked for the new version)."""
-        return self.wanted
 
     def gpus_on(self, node: str) -> int:
         """GPUs it holds on `node` and keeps holding (not on their way back)."""
@@ -219,7 +217,7 @@ def _rank(m: Model) -> tuple[int, int, float]:
 
 def _why_not(victim: Model, waiter: Model) -> Optional[str]:
     """None if `victim` may be parked for `waiter`, else why not (for the waiting model's status)."""
-    if victim.pending is not None and victim.asks:
+    if victim.pending is not None and victim.wanted:
         return "is waiting for GPUs itself"
     if not victim.scale_to_zero:
         return f"has minReplicas {victim.min_replicas}"
@@ -247,7 +245,7 @@ def plan(models: list[Model], nodes: list[Node]) -> Plan:
             out.waiting[w.key] = (f"rolling out in place, one replica at a time: no GPU free for a surge replica "
                                   f"({p.message}), and nothing relies on this model now")
             continue
-        if not w.asks:
+        if not w.wanted:
             out.waiting[w.key] = (f"no GPU free: {p.message}; no request is waiting for it, so it parks no one "
                                   "and starts when GPUs free up")
             continue
@@ -380,7 +378,7 @@ def _park_competitors(w: Model, node: Node, by_key: dict[Key, Model], parked: se
     preempted) would take them, and the planner would park another victim for `w`. Such a model is parked too,
     if it ranks no higher than `w` (one the scheduler ranks higher gets the GPUs first, as its band says)."""
     for m in sorted(by_key.values(), key=lambda m: m.key):
-        if (m.key != w.key and m.key not in parked and m.pending is not None and not m.asks and m.scale_to_zero
+        if (m.key != w.key and m.key not in parked and m.pending is not None and not m.wanted and m.scale_to_zero
                 and m.replicas > 0 and (m.pod_priority, m.priority) <= (w.pod_priority, w.priority)
                 and m.placement.allows(node) and m.pending.gpus <= node.gpus):
             parked.add(m.key)
