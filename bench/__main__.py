@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="N=100 only, 60 s idle window, fewer requests and cold starts (about 5 minutes)")
-    p.add_argument("--only", choices=("operator", "gateway", "engine"), help="run one part only")
+    p.add_argument("--only", choices=("operator", "gateway", "engine", "gpu-pool"), help="run one part only")
     p.add_argument("--sizes", type=_ints, help="ModelService counts, e.g. 100,500,1000 (default: 100,500,1000; quick: 100)")
     p.add_argument("--concurrency", type=int, default=4,
                    help="operator --workers, and the bare client's and the creator's concurrency (default 4)")
@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("vllm", "llamacpp"), default="vllm",
                    help="the real engine of the engine part's scale-from-zero figure (default vllm)")
     p.add_argument("--engine-cold-starts", type=int, default=5, help="real-engine cold starts (default 5)")
+    p.add_argument("--pool-seconds", type=float,
+                   help="GPU-pool part: replay only the first N seconds of the trace (default: all 600; quick: 180)")
+    p.add_argument("--pool-policies", default="idle-timer,park", help="GPU-pool part: policies, in order")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the operator (materialization at the largest N) and the gateway (latency at the "
                         "highest concurrency, and streaming)")
@@ -118,6 +121,17 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             log.exception("engine benchmark failed")
             results["engine"] = {"error": f"{type(e).__name__}: {e}"}
         results["engine"]["seconds"] = time.monotonic() - t0
+    if args.only in (None, "gpu-pool"):
+        from bench.gpu_pool import GpuPoolConfig, run as run_pool
+        t0 = time.monotonic()
+        pcfg = GpuPoolConfig(work, duration=args.pool_seconds or (180.0 if args.quick else None),
+                             policies=tuple(args.pool_policies.split(",")))
+        try:
+            results["gpu_pool"] = await run_pool(pcfg)
+        except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what the other parts measured
+            log.exception("GPU pool benchmark failed")
+            results["gpu_pool"] = {"error": f"{type(e).__name__}: {e}"}
+        results["gpu_pool"]["seconds"] = time.monotonic() - t0
     return results
 
 

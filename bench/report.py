@@ -168,6 +168,41 @@ def engine_rows(res: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def gpu_pool_rows(res: dict[str, Any]) -> list[Row]:
+    """The parking policy beside the idle-timer policy, same trace, same run (issue #13's goals)."""
+    if res.get("error"):
+        return [("GPU pool trace", "failed", res["error"][:80], "", "", "NO")]
+    pols = res.get("policies", {})
+    park, base = pols.get("park") or {}, pols.get("idle-timer") or {}
+    load = res.get("load_seconds") or 0.0
+
+    def val(p: dict[str, Any], k: str) -> Any:
+        return p.get(k) if p else None
+
+    def num(v: Any, fmt: str = "{:.0f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    cold_p99 = (park.get("ttft_cold") or {}).get("p99")
+    cs_park, cs_base = val(park, "cold_starts"), val(base, "cold_starts")
+    return [
+        ("requests failed or timed out (park | idle-timer)", num(val(park, "failed")), num(val(base, "failed")), "",
+         "0 while an idle GPU could serve", _mark(None if not park else park.get("failed") == 0)),
+        ("TTFT of requests to a model at zero p50/p99", _lat2(park.get("ttft_cold")), _lat2(base.get("ttft_cold")),
+         "", f"p99 <= load {load:g} s + 2 s", _mark(None if cold_p99 is None else cold_p99 <= load + 2.0)),
+        ("GPU-seconds held idle while another model waited for a GPU", num(val(park, "gpu_seconds_idle_while_waiting")),
+         num(val(base, "gpu_seconds_idle_while_waiting")), "", "~0", _mark(
+             None if not park else park.get("gpu_seconds_idle_while_waiting", 1e9) <= 2 * SAMPLE_SLACK)),
+        ("GPU-seconds held idle, total", num(val(park, "gpu_seconds_idle")), num(val(base, "gpu_seconds_idle")),
+         "", "", ""),
+        ("cold starts (model pods created)", num(cs_park), num(cs_base),
+         "" if not cs_park or not cs_base else f"{cs_park / cs_base:.2f}x", "<= idle-timer's + 20 %",
+         _mark(None if not cs_park or not cs_base else cs_park <= 1.2 * cs_base)),
+    ]
+
+
+SAMPLE_SLACK = 4.0  # GPU-seconds: a few 0.5 s samples at 4 GPUs around each park (the ledger's resolution)
+
+
 def render(rows: list[Row]) -> str:
     widths = [max(len(r[i]) for r in [HEAD, *rows]) for i in range(len(HEAD))]
     line = "  ".join("-" * w for w in widths)
@@ -192,4 +227,9 @@ def table(doc: dict[str, Any]) -> str:
                   render(gateway_rows(g))]
     if "engine" in res:
         parts += ["", "REAL ENGINE (the node agent runs it from the rendered pod spec)", render(engine_rows(res["engine"]))]
+    if "gpu_pool" in res:
+        g = res["gpu_pool"]
+        parts += ["", f"GPU POOL ({g.get('models')} models on {g.get('gpus')} GPUs, trace {g.get('trace')}, load "
+                      f"{g.get('load_seconds')} s, scaleToZeroAfter {g.get('scale_to_zero_after')}; value = park, "
+                      "baseline = idle-timer)", render(gpu_pool_rows(g))]
     return "\n".join(parts)

@@ -1,0 +1,59 @@
+"""The GPU-pool benchmark's own pieces (bench/gpu_pool_trace.py, bench/gpu_pool.py): the trace is the committed one
+and reproducible from its seed, and the ledger counts idle GPU-seconds only as defined."""
+
+from __future__ import annotations
+
+from bench.gpu_pool import Ledger, pod_view
+from bench.gpu_pool_trace import Trace, TraceSpec, generate, zipf_weights
+from bench.gpu_pool import TRACE
+from modelservice.labels import MODELSERVICE_LABEL
+
+
+def pod(uid: str, model: str, *, node: str | None = "n0", ready: bool = False, gpu_msg: str | None = None) -> dict:
+    conds = [{"type": "Ready", "status": "True" if ready else "False"}]
+    if gpu_msg is not None:
+        conds.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": gpu_msg})
+    return {"metadata": {"uid": uid, "labels": {MODELSERVICE_LABEL: model}},
+            "spec": {"nodeName": node, "containers": [{"resources": {"requests": {"nvidia.com/gpu": "1"}}}]},
+            "status": {"conditions": conds}}
+
+
+def test_the_committed_trace_is_what_its_seed_generates():
+    committed = Trace.from_json(TRACE.read_text())
+    again = generate(committed.spec)
+    assert committed.requests == again.requests and committed.model_names == again.model_names
+    assert len(committed.requests) > 100 and len(committed.model_names) == 12
+    counts = committed.counts()
+    assert counts["model-01"] > counts["model-12"]  # Zipf: rank 1 is asked for most
+
+
+def test_zipf_weights_sum_to_one_and_fall():
+    w = zipf_weights(12, 1.1)
+    assert abs(sum(w) - 1) < 1e-9 and all(a > b for a, b in zip(w, w[1:]))
+    assert generate(TraceSpec(seed=2, duration=60)).requests != generate(TraceSpec(seed=3, duration=60)).requests
+
+
+def test_pod_view_reads_gpus_binding_readiness_and_waiting():
+    assert pod_view({"metadata": {"uid": "x", "labels": {}}, "spec": {}}) is None
+    v = pod_view(pod("a", "m1", node=None, gpu_msg="0/2 nodes are available: 2 Insufficient nvidia.com/gpu."))
+    assert (v.model, v.gpus, v.bound, v.ready, v.waiting_for_gpu) == ("m1", 1, False, False, True)
+    v = pod_view(pod("a", "m1", node=None, gpu_msg="0/2 nodes are available: 2 Insufficient memory."))
+    assert not v.waiting_for_gpu
+
+
+def test_idle_gpu_seconds_count_ready_pods_without_requests_and_split_out_waiting():
+    led = Ledger()
+    led.on_pod("ADDED", pod("a", "m1", ready=True))
+    led.on_pod("ADDED", pod("b", "m2", ready=False))  # loading: held, not idle
+    led.sample(2.0)
+    assert (led.gpu_held, led.gpu_idle, led.gpu_idle_while_waiting) == (4.0, 2.0, 0.0)
+    led.in_flight["m1"] += 1  # serving: not idle
+    led.sample(1.0)
+    assert led.gpu_idle == 2.0
+    led.in_flight["m1"] -= 1
+    led.on_pod("ADDED", pod("c", "m3", node=None, gpu_msg="Insufficient nvidia.com/gpu"))
+    led.sample(1.0)
+    assert (led.gpu_idle, led.gpu_idle_while_waiting, led.waiting_seconds) == (3.0, 1.0, 1.0)
+    led.on_pod("DELETED", pod("a", "m1", ready=True))
+    led.sample(1.0)
+    assert led.gpu_idle == 3.0 and led.created == 3
