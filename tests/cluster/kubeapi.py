@@ -22,6 +22,11 @@ class KubeApi:
     def __init__(self, kube: Kube):
         self.kube = kube
 
+    @property
+    def server(self) -> str:
+        """The API server's URL (an image pod's KUBERNETES_SERVICE_HOST/PORT point there)."""
+        return self.kube.creds.server
+
     @classmethod
     def from_kubeconfig(cls, path: str | Path | None = None, max_connections: int = 64) -> "KubeApi":
         path = path or os.environ.get("KUBECONFIG") or Path.home() / ".kube" / "config"
