@@ -311,6 +311,48 @@ async def _concurrent_streams(url: str, names: list[str], max_tokens: int) -> di
         return dict(zip(names, await asyncio.gather(*tasks)))
 
 
+def test_a_new_version_replaces_an_adapter_in_place_under_its_name(live: Engine) -> None:
+    """How the product moves an adapter to a new version (a new directory: files are never changed in place): load
+    with load_inplace under the same name. No unload, so no moment when the name answers 404."""
+    assert load(live, "versioned", live.adapters / "runtime-b")[0] == 200
+    assert text(live, "versioned") == text(live, "runtime-b")
+    status, body = http(live, "POST", "/v1/load_lora_adapter", {
+        "lora_name": "versioned", "lora_path": str(live.adapters / "runtime-d"), "load_inplace": True})
+    assert status == 200, body
+    assert text(live, "versioned") == text(live, "runtime-d")
+    assert models(live)["versioned"] == BASE
+
+
+def test_an_adapter_unloaded_mid_stream_finishes_that_stream(live: Engine) -> None:
+    """Unload forgets the name for new requests; a request already running keeps its adapter to the end (so the
+    gateway may unload an adapter without waiting for its streams, and the answer is still that adapter's)."""
+    assert load(live, "leaving", live.adapters / "runtime-c")[0] == 200
+    alone = text(live, "leaving", max_tokens=8)
+
+    async def stream_then_unload() -> tuple[str, int, tuple[int, object]]:
+        body = {"model": "leaving", "prompt": PROMPT, "max_tokens": MANY, "temperature": 0, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        out, used, unloaded = "", 0, None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=VLLM_LOAD)) as s:
+            async with s.post(live.url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                async for line in r.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    used = (chunk.get("usage") or {}).get("completion_tokens", used)
+                    out += "".join(c["text"] for c in chunk.get("choices") or [])
+                    if unloaded is None and out:  # the stream is open: unload its adapter now
+                        unloaded = await asyncio.to_thread(unload, live, "leaving")
+        return out, used, unloaded
+
+    out, used, unloaded = asyncio.run(stream_then_unload())
+    assert unloaded is not None and unloaded[0] == 200, unloaded
+    assert used == MANY and out.startswith(alone), (used, out, alone)
+    status, body = complete(live, "leaving")
+    assert status == 404, body
+
+
 def test_base_requests_batched_with_adapters_get_an_adapter_applied_on_the_cpu_build(live: Engine) -> None:
     """A vLLM CPU bug the product must know of (docs/lora.md): the CPU build's LoRA ops (torch_ops/lora_ops.py) gather
     the adapter slot of every token with `weights[index]`, and a base-model token's index is -1, which Python reads
