@@ -17,6 +17,7 @@ mapfile -t needs < <({ bash tests/cluster/k8s-bin.sh --apt-needs; bash hack/get-
                        bash hack/get-engines.sh --apt-needs vllm llamacpp
                        [[ -x .venv/bin/python ]] || python3 -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv
                        command -v kubectl >/dev/null || echo kubernetes-client  # the tests' and the demo's kubectl
+                       command -v prometheus >/dev/null || echo prometheus  # the usage report's test (docs/tenants.md)
                      } | sort -u)
 pkgs=(); sources=0
 for n in "${needs[@]}"; do

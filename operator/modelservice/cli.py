@@ -114,6 +114,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     rend.add_argument("-f", "--filename", required=True, help="ModelService YAML file, or - for stdin")
     rend.add_argument("--gateway-enabled", action="store_true")
     sub.add_parser("version", help="print the version")
+    use = sub.add_parser("usage", help="chargeback report from Prometheus: tokens per tenant, GPU-seconds per model")
+    use.add_argument("--prometheus", required=True, metavar="URL", help="e.g. http://prometheus.monitoring:9090")
+    use.add_argument("--since", default="24h", help="window ending now (Prometheus duration: 30m, 24h, 7d)")
+    use.add_argument("--output", "-o", choices=("table", "json", "csv"), default="table")
     sub.add_parser("gateway", help="run the serverless gateway (see `gateway --help`)")
     args = p.parse_args(argv)
     if args.command == "crd":
@@ -122,6 +126,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.command == "render":
         return _render(args.filename, args.gateway_enabled)
+    if args.command == "usage":
+        from modelservice.usage import main as usage_main
+        return usage_main(args.prometheus, args.since, args.output)
     if args.command == "version":
         print(json.dumps({"version": __version__}))
         return 0

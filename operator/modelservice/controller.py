@@ -27,7 +27,7 @@ from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path,
 from modelservice import parking
 from modelservice.scaling import Activity, activity_from_leases, decide
 from modelservice.status import Observed, compute_status, exited_unready, status_changed
-from modelservice import watching
+from modelservice import gpuseconds, watching
 from modelservice.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class Controller:
         self._tasks += watching.start(self.kube, [("/api/v1/nodes", None, self.on_node)], lambda: None, on_alive)
         if self.parking:
             self._tasks.append(asyncio.create_task(self._plan_loop()))
+        self._tasks.append(asyncio.create_task(gpuseconds.run(self.store), name="gpu-seconds"))  # gpuseconds.py
 
     def _watch_owned(self, on_alive: Optional[Callable[[], None]]) -> list[asyncio.Task[None]]:
         """Our own list-then-watch of children, pods and activity Leases; kopf watches only ModelServices. These

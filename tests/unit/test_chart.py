@@ -259,6 +259,16 @@ def test_network_policy_lets_in_exactly_the_gateway_pods():
     assert "--network-policy" not in off and "--gateway-enabled" in off
 
 
+def test_grafana_dashboard_is_off_by_default_and_a_sidecar_configmap_when_on():
+    assert [d for d in hu.of_kind(rendered(), "ConfigMap") if "dashboard" in d["metadata"]["name"]] == []
+    docs = hu.render(values={"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}})
+    (cm,) = [d for d in hu.of_kind(docs, "ConfigMap") if "dashboard" in d["metadata"]["name"]]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1" and cm["metadata"]["namespace"] == "monitoring"
+    dashboard = json.loads(cm["data"]["modelservice-usage.json"])
+    assert dashboard == json.loads((hu.CHART_DIR / "files/dashboards/modelservice-usage.json").read_text())
+    assert all(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+
+
 def test_gateway_off_renders_no_gateway():
     docs = rendered(hu.CI_VALUES_DIR / "gateway-off-values.yaml")
     assert [d for d in docs if hu.component(d) == "gateway"] == []
