@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="N=100 only, 60 s idle window, fewer requests and cold starts (about 5 minutes)")
-    p.add_argument("--only", choices=("operator", "gateway", "engine", "gpu-pool"), help="run one part only")
+    p.add_argument("--only", choices=("operator", "gateway", "metering", "engine", "gpu-pool"),
+                   help="run one part only")
     p.add_argument("--sizes", type=_ints, help="ModelService counts, e.g. 100,500,1000 (default: 100,500,1000; quick: 100)")
     p.add_argument("--concurrency", type=int, default=4,
                    help="operator --workers, and the bare client's and the creator's concurrency (default 4)")
@@ -112,6 +113,14 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         results["gateway"] = await run_gateway(gcfg)
         results["gateway"]["seconds"] = time.monotonic() - t0
+    if args.only in (None, "metering"):
+        from bench.metering_bench import MeteringConfig, run as run_metering
+        t0 = time.monotonic()
+        results["metering"] = await run_metering(MeteringConfig(
+            work, rounds=max(5, args.rounds or 5), latency_seconds=args.latency_seconds or 6.0,
+            max_requests=args.max_requests, loadgen=args.loadgen, streams=args.streams,
+            stream_tokens=args.stream_tokens, stream_tps=args.stream_tps))
+        results["metering"]["seconds"] = time.monotonic() - t0
     if args.only in (None, "engine"):
         from bench.engine_cold import EngineColdConfig, run as run_engine
         t0 = time.monotonic()

@@ -57,8 +57,8 @@ class GatewayConfig:
 
 
 class GatewayProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path):
-        self.kubeconfig, self.log_path = kubeconfig, log_path
+    def __init__(self, kubeconfig: Path, log_path: Path, *extra_args: str):
+        self.kubeconfig, self.log_path, self.extra_args = kubeconfig, log_path, list(extra_args)
         self.port, self.metrics_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
@@ -71,7 +71,7 @@ class GatewayProcess:
     def start(self) -> "GatewayProcess":
         cmd = [sys.executable, "-m", "modelservice.cli", "gateway", "--kubeconfig", str(self.kubeconfig),
                "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-               "--activation-timeout", "60s", "--activity-interval", "1s"]
+               "--activation-timeout", "60s", "--activity-interval", "1s", *self.extra_args]
         log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "POD_NAME": "bench-gateway-0"})

@@ -55,6 +55,7 @@ _WRK_SCRIPT = r"""
 wrk.method = "POST"
 wrk.body = [==[%(body)s]==]
 wrk.headers["Content-Type"] = "application/json"
+%(headers)s
 local limit = %(limit)d
 local count = 0
 function response(status, headers, body)
@@ -72,13 +73,15 @@ end
 """
 
 
-def wrk_run(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int) -> LoadResult:
+def wrk_run(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int,
+            headers: Optional[dict[str, str]] = None) -> LoadResult:
     """wrk -c concurrency -d seconds; a thread that reaches its share of max_requests stops early."""
     check_loopback(url)
     threads = max(1, min(2, concurrency))
     per_thread = max(1, max_requests // threads)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(_WRK_SCRIPT % {"body": body.decode(), "limit": per_thread})
+        extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
+        f.write(_WRK_SCRIPT % {"body": body.decode(), "limit": per_thread, "headers": extra})
         script = f.name
     try:
         cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
@@ -97,7 +100,8 @@ def wrk_run(url: str, body: bytes, concurrency: int, seconds: float, max_request
     return LoadResult("wrk", r["requests"] - r["status"], errors, r["duration_us"] * us, lat)
 
 
-async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int) -> LoadResult:
+async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int,
+                      extra_headers: Optional[dict[str, str]] = None) -> LoadResult:
     """`concurrency` workers on keep-alive connections send POSTs for `seconds` (at most `max_requests`)."""
     check_loopback(url)
     latencies: list[float] = []
@@ -105,7 +109,7 @@ async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float, m
     issued = 0
     total = max_requests
     deadline = time.monotonic() + seconds
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(extra_headers or {})}
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as s:
         async def worker() -> None:
@@ -131,10 +135,10 @@ async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float, m
 
 
 def latency_run(engine: str, url: str, body: bytes, concurrency: int, seconds: float,
-                max_requests: int) -> LoadResult:
+                max_requests: int, headers: Optional[dict[str, str]] = None) -> LoadResult:
     if engine == "wrk":
-        return wrk_run(url, body, concurrency, seconds, max_requests)
-    return asyncio.run(closed_loop(url, body, concurrency, seconds, max_requests))
+        return wrk_run(url, body, concurrency, seconds, max_requests, headers)
+    return asyncio.run(closed_loop(url, body, concurrency, seconds, max_requests, headers))
 
 
 @dataclass
@@ -152,7 +156,7 @@ def count_tokens(data: bytes) -> int:
 
 
 async def streams(url: str, body: bytes, concurrency: int, total: int, max_seconds: float,
-                  expected_tokens: int) -> dict[str, Any]:
+                  expected_tokens: int, headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """`total` streaming requests, `concurrency` at a time; tokens/s delivered over the whole window. A stream is
     complete when all `expected_tokens` arrived."""
     check_loopback(url)
@@ -170,7 +174,8 @@ async def streams(url: str, body: bytes, concurrency: int, total: int, max_secon
                 stats.append(st)
                 tail = b""
                 try:
-                    async with s.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    async with s.post(url, data=body, headers={"Content-Type": "application/json",
+                                                               **(headers or {})}) as r:
                         if r.status != 200:
                             await r.read()
                             continue

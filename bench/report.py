@@ -225,6 +225,9 @@ def table(doc: dict[str, Any]) -> str:
         parts += ["", f"GATEWAY (loadgen {g.get('loadgen', '?')}; "
                       f"nginx {g.get('nginx_version', '?')}, 1 worker)",
                   render(gateway_rows(g))]
+    if "metering" in res:
+        from bench.metering_bench import rows as metering_rows
+        parts += ["", "METERING AND QUOTAS ON vs OFF (two gateways, interleaved rounds)", *metering_rows(res["metering"])]
     if "engine" in res:
         parts += ["", "REAL ENGINE (the node agent runs it from the rendered pod spec)", render(engine_rows(res["engine"]))]
     if "gpu_pool" in res:

@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tenants", action="store_true",
                    help="tenant API keys from Secrets labelled serving.modelservice.dev/tenant in --tenant-namespace "
                         "(watched: rotation within seconds); every model then needs a key (docs/tenants.md)")
+    p.add_argument("--no-metering", dest="metering", action="store_false",
+                   help="no token metering (to measure what it costs; quotas then charge their reservations)")
     p.add_argument("--max-metered-tenants", type=int, default=d.max_metered_tenants,
                    help="tenants with their own label in the token metrics; more are summed as tenant=_other")
     p.add_argument("--quota-replicas", type=int, default=d.quota_share,
@@ -70,7 +72,7 @@ def config_from(args: argparse.Namespace) -> Config:
                   max_held_per_model=args.max_held_per_model, header_timeout=args.header_timeout,
                   idle_timeout=args.idle_timeout, upstream_timeout=args.upstream_timeout, kubeconfig=args.kubeconfig,
                   api_key_secret=keys, activity_interval=args.activity_interval, tenant_namespace=tenant_ns,
-                  max_metered_tenants=args.max_metered_tenants, quota_share=args.quota_replicas,
+                  max_metered_tenants=args.max_metered_tenants, metering=args.metering, quota_share=args.quota_replicas,
                   quota_default_max_tokens=args.quota_default_max_tokens)
 
 

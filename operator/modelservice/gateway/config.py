@@ -27,6 +27,7 @@ class Config:
     api_key_secret: Optional[tuple[str, str, str]] = None  # (namespace, name, data key)
     activity_interval: float = 10.0
     secret_refresh: float = 30.0
+    metering: bool = True  # token metering (metering.py); off only to measure what it costs (make bench)
     max_metered_tenants: int = 100  # tenant label values in metrics; the rest are summed as "_other"
     quota_share: int = 1  # gateway replicas: each enforces 1/share of a tenant's quota (quotas.py)
     quota_default_max_tokens: int = 1024  # reserved for the answer when a request sets no max_tokens

@@ -14,7 +14,6 @@ are summed under `_other` and counted in modelservice_gateway_tenants_aggregated
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from typing import Any, Optional
@@ -27,6 +26,8 @@ METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embed
 STREAMING_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 OTHER_TENANTS = "_other"
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')  # usage holds at most one nested object
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')  # not json.loads: ints are all we need from it
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 MAX_CARRY = 64 * 1024  # an incomplete trailing event kept to find a usage object split across chunks
 TAIL = 1024  # of a non-streamed body: longer than any usage object
@@ -57,6 +58,8 @@ class Meter:
             self._carry = data[-TAIL:]  # a usage object split across two chunks is whole in the next scan
             return chunk
         self.events += chunk.count(b"data: {")
+        if data is chunk and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
+            return chunk  # the common case (whole events, no usage): no copy, nothing held
         end = data.rfind(b"\n\n")
         complete, rest = (data[:end + 2], data[end + 2:]) if end >= 0 else (b"", data)
         if self.strip:
@@ -88,14 +91,13 @@ class Meter:
 
     def _usage(self, data: bytes) -> bool:
         found = False
-        for m in _USAGE.finditer(data):
-            try:
-                usage = json.loads(m.group(1))
-            except ValueError:
-                continue
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-            if isinstance(prompt, int) and isinstance(completion, int):
-                self.prompt, self.completion, found = prompt, completion, True
+        for m in _USAGE.finditer(data):  # the last usage object wins (a stream's final one)
+            usage = m.group(1)
+            prompt, completion = _PROMPT.search(usage), _COMPLETION.search(usage)
+            if prompt is not None:
+                self.prompt = int(prompt.group(1))
+                self.completion = int(completion.group(1)) if completion is not None else 0
+                found = True
         return found
 
 

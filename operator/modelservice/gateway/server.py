@@ -185,6 +185,8 @@ class Gateway:
 
     def _meter(self, request: web.Request, doc: dict, path: str) -> Optional[bytes]:
         """Attach the request's Meter; the body re-encoded when the meter asked the engine for usage (or None)."""
+        if not self.config.metering:
+            return None
         meter, changed = metering.prepare(doc, path)
         request[rs.METER] = meter
         return json.dumps(doc, separators=(",", ":")).encode() if changed else None
@@ -239,7 +241,7 @@ class Gateway:
                 model = request.get(rs.MODEL, "")
                 self.metrics.child(self.metrics.requests, model, str(status)).inc()
                 tenant = request.get(rs.TENANT)
-                if tenant is not None:  # known caller, known model: tokens and outcome per tenant
+                if tenant is not None and self.config.metering:  # known caller and model: tokens, outcome
                     meter, answered = request.get(rs.METER), request.get(rs.ANSWERED, False)
                     self.metering.record(tenant, model, status, meter, answered)
                     reservation = request.get(rs.QUOTA)
