@@ -60,10 +60,12 @@ def network_policy(ctx: Context, spec: ModelServiceSpec,
     if config is None:
         return None
     port = port_of(spec)
+    ports = [{"protocol": "TCP", "port": port}]
+    if engine_of(spec).metrics_port and engine_of(spec).metrics_port != port:
+        # The gateway re-exports engines' metrics (gateway/engine_metrics.py): Triton serves them on a port of its own.
+        ports.append({"protocol": "TCP", "port": engine_of(spec).metrics_port})
     rules: list[dict[str, Any]] = [{
-        "from": [_peer(config.gateway_namespace, config.gateway_pod_labels, ctx.namespace)],
-        "ports": [{"protocol": "TCP", "port": port}],
-    }]
+        "from": [_peer(config.gateway_namespace, config.gateway_pod_labels, ctx.namespace)], "ports": ports}]
     if config.metrics_namespaces:
         metrics_port = engine_of(spec).metrics_port or port
         rules.append({"from": [_peer(ns, None, ctx.namespace) if ns != ctx.namespace else {"podSelector": {}}

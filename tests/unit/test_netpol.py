@@ -32,7 +32,8 @@ def test_policy_selects_the_deployments_pods_and_opens_only_the_engine_port(engi
     assert pol["spec"]["podSelector"] == dep["spec"]["selector"]  # exactly the model's pods
     assert pol["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = pol["spec"]["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": container["ports"][0]["containerPort"]}]
+    # The serving port, and the metrics port where the engine has its own (Triton): the gateway re-exports metrics.
+    assert rule["ports"] == [{"protocol": "TCP", "port": p["containerPort"]} for p in container["ports"]]
     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "modelservice-system"}},
                              "podSelector": {"matchLabels": GW}}]
     assert pol["metadata"]["ownerReferences"] == dep["metadata"]["ownerReferences"]

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from modelservice.gateway import watchers
 from modelservice.gateway.config import Config, secret_ref, seconds, size
+from modelservice.gateway.engine_metrics import EngineMetrics
 from modelservice.gateway.kubeops import KubeOps
 from modelservice.gateway.server import Gateway
 from modelservice.kube import Kube
@@ -96,7 +97,10 @@ async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
         # retransmits: in `make bench`, 256 clients connecting at once had a 1.2 s p99 for that reason alone.
         await web.TCPSite(runner, config.host, config.port, reuse_address=True, backlog=LISTEN_BACKLOG).start()
         if config.metrics_port:
-            mrunner = web.AppRunner(gateway.metrics.app(), access_log=None)
+            metrics_app = gateway.metrics.app()
+            # Engines' own metrics, for a Prometheus the NetworkPolicy keeps away from them (engine_metrics.py).
+            metrics_app.router.add_get("/engine-metrics", EngineMetrics(gateway.table, gateway.metrics.registry).handle)
+            mrunner = web.AppRunner(metrics_app, access_log=None)
             await mrunner.setup()
             runners.append(mrunner)
             await web.TCPSite(mrunner, config.host, config.metrics_port, reuse_address=True).start()
