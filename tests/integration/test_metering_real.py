@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import urllib.request
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.wait import wait_for
 from tests.integration import ms
@@ -77,5 +79,10 @@ def test_llamacpp_usage_is_metered_per_tenant(kube, namespace, operator, fake_no
         assert counted("prompt_tokens", "team-b") == whole_usage["prompt_tokens"]
         assert counted("completion_tokens", "team-b") == whole_usage["completion_tokens"]
         assert gw.metric("modelservice_gateway_unmetered_requests_total") == 0
+        # The engine's own metrics, through the gateway (the NetworkPolicy keeps Prometheus away from the engine).
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/engine-metrics", timeout=30) as r:
+            engine = {(x.name, x.labels.get("modelservice")): x.value
+                      for f in text_string_to_metric_families(r.read().decode()) for x in f.samples}
+        assert engine[("llamacpp:prompt_tokens_total", name)] > 0  # llama-server's own counter, relabelled
     finally:
         gw.stop()
