@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-seconds", type=float,
                    help="GPU-pool part: replay only the first N seconds of the trace (default: all 600; quick: 180)")
     p.add_argument("--pool-policies", default="idle-timer,park", help="GPU-pool part: policies, in order")
+    p.add_argument("--gateway-workers", type=_ints, default=[],
+                   help="gateway part: instead of its usual figures, compare gateways with these --workers counts "
+                        "(e.g. 1,2): CPU per request, the load generator's CPU, c=1 latency (docs/routing.md)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the operator (materialization at the largest N) and the gateway (latency at the "
                         "highest concurrency, and streaming)")
@@ -109,7 +112,8 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             latency_seconds=args.latency_seconds or (4.0 if args.quick else 8.0), max_requests=args.max_requests,
             rounds=args.rounds or (1 if args.quick else 3),
             loadgen=args.loadgen, streams=args.streams, stream_tokens=args.stream_tokens, stream_tps=args.stream_tps,
-            cold_starts=args.cold_starts or (5 if args.quick else 20), profile=args.profile)
+            cold_starts=args.cold_starts or (5 if args.quick else 20), profile=args.profile,
+            workers=args.gateway_workers)
         t0 = time.monotonic()
         results["gateway"] = await run_gateway(gcfg)
         results["gateway"]["seconds"] = time.monotonic() - t0

@@ -13,12 +13,13 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +27,7 @@ import aiohttp
 
 from bench import loadgen, nginx, profiler
 from bench.cluster import Cluster, control_plane
-from bench.stats import parse_prometheus, proc_status_kib, summary
+from bench.stats import parse_prometheus, proc_cpu_seconds, proc_status_kib, summary
 from bench.watch import Watch
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.labels import MODELSERVICE_LABEL
@@ -54,11 +55,16 @@ class GatewayConfig:
     cold_starts: int = 20
     scale_to_zero_after: str = "2s"
     profile: bool = False
+    workers: list[int] = field(default_factory=list)  # --gateway-workers: compare these instead of the usual parts
+    workers_concurrency: int = 64
+    workers_offered_share: float = 0.5  # paced runs offer this share of 1 worker's closed-loop rate
 
 
 class GatewayProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path, *extra_args: str):
+    def __init__(self, kubeconfig: Path, log_path: Path, *extra_args: str, workers: int = 1,
+                 pod_name: str = "bench-gateway-0"):
         self.kubeconfig, self.log_path, self.extra_args = kubeconfig, log_path, list(extra_args)
+        self.workers, self.pod_name = workers, pod_name
         self.port, self.metrics_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
@@ -71,10 +77,11 @@ class GatewayProcess:
     def start(self) -> "GatewayProcess":
         cmd = [sys.executable, "-m", "modelservice.cli", "gateway", "--kubeconfig", str(self.kubeconfig),
                "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-               "--activation-timeout", "60s", "--activity-interval", "1s", *self.extra_args]
+               "--activation-timeout", "60s", "--activity-interval", "1s", "--workers", str(self.workers),
+               *self.extra_args]
         log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "POD_NAME": "bench-gateway-0"})
+                                     env={**os.environ, "POD_NAME": self.pod_name})
         log_file.close()
         for _ in range(300):  # bounded: 30 s
             if self.proc.poll() is not None:
@@ -96,6 +103,10 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+    def pids(self) -> list[int]:
+        """The gateway's processes: the one we started and, with --workers N > 1, its N workers."""
+        return [self.pid, *children(self.pid)]
 
     def metric(self, name: str, **labels: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
@@ -412,12 +423,118 @@ async def slice_version(kube: Any) -> str:
     return "discovery.k8s.io/v1" if "discovery.k8s.io/v1" in served else "discovery.k8s.io/v1beta1"
 
 
+# ---- worker processes (--gateway-workers) ------------------------------------------------------------------------
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def children_cpu_seconds() -> float:
+    """utime + stime of this process's waited-for children: around one subprocess.run of wrk, wrk's own CPU."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def workers_run(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int, delay_ms: int,
+                gw: GatewayProcess) -> dict[str, Any]:
+    """One wrk run against one gateway, with the CPU every gateway process and wrk spent in it."""
+    pids = gw.pids()
+    cpu0, client0, load0 = [proc_cpu_seconds(p) or 0.0 for p in pids], children_cpu_seconds(), os.getloadavg()[0]
+    res = loadgen.wrk_run(url, body, concurrency, seconds, max_requests, delay_ms=delay_ms)
+    cpu1, client1 = [proc_cpu_seconds(p) or 0.0 for p in pids], children_cpu_seconds()
+    per_process = [b - a for a, b in zip(cpu0, cpu1)]
+    gw_cpu, n = sum(per_process), max(1, res.requests)
+    return {**res.as_dict(), "gateway_cpu_seconds": gw_cpu, "gateway_cpu_per_process": per_process,
+            "gateway_cpu_ms_per_request": gw_cpu / n * 1000, "loadgen_cpu_seconds": client1 - client0,
+            "loadgen_cpu_ms_per_request": (client1 - client0) / n * 1000,
+            "gateway_cores_busy": gw_cpu / res.seconds if res.seconds else None,
+            "loadavg_1m": [load0, os.getloadavg()[0]]}
+
+
+async def workers_part(cfg: GatewayConfig, direct_url: str, gws: dict[int, GatewayProcess]) -> dict[str, Any]:
+    """1 vs N worker processes, interleaved in rotated order each round: closed loop at c=1 (added latency) and at
+    c=workers_concurrency (capacity), then paced at one offered rate for all (CPU per request at the same load)."""
+    if not loadgen.have_wrk():
+        raise RuntimeError("--gateway-workers needs wrk (apt-get install -y wrk): CPU per request at a paced rate")
+    body, counts = chat(LAT), sorted(gws)
+    c = cfg.workers_concurrency
+    modes: list[tuple[str, int, int]] = [("c1", 1, 0), ("closed", c, 0)]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    out: dict[str, Any] = {"workers": counts, "seconds_per_run": cfg.latency_seconds, "concurrency": c}
+    direct: list[float] = []
+    for r in range(cfg.rounds):
+        d = await asyncio.to_thread(loadgen.wrk_run, direct_url, body, 1, cfg.latency_seconds, cfg.max_requests)
+        direct.append(d.latency["p50"])
+        if r == 0:
+            # The paced rate: a share of what 1 worker does closed-loop, so every gateway can keep up with it.
+            base = await asyncio.to_thread(workers_run, gws[counts[0]].url + "/v1/chat/completions", body, c,
+                                           cfg.latency_seconds, cfg.max_requests, 0, gws[counts[0]])
+            rate = base["throughput_rps"] * cfg.workers_offered_share
+            delay = max(1, int(c / max(rate, 1.0) * 1000))
+            modes.append(("paced", c, delay))
+            out["paced"] = {"offered_rps": c / (delay / 1000), "delay_ms": delay,
+                            "one_worker_closed_loop_rps": base["throughput_rps"]}
+        for mode, conc, delay in modes:
+            order = counts[r % len(counts):] + counts[: r % len(counts)]
+            for n in order:
+                gw = gws[n]
+                url = gw.url + "/v1/chat/completions"
+                await asyncio.to_thread(loadgen.wrk_run, url, body, conc, 1, cfg.max_requests, None, delay)  # warm-up
+                res = await asyncio.to_thread(workers_run, url, body, conc, cfg.latency_seconds, cfg.max_requests,
+                                              delay, gw)
+                runs.setdefault(mode, {}).setdefault(str(n), []).append(res)
+                log.info("workers=%d %-6s c=%-3d %6.0f req/s  p50 %.2f ms  gateway %.3f ms CPU/req (%s)  "
+                         "wrk %.3f ms CPU/req  load %.1f", n, mode, conc, res["throughput_rps"],
+                         (res["latency"]["p50"] or 0) * 1000, res["gateway_cpu_ms_per_request"],
+                         "+".join(f"{x:.1f}" for x in res["gateway_cpu_per_process"]),
+                         res["loadgen_cpu_ms_per_request"], res["loadavg_1m"][1])
+    out["direct_c1_p50"] = _median(direct)
+    for mode, by_n in runs.items():
+        out[mode] = {**out.get(mode, {}), **{n: {
+            "rounds": len(rs), "errors": sum(x["errors"] for x in rs),
+            "throughput_rps": _median([x["throughput_rps"] for x in rs]),
+            "p50": _median([x["latency"]["p50"] for x in rs]), "p99": _median([x["latency"]["p99"] for x in rs]),
+            "gateway_cpu_ms_per_request": _median([x["gateway_cpu_ms_per_request"] for x in rs]),
+            "loadgen_cpu_ms_per_request": _median([x["loadgen_cpu_ms_per_request"] for x in rs]),
+            "gateway_cores_busy": _median([x["gateway_cores_busy"] for x in rs]),
+            "per_round": rs} for n, rs in by_n.items()}}
+    return out
+
+
+async def _run_workers(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> None:
+    kube = cluster.kube
+    await cluster.namespace(NS)
+    gws = {n: GatewayProcess(cluster.kubeconfig, cfg.work / f"gateway-w{n}.log", workers=n,
+                             pod_name=f"bench-gateway-{n}w")
+           for n in cfg.workers}
+    stub: Optional[StubProcess] = None
+    try:
+        stub = await asyncio.to_thread(StubProcess(LAT, 0, cfg.work / "stub-lat.log").start)
+        slices = await slice_version(kube)
+        await kube.create(f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}", modelservice(LAT, {}, replicas=0))
+        await kube.create(f"/apis/{slices}/namespaces/{NS}/endpointslices",
+                          endpoint_slice(slices, LAT, stub.host, stub.port))
+        for n, gw in gws.items():
+            await asyncio.to_thread(gw.start)
+            await _wait(lambda gw=gw: asyncio.to_thread(gw.metric, "modelservice_gateway_ready_endpoints",
+                                                        model=f"{NS}/{LAT}"), 120, f"{LAT} routable ({n} workers)")
+        out["loadgen"] = "wrk"
+        out["workers"] = await workers_part(cfg, f"{stub.url}/v1/chat/completions", gws)
+    finally:
+        for gw in gws.values():
+            await asyncio.to_thread(gw.stop)
+        if stub is not None:
+            await asyncio.to_thread(stub.stop)
+
+
 # ---- the whole part --------------------------------------------------------------------------------------------
 async def run(cfg: GatewayConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"nginx_version": nginx.version()}
     try:
         async with control_plane(cfg.work, "gateway", pods=10) as cluster:
-            await _run_in(cluster, cfg, out)
+            await (_run_workers if cfg.workers else _run_in)(cluster, cfg, out)
     except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what was measured
         log.exception("gateway benchmark failed")
         out["error"] = f"{type(e).__name__}: {e}"

@@ -58,6 +58,7 @@ wrk.headers["Content-Type"] = "application/json"
 %(headers)s
 local limit = %(limit)d
 local count = 0
+%(delay)s
 function response(status, headers, body)
   count = count + 1
   if count >= limit then wrk.thread:stop() end
@@ -74,14 +75,17 @@ end
 
 
 def wrk_run(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int,
-            headers: Optional[dict[str, str]] = None) -> LoadResult:
-    """wrk -c concurrency -d seconds; a thread that reaches its share of max_requests stops early."""
+            headers: Optional[dict[str, str]] = None, delay_ms: int = 0) -> LoadResult:
+    """wrk -c concurrency -d seconds; a thread that reaches its share of max_requests stops early. delay_ms: each
+    connection waits that long after a response before its next request (wrk's delay() hook): an offered load of
+    about concurrency / (delay + latency) requests per second, the same whatever the proxy's capacity."""
     check_loopback(url)
     threads = max(1, min(2, concurrency))
     per_thread = max(1, max_requests // threads)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
-        f.write(_WRK_SCRIPT % {"body": body.decode(), "limit": per_thread, "headers": extra})
+        delay = f"function delay() return {int(delay_ms)} end" if delay_ms > 0 else ""
+        f.write(_WRK_SCRIPT % {"body": body.decode(), "limit": per_thread, "headers": extra, "delay": delay})
         script = f.name
     try:
         cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",

@@ -134,6 +134,7 @@ def gateway_rows(res: dict[str, Any]) -> list[Row]:
         peak = _get(st, "gateway_rss_peak_mib")
         rows.append((f"gateway peak RSS under {st.get('streams')} streams", _mb(peak),
                      f"idle gateway {_mb(_get(st, 'gateway_rss_idle_mib'))}", "", "", ""))
+    rows += workers_rows(res.get("workers") or {})
     cold = res.get("cold_start")
     if cold:
         o, b = cold.get("overhead"), cold.get("direct_overhead")
@@ -201,6 +202,28 @@ def gpu_pool_rows(res: dict[str, Any]) -> list[Row]:
 
 
 SAMPLE_SLACK = 4.0  # GPU-seconds: a few 0.5 s samples at 4 GPUs around each park (the ledger's resolution)
+
+
+def workers_rows(w: dict[str, Any]) -> list[Row]:
+    """--gateway-workers: per worker count, gateway and wrk CPU per request, throughput and c=1 p50."""
+    rows: list[Row] = []
+    counts = [str(n) for n in w.get("workers", [])]
+    if not counts:
+        return rows
+    base = counts[0]
+    paced = w.get("paced", {})
+    for mode, what in (("c1", "c=1"), ("closed", f"c={w.get('concurrency')} closed loop"),
+                       ("paced", f"c={w.get('concurrency')} paced at {paced.get('offered_rps', 0):.0f} req/s")):
+        for n in counts:
+            e, b = _get(w, mode, n) or {}, _get(w, mode, base) or {}
+            rows.append((f"{n} worker(s), {what}: gateway CPU ms/request",
+                         _num(e.get("gateway_cpu_ms_per_request"), 3),
+                         f"wrk {_num(e.get('loadgen_cpu_ms_per_request'), 3)} ms/req; "
+                         f"{e.get('throughput_rps') or 0:.0f} req/s; gateway {_num(e.get('gateway_cores_busy'), 2)} "
+                         f"cores; p50 {fmt_seconds(e.get('p50'))}",
+                         fmt_ratio(ratio(e.get("gateway_cpu_ms_per_request"), b.get("gateway_cpu_ms_per_request"))),
+                         "", "NO" if e.get("errors") else ""))
+    return rows
 
 
 def render(rows: list[Row]) -> str:

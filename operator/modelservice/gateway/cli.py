@@ -11,11 +11,12 @@ from typing import Optional
 
 from aiohttp import web
 
-from modelservice.gateway import watchers
+from modelservice.gateway import watchers, workers
 from modelservice.gateway.config import Config, secret_ref, seconds, size
 from modelservice.gateway.engine_metrics import EngineMetrics
 from modelservice.gateway.kubeops import KubeOps
 from modelservice.gateway.server import Gateway
+from modelservice.gateway.workers import Slot
 from modelservice.kube import Kube
 
 log = logging.getLogger("modelservice.gateway")
@@ -59,8 +60,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant-namespace", default=None, metavar="NS", help="default: POD_NAMESPACE")
     p.add_argument("--activity-interval", type=seconds, default=f"{d.activity_interval:g}s",
                    help="at most one activity Lease write per model per interval")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                   help="gateway processes in this pod, sharing the port (SO_REUSEPORT); auto: the container's CPU "
+                        "limit rounded up, 1 without a limit. The held cap and quota share are split between them "
+                        "(docs/routing.md)")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _workers(text: str) -> int | str:
+    try:
+        return workers.parse_workers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def worker_count(value: int | str) -> int:
+    return workers.auto_workers(workers.read_cpu_limit()) if value == "auto" else int(value)
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -77,7 +93,8 @@ def config_from(args: argparse.Namespace) -> Config:
                   quota_default_max_tokens=args.quota_default_max_tokens)
 
 
-async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
+async def serve(config: Config, stop: Optional[asyncio.Event] = None, *, slot: Optional[Slot] = None) -> None:
+    """One gateway; with `slot`, one worker of several (workers.py): the port shared, metrics to the parent."""
     kube = Kube.from_env(config.kubeconfig, user_agent="modelservice-gateway")
     gateway = Gateway(config, KubeOps(kube))
     stop = stop or asyncio.Event()
@@ -95,15 +112,20 @@ async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
         runners.append(runner)
         # A burst of new connections beyond the listen backlog (aiohttp's default: 128) waits out 1 s SYN
         # retransmits: in `make bench`, 256 clients connecting at once had a 1.2 s p99 for that reason alone.
-        await web.TCPSite(runner, config.host, config.port, reuse_address=True, backlog=LISTEN_BACKLOG).start()
-        if config.metrics_port:
+        await web.TCPSite(runner, config.host, config.port, reuse_address=True, reuse_port=slot is not None,
+                          backlog=LISTEN_BACKLOG).start()
+        if config.metrics_port or slot is not None:
             metrics_app = gateway.metrics.app()
             # Engines' own metrics, for a Prometheus the NetworkPolicy keeps away from them (engine_metrics.py).
             metrics_app.router.add_get("/engine-metrics", EngineMetrics(gateway.table, gateway.metrics.registry).handle)
             mrunner = web.AppRunner(metrics_app, access_log=None)
             await mrunner.setup()
             runners.append(mrunner)
-            await web.TCPSite(mrunner, config.host, config.metrics_port, reuse_address=True).start()
+            if slot is not None:  # the parent serves the sum of the workers' registries on --metrics-port
+                await web.UnixSite(mrunner, slot.metrics_socket).start()
+                gateway.peers_synced = slot.all_synced
+            else:
+                await web.TCPSite(mrunner, config.host, config.metrics_port, reuse_address=True).start()
         # Ready once every watch has listed: the routes, and the tenant keys when tenants are on (a gateway that took
         # traffic before knowing the keys would refuse good ones).
         pending = {"routes", "tenants"} if gateway.keys.tenants is not None else {"routes"}
@@ -111,6 +133,8 @@ async def serve(config: Config, stop: Optional[asyncio.Event] = None) -> None:
         def synced(part: str) -> None:
             pending.discard(part)
             gateway.synced = not pending
+            if gateway.synced and slot is not None:
+                slot.mark_synced()
 
         tasks = await watchers.start(kube, gateway.table, config.namespaces, lambda: synced("routes"))
         if gateway.keys.tenants is not None:
@@ -136,6 +160,9 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         p.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    count = worker_count(args.workers)
+    if count > 1:
+        return workers.supervise(config, count)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:

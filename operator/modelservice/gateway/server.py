@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from aiohttp import web
 
@@ -51,6 +51,7 @@ class Gateway:
         self.activator = Activator(self.table, ops, self.activity, self.metrics,
                                    timeout=config.activation_timeout, max_held=config.max_held_per_model)
         self.synced = False  # set by watchers.py once every watch has listed
+        self.peers_synced: Callable[[], bool] = lambda: True  # the other workers of this pod (workers.py)
         self.proxy: Optional[Proxy] = None
         self._tasks: list[asyncio.Task] = []
 
@@ -158,6 +159,9 @@ class Gateway:
     async def healthz(self, _: web.Request) -> web.Response:
         if not self.synced:
             return web.json_response({"status": "starting: watches have not listed yet"}, status=503)
+        if not self.peers_synced():
+            return web.json_response({"status": "starting: another worker's watches have not listed yet"},
+                                     status=503)
         return web.json_response({"status": "ok", "models": len(self.table.models)})
 
     # -- the request path --------------------------------------------------------------------------------------
