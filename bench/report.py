@@ -212,6 +212,8 @@ def workers_rows(w: dict[str, Any]) -> list[Row]:
         return rows
     base = counts[0]
     paced = w.get("paced", {})
+    rows.append(("c=1 direct to stub p50 (subtract for added latency)", fmt_seconds(w.get("direct_c1_p50")), "", "",
+                 "", ""))
     for mode, what in (("c1", "c=1"), ("closed", f"c={w.get('concurrency')} closed loop"),
                        ("paced", f"c={w.get('concurrency')} paced at {paced.get('offered_rps', 0):.0f} req/s")):
         for n in counts:

@@ -194,7 +194,7 @@ def test_gateway_deployment_contract():
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert dep["spec"]["replicas"] == 2
     assert c["args"] == ["gateway", "--port", "8080", "--metrics-port", "9090",
-                         "--activation-timeout", "10m", "--max-body-bytes", "10485760"]
+                         "--activation-timeout", "10m", "--max-body-bytes", "10485760", "--workers", "auto"]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}  # 503 until watches synced
@@ -227,6 +227,8 @@ def test_args_parse_with_the_real_command_lines(values_file, monkeypatch):
         assert (config.port, config.metrics_port) == (8080, 9090)
         assert config.namespaces == values["watchNamespaces"]
         assert config.max_body_bytes == values["gateway"]["maxBodyBytes"]
+        workers = gateway_cli.parser().parse_args(gw_args[1:]).workers
+        assert workers == values["gateway"]["workers"]
 
 
 def test_large_values_stay_integers_in_args():
@@ -428,6 +430,8 @@ BAD_VALUES = [
     ({"image": {"tag": 1.0}}, "/image/tag"),
     ({"gateway": {"activationTimeout": "10 minutes"}}, "/gateway/activationTimeout"),
     ({"gateway": {"maxBodyBytes": 0}}, "/gateway/maxBodyBytes"),
+    ({"gateway": {"workers": 0}}, "/gateway/workers"),
+    ({"gateway": {"workers": "many"}}, "/gateway/workers"),
     ({"gateway": {"service": {"type": "Ingress"}}}, "/gateway/service/type"),
     ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
     ({"watchNamespace": ["team-a"]}, "watchNamespace"),  # a typo must not be silently ignored
