@@ -141,3 +141,53 @@ def test_gateway_refuses_over_quota_before_the_engine():
                     {"tenant": "team-a", "model": "default/m", "outcome": "rate_limited"}) == 1
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_tenant_and_tenant_on_model_both_hold_and_nothing_is_taken_on_refusal():
+    clock = Clock()
+    q = Quotas(clock=clock)
+    scopes = [("a", "tenant a", 60, None), ("a|ns/m", "tenant a on model ns/m", 2, 1000)]
+    first = q.admit_all(scopes, 100)
+    q.admit_all(scopes, 100)
+    with pytest.raises(QuotaExceeded) as e:
+        q.admit_all(scopes, 100)
+    assert "on model ns/m" in e.value.message and e.value.headers["x-ratelimit-limit-requests"] == "2"
+    for _ in range(58):  # the tenant's own bucket lost only the two admitted requests
+        q.admit("a", 60, None, 0)
+    with pytest.raises(QuotaExceeded):
+        q.admit("a", 60, None, 0)
+    q.settle(first, 10)  # settles the model scope's tokens bucket (the tenant scope has no token limit)
+    assert q._tokens["a|ns/m"].level == pytest.approx(1000 - 100 - 100 + 90)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("ns/m:rpm=60,tpm=1000", True), ("ns/m:rpm=5; other/x.y:tpm=7", True), ("ns/m", False), ("ns/m:rpm=0", False),
+    ("ns/m:gpu=1", False), ("ns/m:", False), ("NS/m:rpm=1", False)])
+def test_model_quotas_annotation(text, ok):
+    obj = _secret(rpm="100")
+    obj["metadata"]["annotations"]["serving.modelservice.dev/model-quotas"] = text
+    parsed, wrong = parse_secret(obj)
+    assert (parsed is not None) == ok, wrong
+    if ok:
+        assert parsed.tenant.limits_on("ns/m") != (None, None) or "other" in text
+
+
+def test_gateway_applies_a_tenants_quota_on_one_model():
+    async def scenario():
+        async with serving(stub_app("m", 10000.0)) as up:
+            port = int(up.rsplit(":", 1)[1])
+            async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
+                                    tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
+                gw.quotas.clock = Clock()
+                obj = _secret()
+                obj["metadata"]["annotations"]["serving.modelservice.dev/model-quotas"] = "default/m:rpm=1"
+                gw.keys.tenants.apply("ADDED", obj)
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                statuses = []
+                for _ in range(2):
+                    async with s.post(url + "/v1/chat/completions", json=body,
+                                      headers={"Authorization": "Bearer ka"}) as r:
+                        statuses.append((r.status, (await r.json()).get("error", {}).get("message", "")))
+                assert statuses[0][0] == 200 and statuses[1][0] == 429 and "on model default/m" in statuses[1][1]
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -52,8 +52,7 @@ class Bucket:
 
 @dataclass
 class Reservation:
-    tenant: str
-    tokens: float  # reserved from the tokens bucket (0: no token limit)
+    tokens: list[tuple[str, float]]  # (bucket key, tokens reserved from it)
 
 
 def _duration(seconds: float) -> str:
@@ -101,33 +100,52 @@ class Quotas:
         return prompt + (most if isinstance(most, int) and most > 0 else self.default_max_tokens)
 
     def admit(self, tenant: str, rpm: Optional[int], tpm: Optional[int], tokens: int) -> Optional[Reservation]:
-        """Take one request and `tokens` from the tenant's buckets, or raise QuotaExceeded (nothing taken)."""
-        if not rpm and not tpm:
+        return self.admit_all([(tenant, f"tenant {tenant}", rpm, tpm)], tokens)
+
+    def admit_all(self, scopes: list[tuple[str, str, Optional[int], Optional[int]]],
+                  tokens: int) -> Optional[Reservation]:
+        """Take one request and `tokens` from the buckets of every scope (bucket key, what to call it, requests and
+        tokens per minute: the tenant, and the tenant on this model), or raise QuotaExceeded for the scope that
+        makes the client wait longest. Nothing is taken unless every scope has room."""
+        scopes = [s for s in scopes if s[2] or s[3]]
+        if not scopes:
             return None
         now = self.clock()
-        req = self._bucket(self._requests, tenant, rpm, now) if rpm else None
-        tok = self._bucket(self._tokens, tenant, tpm, now) if tpm else None
-        waits = [b.wait(n) for b, n in ((req, 1), (tok, tokens)) if b is not None]
-        if max(waits) > 0:
-            retry = max(1, math.ceil(max(waits)))
-            raise QuotaExceeded(
-                f"tenant {tenant} is over its quota ({self._limits(rpm, tpm)}); retry in {retry}s",
-                retry, self._headers(req, tok, rpm, tpm))
-        if req is not None:
-            req.level -= 1
-        if tok is not None:
-            tok.level -= min(tokens, tok.capacity)
-        return Reservation(tenant, min(tokens, tok.capacity) if tok is not None else 0.0)
+        buckets = []
+        worst: Optional[tuple[float, str, Optional[int], Optional[int], Optional[Bucket], Optional[Bucket]]] = None
+        for key, what, rpm, tpm in scopes:
+            req = self._bucket(self._requests, key, rpm, now) if rpm else None
+            tok = self._bucket(self._tokens, key, tpm, now) if tpm else None
+            buckets.append((key, req, tok))
+            wait = max(b.wait(n) for b, n in ((req, 1), (tok, tokens)) if b is not None)
+            if wait > 0 and (worst is None or wait > worst[0]):
+                worst = (wait, what, rpm, tpm, req, tok)
+        if worst is not None:
+            wait, what, rpm, tpm, req, tok = worst
+            retry = max(1, math.ceil(wait))
+            raise QuotaExceeded(f"{what} is over its quota ({self._limits(rpm, tpm)}); retry in {retry}s",
+                                retry, self._headers(req, tok, rpm, tpm))
+        reserved = []
+        for key, req, tok in buckets:
+            if req is not None:
+                req.level -= 1
+            if tok is not None:
+                take = min(tokens, tok.capacity)
+                tok.level -= take
+                reserved.append((key, take))
+        return Reservation(reserved)
 
     def settle(self, reservation: Optional[Reservation], used: Optional[int]) -> None:
-        """The answer ended: the tokens bucket gets back what was reserved and pays what was used (unknown: the
+        """The answer ended: each tokens bucket gets back what was reserved and pays what was used (unknown: the
         reservation stands)."""
-        if reservation is None or used is None or not reservation.tokens:
+        if reservation is None or used is None:
             return
-        b = self._tokens.get(reservation.tenant)
-        if b is not None:
-            b.refill(self.clock())
-            b.level = min(b.capacity, b.level + reservation.tokens - used)
+        now = self.clock()
+        for key, reserved in reservation.tokens:
+            b = self._tokens.get(key)
+            if b is not None:
+                b.refill(now)
+                b.level = min(b.capacity, b.level + reserved - used)
 
     def _limits(self, rpm: Optional[int], tpm: Optional[int]) -> str:
         return ", ".join(p for p in (f"{rpm} requests/min" if rpm else "", f"{tpm} tokens/min" if tpm else "") if p)

@@ -183,9 +183,13 @@ class Gateway:
         """A tenant over its quota gets 429 here, before any engine work (quotas.py)."""
         name = request.get(rs.TENANT)
         tenant = self.keys.tenants.tenants.get(name) if self.keys.tenants is not None and name else None
-        if tenant is not None and (tenant.rpm or tenant.tpm):
-            tokens = self.quotas.estimate(body_len, doc, path) if tenant.tpm else 0
-            request[rs.QUOTA] = self.quotas.admit(name, tenant.rpm, tenant.tpm, tokens)
+        if tenant is not None and (tenant.rpm or tenant.tpm or tenant.model_limits):
+            model = request[rs.MODEL]
+            rpm, tpm = tenant.limits_on(model)
+            scopes = [(name, f"tenant {name}", tenant.rpm, tenant.tpm),
+                      (f"{name}|{model}", f"tenant {name} on model {model}", rpm, tpm)]
+            tokens = self.quotas.estimate(body_len, doc, path) if tenant.tpm or tpm else 0
+            request[rs.QUOTA] = self.quotas.admit_all(scopes, tokens)
 
     def _meter(self, request: web.Request, doc: dict, path: str) -> Optional[bytes]:
         """Attach the request's Meter; the body re-encoded when the meter asked the engine for usage (or None)."""

@@ -40,6 +40,7 @@ NAMESPACES_ANNOTATION = f"{GROUP}/namespaces"
 MODELS_ANNOTATION = f"{GROUP}/models"
 RPM_ANNOTATION = f"{GROUP}/requests-per-minute"  # quotas.py
 TPM_ANNOTATION = f"{GROUP}/tokens-per-minute"
+MODEL_QUOTAS_ANNOTATION = f"{GROUP}/model-quotas"  # "ns/name:rpm=60,tpm=10000; ns/other:rpm=5"
 KEYS_DATA_KEY = "keys"
 EVENT_SOURCE = "modelservice-gateway"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -58,6 +59,10 @@ class Tenant:
     models: frozenset[str] = frozenset()  # "namespace/name"
     rpm: Optional[int] = None  # requests per minute, all gateway replicas together (None: no limit)
     tpm: Optional[int] = None  # tokens (prompt + completion) per minute
+    model_limits: tuple[tuple[str, Optional[int], Optional[int]], ...] = ()  # (namespace/name, rpm, tpm)
+
+    def limits_on(self, model: str) -> tuple[Optional[int], Optional[int]]:
+        return next(((rpm, tpm) for m, rpm, tpm in self.model_limits if m == model), (None, None))
 
     def may_use(self, entry: "ModelEntry") -> bool:
         return "*" in self.namespaces or entry.namespace in self.namespaces or entry.label in self.models
@@ -113,11 +118,45 @@ def parse_secret(obj: dict[str, Any]) -> tuple[Optional[TenantSecret], Optional[
         if text and (not text.isdigit() or int(text) < 1):
             return None, f"{note}={text!r} is not a whole number of at least 1"
         limits[field_] = int(text) if text else None
+    try:
+        limits["model_limits"] = _model_limits(notes.get(MODEL_QUOTAS_ANNOTATION, ""))  # type: ignore[assignment]
+    except ValueError as e:
+        return None, f"{MODEL_QUOTAS_ANNOTATION}: {e}"
     if not namespaces and not models:
         return None, (f"the tenant may use no model: annotate the Secret with {NAMESPACES_ANNOTATION} "
                       f"(namespaces, or *) and/or {MODELS_ANNOTATION} (namespace/name, comma-separated)")
     return TenantSecret((meta.get("namespace", ""), meta.get("name", "")),
                         Tenant(name, namespaces, models, **limits), frozenset(digest(k) for k in keys)), None
+
+
+def _model_limits(text: str) -> tuple[tuple[str, Optional[int], Optional[int]], ...]:
+    """'ns/name:rpm=60,tpm=10000; ns/other:rpm=5' → ((model, rpm, tpm), ...)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        model, sep, spec = part.partition(":")
+        model = model.strip()
+        if not sep or model.count("/") != 1 or not _DNS_LABEL.fullmatch(model.split("/")[0]) \
+                or not _DNS_SUBDOMAIN.fullmatch(model.split("/")[1]):
+            raise ValueError(f"{part!r} is not namespace/name:rpm=N,tpm=N")
+        values: dict[str, Optional[int]] = {"rpm": None, "tpm": None}
+        for item in filter(None, (i.strip() for i in spec.split(","))):
+            k, eq, v = item.partition("=")
+            if k.strip() not in values or not eq or not v.strip().isdigit() or int(v) < 1:
+                raise ValueError(f"{item!r} in {part!r}: use rpm=N and/or tpm=N, whole numbers of at least 1")
+            values[k.strip()] = int(v)
+        if values["rpm"] is None and values["tpm"] is None:
+            raise ValueError(f"{part!r} sets no limit")
+        out.append((model, values["rpm"], values["tpm"]))
+    return tuple(out)
+
+
+def _merge_limits(a, b):  # type: ignore[no-untyped-def]
+    """Per-model limits of two Secrets of one tenant: every model of either; the lower value where both set one."""
+    merged: dict[str, tuple[Optional[int], Optional[int]]] = {}
+    for model, rpm, tpm in (*a, *b):
+        old = merged.get(model, (None, None))
+        merged[model] = (_least(old[0], rpm), _least(old[1], tpm))
+    return tuple((m, r, t) for m, (r, t) in sorted(merged.items()))
 
 
 def _least(a: Optional[int], b: Optional[int]) -> Optional[int]:
@@ -174,7 +213,8 @@ class TenantStore:
             t = tenants.get(ts.tenant.name)
             tenants[ts.tenant.name] = ts.tenant if t is None else Tenant(
                 t.name, t.namespaces | ts.tenant.namespaces, t.models | ts.tenant.models,
-                _least(t.rpm, ts.tenant.rpm), _least(t.tpm, ts.tenant.tpm))
+                _least(t.rpm, ts.tenant.rpm), _least(t.tpm, ts.tenant.tpm),
+                _merge_limits(t.model_limits, ts.tenant.model_limits))
         for d, by_tenant in owners.items():
             if len(by_tenant) == 1:
                 index[d] = tenants[next(iter(by_tenant))]
