@@ -466,7 +466,7 @@ def test_real_image_runs_read_only_as_65532():
     gateway = oi.run(archive, ["gateway", "--help"], command=["modelservice-operator"])
     assert gateway.returncode == 0 and "--activation-timeout" in gateway.stdout, gateway.stderr
     probe = oi.run(archive, ["-c", (
-        "import os, sys, modelservice.gateway.cli, kopf, aiohttp, kubernetes\n"
+        "import os, sys, modelservice.gateway.cli, modelservice.handlers, kopf, aiohttp\n"
         "assert (os.getuid(), os.getgid()) == (65532, 65532)\n"
         "for path in ('/opt/venv/probe', '/home/nonroot/probe', '/probe'):\n"
         "    try:\n"
@@ -492,4 +492,4 @@ def test_real_image_runs_read_only_as_65532():
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=10) == 3
     sbom = json.loads(Path(str(archive).removesuffix(".oci.tar") + ".cdx.json").read_text())
-    assert {c["name"] for c in sbom["components"]} >= {"kopf", "aiohttp", "pydantic", "kubernetes"}
+    assert {c["name"] for c in sbom["components"]} >= {"kopf", "aiohttp", "pydantic", "httptools"}
