@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import socket
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -123,6 +124,9 @@ def test_operator_sums_in_flight_from_both_workers_and_metrics_show_the_sum(kube
     ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=60)
     wait_for(lambda: known_to_both(gw2, namespace, name, 1), timeout=60, message="both workers route to the replica")
     model = f"{namespace}/{name}"
+    # The engines' own metrics come through the parent too (from one worker: each routes to every endpoint).
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw2.metrics_port}/engine-metrics", timeout=10) as r:
+        assert r.status == 200 and f'modelservice="{name}"' in r.read().decode()
 
     def lease_counts() -> dict[str, int]:
         return {who: int(lease["metadata"]["annotations"].get(IN_FLIGHT_ANNOTATION, "0"))
@@ -242,5 +246,26 @@ def test_sigterm_drains_every_worker(kube, namespace, operator, fake_nodes, clus
             wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or
                      Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"),
                      timeout=10, message=f"worker {pid} exited")
+    finally:
+        gw.stop()
+
+
+def test_workers_do_not_outlive_a_killed_parent(cluster, crds, tmp_path):
+    """SIGKILL (an OOM kill) gives the parent no chance to stop its workers: the kernel does (PR_SET_PDEATHSIG)."""
+    gw = GatewayProcess(cluster.kubeconfig, tmp_path / "gateway.log", *TEST_FLAGS, "--workers", "2",
+                        env={"POD_NAME": "gateway-killed-0", "TMPDIR": str(tmp_path)}).start()
+    try:
+        children = [int(p) for p in Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()]
+        assert len(children) == 2
+        gw.proc.kill()
+        gw.proc.wait(timeout=10)
+
+        def gone(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")  # exited, not reaped
+            except OSError:
+                return True
+        for pid in children:
+            wait_for(lambda pid=pid: gone(pid), timeout=30, message=f"worker {pid} exited after its parent")
     finally:
         gw.stop()

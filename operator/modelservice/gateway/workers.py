@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import math
@@ -44,6 +45,7 @@ log = logging.getLogger("modelservice.gateway.workers")
 CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
 CPU_QUOTA_V1 = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 SCRAPE_TIMEOUT = 5.0
+PR_SET_PDEATHSIG = 1
 # Gauges that describe the cluster as every worker sees it (each worker watches it whole): one worker's value, not
 # the sum. Every other series is per-worker state (requests, in flight, held, tokens) and adds up.
 SAME_IN_EVERY_WORKER = frozenset({"modelservice_gateway_ready_endpoints", "modelservice_gateway_invalid_modelservices",
@@ -176,8 +178,16 @@ class Slot:
         return all(self.synced)
 
 
-def _worker_main(config: Config, slot: Slot) -> None:
+def _worker_main(config: Config, slot: Slot, parent: int) -> None:
     from modelservice.gateway.cli import serve  # here: cli imports this module
+
+    # A parent killed outright (OOM, SIGKILL) must not leave workers serving on the port: the kernel sends this
+    # worker SIGTERM when it goes (Linux prctl PR_SET_PDEATHSIG), and a parent gone before that was set is caught
+    # by the ppid check.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        return
 
     # The parent's handlers were not inherited by the new loop; SIGINT from a terminal reaches the whole group, and
     # SIGTERM comes from the parent: both stop this worker through serve()'s own handlers.
@@ -201,7 +211,8 @@ def supervise(config: Config, count: int) -> int:
     sockets = tempfile.mkdtemp(prefix="modelservice-gateway-")  # /tmp: an emptyDir in the chart (read-only root)
     synced = ctx.Array("b", count, lock=False)
     slots = [Slot(i, count, os.path.join(sockets, f"w{i}.sock"), synced) for i in range(count)]
-    procs = [ctx.Process(target=_worker_main, args=(worker_config(config, i, count), slot), name=f"gateway-w{i}",
+    procs = [ctx.Process(target=_worker_main, args=(worker_config(config, i, count), slot, os.getpid()),
+                         name=f"gateway-w{i}",
                          daemon=False) for i, slot in enumerate(slots)]
     for p in procs:
         p.start()
