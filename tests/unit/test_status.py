@@ -175,3 +175,34 @@ def test_the_slim_pod_keeps_what_the_pool_planner_reads():
     s = slim(pod, "Pod")
     assert s["spec"] == {"nodeName": "n0", "priority": 100} and s["gpus"] == 3
     assert s["status"] == {"nominatedNodeName": "n1"} and s["metadata"]["deletionTimestamp"]
+
+
+def test_a_new_model_costs_one_status_write_before_its_deployment_exists():
+    """The first pass writes Reconciling before applying, then computes status again: the two must be equal (every
+    field in both, status.gpus included), or each new model costs an extra status write (make bench counts them)."""
+    import asyncio
+
+    from modelservice.controller import Controller
+
+    class FakeKube:
+        def __init__(self):
+            self.status_patches = 0
+
+        async def apply(self, obj, **_):
+            return obj
+
+        async def merge_patch(self, path, body):
+            if path.endswith("/status"):
+                self.status_patches += 1
+            return body
+
+        async def create(self, path, body):
+            return body
+
+    kube = FakeKube()
+    c = Controller(kube, gateway_enabled=True)
+    body = {"metadata": {"name": "m", "namespace": "ns", "uid": "u1", "generation": 1},
+            "spec": {"engine": "vllm", "model": {"uri": "hf://o/m"}}}
+    c.on_modelservice("ADDED", body)
+    assert asyncio.run(c.reconcile(("ns", "m"))) == "success"
+    assert kube.status_patches == 1 and body["status"]["gpus"] == 0
