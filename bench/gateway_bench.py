@@ -450,6 +450,7 @@ def workers_run(url: str, body: bytes, concurrency: int, seconds: float, max_req
             "gateway_cpu_ms_per_request": gw_cpu / n * 1000, "loadgen_cpu_seconds": client1 - client0,
             "loadgen_cpu_ms_per_request": (client1 - client0) / n * 1000,
             "gateway_cores_busy": gw_cpu / res.seconds if res.seconds else None,
+            "gateway_rss_mib": sum(proc_status_kib(p, "VmRSS") or 0 for p in pids) / 1024,
             "loadavg_1m": [load0, os.getloadavg()[0]]}
 
 
@@ -499,7 +500,16 @@ async def workers_part(cfg: GatewayConfig, direct_url: str, gws: dict[int, Gatew
             "gateway_cpu_ms_per_request": _median([x["gateway_cpu_ms_per_request"] for x in rs]),
             "loadgen_cpu_ms_per_request": _median([x["loadgen_cpu_ms_per_request"] for x in rs]),
             "gateway_cores_busy": _median([x["gateway_cores_busy"] for x in rs]),
+            "gateway_rss_mib": max(x["gateway_rss_mib"] for x in rs),
             "per_round": rs} for n, rs in by_n.items()}}
+        # The machine's load drifts over a run: the ratio of runs side by side in one round says more than the
+        # ratio of medians over rounds.
+        base = by_n[str(counts[0])]
+        for n, rs in by_n.items():
+            out[mode][n]["paired_cpu_ratio"] = _median([x["gateway_cpu_ms_per_request"] / b["gateway_cpu_ms_per_request"]
+                                                        for x, b in zip(rs, base) if b["gateway_cpu_ms_per_request"]])
+            out[mode][n]["paired_cpu_ratios"] = [x["gateway_cpu_ms_per_request"] / b["gateway_cpu_ms_per_request"]
+                                                 for x, b in zip(rs, base) if b["gateway_cpu_ms_per_request"]]
     return out
 
 

@@ -205,7 +205,8 @@ SAMPLE_SLACK = 4.0  # GPU-seconds: a few 0.5 s samples at 4 GPUs around each par
 
 
 def workers_rows(w: dict[str, Any]) -> list[Row]:
-    """--gateway-workers: per worker count, gateway and wrk CPU per request, throughput and c=1 p50."""
+    """--gateway-workers: per worker count, gateway and wrk CPU per request, throughput and p50; the ratio is the
+    median over rounds of (N workers / 1 worker) in the same round."""
     rows: list[Row] = []
     counts = [str(n) for n in w.get("workers", [])]
     if not counts:
@@ -222,8 +223,9 @@ def workers_rows(w: dict[str, Any]) -> list[Row]:
                          _num(e.get("gateway_cpu_ms_per_request"), 3),
                          f"wrk {_num(e.get('loadgen_cpu_ms_per_request'), 3)} ms/req; "
                          f"{e.get('throughput_rps') or 0:.0f} req/s; gateway {_num(e.get('gateway_cores_busy'), 2)} "
-                         f"cores; p50 {fmt_seconds(e.get('p50'))}",
-                         fmt_ratio(ratio(e.get("gateway_cpu_ms_per_request"), b.get("gateway_cpu_ms_per_request"))),
+                         f"cores; p50 {fmt_seconds(e.get('p50'))}; RSS {_mb(e.get('gateway_rss_mib'))}",
+                         fmt_ratio(e.get("paired_cpu_ratio") if e.get("paired_cpu_ratio") is not None else
+                                   ratio(e.get("gateway_cpu_ms_per_request"), b.get("gateway_cpu_ms_per_request"))),
                          "", "NO" if e.get("errors") else ""))
     return rows
 
