@@ -318,3 +318,20 @@ def test_trickled_body_hits_the_body_deadline(monkeypatch):
             assert seen_at is None or seen_at >= 0.5, f"cut at {seen_at:.1f}s, before the body deadline"
 
     run(scenario())
+
+
+def test_a_key_secret_the_gateway_may_not_read_is_503_with_the_reason():
+    class Forbidden(FakeOps):
+        async def get_secret(self, namespace, name):
+            raise RuntimeError('403 Forbidden: secrets "s" is forbidden')
+
+    async def scenario():
+        async with stubs("127.0.0.1") as addrs, gateway(
+                modelservice("locked", api_key_secret="s"), *slice_for("locked", addrs),
+                ops=Forbidden()) as (gw, url), aiohttp.ClientSession() as s:
+            status, body, _ = await post(s, url, chat("locked"), headers={"Authorization": "Bearer sekret"})
+            err = json.loads(body)["error"]
+            assert status == 503 and err["code"] == "api_keys_unavailable", body
+            assert "cannot read the API key Secret default/s: 403 Forbidden" in err["message"]
+
+    run(scenario())

@@ -73,6 +73,9 @@ class KeyStore:
         self._secrets: dict[SecretRef, dict[str, tuple[str, ...]]] = {}  # absent Secret: {}
         self._loaded: dict[SecretRef, asyncio.Event] = {}
         self._kick: Optional[asyncio.Event] = None
+        # Why a Secret could not be read (e.g. "403 Forbidden: ..." when the chart's gateway.apiKeys is off), until
+        # a read succeeds: a refused key is then the gateway's problem, and the client is told so (503), not 401.
+        self.errors: dict[SecretRef, str] = {}
 
     def required(self, entry: ModelEntry) -> bool:
         return self.tenants is not None or entry.api_key_ref is not None or self.global_ref is not None
@@ -85,12 +88,30 @@ class KeyStore:
 
     def update(self, ref: SecretRef, secret: Optional[dict]) -> None:
         self._secrets[ref] = secret_keys(secret) if secret else {}
+        self.errors.pop(ref, None)
         self._event(ref).set()
+
+    def failed(self, ref: SecretRef, error: str) -> None:
+        """A read of this Secret failed; the keys we had (if any) stay in use."""
+        self.errors[ref] = error
+        self._event(ref).set()  # nothing to wait for: the request is answered with the reason
+
+    def unreadable(self, entry: ModelEntry) -> Optional[str]:
+        """Why this model's keys cannot be checked: a Secret it needs was never read and its last read failed."""
+        refs = [(entry.namespace, entry.api_key_ref[0])] if entry.api_key_ref else []
+        if self.global_ref:
+            refs.append(self.global_ref[:2])
+        for ref in refs:
+            if ref in self.errors and ref not in self._secrets:
+                return f"the gateway cannot read the API key Secret {ref[0]}/{ref[1]}: {self.errors[ref]}"
+        return None
 
     def forget(self, keep: set[SecretRef]) -> None:
         for ref in [r for r in self._secrets if r not in keep]:
             del self._secrets[ref]
             self._loaded.pop(ref, None)
+        for ref in [r for r in self.errors if r not in keep]:
+            del self.errors[ref]
 
     def _event(self, ref: SecretRef) -> asyncio.Event:
         if ref not in self._loaded:
@@ -161,7 +182,10 @@ class KeyStore:
                 try:
                     self.update(ref, await ops.get_secret(*ref))
                 except Exception as e:  # noqa: BLE001 - keep the keys we had; retry next round
-                    log.warning("API key Secret %s/%s not read: %s", ref[0], ref[1], type(e).__name__)
+                    error = str(e)[:300] or type(e).__name__
+                    if self.errors.get(ref) != error:  # once per new reason, not every round
+                        log.warning("API key Secret %s/%s not read: %s", ref[0], ref[1], error)
+                    self.failed(ref, error)
             try:
                 await asyncio.wait_for(self._kick.wait(), interval)
             except asyncio.TimeoutError:

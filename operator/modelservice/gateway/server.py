@@ -210,6 +210,10 @@ class Gateway:
             if self.keys.known_tenant(auth):  # a good key, for another model: as if the model did not exist
                 raise GatewayError(404, f"The model {entry.label!r} does not exist or your key may not use it; "
                                         "GET /v1/models lists the models you can use", "model_not_found")
+            problem = self.keys.unreadable(entry)
+            if problem is not None:  # no key can be checked: say so, rather than blame the caller's key
+                raise GatewayError(503, f"{problem} (with the Helm chart: gateway.apiKeys.enabled=true lets the "
+                                        "gateway read it)", "api_keys_unavailable")
             raise _unauthorized()
         request[rs.TENANT] = tenant
         request[rs.STRIP_AUTHORIZATION] = True  # our key is for us; the model server never sees it
