@@ -111,7 +111,9 @@ def test_two_workers_wake_a_model_from_zero_with_one_scale_up(kube, namespace, o
     summed = gw2.metric("modelservice_gateway_scale_requests_total", model=f"{namespace}/{name}")
     assert summed == sum(v or 0 for v in per_worker) >= 1
     assert set(leases(kube, namespace, name)) <= set(WORKERS)
-    assert gw2.metric("modelservice_gateway_requests_total", model=f"{namespace}/{name}", code="200") == 20
+    # Counted once the handler has returned, which can be just after the client read its last byte.
+    wait_for(lambda: gw2.metric("modelservice_gateway_requests_total", model=f"{namespace}/{name}", code="200") == 20,
+             timeout=10, message="20 answered requests in the summed metrics")
 
 
 def test_operator_sums_in_flight_from_both_workers_and_metrics_show_the_sum(kube, namespace, operator, fake_nodes,
