@@ -1,11 +1,16 @@
-"""An OpenAI client for tests against real engines through a gateway: streamed chat, and the checks every real
-stream passes (test_real_engines.py, test_image_in_cluster.py)."""
+"""Helpers for tests of real engines: an OpenAI client through a gateway (streamed chat, and the checks every real
+stream passes), and the check that a pod runs the real engine, not the stub (test_real_engines.py,
+test_image_in_cluster.py, test_metering_real.py)."""
 
 from __future__ import annotations
 
 import json
 
 import aiohttp
+
+from modelservice.labels import MODELSERVICE_LABEL
+
+LLAMA_ARGS = ["-t", "1", "-c", "4096", "-np", "2"]  # one thread, two slots: a 2-core machine
 
 
 async def stream_chat(url: str, model: str, *, max_tokens: int = 16, usage: bool = True,
@@ -44,3 +49,19 @@ async def post(url: str, body: dict, path: str = "/v1/chat/completions") -> tupl
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         async with s.post(url + path, json=body) as r:
             return r.status, await r.json(content_type=None)
+
+
+def pods(kube, ns: str, name: str) -> list:
+    return [p for p in kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items
+            if not p.metadata.deletion_timestamp]
+
+
+def assert_native(kube, ns: str, name: str, engine: str) -> object:
+    """The pod runs the real engine, not the stub (the node agent reports native:// image IDs for those)."""
+    running = [p for p in pods(kube, ns, name) if p.status.container_statuses]
+    assert running, f"no pod of {ns}/{name} has started"
+    image_id = running[0].status.container_statuses[0].image_id
+    assert image_id.startswith("native://"), (
+        f"pod {running[0].metadata.name} runs {image_id!r}, not the real {engine}: the cluster's node agent was "
+        f"started without --engine {engine} (a cluster left running by `make cluster`? `make cluster-down`)")
+    return running[0]

@@ -20,17 +20,15 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.wait import wait_for
 from tests.integration import ms
 from tests.integration.gateway_process import GatewayProcess
-from tests.integration.engine_client import check_stream, post, stream_chat
+from tests.integration.engine_client import LLAMA_ARGS, assert_native, check_stream, pods, post, stream_chat
 from tests.integration.operator_process import kubectl
 
 # vLLM's CPU build on a 2-core machine: float32 (the tiny model's dtype), no graph compilation, a small KV cache.
 VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "4"]
 VLLM_ENV = [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}, {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "0"}]
-LLAMA_ARGS = ["-t", "1", "-c", "4096", "-np", "2"]
 SCALE_TO_ZERO = {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "6s"}
 VLLM_LOAD = 600  # seconds: ~30-75 s seen on a quiet machine, much more beside a busy test suite
 
@@ -42,22 +40,6 @@ def engine_gateway(cluster, crds, tmp_path_factory) -> Iterator[GatewayProcess]:
                         "--activation-timeout", f"{VLLM_LOAD}s", "--activity-interval", "2s").start()
     yield gw
     gw.stop()
-
-
-def pods(kube, ns: str, name: str) -> list:
-    return [p for p in kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items
-            if not p.metadata.deletion_timestamp]
-
-
-def assert_native(kube, ns: str, name: str, engine: str) -> object:
-    """The pod runs the real engine, not the stub (the node agent reports native:// image IDs for those)."""
-    running = [p for p in pods(kube, ns, name) if p.status.container_statuses]
-    assert running, f"no pod of {ns}/{name} has started"
-    image_id = running[0].status.container_statuses[0].image_id
-    assert image_id.startswith("native://"), (
-        f"pod {running[0].metadata.name} runs {image_id!r}, not the real {engine}: the cluster's node agent was "
-        f"started without --engine {engine} (a cluster left running by `make cluster`? `make cluster-down`)")
-    return running[0]
 
 
 def asleep(kube, gw: GatewayProcess, ns: str, name: str) -> None:
