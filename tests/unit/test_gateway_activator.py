@@ -13,8 +13,8 @@ import pytest
 
 from modelservice.gateway import activator
 from modelservice.gateway.testing import FakeOps, deployment, endpointslice, modelservice
-from tests.unit.test_gateway_http import chat, gateway, post, run, stubs
-from tests.unit.test_workqueue import until
+from tests.unit.gateway_harness import chat, gateway, post, run, stubs
+from tests.unit.loop_clock import until
 
 # Longer than run()'s guard (30 s): a held request answered by this timeout fails the test instead.
 NEVER = 3600

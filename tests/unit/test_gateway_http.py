@@ -14,46 +14,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from modelservice.gateway.testing import (FakeOps, deployment, endpointslice, gateway_with, modelservice,
-                                         serving)
-from tests.cluster.stub_server import make_app as stub_app
-from tests.unit.test_workqueue import FrozenLoopClock, settle, until
+from modelservice.gateway.testing import FakeOps, deployment, endpointslice, modelservice, serving
+from tests.unit.gateway_harness import chat, gateway, post, run, slice_for, stubs
+from tests.unit.loop_clock import FrozenLoopClock, settle, until
 
 pytestmark = pytest.mark.unit
-
-
-def run(coro, timeout=30):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-gateway = gateway_with
-
-
-@contextlib.asynccontextmanager
-async def stubs(*hosts, model="m", tps=1000.0):
-    """One stub model server per loopback address; yields [(host, port)]."""
-    async with contextlib.AsyncExitStack() as stack:
-        out = []
-        for h in hosts:
-            url = await stack.enter_async_context(serving(stub_app(model, tps), host=h))
-            out.append((h, int(url.rsplit(":", 1)[1])))
-        yield out
-
-
-def slice_for(name, addrs, ns="default"):
-    """All stubs must share one port number for one slice; so one slice per address here."""
-    return [endpointslice(name, [(h, True)], p, ns, name=f"{name}-{i}") for i, (h, p) in enumerate(addrs)]
-
-
-def chat(model, stream=False, max_tokens=4):
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-            "max_tokens": max_tokens}
-
-
-async def post(session, url, body, **kw):
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    async with session.post(url + "/v1/chat/completions", data=data, **kw) as r:
-        return r.status, await r.read(), r.headers
 
 
 def test_bad_input_status_codes():

@@ -13,7 +13,7 @@ from modelservice.gateway.metering import Meter, Metering, prepare
 from modelservice.gateway.tenants import TENANT_LABEL
 from modelservice.gateway.testing import endpointslice, gateway_with, modelservice, serving
 from tests.cluster.stub_server import make_app as stub_app
-from tests.unit.test_workqueue import until
+from tests.unit.loop_clock import until
 
 pytestmark = pytest.mark.unit
 

@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 
 from modelservice.gateway.testing import endpointslice, modelservice, serving
-from tests.unit.test_gateway_http import chat, gateway, run
-from tests.unit.test_workqueue import until
+from tests.unit.gateway_harness import chat, gateway, run
+from tests.unit.loop_clock import until
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,43 @@
+"""The gateway over real sockets on 127.0.0.x, for unit tests (test_gateway_http.py, _streaming, _activator, ...):
+stub model servers, a gateway whose table is filled by hand, and a small OpenAI client."""
+
+import asyncio
+import contextlib
+import json
+
+from modelservice.gateway.testing import endpointslice, gateway_with, serving
+from tests.cluster.stub_server import make_app as stub_app
+
+
+def run(coro, timeout=30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+gateway = gateway_with
+
+
+@contextlib.asynccontextmanager
+async def stubs(*hosts, model="m", tps=1000.0):
+    """One stub model server per loopback address; yields [(host, port)]."""
+    async with contextlib.AsyncExitStack() as stack:
+        out = []
+        for h in hosts:
+            url = await stack.enter_async_context(serving(stub_app(model, tps), host=h))
+            out.append((h, int(url.rsplit(":", 1)[1])))
+        yield out
+
+
+def slice_for(name, addrs, ns="default"):
+    """All stubs must share one port number for one slice; so one slice per address here."""
+    return [endpointslice(name, [(h, True)], p, ns, name=f"{name}-{i}") for i, (h, p) in enumerate(addrs)]
+
+
+def chat(model, stream=False, max_tokens=4):
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+            "max_tokens": max_tokens}
+
+
+async def post(session, url, body, **kw):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    async with session.post(url + "/v1/chat/completions", data=data, **kw) as r:
+        return r.status, await r.read(), r.headers
