@@ -320,8 +320,14 @@ class NodeAgent:
             raise
         except ApiError as e:
             log.info("%s: %s", rt.key, e)
-        except Exception:  # noqa: BLE001 - one bad pod must not take the agent down
+        except Exception as e:  # noqa: BLE001 - one bad pod must not take the agent down
             log.exception("%s: failed to start", rt.key)
+            # A bug of this fake node, not of the image: say so on the pod rather than leave it silently Pending.
+            try:
+                await self.patch_status(rt, pod, ready=False, statuses=[self._waiting(
+                    pod["spec"]["containers"][0], "CreateContainerError", f"fake node agent: {type(e).__name__}: {e}")])
+            except (ApiError, *TRANSIENT):
+                pass
 
     async def image_volumes(self, pod: dict, pod_dir: Path) -> dict[str, Path]:
         """The pod's volumes as host directories: emptyDir made, secret and configMap files written (a missing
