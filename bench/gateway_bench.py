@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -24,13 +23,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import aiohttp
+from modelservice import GROUP, PLURAL, VERSION
+from modelservice.labels import MODELSERVICE_LABEL
 
 from bench import loadgen, nginx, profiler
 from bench.cluster import Cluster, control_plane
 from bench.stats import parse_prometheus, proc_cpu_seconds, proc_status_kib, summary
 from bench.watch import Watch
-from modelservice import GROUP, PLURAL, VERSION
-from modelservice.labels import MODELSERVICE_LABEL
+from tests.cluster import processes
 from tests.cluster.controlplane import free_port
 from tests.cluster.podspec import STUB_IMAGE, TPS_ANNOTATION
 from tests.integration.operator_process import OperatorProcess
@@ -96,13 +96,7 @@ class GatewayProcess:
         raise RuntimeError(f"gateway not healthy within 30 s; log {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        processes.stop(self.proc)
 
     def pids(self) -> list[int]:
         """The gateway's processes: the one we started and, with --workers N > 1, its N workers."""

@@ -4,7 +4,6 @@ integration and the reliability suites: its log in a file, its metrics and memor
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -13,6 +12,7 @@ from typing import Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.cluster import processes
 from tests.cluster.controlplane import free_port
 from tests.cluster.wait import wait_for
 
@@ -52,14 +52,7 @@ class GatewayProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a test may have frozen it
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        processes.stop(self.proc)
 
     def metric(self, name: str, **labels: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from tests.cluster import processes
 from tests.cluster.controlplane import free_port
 from tests.cluster.wait import wait_for
 
@@ -63,13 +64,7 @@ class OperatorProcess:
             return False
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        processes.stop(self.proc, sig)
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -16,6 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
+from tests.cluster import processes
 from tests.cluster.controlplane import free_port
 from tests.cluster.wait import wait_for
 
@@ -84,10 +84,4 @@ class PrometheusProcess:
         return t
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        processes.stop(self.proc)

@@ -1,0 +1,20 @@
+"""Stopping a child process the way a kubelet stops a container: a signal, a grace period, then SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from typing import Optional
+
+
+def stop(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
+    """Send `sig` (after SIGCONT: a test may have frozen it), wait `grace` seconds, then SIGKILL. No-op if gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGCONT)
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
