@@ -435,9 +435,14 @@ def workers_run(url: str, body: bytes, concurrency: int, seconds: float, max_req
                 gw: GatewayProcess) -> dict[str, Any]:
     """One wrk run against one gateway, with the CPU every gateway process and wrk spent in it."""
     pids = gw.pids()
+
+    def switches() -> tuple[int, int]:  # context switches of every gateway process: (voluntary, involuntary)
+        return (sum(proc_status_kib(p, "voluntary_ctxt_switches") or 0 for p in pids),
+                sum(proc_status_kib(p, "nonvoluntary_ctxt_switches") or 0 for p in pids))
     cpu0, client0, load0 = [proc_cpu_seconds(p) or 0.0 for p in pids], children_cpu_seconds(), os.getloadavg()[0]
+    sw0 = switches()
     res = loadgen.wrk_run(url, body, concurrency, seconds, max_requests, delay_ms=delay_ms)
-    cpu1, client1 = [proc_cpu_seconds(p) or 0.0 for p in pids], children_cpu_seconds()
+    cpu1, client1, sw1 = [proc_cpu_seconds(p) or 0.0 for p in pids], children_cpu_seconds(), switches()
     per_process = [b - a for a, b in zip(cpu0, cpu1)]
     gw_cpu, n = sum(per_process), max(1, res.requests)
     return {**res.as_dict(), "gateway_cpu_seconds": gw_cpu, "gateway_cpu_per_process": per_process,
@@ -445,6 +450,7 @@ def workers_run(url: str, body: bytes, concurrency: int, seconds: float, max_req
             "loadgen_cpu_ms_per_request": (client1 - client0) / n * 1000,
             "gateway_cores_busy": gw_cpu / res.seconds if res.seconds else None,
             "gateway_rss_mib": sum(proc_status_kib(p, "VmRSS") or 0 for p in pids) / 1024,
+            "gateway_switches_per_request": [(sw1[0] - sw0[0]) / n, (sw1[1] - sw0[1]) / n],
             "loadavg_1m": [load0, os.getloadavg()[0]]}
 
 
@@ -481,10 +487,11 @@ async def workers_part(cfg: GatewayConfig, direct_url: str, gws: dict[int, Gatew
                                               delay, gw)
                 runs.setdefault(mode, {}).setdefault(str(n), []).append(res)
                 log.info("workers=%d %-6s c=%-3d %6.0f req/s  p50 %.2f ms  gateway %.3f ms CPU/req (%s)  "
-                         "wrk %.3f ms CPU/req  load %.1f", n, mode, conc, res["throughput_rps"],
+                         "wrk %.3f ms CPU/req  switches/req %.2f+%.2f  load %.1f", n, mode, conc, res["throughput_rps"],
                          (res["latency"]["p50"] or 0) * 1000, res["gateway_cpu_ms_per_request"],
                          "+".join(f"{x:.1f}" for x in res["gateway_cpu_per_process"]),
-                         res["loadgen_cpu_ms_per_request"], res["loadavg_1m"][1])
+                         res["loadgen_cpu_ms_per_request"], *res["gateway_switches_per_request"],
+                         res["loadavg_1m"][1])
     out["direct_c1_p50"] = _median(direct)
     for mode, by_n in runs.items():
         out[mode] = {**out.get(mode, {}), **{n: {
@@ -495,6 +502,7 @@ async def workers_part(cfg: GatewayConfig, direct_url: str, gws: dict[int, Gatew
             "loadgen_cpu_ms_per_request": _median([x["loadgen_cpu_ms_per_request"] for x in rs]),
             "gateway_cores_busy": _median([x["gateway_cores_busy"] for x in rs]),
             "gateway_rss_mib": max(x["gateway_rss_mib"] for x in rs),
+            "gateway_switches_per_request": [_median([x["gateway_switches_per_request"][i] for x in rs]) for i in (0, 1)],
             "per_round": rs} for n, rs in by_n.items()}}
         # The machine's load drifts over a run: the ratio of runs side by side in one round says more than the
         # ratio of medians over rounds.
