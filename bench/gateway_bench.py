@@ -425,6 +425,11 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def paired_ratios(values: list[float], base: list[float]) -> list[float]:
+    """values[i] / base[i], round by round (runs side by side); a round whose base is 0 or missing is left out."""
+    return [v / b for v, b in zip(values, base) if b]
+
+
 def children_cpu_seconds() -> float:
     """utime + stime of this process's waited-for children: around one subprocess.run of wrk, wrk's own CPU."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -506,12 +511,10 @@ async def workers_part(cfg: GatewayConfig, direct_url: str, gws: dict[int, Gatew
             "per_round": rs} for n, rs in by_n.items()}}
         # The machine's load drifts over a run: the ratio of runs side by side in one round says more than the
         # ratio of medians over rounds.
-        base = by_n[str(counts[0])]
+        base = [x["gateway_cpu_ms_per_request"] for x in by_n[str(counts[0])]]
         for n, rs in by_n.items():
-            out[mode][n]["paired_cpu_ratio"] = _median([x["gateway_cpu_ms_per_request"] / b["gateway_cpu_ms_per_request"]
-                                                        for x, b in zip(rs, base) if b["gateway_cpu_ms_per_request"]])
-            out[mode][n]["paired_cpu_ratios"] = [x["gateway_cpu_ms_per_request"] / b["gateway_cpu_ms_per_request"]
-                                                 for x, b in zip(rs, base) if b["gateway_cpu_ms_per_request"]]
+            ratios = paired_ratios([x["gateway_cpu_ms_per_request"] for x in rs], base)
+            out[mode][n]["paired_cpu_ratios"], out[mode][n]["paired_cpu_ratio"] = ratios, _median(ratios)
     return out
 
 

@@ -125,3 +125,12 @@ def test_healthz_is_ready_only_once_every_worker_has_synced():
                 assert r.status == 200
 
     run(scenario())
+
+
+def test_bench_pairs_rounds_side_by_side():
+    from bench.gateway_bench import _median, paired_ratios
+    # The machine's load doubles from round to round; within each round the 2-worker run costs 1.2x its neighbour.
+    one, two = [1.0, 2.0, 4.0], [1.2, 2.4, 4.8]
+    assert [round(r, 6) for r in paired_ratios(two, one)] == [1.2, 1.2, 1.2]
+    assert _median(paired_ratios(two, one)) == pytest.approx(1.2)
+    assert paired_ratios([1.0, 2.0], [0.0, 1.0]) == [2.0]  # a round with no requests has no ratio
