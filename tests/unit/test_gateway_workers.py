@@ -109,7 +109,7 @@ def test_healthz_is_ready_only_once_every_worker_has_synced():
 
     import aiohttp
 
-    from tests.unit.test_gateway_http import gateway, run
+    from tests.unit.gateway_harness import gateway, run
 
     flags = multiprocessing.get_context("fork").Array("b", 2, lock=False)  # as the parent shares them
     slot = workers.Slot(0, 2, "/nonexistent", flags)
