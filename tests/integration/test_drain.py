@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-
 from modelservice.labels import MODELSERVICE_LABEL
+
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
-from tests.integration.test_gateway_cluster import _post, chat, run, stub_successes
+from tests.integration.gateway_client import chat, post, run, stub_successes
 
 TOKENS = 60
 
@@ -46,7 +46,7 @@ def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, operato
                 await async_wait_for(going_away, timeout=60, interval=0.2, message="the pod terminating")
                 still_open = not r.content.at_eof()
                 # A new request meanwhile is not sent to the pod going away: it wakes a new replica.
-                status, _ = await _post(s, gateway.url, chat(name, max_tokens=2))
+                status, _ = await post(s, gateway.url, chat(name, max_tokens=2))
                 served_by_old = await asyncio.to_thread(stub_successes, pod.status.pod_ip)
                 body += await r.read()
                 return body, still_open, status, served_by_old

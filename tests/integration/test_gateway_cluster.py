@@ -14,122 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
-import threading
 import time
-import urllib.request
-from typing import Any, Callable
 
 import aiohttp
-from kubernetes import watch as kwatch
-from prometheus_client.parser import text_string_to_metric_families
-
 from modelservice.labels import MODELSERVICE_LABEL
+
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
-from tests.integration.gateway_process import HELD_LIMIT, GatewayProcess
-
-def chat(model: str, stream: bool = False, max_tokens: int = 8) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": "hello"}], "stream": stream,
-            "max_tokens": max_tokens}
-
-
-async def _post(session, url, body, headers=None):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with session.post(url + "/v1/chat/completions", data=data, headers=headers) as r:
-        return r.status, await r.read()
-
-
-def run(coro, timeout: float = 120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def ready_endpoints(gw: GatewayProcess, ns: str, name: str) -> float:
-    return gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}")
-
-
-def pod_ips(kube, ns: str, name: str) -> list[str]:
-    pods = kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items
-    return [p.status.pod_ip for p in pods if p.status.pod_ip and not p.metadata.deletion_timestamp]
-
-
-def stub_metric(ip: str, name: str, port: int = 8000) -> float:
-    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as r:
-        return sum(s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples
-                   if s.name == name)
-
-
-def stub_successes(ip: str, port: int = 8000) -> float:
-    return stub_metric(ip, "vllm:request_success_total", port)
-
-
-class History:
-    """Every version of one object as a watch (in a thread) delivers them: a state that lasts a moment is on the
-    record however late the test looks at it, where a poll on a busy machine could miss it. From resource_version
-    on if given (nothing after it is missed), else from the object's current version."""
-
-    def __init__(self, list_fn, *args, name: str, value=lambda obj: obj, resource_version: str | None = None):
-        self.values: list = []
-        self._value = value
-        self._watch = kwatch.Watch()
-        kw = {"resource_version": resource_version} if resource_version else {}
-        self._thread = threading.Thread(target=self._run, args=(list_fn, args, name, kw), daemon=True)
-        self._thread.start()
-
-    def _run(self, list_fn, args, name, kw):
-        try:
-            for event in self._watch.stream(list_fn, *args, field_selector=f"metadata.name={name}",
-                                            timeout_seconds=300, **kw):
-                self.values.append(self._value(event["object"]))
-        except Exception:  # noqa: BLE001 - the namespace is torn down under the watch at the end of the test
-            pass
-
-    def stop(self) -> None:
-        self._watch.stop()
-
-    def wait_sequence(self, *steps: tuple[str, Callable[[Any], bool]], timeout: float = 60) -> list:
-        """Wait until the record holds versions matching steps[0], then steps[1], ... in that order; returns them."""
-        def matched():
-            found: list = []
-            for v in list(self.values):
-                if len(found) < len(steps) and steps[len(found)][1](v):
-                    found.append(v)
-            return found if len(found) == len(steps) else None
-        return wait_for(matched, timeout=timeout, interval=0.25,
-                        message=" then ".join(what for what, _ in steps) + " in the watch's record")
-
-
-class ReplicasHistory(History):
-    """spec.replicas of one Deployment as the API server reports it."""
-
-    def __init__(self, kube, ns: str, name: str):
-        super().__init__(kube.apps.list_namespaced_deployment, ns, name=name, value=lambda d: d.spec.replicas)
-
-    def changes(self) -> list[int]:
-        self.stop()
-        out: list[int] = []
-        for v in self.values:
-            if not out or out[-1] != v:
-                out.append(v)
-        return out
-
-
-def modelservice_history(kube, ns: str, name: str, resource_version: str) -> History:
-    return History(kube.custom.list_namespaced_custom_object, ms.GROUP, ms.VERSION, ns, ms.PLURAL, name=name,
-                   resource_version=resource_version)
-
-
-def ready_state(reason: str | None = None, ready_replicas: int | None = None) -> Callable[[dict], bool]:
-    """A ModelService version whose status is current and says Ready=True, or Ready=False for `reason`."""
-    def check(obj: dict) -> bool:
-        status = obj.get("status") or {}
-        cond = ms.condition(obj, "Ready")
-        return (status.get("observedGeneration") == obj["metadata"]["generation"]
-                and cond.get("status") == ("False" if reason else "True")
-                and (reason is None or cond.get("reason") == reason)
-                and (ready_replicas is None or status.get("readyReplicas") == ready_replicas))
-    return check
+from tests.integration.gateway_client import (
+    ReplicasHistory,
+    chat,
+    modelservice_history,
+    open_stream,
+    pod_ips,
+    post,
+    ready_endpoints,
+    ready_state,
+    run,
+    stub_metric,
+    stub_successes,
+)
+from tests.integration.gateway_process import HELD_LIMIT
 
 
 def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, operator, fake_nodes, gateway):
@@ -146,7 +52,7 @@ def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, oper
     async def scenario():
         async with aiohttp.ClientSession() as s:
             t0 = time.monotonic()
-            results = await asyncio.gather(*(_post(s, gateway.url, chat(name, stream=True)) for _ in range(20)))
+            results = await asyncio.gather(*(post(s, gateway.url, chat(name, stream=True)) for _ in range(20)))
             return results, time.monotonic() - t0
 
     results, took = run(scenario())
@@ -167,15 +73,6 @@ def _three_replicas(kube, namespace, gateway, name, tokens_per_second: str = "10
         "stub.modelservice.dev/tokens-per-second": tokens_per_second}}))
     wait_for(lambda: ready_endpoints(gateway, namespace, name) == 3, timeout=90, message="3 endpoints in gateway")
     return pod_ips(kube, namespace, name)
-
-
-ENDLESS = 100_000  # the stub's token limit: at 1-10 tokens/s such a stream outlasts any test; only its client ends it
-
-
-async def open_stream(session, url: str, model: str) -> tuple[aiohttp.ClientResponse, bytes]:
-    """A streaming request that stays in flight until the caller closes it; returns it with its first line."""
-    r = await session.post(url + "/v1/chat/completions", json=chat(model, stream=True, max_tokens=ENDLESS))
-    return r, await r.content.readline()
 
 
 def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace, operator, fake_nodes, gateway):
@@ -240,7 +137,7 @@ def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespace, op
                 if stop.is_set():
                     return
                 t = time.monotonic()
-                status, _ = await _post(s, gateway.url, chat(name, max_tokens=10))
+                status, _ = await post(s, gateway.url, chat(name, max_tokens=10))
                 results.append((t, status))
 
         async def conductor():
@@ -287,25 +184,25 @@ def test_bad_input_and_api_keys(kube, namespace, operator, fake_nodes, gateway):
     async def scenario():
         url = gateway.url
         async with aiohttp.ClientSession() as s:
-            assert (await _post(s, url, b"{nope"))[0] == 400
-            assert (await _post(s, url, {"messages": []}))[0] == 400
-            assert (await _post(s, url, chat("no-such-model")))[0] == 404
-            assert (await _post(s, url, {"model": "open", "pad": "x" * 70_000}))[0] == 413
-            assert (await _post(s, url, chat(f"{namespace}/open")))[0] == 200
-            assert (await _post(s, url, chat("locked")))[0] == 401
-            assert (await _post(s, url, chat("locked"), {"Authorization": "Bearer gamma"}))[0] == 401
+            assert (await post(s, url, b"{nope"))[0] == 400
+            assert (await post(s, url, {"messages": []}))[0] == 400
+            assert (await post(s, url, chat("no-such-model")))[0] == 404
+            assert (await post(s, url, {"model": "open", "pad": "x" * 70_000}))[0] == 413
+            assert (await post(s, url, chat(f"{namespace}/open")))[0] == 200
+            assert (await post(s, url, chat("locked")))[0] == 401
+            assert (await post(s, url, chat("locked"), {"Authorization": "Bearer gamma"}))[0] == 401
             assert stub_successes(locked_ip) == 0  # refused requests never reached the model
-            assert (await _post(s, url, chat("locked"), {"Authorization": "Bearer beta"}))[0] == 200
+            assert (await post(s, url, chat("locked"), {"Authorization": "Bearer beta"}))[0] == 200
             async with s.get(f"{url}/models/{namespace}/open/v1/models") as r:
                 assert r.status == 200 and (await r.json())["data"][0]["id"] == "open"
             # "loading" has a replica that cannot be Ready: requests wait, and past the limit get 429.
-            held = [asyncio.create_task(_post(s, url, chat("loading"))) for _ in range(HELD_LIMIT)]
+            held = [asyncio.create_task(post(s, url, chat("loading"))) for _ in range(HELD_LIMIT)]
 
             async def all_held() -> bool:
                 return await asyncio.to_thread(gateway.metric, "modelservice_gateway_held_requests",
                                                model=f"{namespace}/loading") == HELD_LIMIT
             await async_wait_for(all_held, timeout=60, interval=0.1, message=f"{HELD_LIMIT} requests held")
-            status, body = await _post(s, url, chat("loading"))
+            status, body = await post(s, url, chat("loading"))
             assert status == 429, body
             assert not any(t.done() for t in held)
             await asyncio.to_thread(ms.delete, kube, namespace, "loading")
@@ -351,7 +248,7 @@ def test_idle_model_goes_to_zero_and_the_next_request_wakes_it(kube, namespace, 
 
 async def _stream_once(url: str, name: str):
     async with aiohttp.ClientSession() as s:
-        return await _post(s, url, chat(name, stream=True))
+        return await post(s, url, chat(name, stream=True))
 
 
 def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespace, operator, fake_nodes, gateway):

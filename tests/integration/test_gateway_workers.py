@@ -19,15 +19,21 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from modelservice.labels import IN_FLIGHT_ANNOTATION, MODELSERVICE_LABEL
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelservice.labels import IN_FLIGHT_ANNOTATION, MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
+from tests.integration.gateway_client import (
+    ReplicasHistory,
+    chat,
+    open_stream,
+    pod_ips,
+    post,
+    run,
+)
 from tests.integration.gateway_process import HELD_LIMIT, TEST_FLAGS, GatewayProcess
-from tests.integration.test_gateway_cluster import (ReplicasHistory, _post, chat, open_stream, pod_ips,
-                                                    ready_endpoints, run)
 
 POD = "gateway-workers-0"
 WORKERS = (f"{POD}-w0", f"{POD}-w1")
@@ -100,7 +106,7 @@ def test_two_workers_wake_a_model_from_zero_with_one_scale_up(kube, namespace, o
         # 20 connections (aiohttp opens one per concurrent request): each worker holds some with near certainty,
         # and each that holds one may send its own scale call.
         async with aiohttp.ClientSession() as s:
-            return await asyncio.gather(*(_post(s, gw2.url, chat(name, stream=True)) for _ in range(20)))
+            return await asyncio.gather(*(post(s, gw2.url, chat(name, stream=True)) for _ in range(20)))
 
     results = run(scenario())
     assert [r[0] for r in results] == [200] * 20, results[:3]
@@ -185,7 +191,7 @@ def test_held_cap_is_split_between_the_workers(kube, namespace, operator, fake_n
 
     async def scenario():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-            held = [asyncio.create_task(_post(s, gw2.url, chat(name))) for _ in range(sent)]
+            held = [asyncio.create_task(post(s, gw2.url, chat(name))) for _ in range(sent)]
 
             async def settled():  # every request either held or answered
                 per_worker = await asyncio.to_thread(gw2.workers.metric, "modelservice_gateway_held_requests",

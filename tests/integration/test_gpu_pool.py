@@ -12,14 +12,14 @@ import asyncio
 import json
 
 import aiohttp
-
 from modelservice.labels import MODELSERVICE_LABEL
+
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import wait_for
 from tests.integration import ms
+from tests.integration.gateway_client import chat, post, run
 from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import kubectl
-from tests.integration.test_gateway_cluster import _post, chat, run
 
 GPU = {"limits": {"nvidia.com/gpu": 1}}
 POOL = 4  # 2 nodes x 2 GPUs: the local control plane's default
@@ -90,7 +90,7 @@ def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(kube
 
 async def _post_once(url: str, model: str, timeout: float = 90) -> tuple[int, bytes]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-        return await _post(s, url, chat(model))
+        return await post(s, url, chat(model))
 
 
 def test_nothing_parkable_says_no_gpu_free_in_status_and_503(kube, namespace, operator, fake_nodes, cluster,
