@@ -9,6 +9,7 @@ The recipe and its traps: docs/local-control-plane.md.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -78,6 +79,14 @@ def _cmdline(pid: int) -> list[str] | None:
     except OSError:
         return None
     return None if state == "Z" else raw.decode(errors="replace").rstrip("\0").split("\0")
+
+
+def agent_code_digest() -> str:
+    """What the node agent runs: every module of tests/cluster (the agent, its runtimes, the stub server)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def pid_alive(pid: int, cmd: list[str]) -> bool:
@@ -264,6 +273,7 @@ class ControlPlane:
     def _start_node_agent(self, cmd: list[str] | None = None) -> None:
         ready = self.state_dir / "node-agent.ready"
         ready.unlink(missing_ok=True)
+        (self.state_dir / "node-agent.code").write_text(agent_code_digest())
         self._spawn("node-agent", cmd or [
             sys.executable, "-m", "tests.cluster.node_agent", f"--kubeconfig={self.kubeconfig}",
             f"--nodes={self.nodes}", f"--gpus-per-node={self.gpus_per_node}", f"--cpu={self.cpu}",
@@ -275,12 +285,15 @@ class ControlPlane:
         self._wait("node-agent", ready.exists, "the node agent to register its nodes and adopt their pods")
 
     def ensure_engines(self) -> None:
-        """A reused cluster whose node agent runs fewer engines than asked for gets an agent that runs them all."""
+        """A reused cluster whose node agent runs fewer engines than asked for, or older code than this checkout's
+        (a `make cluster` left running across a `git pull`), gets a new agent that runs them all."""
         recorded = next((c for c in self._state()["components"] if c["name"] == "node-agent"), None)
-        if recorded is None or not self.engines:
+        if recorded is None:
             return
         running = {a.split("=")[1] for a in recorded["cmd"] if a.startswith("--engine=")}
-        if set(self.engines) <= running:
+        code = self.state_dir / "node-agent.code"
+        current = code.exists() and code.read_text() == agent_code_digest()
+        if set(self.engines) <= running and current:
             return
         self.engines = tuple(sorted(running | set(self.engines)))
         self._terminate(recorded["name"], recorded["pid"], recorded["cmd"])
