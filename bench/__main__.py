@@ -86,7 +86,7 @@ def machine() -> dict[str, Any]:
         pass
     mem = 0
     try:
-        mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        mem = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
     except (OSError, StopIteration, ValueError):
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem / 2**20, 1), "python": platform.python_version(),
@@ -96,7 +96,8 @@ def machine() -> dict[str, Any]:
 async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if args.only in (None, "operator"):
-        from bench.operator_bench import OperatorConfig, run as run_operator
+        from bench.operator_bench import OperatorConfig
+        from bench.operator_bench import run as run_operator
         idle = args.idle_seconds if args.idle_seconds is not None else (60.0 if args.quick else 300.0)
         cfg = OperatorConfig(
             sizes=args.sizes or ([100] if args.quick else [100, 500, 1000]), work=work, concurrency=args.concurrency,
@@ -106,7 +107,8 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results["operator"] = await run_operator(cfg)
         results["operator"]["seconds"] = time.monotonic() - t0
     if args.only in (None, "gateway"):
-        from bench.gateway_bench import GatewayConfig, run as run_gateway
+        from bench.gateway_bench import GatewayConfig
+        from bench.gateway_bench import run as run_gateway
         gcfg = GatewayConfig(
             work=work, concurrencies=args.latency_concurrency,
             latency_seconds=args.latency_seconds or (4.0 if args.quick else 8.0), max_requests=args.max_requests,
@@ -118,7 +120,8 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results["gateway"] = await run_gateway(gcfg)
         results["gateway"]["seconds"] = time.monotonic() - t0
     if args.only in (None, "metering"):
-        from bench.metering_bench import MeteringConfig, run as run_metering
+        from bench.metering_bench import MeteringConfig
+        from bench.metering_bench import run as run_metering
         t0 = time.monotonic()
         results["metering"] = await run_metering(MeteringConfig(
             work, rounds=max(5, args.rounds or 5), latency_seconds=args.latency_seconds or 6.0,
@@ -126,7 +129,8 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             stream_tokens=args.stream_tokens, stream_tps=args.stream_tps))
         results["metering"]["seconds"] = time.monotonic() - t0
     if args.only in (None, "engine"):
-        from bench.engine_cold import EngineColdConfig, run as run_engine
+        from bench.engine_cold import EngineColdConfig
+        from bench.engine_cold import run as run_engine
         t0 = time.monotonic()
         try:
             results["engine"] = await run_engine(EngineColdConfig(work, args.engine, args.engine_cold_starts))
@@ -135,7 +139,8 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             results["engine"] = {"error": f"{type(e).__name__}: {e}"}
         results["engine"]["seconds"] = time.monotonic() - t0
     if args.only in (None, "gpu-pool"):
-        from bench.gpu_pool import GpuPoolConfig, run as run_pool
+        from bench.gpu_pool import GpuPoolConfig
+        from bench.gpu_pool import run as run_pool
         t0 = time.monotonic()
         pcfg = GpuPoolConfig(work, duration=args.pool_seconds or (180.0 if args.quick else None),
                              policies=tuple(args.pool_policies.split(",")))

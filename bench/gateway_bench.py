@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import aiohttp
-from modelservice import GROUP, PLURAL, VERSION
-from modelservice.labels import MODELSERVICE_LABEL
 
 from bench import loadgen, nginx, profiler
 from bench.cluster import Cluster, control_plane
 from bench.stats import parse_prometheus, proc_cpu_seconds, proc_status_kib, summary
 from bench.watch import Watch
+from modelservice import GROUP, PLURAL, VERSION
+from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster import processes
 from tests.cluster.controlplane import free_port
 from tests.cluster.podspec import STUB_IMAGE, TPS_ANNOTATION
@@ -287,7 +287,7 @@ async def streaming_part(cfg: GatewayConfig, direct_url: str, gw: GatewayProcess
     runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
     peak = 0.0
     order = ["direct", "gateway", "gateway", "direct"][: 2 * max(1, min(2, cfg.rounds))]
-    for i, path in enumerate(order):
+    for path in order:
         url = direct_url if path == "direct" else gw.url + "/v1/chat/completions"
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_rss(gw.pid, stop)) if path == "gateway" else None

@@ -93,7 +93,7 @@ def wrk_run(url: str, body: bytes, concurrency: int, seconds: float, max_request
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
     finally:
         Path(script).unlink(missing_ok=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if line is None:
         raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
     r = json.loads(line[len("BENCH "):])

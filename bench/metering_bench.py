@@ -19,8 +19,18 @@ from typing import Any, Optional
 
 from bench import loadgen
 from bench.cluster import control_plane
-from bench.gateway_bench import NS, GatewayProcess, StubProcess, _engine, _median, _wait, chat, endpoint_slice, \
-    modelservice, slice_version
+from bench.gateway_bench import (
+    NS,
+    GatewayProcess,
+    StubProcess,
+    _engine,
+    _median,
+    _wait,
+    chat,
+    endpoint_slice,
+    modelservice,
+    slice_version,
+)
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.gateway.tenants import NAMESPACES_ANNOTATION, RPM_ANNOTATION, TENANT_LABEL, TPM_ANNOTATION
 

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from bench import profiler
 from bench.cluster import Cluster, control_plane
-from bench.stats import (apiserver_requests, counter_delta, proc_cpu_seconds, proc_status_kib, summary)
+from bench.stats import apiserver_requests, counter_delta, proc_cpu_seconds, proc_status_kib, summary
 from bench.watch import Watch
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.api import validate_spec

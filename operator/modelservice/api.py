@@ -194,7 +194,7 @@ class ModelServiceSpec(_Model):
     @classmethod
     def _resources(cls, res: Resources) -> Resources:
         for kind in ("requests", "limits"):
-            for name, q in getattr(res, kind).items():
+            for q in getattr(res, kind).values():
                 parse_quantity(q)
         for name, q in res.requests.items():
             if name in res.limits and parse_quantity(q) > parse_quantity(res.limits[name]):

@@ -15,19 +15,18 @@ from typing import Any, Callable, Optional
 
 import aiohttp
 
-from modelservice import GROUP, VERSION
+from modelservice import GROUP, VERSION, gpuseconds, parking, watching
 from modelservice.api import InvalidSpec, ModelServiceSpec, validate_spec
 from modelservice.apply import discover_versions, sync_children
 from modelservice.events import EventRecorder, now_rfc3339
 from modelservice.kube import ApiError, Kube, object_path
 from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE, MODELSERVICE_LABEL
-from modelservice.netpol import API_VERSION as NETPOL_API_VERSION, NetworkPolicyConfig, network_policy
 from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
+from modelservice.netpol import API_VERSION as NETPOL_API_VERSION
+from modelservice.netpol import NetworkPolicyConfig, network_policy
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
-from modelservice import parking
 from modelservice.scaling import Activity, activity_from_leases, decide
 from modelservice.status import Observed, compute_status, exited_unready, status_changed
-from modelservice import gpuseconds, watching
 from modelservice.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)

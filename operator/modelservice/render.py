@@ -12,8 +12,7 @@ from typing import Any, Optional
 from modelservice import GROUP, KIND, VERSION
 from modelservice.api import Engine, ModelServiceSpec, parse_duration
 from modelservice.engines import CACHE_DIR, ENGINES, MODELS_DIR, STORAGE_INITIALIZER_IMAGE, EngineSpec
-from modelservice.labels import (ENGINE_LABEL, MANAGED_BY, MANAGED_BY_VALUE, cache_pvc_name, child_name,
-                                 selector_labels)
+from modelservice.labels import ENGINE_LABEL, MANAGED_BY, MANAGED_BY_VALUE, cache_pvc_name, child_name, selector_labels
 
 # Labels a GitOps tool or kubectl uses to track the ModelService itself. Copied to children they would make Argo CD
 # adopt (and prune) objects it did not create.

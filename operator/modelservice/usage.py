@@ -20,13 +20,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 import urllib.parse
 import urllib.request
 from collections import defaultdict
 from typing import Any, Optional
-
-import re
 
 TOKENS = ("modelservice_gateway_prompt_tokens_total", "modelservice_gateway_completion_tokens_total")
 REQUESTS = "modelservice_gateway_tenant_requests_total"

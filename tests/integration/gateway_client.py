@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import aiohttp
 from kubernetes import watch as kwatch
-from modelservice.labels import MODELSERVICE_LABEL
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.wait import wait_for
 from tests.integration import ms
 from tests.integration.gateway_process import GatewayProcess

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from modelservice.labels import MODELSERVICE_LABEL
 
+from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
 from tests.integration.gateway_client import chat, post, run, stub_successes

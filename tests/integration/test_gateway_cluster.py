@@ -17,8 +17,8 @@ import base64
 import time
 
 import aiohttp
-from modelservice.labels import MODELSERVICE_LABEL
 
+from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms

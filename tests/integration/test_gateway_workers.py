@@ -19,9 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from modelservice.labels import IN_FLIGHT_ANNOTATION, MODELSERVICE_LABEL
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelservice.labels import IN_FLIGHT_ANNOTATION, MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms

@@ -12,8 +12,8 @@ import asyncio
 import json
 
 import aiohttp
-from modelservice.labels import MODELSERVICE_LABEL
 
+from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import wait_for
 from tests.integration import ms

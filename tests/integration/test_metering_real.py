@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.wait import wait_for
 from tests.integration import ms
-from tests.integration.gateway_process import TEST_FLAGS, GatewayProcess
 from tests.integration.engine_client import LLAMA_ARGS, assert_native, check_stream
+from tests.integration.gateway_process import TEST_FLAGS, GatewayProcess
 
 TENANT = "serving.modelservice.dev/tenant"
 

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.wait import wait_for
 from tests.integration import ms
-from tests.integration.gateway_process import GatewayProcess
 from tests.integration.engine_client import LLAMA_ARGS, assert_native, check_stream, pods, post, stream_chat
+from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import kubectl
 
 # vLLM's CPU build on a 2-core machine: float32 (the tiny model's dtype), no graph compilation, a small KV cache.

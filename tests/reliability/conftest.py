@@ -24,10 +24,9 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.cluster.kube import Kube, connect, create_namespace, delete_namespace
-from tests.integration.operator_process import OperatorProcess, install_crds
 from tests.integration.gateway_process import GatewayProcess
+from tests.integration.operator_process import OperatorProcess, install_crds
 from tests.reliability.harness import PrivateControlPlane
-
 
 _FIGURES: list[tuple[str, dict]] = []
 

@@ -92,7 +92,7 @@ def crash_mid_rollout(kube: Kube, kubeconfig: Path, ns: str, start_operator: Cal
     kills = []
     for i, fraction in enumerate(kill_fractions):
         target = max(1, int(n * fraction))
-        wait_for(lambda: len(deployments(kube, ns)) >= target, timeout=ready_timeout, interval=0.05,
+        wait_for(lambda target=target: len(deployments(kube, ns)) >= target, timeout=ready_timeout, interval=0.05,
                  message=f"{target} Deployments before kill #{i + 1}")
         op.kill9()
         kills.append({"at_deployments": len(deployments(kube, ns)), "at_created": len(created),

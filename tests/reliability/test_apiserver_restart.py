@@ -18,12 +18,12 @@ import urllib.request
 
 import pytest
 
-from tests.cluster.kube import create_namespace, connect
+from tests.cluster.kube import connect, create_namespace
 from tests.cluster.wait import wait_for
 from tests.integration import ms
 from tests.integration.operator_process import kubectl
 from tests.reliability.harness import Inventory, unexpected_exceptions, wait_healthz
-from tests.reliability.scenarios import freeze, thaw, writes, reconciles
+from tests.reliability.scenarios import freeze, reconciles, thaw, writes
 
 pytestmark = pytest.mark.integration
 

@@ -165,7 +165,7 @@ def test_chaos_gateway_rounds_of_abuse(stage, figures):  # noqa: F811
     model keeps answering; RSS growth stays bounded across rounds (no leak per round)."""
     label = f"{stage.ns}/sleepy"
     rounds = []
-    for r in range(3):
+    for _ in range(3):
         ms.wait_condition(stage.kube, stage.ns, "sleepy", "Ready", "False", "ScaledToZero", timeout=90)
 
         async def one_round():

@@ -48,7 +48,7 @@ def fight(kube, ns: str, name: str, edits: int, period: float) -> list[float]:
     start = time.monotonic()
     for i in range(edits):
         tick = start + i * period
-        wait_for(lambda: time.monotonic() >= tick, timeout=period + 1, interval=0.02, message="the next tick")
+        wait_for(lambda tick=tick: time.monotonic() >= tick, timeout=period + 1, interval=0.02, message="the next tick")
         kube.apps.patch_namespaced_deployment(
             name, ns, {"spec": {"template": {"spec": {"containers": [{"name": "server", "image": f"rogue/img:{i}"}]}}}},
             field_manager="rogue-writer")
@@ -85,7 +85,7 @@ def probe_for_a_hot_loop(kube, op, ns: str, name: str) -> dict[str, float]:
         n = reconciles_done(op)
         kube.apps.patch_namespaced_deployment(
             name, ns, {"metadata": {"annotations": {"team.example.com/probe": str(i)}}}, field_manager="alice")
-        wait_for(lambda: reconciles_done(op) > n, timeout=60, interval=0.05,
+        wait_for(lambda n=n: reconciles_done(op) > n, timeout=60, interval=0.05,
                  message=f"the operator's reconcile after probe {i}")
     return {"applies": deployment_applies(op) - applies0, "reconciles": reconciles_done(op) - reconciles0,
             "generations": kube.apps.read_namespaced_deployment(name, ns).metadata.generation - generation0}

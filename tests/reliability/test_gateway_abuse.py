@@ -40,8 +40,8 @@ from tests.cluster.kube import Kube, create_namespace, delete_namespace
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
-from tests.integration.operator_process import OperatorProcess, kubectl
 from tests.integration.gateway_process import GatewayProcess
+from tests.integration.operator_process import OperatorProcess, kubectl
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,22 @@ import pytest
 
 from bench import loadgen, profiler, report
 from bench.gateway_bench import added_latency, combine_rounds
-from bench.operator_bench import (bare_children, deployment_ready, modelservice, modelservice_ready,
-                                  operator_resource_writes)
-from bench.stats import (apiserver_requests, counter_delta, group_sum, parse_prometheus, parse_stat_cpu, percentile,
-                         summary)
+from bench.operator_bench import (
+    bare_children,
+    deployment_ready,
+    modelservice,
+    modelservice_ready,
+    operator_resource_writes,
+)
+from bench.stats import (
+    apiserver_requests,
+    counter_delta,
+    group_sum,
+    parse_prometheus,
+    parse_stat_cpu,
+    percentile,
+    summary,
+)
 from modelservice.api import validate_spec
 from modelservice.render import ApiVersions, Context, render
 

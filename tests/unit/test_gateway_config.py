@@ -3,7 +3,7 @@
 import pytest
 
 from modelservice.gateway import cli
-from modelservice.gateway.config import secret_ref, seconds, size
+from modelservice.gateway.config import seconds, secret_ref, size
 
 pytestmark = pytest.mark.unit
 

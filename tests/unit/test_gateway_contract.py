@@ -9,7 +9,8 @@ leaves that the operator then keeps, the API key Secret. Specs come from the rel
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from modelservice.api import Engine, InvalidSpec, ModelServiceSpec, validate_spec

@@ -9,7 +9,8 @@ import pytest
 from modelservice.gateway.quotas import QuotaExceeded, Quotas
 from modelservice.gateway.tenants import TENANT_LABEL, parse_secret
 from modelservice.gateway.testing import endpointslice, gateway_with, modelservice, serving
-from tests.cluster.stub_server import make_app as stub_app, stub_state
+from tests.cluster.stub_server import make_app as stub_app
+from tests.cluster.stub_server import stub_state
 
 pytestmark = pytest.mark.unit
 

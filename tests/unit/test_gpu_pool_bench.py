@@ -3,9 +3,8 @@ and reproducible from its seed, and the ledger counts idle GPU-seconds only as d
 
 from __future__ import annotations
 
-from bench.gpu_pool import Ledger, pod_view
+from bench.gpu_pool import TRACE, Ledger, pod_view
 from bench.gpu_pool_trace import Trace, TraceSpec, generate, zipf_weights
-from bench.gpu_pool import TRACE
 from modelservice.labels import MODELSERVICE_LABEL
 
 

@@ -22,8 +22,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from modelservice.kube import (ApiError, Credentials, CredentialsError, Kube, TokenSource, WatchExpired,
-                               load_credentials)
+from modelservice.kube import ApiError, Credentials, CredentialsError, Kube, TokenSource, WatchExpired, load_credentials
 
 PODS = "/api/v1/namespaces/ns/pods"
 

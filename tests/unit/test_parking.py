@@ -6,8 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from modelservice.parking import (Model, Node, Pending, Placement, Pod, Requirement, Taint, Term, Toleration,
-                                  plan)
+from modelservice.parking import Model, Node, Pending, Placement, Pod, Requirement, Taint, Term, Toleration, plan
 
 MSG = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
 NODES = [Node("n0", 2), Node("n1", 2)]

@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from modelservice.api import Engine, InvalidSpec, validate_spec
 from modelservice.engines import ENGINES

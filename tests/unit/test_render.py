@@ -13,7 +13,8 @@ URIS = {"vllm": "hf://org/repo", "sglang": "hf://org/repo", "tgi": "hf://org/rep
         "ollama": "ollama://llama3.2:1b", "llamacpp": "hf://org/repo-GGUF:Q4_K_M", "custom": None}
 
 
-def _render(spec_dict, gateway=True, replicas=1, versions=ApiVersions(), hpa_floor=None):
+def _render(spec_dict, gateway=True, replicas=1, versions=None, hpa_floor=None):
+    versions = versions or ApiVersions()
     spec = validate_spec(spec_dict, gateway_enabled=gateway)
     return render(Context(**CTX, replicas=replicas, hpa_min_replicas=hpa_floor, versions=versions), spec)
 

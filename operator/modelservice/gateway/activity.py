@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from modelservice import GROUP, KIND, VERSION
-from modelservice.labels import ACTIVITY_LABEL, IN_FLIGHT_ANNOTATION, LAST_REQUEST_ANNOTATION, MODELSERVICE_LABEL
 from modelservice.gateway.routes import Key, ModelEntry
+from modelservice.labels import ACTIVITY_LABEL, IN_FLIGHT_ANNOTATION, LAST_REQUEST_ANNOTATION, MODELSERVICE_LABEL
 
 if TYPE_CHECKING:
     from modelservice.gateway.kubeops import ClusterOps

@@ -12,7 +12,7 @@ from typing import Optional
 from aiohttp import web
 
 from modelservice.gateway import watchers, workers
-from modelservice.gateway.config import Config, secret_ref, seconds, size
+from modelservice.gateway.config import Config, seconds, secret_ref, size
 from modelservice.gateway.engine_metrics import EngineMetrics
 from modelservice.gateway.kubeops import KubeOps
 from modelservice.gateway.server import Gateway

@@ -14,6 +14,7 @@ encoded or dotted path (`/v1/%2e%2e/api/pull`) matches nothing and never reaches
 from __future__ import annotations
 
 import re
+
 from modelservice.gateway.errors import GatewayError
 
 _SEG = r"(?!\.\.?(?:/|$))[A-Za-z0-9_.:-]+"  # one path segment (a Triton model name), never "." or ".."

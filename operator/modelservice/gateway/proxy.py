@@ -16,9 +16,9 @@ from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
+from modelservice.gateway import reqstate as rs
 from modelservice.gateway.balancer import Balancer
 from modelservice.gateway.deadline import within
-from modelservice.gateway import reqstate as rs
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.metering import Meter
 from modelservice.gateway.metrics import Metrics

@@ -15,19 +15,20 @@ from typing import Callable, Optional
 
 from aiohttp import web
 
+from modelservice.gateway import metering, paths
+from modelservice.gateway import reqstate as rs
 from modelservice.gateway.activator import Activator
 from modelservice.gateway.activity import ActivityTracker
 from modelservice.gateway.auth import ANONYMOUS, KeyStore, bearer_token, key_matches
 from modelservice.gateway.balancer import Balancer
 from modelservice.gateway.config import Config
-from modelservice.gateway import metering, paths, reqstate as rs
-from modelservice.gateway.metering import Metering
-from modelservice.gateway.quotas import Quotas
 from modelservice.gateway.errors import GatewayError, error_response
 from modelservice.gateway.kubeops import ClusterOps
+from modelservice.gateway.metering import Metering
 from modelservice.gateway.metrics import Metrics
 from modelservice.gateway.parsing import model_of, parse_json, read_body, rewrite_model
 from modelservice.gateway.proxy import Proxy, make_pool
+from modelservice.gateway.quotas import Quotas
 from modelservice.gateway.routes import Key, ModelEntry, RouteTable
 from modelservice.gateway.tenants import TenantStore
 

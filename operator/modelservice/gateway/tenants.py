@@ -23,7 +23,7 @@ import binascii
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from modelservice import GROUP

@@ -10,9 +10,9 @@ import logging
 from typing import Callable
 
 from modelservice import GROUP, VERSION, watching
+from modelservice.gateway.routes import SERVICE_NAME_LABEL, RouteTable
 from modelservice.kube import Kube, object_path
 from modelservice.labels import MANAGED_BY, MANAGED_BY_VALUE
-from modelservice.gateway.routes import SERVICE_NAME_LABEL, RouteTable
 
 log = logging.getLogger("modelservice.gateway.watch")
 SLICE_VERSIONS = ("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1")
