@@ -49,6 +49,18 @@ async def control_plane(work: Path, label: str, *, pods: int,
         shutil.rmtree(state, ignore_errors=True)
 
 
+async def run_part(work: Path, label: str, pods: int, body, out: dict[str, Any]) -> dict[str, Any]:
+    """Run `body(cluster)` on a fresh control plane; a failure is logged and recorded as out["error"], so the JSON
+    keeps what the part measured before it failed. Returns `out`."""
+    try:
+        async with control_plane(work, label, pods=pods) as cluster:
+            await body(cluster)
+    except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what was measured
+        log.exception("%s benchmark failed", label)
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 class Cluster:
     def __init__(self, cp: ControlPlane, kube: Kube, state: Path):
         self.cp, self.kube, self.state = cp, kube, state

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import aiohttp
 
 from bench import loadgen, nginx, profiler
-from bench.cluster import Cluster, control_plane
+from bench.cluster import Cluster, run_part
 from bench.stats import parse_prometheus, proc_cpu_seconds, proc_status_kib, summary
 from bench.watch import Watch
 from modelservice import GROUP, PLURAL, VERSION
@@ -547,13 +547,8 @@ async def _run_workers(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]
 # ---- the whole part --------------------------------------------------------------------------------------------
 async def run(cfg: GatewayConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"nginx_version": nginx.version()}
-    try:
-        async with control_plane(cfg.work, "gateway", pods=10) as cluster:
-            await (_run_workers if cfg.workers else _run_in)(cluster, cfg, out)
-    except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what was measured
-        log.exception("gateway benchmark failed")
-        out["error"] = f"{type(e).__name__}: {e}"
-    return out
+    part = _run_workers if cfg.workers else _run_in
+    return await run_part(cfg.work, "gateway", 10, lambda cluster: part(cluster, cfg, out), out)
 
 
 async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> None:

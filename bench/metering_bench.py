@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench import loadgen
-from bench.cluster import control_plane
+from bench.cluster import run_part
 from bench.gateway_bench import (
     NS,
     GatewayProcess,
@@ -60,13 +60,7 @@ def _spread(xs: list[Optional[float]]) -> dict[str, Optional[float]]:
 
 async def run(cfg: MeteringConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"rounds": cfg.rounds, "concurrency": cfg.concurrency, "hot_path_us": hot_path_costs()}
-    try:
-        async with control_plane(cfg.work, "metering", pods=2) as cluster:
-            await _run_in(cluster, cfg, out)
-    except Exception as e:  # noqa: BLE001 - reported; the JSON keeps what was measured
-        log.exception("metering benchmark failed")
-        out["error"] = f"{type(e).__name__}: {e}"
-    return out
+    return await run_part(cfg.work, "metering", 2, lambda cluster: _run_in(cluster, cfg, out), out)
 
 
 async def _run_in(cluster: Any, cfg: MeteringConfig, out: dict[str, Any]) -> None:
