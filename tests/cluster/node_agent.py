@@ -241,68 +241,55 @@ class NodeAgent:
 
     async def run_native(self, rt: PodRuntime, pod: dict, engine: native.NativeEngine) -> None:
         """The real engine as a host process (native.py says what is translated, container.py runs it)."""
-        spec, c0 = pod["spec"], pod["spec"]["containers"][0]
-        rt.pod = pod
-        try:
-            rt.ip = self.ips.allocate()
-            pod_dir = self.pods_dir / rt.uid
-            try:
-                env = await self.resolve_env(pod, c0)
-                mounts = native.volume_dirs(pod_dir, spec, c0)
-                launch = native.launch_for(engine, c0, env, pod_ip=rt.ip, executable=self.engines[engine.name],
-                                           mounts=mounts)
-                if launch.model and launch.cache_dir and self.models is not None:
-                    where = await asyncio.to_thread(self.models.prefill, engine.kind, Path(launch.cache_dir),
-                                                    launch.model)
-                    launch.translations.append(f"model {launch.model} -> {where}")
-            except native.LaunchError as e:
-                await self.patch_status(rt, pod, ready=False, statuses=[self._waiting(c0, e.reason, str(e))])
-                log.warning("%s: %s", rt.key, e)
-                return
-            grace = float(spec.get("terminationGracePeriodSeconds", 30))
-            rt.container = ProcessContainer(
-                c0["name"], c0.get("image", ""), c0, launch, rt.ip, pod_dir / "logs" / c0["name"], grace=grace,
-                on_change=lambda: self.report_native(rt), http=self.http, start_file=pod_dir / "engine-start.json",
-                on_event=lambda type_, reason, message: self.event(pod, type_, reason, message))
-            log.info("%s -> %s: %s %s (translated: %s)", rt.key, rt.ip, engine.name, " ".join(launch.argv),
-                     "; ".join(launch.translations))
-            await rt.container.run()
-        except asyncio.CancelledError:
-            raise
-        except ApiError as e:
-            log.info("%s: %s", rt.key, e)
-        except Exception:  # noqa: BLE001 - one bad pod must not take the agent down
-            log.exception("%s: failed to start", rt.key)
+        async def prepare(pod_dir: Path, c0: dict) -> native.Launch:
+            env = await self.resolve_env(pod, c0)
+            mounts = native.volume_dirs(pod_dir, pod["spec"], c0)
+            launch = native.launch_for(engine, c0, env, pod_ip=rt.ip, executable=self.engines[engine.name],
+                                       mounts=mounts)
+            if launch.model and launch.cache_dir and self.models is not None:
+                where = await asyncio.to_thread(self.models.prefill, engine.kind, Path(launch.cache_dir),
+                                                launch.model)
+                launch.translations.append(f"model {launch.model} -> {where}")
+            return launch
+        await self.run_process(rt, pod, prepare, lambda launch: f"{engine.name} {' '.join(launch.argv)}",
+                               measure_start=True)
 
     async def run_image(self, rt: PodRuntime, pod: dict, image: str) -> None:
         """A pod of a local OCI image (image_pods.py says what is translated, oci_images.py launches it)."""
+        async def prepare(pod_dir: Path, c0: dict) -> native.Launch:
+            archive = image_pods.store_path(self.images_dir, image)
+            if not archive.is_file():
+                raise native.LaunchError("ErrImagePull", (
+                    f"image {image} is not in this node's local store ({archive}): nothing is pulled here; "
+                    "`make image` builds localhost/modelservice-operator:<chart appVersion>"))
+            try:
+                config = await asyncio.to_thread(oci_images.image_config, archive)
+                if "@" in image and image.split("@", 1)[1] != config.digest:
+                    raise native.LaunchError("ErrImagePull", f"{image}: the local archive has {config.digest}")
+                rootfs = await asyncio.to_thread(oci_images.unpack, archive)
+            except oci_images.ImageError as e:
+                raise native.LaunchError("ErrImagePull", f"{image}: {e}") from e
+            self._spawn(self.event(pod, "Normal", "Pulled", f'Container image "{image}" already present on machine'))
+            env = await self.resolve_env(pod, c0)
+            volumes = await self.image_volumes(pod, pod_dir)
+            host, _, port = self.api.server.split("://", 1)[-1].rpartition(":")
+            return await asyncio.to_thread(
+                image_pods.launch_for_image, pod, c0, config, rootfs, env=env, pod_ip=rt.ip, pod_dir=pod_dir,
+                volumes=volumes, api_host=host, api_port=int(port or 443))
+        await self.run_process(rt, pod, prepare, lambda launch: image)
+
+    async def run_process(self, rt: PodRuntime, pod: dict, prepare, describe, measure_start: bool = False) -> None:
+        """What every real container shares, native engine or local image: an address, the pod's directory, the
+        launch from `prepare(pod_dir, container)` (a LaunchError or ImageError is the kubelet's waiting reason with
+        its Failed Event), then the process until the pod goes (container.py). `describe(launch)` names it in the
+        log; `measure_start` leaves the engine's own start time in the pod's directory (bench/engine_cold.py)."""
         spec, c0 = pod["spec"], pod["spec"]["containers"][0]
         rt.pod = pod
         try:
             rt.ip = self.ips.allocate()
             pod_dir = self.pods_dir / rt.uid
-            archive = image_pods.store_path(self.images_dir, image)
             try:
-                if not archive.is_file():
-                    raise native.LaunchError("ErrImagePull", (
-                        f"image {image} is not in this node's local store ({archive}): nothing is pulled here; "
-                        "`make image` builds localhost/modelservice-operator:<chart appVersion>"))
-                try:
-                    config = await asyncio.to_thread(oci_images.image_config, archive)
-                    if "@" in image and image.split("@", 1)[1] != config.digest:
-                        raise native.LaunchError("ErrImagePull", f"{image}: the local archive has {config.digest}")
-                    rootfs = await asyncio.to_thread(oci_images.unpack, archive)
-                except oci_images.ImageError as e:
-                    raise native.LaunchError("ErrImagePull", f"{image}: {e}") from e
-                self._spawn(self.event(pod, "Normal", "Pulled",
-                                       f'Container image "{image}" already present on machine'))
-                env = await self.resolve_env(pod, c0)
-                volumes = await self.image_volumes(pod, pod_dir)
-                server = self.api.server.split("://", 1)[-1]
-                host, _, port = server.rpartition(":")
-                launch = await asyncio.to_thread(
-                    image_pods.launch_for_image, pod, c0, config, rootfs, env=env, pod_ip=rt.ip, pod_dir=pod_dir,
-                    volumes=volumes, api_host=host, api_port=int(port or 443))
+                launch = await prepare(pod_dir, c0)
             except (native.LaunchError, oci_images.ImageError) as e:
                 reason = getattr(e, "reason", "CreateContainerError")
                 await self.patch_status(rt, pod, ready=False, statuses=[self._waiting(c0, reason, str(e))])
@@ -313,8 +300,9 @@ class NodeAgent:
             rt.container = ProcessContainer(
                 c0["name"], c0.get("image", ""), c0, launch, rt.ip, pod_dir / "logs" / c0["name"], grace=grace,
                 on_change=lambda: self.report_native(rt), http=self.http,
+                start_file=pod_dir / "engine-start.json" if measure_start else None,
                 on_event=lambda type_, reason, message: self.event(pod, type_, reason, message))
-            log.info("%s -> %s: %s (translated: %s)", rt.key, rt.ip, image, "; ".join(launch.translations))
+            log.info("%s -> %s: %s (translated: %s)", rt.key, rt.ip, describe(launch), "; ".join(launch.translations))
             await rt.container.run()
         except asyncio.CancelledError:
             raise
@@ -322,10 +310,10 @@ class NodeAgent:
             log.info("%s: %s", rt.key, e)
         except Exception as e:  # noqa: BLE001 - one bad pod must not take the agent down
             log.exception("%s: failed to start", rt.key)
-            # A bug of this fake node, not of the image: say so on the pod rather than leave it silently Pending.
+            # A bug of this fake node, not of the pod: say so on the pod rather than leave it silently Pending.
             try:
                 await self.patch_status(rt, pod, ready=False, statuses=[self._waiting(
-                    pod["spec"]["containers"][0], "CreateContainerError", f"fake node agent: {type(e).__name__}: {e}")])
+                    c0, "CreateContainerError", f"fake node agent: {type(e).__name__}: {e}")])
             except (ApiError, *TRANSIENT):
                 pass
 
