@@ -29,6 +29,7 @@ from bench.stats import summary
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.labels import MODELSERVICE_LABEL
 from modelservice.render import STARTUP_PERIOD_SECONDS
+from tests.cluster.wait import async_wait_for
 from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import OperatorProcess
 
@@ -49,15 +50,6 @@ class EngineColdConfig:
     work: Path
     engine: str = "vllm"
     cold_starts: int = 5
-
-
-async def _until(predicate, timeout: float, what: str, interval: float = 0.2) -> Any:
-    for _ in range(int(timeout / interval) + 1):  # bounded
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 async def _first_token(url: str) -> tuple[int, float, float]:
@@ -91,7 +83,7 @@ async def run(cfg: EngineColdConfig) -> dict[str, Any]:
                                                               "scaleToZeroAfter": "1h"}}})
             dep = f"/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"
             pods_path = f"/api/v1/namespaces/{NS}/pods"
-            await _until(lambda: kube.get_or_none(dep), 60, "the Deployment")
+            await async_wait_for(lambda: kube.get_or_none(dep), 60, message="the Deployment")
 
             async def pods() -> list[dict[str, Any]]:
                 items = (await kube.get(pods_path, labelSelector=f"{MODELSERVICE_LABEL}={NAME}"))["items"]
@@ -103,7 +95,7 @@ async def run(cfg: EngineColdConfig) -> dict[str, Any]:
             for i in range(cfg.cold_starts):
                 # Straight to zero (the idle timer is what other figures measure; this one is the wake-up).
                 await kube.merge_patch(dep + "/scale", {"spec": {"replicas": 0}})
-                await _until(asleep, 300, "the model at zero")
+                await async_wait_for(asleep, 300, message="the model at zero")
                 await asyncio.sleep(1.0)  # the gateway's Deployment watch has seen replicas 0
                 sent = time.time()
                 status, first, _ = await _first_token(gw.url)

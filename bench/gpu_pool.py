@@ -35,6 +35,7 @@ from bench.watch import Watch
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_IMAGE, STUB_STARTUP_DELAY_ANNOTATION
+from tests.cluster.wait import async_wait_for
 from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import OperatorProcess
 
@@ -183,14 +184,6 @@ async def _sampler(ledger: Ledger, stop: asyncio.Event) -> None:
         last = now
 
 
-async def _until(predicate, timeout: float, what: str, interval: float = 0.5) -> None:
-    for _ in range(int(timeout / interval) + 1):  # bounded
-        if await predicate():
-            return
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str, Any]:
     duration = min(cfg.duration or trace.spec.duration, trace.spec.duration)
     real = trace.model_names[trace.spec.real_engine_rank - 1]
@@ -218,10 +211,10 @@ async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str,
                 return not pods and all((d["spec"].get("replicas") or 0) == 0 for d in (await kube.get(deps))["items"])
             # A new model starts one replica to prove it loads; the trace starts from a pool with every model at
             # zero (as after a quiet night), so put them there, as engine_cold.py does.
-            await _until(all_created, 120, "every model's Deployment")
+            await async_wait_for(all_created, 120, 0.5, "every model's Deployment")
             for name in trace.model_names:
                 await kube.merge_patch(f"{deps}/{name}/scale", {"spec": {"replicas": 0}})
-            await _until(all_at_zero, 300, "every model at zero")
+            await async_wait_for(all_at_zero, 300, 0.5, "every model at zero")
             async with Watch(kube, f"/api/v1/namespaces/{NS}/pods",
                              lambda ev, obj, _t: ledger.on_pod(ev, obj)):
                 sampler = asyncio.create_task(_sampler(ledger, stop))

@@ -177,23 +177,20 @@ def gpu_pool_rows(res: dict[str, Any]) -> list[Row]:
     park, base = pols.get("park") or {}, pols.get("idle-timer") or {}
     load = res.get("load_seconds") or 0.0
 
-    def val(p: dict[str, Any], k: str) -> Any:
-        return p.get(k) if p else None
-
     def num(v: Any, fmt: str = "{:.0f}") -> str:
         return "-" if v is None else fmt.format(v)
 
     cold_p99 = (park.get("ttft_cold") or {}).get("p99")
-    cs_park, cs_base = val(park, "cold_starts"), val(base, "cold_starts")
+    cs_park, cs_base = park.get("cold_starts"), base.get("cold_starts")
     return [
-        ("requests failed or timed out (park | idle-timer)", num(val(park, "failed")), num(val(base, "failed")), "",
+        ("requests failed or timed out (park | idle-timer)", num(park.get("failed")), num(base.get("failed")), "",
          "0 while an idle GPU could serve", _mark(None if not park else park.get("failed") == 0)),
         ("TTFT of requests to a model at zero p50/p99", _lat2(park.get("ttft_cold")), _lat2(base.get("ttft_cold")),
          "", f"p99 <= load {load:g} s + 2 s", _mark(None if cold_p99 is None else cold_p99 <= load + 2.0)),
-        ("GPU-seconds held idle while another model waited for a GPU", num(val(park, "gpu_seconds_idle_while_waiting")),
-         num(val(base, "gpu_seconds_idle_while_waiting")), "", "~0", _mark(
+        ("GPU-seconds held idle while another model waited for a GPU", num(park.get("gpu_seconds_idle_while_waiting")),
+         num(base.get("gpu_seconds_idle_while_waiting")), "", "~0", _mark(
              None if not park else park.get("gpu_seconds_idle_while_waiting", 1e9) <= 2 * SAMPLE_SLACK)),
-        ("GPU-seconds held idle, total", num(val(park, "gpu_seconds_idle")), num(val(base, "gpu_seconds_idle")),
+        ("GPU-seconds held idle, total", num(park.get("gpu_seconds_idle")), num(base.get("gpu_seconds_idle")),
          "", "", ""),
         ("cold starts (model pods created)", num(cs_park), num(cs_base),
          "" if not cs_park or not cs_base else f"{cs_park / cs_base:.2f}x", "<= idle-timer's + 20 %",
