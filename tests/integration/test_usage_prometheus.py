@@ -62,7 +62,8 @@ async def _traffic(url: str) -> dict[str, dict[str, int]]:
 
 def test_usage_report_from_a_real_prometheus(kube, namespace, operator, fake_nodes, tmp_path):
     if binary() is None:
-        pytest.skip("Debian's prometheus is not installed (make deps installs it; make test runs make deps)")
+        pytest.fail("Debian's prometheus is not installed: `make deps` installs it (`make test` runs it first); "
+                    "a missing tool fails this test rather than skip it")
     ns = namespace
     kube.core.create_namespaced_secret(ns, _tenant("team-a", "ka", ns))
     kube.core.create_namespaced_secret(ns, _tenant("team-b", "kb", ns))
