@@ -92,6 +92,20 @@ class Autoscaling(_Model):
         return self
 
 
+class RoutingPolicy(str, Enum):
+    PrefixAffinity = "PrefixAffinity"
+    LeastInFlight = "LeastInFlight"
+
+
+class Routing(_Model):
+    policy: RoutingPolicy = Field(
+        RoutingPolicy.PrefixAffinity,
+        description="How the gateway picks a replica (docs/routing.md). PrefixAffinity (default): the turns of one "
+                    "conversation (or one X-Session-Id) go to the same replica, whose engine holds their prefix in its "
+                    "KV cache, unless it is busier than 1.25 times the mean; least in-flight otherwise. "
+                    "LeastInFlight: the replica with the fewest requests in flight.")
+
+
 class Resources(_Model):
     requests: dict[str, Quantity] = Field(default_factory=dict, description="core/v1 resource requests, e.g. cpu, memory.")
     limits: dict[str, Quantity] = Field(
@@ -153,6 +167,7 @@ class ModelServiceSpec(_Model):
     resources: Resources = Field(default_factory=Resources, description="core/v1 ResourceRequirements of the engine container.")
     replicas: int = Field(1, ge=0, le=1000, description="Replicas when autoscaling is off (scale subresource).")
     autoscaling: Optional[Autoscaling] = Field(None, description="Autoscaling; when set, it owns the replica count.")
+    routing: Routing = Field(default_factory=Routing, description="How the gateway spreads requests over replicas.")
     cache: Optional[Cache] = Field(None, description="A PersistentVolumeClaim for weights (mounted where the engine caches).")
     startupTimeout: Duration = Field("30m", description="How long a replica may take to load the model before it is restarted.")
     drainTimeout: Duration = Field(

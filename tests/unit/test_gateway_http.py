@@ -122,7 +122,8 @@ def test_least_in_flight_spreads_over_three_replicas():
             for h in hosts:
                 up = await stack.enter_async_context(serving(upstream(h), host=h))
                 addrs.append((h, int(up.rsplit(":", 1)[1])))
-            gw, url = await stack.enter_async_context(gateway(modelservice("m"), *slice_for("m", addrs)))
+            gw, url = await stack.enter_async_context(
+                gateway(modelservice("m", routing="LeastInFlight"), *slice_for("m", addrs)))
             s = await stack.enter_async_context(aiohttp.ClientSession())
             results = await asyncio.gather(*(post(s, url, chat("m")) for _ in range(n)))
         assert all(r[0] == 200 for r in results)

@@ -66,7 +66,8 @@ class Proxy:
         self.idle_timeout = idle_timeout
 
     async def forward(self, request: web.Request, entry: ModelEntry, body: bytes, path: str, table: RouteTable,
-                      wait_ready: Callable[[], Awaitable[None]], *, strip_authorization: bool) -> web.StreamResponse:
+                      wait_ready: Callable[[], Awaitable[None]], *, strip_authorization: bool,
+                      affinity: Optional[bytes] = None) -> web.StreamResponse:
         """Serve the request from one of the model's ready endpoints: the gateway's one retry loop.
 
         One budget per request: at most MAX_ATTEMPTS sends, and at most two waits for a ready endpoint (a cold
@@ -82,7 +83,7 @@ class Proxy:
         failure: Optional[GatewayError] = None  # what the tries so far came to, if nothing answers
         attempts = waits = 0
         while True:
-            ep = self.balancer.pick(table.ready(key), exclude=tried) if attempts < MAX_ATTEMPTS else None
+            ep = self.balancer.pick(table.ready(key), exclude=tried, key=affinity) if attempts < MAX_ATTEMPTS else None
             if ep is None:
                 if unreachable:
                     # Not listening: a pod that is going away stops listening before its EndpointSlice drops it.

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
-from modelservice.api import ModelServiceSpec, _format_error
+from modelservice.api import ModelServiceSpec, RoutingPolicy, _format_error
 from modelservice.engines import ENGINES
 from modelservice.gateway.errors import GatewayError
 from modelservice.labels import child_name
@@ -58,6 +58,7 @@ class ModelEntry:
     # The operator's word when its pod waits for GPUs (Ready=False, AwaitingCapacity: whom it waits for, or "no GPU
     # free" and why nothing can be parked): a held request that times out says the same.
     capacity: Optional[str] = None
+    prefix_affinity: bool = True  # spec.routing.policy: route a conversation's turns to the replica that has its prefix
 
     @property
     def key(self) -> Key:
@@ -84,7 +85,8 @@ def entry_of(obj: dict[str, Any], spec: ModelServiceSpec) -> ModelEntry:
         api_key_ref=(ref.name, ref.key) if ref else None, autoscaled=a is not None,
         # What the operator keeps once the model is awake (scaling.decide's floor), so it does not scale it again.
         wake_replicas=max(1, a.minReplicas) if a else 1, child=child_name(name),
-        created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj), capacity=_awaiting_capacity(obj))
+        created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj), capacity=_awaiting_capacity(obj),
+        prefix_affinity=spec.routing.policy == RoutingPolicy.PrefixAffinity)
 
 
 def _upstream_model(spec: ModelServiceSpec) -> Optional[str]:

@@ -18,6 +18,7 @@ from aiohttp import web
 from modelservice.gateway import metering, paths
 from modelservice.gateway import reqstate as rs
 from modelservice.gateway.activator import Activator
+from modelservice.gateway.affinity import affinity_key
 from modelservice.gateway.activity import ActivityTracker
 from modelservice.gateway.auth import ANONYMOUS, KeyStore, bearer_token, key_matches
 from modelservice.gateway.balancer import Balancer
@@ -116,7 +117,7 @@ class Gateway:
         body = self._meter(request, doc, request.path) or body
         if entry.upstream_model:
             body = rewrite_model(doc, entry.upstream_model)
-        return await self._serve(request, entry, body, request.raw_path)
+        return await self._serve(request, entry, body, request.raw_path, doc)
 
     async def by_path(self, request: web.Request) -> web.StreamResponse:
         ns, name = request.match_info["namespace"], request.match_info["name"]
@@ -145,7 +146,7 @@ class Gateway:
             body = self._meter(request, doc, path) or body
         if request.rel_url.raw_query_string:
             path += "?" + request.rel_url.raw_query_string
-        return await self._serve(request, entry, body, path)
+        return await self._serve(request, entry, body, path, doc)
 
     async def list_models(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization")
@@ -219,13 +220,15 @@ class Gateway:
         request[rs.TENANT] = tenant
         request[rs.STRIP_AUTHORIZATION] = True  # our key is for us; the model server never sees it
 
-    async def _serve(self, request: web.Request, entry: ModelEntry, body: bytes, path: str) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, entry: ModelEntry, body: bytes, path: str,
+                     doc: Optional[dict]) -> web.StreamResponse:
         """The one place a proxied request starts and ends (held or not): its outcome is known in the finally."""
         assert self.proxy is not None, "the app has not started"
+        key = affinity_key(doc, request.headers) if entry.prefix_affinity else None  # docs/routing.md
         self.activity.started(entry.key)
         try:
             return await self.proxy.forward(request, entry, body, path, self.table, lambda: self.activator.wait(entry),
-                                            strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False))
+                                            strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False), affinity=key)
         finally:
             self.activity.finished(entry.key)
 

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 def modelservice(name: str, namespace: str = "default", *, engine: str = "vllm", served_name: Optional[str] = None,
                  uri: str = "hf://org/model", min_replicas: Optional[int] = None, max_replicas: int = 3,
-                 api_key_secret: Optional[str] = None, uid: str = "") -> dict[str, Any]:
+                 api_key_secret: Optional[str] = None, uid: str = "", routing: Optional[str] = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"engine": engine, "model": {"uri": uri}}
+    if routing:
+        spec["routing"] = {"policy": routing}
     if served_name:
         spec["model"]["servedName"] = served_name
     if min_replicas is not None:
