@@ -96,7 +96,9 @@ async def engines(*modes: str):
 @contextlib.asynccontextmanager
 async def gateway_to(addrs, **config):
     slices = [endpointslice("m", [(h, True)], p, name=f"m-{i}") for i, (h, p) in enumerate(addrs)]
-    async with gateway_with(modelservice("m"), deployment("m", len(addrs)), *slices, **config) as (gw, url):
+    # LeastInFlight with its ties broken towards the first endpoint: the tests say which engine is tried first.
+    ms = modelservice("m", routing="LeastInFlight")
+    async with gateway_with(ms, deployment("m", len(addrs)), *slices, **config) as (gw, url):
         gw.proxy.balancer._rng = FirstChoice()
         yield gw, url
 
