@@ -18,8 +18,8 @@ from aiohttp import web
 from modelservice.gateway import metering, paths
 from modelservice.gateway import reqstate as rs
 from modelservice.gateway.activator import Activator
-from modelservice.gateway.affinity import affinity_key
 from modelservice.gateway.activity import ActivityTracker
+from modelservice.gateway.affinity import affinity_key
 from modelservice.gateway.auth import ANONYMOUS, KeyStore, bearer_token, key_matches
 from modelservice.gateway.balancer import Balancer
 from modelservice.gateway.config import Config
