@@ -79,6 +79,7 @@ class PodView:
     bound: bool = False
     ready: bool = False
     waiting_for_gpu: bool = False  # Pending: the scheduler said Insufficient nvidia.com/gpu
+    terminating: bool = False  # deletionTimestamp set: parked or scaled down, draining (preStop) and stopping
 
 
 def pod_view(pod: dict[str, Any]) -> Optional[PodView]:
@@ -92,7 +93,8 @@ def pod_view(pod: dict[str, Any]) -> Optional[PodView]:
     bound = bool(pod["spec"].get("nodeName"))
     sched = conds.get("PodScheduled") or {}
     waiting = (not bound and sched.get("status") == "False" and "nvidia.com/gpu" in (sched.get("message") or ""))
-    return PodView(model, gpus, bound, (conds.get("Ready") or {}).get("status") == "True", waiting)
+    return PodView(model, gpus, bound, (conds.get("Ready") or {}).get("status") == "True", waiting,
+                   bool(pod["metadata"].get("deletionTimestamp")))
 
 
 @dataclass
@@ -102,6 +104,9 @@ class Ledger:
     created: int = 0  # model pods created: cold starts
     gpu_idle: float = 0.0
     gpu_idle_while_waiting: float = 0.0
+    # the part of it held by pods already going away (parked: preStop, the engine's stop, the kubelet's kill); the
+    # rest is held by pods nobody has told to go yet (the planner has not seen them idle, or they may not be parked)
+    gpu_idle_while_waiting_stopping: float = 0.0
     gpu_held: float = 0.0
     waiting_seconds: float = 0.0  # time during which some model waited for a GPU
 
@@ -123,12 +128,14 @@ class Ledger:
     def sample(self, dt: float) -> None:
         """Account `dt` seconds of the current state."""
         waiting = any(p.waiting_for_gpu for p in self.pods.values())
-        idle = sum(p.gpus for p in self.pods.values() if p.bound and p.ready and not self.in_flight[p.model])
+        idle_pods = [p for p in self.pods.values() if p.bound and p.ready and not self.in_flight[p.model]]
+        idle = sum(p.gpus for p in idle_pods)
         self.gpu_held += dt * sum(p.gpus for p in self.pods.values() if p.bound)
         self.gpu_idle += dt * idle
         if waiting:
             self.waiting_seconds += dt
             self.gpu_idle_while_waiting += dt * idle
+            self.gpu_idle_while_waiting_stopping += dt * sum(p.gpus for p in idle_pods if p.terminating)
 
 
 # ---- the replay -------------------------------------------------------------------------------------------------
@@ -245,6 +252,7 @@ def summarize(policy: str, results: list[dict[str, Any]], ledger: Ledger, replay
         "cold_requests": sum(1 for r in results if r["cold"]), "cold_starts": ledger.created,
         "gpu_seconds_held": ledger.gpu_held, "gpu_seconds_idle": ledger.gpu_idle,
         "gpu_seconds_idle_while_waiting": ledger.gpu_idle_while_waiting,
+        "gpu_seconds_idle_while_waiting_stopping": ledger.gpu_idle_while_waiting_stopping,
         "seconds_someone_waited_for_a_gpu": ledger.waiting_seconds,
         "per_model": {m: dict(c) for m, c in sorted(per_model.items())},
     }

@@ -361,7 +361,9 @@ class Controller:
             out.append(parking.Model(
                 key=key, replicas=1 if replicas is None else replicas,
                 min_replicas=a.minReplicas if a else spec.replicas, scale_to_zero=bool(a and a.minReplicas == 0),
-                in_flight=activity.in_flight, ready_since=self._ready_since.get(key),
+                # Busy now, not the peak of the gateway's last interval: a model idle since a second ago gives its
+                # GPUs back at once rather than an interval or two later (the gateway writes the drop to idle at once).
+                in_flight=activity.in_flight_now, ready_since=self._ready_since.get(key),
                 last_request=activity.last_request, priority=spec.priority, pod_priority=pod_priority,
                 placement=parking.placement_from(spec.placement), pods=tuple(bound), pending=pending,
                 rolling=_rolling(dep), ready=st.get("readyReplicas") or 0))

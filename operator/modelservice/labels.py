@@ -13,7 +13,10 @@ MANAGED_BY_VALUE = FIELD_MANAGER
 
 # Activity Leases (coordination.k8s.io/v1) the gateway writes, one per model per gateway replica.
 ACTIVITY_LABEL = f"{GROUP}/activity"
-IN_FLIGHT_ANNOTATION = f"{GROUP}/in-flight"
+IN_FLIGHT_ANNOTATION = f"{GROUP}/in-flight"  # the highest since the previous write: load, for scaling
+# In flight when written; a model that goes idle is written at once (not after the interval), so the GPU pool
+# planner sees an idle model as soon as it is one (parking.py).
+IN_FLIGHT_NOW_ANNOTATION = f"{GROUP}/in-flight-now"
 LAST_REQUEST_ANNOTATION = f"{GROUP}/last-request"
 
 

@@ -151,7 +151,7 @@ class Model:
     replicas: int  # the Deployment's spec.replicas
     min_replicas: int  # the floor: autoscaling.minReplicas, or spec.replicas when not autoscaled
     scale_to_zero: bool  # autoscaling with minReplicas 0: the only kind we may park
-    in_flight: int = 0  # held or proxied requests (gateway activity Leases)
+    in_flight: int = 0  # held or proxied requests now (the activity Leases' in-flight-now, written at once on idle)
     ready_since: Optional[float] = None  # None: loading (or asleep): not idle
     last_request: Optional[float] = None
     priority: int = 0  # spec.priority

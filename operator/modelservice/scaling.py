@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, Optional
 
 from modelservice.api import ModelServiceSpec, parse_duration
-from modelservice.labels import IN_FLIGHT_ANNOTATION, LAST_REQUEST_ANNOTATION
+from modelservice.labels import IN_FLIGHT_ANNOTATION, IN_FLIGHT_NOW_ANNOTATION, LAST_REQUEST_ANNOTATION
 
 LEASE_FRESH_SECONDS = 30  # three gateway heartbeats: older in-flight figures are stale
 
@@ -27,6 +27,9 @@ LEASE_FRESH_SECONDS = 30  # three gateway heartbeats: older in-flight figures ar
 class Activity:
     last_request: Optional[float] = None  # epoch seconds, newest over all gateway replicas
     in_flight: int = 0  # sum of fresh peaks over gateway replicas
+    # Sum of fresh in-flight-now figures (a peak where a gateway writes none): whether it is busy at this moment,
+    # which the GPU pool planner asks (parking.py); the peak over an interval is load, for scaling.
+    in_flight_now: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ def parse_time(text: Optional[str]) -> Optional[float]:
 
 def activity_from_leases(leases: list[dict[str, Any]], now: float) -> Activity:
     last: Optional[float] = None
-    in_flight = 0
+    in_flight = now_total = 0
     for lease in leases:
         ann = lease.get("metadata", {}).get("annotations", {}) or {}
         t = parse_time(ann.get(LAST_REQUEST_ANNOTATION))
@@ -57,10 +60,15 @@ def activity_from_leases(leases: list[dict[str, Any]], now: float) -> Activity:
         renewed = parse_time(lease.get("spec", {}).get("renewTime"))
         if renewed is not None and now - renewed <= LEASE_FRESH_SECONDS:
             try:
-                in_flight += max(0, int(ann.get(IN_FLIGHT_ANNOTATION, "0")))
+                peak = max(0, int(ann.get(IN_FLIGHT_ANNOTATION, "0")))
             except ValueError:
-                pass
-    return Activity(last_request=last, in_flight=in_flight)
+                peak = 0
+            in_flight += peak
+            try:
+                now_total += max(0, int(ann[IN_FLIGHT_NOW_ANNOTATION]))
+            except (KeyError, ValueError):
+                now_total += peak
+    return Activity(last_request=last, in_flight=in_flight, in_flight_now=now_total)
 
 
 def decide(spec: ModelServiceSpec, current: Optional[int], activity: Activity, ready_since: Optional[float],

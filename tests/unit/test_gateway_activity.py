@@ -5,7 +5,13 @@ import pytest
 from modelservice.gateway.activity import ActivityTracker, lease_name, rfc3339_micro
 from modelservice.gateway.routes import model_entry
 from modelservice.gateway.testing import modelservice
-from modelservice.labels import ACTIVITY_LABEL, IN_FLIGHT_ANNOTATION, LAST_REQUEST_ANNOTATION, MODELSERVICE_LABEL
+from modelservice.labels import (
+    ACTIVITY_LABEL,
+    IN_FLIGHT_ANNOTATION,
+    IN_FLIGHT_NOW_ANNOTATION,
+    LAST_REQUEST_ANNOTATION,
+    MODELSERVICE_LABEL,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +47,8 @@ def test_lease_body():
     meta = lease["metadata"]
     assert meta["namespace"] == "team-a" and meta["name"] == lease_name("llama", "gw-0")
     assert meta["labels"] == {MODELSERVICE_LABEL: "llama", ACTIVITY_LABEL: "true"}
-    assert meta["annotations"] == {IN_FLIGHT_ANNOTATION: "2", LAST_REQUEST_ANNOTATION: rfc3339_micro(clock.wall)}
+    assert meta["annotations"] == {IN_FLIGHT_ANNOTATION: "2", IN_FLIGHT_NOW_ANNOTATION: "1",
+                                   LAST_REQUEST_ANNOTATION: rfc3339_micro(clock.wall)}
     assert meta["ownerReferences"][0]["uid"] == "uid-team-a-llama"
     assert lease["spec"]["holderIdentity"] == "gw-0" and lease["spec"]["renewTime"] == rfc3339_micro(clock.wall)
 
@@ -54,17 +61,49 @@ def test_writes_are_rate_limited_and_only_on_change():
     t.started(e.key)
     assert t.due() == [e.key]
     assert t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "1"
-    t.finished(e.key)
+    t.started(e.key)
     clock.advance(5)
     assert t.due() == []  # written 5 s ago: wait for the interval
+    t.finished(e.key)
     clock.advance(5)
     assert t.due() == [e.key]
-    assert t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "1"  # peak of the last interval
+    ann = t.lease(e)["metadata"]["annotations"]
+    assert ann[IN_FLIGHT_ANNOTATION] == "2" and ann[IN_FLIGHT_NOW_ANNOTATION] == "1"  # peak of the last interval
+    t.finished(e.key)
+    clock.advance(10)
+    assert t.due() == [e.key]  # went idle (and the peak 2 → 1): written at the next tick, then the peak 1 → 0
+    clock.advance(10)
+    assert t.due() == [e.key]
+    assert t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "1"
     clock.advance(10)
     assert t.due() == [e.key]  # peak went 1 → 0: the operator must see the drop
     assert t.lease(e)["metadata"]["annotations"][IN_FLIGHT_ANNOTATION] == "0"
     clock.advance(60)
     assert t.due() == []  # idle and unchanged: no writes at all
+
+
+def test_a_model_that_goes_idle_is_written_at_once_but_writes_stay_bounded():
+    """The pool planner parks only idle models: the drop to idle is written at the next tick, not after the
+    interval (in-flight-now 0; the peak keeps the interval's load for scaling). Busy again, the interval rules."""
+    clock = Clock()
+    t = ActivityTracker("gw-0", 10, wall=lambda: clock.wall, mono=lambda: clock.mono)
+    e = model_entry(modelservice("m"))
+    t.started(e.key)
+    assert t.lease(e)["metadata"]["annotations"][IN_FLIGHT_NOW_ANNOTATION] == "1"
+    clock.advance(1)
+    t.finished(e.key)
+    assert t.due() == [e.key]  # 1 s after a write, but busy → idle
+    ann = t.lease(e)["metadata"]["annotations"]
+    assert ann[IN_FLIGHT_NOW_ANNOTATION] == "0" and ann[IN_FLIGHT_ANNOTATION] == "1"
+    writes = 0
+    for _ in range(20):  # a request every second, 0.5 s each, for 20 s: busy and idle in turn
+        t.started(e.key)
+        writes += bool(t.due()) and bool(t.lease(e))
+        clock.advance(0.5)
+        t.finished(e.key)
+        writes += bool(t.due()) and bool(t.lease(e))
+        clock.advance(0.5)
+    assert 2 <= writes <= 4  # two intervals: at most one busy write and one idle write each
 
 
 def test_a_request_in_flight_renews_the_lease_every_interval():

@@ -4,6 +4,7 @@ and reproducible from its seed, and the ledger counts idle GPU-seconds only as d
 from __future__ import annotations
 
 from bench.gpu_pool import TRACE, Ledger, pod_view
+from bench.gpu_pool_sim import longest_idle, simulate
 from bench.gpu_pool_trace import Trace, TraceSpec, generate, zipf_weights
 from modelservice.labels import MODELSERVICE_LABEL
 
@@ -56,3 +57,27 @@ def test_idle_gpu_seconds_count_ready_pods_without_requests_and_split_out_waitin
     led.on_pod("DELETED", pod("a", "m1", ready=True))
     led.sample(1.0)
     assert led.gpu_idle == 3.0 and led.created == 3
+
+
+def test_idle_while_waiting_splits_out_pods_already_going_away():
+    led = Ledger()
+    led.on_pod("ADDED", pod("a", "m1", ready=True))
+    led.on_pod("ADDED", pod("c", "m3", node=None, gpu_msg="Insufficient nvidia.com/gpu"))
+    led.sample(1.0)  # m1 idle, nobody told it to go yet
+    going = pod("a", "m1", ready=True)
+    going["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z"
+    led.on_pod("MODIFIED", going)
+    led.sample(2.0)  # parked: stopping
+    assert (led.gpu_idle_while_waiting, led.gpu_idle_while_waiting_stopping) == (3.0, 2.0)
+
+
+def test_the_pool_model_parks_only_idle_models_and_a_later_idle_signal_costs_waiting():
+    trace = Trace(TraceSpec(models=3), ["a", "b", "c"],
+                  [{"t": 0.0, "model": "a"}, {"t": 1.0, "model": "b"}, {"t": 30.0, "model": "c"}])
+    quick = simulate(trace, longest_idle, detect=1.0, release=1.0, seconds=100)
+    assert (quick["cold_starts"], quick["parks"]) == (3, 0)  # 4 GPUs: room for all three, nobody parked
+    committed = Trace.from_json(TRACE.read_text())
+    fast = simulate(committed, longest_idle, detect=1.0, release=1.0, seconds=300)
+    slow = simulate(committed, longest_idle, detect=10.0, release=1.0, seconds=300)
+    assert 0 < fast["parks_with_a_choice"] <= fast["parks"]
+    assert fast["gpu_seconds_idle_while_waiting"] < slow["gpu_seconds_idle_while_waiting"]

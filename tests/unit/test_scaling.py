@@ -71,3 +71,20 @@ def test_activity_from_leases_sums_fresh_gateways():
     stale = "1970-01-12T13:40:00Z"
     a = activity_from_leases([lease(t, t, 3), lease(stale, t, 2), lease(stale, stale, 50)], NOW)
     assert a.in_flight == 5 and a.last_request == NOW
+    assert a.in_flight_now == 5  # gateways that write no in-flight-now figure: their peak stands for it
+
+
+def test_in_flight_now_is_busy_at_this_moment_and_the_peak_stays_the_load():
+    """The gateway writes the drop to idle at once (in-flight-now 0) while the interval's peak still says 1: the
+    pool planner may park the model now, and scaling still sees the interval's load."""
+    t = "1970-01-12T13:46:40Z"  # NOW
+    stale = "1970-01-12T13:40:00Z"
+
+    def lease(renew, peak, now):
+        return {"metadata": {"annotations": {"serving.modelservice.dev/in-flight": str(peak),
+                                             "serving.modelservice.dev/in-flight-now": str(now)}},
+                "spec": {"renewTime": renew}}
+    a = activity_from_leases([lease(t, 1, 0), lease(t, 2, 1), lease(stale, 9, 9)], NOW)
+    assert (a.in_flight, a.in_flight_now) == (3, 1)
+    a = activity_from_leases([lease(t, 1, 0)], NOW)
+    assert (a.in_flight, a.in_flight_now) == (1, 0)

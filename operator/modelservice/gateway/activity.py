@@ -2,8 +2,11 @@
 
 One coordination.k8s.io/v1 Lease per model per gateway replica, written by a background flusher at most once per
 interval and only when something changed, never on the request path: 1,000 requests a second cost the API server
-one write per model every 10 s. The one exception is the wake-up (activator.py), which writes before it scales so
-the operator cannot scale the model back to zero between our scale call and the first request.
+one write per model every 10 s. Two exceptions: the wake-up (activator.py), which writes before it scales so the
+operator cannot scale the model back to zero between our scale call and the first request; and a model whose last
+Lease said it was busy and that is idle now, written at the next tick: the GPU pool planner parks only idle models,
+and a pool full of models idle for an interval that the operator still takes for busy keeps a woken one waiting.
+At most one such write follows each interval's, so writes stay within two per model per interval.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from modelservice import GROUP, KIND, VERSION
 from modelservice.gateway.routes import Key, ModelEntry
-from modelservice.labels import ACTIVITY_LABEL, IN_FLIGHT_ANNOTATION, LAST_REQUEST_ANNOTATION, MODELSERVICE_LABEL
+from modelservice.labels import (
+    ACTIVITY_LABEL,
+    IN_FLIGHT_ANNOTATION,
+    IN_FLIGHT_NOW_ANNOTATION,
+    LAST_REQUEST_ANNOTATION,
+    MODELSERVICE_LABEL,
+)
 
 if TYPE_CHECKING:
     from modelservice.gateway.kubeops import ClusterOps
@@ -52,6 +61,7 @@ class _Model:
     last_request: Optional[float] = None  # wall clock
     traffic: bool = False  # a request started or finished since the last write
     written_in_flight: Optional[int] = None
+    written_now: int = 0  # in flight when the last Lease was written (IN_FLIGHT_NOW_ANNOTATION)
     last_write: float = float("-inf")  # monotonic
 
 
@@ -86,8 +96,9 @@ class ActivityTracker:
         stale, and would take a model whose one request outlives that (a slow load, a long stream) for idle."""
         now = self._mono()
         return [k for k, m in self._models.items()
-                if now - m.last_write >= self.interval
-                and (m.traffic or m.peak != m.written_in_flight or m.in_flight > 0)]
+                if (now - m.last_write >= self.interval
+                    and (m.traffic or m.peak != m.written_in_flight or m.in_flight > 0))
+                or (m.in_flight == 0 and m.written_now > 0)]  # went idle: say so now (the planner waits on it)
 
     def lease(self, entry: ModelEntry, *, wake: bool = False) -> dict[str, Any]:
         """The Lease to apply now, and mark it written (the peak window restarts from the current in-flight)."""
@@ -97,7 +108,8 @@ class ActivityTracker:
             m.last_request = now
         peak = m.peak
         m.written_in_flight, m.peak, m.traffic, m.last_write = peak, m.in_flight, False, self._mono()
-        annotations = {IN_FLIGHT_ANNOTATION: str(peak)}
+        m.written_now = m.in_flight
+        annotations = {IN_FLIGHT_ANNOTATION: str(peak), IN_FLIGHT_NOW_ANNOTATION: str(m.in_flight)}
         if m.last_request is not None:
             annotations[LAST_REQUEST_ANNOTATION] = rfc3339_micro(m.last_request)
         meta: dict[str, Any] = {
@@ -127,11 +139,11 @@ class ActivityTracker:
                     self.forget(key)  # ModelService deleted: its Lease goes with it (owner reference)
                     continue
                 m = self._models[key]
-                saved = (m.peak, m.traffic, m.written_in_flight)
+                saved = (m.peak, m.traffic, m.written_in_flight, m.written_now)
                 body = self.lease(entry)
                 try:
                     await ops.write_lease(body)
                 except Exception as e:  # noqa: BLE001 - keep flushing other models
-                    m.peak, m.traffic, m.written_in_flight = max(saved[0], m.peak), True, saved[2]
+                    m.peak, m.traffic, m.written_in_flight, m.written_now = max(saved[0], m.peak), True, *saved[2:]
                     log.warning("activity Lease %s/%s not written: %s", entry.namespace,
                                 body["metadata"]["name"], e)
