@@ -20,6 +20,11 @@ URI_SCHEMES = ("hf", "s3", "gs", "pvc", "oci", "http", "https", "ollama")
 URI_PATTERN = r"^(hf|s3|gs|pvc|oci|https?|ollama)://.+$"
 # OpenAI model names are free-form; we keep them to characters that are safe in URLs, labels' neighbours and logs.
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+# An adapter's name is an OpenAI `model` too, but never namespace/name shaped: a "/" is how clients pick a namespace.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+ADAPTER_URI_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+$"
+# vLLM 0.32's --max-lora-rank accepts only these (vllm/config/lora.py MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class Engine(str, Enum):
@@ -157,6 +162,34 @@ class EnvVar(_Model):
     valueFrom: Optional[EnvVarSource] = Field(None, description="core/v1 EnvVarSource (secretKeyRef, …).")
 
 
+class LoraSupport(_Model):
+    maxLoaded: int = Field(
+        4, ge=1, le=64, description="Adapters one replica keeps loaded at once (vLLM --max-loras and "
+                                    "--max-cpu-loras); the gateway unloads the least recently used beyond it.")
+    maxRank: int = Field(16, ge=1, le=512, description="Largest adapter rank the engine accepts (vLLM "
+                                                      "--max-lora-rank): 1, 8, 16, 32, 64, 128, 256, 320 or 512.")
+    claim: str = Field(..., pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253,
+                       description="The PersistentVolumeClaim holding the adapters, mounted read-only in every "
+                                   "replica at start: adapters added later are read from it with no restart.")
+
+    @field_validator("maxRank")
+    @classmethod
+    def _rank(cls, rank: int) -> int:
+        if rank not in LORA_RANKS:
+            raise ValueError(f"{rank} is not a rank vLLM accepts: use one of {', '.join(map(str, LORA_RANKS))}")
+        return rank
+
+
+class Adapter(_Model):
+    name: str = Field(..., pattern=ADAPTER_NAME_PATTERN, max_length=253,
+                      description="The OpenAI `model` clients send to use this adapter on this base.")
+    uri: str = Field(..., pattern=ADAPTER_URI_PATTERN, max_length=2048,
+                     description="pvc://<spec.lora.claim>/<directory>: a PEFT adapter directory "
+                                 "(adapter_config.json + weights). Never change or remove the files while the "
+                                 "adapter is declared: publish a new version in a new directory.")
+    preload: bool = Field(False, description="Load it on every ready replica, not only on its first request.")
+
+
 class ModelServiceSpec(_Model):
     engine: Engine = Field(..., description="Serving engine: vllm, sglang, tgi, triton, ollama, llamacpp or custom.")
     model: ModelSource = Field(default_factory=ModelSource, description="The model to serve.")
@@ -179,6 +212,13 @@ class ModelServiceSpec(_Model):
     probes: Probes = Field(default_factory=Probes, description="Probe and metrics paths (custom engines).")
     apiKeySecretRef: Optional[SecretKeyRef] = Field(
         None, description="API keys the gateway requires for this model (Secret, one key per line).")
+    lora: Optional[LoraSupport] = Field(
+        None, description="Start the engine with LoRA adapter support (vLLM only). Changing it restarts the "
+                          "replicas; adding or removing spec.adapters does not.")
+    adapters: list[Adapter] = Field(
+        default_factory=list, max_length=256,
+        description="LoRA adapters served on this base, each under its own model name (docs/lora.md). Needs "
+                    "spec.lora.")
     priority: int = Field(
         0, ge=0, le=1000,
         description="Who gives GPUs back first on a full pool (0-1000, default 0): an idle scale-to-zero model is "
@@ -196,6 +236,16 @@ class ModelServiceSpec(_Model):
             if var.value is not None and var.valueFrom is not None:
                 raise ValueError(f"variable {var.name!r} has both value and valueFrom: keep one")
         return env
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapters(cls, adapters: list[Adapter]) -> list[Adapter]:
+        seen: set[str] = set()
+        for a in adapters:
+            if a.name in seen:
+                raise ValueError(f"adapter {a.name!r} is declared twice: keep one entry")
+            seen.add(a.name)
+        return adapters
 
     @field_validator("args")
     @classmethod
@@ -233,6 +283,13 @@ class Condition(_Model):
     observedGeneration: Optional[int] = Field(None, description="The generation this condition describes.")
 
 
+class AdapterStatus(_Model):
+    name: str = Field(..., description="The adapter's name (spec.adapters[].name).")
+    loadedOn: list[str] = Field(default_factory=list, description="Replicas (pods) that have it loaded now.")
+    error: Optional[str] = Field(None, description="Why it last failed to load or cannot be routed, in the "
+                                                   "engine's or the gateway's words.")
+
+
 class ModelServiceStatus(_Model):
     observedGeneration: Optional[int] = Field(None, description="The generation the operator last acted on.")
     replicas: Optional[int] = Field(None, description="Replicas that exist (scale subresource).")
@@ -243,6 +300,9 @@ class ModelServiceStatus(_Model):
     endpoint: Optional[str] = Field(None, description="Path of this model on the gateway.")
     gpus: Optional[int] = Field(None, description="nvidia.com/gpu held by the model's pods on nodes now.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Reconciling, Stalled (kstatus).")
+    adapters: list[AdapterStatus] = Field(default_factory=list, description="Each declared LoRA adapter, as the "
+                                                                             "gateways report it.")
+    adaptersLoaded: Optional[str] = Field(None, description="loaded on some replica/declared, for kubectl get.")
 
 
 # Cross-field rules the structural schema cannot express. Each takes the spec (and the operator's config) and
@@ -280,9 +340,35 @@ def cross_field_problems(spec: ModelServiceSpec, *, gateway_enabled: bool) -> li
         if a.cpuUtilization is not None and "cpu" not in spec.resources.requests:
             problems.append(("spec.autoscaling.cpuUtilization",
                              "cpuUtilization is a percentage of requests.cpu: set spec.resources.requests.cpu"))
+    problems += adapter_problems(spec, gateway_enabled=gateway_enabled)
     if spec.apiKeySecretRef is not None and not gateway_enabled:
         problems.append(("spec.apiKeySecretRef", "API keys are checked by the gateway: install the chart with "
                                                  "gateway.enabled=true, or remove apiKeySecretRef"))
+    return problems
+
+
+def adapter_problems(spec: ModelServiceSpec, *, gateway_enabled: bool) -> list[tuple[str, str]]:
+    if spec.lora is None and not spec.adapters:
+        return []
+    if spec.engine is not Engine.vllm:
+        return [("spec.lora", f"LoRA adapters are loaded at run time by engine vllm only, not "
+                              f"{spec.engine.value}: remove spec.lora and spec.adapters, or use engine vllm")]
+    if spec.lora is None:
+        return [("spec.adapters", "adapters need spec.lora (the claim they are read from and the engine's limits): "
+                                  "set spec.lora.claim")]
+    problems: list[tuple[str, str]] = []
+    if not gateway_enabled:
+        problems.append(("spec.adapters", "adapters are loaded by the gateway: install the chart with "
+                                          "gateway.enabled=true"))
+    served = spec.model.servedName
+    for i, a in enumerate(spec.adapters):
+        claim = a.uri.split("://", 1)[1].split("/", 1)[0]
+        if claim != spec.lora.claim:
+            problems.append((f"spec.adapters[{i}].uri", f"claim {claim!r} is not mounted by this model: put the "
+                                                        f"adapter on spec.lora.claim ({spec.lora.claim!r})"))
+        if served is not None and a.name == served:
+            problems.append((f"spec.adapters[{i}].name", f"{a.name!r} is the base model's served name: rename "
+                                                         "the adapter"))
     return problems
 
 

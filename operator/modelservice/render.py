@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from modelservice import GROUP, KIND, VERSION
 from modelservice.api import Engine, ModelServiceSpec, parse_duration
-from modelservice.engines import CACHE_DIR, ENGINES, MODELS_DIR, STORAGE_INITIALIZER_IMAGE, EngineSpec
+from modelservice.engines import ADAPTERS_DIR, CACHE_DIR, ENGINES, MODELS_DIR, STORAGE_INITIALIZER_IMAGE, EngineSpec
 from modelservice.labels import ENGINE_LABEL, MANAGED_BY, MANAGED_BY_VALUE, cache_pvc_name, child_name, selector_labels
 
 # Labels a GitOps tool or kubectl uses to track the ModelService itself. Copied to children they would make Argo CD
@@ -181,9 +181,14 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     if model.ref is not None:
         template = eng.model_args_hub if model.hub else eng.model_args_path
         args = _fill(template, model=model.ref, name=name, port=str(port)) + args
+    # spec.lora only, never spec.adapters: adding or removing an adapter must not change the pod template (a restart).
+    lora = spec.lora if eng.lora_args else None
+    if lora is not None:
+        args += _fill(eng.lora_args, max_loaded=str(lora.maxLoaded), max_rank=str(lora.maxRank))
     args += spec.args
 
-    env = [{"name": k, "value": v.format(port=port)} for k, v in eng.cache_env + eng.extra_env]
+    env = [{"name": k, "value": v.format(port=port)}
+           for k, v in eng.cache_env + eng.extra_env + (eng.lora_env if lora else ())]
     if spec.engine is Engine.custom:
         env += [{"name": "PORT", "value": str(port)}, {"name": "SERVED_MODEL_NAME", "value": name}]
     env += model.env or []
@@ -203,6 +208,9 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         if v["name"] not in {x["name"] for x in volumes}:
             volumes.append(v)
     mounts += model.mounts or []
+    if lora is not None:
+        volumes.append({"name": "adapters", "persistentVolumeClaim": {"claimName": lora.claim, "readOnly": True}})
+        mounts.append({"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True})
 
     readiness = spec.probes.readinessPath or eng.readiness_path
     liveness = spec.probes.livenessPath or eng.liveness_path
@@ -212,6 +220,7 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         "image": spec.image or eng.image,
         **({"command": list(eng.command)} if eng.command else {}),
         "args": args,
+        **({"workingDir": ADAPTERS_DIR} if lora is not None else {}),
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}]
                  + ([{"name": "metrics", "containerPort": eng.metrics_port, "protocol": "TCP"}]
                     if eng.metrics_port else []),

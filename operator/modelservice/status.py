@@ -6,6 +6,7 @@ something definite to read. lastTransitionTime moves only when a condition's sta
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -35,6 +36,42 @@ class Observed:
     gpus: Optional[int] = None  # nvidia.com/gpu held by its pods on nodes
     awaiting: Optional[str] = None  # the pool planner's word on its unschedulable pod (parking.py)
     parked_for: Optional[str] = None  # "ns/name" it was parked for, while at zero replicas
+    adapters: Optional[list[dict[str, Any]]] = None  # status.adapters (adapters_from_leases); None: none declared
+
+
+# The gateways hand adapter state over on their activity Leases (gateway/adapters.py writes it), as they hand over
+# activity: the operator stays the one writer of status.
+ADAPTERS_ANNOTATION = "serving.modelservice.dev/adapters"
+
+
+def adapters_from_leases(declared: list[str], leases: list[dict[str, Any]], pods: set[str]) -> list[dict[str, Any]]:
+    """Per declared adapter: the replicas any gateway loaded it on (still existing pods only: a Lease may outlive
+    its news), and the last error a gateway saw. An unreadable annotation counts as no news."""
+    loaded: dict[str, set[str]] = {n: set() for n in declared}
+    errors: dict[str, str] = {}
+    for lease in sorted(leases, key=lambda x: (x.get("spec") or {}).get("renewTime") or ""):
+        ann = (lease.get("metadata") or {}).get("annotations") or {}
+        try:
+            report = json.loads(ann.get(ADAPTERS_ANNOTATION) or "{}")
+        except ValueError:
+            continue
+        if not isinstance(report, dict):
+            continue
+        for name, item in report.items():
+            if name not in loaded or not isinstance(item, dict):
+                continue
+            loaded[name] |= {p for p in item.get("loadedOn") or [] if p in pods}
+            if item.get("error"):
+                errors[name] = str(item["error"])[:MAX_MESSAGE]  # the newest Lease's word wins
+            else:
+                errors.pop(name, None)
+    out = []
+    for name in declared:
+        item: dict[str, Any] = {"name": name, "loadedOn": sorted(loaded[name])}
+        if name in errors:
+            item["error"] = errors[name]
+        out.append(item)
+    return out
 
 
 def _cond(type_: str, status: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
@@ -177,6 +214,9 @@ def compute_status(o: Observed, old_status: dict[str, Any], now: str) -> dict[st
     }
     if o.gpus is not None:
         status["gpus"] = o.gpus
+    if o.adapters:
+        status["adapters"] = o.adapters
+        status["adaptersLoaded"] = f"{sum(1 for a in o.adapters if a['loadedOn'])}/{len(o.adapters)}"
     if o.url:
         status["url"] = o.url
     if o.endpoint:

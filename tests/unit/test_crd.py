@@ -45,7 +45,7 @@ def test_schema_is_structural_and_documented():
     names = crd["spec"]["names"]
     assert names["shortNames"] == ["msvc", "ms"] and names["categories"] == ["modelserving"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Engine", "Model", "Ready", "GPUs", "Status", "URL", "Age"]
+    assert columns == ["Engine", "Model", "Ready", "GPUs", "Adapters", "Status", "URL", "Age"]
     assert schema["properties"]["spec"]["properties"]["engine"]["enum"][0] == "vllm"
     assert schema["properties"]["spec"]["properties"]["replicas"]["default"] == 1
     yaml.safe_load(crd_yaml())

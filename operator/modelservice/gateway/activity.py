@@ -74,6 +74,12 @@ class ActivityTracker:
         self.interval = interval
         self._wall, self._mono = wall, mono
         self._models: dict[Key, _Model] = {}
+        # More annotations for a model's Lease (its adapters' state, adapters.py): the operator reads them.
+        self.annotate: Callable[[ModelEntry], dict[str, str]] = lambda entry: {}
+
+    def mark_changed(self, key: Key) -> None:
+        """Something the Lease carries besides traffic changed (an adapter loaded): write it at the next tick."""
+        self._models.setdefault(key, _Model()).traffic = True
 
     def in_flight(self, key: Key) -> int:
         m = self._models.get(key)
@@ -109,7 +115,8 @@ class ActivityTracker:
         peak = m.peak
         m.written_in_flight, m.peak, m.traffic, m.last_write = peak, m.in_flight, False, self._mono()
         m.written_now = m.in_flight
-        annotations = {IN_FLIGHT_ANNOTATION: str(peak), IN_FLIGHT_NOW_ANNOTATION: str(m.in_flight)}
+        annotations = {**self.annotate(entry), IN_FLIGHT_ANNOTATION: str(peak),
+                       IN_FLIGHT_NOW_ANNOTATION: str(m.in_flight)}
         if m.last_request is not None:
             annotations[LAST_REQUEST_ANNOTATION] = rfc3339_micro(m.last_request)
         meta: dict[str, Any] = {

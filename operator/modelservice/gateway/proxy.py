@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
 from aiohttp import web
 
@@ -24,6 +24,9 @@ from modelservice.gateway.metering import Meter
 from modelservice.gateway.metrics import Metrics
 from modelservice.gateway.routes import Endpoint, ModelEntry, RouteTable
 from modelservice.gateway.upstream import NotSent, Response, UpstreamError, UpstreamPool, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from modelservice.gateway.adapters import AdapterUse
 
 log = logging.getLogger("modelservice.gateway.proxy")
 MAX_ATTEMPTS = 3  # sends per request, whatever their outcome
@@ -67,7 +70,8 @@ class Proxy:
 
     async def forward(self, request: web.Request, entry: ModelEntry, body: bytes, path: str, table: RouteTable,
                       wait_ready: Callable[[], Awaitable[None]], *, strip_authorization: bool,
-                      affinity: Optional[bytes] = None) -> web.StreamResponse:
+                      affinity: Optional[bytes] = None,
+                      adapter: Optional["AdapterUse"] = None) -> web.StreamResponse:
         """Serve the request from one of the model's ready endpoints: the gateway's one retry loop.
 
         One budget per request: at most MAX_ATTEMPTS sends, and at most two waits for a ready endpoint (a cold
@@ -82,8 +86,10 @@ class Proxy:
         unreachable: set[Endpoint] = set()
         failure: Optional[GatewayError] = None  # what the tries so far came to, if nothing answers
         attempts = waits = 0
+        # A LoRA adapter's request prefers the replicas that have it loaded (adapters.py).
+        ready = table.ready if adapter is None else (lambda k: adapter.candidates(table.ready(k), tried))
         while True:
-            ep = self.balancer.pick(table.ready(key), exclude=tried, key=affinity) if attempts < MAX_ATTEMPTS else None
+            ep = self.balancer.pick(ready(key), exclude=tried, key=affinity) if attempts < MAX_ATTEMPTS else None
             if ep is None:
                 if unreachable:
                     # Not listening: a pod that is going away stops listening before its EndpointSlice drops it.
@@ -106,9 +112,12 @@ class Proxy:
             gauge = self.metrics.child(self.metrics.in_flight, entry.label)
             gauge.inc()
             self.balancer.acquire(ep)
+            release_adapter: Optional[Callable[[], None]] = None
             try:
                 started = time.monotonic()
                 try:
+                    if adapter is not None:  # loaded on this replica first if it is not (one load, others wait)
+                        release_adapter = await adapter.acquire(ep)
                     upstream = await self.pool.request(request.method, ep.address, ep.port, path, headers, body)
                 except NotSent as e:
                     log.info("%s: %s unreachable: %s", entry.label, ep.base_url, e)
@@ -123,6 +132,8 @@ class Proxy:
                     log.warning("%s: %s failed: %s", entry.label, ep.base_url, e)
                     raise GatewayError(502, f"model {entry.label} failed before answering", "bad_gateway") from None
                 self.metrics.child(self.metrics.upstream_latency, entry.label).observe(time.monotonic() - started)
+                if adapter is not None:
+                    adapter.answered(ep, upstream.status)
                 if upstream.status in REFUSAL_STATUSES and attempts < MAX_ATTEMPTS \
                         and self.balancer.pick(table.ready(key), exclude=tried) is not None:
                     log.info("%s: %s refused the request (%d), trying another endpoint", entry.label, ep.base_url,
@@ -137,6 +148,8 @@ class Proxy:
                 finally:
                     upstream.release()  # pools a fully read connection; mid-stream it drops it, stopping the engine
             finally:
+                if release_adapter is not None:
+                    release_adapter()
                 self.balancer.release(ep)
                 gauge.dec()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Optional
 
@@ -30,6 +30,7 @@ PORT_NAME = "http"
 class Endpoint:
     address: str
     port: int
+    pod: str = field(default="", compare=False)  # the EndpointSlice's targetRef: names a replica in status
 
     @property
     def base_url(self) -> str:
@@ -59,6 +60,8 @@ class ModelEntry:
     # free" and why nothing can be parked): a held request that times out says the same.
     capacity: Optional[str] = None
     prefix_affinity: bool = True  # spec.routing.policy: route a conversation's turns to the replica that has its prefix
+    adapters: tuple["AdapterRef", ...] = ()  # LoRA adapters declared on this base (spec.adapters)
+    lora_max_loaded: int = 0  # spec.lora.maxLoaded: adapters one replica keeps loaded
 
     @property
     def key(self) -> Key:
@@ -67,6 +70,20 @@ class ModelEntry:
     @property
     def label(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    name: str
+    path: str  # relative to the engine's working directory, the adapter claim's mount (engines.ADAPTERS_DIR)
+    preload: bool = False
+
+
+def _adapters(spec: ModelServiceSpec) -> tuple[AdapterRef, ...]:
+    if spec.lora is None:
+        return ()
+    return tuple(AdapterRef(a.name, a.uri.split("://", 1)[1].split("/", 1)[1], a.preload) for a in spec.adapters
+                 if a.uri.split("://", 1)[1].split("/", 1)[0] == spec.lora.claim)  # others: Stalled (api.py)
 
 
 def model_entry(obj: dict[str, Any]) -> ModelEntry:
@@ -86,7 +103,8 @@ def entry_of(obj: dict[str, Any], spec: ModelServiceSpec) -> ModelEntry:
         # What the operator keeps once the model is awake (scaling.decide's floor), so it does not scale it again.
         wake_replicas=max(1, a.minReplicas) if a else 1, child=child_name(name),
         created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj), capacity=_awaiting_capacity(obj),
-        prefix_affinity=spec.routing.policy == RoutingPolicy.PrefixAffinity)
+        prefix_affinity=spec.routing.policy == RoutingPolicy.PrefixAffinity,
+        adapters=_adapters(spec), lora_max_loaded=spec.lora.maxLoaded if spec.lora else 0)
 
 
 def _upstream_model(spec: ModelServiceSpec) -> Optional[str]:
@@ -130,6 +148,7 @@ def slice_endpoints(obj: dict[str, Any]) -> tuple[Optional[str], tuple[Endpoint,
         return service, ()
     out: list[Endpoint] = []
     for ep in obj.get("endpoints") or []:
+        pod = (ep.get("targetRef") or {}).get("name", "")
         cond = ep.get("conditions") or {}
         # The API says a missing `ready` means unknown and consumers should treat it as ready.
         if cond.get("ready") is False or cond.get("terminating") is True:
@@ -139,7 +158,7 @@ def slice_endpoints(obj: dict[str, Any]) -> tuple[Optional[str], tuple[Endpoint,
                 ipaddress.ip_address(addr)
             except ValueError:
                 continue
-            out.append(Endpoint(addr, int(port)))
+            out.append(Endpoint(addr, int(port), pod))
     return service, tuple(out)
 
 

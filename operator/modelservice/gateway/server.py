@@ -19,6 +19,7 @@ from modelservice.gateway import metering, paths
 from modelservice.gateway import reqstate as rs
 from modelservice.gateway.activator import Activator
 from modelservice.gateway.activity import ActivityTracker
+from modelservice.gateway.adapters import ADAPTERS_ANNOTATION, Adapters, AdapterUse, name_conflicts
 from modelservice.gateway.affinity import affinity_key
 from modelservice.gateway.auth import ANONYMOUS, KeyStore, bearer_token, key_matches
 from modelservice.gateway.balancer import Balancer
@@ -30,7 +31,7 @@ from modelservice.gateway.metrics import Metrics
 from modelservice.gateway.parsing import model_of, parse_json, read_body, rewrite_model
 from modelservice.gateway.proxy import Proxy, make_pool
 from modelservice.gateway.quotas import Quotas
-from modelservice.gateway.routes import Key, ModelEntry, RouteTable
+from modelservice.gateway.routes import AdapterRef, Endpoint, Key, ModelEntry, RouteTable
 from modelservice.gateway.tenants import TenantStore
 
 log = logging.getLogger("modelservice.gateway")
@@ -52,6 +53,11 @@ class Gateway:
         self.activity = ActivityTracker(config.pod_name, config.activity_interval)
         self.activator = Activator(self.table, ops, self.activity, self.metrics,
                                    timeout=config.activation_timeout, max_held=config.max_held_per_model)
+        self.adapters = Adapters(self._engine_call, changed=self.activity.mark_changed,
+                                 wait_timeout=config.activation_timeout)
+        self.activity.annotate = self._adapter_annotations
+        self._adapter_routes: dict[str, tuple[Key, AdapterRef]] = {}
+        self._adapter_conflicts: dict[tuple[Key, str], str] = {}
         self.synced = False  # set by watchers.py once every watch has listed
         self.peers_synced: Callable[[], bool] = lambda: True  # the other workers of this pod (workers.py)
         self.proxy: Optional[Proxy] = None
@@ -98,6 +104,9 @@ class Gateway:
     def _on_change(self, key: Key) -> None:
         self.activator.on_change(key)
         entry = self.table.models.get(key)
+        self._adapter_routes, self._adapter_conflicts = name_conflicts(self.table.models.values())
+        for unload in self.adapters.sync(key, entry, self.table.ready(key) if entry else ()):
+            asyncio.ensure_future(unload)
         label = f"{key[0]}/{key[1]}"
         if entry is not None:
             self.metrics.ready_endpoints.labels(label).set(len(self.table.ready(key)))
@@ -111,13 +120,27 @@ class Gateway:
     async def openai(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request, self.config.max_body_bytes, self.config.idle_timeout)
         doc = parse_json(body)
-        entry = self._known(request, lambda: self.table.resolve(model_of(doc)))
+        adapter: Optional[AdapterUse] = None
+
+        def resolve() -> ModelEntry:
+            nonlocal adapter
+            try:
+                return self.table.resolve(model_of(doc))
+            except GatewayError as e:
+                route = self._adapter_routes.get(model_of(doc)) if e.status == 404 else None
+                base = self.table.models.get(route[0]) if route else None
+                if base is None:
+                    raise
+                adapter = AdapterUse(self.adapters, base, route[1])  # a LoRA adapter: served by its base
+                return base
+
+        entry = self._known(request, resolve)
         await self._authorize(request, entry)
         self._admit(request, len(body), doc, request.path)
         body = self._meter(request, doc, request.path) or body
-        if entry.upstream_model:
+        if entry.upstream_model and adapter is None:
             body = rewrite_model(doc, entry.upstream_model)
-        return await self._serve(request, entry, body, request.raw_path, doc)
+        return await self._serve(request, entry, body, request.raw_path, doc, adapter)
 
     async def by_path(self, request: web.Request) -> web.StreamResponse:
         ns, name = request.match_info["namespace"], request.match_info["name"]
@@ -221,16 +244,34 @@ class Gateway:
         request[rs.STRIP_AUTHORIZATION] = True  # our key is for us; the model server never sees it
 
     async def _serve(self, request: web.Request, entry: ModelEntry, body: bytes, path: str,
-                     doc: Optional[dict]) -> web.StreamResponse:
-        """The one place a proxied request starts and ends (held or not): its outcome is known in the finally."""
+                     doc: Optional[dict], adapter: Optional[AdapterUse] = None) -> web.StreamResponse:
+        """The one place a proxied request starts and ends (held or not): its outcome is known in the finally.
+        An adapter's request is its base's activity (scale to zero, parking)."""
         assert self.proxy is not None, "the app has not started"
         key = affinity_key(doc, request.headers) if entry.prefix_affinity else None  # docs/routing.md
         self.activity.started(entry.key)
         try:
             return await self.proxy.forward(request, entry, body, path, self.table, lambda: self.activator.wait(entry),
-                                            strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False), affinity=key)
+                                            strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False), affinity=key,
+                                            adapter=adapter)
         finally:
             self.activity.finished(entry.key)
+
+    async def _engine_call(self, ep: Endpoint, path: str, doc: dict) -> tuple[int, str]:
+        """The engine's own adapter API, called on the pod (never reachable by clients: paths.py)."""
+        assert self.proxy is not None, "the app has not started"
+        resp = await self.proxy.pool.request("POST", ep.address, ep.port, path,
+                                             [("Content-Type", "application/json")], json.dumps(doc).encode())
+        try:
+            return resp.status, (await resp.read()).decode(errors="replace")
+        finally:
+            resp.release()
+
+    def _adapter_annotations(self, entry: ModelEntry) -> dict[str, str]:
+        if not entry.adapters:
+            return {}
+        report = self.adapters.report(entry.key, [a.name for a in entry.adapters], self._adapter_conflicts)
+        return {ADAPTERS_ANNOTATION: json.dumps(report, separators=(",", ":"), sort_keys=True)}
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:

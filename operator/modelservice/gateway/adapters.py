@@ -1,0 +1,318 @@
+"""LoRA adapters on a running base: which replica has which adapter, loading on demand, LRU eviction (docs/lora.md).
+
+The engine (vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING) loads adapters through its own API,
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter, called here directly on the pod: the gateway's path
+allow-list (paths.py) keeps them away from clients. The gateway is the only one that loads, so its bookkeeping is
+what a replica has (a replica that restarted leaves the ready set, and its set is dropped with it).
+
+Pure parts: `name_conflicts` (who may use a name) and `Residency` (one replica's loaded set, LRU, in-flight counts).
+`Adapters` does the I/O: one load per (replica, adapter) however many requests ask at once; the others await it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterable, Optional, Sequence
+
+from modelservice.gateway.errors import GatewayError
+from modelservice.gateway.routes import AdapterRef, Endpoint, Key, ModelEntry
+from modelservice.gateway.upstream import NotSent
+
+log = logging.getLogger("modelservice.gateway.adapters")
+ADAPTERS_ANNOTATION = "serving.modelservice.dev/adapters"  # on the activity Lease: the gateway → the operator
+MAX_ERROR = 512
+
+
+# -- names ---------------------------------------------------------------------------------------------------------
+def name_conflicts(models: Iterable[ModelEntry]) -> tuple[dict[str, tuple[Key, AdapterRef]], dict[tuple[Key, str], str]]:
+    """(adapter name → (base key, adapter) for every routable adapter, (base key, name) → why it is not routed).
+
+    A served model's name always wins over an adapter's (it was a model first, and clients of it must not be
+    captured); between adapters of different bases the oldest ModelService wins (creation time, then namespace/name),
+    so a new object can never take a name in use away."""
+    entries = sorted(models, key=lambda e: (e.created, e.namespace, e.name))
+    served = {e.served_name: e for e in entries}
+    served.update({e.name: e for e in entries if e.name not in served})  # namespace/name is not a served name
+    routes: dict[str, tuple[Key, AdapterRef]] = {}
+    conflicts: dict[tuple[Key, str], str] = {}
+    for e in entries:
+        for a in e.adapters:
+            holder = served.get(a.name)
+            if holder is not None and (holder.served_name == a.name or holder.key == e.key):
+                conflicts[(e.key, a.name)] = (f"NameConflict: {a.name!r} is the served name of model "
+                                              f"{holder.label}: rename the adapter")
+            elif a.name in routes:
+                conflicts[(e.key, a.name)] = (f"NameConflict: adapter {a.name!r} is already served by "
+                                              f"{routes[a.name][0][0]}/{routes[a.name][0][1]} (older): rename it")
+            else:
+                routes[a.name] = (e.key, a)
+    return routes, conflicts
+
+
+# -- one replica's loaded set ----------------------------------------------------------------------------------------
+@dataclass
+class Residency:
+    """What one replica has loaded (least recently used first), what is loading, and what is in use."""
+    capacity: int
+    loaded: "OrderedDict[str, str]" = field(default_factory=OrderedDict)  # name → path it was loaded from
+    loading: dict[str, asyncio.Future] = field(default_factory=dict)
+    in_use: dict[str, int] = field(default_factory=dict)
+
+    def has(self, name: str, path: str) -> bool:
+        return self.loaded.get(name) == path
+
+    def touch(self, name: str) -> None:
+        self.loaded.move_to_end(name)
+
+    def victim(self) -> Optional[str]:
+        """The least recently used loaded adapter no request is using, when the set is full; None if none is
+        needed. Raises LookupError when it is full of adapters in use (the request must wait)."""
+        if len(self.loaded) + len(self.loading) < self.capacity:
+            return None
+        for name in self.loaded:
+            if not self.in_use.get(name):
+                return name
+        raise LookupError("every loaded adapter has requests in flight")
+
+    def acquire(self, name: str) -> None:
+        self.in_use[name] = self.in_use.get(name, 0) + 1
+
+    def release(self, name: str) -> None:
+        n = self.in_use.get(name, 0) - 1
+        if n > 0:
+            self.in_use[name] = n
+        else:
+            self.in_use.pop(name, None)
+
+
+def prefer_loaded(endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint],
+                  has: Callable[[Endpoint], bool]) -> tuple[Endpoint, ...]:
+    """Affinity: the replicas that already have the adapter, when one of them is still a candidate; else all."""
+    skip = set(exclude)
+    warm = tuple(ep for ep in endpoints if ep not in skip and has(ep))
+    return warm or tuple(endpoints)
+
+
+# -- the engine's API ------------------------------------------------------------------------------------------------
+# (endpoint, path, JSON body) → (HTTP status, body text); raises upstream.NotSent when the replica took nothing.
+# Injected: the gateway's upstream pool, a fake in unit tests.
+EngineCall = Callable[[Endpoint, str, dict], Awaitable[tuple[int, str]]]
+
+
+def engine_message(text: str) -> str:
+    """vLLM's error text from its JSON ({"error": {"message"}} or {"message"}), or the body as it is."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text.strip()[:MAX_ERROR]
+    if isinstance(doc, dict):
+        err = doc.get("error", doc)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:MAX_ERROR]
+    return text.strip()[:MAX_ERROR]
+
+
+@dataclass
+class _State:
+    loaded_on: dict[str, set[str]] = field(default_factory=dict)  # adapter → pods (or addresses)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class Adapters:
+    """Loads adapters where requests need them. `changed(key)` tells the activity flusher the base's Lease is due."""
+
+    def __init__(self, call: EngineCall, *, changed: Callable[[Key], None] = lambda key: None,
+                 wait_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.call, self.changed, self.wait_timeout, self.clock = call, changed, wait_timeout, clock
+        self._replicas: dict[Endpoint, Residency] = {}
+        self._owner: dict[Endpoint, Key] = {}
+        self._freed: dict[Endpoint, asyncio.Event] = {}
+        self._state: dict[Key, _State] = {}
+        self.loads = 0  # load calls made, for tests and the bench
+        self.unloads = 0
+
+    # -- queries --------------------------------------------------------------------------------------------------
+    def has(self, ep: Endpoint, adapter: AdapterRef) -> bool:
+        r = self._replicas.get(ep)
+        return r is not None and r.has(adapter.name, adapter.path)
+
+    def report(self, key: Key, declared: Iterable[str], conflicts: dict[tuple[Key, str], str]) -> dict[str, dict]:
+        """The Lease annotation's content: per declared adapter, where it is loaded and its last error."""
+        st = self._state.get(key, _State())
+        out = {}
+        for name in sorted(declared):
+            item: dict = {"loadedOn": sorted(st.loaded_on.get(name, ()))}
+            error = conflicts.get((key, name)) or st.errors.get(name)
+            if error:
+                item["error"] = error
+            out[name] = item
+        return out
+
+    # -- the request path -----------------------------------------------------------------------------------------
+    async def acquire(self, entry: ModelEntry, ep: Endpoint, adapter: AdapterRef) -> Callable[[], None]:
+        """Make sure `ep` has the adapter loaded (loading it first, evicting the LRU one if full), and hold it there
+        until the returned release is called (the request finished): an adapter in use is never unloaded."""
+        r = self._replica(entry, ep)
+        deadline = self.clock() + self.wait_timeout
+        while True:
+            if r.has(adapter.name, adapter.path):
+                r.touch(adapter.name)
+                r.acquire(adapter.name)
+                return lambda: self._release(ep, r, adapter.name)
+            pending = r.loading.get(adapter.name)
+            if pending is None:
+                try:
+                    victim = r.victim()
+                except LookupError:
+                    await self._wait_freed(entry, ep, adapter, deadline)
+                    continue
+                pending = r.loading[adapter.name] = asyncio.get_running_loop().create_future()
+                asyncio.ensure_future(self._load(entry, ep, r, adapter, victim, pending))
+            await asyncio.shield(pending)  # raises the load's error for every request that waited on it
+
+    def _release(self, ep: Endpoint, r: Residency, name: str) -> None:
+        r.release(name)
+        event = self._freed.get(ep)
+        if event is not None and not r.in_use.get(name):
+            event.set()
+
+    async def _wait_freed(self, entry: ModelEntry, ep: Endpoint, adapter: AdapterRef, deadline: float) -> None:
+        left = deadline - self.clock()
+        event = self._freed.setdefault(ep, asyncio.Event())
+        event.clear()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(event.wait(), left)
+        except asyncio.TimeoutError:
+            replica = ep.pod or ep.address
+            raise GatewayError(
+                429, f"adapter {adapter.name!r}: every adapter slot of model {entry.label}'s replica ({replica}) is "
+                     "in use by requests in flight (spec.lora.maxLoaded); retry later",
+                "adapter_capacity_exceeded", retry_after=5) from None
+
+    async def _load(self, entry: ModelEntry, ep: Endpoint, r: Residency, adapter: AdapterRef,
+                    victim: Optional[str], done: asyncio.Future) -> None:
+        try:
+            if victim is not None:
+                path = r.loaded.pop(victim)
+                await self._unload(entry, ep, victim, path)
+            old = r.loaded.pop(adapter.name, None)
+            if old is not None:  # declared again with another URI: the engine refuses a second load of a name
+                await self._unload(entry, ep, adapter.name, old)
+            self.loads += 1
+            status, text = await self.call(ep, "/v1/load_lora_adapter",
+                                           {"lora_name": adapter.name, "lora_path": adapter.path})
+            if status == 400 and "already been loaded" in text:
+                status = 200  # loaded by an earlier gateway process: it is there, which is what we want
+            if status != 200:
+                message = engine_message(text)
+                self._error(entry.key, adapter.name, f"{ep.pod or ep.address}: {message}")
+                raise GatewayError(
+                    503 if status >= 500 else 502,
+                    f"adapter {adapter.name!r} could not be loaded on model {entry.label} "
+                    f"(engine answered {status}): {message}", "adapter_load_failed")
+            r.loaded[adapter.name] = adapter.path
+            self._loaded(entry.key, adapter.name, ep, True)
+            self._state.setdefault(entry.key, _State()).errors.pop(adapter.name, None)
+            done.set_result(None)
+        except (NotSent, GatewayError) as e:
+            done.set_exception(e)
+        except Exception as e:  # noqa: BLE001 - every waiter must hear of it, not hang
+            log.exception("adapter %s load on %s failed", adapter.name, ep.base_url)
+            done.set_exception(GatewayError(502, f"adapter {adapter.name!r}: load failed ({type(e).__name__})",
+                                            "adapter_load_failed"))
+        finally:
+            r.loading.pop(adapter.name, None)
+            if not done.done():
+                done.set_exception(GatewayError(502, f"adapter {adapter.name!r}: load cancelled", "adapter_load_failed"))
+
+    async def _unload(self, entry: ModelEntry, ep: Endpoint, name: str, path: str) -> None:
+        self.unloads += 1
+        self._loaded(entry.key, name, ep, False)
+        try:
+            status, text = await self.call(ep, "/v1/unload_lora_adapter", {"lora_name": name})
+        except NotSent:
+            return
+        if status not in (200, 404):  # 404: not there (a restarted engine): the same outcome
+            log.warning("unload of adapter %s on %s: %d %s", name, ep.base_url, status, engine_message(text))
+
+    def forget_lost(self, ep: Endpoint, adapter: AdapterRef) -> None:
+        """The engine said it does not know an adapter we loaded there (it restarted): load it again next time."""
+        r = self._replicas.get(ep)
+        if r is not None and r.loaded.pop(adapter.name, None) is not None:
+            key = self._owner.get(ep)
+            if key is not None:
+                self._loaded(key, adapter.name, ep, False)
+
+    # -- the table's changes --------------------------------------------------------------------------------------
+    def sync(self, key: Key, entry: Optional[ModelEntry], ready: Sequence[Endpoint]) -> list[Awaitable[None]]:
+        """Drop replicas that left the ready set (a restarted pod starts empty); the unloads that adapters no longer
+        declared (or moved to another URI) need, for the caller to run in the background."""
+        live = set(ready)
+        for ep in [ep for ep, k in self._owner.items() if k == key and ep not in live]:
+            r = self._replicas.pop(ep)
+            self._owner.pop(ep, None)
+            self._freed.pop(ep, None)
+            for name in r.loaded:
+                self._loaded(key, name, ep, False)
+        if entry is None:
+            self._state.pop(key, None)
+            return []
+        declared = {a.name: a.path for a in entry.adapters}
+        st = self._state.setdefault(key, _State())
+        for name in list(st.errors):
+            if name not in declared:
+                del st.errors[name]
+        work = []
+        for ep in ready:
+            r = self._replicas.get(ep)
+            if r is None:
+                continue
+            r.capacity = entry.lora_max_loaded or r.capacity
+            for name, path in list(r.loaded.items()):
+                if declared.get(name) != path and not r.in_use.get(name):
+                    del r.loaded[name]
+                    work.append(self._unload(entry, ep, name, path))
+        return work
+
+    def _replica(self, entry: ModelEntry, ep: Endpoint) -> Residency:
+        r = self._replicas.get(ep)
+        if r is None:
+            r = self._replicas[ep] = Residency(capacity=entry.lora_max_loaded or 1)
+            self._owner[ep] = entry.key
+        return r
+
+    def _loaded(self, key: Key, name: str, ep: Endpoint, on: bool) -> None:
+        pods = self._state.setdefault(key, _State()).loaded_on.setdefault(name, set())
+        (pods.add if on else pods.discard)(ep.pod or ep.address)
+        if not pods:
+            self._state[key].loaded_on.pop(name, None)
+        self.changed(key)
+
+    def _error(self, key: Key, name: str, message: str) -> None:
+        self._state.setdefault(key, _State()).errors[name] = message[:MAX_ERROR]
+        self.changed(key)
+
+
+@dataclass
+class AdapterUse:
+    """One request's adapter, as the proxy's retry loop sees it (proxy.forward's `adapter`)."""
+    manager: Adapters
+    entry: ModelEntry
+    adapter: AdapterRef
+
+    def candidates(self, endpoints: Sequence[Endpoint], tried: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+        return prefer_loaded(endpoints, tried, lambda ep: self.manager.has(ep, self.adapter))
+
+    async def acquire(self, ep: Endpoint) -> Callable[[], None]:
+        return await self.manager.acquire(self.entry, ep, self.adapter)
+
+    def answered(self, ep: Endpoint, status: int) -> None:
+        if status == 404:  # the engine does not know it: it restarted in place since we loaded it
+            self.manager.forget_lost(ep, self.adapter)

@@ -1,0 +1,283 @@
+"""LoRA adapters, the pure parts: the API's refusals, the rendered engine flags (and that adapters never touch the pod
+template), name collisions, a replica's LRU set, one load per replica however many requests ask, status hand-over.
+The engine side runs on a real vLLM: tests/integration/test_vllm_lora.py and test_lora_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from modelservice.api import InvalidSpec, validate_spec
+from modelservice.gateway.adapters import Adapters, AdapterUse, Residency, engine_message, name_conflicts
+from modelservice.gateway.errors import GatewayError
+from modelservice.gateway.routes import AdapterRef, Endpoint, model_entry
+from modelservice.gateway.upstream import NotSent
+from modelservice.render import Context, render
+from modelservice.status import ADAPTERS_ANNOTATION, Observed, adapters_from_leases, compute_status
+
+LORA = {"maxLoaded": 2, "maxRank": 8, "claim": "adapters"}
+
+
+def spec(**extra):
+    return {"engine": "vllm", "model": {"uri": "hf://org/base"}, "lora": LORA, **extra}
+
+
+def adapters(*names):
+    return [{"name": n, "uri": f"pvc://adapters/{n}/v1"} for n in names]
+
+
+def ms(name, created="2026-01-01T00:00:00Z", served=None, adapter_names=(), ns="ns"):
+    body = spec(adapters=adapters(*adapter_names))
+    if served:
+        body["model"]["servedName"] = served
+    return {"metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "generation": 1,
+                         "creationTimestamp": created}, "spec": body}
+
+
+# -- API -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, problem", [
+    (spec(adapters=adapters("a", "a")), "declared twice"),
+    (spec(adapters=[{"name": "ns/a", "uri": "pvc://adapters/a"}]), "spec.adapters[0].name"),
+    (spec(adapters=[{"name": "a", "uri": "hf://org/adapter"}]), "spec.adapters[0].uri"),
+    (spec(adapters=[{"name": "a", "uri": "pvc://other/a"}]), "claim 'other' is not mounted"),
+    ({**spec(adapters=adapters("a")), "model": {"uri": "hf://org/base", "servedName": "a"}}, "base model's served"),
+    ({**spec(), "lora": {**LORA, "maxRank": 12}}, "not a rank vLLM accepts"),
+    ({"engine": "vllm", "model": {"uri": "hf://org/base"}, "adapters": adapters("a")}, "adapters need spec.lora"),
+    ({"engine": "llamacpp", "model": {"uri": "hf://org/b-GGUF:Q4"}, "lora": LORA}, "engine vllm only, not llamacpp"),
+])
+def test_the_api_refuses_bad_adapters_with_the_field_and_the_fix(raw, problem):
+    with pytest.raises(InvalidSpec) as e:
+        validate_spec(raw, gateway_enabled=True)
+    assert problem in str(e.value), e.value
+
+
+def test_adapters_need_the_gateway():
+    with pytest.raises(InvalidSpec, match="gateway.enabled=true"):
+        validate_spec(spec(adapters=adapters("a")), gateway_enabled=False)
+
+
+# -- render ----------------------------------------------------------------------------------------------------------
+def _template(raw):
+    ctx = Context(name="m", namespace="ns", uid="u", labels={}, replicas=1)
+    return render(ctx, validate_spec(raw, gateway_enabled=True))["Deployment"]["spec"]["template"]
+
+
+def test_vllm_starts_with_lora_flags_and_the_adapter_claim_as_its_working_directory():
+    c = _template(spec())["spec"]["containers"][0]
+    args = c["args"]
+    assert args[args.index("--enable-lora"):][:7] == ["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "2",
+                                                       "--max-lora-rank", "8"]
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in c["env"]
+    assert {"name": "adapters", "mountPath": "/mnt/adapters", "readOnly": True} in c["volumeMounts"]
+    assert c["workingDir"] == "/mnt/adapters"
+    assert "--enable-lora" not in _template({"engine": "vllm", "model": {"uri": "hf://org/base"}})["spec"][
+        "containers"][0]["args"]
+
+
+def test_adding_or_removing_an_adapter_leaves_the_pod_template_unchanged():
+    assert _template(spec()) == _template(spec(adapters=adapters("a", "b"))) == _template(spec(adapters=adapters("a")))
+
+
+# -- names -----------------------------------------------------------------------------------------------------------
+def test_a_served_name_wins_over_an_adapter_and_the_oldest_base_keeps_a_shared_adapter_name():
+    entries = [model_entry(ms("old", "2026-01-01T00:00:00Z", adapter_names=("shared", "chat"))),
+               model_entry(ms("new", "2026-02-01T00:00:00Z", adapter_names=("shared", "own", "new"))),
+               model_entry(ms("chat", "2026-03-01T00:00:00Z"))]
+    routes, conflicts = name_conflicts(entries)
+    assert {n: k for n, (k, _) in routes.items()} == {"shared": ("ns", "old"), "own": ("ns", "new")}
+    assert "served name of model ns/chat" in conflicts[(("ns", "old"), "chat")]
+    assert "already served by ns/old" in conflicts[(("ns", "new"), "shared")]
+    assert "served name of model ns/new" in conflicts[(("ns", "new"), "new")]  # its own name (no servedName)
+    assert routes["own"][1] == AdapterRef("own", "own/v1")  # relative to the claim's mount, the engine's cwd
+
+
+# -- a replica's set -------------------------------------------------------------------------------------------------
+def test_the_least_recently_used_idle_adapter_goes_first_and_one_in_use_never():
+    r = Residency(capacity=2)
+    assert r.victim() is None
+    r.loaded["a"], r.loaded["b"] = "a", "b"
+    r.touch("a")
+    assert r.victim() == "b"
+    r.acquire("b")
+    assert r.victim() == "a"
+    r.acquire("a")
+    with pytest.raises(LookupError):
+        r.victim()
+    r.release("b")
+    assert r.victim() == "b"
+
+
+class FakeEngine:
+    """vLLM's adapter API as test_vllm_lora.py pins it; each load waits until the test lets it finish."""
+
+    def __init__(self, refuse=None):
+        self.calls: list[tuple[str, str]] = []
+        self.registered: set[str] = set()
+        self.gate = asyncio.Event()
+        self.refuse = refuse or {}
+
+    async def __call__(self, ep, path, doc):
+        self.calls.append((path.rsplit("/", 1)[1].split("_")[0], doc["lora_name"]))
+        if path.endswith("unload_lora_adapter"):
+            self.registered.discard(doc["lora_name"])
+            return 200, "Success"
+        await self.gate.wait()
+        if doc["lora_name"] in self.refuse:
+            return 500, json.dumps({"error": {"message": self.refuse[doc["lora_name"]], "type": "InternalServerError"}})
+        self.registered.add(doc["lora_name"])
+        return 200, f"Success: LoRA adapter '{doc['lora_name']}' added successfully."
+
+
+EP = Endpoint("10.0.0.1", 8000, "base-pod-1")
+
+
+def _entry(*names):
+    return model_entry(ms("base", adapter_names=names))
+
+
+def test_many_requests_for_one_adapter_make_one_load_and_all_wait_for_it():
+    async def go():
+        engine = FakeEngine()
+        mgr = Adapters(engine)
+        entry = _entry("a")
+        use = AdapterUse(mgr, entry, entry.adapters[0])
+        tasks = [asyncio.ensure_future(use.acquire(EP)) for _ in range(20)]
+        await asyncio.sleep(0)
+        assert not any(t.done() for t in tasks)  # held while the one load runs
+        engine.gate.set()
+        releases = await asyncio.gather(*tasks)
+        assert engine.calls == [("load", "a")] and mgr.loads == 1
+        for release in releases:
+            release()
+        assert mgr.report(entry.key, ["a"], {}) == {"a": {"loadedOn": ["base-pod-1"]}}
+    asyncio.run(go())
+
+
+def test_a_full_replica_unloads_its_lru_adapter_and_waits_while_all_are_in_use():
+    async def go():
+        engine = FakeEngine()
+        engine.gate.set()
+        mgr = Adapters(engine, wait_timeout=3600)
+        entry = _entry("a", "b", "c")
+        a, b, c = (AdapterUse(mgr, entry, x) for x in entry.adapters)
+        release_a = await a.acquire(EP)
+        release_b = await b.acquire(EP)
+        waiting = asyncio.ensure_future(c.acquire(EP))  # two slots, both in use: waits, no load, no thrash
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done() and engine.calls == [("load", "a"), ("load", "b")]
+        release_a()
+        release_c = await waiting
+        assert engine.calls == [("load", "a"), ("load", "b"), ("unload", "a"), ("load", "c")]
+        release_b(), release_c()
+        assert mgr.has(EP, entry.adapters[2]) and not mgr.has(EP, entry.adapters[0])
+        release = await b.acquire(EP)  # loaded: no call
+        release()
+        assert len(engine.calls) == 4
+    asyncio.run(go())
+
+
+def test_all_slots_in_use_past_the_wait_is_a_429_with_the_reason():
+    async def go():
+        engine = FakeEngine()
+        engine.gate.set()
+        now = [0.0]
+        mgr = Adapters(engine, wait_timeout=10, clock=lambda: now[0])
+        entry = _entry("a", "b", "c")
+        for x in entry.adapters[:2]:
+            await mgr.acquire(entry, EP, x)
+        now[0] = 11.0
+        with pytest.raises(GatewayError) as e:
+            await mgr.acquire(entry, EP, entry.adapters[2])
+        assert e.value.status == 429 and e.value.code == "adapter_capacity_exceeded"
+        assert "maxLoaded" in e.value.message
+    asyncio.run(go())
+
+
+def test_an_engine_refusal_reaches_every_waiter_and_the_status_and_a_later_success_clears_it():
+    async def go():
+        rank = "LoRA rank 16 is greater than max_lora_rank 8."
+        engine = FakeEngine(refuse={"a": rank})
+        mgr = Adapters(engine)
+        entry = _entry("a")
+        tasks = [asyncio.ensure_future(mgr.acquire(entry, EP, entry.adapters[0])) for _ in range(3)]
+        engine.gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, GatewayError) and r.code == "adapter_load_failed" and rank in r.message
+                   for r in results), results
+        assert engine.calls == [("load", "a")]
+        assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": [], "error": f"base-pod-1: {rank}"}
+        engine.refuse = {}
+        (await mgr.acquire(entry, EP, entry.adapters[0]))()
+        assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": ["base-pod-1"]}
+    asyncio.run(go())
+
+
+def test_an_unreachable_replica_is_not_sent_the_request():
+    async def go():
+        async def refused(ep, path, doc):
+            raise NotSent("connection refused")
+        mgr = Adapters(refused)
+        entry = _entry("a")
+        with pytest.raises(NotSent):
+            await mgr.acquire(entry, EP, entry.adapters[0])
+        assert not mgr.has(EP, entry.adapters[0])
+    asyncio.run(go())
+
+
+def test_removed_adapters_are_unloaded_and_a_replica_that_left_starts_empty():
+    async def go():
+        engine = FakeEngine()
+        engine.gate.set()
+        mgr = Adapters(engine)
+        entry = _entry("a", "b")
+        for x in entry.adapters:
+            (await mgr.acquire(entry, EP, x))()
+        await asyncio.gather(*mgr.sync(entry.key, _entry("b"), [EP]))
+        assert engine.calls[-1] == ("unload", "a") and not mgr.has(EP, entry.adapters[0])
+        mgr.sync(entry.key, _entry("b"), [])  # the pod went away (or restarted)
+        assert not mgr.has(EP, entry.adapters[1]) and mgr.report(entry.key, ["b"], {}) == {"b": {"loadedOn": []}}
+        use = AdapterUse(mgr, entry, entry.adapters[1])
+        (await use.acquire(EP))()
+        use.answered(EP, 404)  # the engine forgot it (restarted in place): load it again next time
+        assert not mgr.has(EP, entry.adapters[1])
+    asyncio.run(go())
+
+
+def test_affinity_prefers_a_replica_with_the_adapter_loaded():
+    async def go():
+        engine = FakeEngine()
+        engine.gate.set()
+        mgr = Adapters(engine)
+        entry = _entry("a")
+        use = AdapterUse(mgr, entry, entry.adapters[0])
+        other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+        assert use.candidates([EP, other], ()) == (EP, other)
+        (await use.acquire(other))()
+        assert use.candidates([EP, other], ()) == (other,)
+        assert use.candidates([EP, other], {other}) == (EP, other)  # tried: any replica, the balancer excludes it
+    asyncio.run(go())
+
+
+def test_engine_messages_are_read_from_vllm_error_shapes():
+    assert engine_message('{"error": {"message": "boom", "type": "x"}}') == "boom"
+    assert engine_message('{"object": "error", "message": "old shape"}') == "old shape"
+    assert engine_message("Internal Server Error") == "Internal Server Error"
+
+
+# -- status ----------------------------------------------------------------------------------------------------------
+def _lease(renew, report):
+    return {"metadata": {"annotations": {ADAPTERS_ANNOTATION: json.dumps(report)}}, "spec": {"renewTime": renew}}
+
+
+def test_status_merges_every_gateways_report_for_pods_that_exist():
+    leases = [_lease("2026-01-01T00:00:02Z", {"a": {"loadedOn": ["p1"]}, "b": {"loadedOn": [], "error": "rank"}}),
+              _lease("2026-01-01T00:00:01Z", {"a": {"loadedOn": ["p2", "gone"]}, "b": {"loadedOn": ["p2"]}}),
+              {"metadata": {"annotations": {ADAPTERS_ANNOTATION: "not json"}}, "spec": {}}]
+    out = adapters_from_leases(["a", "b", "c"], leases, {"p1", "p2"})
+    assert out == [{"name": "a", "loadedOn": ["p1", "p2"]}, {"name": "b", "loadedOn": ["p2"], "error": "rank"},
+                   {"name": "c", "loadedOn": []}]
+    status = compute_status(Observed(generation=1, name="m", namespace="ns", adapters=out), {}, "now")
+    assert status["adapters"] == out and status["adaptersLoaded"] == "2/3"
