@@ -1,17 +1,11 @@
 """The gateway over real sockets on 127.0.0.x, for unit tests (test_gateway_http.py, _streaming, _activator, ...):
 stub model servers, a gateway whose table is filled by hand, and a small OpenAI client."""
 
-import asyncio
 import contextlib
 import json
 
 from modelservice.gateway.testing import endpointslice, gateway_with, serving
 from tests.cluster.stub_server import make_app as stub_app
-
-
-def run(coro, timeout=30):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
 
 gateway = gateway_with
 

@@ -52,30 +52,28 @@ def test_store_per_model_and_global():
     assert g.permits(locked, "Bearer G") and g.permits(locked, "Bearer k1")
 
 
-def test_refresher_fetches_kicked_secrets():
+async def test_refresher_fetches_kicked_secrets():
     from modelservice.gateway.testing import FakeOps
 
-    async def scenario():
-        ops = FakeOps()
-        ops.secrets[("a", "s")] = secret(keys="k1")
-        entries = [model_entry(modelservice("locked", "a", api_key_secret="s"))]
-        store = KeyStore()
-        task = asyncio.create_task(store.run(ops, lambda: entries, interval=60))
-        await asyncio.wait_for(store.wait_loaded(entries[0], 5), 5)
-        assert store.permits(entries[0], "Bearer k1")
-        ops.secrets[("a", "s")] = secret(keys="k2")  # rotation: picked up at the next kick (or interval)
-        store.kick()
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if store.permits(entries[0], "Bearer k2"):
-                break
-        assert store.permits(entries[0], "Bearer k2") and not store.permits(entries[0], "Bearer k1")
-        task.cancel()
-
-    asyncio.run(asyncio.wait_for(scenario(), 10))
+    ops = FakeOps()
+    ops.secrets[("a", "s")] = secret(keys="k1")
+    entries = [model_entry(modelservice("locked", "a", api_key_secret="s"))]
+    store = KeyStore()
+    task = asyncio.create_task(store.run(ops, lambda: entries, interval=60))
+    await asyncio.wait_for(store.wait_loaded(entries[0], 5), 5)
+    assert store.permits(entries[0], "Bearer k1")
+    ops.secrets[("a", "s")] = secret(keys="k2")  # rotation: picked up at the next kick (or interval)
+    store.kick()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if store.permits(entries[0], "Bearer k2"):
+            break
+    assert store.permits(entries[0], "Bearer k2") and not store.permits(entries[0], "Bearer k1")
+    task.cancel()
 
 
-def test_a_secret_the_gateway_may_not_read_is_a_503_with_the_reason_not_a_401():
+
+async def test_a_secret_the_gateway_may_not_read_is_a_503_with_the_reason_not_a_401():
     """Seen on the local cluster: with the chart's gateway.apiKeys off, the right key got 401 "invalid API key"."""
     from modelservice.gateway.testing import FakeOps
 
@@ -83,16 +81,14 @@ def test_a_secret_the_gateway_may_not_read_is_a_503_with_the_reason_not_a_401():
         async def get_secret(self, namespace, name):
             raise RuntimeError("403 Forbidden: secrets \"s\" is forbidden")
 
-    async def scenario():
-        entries = [model_entry(modelservice("locked", "a", api_key_secret="s"))]
-        store = KeyStore()
-        task = asyncio.create_task(store.run(Forbidden(), lambda: entries, interval=60))
-        await asyncio.wait_for(store.wait_loaded(entries[0], 5), 5)
-        assert not store.permits(entries[0], "Bearer k1")
-        assert store.unreadable(entries[0]) == ("the gateway cannot read the API key Secret a/s: 403 Forbidden: "
-                                                "secrets \"s\" is forbidden")
-        store.update(("a", "s"), secret(keys="k1"))  # readable again: keys checked as usual
-        assert store.unreadable(entries[0]) is None and store.permits(entries[0], "Bearer k1")
-        task.cancel()
+    entries = [model_entry(modelservice("locked", "a", api_key_secret="s"))]
+    store = KeyStore()
+    task = asyncio.create_task(store.run(Forbidden(), lambda: entries, interval=60))
+    await asyncio.wait_for(store.wait_loaded(entries[0], 5), 5)
+    assert not store.permits(entries[0], "Bearer k1")
+    assert store.unreadable(entries[0]) == ("the gateway cannot read the API key Secret a/s: 403 Forbidden: "
+                                            "secrets \"s\" is forbidden")
+    store.update(("a", "s"), secret(keys="k1"))  # readable again: keys checked as usual
+    assert store.unreadable(entries[0]) is None and store.permits(entries[0], "Bearer k1")
+    task.cancel()
 
-    asyncio.run(asyncio.wait_for(scenario(), 10))

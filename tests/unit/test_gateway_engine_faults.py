@@ -13,13 +13,6 @@ from modelservice.gateway.testing import FakeOps, deployment, endpointslice, fee
 pytestmark = pytest.mark.unit
 
 
-def run_async(fn):
-    """Run a coroutine test on its own event loop, bounded (a hang fails instead of stalling the suite)."""
-    def test() -> None:
-        asyncio.run(asyncio.wait_for(fn(), 30))
-    test.__name__, test.__doc__ = fn.__name__, fn.__doc__
-    return test
-
 LOG = "llama-server: error: invalid argument: --no-such-flag"
 
 
@@ -43,7 +36,6 @@ async def _post(url: str, body: dict) -> tuple[int, dict]:
             return r.status, await r.json()
 
 
-@run_async
 async def test_a_model_that_cannot_start_answers_503_with_the_engines_words_at_once():
     async with gateway_with(stalled(modelservice("m")), deployment("m", 1), activation_timeout=300) as (gw, url):
         status, body = await asyncio.wait_for(_post(url, chat("m")), 10)  # not the 300 s activation timeout
@@ -51,7 +43,6 @@ async def test_a_model_that_cannot_start_answers_503_with_the_engines_words_at_o
     assert body["error"]["code"] == "model_not_starting" and LOG in body["error"]["message"]
 
 
-@run_async
 async def test_held_requests_learn_why_the_model_did_not_come_up():
     ops = FakeOps()
     ms = modelservice("z", min_replicas=0)
@@ -66,7 +57,6 @@ async def test_held_requests_learn_why_the_model_did_not_come_up():
     assert status == 503 and LOG in body["error"]["message"]
 
 
-@run_async
 async def test_a_stale_stalled_condition_does_not_refuse_a_new_spec():
     ms = stalled(modelservice("m"))
     ms["metadata"]["generation"] = 2  # the user fixed the spec; the operator has not judged it yet
@@ -75,7 +65,6 @@ async def test_a_stale_stalled_condition_does_not_refuse_a_new_spec():
     assert status == 503 and body["error"]["code"] != "model_not_starting"
 
 
-@run_async
 async def test_an_engine_that_dies_mid_stream_leaves_an_openai_error_event():
     """The engine writes one SSE chunk and its connection closes: the client gets the chunk, then an error event in
     OpenAI's shape (SDKs raise on it), then a cut connection (not a clean end that would pass for a whole answer)."""
@@ -108,7 +97,6 @@ async def test_an_engine_that_dies_mid_stream_leaves_an_openai_error_event():
     assert error["code"] == "upstream_failed_mid_stream" and "incomplete" in error["message"]
 
 
-@run_async
 async def test_a_request_to_a_pod_that_just_went_away_waits_for_its_replacement():
     """Scaled to zero and woken at once: the EndpointSlice still lists the old pod, which no longer listens. Nothing
     was sent to it, so the request waits for the new pod instead of failing with 502."""

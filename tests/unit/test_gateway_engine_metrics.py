@@ -1,7 +1,6 @@
 """Engines' metrics re-exported by the gateway (engine_metrics.py): labelled per model and endpoint, families merged
 into one valid exposition, an endpoint that does not answer left out and counted."""
 
-import asyncio
 
 import aiohttp
 import pytest
@@ -37,29 +36,27 @@ def test_merge_groups_each_family_once():
     assert text.count("# TYPE x_total counter") == 1
 
 
-def test_gateway_serves_every_ready_engines_metrics():
-    async def scenario():
-        async with serving(stub_app("m", 100.0), host="127.0.0.1") as a, \
-                serving(stub_app("m", 100.0), host="127.0.0.2") as b:
-            port_a, port_b = int(a.rsplit(":", 1)[1]), int(b.rsplit(":", 1)[1])
-            table = RouteTable()
-            dead = free_port()
-            feed(table, modelservice("m", "ns"), modelservice("other", "ns"), modelservice("gone", "ns"),
-                 endpointslice("m", [("127.0.0.1", True)], port_a, "ns", name="m-a"),
-                 endpointslice("m", [("127.0.0.2", True)], port_b, "ns", name="m-b"),
-                 endpointslice("gone", [("127.0.0.3", True)], dead, "ns"))
-            reg = CollectorRegistry()
-            app = web.Application()
-            app.router.add_get("/engine-metrics", EngineMetrics(table, reg).handle)
-            async with serving(app) as url, aiohttp.ClientSession() as s:
-                async with s.get(url + "/engine-metrics") as r:
-                    assert r.status == 200
-                    text = await r.text()
-            fams = {f.name: f for f in text_string_to_metric_families(text)}
-            running = fams["vllm:num_requests_running"].samples
-            assert {(x.labels["modelservice"], x.labels["modelservice_endpoint"]) for x in running} == {
-                ("m", f"127.0.0.1:{port_a}"), ("m", f"127.0.0.2:{port_b}")}
-            assert all(x.labels["modelservice_namespace"] == "ns" for x in running)
-            assert reg.get_sample_value("modelservice_gateway_engine_scrape_errors_total", {"model": "ns/gone"}) == 1
+async def test_gateway_serves_every_ready_engines_metrics():
+    async with serving(stub_app("m", 100.0), host="127.0.0.1") as a, \
+            serving(stub_app("m", 100.0), host="127.0.0.2") as b:
+        port_a, port_b = int(a.rsplit(":", 1)[1]), int(b.rsplit(":", 1)[1])
+        table = RouteTable()
+        dead = free_port()
+        feed(table, modelservice("m", "ns"), modelservice("other", "ns"), modelservice("gone", "ns"),
+             endpointslice("m", [("127.0.0.1", True)], port_a, "ns", name="m-a"),
+             endpointslice("m", [("127.0.0.2", True)], port_b, "ns", name="m-b"),
+             endpointslice("gone", [("127.0.0.3", True)], dead, "ns"))
+        reg = CollectorRegistry()
+        app = web.Application()
+        app.router.add_get("/engine-metrics", EngineMetrics(table, reg).handle)
+        async with serving(app) as url, aiohttp.ClientSession() as s:
+            async with s.get(url + "/engine-metrics") as r:
+                assert r.status == 200
+                text = await r.text()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        running = fams["vllm:num_requests_running"].samples
+        assert {(x.labels["modelservice"], x.labels["modelservice_endpoint"]) for x in running} == {
+            ("m", f"127.0.0.1:{port_a}"), ("m", f"127.0.0.2:{port_b}")}
+        assert all(x.labels["modelservice_namespace"] == "ns" for x in running)
+        assert reg.get_sample_value("modelservice_gateway_engine_scrape_errors_total", {"model": "ns/gone"}) == 1
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -1,6 +1,5 @@
 """Token metering (metering.py): usage read from answers, the usage event asked for and hidden, cuts, cardinality."""
 
-import asyncio
 import base64
 import json
 
@@ -105,63 +104,61 @@ def _tenant_secret(name, key, namespaces="default"):
             "data": {"keys": base64.b64encode(key.encode()).decode()}}
 
 
-def test_gateway_meters_tokens_per_tenant_from_a_real_stream():
+async def test_gateway_meters_tokens_per_tenant_from_a_real_stream():
     """Over sockets, the stub engine counting its own tokens: what the client saw and the counters agree."""
     async def no_usage(request: web.Request) -> web.Response:
         return web.json_response({"id": "x", "choices": [{"message": {"content": "hi"}}]})
 
-    async def scenario():
-        bare = web.Application()
-        bare.router.add_post("/v1/chat/completions", no_usage)
-        async with serving(stub_app("m", 10000.0)) as up, serving(bare, host="127.0.0.2") as up2:
-            port, port2 = int(up.rsplit(":", 1)[1]), int(up2.rsplit(":", 1)[1])
-            async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
-                                    modelservice("bare"), endpointslice("bare", [("127.0.0.2", True)], port2),
-                                    tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
-                gw.keys.tenants.apply("ADDED", _tenant_secret("team-a", "ka"))
-                gw.keys.tenants.apply("ADDED", _tenant_secret("team-b", "kb"))
+    bare = web.Application()
+    bare.router.add_post("/v1/chat/completions", no_usage)
+    async with serving(stub_app("m", 10000.0)) as up, serving(bare, host="127.0.0.2") as up2:
+        port, port2 = int(up.rsplit(":", 1)[1]), int(up2.rsplit(":", 1)[1])
+        async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
+                                modelservice("bare"), endpointslice("bare", [("127.0.0.2", True)], port2),
+                                tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
+            gw.keys.tenants.apply("ADDED", _tenant_secret("team-a", "ka"))
+            gw.keys.tenants.apply("ADDED", _tenant_secret("team-b", "kb"))
 
-                async def chat(key, model="m", **extra):
-                    body = {"model": model, "messages": [{"role": "user", "content": "one two three"}],
-                            "max_tokens": 5, **extra}
-                    async with s.post(url + "/v1/chat/completions", json=body,
-                                      headers={"Authorization": f"Bearer {key}"}) as r:
-                        assert r.status == 200
-                        return await r.read()
-
-                plain = await chat("ka", stream=True)
-                assert b'"usage"' not in plain and plain.endswith(b"data: [DONE]\n\n")
-                asked = await chat("ka", stream=True, stream_options={"include_usage": True})
-                assert asked.count(b"data: {") == plain.count(b"data: {") + 1  # only the usage event differs
-                events = [json.loads(e[6:]) for e in asked.split(b"\n\n") if e.startswith(b"data: {")]
-                client_usage = events[-1]["usage"]
-                assert events[-1]["choices"] == [] and client_usage["completion_tokens"] == 5
-                whole = json.loads(await chat("kb"))
-                await chat("kb", model="bare")
-
-                def sample(name, **labels):
-                    return gw.metrics.registry.get_sample_value(name, labels) or 0
-
-                a = {"tenant": "team-a", "model": "default/m", "outcome": "ok"}
-                b = {"tenant": "team-b", "model": "default/m", "outcome": "ok"}
-                assert sample("modelservice_gateway_tenant_requests_total", **a) == 2
-                assert sample("modelservice_gateway_prompt_tokens_total", **a) == 2 * client_usage["prompt_tokens"]
-                assert sample("modelservice_gateway_completion_tokens_total", **a) == 10
-                assert sample("modelservice_gateway_prompt_tokens_total", **b) == whole["usage"]["prompt_tokens"]
-                assert sample("modelservice_gateway_completion_tokens_total", **b) == whole["usage"]["completion_tokens"]
-                assert sample("modelservice_gateway_unmetered_requests_total", tenant="team-b", model="default/bare",
-                              reason="no_usage") == 1
-
-                # A client that leaves mid-stream: outcome cut, the events it got counted, prompt unknown.
-                body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000,
-                        "stream": True}
+            async def chat(key, model="m", **extra):
+                body = {"model": model, "messages": [{"role": "user", "content": "one two three"}],
+                        "max_tokens": 5, **extra}
                 async with s.post(url + "/v1/chat/completions", json=body,
-                                  headers={"Authorization": "Bearer kb"}) as r:
-                    await r.content.readuntil(b"\n\n")
-                r.close()
-                cut = {"tenant": "team-b", "model": "default/m"}
-                await until(lambda: sample("modelservice_gateway_unmetered_requests_total", **cut, reason="cut") == 1)
-                assert sample("modelservice_gateway_tenant_requests_total", **cut, outcome="cut") == 1
-                assert sample("modelservice_gateway_completion_tokens_total", **cut, outcome="cut") >= 1
+                                  headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200
+                    return await r.read()
 
-    asyncio.run(asyncio.wait_for(scenario(), 60))
+            plain = await chat("ka", stream=True)
+            assert b'"usage"' not in plain and plain.endswith(b"data: [DONE]\n\n")
+            asked = await chat("ka", stream=True, stream_options={"include_usage": True})
+            assert asked.count(b"data: {") == plain.count(b"data: {") + 1  # only the usage event differs
+            events = [json.loads(e[6:]) for e in asked.split(b"\n\n") if e.startswith(b"data: {")]
+            client_usage = events[-1]["usage"]
+            assert events[-1]["choices"] == [] and client_usage["completion_tokens"] == 5
+            whole = json.loads(await chat("kb"))
+            await chat("kb", model="bare")
+
+            def sample(name, **labels):
+                return gw.metrics.registry.get_sample_value(name, labels) or 0
+
+            a = {"tenant": "team-a", "model": "default/m", "outcome": "ok"}
+            b = {"tenant": "team-b", "model": "default/m", "outcome": "ok"}
+            assert sample("modelservice_gateway_tenant_requests_total", **a) == 2
+            assert sample("modelservice_gateway_prompt_tokens_total", **a) == 2 * client_usage["prompt_tokens"]
+            assert sample("modelservice_gateway_completion_tokens_total", **a) == 10
+            assert sample("modelservice_gateway_prompt_tokens_total", **b) == whole["usage"]["prompt_tokens"]
+            assert sample("modelservice_gateway_completion_tokens_total", **b) == whole["usage"]["completion_tokens"]
+            assert sample("modelservice_gateway_unmetered_requests_total", tenant="team-b", model="default/bare",
+                          reason="no_usage") == 1
+
+            # A client that leaves mid-stream: outcome cut, the events it got counted, prompt unknown.
+            body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000,
+                    "stream": True}
+            async with s.post(url + "/v1/chat/completions", json=body,
+                              headers={"Authorization": "Bearer kb"}) as r:
+                await r.content.readuntil(b"\n\n")
+            r.close()
+            cut = {"tenant": "team-b", "model": "default/m"}
+            await until(lambda: sample("modelservice_gateway_unmetered_requests_total", **cut, reason="cut") == 1)
+            assert sample("modelservice_gateway_tenant_requests_total", **cut, outcome="cut") == 1
+            assert sample("modelservice_gateway_completion_tokens_total", **cut, outcome="cut") >= 1
+

@@ -78,7 +78,7 @@ def test_triton_speaks_no_openai_and_unknown_engines_only_openai():
     assert paths.allowed_methods("newengine", "/api/pull") == ()
 
 
-def test_gateway_forwards_client_paths_and_refuses_admin_paths():
+async def test_gateway_forwards_client_paths_and_refuses_admin_paths():
     """Over sockets: a recording upstream sees the client paths and not one admin call."""
     seen: list[tuple[str, str]] = []
 
@@ -86,38 +86,36 @@ def test_gateway_forwards_client_paths_and_refuses_admin_paths():
         seen.append((request.method, request.raw_path))
         return web.json_response({"ok": True})
 
-    async def scenario():
-        upstream = web.Application()
-        upstream.router.add_route("*", "/{tail:.*}", record)
-        async with serving(upstream) as up:
-            port = int(up.rsplit(":", 1)[1])
-            objs = []
-            for engine in sorted(ADMIN):
-                objs += [modelservice(engine, engine=engine), endpointslice(engine, [("127.0.0.1", True)], port)]
-            async with gateway_with(*objs) as (_, url), aiohttp.ClientSession() as s:
-                for engine, calls in ADMIN.items():
-                    for method, path in calls:
-                        async with s.request(method, f"{url}/models/default/{engine}{path}", json={}) as r:
-                            err = (await r.json())["error"]
-                            assert r.status == 404 and err["code"] == "not_found", (engine, method, path)
-                            assert err["type"] == "invalid_request_error"
-                # aiohttp's client would normalise these; send them raw.
-                for raw in ("/models/default/ollama/v1/%2e%2e/api/pull", "/models/default/ollama/x/../api/pull"):
-                    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
-                    writer.write(f"POST {raw} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
-                                 "Connection: close\r\n\r\n{}".encode())
-                    status = (await reader.readline()).split()[1]
-                    writer.close()
-                    with contextlib.suppress(Exception):
-                        await writer.wait_closed()
-                    assert status == b"404", raw
-                assert seen == []
-                want = []
-                for engine, calls in CLIENT.items():
-                    for method, path in calls:
-                        async with s.request(method, f"{url}/models/default/{engine}{path}?a=1", json={}) as r:
-                            assert r.status == 200, (engine, method, path, await r.text())
-                        want.append((method, path + "?a=1"))
-                assert seen == want
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", record)
+    async with serving(upstream) as up:
+        port = int(up.rsplit(":", 1)[1])
+        objs = []
+        for engine in sorted(ADMIN):
+            objs += [modelservice(engine, engine=engine), endpointslice(engine, [("127.0.0.1", True)], port)]
+        async with gateway_with(*objs) as (_, url), aiohttp.ClientSession() as s:
+            for engine, calls in ADMIN.items():
+                for method, path in calls:
+                    async with s.request(method, f"{url}/models/default/{engine}{path}", json={}) as r:
+                        err = (await r.json())["error"]
+                        assert r.status == 404 and err["code"] == "not_found", (engine, method, path)
+                        assert err["type"] == "invalid_request_error"
+            # aiohttp's client would normalise these; send them raw.
+            for raw in ("/models/default/ollama/v1/%2e%2e/api/pull", "/models/default/ollama/x/../api/pull"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+                writer.write(f"POST {raw} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                             "Connection: close\r\n\r\n{}".encode())
+                status = (await reader.readline()).split()[1]
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+                assert status == b"404", raw
+            assert seen == []
+            want = []
+            for engine, calls in CLIENT.items():
+                for method, path in calls:
+                    async with s.request(method, f"{url}/models/default/{engine}{path}?a=1", json={}) as r:
+                        assert r.status == 200, (engine, method, path, await r.text())
+                    want.append((method, path + "?a=1"))
+            assert seen == want
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -1,6 +1,5 @@
 """Quotas (quotas.py): token buckets per tenant on an injected clock, reserve-then-settle, the 429 a client gets."""
 
-import asyncio
 import base64
 
 import aiohttp
@@ -114,34 +113,32 @@ def test_bad_limits_refuse_the_secret(rpm, tpm):
     assert parsed is None and "whole number" in wrong
 
 
-def test_gateway_refuses_over_quota_before_the_engine():
-    async def scenario():
-        stub = stub_app("m", 10000.0)
-        async with serving(stub) as up:
-            port = int(up.rsplit(":", 1)[1])
-            async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
-                                    tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
-                gw.quotas.clock = Clock()  # frozen: no refill while the test runs
-                gw.keys.tenants.apply("ADDED", _secret(rpm="2"))
-                headers = {"Authorization": "Bearer ka"}
-                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-                async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
-                    assert r.status == 200
-                async with s.get(url + "/models/default/m/v1/models", headers=headers) as r:
-                    assert r.status == 200  # every client path counts
-                served = dict(stub_state(stub).success)
-                async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
-                    err = (await r.json())["error"]
-                    assert r.status == 429 and err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
-                    assert r.headers["Retry-After"] == "30"
-                    assert r.headers["x-ratelimit-limit-requests"] == "2"
-                    assert r.headers["x-ratelimit-remaining-requests"] == "0"
-                assert stub_state(stub).success == served and sum(served.values()) == 1  # not sent to the engine
-                assert gw.metrics.registry.get_sample_value(
-                    "modelservice_gateway_tenant_requests_total",
-                    {"tenant": "team-a", "model": "default/m", "outcome": "rate_limited"}) == 1
+async def test_gateway_refuses_over_quota_before_the_engine():
+    stub = stub_app("m", 10000.0)
+    async with serving(stub) as up:
+        port = int(up.rsplit(":", 1)[1])
+        async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
+                                tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
+            gw.quotas.clock = Clock()  # frozen: no refill while the test runs
+            gw.keys.tenants.apply("ADDED", _secret(rpm="2"))
+            headers = {"Authorization": "Bearer ka"}
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+                assert r.status == 200
+            async with s.get(url + "/models/default/m/v1/models", headers=headers) as r:
+                assert r.status == 200  # every client path counts
+            served = dict(stub_state(stub).success)
+            async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+                err = (await r.json())["error"]
+                assert r.status == 429 and err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
+                assert r.headers["Retry-After"] == "30"
+                assert r.headers["x-ratelimit-limit-requests"] == "2"
+                assert r.headers["x-ratelimit-remaining-requests"] == "0"
+            assert stub_state(stub).success == served and sum(served.values()) == 1  # not sent to the engine
+            assert gw.metrics.registry.get_sample_value(
+                "modelservice_gateway_tenant_requests_total",
+                {"tenant": "team-a", "model": "default/m", "outcome": "rate_limited"}) == 1
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
 def test_tenant_and_tenant_on_model_both_hold_and_nothing_is_taken_on_refusal():
@@ -173,22 +170,20 @@ def test_model_quotas_annotation(text, ok):
         assert parsed.tenant.limits_on("ns/m") != (None, None) or "other" in text
 
 
-def test_gateway_applies_a_tenants_quota_on_one_model():
-    async def scenario():
-        async with serving(stub_app("m", 10000.0)) as up:
-            port = int(up.rsplit(":", 1)[1])
-            async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
-                                    tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
-                gw.quotas.clock = Clock()
-                obj = _secret()
-                obj["metadata"]["annotations"]["serving.modelservice.dev/model-quotas"] = "default/m:rpm=1"
-                gw.keys.tenants.apply("ADDED", obj)
-                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-                statuses = []
-                for _ in range(2):
-                    async with s.post(url + "/v1/chat/completions", json=body,
-                                      headers={"Authorization": "Bearer ka"}) as r:
-                        statuses.append((r.status, (await r.json()).get("error", {}).get("message", "")))
-                assert statuses[0][0] == 200 and statuses[1][0] == 429 and "on model default/m" in statuses[1][1]
+async def test_gateway_applies_a_tenants_quota_on_one_model():
+    async with serving(stub_app("m", 10000.0)) as up:
+        port = int(up.rsplit(":", 1)[1])
+        async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
+                                tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
+            gw.quotas.clock = Clock()
+            obj = _secret()
+            obj["metadata"]["annotations"]["serving.modelservice.dev/model-quotas"] = "default/m:rpm=1"
+            gw.keys.tenants.apply("ADDED", obj)
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            statuses = []
+            for _ in range(2):
+                async with s.post(url + "/v1/chat/completions", json=body,
+                                  headers={"Authorization": "Bearer ka"}) as r:
+                    statuses.append((r.status, (await r.json()).get("error", {}).get("message", "")))
+            assert statuses[0][0] == 200 and statuses[1][0] == 429 and "on model default/m" in statuses[1][1]
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -21,9 +21,6 @@ pytestmark = pytest.mark.unit
 HOSTS = ("127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24", "127.0.0.25")
 
 
-def run(coro, timeout=30):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
 
 class FirstChoice(random.Random):
     """The balancer's tie-break, made predictable: the first least-loaded endpoint in slice order."""
@@ -124,13 +121,13 @@ def code(body: bytes) -> str:
     ("silent", 504, "upstream_timeout"),
     ("midstream", 200, None),  # the answer began: the client gets it, cut, and the error event
 ])
-def test_an_engine_that_may_have_worked_on_the_request_is_not_replayed(mode, status, error):
+async def test_an_engine_that_may_have_worked_on_the_request_is_not_replayed(mode, status, error):
     async def scenario():
         async with engines(mode, "ok") as (addrs, seen), gateway_to(addrs, upstream_timeout=0.5) as (gw, url):
             got = await chat(url, stream=mode == "midstream")
             return got, seen
 
-    (got_status, body), seen = run(scenario())
+    (got_status, body), seen = await scenario()
     assert got_status == status
     if error:
         assert code(body) == error
@@ -140,37 +137,37 @@ def test_an_engine_that_may_have_worked_on_the_request_is_not_replayed(mode, sta
 
 
 @pytest.mark.parametrize("refusal", ["503", "429"])
-def test_a_refusal_goes_to_another_endpoint(refusal):
+async def test_a_refusal_goes_to_another_endpoint(refusal):
     async def scenario():
         async with engines(refusal, "ok") as (addrs, seen), gateway_to(addrs) as (gw, url):
             return await chat(url), seen
 
-    (status, body), seen = run(scenario())
+    (status, body), seen = await scenario()
     assert status == 200 and json.loads(body) == {"choices": []}
     assert seen == {HOSTS[0]: 1, HOSTS[1]: 1}
 
 
-def test_a_refusal_with_no_other_endpoint_reaches_the_client_in_the_engines_words():
+async def test_a_refusal_with_no_other_endpoint_reaches_the_client_in_the_engines_words():
     async def scenario():
         async with engines("503") as (addrs, seen), gateway_to(addrs) as (gw, url):
             return await chat(url), seen
 
-    (status, body), seen = run(scenario())
+    (status, body), seen = await scenario()
     assert (status, json.loads(body)) == (503, {"error": "server busy"})
     assert seen == {HOSTS[0]: 1}
 
 
-def test_one_budget_per_request_however_many_endpoints_refuse():
+async def test_one_budget_per_request_however_many_endpoints_refuse():
     async def scenario():
         async with engines(*["503"] * 5) as (addrs, seen), gateway_to(addrs) as (gw, url):
             return await chat(url), seen
 
-    (status, body), seen = run(scenario())
+    (status, body), seen = await scenario()
     assert status == 503  # the last try's answer, relayed
     assert sum(seen.values()) == proxy.MAX_ATTEMPTS == 3
 
 
-def test_a_refusal_then_unreachable_endpoints_says_busy_and_quarantines_only_the_unreachable():
+async def test_a_refusal_then_unreachable_endpoints_says_busy_and_quarantines_only_the_unreachable():
     """A refusal says more than a refused connection: with the budget spent, the client is told the model is busy;
     the endpoints that did not listen are out of the table, the busy one is not."""
     async def scenario():
@@ -180,7 +177,7 @@ def test_a_refusal_then_unreachable_endpoints_says_busy_and_quarantines_only_the
                 got = await chat(url)
                 return got, seen, [e.address for e in gw.table.ready(("default", "m"))]
 
-    (status, body), seen, ready = run(scenario())
+    (status, body), seen, ready = await scenario()
     assert status == 503 and code(body) == "backend_busy"
     assert seen == {HOSTS[0]: 1}
     assert ready == [HOSTS[0]]

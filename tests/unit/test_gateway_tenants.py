@@ -1,6 +1,5 @@
 """Tenants (tenants.py, auth.py): Secret shape, refusals, rotation by watch events, access, /v1/models per key."""
 
-import asyncio
 import base64
 import logging
 
@@ -96,7 +95,7 @@ def test_identify_bills_tenants_model_keys_and_anonymous_callers():
     assert keys.identify(locked, "Bearer model-key") == MODEL_KEY  # today's per-model keys keep working
 
 
-def test_gateway_with_tenants(caplog):
+async def test_gateway_with_tenants(caplog):
     """Over sockets: tenant keys reach their models, other models are 404 to them, /v1/models lists per key."""
     caplog.set_level(logging.DEBUG)
 
@@ -145,6 +144,6 @@ def test_gateway_with_tenants(caplog):
                     assert await chat("team-b/m", "sk-b-1") == (401, "invalid_api_key")
                     assert await chat("team-b/m", "sk-b-2") == (200, None)
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    await scenario()
     for secret_text in ("sk-a-1", "sk-b-1", "sk-b-2", "lab-key"):
         assert secret_text not in caplog.text

@@ -16,10 +16,6 @@ from modelservice.gateway import upstream
 from modelservice.gateway.upstream import NotSent, UpstreamError, UpstreamPool, UpstreamTimeout
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 30))
-
-
 @contextlib.asynccontextmanager
 async def raw_server(handler):
     """handler(reader, writer, n): n counts connections from 1."""
@@ -67,7 +63,7 @@ async def fetch(p: UpstreamPool, port: int, method: str = "POST", body: bytes = 
         resp.release()
 
 
-def test_keep_alive_connection_is_reused_and_request_is_sent_whole():
+async def test_keep_alive_connection_is_reused_and_request_is_sent_whole():
     seen = []
 
     async def handler(reader, writer, n):
@@ -85,7 +81,7 @@ def test_keep_alive_connection_is_reused_and_request_is_sent_whole():
             await p.close()
         return port
 
-    port = run(scenario())
+    port = await scenario()
     assert seen[0] == (b"POST /v1/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Test: 1\r\nContent-Length: 2\r\n\r\n{}"
                        % port)
 
@@ -147,7 +143,7 @@ class BlockingPod:
 
 
 @pytest.mark.parametrize("how", ["fin", "rst"])
-def test_pooled_connection_the_pod_closed_is_never_written_to(how):
+async def test_pooled_connection_the_pod_closed_is_never_written_to(how):
     """The pod closed an idle keep-alive connection (its keep-alive timeout is shorter than ours) and asyncio has
     not noticed yet: the pool must not write the request into it (the pod could not be shown not to have read it);
     it takes a fresh connection, and the pod gets the request exactly once."""
@@ -161,13 +157,13 @@ def test_pooled_connection_the_pod_closed_is_never_written_to(how):
         await p.close()
 
     try:
-        run(scenario())
+        await scenario()
     finally:
         pod.stop()
     assert len(pod.requests) == 2
 
 
-def test_a_connection_reset_before_the_write_is_not_sent():
+async def test_a_connection_reset_before_the_write_is_not_sent():
     """The first write fails at once (the socket was reset): no byte left, so NotSent, whatever asyncio knew."""
     pod = BlockingPod("rst")
 
@@ -181,31 +177,29 @@ def test_a_connection_reset_before_the_write_is_not_sent():
         await p.close()
 
     try:
-        run(scenario())
+        await scenario()
     finally:
         pod.stop()
     assert len(pod.requests) == 1
 
 
-def test_a_pod_that_reads_the_request_and_closes_may_have_seen_it():
+async def test_a_pod_that_reads_the_request_and_closes_may_have_seen_it():
     """Closed after the request was written, before any byte of an answer: not NotSent (the pod may have started on
     it), and the pool does not send it again."""
     async def handler(reader, writer, n):
         await read_request(reader)
 
-    async def scenario():
-        async with raw_server(handler) as (port, conns):
-            p = pool()
-            with pytest.raises(UpstreamError) as e:
-                await fetch(p, port)
-            assert not isinstance(e.value, NotSent)
-            assert conns() == 1
-            await p.close()
-
-    run(scenario())
+    async with raw_server(handler) as (port, conns):
+        p = pool()
+        with pytest.raises(UpstreamError) as e:
+            await fetch(p, port)
+        assert not isinstance(e.value, NotSent)
+        assert conns() == 1
+        await p.close()
 
 
-def test_answer_delimited_by_eof_and_chunked_answer():
+
+async def test_answer_delimited_by_eof_and_chunked_answer():
     async def handler(reader, writer, n):
         await read_request(reader)
         if n == 1:
@@ -214,39 +208,35 @@ def test_answer_delimited_by_eof_and_chunked_answer():
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
         await writer.drain()
 
-    async def scenario():
-        async with raw_server(handler) as (port, _):
-            p = pool()
-            assert await fetch(p, port) == (200, b"until the end")
-            resp = await p.request("GET", "127.0.0.1", port, "/", [], b"")
-            assert resp.chunked and resp.content_length is None
-            assert await resp.read() == b"abcde"
-            resp.release()
-            await p.close()
-
-    run(scenario())
+    async with raw_server(handler) as (port, _):
+        p = pool()
+        assert await fetch(p, port) == (200, b"until the end")
+        resp = await p.request("GET", "127.0.0.1", port, "/", [], b"")
+        assert resp.chunked and resp.content_length is None
+        assert await resp.read() == b"abcde"
+        resp.release()
+        await p.close()
 
 
-def test_head_answer_does_not_wait_for_a_body():
+
+async def test_head_answer_does_not_wait_for_a_body():
     async def handler(reader, writer, n):
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(10)
 
-    async def scenario():
-        async with raw_server(handler) as (port, _):
-            p = pool(read=3)
-            resp = await p.request("HEAD", "127.0.0.1", port, "/", [], b"")
-            assert resp.status == 200 and resp.content_length == 100
-            assert await resp.read() == b""
-            resp.release()
-            await p.close()
-
-    run(scenario())
+    async with raw_server(handler) as (port, _):
+        p = pool(read=3)
+        resp = await p.request("HEAD", "127.0.0.1", port, "/", [], b"")
+        assert resp.status == 200 and resp.content_length == 100
+        assert await resp.read() == b""
+        resp.release()
+        await p.close()
 
 
-def test_garbage_silence_and_refusal_are_distinct_errors():
+
+async def test_garbage_silence_and_refusal_are_distinct_errors():
     async def garbage(reader, writer, n):
         await read_request(reader)
         writer.write(b"SMTP ready\r\n\r\n")
@@ -257,43 +247,39 @@ def test_garbage_silence_and_refusal_are_distinct_errors():
         await read_request(reader)
         await asyncio.sleep(5)
 
-    async def scenario():
-        p = pool(read=0.3)
-        async with raw_server(garbage) as (port, _):
-            with pytest.raises(UpstreamError) as e:
-                await fetch(p, port)
-            assert not isinstance(e.value, (NotSent, UpstreamTimeout))
-        async with raw_server(silent) as (port, _):
-            with pytest.raises(UpstreamTimeout):
-                await fetch(p, port)
-        with socket.socket() as s:  # a port that was free a moment ago: nobody listens
-            s.bind(("127.0.0.1", 0))
-            free = s.getsockname()[1]
-        with pytest.raises(NotSent):
-            await fetch(p, free)
-        await p.close()
-
-    run(scenario())
+    p = pool(read=0.3)
+    async with raw_server(garbage) as (port, _):
+        with pytest.raises(UpstreamError) as e:
+            await fetch(p, port)
+        assert not isinstance(e.value, (NotSent, UpstreamTimeout))
+    async with raw_server(silent) as (port, _):
+        with pytest.raises(UpstreamTimeout):
+            await fetch(p, port)
+    with socket.socket() as s:  # a port that was free a moment ago: nobody listens
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(NotSent):
+        await fetch(p, free)
+    await p.close()
 
 
-def test_death_mid_answer_is_an_error_not_a_short_answer():
+
+async def test_death_mid_answer_is_an_error_not_a_short_answer():
     async def handler(reader, writer, n):
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
         await writer.drain()
 
-    async def scenario():
-        async with raw_server(handler) as (port, _):
-            p = pool()
-            with pytest.raises(UpstreamError) as e:
-                await fetch(p, port)
-            assert not isinstance(e.value, NotSent)  # the pod saw the request: not safe to send elsewhere
-            await p.close()
-
-    run(scenario())
+    async with raw_server(handler) as (port, _):
+        p = pool()
+        with pytest.raises(UpstreamError) as e:
+            await fetch(p, port)
+        assert not isinstance(e.value, NotSent)  # the pod saw the request: not safe to send elsewhere
+        await p.close()
 
 
-def test_slow_reader_pauses_the_pod_instead_of_buffering_everything():
+
+async def test_slow_reader_pauses_the_pod_instead_of_buffering_everything():
     total = 8 * 1024 * 1024
 
     async def handler(reader, writer, n):
@@ -317,7 +303,7 @@ def test_slow_reader_pauses_the_pod_instead_of_buffering_everything():
             await p.close()
             return got, peak
 
-    got, peak = run(scenario())
+    got, peak = await scenario()
     assert got == total
     # Bounded by the high-water mark plus what the socket hands over in the read that crosses it.
     assert peak < upstream.HIGH_WATER + 512 * 1024

@@ -104,27 +104,25 @@ def test_gauges_that_every_worker_sees_alike_are_all_known_metrics():
     assert workers.SAME_IN_EVERY_WORKER <= names  # a renamed gauge would silently be summed
 
 
-def test_healthz_is_ready_only_once_every_worker_has_synced():
+async def test_healthz_is_ready_only_once_every_worker_has_synced():
     import multiprocessing
 
     import aiohttp
 
-    from tests.unit.gateway_harness import gateway, run
+    from tests.unit.gateway_harness import gateway
 
     flags = multiprocessing.get_context("fork").Array("b", 2, lock=False)  # as the parent shares them
     slot = workers.Slot(0, 2, "/nonexistent", flags)
 
-    async def scenario():
-        async with gateway() as (gw, url), aiohttp.ClientSession() as s:
-            gw.synced, gw.peers_synced = True, slot.all_synced
-            slot.mark_synced()  # this worker; its sibling has not listed yet
-            async with s.get(url + "/healthz") as r:
-                assert r.status == 503 and "another worker" in (await r.json())["status"]
-            flags[1] = 1
-            async with s.get(url + "/healthz") as r:
-                assert r.status == 200
+    async with gateway() as (gw, url), aiohttp.ClientSession() as s:
+        gw.synced, gw.peers_synced = True, slot.all_synced
+        slot.mark_synced()  # this worker; its sibling has not listed yet
+        async with s.get(url + "/healthz") as r:
+            assert r.status == 503 and "another worker" in (await r.json())["status"]
+        flags[1] = 1
+        async with s.get(url + "/healthz") as r:
+            assert r.status == 200
 
-    run(scenario())
 
 
 def test_bench_pairs_rounds_side_by_side():

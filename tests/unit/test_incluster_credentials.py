@@ -6,8 +6,6 @@ modelservice.kube now reads the mounted files itself; this checks the header it 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from modelservice import kube
@@ -26,22 +24,22 @@ def in_a_pod(tmp_path, monkeypatch):
     return token
 
 
-def test_the_mounted_token_is_sent_as_is(in_a_pod):
+async def test_the_mounted_token_is_sent_as_is(in_a_pod):
     creds = kube.load_credentials(None)
     assert creds.server == "https://10.96.0.1:443"
     assert creds.token_file == str(in_a_pod)  # re-read later: projected tokens rotate
-    headers = asyncio.run(kube.Kube(creds)._headers())
+    headers = await kube.Kube(creds)._headers()
     assert headers["Authorization"] == "Bearer eyJhbGciOi.the-token.sig"
 
 
-def test_kopf_logs_in_with_the_same_credentials(in_a_pod, monkeypatch):
+async def test_kopf_logs_in_with_the_same_credentials(in_a_pod, monkeypatch):
     """Not kopf's login_with_service_account: it dials kubernetes.default.svc, which needs cluster DNS."""
     from modelservice import handlers
 
     monkeypatch.setitem(handlers.OPTIONS, "kubeconfig", None)
     monkeypatch.setattr(handlers, "_TOKENS", [])
     monkeypatch.setattr(handlers, "_GIVEN", [])
-    info = asyncio.run(handlers.login())
+    info = await handlers.login()
     assert info.server == "https://10.96.0.1:443"
     assert info.as_http_headers() == {"Authorization": "Bearer eyJhbGciOi.the-token.sig"}
     assert info.ca_path == str(in_a_pod.parent / "ca.crt")

@@ -7,7 +7,6 @@ override saves (docs/benchmarks.md) or kopf calling a method we no longer overri
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def test_no_diff_base_gives_kopf_an_empty_essence_that_never_differs() -> None:
     assert not diffs.diff(storage.build(body=body), essence)  # the next event's essence: never a change to act on
 
 
-def test_kopf_logs_in_with_the_token_our_client_sends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_kopf_logs_in_with_the_token_our_client_sends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One credentials source: kopf's login handler and the controller's client read the same TokenSource; a
     second login (kopf's answer to a 401 or an expiry) reads the rotated token instead of handing back the old."""
     token = tmp_path / "token"
@@ -53,14 +52,14 @@ def test_kopf_logs_in_with_the_token_our_client_sends(tmp_path: Path, monkeypatc
     monkeypatch.setattr(handlers, "_TOKENS", [])
     monkeypatch.setattr(handlers, "_GIVEN", [])
 
-    info = asyncio.run(handlers.login())
+    info = await handlers.login()
     assert (info.server, info.token, info.insecure, info.default_namespace) == ("https://k:6443", "first", True, "x")
     token.write_text("second")
-    assert asyncio.run(handlers._token_source().get()) == "first"  # within the file's TTL
-    assert asyncio.run(handlers.login()).token == "second"
-    assert asyncio.run(handlers._token_source().get()) == "second"  # our client follows kopf's re-login
+    assert await handlers._token_source().get() == "first"  # within the file's TTL
+    assert (await handlers.login()).token == "second"
+    assert await handlers._token_source().get() == "second"  # our client follows kopf's re-login
     # Our client read the rotated token first (after a 401 of its own): kopf's next login takes it without a read.
     token.write_text("third")
-    assert asyncio.run(handlers._token_source().refresh()) == "third"
+    assert await handlers._token_source().refresh() == "third"
     token.write_text("fourth")
-    assert asyncio.run(handlers.login()).token == "third"
+    assert (await handlers.login()).token == "third"

@@ -106,11 +106,10 @@ class FakeApiServer:
         return [r for r in self.requests if r.query.get("watch") == "1"]
 
 
-def run(scenario: Callable[[FakeApiServer], Any]) -> Any:
-    async def main() -> Any:
-        async with FakeApiServer() as server:
-            return await scenario(server)
-    return asyncio.run(main())
+async def served(scenario: Callable[[FakeApiServer], Any]) -> Any:
+    """The scenario against a fresh scripted apiserver, stopped after it."""
+    async with FakeApiServer() as server:
+        return await scenario(server)
 
 
 async def take(events: AsyncIterator[tuple[str, dict[str, Any]]], n: int) -> list[tuple[str, str]]:
@@ -132,7 +131,7 @@ def client(server: FakeApiServer, **kw: Any) -> Kube:
 
 # ---- the watch protocol -------------------------------------------------------------------------------------------
 
-def test_watch_line_larger_than_aiohttp_line_limit_arrives_whole() -> None:
+async def test_watch_line_larger_than_aiohttp_line_limit_arrives_whole() -> None:
     """aiohttp's readline refuses lines past its 64 KiB buffer; a watch event holds a whole object (a pod with a
     large annotation). The line comes in many chunks, with the next event in the same write as its end."""
     big = "x" * (1024 * 1024)
@@ -146,7 +145,7 @@ def test_watch_line_larger_than_aiohttp_line_limit_arrives_whole() -> None:
         await events.aclose()
         await kube.close()
 
-    run(scenario)
+    await served(scenario)
 
     # The object itself, intact (not only its name).
     async def whole(server: FakeApiServer) -> dict[str, Any]:
@@ -157,10 +156,10 @@ def test_watch_line_larger_than_aiohttp_line_limit_arrives_whole() -> None:
             return obj
         raise AssertionError("no event")
 
-    assert run(whole)["metadata"]["annotations"]["blob"] == big
+    assert (await served(whole))["metadata"]["annotations"]["blob"] == big
 
 
-def test_bookmarks_move_the_resume_point_and_are_not_reported() -> None:
+async def test_bookmarks_move_the_resume_point_and_are_not_reported() -> None:
     async def scenario(server: FakeApiServer) -> None:
         server.lists = [{"metadata": {"resourceVersion": "10"}, "items": [pod("a", 9)]}]
         server.watches = [[line("BOOKMARK", {"metadata": {"resourceVersion": "50"}})],  # then the server times out
@@ -176,10 +175,10 @@ def test_bookmarks_move_the_resume_point_and_are_not_reported() -> None:
         assert first.query["labelSelector"] == "app=x"
         assert len([r for r in server.requests if "watch" not in r.query]) == 1  # resumed, not relisted
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_watch_once_reports_bookmarks() -> None:
+async def test_watch_once_reports_bookmarks() -> None:
     """The harness's node agent tracks the resourceVersion itself: it needs the BOOKMARKs."""
     async def scenario(server: FakeApiServer) -> list[tuple[str, str]]:
         server.watches = [[line("BOOKMARK", {"metadata": {"resourceVersion": "50"}}), line("DELETED", pod("a", 51))]]
@@ -188,11 +187,11 @@ def test_watch_once_reports_bookmarks() -> None:
         await kube.close()
         return seen
 
-    assert run(scenario) == [("BOOKMARK", "50"), ("DELETED", "51")]
+    assert await served(scenario) == [("BOOKMARK", "50"), ("DELETED", "51")]
 
 
 @pytest.mark.parametrize("how", ["ERROR event", "HTTP status"])
-def test_410_gone_mid_watch_relists(how: str) -> None:
+async def test_410_gone_mid_watch_relists(how: str) -> None:
     async def scenario(server: FakeApiServer) -> None:
         server.lists = [{"metadata": {"resourceVersion": "10"}, "items": [pod("a", 9)]},
                         {"metadata": {"resourceVersion": "90"}, "items": [pod("b", 80)]}]
@@ -209,10 +208,10 @@ def test_410_gone_mid_watch_relists(how: str) -> None:
         await kube.close()
         assert server.watch_requests()[-1].query["resourceVersion"] == "90"  # watching from the new list
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_a_relisting_watch_tells_the_controller() -> None:
+async def test_a_relisting_watch_tells_the_controller() -> None:
     """watching.start: on_synced once, when every watch has listed; on_relist each time one lists again (kopf's
     ModelService watch had the same gap, so the controller relists ModelServices: Controller._relist_soon)."""
     from modelservice import watching
@@ -239,10 +238,10 @@ def test_a_relisting_watch_tells_the_controller() -> None:
         assert (len(synced), len(relists)) == (1, 2)
         assert len([r for r in server.requests if "watch" not in r.query]) == 3  # the first list and two relists
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_watch_once_raises_watch_expired_on_410() -> None:
+async def test_watch_once_raises_watch_expired_on_410() -> None:
     async def scenario(server: FakeApiServer) -> None:
         server.watches = [[line("ERROR", {"kind": "Status", "code": 410})]]
         kube = client(server)
@@ -251,10 +250,10 @@ def test_watch_once_raises_watch_expired_on_410() -> None:
                 pass
         await kube.close()
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_other_error_events_are_raised_with_their_status() -> None:
+async def test_other_error_events_are_raised_with_their_status() -> None:
     """An ERROR that is not 410 is the server refusing the watch (e.g. 500 from an etcd failure): the caller's
     backoff decides (watching.keep_watching), not a tight loop here."""
     async def scenario(server: FakeApiServer) -> None:
@@ -267,10 +266,10 @@ def test_other_error_events_are_raised_with_their_status() -> None:
         assert e.value.status == 500 and "etcdserver" in e.value.message
         await kube.close()
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_forbidden_watch_is_raised() -> None:
+async def test_forbidden_watch_is_raised() -> None:
     async def scenario(server: FakeApiServer) -> None:
         server.watches = [403]
         kube = client(server)
@@ -281,10 +280,10 @@ def test_forbidden_watch_is_raised() -> None:
         assert e.value.status == 403
         await kube.close()
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_connection_drop_resumes_from_the_last_complete_event() -> None:
+async def test_connection_drop_resumes_from_the_last_complete_event() -> None:
     """The server goes away halfway through a line: that half is not an event, and the watch resumes from the
     resourceVersion of the last whole one, without a relist."""
     async def scenario(server: FakeApiServer) -> None:
@@ -302,10 +301,10 @@ def test_connection_drop_resumes_from_the_last_complete_event() -> None:
         # list, each connect and each event said "the API server answers" (liveness reads this)
         assert len(alive) == 1 + 2 + 2
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_the_watch_timeout_is_the_clients_default() -> None:
+async def test_the_watch_timeout_is_the_clients_default() -> None:
     """The operator sets it from --watch-dead-after: each resumption is a liveness signal on a quiet cluster."""
     async def scenario(server: FakeApiServer) -> None:
         server.watches = [[], [line("ADDED", pod("x", 2))]]  # the first ends at its timeout, quietly
@@ -316,10 +315,10 @@ def test_the_watch_timeout_is_the_clients_default() -> None:
         await kube.close()
         assert [r.query["timeoutSeconds"] for r in server.watch_requests()] == ["3", "3"]
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_pages_follow_the_continue_token() -> None:
+async def test_pages_follow_the_continue_token() -> None:
     async def scenario(server: FakeApiServer) -> None:
         server.lists = [{"metadata": {"resourceVersion": "5", "continue": "c1"}, "items": [pod("a", 1)]},
                         {"metadata": {"resourceVersion": "5"}, "items": [pod("b", 2)]}]
@@ -329,7 +328,7 @@ def test_pages_follow_the_continue_token() -> None:
         assert names == ["a", "b"]
         assert [(r.query["limit"], r.query.get("continue")) for r in server.requests] == [("1", None), ("1", "c1")]
 
-    run(scenario)
+    await served(scenario)
 
 
 # ---- credentials that change ------------------------------------------------------------------------------------
@@ -348,7 +347,7 @@ def tokens_seen(server: FakeApiServer) -> list[str]:
     return [server.auth(r).removeprefix("Bearer ") for r in server.requests]
 
 
-def test_token_file_is_read_again_after_its_ttl_and_at_once_after_a_401(tmp_path: Path) -> None:
+async def test_token_file_is_read_again_after_its_ttl_and_at_once_after_a_401(tmp_path: Path) -> None:
     """Projected service-account tokens rotate (kubelet rewrites the file): a token read once would be refused
     the day it expires."""
     token_file = tmp_path / "token"
@@ -370,10 +369,10 @@ def test_token_file_is_read_again_after_its_ttl_and_at_once_after_a_401(tmp_path
         await kube.close()
         assert tokens_seen(server) == ["one", "one", "two", "two", "three"]
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_a_static_token_refused_is_an_error_not_a_retry() -> None:
+async def test_a_static_token_refused_is_an_error_not_a_retry() -> None:
     async def scenario(server: FakeApiServer) -> None:
         server.reject.add("fixed")
         kube = client(server, token="fixed")
@@ -382,7 +381,7 @@ def test_a_static_token_refused_is_an_error_not_a_retry() -> None:
         await kube.close()
         assert e.value.status == 401 and len(server.requests) == 1
 
-    run(scenario)
+    await served(scenario)
 
 
 PLUGIN = textwrap.dedent("""\
@@ -428,7 +427,7 @@ def plugin_runs(tmp_path: Path) -> int:
 
 
 @pytest.mark.parametrize("api_version", ["client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1"])
-def test_exec_plugin_token_is_fetched_again_when_it_expires(tmp_path: Path, api_version: str) -> None:
+async def test_exec_plugin_token_is_fetched_again_when_it_expires(tmp_path: Path, api_version: str) -> None:
     clock = Clock()
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "now").write_text(clock.wall.isoformat())
@@ -452,10 +451,10 @@ def test_exec_plugin_token_is_fetched_again_when_it_expires(tmp_path: Path, api_
         assert asked == {"info": {"apiVersion": api_version, "kind": "ExecCredential", "spec": {"interactive": False}},
                          "args": ["--cluster", "c"], "greeting": "hi"}
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_exec_plugin_is_run_once_for_many_401s(tmp_path: Path) -> None:
+async def test_exec_plugin_is_run_once_for_many_401s(tmp_path: Path) -> None:
     """A token revoked early (no expirationTimestamp, or a clock skew): every request in flight gets a 401; the
     plugin runs once and each request is retried with the new token."""
     async def scenario(server: FakeApiServer) -> None:
@@ -469,10 +468,10 @@ def test_exec_plugin_is_run_once_for_many_401s(tmp_path: Path) -> None:
         assert plugin_runs(tmp_path) == 2
         assert tokens_seen(server).count("tok-2") == 5 and tokens_seen(server).count("tok-1") == 3 + 5
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_exec_plugin_failure_names_the_plugin_and_its_words(tmp_path: Path) -> None:
+async def test_exec_plugin_failure_names_the_plugin_and_its_words(tmp_path: Path) -> None:
     async def scenario(server: FakeApiServer) -> None:
         creds = load_credentials(str(exec_kubeconfig(tmp_path, server.url, "client.authentication.k8s.io/v1",
                                                      FAIL="1")))
@@ -482,14 +481,14 @@ def test_exec_plugin_failure_names_the_plugin_and_its_words(tmp_path: Path) -> N
         await kube.close()
         assert server.requests == []
 
-    run(scenario)
+    await served(scenario)
 
 
-def test_exec_plugin_of_an_unsupported_api_version_is_refused_with_the_supported_ones(tmp_path: Path) -> None:
+async def test_exec_plugin_of_an_unsupported_api_version_is_refused_with_the_supported_ones(tmp_path: Path) -> None:
     creds = load_credentials(str(exec_kubeconfig(tmp_path, "http://127.0.0.1:1",
                                                  "client.authentication.k8s.io/v1alpha1")))
     with pytest.raises(CredentialsError, match="v1alpha1.*not supported.*client.authentication.k8s.io/v1,"):
-        asyncio.run(TokenSource(creds).get())
+        await TokenSource(creds).get()
 
 
 # ---- loading credentials ----------------------------------------------------------------------------------------
@@ -538,12 +537,10 @@ def test_auth_provider_users_are_told_to_use_an_exec_plugin(tmp_path: Path) -> N
         load_credentials(str(path))
 
 
-def test_unreachable_server_is_a_client_error() -> None:
+async def test_unreachable_server_is_a_client_error() -> None:
     """What watching.keep_watching and the controller catch as 'the API server is away'."""
-    async def scenario() -> None:
-        kube = Kube(Credentials(server="http://127.0.0.1:1"))
-        with pytest.raises(aiohttp.ClientError):
-            await kube.get("/version")
-        await kube.close()
+    kube = Kube(Credentials(server="http://127.0.0.1:1"))
+    with pytest.raises(aiohttp.ClientError):
+        await kube.get("/version")
+    await kube.close()
 
-    asyncio.run(scenario())

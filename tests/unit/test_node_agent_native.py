@@ -140,33 +140,27 @@ async def _until(predicate, what: str, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def _run(coro) -> None:
-    asyncio.run(asyncio.wait_for(coro, 60))
+async def test_startup_then_readiness_from_the_engines_own_health(tmp_path):
+    port = _free_port()
+    changes: list[tuple[bool, bool]] = []
+    launch = Launch([sys.executable, "-c", SERVER, str(port), "0.3"], {}, str(tmp_path))
+    async with aiohttp.ClientSession() as http:
+        pc = ProcessContainer("server", "img", _container(port), launch, "127.0.0.1", tmp_path / "logs",
+                              grace=2, http=http, start_file=tmp_path / "start.json")
 
-
-def test_startup_then_readiness_from_the_engines_own_health(tmp_path):
-    async def scenario():
-        port = _free_port()
-        changes: list[tuple[bool, bool]] = []
-        launch = Launch([sys.executable, "-c", SERVER, str(port), "0.3"], {}, str(tmp_path))
-        async with aiohttp.ClientSession() as http:
-            pc = ProcessContainer("server", "img", _container(port), launch, "127.0.0.1", tmp_path / "logs",
-                                  grace=2, http=http, start_file=tmp_path / "start.json")
-
-            async def on_change() -> None:
-                changes.append((pc.state.started, pc.state.ready))
-            pc.on_change = on_change
-            task = asyncio.ensure_future(pc.run())
-            await _until(lambda: pc.state.ready, "ready")
-            await _until(lambda: (tmp_path / "start.json").exists(), "the engine-start measurement")
-            status = pc.state.to_status("native://x")
-            await pc.stop()
-            await asyncio.wait_for(task, 10)
-        assert changes[0] == (False, False) and changes[-1] == (True, True)  # started, then ready
-        assert status["ready"] and status["started"] and "running" in status["state"]
-        measured = json.loads((tmp_path / "start.json").read_text())
-        assert 0.3 <= measured["engine_start_seconds"] < 10
-    _run(scenario())
+        async def on_change() -> None:
+            changes.append((pc.state.started, pc.state.ready))
+        pc.on_change = on_change
+        task = asyncio.ensure_future(pc.run())
+        await _until(lambda: pc.state.ready, "ready")
+        await _until(lambda: (tmp_path / "start.json").exists(), "the engine-start measurement")
+        status = pc.state.to_status("native://x")
+        await pc.stop()
+        await asyncio.wait_for(task, 10)
+    assert changes[0] == (False, False) and changes[-1] == (True, True)  # started, then ready
+    assert status["ready"] and status["started"] and "running" in status["state"]
+    measured = json.loads((tmp_path / "start.json").read_text())
+    assert 0.3 <= measured["engine_start_seconds"] < 10
 
 
 async def _run_until(tmp_path, container: dict, argv: list[str], until, what: str, clock: Clock):
@@ -190,12 +184,12 @@ async def _run_until(tmp_path, container: dict, argv: list[str], until, what: st
     return statuses, events
 
 
-def test_an_engine_that_exits_crash_loops_with_its_last_words(tmp_path):
+async def test_an_engine_that_exits_crash_loops_with_its_last_words(tmp_path):
     clock = FakeClock()
     script = "import sys; print('loading', flush=True); print('error: invalid argument: --nope', file=sys.stderr); sys.exit(3)"
-    statuses, events = asyncio.run(asyncio.wait_for(_run_until(
+    statuses, events = await _run_until(
         tmp_path, _container(_free_port()), [sys.executable, "-c", script],
-        lambda pc: pc.state.restart_count >= 4, "four restarts", clock), 60))
+        lambda pc: pc.state.restart_count >= 4, "four restarts", clock)
     assert clock.slept[:3] == [10, 20, 40]  # first restart immediate, then the kubelet's backoff
     looping = [s for s in statuses if s["state"].get("waiting", {}).get("reason") == "CrashLoopBackOff"]
     assert looping and "back-off 10s" in looping[0]["state"]["waiting"]["message"]
@@ -206,11 +200,11 @@ def test_an_engine_that_exits_crash_loops_with_its_last_words(tmp_path):
     assert len(sorted((tmp_path / "logs").glob("*.log"))) >= 4  # one log per restart, as `kubectl logs -p` has
 
 
-def test_a_startup_probe_that_never_passes_kills_and_restarts_the_engine(tmp_path):
+async def test_a_startup_probe_that_never_passes_kills_and_restarts_the_engine(tmp_path):
     port = _free_port()
-    seen, events = asyncio.run(asyncio.wait_for(_run_until(
+    seen, events = await _run_until(
         tmp_path, _container(port, path="/never", threshold=2), [sys.executable, "-c", SERVER, str(port), "0"],
-        lambda pc: pc.state.restart_count >= 1, "a restart after the startup probe gave up", FakeClock()), 60))
+        lambda pc: pc.state.restart_count >= 1, "a restart after the startup probe gave up", FakeClock())
     term = next(s["lastState"]["terminated"] for s in seen if s["lastState"])
     assert term["exitCode"] in (143, 137) and term["reason"] == "Error"  # SIGTERM (or SIGKILL after the grace)
     assert not any(s["ready"] for s in seen)
@@ -219,7 +213,7 @@ def test_a_startup_probe_that_never_passes_kills_and_restarts_the_engine(tmp_pat
     assert events[1][:2] == ("Normal", "Killing") and "failed startup probe" in events[1][2]
 
 
-def test_the_kubelet_log_endpoint_serves_current_previous_and_tail(tmp_path):
+async def test_the_kubelet_log_endpoint_serves_current_previous_and_tail(tmp_path):
     """What `kubectl logs [-p] [--tail N]` asks the node for, through the API server."""
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -229,15 +223,13 @@ def test_the_kubelet_log_endpoint_serves_current_previous_and_tail(tmp_path):
     (tmp_path / "1.log").write_text("second run\nline 2\nline 3\n")
     logs = {("ns", "p", "server"): [tmp_path / "0.log", tmp_path / "1.log"], ("ns", "stub", "server"): []}
 
-    async def scenario():
-        async with TestClient(TestServer(kubelet_api.make_app(lambda *k: logs.get(k)))) as client:
-            async def get(path):
-                r = await client.get(path)
-                return r.status, await r.text()
-            assert await get("/containerLogs/ns/p/server") == (200, "second run\nline 2\nline 3\n")
-            assert await get("/containerLogs/ns/p/server?previous=true") == (200, "first run\ncrashed\n")
-            assert await get("/containerLogs/ns/p/server?tailLines=1") == (200, "line 3\n")
-            assert await get("/containerLogs/ns/stub/server") == (200, "")
-            assert (await get("/containerLogs/ns/stub/server?previous=true"))[0] == 400
-            assert (await get("/containerLogs/ns/nope/server"))[0] == 404
-    _run(scenario())
+    async with TestClient(TestServer(kubelet_api.make_app(lambda *k: logs.get(k)))) as client:
+        async def get(path):
+            r = await client.get(path)
+            return r.status, await r.text()
+        assert await get("/containerLogs/ns/p/server") == (200, "second run\nline 2\nline 3\n")
+        assert await get("/containerLogs/ns/p/server?previous=true") == (200, "first run\ncrashed\n")
+        assert await get("/containerLogs/ns/p/server?tailLines=1") == (200, "line 3\n")
+        assert await get("/containerLogs/ns/stub/server") == (200, "")
+        assert (await get("/containerLogs/ns/stub/server?previous=true"))[0] == 400
+        assert (await get("/containerLogs/ns/nope/server"))[0] == 404

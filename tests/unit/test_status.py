@@ -177,10 +177,9 @@ def test_the_slim_pod_keeps_what_the_pool_planner_reads():
     assert s["status"] == {"nominatedNodeName": "n1"} and s["metadata"]["deletionTimestamp"]
 
 
-def test_a_new_model_costs_one_status_write_before_its_deployment_exists():
+async def test_a_new_model_costs_one_status_write_before_its_deployment_exists():
     """The first pass writes Reconciling before applying, then computes status again: the two must be equal (every
     field in both, status.gpus included), or each new model costs an extra status write (make bench counts them)."""
-    import asyncio
 
     from modelservice.controller import Controller
 
@@ -204,5 +203,5 @@ def test_a_new_model_costs_one_status_write_before_its_deployment_exists():
     body = {"metadata": {"name": "m", "namespace": "ns", "uid": "u1", "generation": 1},
             "spec": {"engine": "vllm", "model": {"uri": "hf://o/m"}}}
     c.on_modelservice("ADDED", body)
-    assert asyncio.run(c.reconcile(("ns", "m"))) == "success"
+    assert await c.reconcile(("ns", "m")) == "success"
     assert kube.status_patches == 1 and body["status"]["gpus"] == 0
