@@ -37,6 +37,10 @@ class Engine(str, Enum):
     custom = "custom"
 
 
+# Engines whose queue the gateway reads (gateway/engine_load.py NAMES; a test keeps the two equal).
+QUEUE_ENGINES = (Engine.vllm, Engine.llamacpp)
+
+
 class _Model(BaseModel):
     # Unknown fields are refused by the CRD's structural schema (pruned); refusing them here too keeps
     # `render -f` (offline, no API server) as strict as the cluster.
@@ -85,6 +89,10 @@ class Autoscaling(_Model):
     maxReplicas: int = Field(..., ge=1, le=1000, description="Upper bound.")
     targetInFlight: Optional[int] = Field(
         None, ge=1, le=100000, description="Concurrent requests per replica the gateway aims for (needs the gateway).")
+    targetQueue: Optional[int] = Field(
+        None, ge=1, le=100000,
+        description="Requests waiting in the engines' own queues per replica before scaling up (vLLM, llama.cpp; "
+                    "read by the gateway). With targetInFlight, the larger replica count wins.")
     cpuUtilization: Optional[int] = Field(
         None, ge=1, le=100, description="Average CPU utilization (percent of requests.cpu) for a classic HPA.")
     scaleToZeroAfter: Duration = Field("300s", description="Idle time before scaling to zero (minReplicas 0 only).")
@@ -337,6 +345,14 @@ def cross_field_problems(spec: ModelServiceSpec, *, gateway_enabled: bool) -> li
             problems.append(("spec.autoscaling.targetInFlight",
                              "targetInFlight is measured by the gateway: install the chart with gateway.enabled=true, "
                              "or use cpuUtilization"))
+        if a.targetQueue is not None and not gateway_enabled:
+            problems.append(("spec.autoscaling.targetQueue",
+                             "targetQueue is read from the engines by the gateway: install the chart with "
+                             "gateway.enabled=true, or use cpuUtilization"))
+        if a.targetQueue is not None and spec.engine not in QUEUE_ENGINES:
+            problems.append(("spec.autoscaling.targetQueue",
+                             f"engine {spec.engine.value} exports no queue figures the gateway reads: use targetInFlight "
+                             f"(targetQueue works with {', '.join(e.value for e in QUEUE_ENGINES)})"))
         if a.cpuUtilization is not None and "cpu" not in spec.resources.requests:
             problems.append(("spec.autoscaling.cpuUtilization",
                              "cpuUtilization is a percentage of requests.cpu: set spec.resources.requests.cpu"))

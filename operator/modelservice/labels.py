@@ -18,6 +18,8 @@ IN_FLIGHT_ANNOTATION = f"{GROUP}/in-flight"  # the highest since the previous wr
 # planner sees an idle model as soon as it is one (parking.py).
 IN_FLIGHT_NOW_ANNOTATION = f"{GROUP}/in-flight-now"
 LAST_REQUEST_ANNOTATION = f"{GROUP}/last-request"
+# Requests waiting in the engines' own queues, as the gateway last read them (engine_load.py); absent: not known.
+WAITING_ANNOTATION = f"{GROUP}/waiting"
 
 
 def child_name(ms_name: str) -> str:

@@ -11,6 +11,7 @@ from modelservice.labels import (
     IN_FLIGHT_NOW_ANNOTATION,
     LAST_REQUEST_ANNOTATION,
     MODELSERVICE_LABEL,
+    WAITING_ANNOTATION,
 )
 
 pytestmark = pytest.mark.unit
@@ -134,3 +135,26 @@ def test_wake_lease_sets_last_request_now():
     t = ActivityTracker("gw-0", 10, wall=lambda: clock.wall, mono=lambda: clock.mono)
     lease = t.lease(model_entry(modelservice("m")), wake=True)
     assert lease["metadata"]["annotations"][LAST_REQUEST_ANNOTATION] == rfc3339_micro(clock.wall)
+
+
+def test_the_lease_carries_the_engines_queue_and_a_change_in_it_is_written():
+    clock = Clock()
+    t = ActivityTracker("gw-0", 10, wall=lambda: clock.wall, mono=lambda: clock.mono)
+    e = model_entry(modelservice("m"))
+    queue: dict = {}
+    t.waiting = lambda key: queue.get(key)
+    t.started(e.key)
+    t.finished(e.key)
+    assert WAITING_ANNOTATION not in t.lease(e)["metadata"]["annotations"]  # not known: not said
+    clock.advance(10)
+    t.lease(e)  # the peak's drop to 0
+    clock.advance(10)
+    assert t.due() == []
+    queue[e.key] = 7  # other gateways' traffic queues in the engines: the operator must hear of it
+    assert t.due() == [e.key]
+    assert t.lease(e)["metadata"]["annotations"][WAITING_ANNOTATION] == "7"
+    clock.advance(10)
+    assert t.due() == []  # unchanged
+    queue[e.key] = 0
+    clock.advance(10)
+    assert t.due() == [e.key] and t.lease(e)["metadata"]["annotations"][WAITING_ANNOTATION] == "0"

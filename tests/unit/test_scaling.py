@@ -88,3 +88,35 @@ def test_in_flight_now_is_busy_at_this_moment_and_the_peak_stays_the_load():
     assert (a.in_flight, a.in_flight_now) == (3, 1)
     a = activity_from_leases([lease(t, 1, 0)], NOW)
     assert (a.in_flight, a.in_flight_now) == (1, 0)
+
+
+def test_the_engines_queue_scales_up_and_the_larger_count_wins():
+    spec = _spec(minReplicas=1, maxReplicas=6, targetInFlight=8, targetQueue=4)
+    # 2 replicas, 20 waiting (10 per replica > 4): ceil(20 / 4) = 5, more than in-flight's ceil(16 / 8) = 2.
+    assert decide(spec, 2, Activity(in_flight=16, waiting=20), NOW, NOW).scale_to == 5
+    # In-flight asks for more than the queue: in-flight wins.
+    assert decide(spec, 2, Activity(in_flight=40, waiting=9), NOW, NOW).scale_to == 5
+    # A queue within target holds the count (it is short because the replicas are there), in-flight alone would
+    # have scaled down to 1.
+    assert decide(spec, 3, Activity(in_flight=8, waiting=6), NOW, NOW).scale_to is None
+    # No queue, or no figure (engines not read, or no fresh Lease carries one): in-flight and minReplicas decide.
+    assert decide(spec, 3, Activity(in_flight=8, waiting=0), NOW, NOW).scale_to == 1
+    assert decide(spec, 3, Activity(in_flight=8, waiting=None), NOW, NOW).scale_to == 1
+    assert decide(spec, 2, Activity(waiting=1000), NOW, NOW).scale_to == 6  # within maxReplicas
+    hpa = _spec(minReplicas=1, maxReplicas=6, targetQueue=4, cpuUtilization=70)
+    assert decide(hpa, 1, Activity(waiting=10), NOW, NOW).hpa_floor == 3
+
+
+def test_activity_takes_the_largest_fresh_queue_not_the_sum():
+    """Every gateway (and worker) reads the same engines: two Leases saying 5 are one queue of 5."""
+    t = "1970-01-12T13:46:40Z"  # NOW
+
+    def lease(renew, waiting=None):
+        ann = {"serving.modelservice.dev/in-flight": "1"}
+        if waiting is not None:
+            ann["serving.modelservice.dev/waiting"] = waiting
+        return {"metadata": {"annotations": ann}, "spec": {"renewTime": renew}}
+    assert activity_from_leases([lease(t, "5"), lease(t, "3"), lease(t)], NOW).waiting == 5
+    assert activity_from_leases([lease("1970-01-01T00:00:00Z", "50"), lease(t, "2")], NOW).waiting == 2  # stale
+    assert activity_from_leases([lease(t, "junk"), lease(t, "-4")], NOW).waiting == 0
+    assert activity_from_leases([lease(t)], NOW).waiting is None

@@ -7,6 +7,8 @@ operator cannot scale the model back to zero between our scale call and the firs
 Lease said it was busy and that is idle now, written at the next tick: the GPU pool planner parks only idle models,
 and a pool full of models idle for an interval that the operator still takes for busy keeps a woken one waiting.
 At most one such write follows each interval's, so writes stay within two per model per interval.
+A Lease also carries the model's engine queue (waiting requests over its ready replicas, engine_load.py) when the
+gateway knows it: every gateway sees the same engines, so the operator takes the largest fresh figure, not the sum.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from modelservice.labels import (
     IN_FLIGHT_NOW_ANNOTATION,
     LAST_REQUEST_ANNOTATION,
     MODELSERVICE_LABEL,
+    WAITING_ANNOTATION,
 )
 
 if TYPE_CHECKING:
@@ -62,6 +65,7 @@ class _Model:
     traffic: bool = False  # a request started or finished since the last write
     written_in_flight: Optional[int] = None
     written_now: int = 0  # in flight when the last Lease was written (IN_FLIGHT_NOW_ANNOTATION)
+    written_waiting: Optional[int] = None
     last_write: float = float("-inf")  # monotonic
 
 
@@ -76,6 +80,7 @@ class ActivityTracker:
         self._models: dict[Key, _Model] = {}
         # More annotations for a model's Lease (its adapters' state, adapters.py): the operator reads them.
         self.annotate: Callable[[ModelEntry], dict[str, str]] = lambda entry: {}
+        self.waiting: Callable[[Key], Optional[int]] = lambda key: None  # the engines' queue (server.py wires it)
 
     def mark_changed(self, key: Key) -> None:
         """Something the Lease carries besides traffic changed (an adapter loaded): write it at the next tick."""
@@ -103,7 +108,8 @@ class ActivityTracker:
         now = self._mono()
         return [k for k, m in self._models.items()
                 if (now - m.last_write >= self.interval
-                    and (m.traffic or m.peak != m.written_in_flight or m.in_flight > 0))
+                    and (m.traffic or m.peak != m.written_in_flight or m.in_flight > 0
+                         or self.waiting(k) != m.written_waiting))
                 or (m.in_flight == 0 and m.written_now > 0)]  # went idle: say so now (the planner waits on it)
 
     def lease(self, entry: ModelEntry, *, wake: bool = False) -> dict[str, Any]:
@@ -117,6 +123,9 @@ class ActivityTracker:
         m.written_now = m.in_flight
         annotations = {**self.annotate(entry), IN_FLIGHT_ANNOTATION: str(peak),
                        IN_FLIGHT_NOW_ANNOTATION: str(m.in_flight)}
+        m.written_waiting = waiting = self.waiting(entry.key)
+        if waiting is not None:
+            annotations[WAITING_ANNOTATION] = str(waiting)
         if m.last_request is not None:
             annotations[LAST_REQUEST_ANNOTATION] = rfc3339_micro(m.last_request)
         meta: dict[str, Any] = {
@@ -146,11 +155,12 @@ class ActivityTracker:
                     self.forget(key)  # ModelService deleted: its Lease goes with it (owner reference)
                     continue
                 m = self._models[key]
-                saved = (m.peak, m.traffic, m.written_in_flight, m.written_now)
+                saved = (m.peak, m.traffic, m.written_in_flight, m.written_now, m.written_waiting)
                 body = self.lease(entry)
                 try:
                     await ops.write_lease(body)
                 except Exception as e:  # noqa: BLE001 - keep flushing other models
-                    m.peak, m.traffic, m.written_in_flight, m.written_now = max(saved[0], m.peak), True, *saved[2:]
+                    m.peak, m.traffic, m.written_in_flight, m.written_now, m.written_waiting = (
+                        max(saved[0], m.peak), True, *saved[2:])
                     log.warning("activity Lease %s/%s not written: %s", entry.namespace,
                                 body["metadata"]["name"], e)

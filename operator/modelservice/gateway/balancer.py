@@ -2,7 +2,8 @@
 
 Least in-flight: LLM requests vary from milliseconds to minutes, so round-robin piles long generations onto one
 replica; counting what each endpoint is serving right now follows the real load. Ties go to a random endpoint so that
-many gateway replicas, each with its own counts, do not all pick the same "first" pod.
+many gateway replicas, each with its own counts, do not all pick the same "first" pod, after the endpoints whose
+engine reports a shorter queue (engine_load.py: other gateways' traffic waits there; unknown counts as empty).
 
 Prefix affinity (a request with an affinity key, affinity.py): rendezvous hashing with bounded loads. Each endpoint's
 rank for a key is a hash of (key, endpoint); the request goes to the best-ranked endpoint whose in-flight count stays
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from modelservice.gateway.routes import Endpoint
 
@@ -30,6 +31,7 @@ class Balancer:
         self._in_flight: dict[Endpoint, int] = {}
         self._rng = rng or random.Random()
         self.load_factor = load_factor
+        self.waiting: Callable[[Endpoint], Optional[int]] = lambda ep: None  # the engines' queues (server.py)
 
     def in_flight(self, ep: Endpoint) -> int:
         return self._in_flight.get(ep, 0)
@@ -43,7 +45,11 @@ class Balancer:
         if key is not None and len(candidates) > 1:
             return self._by_affinity(candidates, key)
         low = min(self._in_flight.get(ep, 0) for ep in candidates)
-        return self._rng.choice([ep for ep in candidates if self._in_flight.get(ep, 0) == low])
+        ties = [ep for ep in candidates if self._in_flight.get(ep, 0) == low]
+        if len(ties) > 1:
+            queue = {ep: self.waiting(ep) or 0 for ep in ties}
+            ties = [ep for ep in ties if queue[ep] == min(queue.values())]
+        return self._rng.choice(ties)
 
     def _by_affinity(self, candidates: list[Endpoint], key: bytes) -> Endpoint:
         total = sum(self._in_flight.get(ep, 0) for ep in candidates)

@@ -24,6 +24,7 @@ from modelservice.gateway.affinity import affinity_key
 from modelservice.gateway.auth import ANONYMOUS, KeyStore, bearer_token, key_matches
 from modelservice.gateway.balancer import Balancer
 from modelservice.gateway.config import Config
+from modelservice.gateway.engine_load import EngineLoad
 from modelservice.gateway.errors import GatewayError, error_response
 from modelservice.gateway.kubeops import ClusterOps
 from modelservice.gateway.metering import Metering
@@ -51,6 +52,9 @@ class Gateway:
         self.balancer = Balancer()
         self.keys = KeyStore(config.api_key_secret, TenantStore() if config.tenant_namespace else None)
         self.activity = ActivityTracker(config.pod_name, config.activity_interval)
+        self.engine_load = EngineLoad(self.table, self.metrics.registry)  # engines' queues, polled (engine_load.py)
+        self.activity.waiting = self.engine_load.model_waiting
+        self.balancer.waiting = self.engine_load.waiting
         self.activator = Activator(self.table, ops, self.activity, self.metrics,
                                    timeout=config.activation_timeout, max_held=config.max_held_per_model)
         self.adapters = Adapters(self._engine_call, changed=self.activity.mark_changed,
@@ -90,6 +94,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.activity.run(self.ops, self.table.models.get), name="activity-leases"),
+            loop.create_task(self.engine_load.run(), name="engine-load"),
             loop.create_task(self.keys.run(self.ops, lambda: self.table.models.values(), cfg.secret_refresh),
                              name="api-key-secrets"),
         ]
