@@ -67,8 +67,9 @@ bench-quick: venv k8s-bin ## the benchmarks at N=100 only (about 4 minutes)
 chaos: venv k8s-bin ## the long reliability soak
 	$(PYTEST) -m chaos -q
 
-lint: venv helm ## ruff (pyproject [tool.ruff]) and helm lint --strict over the default and every ci/ values file
+lint: venv helm ## ruff and mypy --strict (pyproject [tool.ruff], [tool.mypy]), helm lint --strict over every values file
 	$(PY) -m ruff check operator tests bench hack
+	$(PY) -m mypy
 	HELM=$$(bash hack/get-helm.sh); $$HELM lint --strict charts/modelservice-operator && \
 	for f in charts/modelservice-operator/ci/*-values.yaml; do $$HELM lint --strict charts/modelservice-operator -f $$f || exit 1; done
 

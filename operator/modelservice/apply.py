@@ -37,7 +37,7 @@ def contains(observed: Any, desired: Any) -> bool:
     if isinstance(desired, (int, float)) and isinstance(observed, str) or \
             isinstance(desired, str) and isinstance(observed, (int, float)):
         return str(desired) == str(observed)
-    return observed == desired
+    return bool(observed == desired)
 
 
 def needs_apply(desired: dict[str, Any], observed: Optional[dict[str, Any]]) -> bool:

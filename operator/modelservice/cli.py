@@ -6,11 +6,14 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
 from modelservice import __version__
+
+if TYPE_CHECKING:
+    from modelservice.netpol import NetworkPolicyConfig
 
 
 def _render(path: str, gateway_enabled: bool) -> int:
@@ -39,7 +42,7 @@ def _render(path: str, gateway_enabled: bool) -> int:
     return 0
 
 
-def _network_policy(args: argparse.Namespace):
+def _network_policy(args: argparse.Namespace) -> Optional[NetworkPolicyConfig]:
     from modelservice.netpol import NetworkPolicyConfig, parse_labels
 
     if not args.network_policy:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import aiohttp
 
@@ -71,7 +71,7 @@ SLIM_KEEP = {"Lease": ("spec",)}
 POD_META = ("name", "namespace", "labels", "resourceVersion", "uid", "deletionTimestamp")
 
 
-def slim(obj: dict[str, Any], kind: Optional[str] = None) -> dict[str, Any]:
+def slim(obj: Mapping[str, Any], kind: Optional[str] = None) -> dict[str, Any]:
     """The cache keeps what reconcile reads: at 1,000 models with their pods, Deployments and Services, the rest
     (managedFields above all, often half an object) would be most of the operator's memory."""
     if kind == "Pod":
@@ -82,7 +82,7 @@ def slim(obj: dict[str, Any], kind: Optional[str] = None) -> dict[str, Any]:
     return out
 
 
-def _slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
+def _slim_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
     """Of a pod, status.py reads failed conditions (Unschedulable) and waiting containers (CrashLoopBackOff,
     ImagePullBackOff); a healthy pod shrinks to its name and labels. Pods are the most numerous objects we cache."""
     st = obj.get("status") or {}
@@ -96,7 +96,7 @@ def _slim_pod(obj: dict[str, Any]) -> dict[str, Any]:
               "containerStatuses": waiting(st.get("containerStatuses")),
               "initContainerStatuses": waiting(st.get("initContainerStatuses")),
               "nominatedNodeName": st.get("nominatedNodeName")}
-    out = {"metadata": {k: v for k, v in obj["metadata"].items() if k in POD_META},
+    out: dict[str, Any] = {"metadata": {k: v for k, v in obj["metadata"].items() if k in POD_META},
            "status": {k: v for k, v in status.items() if v}}
     # The GPU pool planner's view (parking.py): where the pod runs, its scheduler priority and its GPU count (a
     # derived field of this cache only: the containers themselves are not kept).
@@ -144,7 +144,7 @@ class Controller:
         self.versions = ApiVersions()
         self.workers = workers
         self.resync_seconds = resync_seconds
-        self.namespaces = namespaces or [None]  # [None]: all namespaces
+        self.namespaces: list[Optional[str]] = [*namespaces] if namespaces else [None]  # [None]: all namespaces
         self._ready_since: dict[Key, float] = {}  # first seen with a ready replica since it last woke
         # The GPU pool planner (parking.py): validated specs of the models it weighs, the pods the scheduler could
         # not place for lack of GPUs, and what each waiting model was last told.

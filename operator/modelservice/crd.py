@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from modelservice import GROUP, KIND, PLURAL, VERSION
 from modelservice.api import ModelServiceSpec, ModelServiceStatus
@@ -60,7 +61,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _schema_of(model: type) -> dict[str, Any]:
+def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(mode="serialization")
     defs = raw.pop("$defs", {})
     return _structural(raw, defs)
@@ -82,7 +83,7 @@ def _strip_defaults(node: Any) -> Any:
 
 def _status_schema() -> dict[str, Any]:
     # Only the operator writes status, in full: defaults there would only hide a bug (and v1.20 mishandles '').
-    schema = _strip_defaults(_schema_of(ModelServiceStatus))
+    schema: dict[str, Any] = _strip_defaults(_schema_of(ModelServiceStatus))
     schema["description"] = "What the operator observed. Written by the operator only."
     conds = schema["properties"]["conditions"]
     conds["x-kubernetes-list-type"] = "map"

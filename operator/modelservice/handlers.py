@@ -34,7 +34,7 @@ class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     # Our own annotation prefix, so we never read or clash with another kopf operator's state on shared objects.
     # We use only event handlers, so kopf writes no progress or diff-base annotations at all.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)

@@ -26,7 +26,7 @@ Rules (docs/gpu-pool.md says why):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from modelservice import GROUP
 
@@ -326,7 +326,7 @@ def _make_room(w: Model, by_key: dict[Key, Model], nodes: list[Node], parked: se
 
 # ---- from the API's objects (the controller's slim caches) -----------------------------------------------------
 
-def pod_gpus(pod: dict) -> int:
+def pod_gpus(pod: Mapping[str, Any]) -> int:
     """nvidia.com/gpu a pod asks for: the sum over its containers (GPUs cannot overcommit: limits equal requests)."""
     total = 0
     for c in (pod.get("spec") or {}).get("containers") or []:

@@ -59,7 +59,8 @@ class Prometheus:
             doc = json.loads(r.read())
         if doc.get("status") != "success":
             raise RuntimeError(f"Prometheus refused {promql!r}: {doc.get('error')}")
-        return doc["data"]["result"]
+        result: list[dict[str, Any]] = doc["data"]["result"]
+        return result
 
 
 def _series_key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:

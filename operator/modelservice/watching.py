@@ -9,8 +9,9 @@ kept forever.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from modelservice.kube import Kube
 
@@ -70,7 +71,7 @@ async def keep_watching(kube: Kube, path: str, selector: Optional[str], mirror: 
         backoff = min(MAX_BACKOFF, backoff * 2)
 
 
-def start(kube: Kube, watches: list[tuple[str, Optional[str], Apply]], on_synced: Callable[[], None],
+def start(kube: Kube, watches: Sequence[tuple[str, Optional[str], Apply]], on_synced: Callable[[], None],
           on_alive: Optional[Callable[[], None]] = None,
           on_relist: Optional[Callable[[], None]] = None) -> list[asyncio.Task[None]]:
     """One task per (path, label selector, apply); on_synced() once every watch has listed once; on_relist() each
@@ -86,6 +87,6 @@ def start(kube: Kube, watches: list[tuple[str, Optional[str], Apply]], on_synced
         elif on_relist is not None:
             on_relist()
 
-    return [asyncio.create_task(keep_watching(kube, path, selector, Mirror(apply), lambda i=i: synced(i), on_alive),
+    return [asyncio.create_task(keep_watching(kube, path, selector, Mirror(apply), functools.partial(synced, i), on_alive),
                                 name=f"watch {path}")
             for i, (path, selector, apply) in enumerate(watches)]

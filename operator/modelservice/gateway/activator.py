@@ -29,7 +29,7 @@ class _Episode:
     """From the first held request of a model to its first ready endpoint (or the wake's timeout)."""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     held: int = 0
-    wake: Optional[asyncio.Task] = None
+    wake: Optional[asyncio.Task[None]] = None
     error: Optional[str] = None
     code: str = "no_backend"  # the OpenAI error code that goes with `error`
 

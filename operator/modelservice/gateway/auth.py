@@ -12,7 +12,7 @@ import base64
 import binascii
 import hmac
 import logging
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from modelservice.gateway.routes import ModelEntry
 
@@ -51,7 +51,7 @@ def key_matches(presented: Optional[str], keys: Iterable[str]) -> bool:
     return ok
 
 
-def secret_keys(secret: dict) -> dict[str, tuple[str, ...]]:
+def secret_keys(secret: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     """data key → parsed API keys of one Secret object."""
     out: dict[str, tuple[str, ...]] = {}
     for k, v in (secret.get("data") or {}).items():
@@ -86,7 +86,7 @@ class KeyStore:
             refs.add(self.global_ref[:2])
         return refs
 
-    def update(self, ref: SecretRef, secret: Optional[dict]) -> None:
+    def update(self, ref: SecretRef, secret: Optional[dict[str, Any]]) -> None:
         self._secrets[ref] = secret_keys(secret) if secret else {}
         self.errors.pop(ref, None)
         self._event(ref).set()
@@ -132,7 +132,7 @@ class KeyStore:
 
     def missing(self, entry: ModelEntry) -> bool:
         """A Secret this model needs has never been fetched."""
-        return bool(entry.api_key_ref) and (entry.namespace, entry.api_key_ref[0]) not in self._secrets
+        return entry.api_key_ref is not None and (entry.namespace, entry.api_key_ref[0]) not in self._secrets
 
     def global_keys(self) -> tuple[str, ...]:
         if not self.global_ref:

@@ -105,7 +105,7 @@ async def serve(config: Config, stop: Optional[asyncio.Event] = None, *, slot: O
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
     runners: list[web.BaseRunner] = []
-    tasks: list[asyncio.Task] = []
+    tasks: list[asyncio.Task[None]] = []
     try:
         runner = gateway.runner(gateway.app())
         await runner.setup()
@@ -137,7 +137,7 @@ async def serve(config: Config, stop: Optional[asyncio.Event] = None, *, slot: O
                 slot.mark_synced()
 
         tasks = await watchers.start(kube, gateway.table, config.namespaces, lambda: synced("routes"))
-        if gateway.keys.tenants is not None:
+        if gateway.keys.tenants is not None and config.tenant_namespace:  # the store exists when the namespace is set
             tasks += gateway.keys.tenants.watch(kube, config.tenant_namespace, lambda: synced("tenants"))
         log.info("gateway %s listening on %s:%d (metrics :%d), namespaces: %s", config.pod_name, config.host,
                  config.port, config.metrics_port, ",".join(config.namespaces) or "all")

@@ -13,11 +13,13 @@ if sys.version_info >= (3, 11):
     within = asyncio.timeout
 else:  # pragma: no cover
     from contextlib import asynccontextmanager
+    from typing import AsyncIterator
 
     @asynccontextmanager
-    async def within(delay: float):  # type: ignore[misc]
+    async def within(delay: float) -> AsyncIterator[None]:
         task = asyncio.current_task()
-        handle = asyncio.get_running_loop().call_later(delay, task.cancel)  # type: ignore[union-attr]
+        assert task is not None  # `async with` runs in a task
+        handle = asyncio.get_running_loop().call_later(delay, task.cancel)
         try:
             yield
         except asyncio.CancelledError:

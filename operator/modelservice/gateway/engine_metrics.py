@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 
 from modelservice.api import Engine
 from modelservice.engines import ENGINES
@@ -44,7 +44,7 @@ def relabel(line: str, extra: str) -> Optional[str]:
 
 def merge(texts: list[tuple[str, str]]) -> str:
     """(extra labels, exposition text) per endpoint → one exposition, families merged in first-seen order."""
-    families: dict[str, dict] = {}
+    families: dict[str, dict[str, Any]] = {}
     for extra, text in texts:
         current: Optional[str] = None
         for raw in text.splitlines():
@@ -86,7 +86,7 @@ def targets(table: RouteTable) -> list[tuple[ModelEntry, Endpoint, int, str]]:
 
 
 class EngineMetrics:
-    def __init__(self, table: RouteTable, registry) -> None:
+    def __init__(self, table: RouteTable, registry: CollectorRegistry) -> None:
         self.table = table
         self.errors = Counter("modelservice_gateway_engine_scrape_errors",
                               "Engine /metrics fetches that failed or timed out (left out of /engine-metrics).",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, Optional
 
 from aiohttp import web
 
@@ -25,7 +25,7 @@ class GatewayError(Exception):
         return error_response(self.status, self.message, self.code, retry_after=self.retry_after)
 
 
-def error_body(status: int, message: str, code: str) -> dict:
+def error_body(status: int, message: str, code: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "code": code}}
 
 

@@ -33,4 +33,5 @@ class KubeOps:
         await self.kube.merge_patch(path, {"spec": {"replicas": replicas}})
 
     async def get_secret(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
-        return await self.kube.get_or_none(object_path("v1", "Secret", namespace, name))
+        secret: Optional[dict[str, Any]] = await self.kube.get_or_none(object_path("v1", "Secret", namespace, name))
+        return secret

@@ -11,9 +11,10 @@ import contextlib
 import json
 import logging
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from modelservice.gateway import metering, paths
 from modelservice.gateway import reqstate as rs
@@ -65,7 +66,7 @@ class Gateway:
         self.synced = False  # set by watchers.py once every watch has listed
         self.peers_synced: Callable[[], bool] = lambda: True  # the other workers of this pod (workers.py)
         self.proxy: Optional[Proxy] = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -195,7 +196,7 @@ class Gateway:
         return web.json_response({"status": "ok", "models": len(self.table.models)})
 
     # -- the request path --------------------------------------------------------------------------------------
-    def _known(self, request: web.Request, lookup) -> ModelEntry:
+    def _known(self, request: web.Request, lookup: Callable[[], ModelEntry]) -> ModelEntry:
         """Resolve the model; with global or tenant keys, a caller without one learns nothing (401, not 404/400)."""
         try:
             entry = lookup()
@@ -209,10 +210,12 @@ class Gateway:
         request[rs.MODEL] = entry.label
         return entry
 
-    def _admit(self, request: web.Request, body_len: int, doc: Optional[dict], path: str) -> None:
+    def _admit(self, request: web.Request, body_len: int, doc: Optional[dict[str, Any]], path: str) -> None:
         """A tenant over its quota gets 429 here, before any engine work (quotas.py)."""
-        name = request.get(rs.TENANT)
-        tenant = self.keys.tenants.tenants.get(name) if self.keys.tenants is not None and name else None
+        name: Optional[str] = request.get(rs.TENANT)
+        if not name or self.keys.tenants is None:
+            return
+        tenant = self.keys.tenants.tenants.get(name)
         if tenant is not None and (tenant.rpm or tenant.tpm or tenant.model_limits):
             model = request[rs.MODEL]
             rpm, tpm = tenant.limits_on(model)
@@ -221,7 +224,7 @@ class Gateway:
             tokens = self.quotas.estimate(body_len, doc, path) if tenant.tpm or tpm else 0
             request[rs.QUOTA] = self.quotas.admit_all(scopes, tokens)
 
-    def _meter(self, request: web.Request, doc: dict, path: str) -> Optional[bytes]:
+    def _meter(self, request: web.Request, doc: dict[str, Any], path: str) -> Optional[bytes]:
         """Attach the request's Meter; the body re-encoded when the meter asked the engine for usage (or None)."""
         if not self.config.metering:
             return None
@@ -279,7 +282,7 @@ class Gateway:
         return {ADAPTERS_ANNOTATION: json.dumps(report, separators=(",", ":"), sort_keys=True)}
 
     @web.middleware
-    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
         status = 500
         try:

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from modelservice import GROUP
 from modelservice.gateway.auth import parse_keys
@@ -119,14 +119,15 @@ def parse_secret(obj: dict[str, Any]) -> tuple[Optional[TenantSecret], Optional[
             return None, f"{note}={text!r} is not a whole number of at least 1"
         limits[field_] = int(text) if text else None
     try:
-        limits["model_limits"] = _model_limits(notes.get(MODEL_QUOTAS_ANNOTATION, ""))  # type: ignore[assignment]
+        model_limits = _model_limits(notes.get(MODEL_QUOTAS_ANNOTATION, ""))
     except ValueError as e:
         return None, f"{MODEL_QUOTAS_ANNOTATION}: {e}"
     if not namespaces and not models:
         return None, (f"the tenant may use no model: annotate the Secret with {NAMESPACES_ANNOTATION} "
                       f"(namespaces, or *) and/or {MODELS_ANNOTATION} (namespace/name, comma-separated)")
     return TenantSecret((meta.get("namespace", ""), meta.get("name", "")),
-                        Tenant(name, namespaces, models, **limits), frozenset(digest(k) for k in keys)), None
+                        Tenant(name, namespaces, models, limits["rpm"], limits["tpm"], model_limits),
+                        frozenset(digest(k) for k in keys)), None
 
 
 def _model_limits(text: str) -> tuple[tuple[str, Optional[int], Optional[int]], ...]:
@@ -150,7 +151,10 @@ def _model_limits(text: str) -> tuple[tuple[str, Optional[int], Optional[int]], 
     return tuple(out)
 
 
-def _merge_limits(a, b):  # type: ignore[no-untyped-def]
+ModelLimits = tuple[tuple[str, Optional[int], Optional[int]], ...]  # (namespace/name, rpm, tpm)
+
+
+def _merge_limits(a: ModelLimits, b: ModelLimits) -> ModelLimits:
     """Per-model limits of two Secrets of one tenant: every model of either; the lower value where both set one."""
     merged: dict[str, tuple[Optional[int], Optional[int]]] = {}
     for model, rpm, tpm in (*a, *b):
@@ -247,22 +251,23 @@ class TenantStore:
         return bool(self._index)
 
     # -- I/O ---------------------------------------------------------------------------------------------------
-    def watch(self, kube: "Kube", namespace: str, on_synced) -> list[asyncio.Task]:
+    def watch(self, kube: "Kube", namespace: str, on_synced: Callable[[], None]) -> list[asyncio.Task[None]]:
         """The label-selected watch of tenant Secrets in the gateway's namespace, and the Event poster."""
         from modelservice import watching
         from modelservice.kube import object_path
 
-        self.problems = asyncio.Queue(maxsize=1000)
+        problems: asyncio.Queue[Problem] = asyncio.Queue(maxsize=1000)
+        self.problems = problems
 
         def apply(event: str, obj: dict[str, Any]) -> None:
             for p in self.apply(event, obj):
                 log.warning("Secret %s/%s: %s", p.secret["metadata"]["namespace"], p.secret["metadata"]["name"],
                             p.message)
-                if not self.problems.full():
-                    self.problems.put_nowait(p)
+                if not problems.full():
+                    problems.put_nowait(p)
 
         tasks = watching.start(kube, [(object_path("v1", "Secret", namespace), TENANT_LABEL, apply)], on_synced)
-        tasks.append(asyncio.create_task(post_events(kube, self.problems), name="tenant-secret-events"))
+        tasks.append(asyncio.create_task(post_events(kube, problems), name="tenant-secret-events"))
         return tasks
 
 

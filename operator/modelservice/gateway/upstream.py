@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import defaultdict, deque
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, cast
 
 import httptools
 
@@ -171,25 +171,26 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.idle_timer: Optional[asyncio.TimerHandle] = None
 
-    # parser callbacks, forwarded to the answer in progress
+    # parser callbacks, forwarded to the answer in progress. The parser runs only inside data_received, which feeds
+    # it only while self.response is set: hence the union-attr ignores (no check on the per-chunk path).
     def on_status(self, reason: bytes) -> None:
-        self.response.on_status(reason)  # type: ignore[union-attr]
+        self.response.on_status(reason)  # type: ignore[union-attr]  # set: see above
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.response.on_header(name, value)  # type: ignore[union-attr]
+        self.response.on_header(name, value)  # type: ignore[union-attr]  # set: see above
 
     def on_headers_complete(self) -> None:
-        self.response.on_headers_complete()  # type: ignore[union-attr]
+        self.response.on_headers_complete()  # type: ignore[union-attr]  # set: see above
 
     def on_body(self, data: bytes) -> None:
-        self.response.on_body(data)  # type: ignore[union-attr]
+        self.response.on_body(data)  # type: ignore[union-attr]  # set: see above
 
     def on_message_complete(self) -> None:
-        self.response.on_message_complete()  # type: ignore[union-attr]
+        self.response.on_message_complete()  # type: ignore[union-attr]  # set: see above
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's: asyncio types it as the base
 
     def data_received(self, data: bytes) -> None:
         resp = self.response
@@ -229,8 +230,8 @@ class _Conn(asyncio.Protocol):
         if _TCP_INFO is None:
             return False
         try:
-            return self.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] \
-                != _TCP_ESTABLISHED
+            return bool(self.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] \
+                != _TCP_ESTABLISHED)
         except (OSError, AttributeError):
             return False
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
 from modelservice import GROUP, VERSION, watching
 from modelservice.gateway.routes import SERVICE_NAME_LABEL, RouteTable
@@ -29,11 +29,12 @@ async def slice_api(kube: Kube) -> str:
 
 
 async def start(kube: Kube, table: RouteTable, namespaces: list[str],
-                on_synced: Callable[[], None]) -> list[asyncio.Task]:
+                on_synced: Callable[[], None]) -> list[asyncio.Task[None]]:
     """Start every watch; on_synced() runs once all of them have listed. Cancel the tasks to stop."""
     slices = await slice_api(kube)
-    watches = []
-    for ns in namespaces or [None]:
+    watches: list[tuple[str, Optional[str], watching.Apply]] = []
+    all_namespaces: list[Optional[str]] = [None]
+    for ns in namespaces or all_namespaces:
         watches += [
             (object_path(f"{GROUP}/{VERSION}", "ModelService", ns), None, table.apply_modelservice),
             # Existence selector: slices of every Service; the table keeps those whose name matches a model.
