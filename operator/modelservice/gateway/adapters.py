@@ -17,7 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.routes import AdapterRef, Endpoint, Key, ModelEntry
@@ -60,7 +60,7 @@ class Residency:
     """What one replica has loaded (least recently used first), what is loading, and what is in use."""
     capacity: int
     loaded: "OrderedDict[str, str]" = field(default_factory=OrderedDict)  # name → path it was loaded from
-    loading: dict[str, asyncio.Future] = field(default_factory=dict)
+    loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     in_use: dict[str, int] = field(default_factory=dict)
 
     def has(self, name: str, path: str) -> bool:
@@ -101,7 +101,7 @@ def prefer_loaded(endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint],
 # -- the engine's API ------------------------------------------------------------------------------------------------
 # (endpoint, path, JSON body) → (HTTP status, body text); raises upstream.NotSent when the replica took nothing.
 # Injected: the gateway's upstream pool, a fake in unit tests.
-EngineCall = Callable[[Endpoint, str, dict], Awaitable[tuple[int, str]]]
+EngineCall = Callable[[Endpoint, str, dict[str, Any]], Awaitable[tuple[int, str]]]
 
 
 def engine_message(text: str) -> str:
@@ -141,12 +141,12 @@ class Adapters:
         r = self._replicas.get(ep)
         return r is not None and r.has(adapter.name, adapter.path)
 
-    def report(self, key: Key, declared: Iterable[str], conflicts: dict[tuple[Key, str], str]) -> dict[str, dict]:
+    def report(self, key: Key, declared: Iterable[str], conflicts: dict[tuple[Key, str], str]) -> dict[str, dict[str, Any]]:
         """The Lease annotation's content: per declared adapter, where it is loaded and its last error."""
         st = self._state.get(key, _State())
         out = {}
         for name in sorted(declared):
-            item: dict = {"loadedOn": sorted(st.loaded_on.get(name, ()))}
+            item: dict[str, Any] = {"loadedOn": sorted(st.loaded_on.get(name, ()))}
             error = conflicts.get((key, name)) or st.errors.get(name)
             if error:
                 item["error"] = error
@@ -197,7 +197,7 @@ class Adapters:
                 "adapter_capacity_exceeded", retry_after=5) from None
 
     async def _load(self, entry: ModelEntry, ep: Endpoint, r: Residency, adapter: AdapterRef,
-                    victim: Optional[str], done: asyncio.Future) -> None:
+                    victim: Optional[str], done: asyncio.Future[None]) -> None:
         try:
             if victim is not None:
                 path = r.loaded.pop(victim)
@@ -269,15 +269,15 @@ class Adapters:
         for name in list(st.errors):
             if name not in declared:
                 del st.errors[name]
-        work = []
+        work: list[Awaitable[None]] = []
         for ep in ready:
-            r = self._replicas.get(ep)
-            if r is None:
+            replica = self._replicas.get(ep)
+            if replica is None:
                 continue
-            r.capacity = entry.lora_max_loaded or r.capacity
-            for name, path in list(r.loaded.items()):
-                if declared.get(name) != path and not r.in_use.get(name):
-                    del r.loaded[name]
+            replica.capacity = entry.lora_max_loaded or replica.capacity
+            for name, path in list(replica.loaded.items()):
+                if declared.get(name) != path and not replica.in_use.get(name):
+                    del replica.loaded[name]
                     work.append(self._unload(entry, ep, name, path))
         return work
 

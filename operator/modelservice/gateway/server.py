@@ -135,7 +135,7 @@ class Gateway:
             except GatewayError as e:
                 route = self._adapter_routes.get(model_of(doc)) if e.status == 404 else None
                 base = self.table.models.get(route[0]) if route else None
-                if base is None:
+                if route is None or base is None:
                     raise
                 adapter = AdapterUse(self.adapters, base, route[1])  # a LoRA adapter: served by its base
                 return base
@@ -252,7 +252,7 @@ class Gateway:
         request[rs.STRIP_AUTHORIZATION] = True  # our key is for us; the model server never sees it
 
     async def _serve(self, request: web.Request, entry: ModelEntry, body: bytes, path: str,
-                     doc: Optional[dict], adapter: Optional[AdapterUse] = None) -> web.StreamResponse:
+                     doc: Optional[dict[str, Any]], adapter: Optional[AdapterUse] = None) -> web.StreamResponse:
         """The one place a proxied request starts and ends (held or not): its outcome is known in the finally.
         An adapter's request is its base's activity (scale to zero, parking)."""
         assert self.proxy is not None, "the app has not started"
@@ -265,7 +265,7 @@ class Gateway:
         finally:
             self.activity.finished(entry.key)
 
-    async def _engine_call(self, ep: Endpoint, path: str, doc: dict) -> tuple[int, str]:
+    async def _engine_call(self, ep: Endpoint, path: str, doc: dict[str, Any]) -> tuple[int, str]:
         """The engine's own adapter API, called on the pod (never reachable by clients: paths.py)."""
         assert self.proxy is not None, "the app has not started"
         resp = await self.proxy.pool.request("POST", ep.address, ep.port, path,
