@@ -8,6 +8,7 @@ import pytest
 from modelservice.gateway.auth import KeyStore, bearer_token, key_matches, parse_keys, secret_keys
 from modelservice.gateway.routes import model_entry
 from modelservice.gateway.testing import modelservice
+from tests.unit.loop_clock import until
 
 pytestmark = pytest.mark.unit
 
@@ -64,10 +65,7 @@ async def test_refresher_fetches_kicked_secrets():
     assert store.permits(entries[0], "Bearer k1")
     ops.secrets[("a", "s")] = secret(keys="k2")  # rotation: picked up at the next kick (or interval)
     store.kick()
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if store.permits(entries[0], "Bearer k2"):
-            break
+    await until(lambda: store.permits(entries[0], "Bearer k2"), message="the rotated key picked up after the kick")
     assert store.permits(entries[0], "Bearer k2") and not store.permits(entries[0], "Bearer k1")
     task.cancel()
 

@@ -14,6 +14,7 @@ import pytest
 
 from modelservice.gateway import upstream
 from modelservice.gateway.upstream import NotSent, UpstreamError, UpstreamPool, UpstreamTimeout
+from tests.unit.loop_clock import FrozenLoopClock, settle, until
 
 
 @contextlib.asynccontextmanager
@@ -237,30 +238,42 @@ async def test_head_answer_does_not_wait_for_a_body():
 
 
 async def test_garbage_silence_and_refusal_are_distinct_errors():
+    """On a frozen loop clock (loop_clock.py), so garbage is told from silence by what the pod sent, never by how
+    fast a busy machine delivered it: the read timeout fires only when the test moves the clock past it."""
+    silent_got_request = asyncio.Event()
+
     async def garbage(reader, writer, n):
         await read_request(reader)
         writer.write(b"SMTP ready\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(5)
+        await reader.read()  # then nothing, until the client hangs up
 
     async def silent(reader, writer, n):
         await read_request(reader)
-        await asyncio.sleep(5)
+        silent_got_request.set()
+        await reader.read()
 
-    p = pool(read=0.3)
-    async with raw_server(garbage) as (port, _):
-        with pytest.raises(UpstreamError) as e:
-            await fetch(p, port)
-        assert not isinstance(e.value, (NotSent, UpstreamTimeout))
-    async with raw_server(silent) as (port, _):
-        with pytest.raises(UpstreamTimeout):
-            await fetch(p, port)
-    with socket.socket() as s:  # a port that was free a moment ago: nobody listens
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    with pytest.raises(NotSent):
-        await fetch(p, free)
-    await p.close()
+    async with FrozenLoopClock() as clock:
+        p = pool(read=0.3)
+        async with raw_server(garbage) as (port, _):
+            with pytest.raises(UpstreamError) as e:
+                await fetch(p, port)  # the clock stands still: only the answer can end this
+            assert not isinstance(e.value, (NotSent, UpstreamTimeout))
+        async with raw_server(silent) as (port, _):
+            answer = asyncio.ensure_future(fetch(p, port))
+            await until(silent_got_request.is_set, message="the silent pod to read the request")
+            await settle()  # the client is waiting for the head, its read timer armed
+            await clock.advance(0.29)
+            assert not answer.done()
+            await clock.advance(0.02)
+            with pytest.raises(UpstreamTimeout):
+                await answer
+        with socket.socket() as s:  # a port that was free a moment ago: nobody listens
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        with pytest.raises(NotSent):
+            await fetch(p, free)
+        await p.close()
 
 
 
