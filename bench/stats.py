@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Iterable, Optional, Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
 
 Labels = tuple[tuple[str, str], ...]
 Sample = tuple[str, Labels]  # (metric name, sorted label pairs)
@@ -36,30 +37,18 @@ def ratio(value: Optional[float], baseline: Optional[float]) -> Optional[float]:
     return value / baseline
 
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+)?$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
 def parse_prometheus(text: str, names: Optional[Iterable[str]] = None) -> dict[Sample, float]:
-    """Prometheus text exposition → {(name, labels): value}. `names` keeps only those metrics (faster on big pages)."""
+    """Prometheus text exposition → {(name, labels): value}, by prometheus_client's parser. `names` keeps only those
+    samples; their lines are picked out before parsing (the apiserver's page is large, and we want a few metrics)."""
     wanted = set(names) if names is not None else None
+    if wanted is not None:
+        text = "\n".join(line for line in text.splitlines()
+                         if line and line[0] != "#" and line.split("{", 1)[0].split(" ", 1)[0] in wanted)
     out: dict[Sample, float] = {}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        name, raw_labels, raw_value = m.groups()
-        if wanted is not None and name not in wanted:
-            continue
-        try:
-            value = float(raw_value)
-        except ValueError:
-            continue
-        labels = tuple(sorted((k, v.replace('\\"', '"').replace("\\\\", "\\"))
-                              for k, v in _LABEL.findall(raw_labels or "")))
-        out[(name, labels)] = value
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if wanted is None or sample.name in wanted:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
     return out
 
 

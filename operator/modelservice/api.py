@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from modelservice.corev1 import Affinity, EnvVarSource, Quantity, Toleration, TopologySpreadConstraint
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
-URI_SCHEMES = ("hf", "s3", "gs", "pvc", "oci", "http", "https", "ollama")
 URI_PATTERN = r"^(hf|s3|gs|pvc|oci|https?|ollama)://.+$"
 # OpenAI model names are free-form; we keep them to characters that are safe in URLs, labels' neighbours and logs.
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import processes
 from tests.cluster.controlplane import free_port
@@ -76,14 +77,14 @@ class OperatorProcess:
             return ""
 
     def metrics(self) -> dict[str, float]:
-        """Prometheus text → {'name{labels}': value} (samples only)."""
+        """Prometheus text → {'name{labels}': value} (samples only; labels in the order the page gives them)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         out: dict[str, float] = {}
-        for line in text.splitlines():
-            m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) ([-+\d.eE]+|NaN|\+Inf)$", line)
-            if m:
-                out[m.group(1)] = float(m.group(2))
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
         return out
 
     def counter(self, prefix: str) -> float:

@@ -5,8 +5,6 @@
 - Inventory: every child the operator made in a namespace, grouped by owner, so a test can count duplicates,
   orphans and missing children exactly.
 - exceptions_in / unexpected_exceptions: the tracebacks in an operator or gateway log, minus the expected ones.
-- GatewayProcess: re-exported from tests/integration/gateway_process.py (metrics, RSS from /proc).
-- KnownBug / expect_fixed: for a test that documents an open operator bug as xfail(raises=KnownBug, strict=True).
 
 Everything here waits on conditions with timeouts (tests.cluster.wait.wait_for); nothing sleeps blindly.
 """
@@ -26,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from tests.cluster.controlplane import REPO_ROOT, ControlPlane, pid_alive
+from tests.cluster.controlplane import ControlPlane, pid_alive
 from tests.cluster.wait import wait_for
 
 MANAGED_BY = "app.kubernetes.io/managed-by=modelservice-operator"
@@ -108,12 +106,6 @@ class PrivateControlPlane(ControlPlane):
         self._etcd("/v3/kv/compaction", {"revision": str(rev), "physical": True})
         self._etcd("/v3/maintenance/defragment", {})
         return rev
-
-
-def spawn_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-    env.pop("KUBECONFIG", None)
-    return env
 
 
 # -- children bookkeeping ------------------------------------------------------------------------------------------
@@ -213,13 +205,6 @@ def unexpected_exceptions(text: str, allowed: tuple[str, ...] = EXPECTED_EXCEPTI
     return [e for e in exceptions_in(text) if not any(re.match(p, e) for p in allowed)]
 
 
-def log_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 def metric_sum(metrics: dict[str, float], prefix: str, **labels: str) -> float:
     """Sum the samples of one metric (name{labels} → value from OperatorProcess.metrics()) matching labels."""
     total = 0.0
@@ -242,14 +227,3 @@ def wait_healthz(port: int, want: int, timeout: float, message: str) -> int:
             code = e.code
         return code if code == want else None
     return wait_for(check, timeout=timeout, interval=0.2, message=message)
-
-
-
-class KnownBug(AssertionError):
-    """Raised only by the final checks of a test marked xfail(raises=KnownBug, strict=True): a failure anywhere
-    else in such a test (setup, a timeout on the way) is reported as a failure, not absorbed by the xfail."""
-
-
-def expect_fixed(condition: bool, message: str) -> None:
-    if not condition:
-        raise KnownBug(message)
