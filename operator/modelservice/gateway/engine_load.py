@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import aiohttp
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelservice.api import Engine
 from modelservice.gateway.engine_metrics import targets
-from modelservice.gateway.routes import Endpoint, Key, RouteTable
+from modelservice.gateway.routes import Endpoint, Key, ModelEntry, RouteTable
 
 log = logging.getLogger("modelservice.gateway.engine_load")
 
@@ -93,7 +93,7 @@ def parse_load(text: str, names: Names, at: float) -> Load:
 class EngineLoad:
     """The last load figures per endpoint, refreshed by run(); read by the balancer and the activity Leases."""
 
-    def __init__(self, table: RouteTable, registry, *, interval: float = INTERVAL, timeout: float = TIMEOUT,
+    def __init__(self, table: RouteTable, registry: CollectorRegistry, *, interval: float = INTERVAL, timeout: float = TIMEOUT,
                  clock: Callable[[], float] = time.monotonic):
         self.table, self.interval, self.timeout, self._clock = table, interval, min(timeout, interval), clock
         self._loads: dict[Endpoint, Load] = {}
@@ -130,7 +130,7 @@ class EngineLoad:
         found = [(entry, ep, port, path, NAMES[Engine(entry.engine)]) for entry, ep, port, path in targets(self.table)
                  if entry.engine in {e.value for e in NAMES}]
 
-        async def one(entry, ep: Endpoint, port: int, path: str, names: Names) -> None:
+        async def one(entry: ModelEntry, ep: Endpoint, port: int, path: str, names: Names) -> None:
             host = f"[{ep.address}]" if ":" in ep.address else ep.address
             try:
                 async with asyncio.timeout(self.timeout):
