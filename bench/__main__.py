@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench import report
+from bench.routing import POLICIES as ROUTING_POLICIES
 
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="N=100 only, 60 s idle window, fewer requests and cold starts (about 5 minutes)")
-    p.add_argument("--only", choices=("operator", "gateway", "metering", "engine", "gpu-pool"),
+    p.add_argument("--only", choices=("operator", "gateway", "metering", "engine", "gpu-pool", "routing"),
                    help="run one part only")
     p.add_argument("--sizes", type=_ints, help="ModelService counts, e.g. 100,500,1000 (default: 100,500,1000; quick: 100)")
     p.add_argument("--concurrency", type=int, default=4,
@@ -66,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-workers", type=_ints, default=[],
                    help="gateway part: instead of its usual figures, compare gateways with these --workers counts "
                         "(e.g. 1,2): CPU per request, the load generator's CPU, c=1 latency (docs/routing.md)")
+    p.add_argument("--routing-policies", default=",".join(ROUTING_POLICIES),
+                   help="routing part: routers in order (rr, lif, prefix, vr-<vllm-router policy>)")
+    p.add_argument("--routing-requests", type=int, help="routing part: replay only the first N trace requests")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the operator (materialization at the largest N) and the gateway (latency at the "
                         "highest concurrency, and streaming)")
@@ -150,6 +154,17 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             log.exception("GPU pool benchmark failed")
             results["gpu_pool"] = {"error": f"{type(e).__name__}: {e}"}
         results["gpu_pool"]["seconds"] = time.monotonic() - t0
+    if args.only == "routing":  # real vLLM replicas: minutes; run on its own (docs/routing.md)
+        from bench.routing import RoutingConfig
+        from bench.routing import run as run_routing
+        t0 = time.monotonic()
+        try:
+            results["routing"] = await run_routing(RoutingConfig(
+                work, policies=tuple(args.routing_policies.split(",")), requests=args.routing_requests))
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            log.exception("routing benchmark failed")
+            results["routing"] = {"error": f"{type(e).__name__}: {e}"}
+        results["routing"]["seconds"] = time.monotonic() - t0
     return results
 
 

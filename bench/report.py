@@ -262,4 +262,8 @@ def table(doc: dict[str, Any]) -> str:
         parts += ["", f"GPU POOL ({g.get('models')} models on {g.get('gpus')} GPUs, trace {g.get('trace')}, load "
                       f"{g.get('load_seconds')} s, scaleToZeroAfter {g.get('scale_to_zero_after')}; value = park, "
                       "baseline = idle-timer)", render(gpu_pool_rows(g))]
+    if "routing" in res:
+        from bench.routing import rows as routing_rows
+        parts += ["", "ROUTING (multi-turn chat trace, 2 real vLLM replicas with prefix caching, open loop)",
+                  *routing_rows(res["routing"])]
     return "\n".join(parts)

@@ -1,0 +1,39 @@
+"""Our gateway in front of fixed endpoints, for the routing benchmark: `python -m bench.routing_gateway --policy P
+--backend HOST:PORT ...` prints its URL on stdout, then serves until SIGTERM.
+
+The gateway is the product's own (server.Gateway with its proxy and balancer); only its view of the cluster is fed by
+hand (one ModelService with spec.routing.policy, one EndpointSlice per backend), as the unit tests' harness does, so
+the benchmark needs no control plane: what is measured is the routing, not Kubernetes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from modelservice.gateway.testing import endpointslice, gateway_with, modelservice
+
+
+async def serve(model: str, policy: str, backends: list[str]) -> None:
+    ms = modelservice(model, routing=policy)
+    slices = [endpointslice(model, [(h, True)], int(p), name=f"{model}-{i}")
+              for i, (h, p) in enumerate(b.rsplit(":", 1) for b in backends)]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with gateway_with(ms, *slices) as (_, url):
+        print(url, flush=True)
+        await stop.wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.routing_gateway")
+    p.add_argument("--model", default="bench")
+    p.add_argument("--policy", choices=("PrefixAffinity", "LeastInFlight"), required=True)
+    p.add_argument("--backend", action="append", required=True)
+    a = p.parse_args()
+    asyncio.run(serve(a.model, a.policy, a.backend))
+
+
+if __name__ == "__main__":
+    main()
