@@ -9,7 +9,9 @@ through each router in turn (docs/routing.md, docs/benchmarks.md).
    time; completed requests per second.
 3. Each policy: both replicas' prefix caches are emptied (vLLM's /reset_prefix_cache), then the trace
    (bench/traces/chat-seed1.json, committed before any tuning) is replayed open loop at RATE_SHARE of that capacity:
-   every request is sent at its time, streamed; time to first token is from send to the first content chunk. The
+   every request is sent at its time (conversations arrive whatever the routers do), except that a turn waits for
+   the previous turn of its conversation to be answered (a user replies to what they read; "late" in the results
+   says by how much that delayed turns), streamed; time to first token is from send to the first content chunk. The
    prefix-cache hit rate is vLLM's own: hits / queries of its prefix-cache token counters, summed over the replicas,
    over the replay.
 
@@ -257,12 +259,20 @@ async def replay(s: aiohttp.ClientSession, urls: list[str], backends: list[str],
     load0 = os.getloadavg()
     t0 = time.monotonic()
 
+    done: dict[tuple[int, int], asyncio.Event] = {(r["conversation"], r["turn"]): asyncio.Event() for r in reqs}
+
     async def send(i: int, req: dict) -> dict:
         delay = t0 + req["t"] / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        late = max(0.0, -delay)
-        r = await one(s, urls[i % len(urls)], req, max_tokens, session)
+        previous = done.get((req["conversation"], req["turn"] - 1))
+        if previous is not None:
+            await previous.wait()  # a user answers what they have read: turn n+1 never overtakes turn n
+        late = max(0.0, time.monotonic() - (t0 + req["t"] / rate))
+        try:
+            r = await one(s, urls[i % len(urls)], req, max_tokens, session)
+        finally:
+            done[(req["conversation"], req["turn"])].set()
         r["late"] = late
         return r
 
@@ -276,7 +286,7 @@ async def replay(s: aiohttp.ClientSession, urls: list[str], backends: list[str],
             "error_sample": [e.get("error") for e in errors[:3]], "seconds": took, "completed_rps": len(ok) / took,
             "ttft": summary(ttft), "total": summary([r["total"] for r in ok]),
             "prompt_tokens": summary([r["prompt_tokens"] for r in ok if r.get("prompt_tokens")]),
-            "late_max": max((r["late"] for r in results), default=0.0),
+            "late": summary([r["late"] for r in results]),
             "cache": _hit_rate(delta), "loadavg": [load0, os.getloadavg()]}
 
 
