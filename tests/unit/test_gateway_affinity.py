@@ -96,7 +96,7 @@ def test_no_memory_grows_with_distinct_conversations():
     assert b._in_flight == {}
 
 
-def test_through_the_gateway_turns_stick_and_a_vanished_replica_is_no_error():
+async def test_through_the_gateway_turns_stick_and_a_vanished_replica_is_no_error():
     """Real sockets: every turn of a conversation reaches the same replica; when that replica leaves the endpoint
     set (its EndpointSlice is deleted), the next turn is answered by another with no error; LeastInFlight ignores
     the conversation."""
@@ -107,7 +107,7 @@ def test_through_the_gateway_turns_stick_and_a_vanished_replica_is_no_error():
     from aiohttp import web
 
     from modelservice.gateway.testing import feed, modelservice, serving
-    from tests.unit.gateway_harness import gateway, post, run, slice_for
+    from tests.unit.gateway_harness import gateway, post, slice_for
 
     hosts = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
     seen: list[str] = []
@@ -149,4 +149,4 @@ def test_through_the_gateway_turns_stick_and_a_vanished_replica_is_no_error():
             await asyncio.gather(*(post(s, url, {"model": "m", **chat("conversation 1")}) for _ in range(30)))
             assert len(set(seen[-30:])) > 1
 
-    run(scenario())
+    await scenario()
