@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real API server: `cluster`, `kube`, `namespace`, `fake_nodes`.
+"""Fixtures for tests against a real API server: `cluster`, `kube`, `fake_nodes` (`namespace` is tests/conftest.py's).
 
 Which cluster: $KUBECONFIG if set; else the one `python -m tests.cluster up` left running in .cluster/; else a
 fresh local control plane for this session only (stopped at the end). MODELSERVICE_FRESH_CLUSTER=1 skips reuse.
@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from tests.cluster.controlplane import DEFAULT_STATE_DIR, ControlPlane, find_binaries, find_engines
-from tests.cluster.kube import Kube, answers, connect, create_namespace, delete_namespace
+from tests.cluster.kube import Kube, answers, connect
 from tests.cluster.node_agent import FAKE_NODE_LABEL
 from tests.integration.fixtures_operator import crds, gateway, operator  # noqa: F401  (fixtures for every test)
 
@@ -82,14 +82,6 @@ def kube(cluster: RunningCluster) -> Iterator[Kube]:
     k = connect(cluster.kubeconfig)
     yield k
     k.api_client.close()
-
-
-@pytest.fixture
-def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace per test, ready for pods; deleted afterwards (without waiting for it to go)."""
-    name = create_namespace(kube, request.node.name)
-    yield name
-    delete_namespace(kube, name)
 
 
 @pytest.fixture(scope="session")

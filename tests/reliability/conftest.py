@@ -7,10 +7,11 @@ our objects too and make every write count meaningless.
 
 - `rcluster` (package scope): a ControlPlane (with fake nodes) plus the CRD, shared by the tests that do not hurt
   the API server.
-- `rkube`: a client for it; `rnamespace`: a fresh namespace per test.
+- `kube`: a client for it (tests/conftest.py's `namespace` then makes a fresh namespace per test on it).
 - `restartable_cluster` (module scope): a PrivateControlPlane of its own, for the API server restart tests.
 - `start_operator`, `start_gateway`: start an OperatorProcess / GatewayProcess (stopped at teardown, whatever
   happens).
+- `stage` (module scope): the gateway-abuse stage (gateway_stage.py) on `rcluster`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.cluster.kube import Kube, connect, create_namespace, delete_namespace
+from tests.cluster.kube import Kube, connect
 from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import OperatorProcess, install_crds
+from tests.reliability.gateway_stage import Stage, open_stage
 from tests.reliability.harness import PrivateControlPlane
 
 _FIGURES: list[tuple[str, dict]] = []
@@ -48,17 +50,10 @@ def rcluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateContro
 
 
 @pytest.fixture(scope="package")
-def rkube(rcluster: PrivateControlPlane) -> Iterator[Kube]:
+def kube(rcluster: PrivateControlPlane) -> Iterator[Kube]:
     k = connect(rcluster.kubeconfig)
     yield k
     k.api_client.close()
-
-
-@pytest.fixture
-def rnamespace(rkube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = create_namespace(rkube, request.node.name)
-    yield name
-    delete_namespace(rkube, name)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +93,12 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def stage(rcluster: PrivateControlPlane, kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
+    with open_stage(rcluster, kube, tmp_path_factory.mktemp("gateway-abuse")) as st:
+        yield st
 
 
 @pytest.fixture

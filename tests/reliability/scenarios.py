@@ -276,3 +276,19 @@ def fuzz_specs(kube: Kube, kubeconfig: Path, ns: str, control_ns: str, start_ope
         controls_ready=controls_ready(), seconds=round(time.monotonic() - started, 1),
         operator_alive=op.proc.poll() is None, unexpected_exceptions=unexpected_exceptions(log)[:20],
         timed_out=timed_out)
+
+
+def check_fuzz(r: FuzzResult, count: int, controls: int) -> None:
+    """The judgement of a fuzz run (test_fuzz_specs.py, and the chaos soak per seed)."""
+    assert r.bodies == count
+    assert r.timed_out == []  # a wait that reached its deadline is a failure, whatever the figures say
+    reported = sum(v for k, v in r.outcomes.items() if ":" not in k)
+    assert reported == count, r.outcomes  # every body refused or admitted-and-classified
+    assert r.server_errors == []  # 5xx on create other than "too large for etcd"
+    assert r.problems == []  # admitted but not reported, or Stalled without a message
+    assert r.operator_alive and r.unexpected_exceptions == []
+    assert r.controls_ready == controls
+    # No object left at the first-pass status with its children refused (finding 3: SSA's 500s retried forever).
+    assert r.outcomes.get("stuck-first-pass", 0) == 0, r.outcomes
+    # Bounded retries: no object is retried more often than the per-key exponential backoff allows.
+    assert r.errors_per_object_max <= r.errors_per_object_bound, (r.errors_per_object_max, r.errors_per_object_bound)

@@ -125,16 +125,16 @@ def test_changes_made_while_the_watches_are_down_are_not_lost(restartable_cluste
     assert writes(op) - before <= 10  # keeper's Deployment and a few status writes, no loop
 
 
-def test_liveness_stays_healthy_on_a_quiet_cluster(rcluster, rkube, rnamespace, start_operator, figures):
+def test_liveness_stays_healthy_on_a_quiet_cluster(rcluster, kube, namespace, start_operator, figures):
     """Healthy watches on a cluster where nothing changes must not fail liveness (the chart's probe would restart
     the operator every --watch-dead-after + 60 s on a quiet cluster, 900 s by default). Regression test of
     docs/reliability.md finding 1 (fixed in 1e64897 by a heartbeat watch; since issue #17 by the operator's own watches,
     resumed every --watch-dead-after/3)."""
     dead_after = 3  # the old probe failed after 3 quiet seconds; the operator's watches now resume every second
-    op = start_operator(rcluster.kubeconfig, "--namespace", rnamespace, "--watch-dead-after", str(dead_after),
+    op = start_operator(rcluster.kubeconfig, "--namespace", namespace, "--watch-dead-after", str(dead_after),
                         log_name="operator-quiet.log")
-    ms.create(rkube, rnamespace, ms.body("quiet"))
-    ms.wait_condition(rkube, rnamespace, "quiet", "Ready", "True", timeout=60)
+    ms.create(kube, namespace, ms.body("quiet"))
+    ms.wait_condition(kube, namespace, "quiet", "Ready", "True", timeout=60)
     assert rcluster.apiserver_ready()
     t0, start = time.monotonic(), time.time()
     # A broken probe has turned 500 once the last events of the rollout (a few seconds after Ready), the window and

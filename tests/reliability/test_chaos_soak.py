@@ -16,20 +16,18 @@ import pytest
 from tests.cluster.kube import connect, create_namespace, delete_namespace
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
-from tests.reliability import test_gateway_abuse as gwa
+from tests.reliability import gateway_stage as gwa
+from tests.reliability.contest import check_contest, contest
 from tests.reliability.harness import Inventory, unexpected_exceptions, wait_healthz
-from tests.reliability.scenarios import crash_mid_rollout, freeze, fuzz_specs, reconciles, thaw, writes
-from tests.reliability.test_conflicts import check_contest, contest
-from tests.reliability.test_fuzz_specs import check_fuzz
-from tests.reliability.test_gateway_abuse import stage  # noqa: F401  (fixture)
+from tests.reliability.scenarios import check_fuzz, crash_mid_rollout, freeze, fuzz_specs, reconciles, thaw, writes
 
 pytestmark = pytest.mark.chaos
 
 
 @pytest.mark.timeout(900)
-def test_chaos_crash_200_with_three_kills(rcluster, rkube, rnamespace, start_operator, figures):
+def test_chaos_crash_200_with_three_kills(rcluster, kube, namespace, start_operator, figures):
     n = 200
-    r = crash_mid_rollout(rkube, rcluster.kubeconfig, rnamespace, start_operator, n=n,
+    r = crash_mid_rollout(kube, rcluster.kubeconfig, namespace, start_operator, n=n,
                           kill_fractions=(0.25, 0.5, 0.75), ready_timeout=300)
     figures.update(dataclasses.asdict(r))
     inv = r.inventory
@@ -42,14 +40,14 @@ def test_chaos_crash_200_with_three_kills(rcluster, rkube, rnamespace, start_ope
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("seed,gateway", [(101, False), (202, True), (303, False), (404, True)])
-def test_chaos_fuzz_2000_bodies_per_seed(rcluster, rkube, rnamespace, start_operator, figures, seed, gateway):
+def test_chaos_fuzz_2000_bodies_per_seed(rcluster, kube, namespace, start_operator, figures, seed, gateway):
     count, controls = 2000, 10
-    control_ns = create_namespace(rkube, f"fuzz-controls-{seed}")
+    control_ns = create_namespace(kube, f"fuzz-controls-{seed}")
     try:
-        r = fuzz_specs(rkube, rcluster.kubeconfig, rnamespace, control_ns, start_operator, seed=seed, count=count,
+        r = fuzz_specs(kube, rcluster.kubeconfig, namespace, control_ns, start_operator, seed=seed, count=count,
                        controls=controls, threads=8, settle_timeout=180, gateway=gateway)
     finally:
-        delete_namespace(rkube, control_ns)
+        delete_namespace(kube, control_ns)
     figures.update(dataclasses.asdict(r))
     check_fuzz(r, count, controls)
 
@@ -146,8 +144,8 @@ def managed(op) -> float:
 
 
 @pytest.mark.timeout(900)
-def test_chaos_a_minute_long_fight(rcluster, rkube, rnamespace, start_operator, figures):
-    kube, ns, name = rkube, rnamespace, "contested"
+def test_chaos_a_minute_long_fight(rcluster, kube, namespace, start_operator, figures):
+    kube, ns, name = kube, namespace, "contested"
     op = start_operator(rcluster.kubeconfig, "--namespace", ns, "--resync-seconds", "600")
     ms.create(kube, ns, ms.body(name))
     ms.wait_condition(kube, ns, name, "Ready", "True", timeout=60)
@@ -160,13 +158,16 @@ def test_chaos_a_minute_long_fight(rcluster, rkube, rnamespace, start_operator, 
 
 
 @pytest.mark.timeout(900)
-def test_chaos_gateway_rounds_of_abuse(stage, figures):  # noqa: F811
+async def test_chaos_gateway_rounds_of_abuse(stage, figures):
     """Three rounds, each: 1,000 slowloris connections, then 1,200 requests for a model at zero, while a warm
-    model keeps answering; RSS growth stays bounded across rounds (no leak per round)."""
-    label = f"{stage.ns}/sleepy"
+    model keeps answering; RSS growth stays bounded across rounds (no leak per round). The woken replica cannot be
+    Ready until the round has held its 1,000 requests and served the warm one (the gate, as in the quick test): a
+    replica that loaded faster than a busy machine sends 1,200 requests would otherwise end the round early."""
+    label = f"{stage.ns}/gated"
     rounds = []
     for _ in range(3):
-        ms.wait_condition(stage.kube, stage.ns, "sleepy", "Ready", "False", "ScaledToZero", timeout=90)
+        ms.wait_condition(stage.kube, stage.ns, "gated", "Ready", "False", "ScaledToZero", timeout=90)
+        gwa.set_gate(stage, gwa.GATE_CLOSED)
 
         async def one_round():
             sampler = gwa.RssSampler(stage.gw)
@@ -176,20 +177,21 @@ def test_chaos_gateway_rounds_of_abuse(stage, figures):  # noqa: F811
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                              timeout=aiohttp.ClientTimeout(total=120)) as s:
                 async def one() -> int:
-                    async with s.post(f"{stage.gw.url}/v1/chat/completions", json=gwa.chat("sleepy")) as resp:
+                    async with s.post(f"{stage.gw.url}/v1/chat/completions", json=gwa.chat("gated")) as resp:
                         await resp.read()
                         return resp.status
                 held = [asyncio.ensure_future(one()) for _ in range(gwa.HELD_REQUESTS)]
-                await async_wait_for(lambda: gwa._held(stage, label, gwa.MAX_HELD), timeout=60, interval=0.1,
+                await async_wait_for(lambda: gwa.held_is(stage.gw, label, gwa.MAX_HELD), timeout=60, interval=0.1,
                                      message="held")
                 warm = await gwa.warm_request(stage)
+                await asyncio.to_thread(gwa.set_gate, stage, gwa.GATE_OPEN)
                 statuses = await asyncio.gather(*held)
             cut = sum(1 for _, c in await asyncio.gather(*loris) if c)
             sampler.stop()
             await sampling
             return warm, statuses, cut, sampler.peak
 
-        warm, statuses, cut, peak = gwa.run(one_round(), timeout=240)
+        warm, statuses, cut, peak = await asyncio.wait_for(one_round(), 240)
         rounds.append({"warm": warm, "200": statuses.count(200), "429": statuses.count(429), "slowloris_cut": cut,
                        "rss_delta_mib": round((peak - stage.rss_baseline) / 2**20, 1)})
     figures.update(rounds=rounds)

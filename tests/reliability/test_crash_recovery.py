@@ -17,8 +17,8 @@ pytestmark = pytest.mark.integration
 N = 60
 
 
-def test_kill9_mid_rollout_leaves_exactly_the_children(rcluster, rkube, rnamespace, start_operator, figures):
-    r = crash_mid_rollout(rkube, rcluster.kubeconfig, rnamespace, start_operator, n=N, kill_fractions=(0.3,),
+def test_kill9_mid_rollout_leaves_exactly_the_children(rcluster, kube, namespace, start_operator, figures):
+    r = crash_mid_rollout(kube, rcluster.kubeconfig, namespace, start_operator, n=N, kill_fractions=(0.3,),
                           ready_timeout=150)
     figures.update(dataclasses.asdict(r))
     assert r.created == N

@@ -16,7 +16,7 @@ from tests.cluster.kube import create_namespace, delete_namespace
 from tests.cluster.wait import wait_for
 from tests.integration import ms
 from tests.reliability.harness import condition
-from tests.reliability.scenarios import fuzz_specs, reconciles
+from tests.reliability.scenarios import check_fuzz, fuzz_specs, reconciles
 
 pytestmark = pytest.mark.integration
 
@@ -25,28 +25,13 @@ COUNT = 500
 CONTROLS = 5
 
 
-def check_fuzz(r, count: int, controls: int) -> None:
-    assert r.bodies == count
-    assert r.timed_out == []  # a wait that reached its deadline is a failure, whatever the figures say
-    reported = sum(v for k, v in r.outcomes.items() if ":" not in k)
-    assert reported == count, r.outcomes  # every body refused or admitted-and-classified
-    assert r.server_errors == []  # 5xx on create other than "too large for etcd"
-    assert r.problems == []  # admitted but not reported, or Stalled without a message
-    assert r.operator_alive and r.unexpected_exceptions == []
-    assert r.controls_ready == controls
-    # No object left at the first-pass status with its children refused (finding 3: SSA's 500s retried forever).
-    assert r.outcomes.get("stuck-first-pass", 0) == 0, r.outcomes
-    # Bounded retries: no object is retried more often than the per-key exponential backoff allows.
-    assert r.errors_per_object_max <= r.errors_per_object_bound, (r.errors_per_object_max, r.errors_per_object_bound)
-
-
-def test_fuzzed_specs_are_refused_or_reported(rcluster, rkube, rnamespace, start_operator, figures):
-    control_ns = create_namespace(rkube, "fuzz-controls")
+def test_fuzzed_specs_are_refused_or_reported(rcluster, kube, namespace, start_operator, figures):
+    control_ns = create_namespace(kube, "fuzz-controls")
     try:
-        r = fuzz_specs(rkube, rcluster.kubeconfig, rnamespace, control_ns, start_operator, seed=SEED, count=COUNT,
+        r = fuzz_specs(kube, rcluster.kubeconfig, namespace, control_ns, start_operator, seed=SEED, count=COUNT,
                        controls=CONTROLS, threads=6, settle_timeout=90)
     finally:
-        delete_namespace(rkube, control_ns)
+        delete_namespace(kube, control_ns)
     figures.update(dataclasses.asdict(r))
     check_fuzz(r, COUNT, CONTROLS)
 
@@ -66,16 +51,16 @@ REFUSED_BY_THE_DEPLOYMENT = {
 }
 
 
-def test_a_child_the_apiserver_refuses_is_reported_stalled_not_retried(rcluster, rkube, rnamespace, start_operator,
+def test_a_child_the_apiserver_refuses_is_reported_stalled_not_retried(rcluster, kube, namespace, start_operator,
                                                                        figures):
-    op = start_operator(rcluster.kubeconfig, "--namespace", rnamespace, "--resync-seconds", "600")
+    op = start_operator(rcluster.kubeconfig, "--namespace", namespace, "--resync-seconds", "600")
     for name, extra in REFUSED_BY_THE_DEPLOYMENT.items():
-        ms.create(rkube, rnamespace, ms.body(name, **extra))
+        ms.create(kube, namespace, ms.body(name, **extra))
 
     def reported() -> dict:
         out = {}
         for name in REFUSED_BY_THE_DEPLOYMENT:
-            c = condition(ms.get(rkube, rnamespace, name) or {}, "Stalled")
+            c = condition(ms.get(kube, namespace, name) or {}, "Stalled")
             out[name] = (c.get("status"), c.get("reason"))
         return out
     # Three retries each (0.5 + 1 + 2 s of backoff) is more than enough to have seen the answer is permanent.
@@ -87,15 +72,15 @@ def test_a_child_the_apiserver_refuses_is_reported_stalled_not_retried(rcluster,
 
 
 # docs/reliability.md finding 6 (fixed: condition messages are cut at status.MAX_MESSAGE).
-def test_a_refusal_that_echoes_a_huge_value_is_still_reported(rcluster, rkube, rnamespace, start_operator, figures):
+def test_a_refusal_that_echoes_a_huge_value_is_still_reported(rcluster, kube, namespace, start_operator, figures):
     """A toleration key is a label name (63 characters), but the CRD checks the embedded core/v1 types, not their
     formats: a 600 KB key is admitted, and the Deployment is refused with a 422 whose message quotes it in full."""
-    op = start_operator(rcluster.kubeconfig, "--namespace", rnamespace, "--resync-seconds", "600")
-    ms.create(rkube, rnamespace, ms.body("echo", placement={"tolerations": [{"key": "k" * 600_000,
+    op = start_operator(rcluster.kubeconfig, "--namespace", namespace, "--resync-seconds", "600")
+    ms.create(kube, namespace, ms.body("echo", placement={"tolerations": [{"key": "k" * 600_000,
                                                                               "operator": "Exists"}]}))
 
     def stalled() -> dict:
-        return condition(ms.get(rkube, rnamespace, "echo") or {}, "Stalled")
+        return condition(ms.get(kube, namespace, "echo") or {}, "Stalled")
     # A few retries (0.5 + 1 + 2 s of backoff) or the Stalled report, whichever comes first.
     wait_for(lambda: reconciles(op, "error") >= 3 or stalled().get("status") == "True", timeout=30,
              message="retries or Stalled")

@@ -36,9 +36,9 @@ def _forms(value: str) -> list[str]:
     return [value, base64.b64encode(value.encode()).decode(), json.dumps(value)[1:-1]]
 
 
-def test_secret_values_stay_out_of_logs_events_and_status(rcluster, rkube, rnamespace, start_operator,
+def test_secret_values_stay_out_of_logs_events_and_status(rcluster, kube, namespace, start_operator,
                                                           start_gateway, figures):
-    kube, ns = rkube, rnamespace
+    kube, ns = kube, namespace
     token, api_key = f"hf_{secrets.token_hex(16)}", f"sk-{secrets.token_hex(16)}"
     kube.core.create_namespaced_secret(ns, {"metadata": {"name": "hf"}, "stringData": {"token": token}})
     kube.core.create_namespaced_secret(ns, {"metadata": {"name": "keys"}, "stringData": {"keys": f"{api_key}\n"}})
@@ -129,15 +129,15 @@ def _apply_rbac(kubeconfig: Path, docs: list[dict]) -> None:
 
 
 @pytest.fixture
-def release_namespace(rkube):
+def release_namespace(kube):
     try:
-        rkube.core.create_namespace({"metadata": {"name": RELEASE_NS}})
+        kube.core.create_namespace({"metadata": {"name": RELEASE_NS}})
     except Exception:  # noqa: BLE001 - already there from an earlier test
         pass
     yield RELEASE_NS
 
 
-def test_chart_rbac_keeps_secrets_out_of_reach(rcluster, rkube, release_namespace, figures):
+def test_chart_rbac_keeps_secrets_out_of_reach(rcluster, kube, release_namespace, figures):
     try:
         docs = hu.render()
         with_keys = hu.render(values={"gateway": {"apiKeys": {"enabled": True}}})
@@ -145,7 +145,7 @@ def test_chart_rbac_keeps_secrets_out_of_reach(rcluster, rkube, release_namespac
         pytest.skip(str(e))
     kc = rcluster.kubeconfig
     _apply_rbac(kc, docs)
-    other = create_namespace(rkube, "rbac-other")
+    other = create_namespace(kube, "rbac-other")
     try:
         missing = [(v, r) for v, r in OPERATOR_NEEDS if not _can(kc, OPERATOR_SA, v, r)]
         missing += [(v, r, "gateway") for v, r in GATEWAY_NEEDS if not _can(kc, GATEWAY_SA, v, r)]
@@ -157,7 +157,7 @@ def test_chart_rbac_keeps_secrets_out_of_reach(rcluster, rkube, release_namespac
         gw_list = _can(kc, GATEWAY_SA, "list", "secrets") or _can(kc, GATEWAY_SA, "watch", "secrets")
         op_get_with_keys = _can(kc, OPERATOR_SA, "get", "secrets")
     finally:
-        delete_namespace(rkube, other)
+        delete_namespace(kube, other)
     figures.update(checks=len(OPERATOR_NEEDS) + len(GATEWAY_NEEDS) + 3 * 2 * len(NOBODY_GETS) + 3,
                    missing=missing, wrongly_granted=granted, gateway_get_secrets_with_api_keys=gw_get)
     assert missing == []
@@ -182,7 +182,7 @@ def _sa_kubeconfig(kube, kubeconfig: Path, sa: str, out: Path) -> Path:
     return out
 
 
-def test_operator_and_gateway_work_with_only_the_chart_rbac(rcluster, rkube, rnamespace, release_namespace,
+def test_operator_and_gateway_work_with_only_the_chart_rbac(rcluster, kube, namespace, release_namespace,
                                                             start_operator, start_gateway, tmp_path, figures):
     """The least-privilege rules are enough: the operator, authenticated as the chart's ServiceAccount, brings a
     ModelService to Ready, and the gateway, as its own, lists and routes."""
@@ -191,16 +191,16 @@ def test_operator_and_gateway_work_with_only_the_chart_rbac(rcluster, rkube, rna
     except hu.HelmUnavailable as e:
         pytest.skip(str(e))
     _apply_rbac(rcluster.kubeconfig, docs)
-    op_kc = _sa_kubeconfig(rkube, rcluster.kubeconfig, OPERATOR_SA, tmp_path / "operator.kubeconfig")
-    gw_kc = _sa_kubeconfig(rkube, rcluster.kubeconfig, GATEWAY_SA, tmp_path / "gateway.kubeconfig")
+    op_kc = _sa_kubeconfig(kube, rcluster.kubeconfig, OPERATOR_SA, tmp_path / "operator.kubeconfig")
+    gw_kc = _sa_kubeconfig(kube, rcluster.kubeconfig, GATEWAY_SA, tmp_path / "gateway.kubeconfig")
     op = start_operator(op_kc, "--gateway-enabled", log_name="operator-sa.log")
     gw = start_gateway(gw_kc, log_name="gateway-sa.log")
-    ms.create(rkube, rnamespace, ms.body("least", replicas=2, autoscaling=None))
-    ms.wait_condition(rkube, rnamespace, "least", "Ready", "True", timeout=60)
-    ms.create(rkube, rnamespace, ms.body("auto", resources={"requests": {"cpu": "1"}},
+    ms.create(kube, namespace, ms.body("least", replicas=2, autoscaling=None))
+    ms.wait_condition(kube, namespace, "least", "Ready", "True", timeout=60)
+    ms.create(kube, namespace, ms.body("auto", resources={"requests": {"cpu": "1"}},
                                          autoscaling={"minReplicas": 2, "maxReplicas": 3, "cpuUtilization": 50}))
-    ms.wait_condition(rkube, rnamespace, "auto", "Ready", "True", timeout=60)
-    wait_for(lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{rnamespace}/least") == 2, timeout=30,
+    ms.wait_condition(kube, namespace, "auto", "Ready", "True", timeout=60)
+    wait_for(lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{namespace}/least") == 2, timeout=30,
              message="the gateway sees the endpoints")
     log = op.log_path.read_text(errors="replace")
     # An RBAC refusal names the user ("... is forbidden: User ... cannot ..."); a 403 for a namespace that another
