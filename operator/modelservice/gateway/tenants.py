@@ -246,10 +246,6 @@ class TenantStore:
     def identify(self, token: Optional[str]) -> Optional[Tenant]:
         return self._index.get(digest(token)) if token else None
 
-    @property
-    def configured(self) -> bool:
-        return bool(self._index)
-
     # -- I/O ---------------------------------------------------------------------------------------------------
     def watch(self, kube: "Kube", namespace: str, on_synced: Callable[[], None]) -> list[asyncio.Task[None]]:
         """The label-selected watch of tenant Secrets in the gateway's namespace, and the Event poster."""
