@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-seconds", type=float,
                    help="GPU-pool part: replay only the first N seconds of the trace (default: all 600; quick: 180)")
     p.add_argument("--pool-policies", default="idle-timer,park", help="GPU-pool part: policies, in order")
+    p.add_argument("--gateway-latency-only", action="store_true",
+                   help="gateway part: only the proxy overhead comparison (direct, nginx, vllm-router, Envoy, gateway)")
     p.add_argument("--gateway-workers", type=_ints, default=[],
                    help="gateway part: instead of its usual figures, compare gateways with these --workers counts "
                         "(e.g. 1,2): CPU per request, the load generator's CPU, c=1 latency (docs/routing.md)")
@@ -119,7 +121,7 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             rounds=args.rounds or (1 if args.quick else 3),
             loadgen=args.loadgen, streams=args.streams, stream_tokens=args.stream_tokens, stream_tps=args.stream_tps,
             cold_starts=args.cold_starts or (5 if args.quick else 20), profile=args.profile,
-            workers=args.gateway_workers)
+            workers=args.gateway_workers, latency_only=args.gateway_latency_only)
         t0 = time.monotonic()
         results["gateway"] = await run_gateway(gcfg)
         results["gateway"]["seconds"] = time.monotonic() - t0

@@ -1,6 +1,7 @@
 """Gateway benchmarks on a private local control plane, with the operator and the gateway as real processes.
 
-- Added latency: client → gateway → stub, minus client → stub; beside client → nginx → stub, minus the same.
+- Added latency: client → gateway → stub, minus client → stub; beside the same through nginx, vllm-router and Envoy
+  (bench/peers.py), and each proxy's requests per CPU-second (its processes' utime + stime from /proc).
 - Streaming: tokens/s delivered to 256 concurrent SSE clients, through the gateway vs straight to the stub.
 - Scale from zero: first byte of the first request minus the moment the woken pod turned Ready (watch arrival),
   split into the EndpointSlice controller's share and the gateway's own; beside a client that sends straight to the
@@ -20,11 +21,11 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import aiohttp
 
-from bench import loadgen, nginx, profiler
+from bench import loadgen, nginx, peers, profiler
 from bench.cluster import Cluster, run_part
 from bench.stats import parse_prometheus, proc_cpu_seconds, proc_status_kib, summary
 from bench.watch import Watch
@@ -38,7 +39,8 @@ from tests.integration.operator_process import OperatorProcess
 log = logging.getLogger("bench")
 NS = "bench-gw"
 LAT, STREAM, COLD = "lat", "stream", "cold"
-PATHS = ("direct", "nginx", "gateway")
+PATHS = ("direct", "nginx", "vllm-router", "envoy", "gateway")
+PROXIES = PATHS[1:]
 
 
 @dataclass
@@ -58,6 +60,7 @@ class GatewayConfig:
     workers: list[int] = field(default_factory=list)  # --gateway-workers: compare these instead of the usual parts
     workers_concurrency: int = 64
     workers_offered_share: float = 0.5  # paced runs offer this share of 1 worker's closed-loop rate
+    latency_only: bool = False  # --gateway-latency-only: the proxy comparison alone (no streaming, no cold starts)
 
 
 class GatewayProcess:
@@ -218,6 +221,8 @@ def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     lat["n"] = sum(r["latency"].get("n") or 0 for r in runs)
     return {"rounds": len(runs), "requests": sum(r["requests"] for r in runs),
             "errors": sum(r["errors"] for r in runs), "throughput_rps": _median([r["throughput_rps"] for r in runs]),
+            "cpu_seconds": _median([r.get("cpu_seconds") for r in runs]),
+            "requests_per_cpu_second": _median([r.get("requests_per_cpu_second") for r in runs]),
             "latency": lat, "per_round": [{"p50": r["latency"]["p50"], "p99": r["latency"]["p99"],
                                            "rps": r["throughput_rps"]} for r in runs]}
 
@@ -226,14 +231,24 @@ def added_latency(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Optio
     """Proxy minus direct, per percentile."""
     direct = paths.get("direct", {}).get("latency", {})
     out: dict[str, dict[str, Optional[float]]] = {}
-    for p in ("nginx", "gateway"):
+    for p in PROXIES:
+        if p not in paths:
+            continue
         lat = paths.get(p, {}).get("latency", {})
         out[p] = {q: (lat[q] - direct[q]) if lat.get(q) is not None and direct.get(q) is not None else None
                   for q in ("p50", "p95", "p99")}
     return out
 
 
-async def latency_part(cfg: GatewayConfig, urls: dict[str, str], gw: GatewayProcess) -> dict[str, Any]:
+def cpu_seconds(pids: list[int]) -> Optional[float]:
+    got = [x for x in (proc_cpu_seconds(p) for p in pids) if x is not None]
+    return sum(got) if got else None
+
+
+async def latency_part(cfg: GatewayConfig, urls: dict[str, str], gw: GatewayProcess,
+                       pids: Optional[dict[str, Callable[[], list[int]]]] = None) -> dict[str, Any]:
+    """pids: each proxy's processes now (nginx forks its worker): their CPU over a run, per request answered."""
+    pids = pids or {}
     engine = _engine(cfg.loadgen)
     body = chat(LAT)
     top = max(cfg.concurrencies)
@@ -250,14 +265,23 @@ async def latency_part(cfg: GatewayConfig, urls: dict[str, str], gw: GatewayProc
                 await asyncio.to_thread(loadgen.latency_run, engine, urls[path], body, c, 1, cfg.max_requests)
                 prof = (profiler.start(gw.pid, cfg.work / f"gateway-latency-c{c}", cfg.latency_seconds + 30)
                         if cfg.profile and path == "gateway" and c == top and r == 0 else None)
+                procs = pids[path]() if path in pids else []
+                cpu0 = cpu_seconds(procs)
                 res = await asyncio.to_thread(loadgen.latency_run, engine, urls[path], body, c, cfg.latency_seconds,
                                               cfg.max_requests)
+                cpu1 = cpu_seconds(procs)
                 if prof is not None:
                     out["profile_latency"] = await profiler.stop(prof)
-                runs[path].append(res.as_dict())
-                log.info("latency c=%d %-7s p50 %.2f ms p99 %.2f ms  %.0f req/s  errors %d", c, path,
-                         (res.latency["p50"] or 0) * 1000, (res.latency["p99"] or 0) * 1000,
-                         res.requests / res.seconds if res.seconds else 0, res.errors)
+                run = res.as_dict()
+                if cpu0 is not None and cpu1 is not None:
+                    run["cpu_seconds"] = cpu1 - cpu0
+                    run["requests_per_cpu_second"] = res.requests / (cpu1 - cpu0) if cpu1 > cpu0 else None
+                runs[path].append(run)
+                log.info("latency c=%d %-11s p50 %.2f ms p99 %.2f ms  %.0f req/s  %s req/CPU-s  errors %d  load %.1f",
+                         c, path, (res.latency["p50"] or 0) * 1000, (res.latency["p99"] or 0) * 1000,
+                         res.requests / res.seconds if res.seconds else 0,
+                         f"{run['requests_per_cpu_second']:.0f}" if run.get("requests_per_cpu_second") else "-",
+                         res.errors, os.getloadavg()[0])
         entry = {p: combine_rounds(runs[p]) for p in paths}
         entry["added"] = added_latency(entry)
         out["by_concurrency"][str(c)] = entry
@@ -546,7 +570,8 @@ async def _run_workers(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]
 
 # ---- the whole part --------------------------------------------------------------------------------------------
 async def run(cfg: GatewayConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {"nginx_version": nginx.version()}
+    out: dict[str, Any] = {"nginx_version": nginx.version(), "vllm_router_version": peers.VLLM_ROUTER_VERSION,
+                           "envoy_version": peers.ENVOY_VERSION, "loadavg_start": os.getloadavg()}
     part = _run_workers if cfg.workers else _run_in
     return await run_part(cfg.work, "gateway", 10, lambda cluster: part(cluster, cfg, out), out)
 
@@ -557,6 +582,7 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
     op = OperatorProcess(cluster.kubeconfig, cfg.work / "gateway-operator.log", extra_args=["--gateway-enabled"])
     gw = GatewayProcess(cluster.kubeconfig, cfg.work / "gateway.log")
     ngx: Optional[nginx.Nginx] = None
+    others: list[Any] = []  # vllm-router, Envoy
     stubs: list[StubProcess] = []
     try:
         await asyncio.to_thread(op.start)
@@ -587,15 +613,32 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
             urls["nginx"] = f"{ngx.url}/v1/chat/completions"
         else:
             log.warning("nginx is not installed (apt-get install -y nginx-light): no nginx baseline")
+        pids: dict[str, Callable[[], list[int]]] = {"gateway": gw.pids}
+        if ngx is not None:
+            pids["nginx"] = lambda: [ngx.proc.pid, *children(ngx.proc.pid)] if ngx and ngx.proc else []
+        for cls in (peers.VllmRouter, peers.Envoy):
+            try:
+                peer = await asyncio.to_thread(cls(cfg.work / cls.name, f"{lat_stub.host}:{lat_stub.port}").start)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                log.warning("%s baseline left out: %s", cls.name, e)
+                out.setdefault("peer_errors", {})[cls.name] = str(e)[-500:]
+                continue
+            others.append(peer)
+            urls[cls.name] = f"{peer.url}/v1/chat/completions"
+            pids[cls.name] = lambda p=peer: [p.pid]
         out["loadgen"] = _engine(cfg.loadgen)
         out["gateway_rss_start_mib"] = (proc_status_kib(gw.pid, "VmRSS") or 0) / 1024
-        out["latency"] = await latency_part(cfg, urls, gw)
-        out["streaming"] = await streaming_part(cfg, f"{stream_stub.url}/v1/chat/completions", gw)
-        out["cold_start"] = await cold_part(cfg, cluster, gw)
+        out["latency"] = await latency_part(cfg, urls, gw, pids)
+        out["loadavg_after_latency"] = os.getloadavg()
+        if not cfg.latency_only:
+            out["streaming"] = await streaming_part(cfg, f"{stream_stub.url}/v1/chat/completions", gw)
+            out["cold_start"] = await cold_part(cfg, cluster, gw)
         out["gateway_vmhwm_mib"] = (proc_status_kib(gw.pid, "VmHWM") or 0) / 1024
     finally:
         if ngx is not None:
             await asyncio.to_thread(ngx.stop)
+        for peer in others:
+            await asyncio.to_thread(peer.stop)
         await asyncio.to_thread(gw.stop)
         await asyncio.to_thread(op.stop)
         for stub in stubs:

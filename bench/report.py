@@ -101,6 +101,30 @@ def operator_rows(res: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def peer_rows(c: str, entry: dict[str, Any]) -> list[Row]:
+    """Beside vllm-router (issue 14): added p50 within 1.5x of its own at c=1; requests per proxy CPU-second at
+    least its own at c=64 and 256. Envoy's figures beside them, for the data-plane decision (docs/benchmarks.md)."""
+    if "vllm-router" not in entry:
+        return []
+    rows: list[Row] = []
+    g, v = _get(entry, "added", "gateway", "p50"), _get(entry, "added", "vllm-router", "p50")
+    e = _get(entry, "added", "envoy", "p50")
+    goal = c == "1"
+    rows.append((f"c={c}: added p50, gateway vs vllm-router", fmt_seconds(g),
+                 f"vllm-router {fmt_seconds(v)}, envoy {fmt_seconds(e)}",
+                 fmt_ratio(ratio(g, v) if g is not None and v and v > 0 else None), "<= 1.5x" if goal else "",
+                 _mark(None if not goal or g is None or v is None else g <= 1.5 * max(v, 0.0)) if goal else ""))
+    cpu = {p: (entry.get(p) or {}).get("requests_per_cpu_second") for p in ("gateway", "vllm-router", "envoy", "nginx")}
+    goal = c in ("64", "256")
+    rows.append((f"c={c}: requests per proxy CPU-second, gateway", _num(cpu["gateway"], 0),
+                 f"vllm-router {_num(cpu['vllm-router'], 0)}, envoy {_num(cpu['envoy'], 0)}, "
+                 f"nginx {_num(cpu['nginx'], 0)}",
+                 fmt_ratio(ratio(cpu["gateway"], cpu["vllm-router"])), ">= 1x" if goal else "",
+                 _mark(None if cpu["gateway"] is None or cpu["vllm-router"] is None
+                       else cpu["gateway"] >= cpu["vllm-router"]) if goal else ""))
+    return rows
+
+
 def gateway_rows(res: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     if res.get("error"):
@@ -119,7 +143,8 @@ def gateway_rows(res: dict[str, Any]) -> list[Row]:
         gw, ng = entry.get("gateway", {}), entry.get("nginx", {})
         rows.append((f"c={c}: throughput req/s, gateway", f"{gw.get('throughput_rps', 0):.0f}",
                      f"nginx {ng.get('throughput_rps', 0):.0f}", "", "", ""))
-        errs = sum((entry.get(p) or {}).get("errors", 0) for p in ("direct", "nginx", "gateway"))
+        rows += peer_rows(c, entry)
+        errs = sum((entry.get(p) or {}).get("errors", 0) for p in ("direct", "nginx", "vllm-router", "envoy", "gateway"))
         if errs:
             rows.append((f"c={c}: failed requests", str(errs), "", "", "0", "NO"))
     st = res.get("streaming")

