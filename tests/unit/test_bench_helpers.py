@@ -192,3 +192,19 @@ def test_report_table_shows_goals_and_misses():
     assert rss.rstrip().endswith("NO")
     idle = next(line for line in text.splitlines() if "while idle 60s" in line)
     assert idle.rstrip().endswith("yes")
+
+
+def test_peer_proxies_rows_judge_issue_14s_goals():
+    from bench.report import peer_rows
+    runs = [{"requests": 100, "errors": 0, "throughput_rps": 10, "cpu_seconds": cpu, "requests_per_cpu_second": rpc,
+             "latency": {"n": 100, "p50": 0.001, "p95": 0.001, "p99": 0.001, "mean": 0.001, "max": 0.001}}
+            for cpu, rpc in ((0.5, 200), (0.4, 250), (0.25, 400))]
+    assert combine_rounds(runs)["requests_per_cpu_second"] == 250 and combine_rounds(runs)["cpu_seconds"] == 0.4
+    paths = {"direct": {"latency": {"p50": 0.001}}, "vllm-router": {"latency": {"p50": 0.0014}},
+             "envoy": {"latency": {"p50": 0.0011}}, "gateway": {"latency": {"p50": 0.0019}}}
+    entry = {**paths, "added": added_latency(paths)}
+    entry["gateway"]["requests_per_cpu_second"], entry["vllm-router"]["requests_per_cpu_second"] = 3000, 2000
+    one = peer_rows("1", entry)
+    assert one[0][0] == "c=1: added p50, gateway vs vllm-router" and one[0][5] == "NO"  # 0.9 ms vs 0.4 ms: 2.25x
+    assert peer_rows("64", entry)[1][5] == "yes" and peer_rows("1", entry)[1][5] == ""  # CPU goal at 64 and 256
+    assert peer_rows("64", {"direct": {}}) == []  # no vllm-router in the run: no rows
