@@ -416,7 +416,7 @@ class NodeAgent:
             delay = 0.0 if adopted else cfg.startup_delay
             rt.ip = status["podIP"] if adopted else self.ips.allocate()
             for attempt in range(BIND_ATTEMPTS):  # something else may hold ip:port: take the next address
-                app = make_app(cfg.model, cfg.tokens_per_second, delay)
+                app = make_app(cfg.model, cfg.tokens_per_second, delay, max_concurrency=cfg.max_concurrency)
                 rt.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
                 await rt.runner.setup()
                 try:

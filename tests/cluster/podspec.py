@@ -10,6 +10,8 @@ from tests.cluster.native import flag_value
 TPS_ANNOTATION = "stub.modelservice.dev/tokens-per-second"
 # Seconds the stub takes to turn Ready (simulated weight loading), set through spec.podTemplate.annotations.
 STUB_STARTUP_DELAY_ANNOTATION = "stub.modelservice.dev/startup-delay"
+# Requests the stub runs at once (vLLM's max_num_seqs); more wait and show in vllm:num_requests_waiting.
+STUB_MAX_CONCURRENCY_ANNOTATION = "stub.modelservice.dev/max-concurrency"
 # An image no node runs for real: tests and benchmarks that are not about engines name it to get the stub model
 # server (cheap, 1000 per process). Engine images run the real engine where it is installed (native.py).
 STUB_IMAGE = "stub.modelservice.dev/model-server:v1"
@@ -23,6 +25,7 @@ class StubConfig:
     startup_delay: float
     ports: list[int]
     probes: list[tuple[int, str]]  # (port, path) that must answer 2xx/3xx before Ready
+    max_concurrency: int = 256
 
 
 def stub_config(pod: dict, default_tps: float) -> StubConfig:
@@ -55,4 +58,5 @@ def stub_config(pod: dict, default_tps: float) -> StubConfig:
         elif not probe.get("tcpSocket"):  # exec/grpc: stand in with the stub's own health, so the delay still counts
             probes.append((port, "/health"))
     ports = sorted({port, *(p for p, _ in probes)})
-    return StubConfig(model, tps, delay, ports, probes)
+    return StubConfig(model, tps, delay, ports, probes,
+                      max(1, int(number(ann.get(STUB_MAX_CONCURRENCY_ANNOTATION), 256))))

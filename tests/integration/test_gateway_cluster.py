@@ -19,7 +19,7 @@ import time
 import aiohttp
 
 from modelservice.labels import MODELSERVICE_LABEL
-from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
+from tests.cluster.podspec import STUB_MAX_CONCURRENCY_ANNOTATION, STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
 from tests.integration.gateway_client import (
@@ -282,3 +282,41 @@ def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespace, op
     opened = run(load())
     assert all(status == 200 and first.startswith(b"data: ") for status, first in opened), opened
     wait_for(lambda: replicas() == 1, timeout=60, message="back to minReplicas once the load is gone")
+
+
+def test_the_engines_queue_adds_replicas_through_the_leases(kube, namespace, operator, fake_nodes, gateway):
+    """targetQueue: the gateway reads the engine's waiting requests (the stub's vllm:num_requests_waiting, one slot),
+    carries them on its activity Lease, and the operator sizes replicas from them: 5 waiting at targetQueue 2 ask for
+    ceil(5 / 2) = 3 replicas; an empty queue leaves it to minReplicas. No targetInFlight: the queue alone scales."""
+    name = "queued"
+    ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetQueue": 2},
+                                       podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "10",
+                                                                    STUB_MAX_CONCURRENCY_ANNOTATION: "1"}}))
+    ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=60)
+
+    def replicas() -> int:
+        return kube.apps.read_namespaced_deployment(name, namespace).spec.replicas
+
+    async def load():
+        async with aiohttp.ClientSession() as s:
+            running, queued = None, []
+            try:
+                running = await open_stream(s, gateway.url, name)  # takes the one slot
+                # These wait in the engine's queue (no first byte until the slot frees): not awaited here.
+                queued = [asyncio.ensure_future(open_stream(s, gateway.url, name)) for _ in range(5)]
+
+                async def scaled_up() -> bool:
+                    return await asyncio.to_thread(replicas) == 3
+                await async_wait_for(scaled_up, timeout=90, interval=0.25,
+                                     message="3 replicas for 5 waiting requests at targetQueue 2")
+            finally:
+                for task in queued:
+                    task.cancel()
+                await asyncio.gather(*queued, return_exceptions=True)
+                if running is not None:
+                    running[0].close()
+            return running
+
+    r, first = run(load(), timeout=180)
+    assert r.status == 200 and first.startswith(b"data: ")
+    wait_for(lambda: replicas() == 1, timeout=60, message="back to minReplicas once the queue is empty")
