@@ -107,6 +107,9 @@ class Ledger:
     # the part of it held by pods already going away (parked: preStop, the engine's stop, the kubelet's kill); the
     # rest is held by pods nobody has told to go yet (the planner has not seen them idle, or they may not be parked)
     gpu_idle_while_waiting_stopping: float = 0.0
+    # at most as many idle GPUs as the waiting pods ask for: the rest of the idle ones could not have served a waiter
+    # (parking them would free GPUs nobody waits for)
+    gpu_idle_while_waiting_needed: float = 0.0
     gpu_held: float = 0.0
     waiting_seconds: float = 0.0  # time during which some model waited for a GPU
 
@@ -136,6 +139,8 @@ class Ledger:
             self.waiting_seconds += dt
             self.gpu_idle_while_waiting += dt * idle
             self.gpu_idle_while_waiting_stopping += dt * sum(p.gpus for p in idle_pods if p.terminating)
+            need = sum(p.gpus for p in self.pods.values() if p.waiting_for_gpu)
+            self.gpu_idle_while_waiting_needed += dt * min(idle, need)
 
 
 # ---- the replay -------------------------------------------------------------------------------------------------
@@ -253,6 +258,7 @@ def summarize(policy: str, results: list[dict[str, Any]], ledger: Ledger, replay
         "gpu_seconds_held": ledger.gpu_held, "gpu_seconds_idle": ledger.gpu_idle,
         "gpu_seconds_idle_while_waiting": ledger.gpu_idle_while_waiting,
         "gpu_seconds_idle_while_waiting_stopping": ledger.gpu_idle_while_waiting_stopping,
+        "gpu_seconds_idle_while_waiting_needed": ledger.gpu_idle_while_waiting_needed,
         "seconds_someone_waited_for_a_gpu": ledger.waiting_seconds,
         "per_model": {m: dict(c) for m, c in sorted(per_model.items())},
     }

@@ -215,6 +215,8 @@ def gpu_pool_rows(res: dict[str, Any]) -> list[Row]:
         ("GPU-seconds held idle while another model waited for a GPU", num(park.get("gpu_seconds_idle_while_waiting")),
          num(base.get("gpu_seconds_idle_while_waiting")), "", "~0", _mark(
              None if not park else park.get("gpu_seconds_idle_while_waiting", 1e9) <= 2 * SAMPLE_SLACK)),
+        ("  of which at most as many as waiting pods asked for", num(park.get("gpu_seconds_idle_while_waiting_needed")),
+         num(base.get("gpu_seconds_idle_while_waiting_needed")), "", "", ""),
         ("  of which by pods already going away (parked, stopping)",
          num(park.get("gpu_seconds_idle_while_waiting_stopping")),
          num(base.get("gpu_seconds_idle_while_waiting_stopping")), "", "", ""),

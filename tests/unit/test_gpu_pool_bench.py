@@ -69,6 +69,9 @@ def test_idle_while_waiting_splits_out_pods_already_going_away():
     led.on_pod("MODIFIED", going)
     led.sample(2.0)  # parked: stopping
     assert (led.gpu_idle_while_waiting, led.gpu_idle_while_waiting_stopping) == (3.0, 2.0)
+    led.on_pod("ADDED", pod("d", "m4", ready=True))  # a second idle GPU, with one pod waiting for one GPU
+    led.sample(1.0)
+    assert (led.gpu_idle_while_waiting, led.gpu_idle_while_waiting_needed) == (5.0, 4.0)
 
 
 def test_the_pool_model_parks_only_idle_models_and_a_later_idle_signal_costs_waiting():
