@@ -156,3 +156,19 @@ def test_least_in_flight_ties_go_to_the_shorter_engine_queue():
     b.acquire(eps[1])
     b.acquire(eps[2])
     assert b.pick(eps) == eps[0]  # in-flight first: the queue only breaks ties
+
+
+async def test_many_endpoints_stretch_the_interval_to_bound_the_fetch_rate():
+    from modelservice.gateway.engine_load import MAX_RATE
+    from tests.cluster.controlplane import free_port
+    table = RouteTable()
+    closed = free_port()  # nothing listens: each fetch fails at once (refused), counted as http
+    feed(table, modelservice("m", "ns"),
+         endpointslice("m", [(f"127.0.4.{i}", True) for i in range(1, 121)], closed, "ns"))
+    reg = CollectorRegistry()
+    load = EngineLoad(table, reg, interval=1.0, timeout=0.5)
+    async with aiohttp.ClientSession() as session:
+        await asyncio.wait_for(load.poll(session), 60)
+    assert load.period == pytest.approx(120 / MAX_RATE)  # 2.4 s between polls: 50 fetches a second
+    assert reg.get_sample_value("modelservice_gateway_engine_load_errors_total",
+                                {"model": "ns/m", "reason": "http"}) == 120

@@ -3,8 +3,9 @@
 The gateway's in-flight counts see only its own requests; an engine's queue sees everyone's (other gateway replicas
 and workers, direct callers) and what the engine cannot batch yet. A background task per gateway (per worker with
 --workers) fetches every ready endpoint's /metrics (engine_metrics.targets: the engine's metrics port and path) once
-per interval, all endpoints concurrently, each fetch bounded by a timeout shorter than the interval and by a body
-size cap: a rate bounded by the interval, and never on a request's path. Routing reads the last figures from memory.
+per interval (stretched so that the fetches stay under MAX_RATE a second, however many endpoints there are), at
+most MAX_CONCURRENT at once, each bounded by a timeout and a body size cap, and never on a request's path. Only the
+wanted lines of a page reach the parser (a vLLM page is ~30 KiB, three of its lines are wanted). Routing reads the last figures from memory.
 
 Figures older than STALE_INTERVALS intervals, or from an endpoint that hangs, errs, or answers with garbage or values
 no engine can report (negative, NaN, absurd), are not used: the balancer falls back to in-flight counts for that
@@ -39,6 +40,8 @@ TIMEOUT = 0.5  # a fetch that takes longer is a failure: a slow /metrics must no
 STALE_INTERVALS = 3  # figures older than this many intervals are not used
 MAX_BODY = 1 << 20  # vLLM's /metrics is ~30 KiB; more is not a metrics page
 MAX_QUEUE = 1_000_000  # a queue longer than this is a lie (or a bug), not a figure to route on
+MAX_RATE = 50.0  # fetches per second per gateway process, all endpoints together: many endpoints stretch the interval
+MAX_CONCURRENT = 16  # fetches open at once
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,10 @@ def parse_load(text: str, names: Names, at: float) -> Load:
     """One engine's /metrics → its load. vLLM labels its gauges per model and engine (data parallel): summed."""
     sums: dict[str, float] = {}
     wanted = {names.running, names.waiting} | ({names.kv_cache} if names.kv_cache else set())
+    prefixes = tuple(wanted)
+    lines = "\n".join(ln for ln in text.splitlines() if ln.startswith(prefixes)) + "\n"
     try:
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(lines):
             for s in family.samples:
                 if s.name in wanted:
                     sums[s.name] = sums.get(s.name, 0.0) + float(s.value)
@@ -97,6 +102,7 @@ class EngineLoad:
                  clock: Callable[[], float] = time.monotonic):
         self.table, self.interval, self.timeout, self._clock = table, interval, min(timeout, interval), clock
         self._loads: dict[Endpoint, Load] = {}
+        self.period = interval  # the interval stretched for many endpoints (MAX_RATE): what freshness is judged by
         self._labels: set[str] = set()  # models with an unknown-endpoints series, removed when the model goes
         self.errors = Counter("modelservice_gateway_engine_load_errors",
                               "Engine /metrics polls for load figures that failed (timeout, http, garbage); routing "
@@ -109,7 +115,7 @@ class EngineLoad:
     # -- what routing reads ----------------------------------------------------------------------------------
     def get(self, ep: Endpoint) -> Optional[Load]:
         load = self._loads.get(ep)
-        if load is None or self._clock() - load.at > STALE_INTERVALS * self.interval:
+        if load is None or self._clock() - load.at > STALE_INTERVALS * self.period:
             return None
         return load
 
@@ -130,7 +136,14 @@ class EngineLoad:
         found = [(entry, ep, port, path, NAMES[Engine(entry.engine)]) for entry, ep, port, path in targets(self.table)
                  if entry.engine in {e.value for e in NAMES}]
 
+        self.period = max(self.interval, len(found) / MAX_RATE)
+        gate = asyncio.Semaphore(MAX_CONCURRENT)
+
         async def one(entry: ModelEntry, ep: Endpoint, port: int, path: str, names: Names) -> None:
+            async with gate:
+                await fetch(entry, ep, port, path, names)
+
+        async def fetch(entry: ModelEntry, ep: Endpoint, port: int, path: str, names: Names) -> None:
             host = f"[{ep.address}]" if ":" in ep.address else ep.address
             try:
                 async with asyncio.timeout(self.timeout):
@@ -173,4 +186,4 @@ class EngineLoad:
                     await self.poll(session)
                 except Exception:  # noqa: BLE001 - a bug here must not stop routing's figures for good
                     log.exception("engine load poll failed")
-                await asyncio.sleep(max(0.0, self.interval - (self._clock() - started)))
+                await asyncio.sleep(max(0.0, self.period - (self._clock() - started)))
