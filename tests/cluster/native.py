@@ -168,11 +168,14 @@ def launch_for(engine: NativeEngine, container: dict, env: dict[str, str], *, po
     return Launch(argv=argv, env=out_env, cwd=cwd, model=hub_model, cache_dir=cache, translations=translations)
 
 
-def volume_dirs(pod_dir: Path, pod_spec: dict, container: dict) -> dict[str, str]:
-    """mountPath → the pod's host directory for that volume (emptyDir and the like: one directory per volume)."""
+def volume_dirs(pod_dir: Path, pod_spec: dict, container: dict,
+                claims: dict[str, str] | None = None) -> dict[str, str]:
+    """mountPath → the pod's host directory for that volume (emptyDir and the like: one directory per volume; a
+    PersistentVolumeClaim bound to a hostPath or local PersistentVolume: that directory, as a kubelet mounts it,
+    `claims` maps volume name → it)."""
     out: dict[str, str] = {}
     for m in container.get("volumeMounts") or []:
-        host = pod_dir / "volumes" / m["name"]
+        host = Path((claims or {})[m["name"]]) if m["name"] in (claims or {}) else pod_dir / "volumes" / m["name"]
         if m.get("subPath"):
             host = host / m["subPath"]
         host.mkdir(parents=True, exist_ok=True)

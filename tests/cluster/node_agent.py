@@ -243,7 +243,7 @@ class NodeAgent:
         """The real engine as a host process (native.py says what is translated, container.py runs it)."""
         async def prepare(pod_dir: Path, c0: dict) -> native.Launch:
             env = await self.resolve_env(pod, c0)
-            mounts = native.volume_dirs(pod_dir, pod["spec"], c0)
+            mounts = native.volume_dirs(pod_dir, pod["spec"], c0, await self.claim_dirs(pod))
             launch = native.launch_for(engine, c0, env, pod_ip=rt.ip, executable=self.engines[engine.name],
                                        mounts=mounts)
             if launch.model and launch.cache_dir and self.models is not None:
@@ -253,6 +253,26 @@ class NodeAgent:
             return launch
         await self.run_process(rt, pod, prepare, lambda launch: f"{engine.name} {' '.join(launch.argv)}",
                                measure_start=True)
+
+    async def claim_dirs(self, pod: dict) -> dict[str, str]:
+        """Volume name → host directory of each PersistentVolumeClaim bound to a hostPath or local volume (the
+        scheduler only binds a pod whose claims are bound). Other claims stay per-pod directories, as before."""
+        ns, out = pod["metadata"]["namespace"], {}
+        for vol in pod["spec"].get("volumes") or []:
+            claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+            if not claim:
+                continue
+            status, pvc = await self.api.request("GET", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{claim}",
+                                                 allow=(404,))
+            pv_name = (pvc or {}).get("spec", {}).get("volumeName") if status == 200 else None
+            if not pv_name:
+                continue
+            status, pv = await self.api.request("GET", f"/api/v1/persistentvolumes/{pv_name}", allow=(404,))
+            spec = pv.get("spec", {}) if status == 200 else {}
+            path = (spec.get("hostPath") or spec.get("local") or {}).get("path")
+            if path:
+                out[vol["name"]] = path
+        return out
 
     async def run_image(self, rt: PodRuntime, pod: dict, image: str) -> None:
         """A pod of a local OCI image (image_pods.py says what is translated, oci_images.py launches it)."""

@@ -90,7 +90,7 @@ def test_a_served_name_wins_over_an_adapter_and_the_oldest_base_keeps_a_shared_a
     assert "served name of model ns/chat" in conflicts[(("ns", "old"), "chat")]
     assert "already served by ns/old" in conflicts[(("ns", "new"), "shared")]
     assert "served name of model ns/new" in conflicts[(("ns", "new"), "new")]  # its own name (no servedName)
-    assert routes["own"][1] == AdapterRef("own", "own/v1")  # relative to the claim's mount, the engine's cwd
+    assert routes["own"][1] == AdapterRef("own", "./own/v1")  # relative to the claim's mount, the engine's cwd
 
 
 # -- a replica's set -------------------------------------------------------------------------------------------------

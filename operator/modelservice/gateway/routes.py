@@ -82,7 +82,9 @@ class AdapterRef:
 def _adapters(spec: ModelServiceSpec) -> tuple[AdapterRef, ...]:
     if spec.lora is None:
         return ()
-    return tuple(AdapterRef(a.name, a.uri.split("://", 1)[1].split("/", 1)[1], a.preload) for a in spec.adapters
+    # "./": vLLM resolves a relative path against its cwd, and would take a bare "org/name" that is missing there
+    # for a Hugging Face repository to download.
+    return tuple(AdapterRef(a.name, "./" + a.uri.split("://", 1)[1].split("/", 1)[1], a.preload) for a in spec.adapters
                  if a.uri.split("://", 1)[1].split("/", 1)[0] == spec.lora.claim)  # others: Stalled (api.py)
 
 
