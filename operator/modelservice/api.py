@@ -375,6 +375,10 @@ def adapter_problems(spec: ModelServiceSpec, *, gateway_enabled: bool) -> list[t
     if not gateway_enabled:
         problems.append(("spec.adapters", "adapters are loaded by the gateway: install the chart with "
                                           "gateway.enabled=true"))
+    preloaded = sum(1 for a in spec.adapters if a.preload)
+    if preloaded > spec.lora.maxLoaded:
+        problems.append(("spec.adapters", f"{preloaded} adapters are preloaded but a replica holds "
+                                          f"spec.lora.maxLoaded={spec.lora.maxLoaded}: preload fewer or raise it"))
     served = spec.model.servedName
     for i, a in enumerate(spec.adapters):
         claim = a.uri.split("://", 1)[1].split("/", 1)[0]

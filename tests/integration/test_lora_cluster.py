@@ -83,7 +83,10 @@ def _scenario(kube, ns: str, gw: GatewayProcess, tmp: Path) -> None:
         "capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
         "hostPath": {"path": str(store)}, "claimRef": {"namespace": ns, "name": CLAIM}}})
     try:
-        kube.core.create_namespaced_persistent_volume_claim(ns, {"metadata": {"name": CLAIM}, "spec": {
+        # Bound as the PV binder binds (the local control plane runs none: tests/cluster/controlplane.py): the
+        # scheduler takes a claim with a volumeName and this annotation as bound.
+        kube.core.create_namespaced_persistent_volume_claim(ns, {"metadata": {
+            "name": CLAIM, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}}, "spec": {
             "accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
             "resources": {"requests": {"storage": "1Gi"}}}})
         _serve(kube, ns, gw, tmp)

@@ -281,3 +281,37 @@ def test_status_merges_every_gateways_report_for_pods_that_exist():
                    {"name": "c", "loadedOn": []}]
     status = compute_status(Observed(generation=1, name="m", namespace="ns", adapters=out), {}, "now")
     assert status["adapters"] == out and status["adaptersLoaded"] == "2/3"
+
+
+def test_preloaded_adapters_load_on_every_ready_replica_stay_and_a_failing_one_is_not_retried_in_a_loop():
+    async def go():
+        engine = FakeEngine(refuse={"bad": "LoRA rank 16 is greater than max_lora_rank 8."})
+        engine.gate.set()
+        mgr = Adapters(engine, wait_timeout=0)
+        raw = ms("base", adapter_names=("p", "bad", "x", "y"))
+        raw["spec"]["adapters"][0]["preload"] = raw["spec"]["adapters"][1]["preload"] = True
+        entry = model_entry(raw)
+        p, bad, x, y = entry.adapters
+        other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+        await asyncio.gather(*mgr.sync(entry.key, entry, [EP, other]))
+        assert mgr.has(EP, p) and mgr.has(other, p) and not mgr.has(EP, bad)
+        assert sorted(engine.calls) == sorted([("load", "p"), ("load", "p"), ("load", "bad"), ("load", "bad")])
+        assert "max_lora_rank" in mgr.report(entry.key, ["bad"], {})["bad"]["error"]
+        for _ in range(3):  # status writes come back as changes of the model: no new load of the failed path
+            await asyncio.gather(*mgr.sync(entry.key, entry, [EP, other]))
+        assert len(engine.calls) == 4
+        (await mgr.acquire(entry, EP, x))()  # maxLoaded 2: p is kept, x takes the other slot
+        with pytest.raises(GatewayError) as e:  # x is idle but p is pinned: y evicts x, never p
+            release_x = await mgr.acquire(entry, EP, x)
+            await mgr.acquire(entry, EP, y)
+        release_x()
+        assert e.value.status == 429
+        (await mgr.acquire(entry, EP, y))()
+        assert mgr.has(EP, p) and mgr.has(EP, y) and not mgr.has(EP, x)
+    asyncio.run(go())
+
+
+def test_preloading_more_adapters_than_a_replica_holds_is_refused():
+    raw = spec(adapters=[{**a, "preload": True} for a in adapters("a", "b", "c")])
+    with pytest.raises(InvalidSpec, match="3 adapters are preloaded"):
+        validate_spec(raw, gateway_enabled=True)

@@ -62,6 +62,7 @@ class Residency:
     loaded: "OrderedDict[str, str]" = field(default_factory=OrderedDict)  # name → path it was loaded from
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     in_use: dict[str, int] = field(default_factory=dict)
+    pinned: frozenset[str] = frozenset()  # preloaded adapters: kept, never evicted
 
     def has(self, name: str, path: str) -> bool:
         return self.loaded.get(name) == path
@@ -75,9 +76,9 @@ class Residency:
         if len(self.loaded) + len(self.loading) < self.capacity:
             return None
         for name in self.loaded:
-            if not self.in_use.get(name):
+            if not self.in_use.get(name) and name not in self.pinned:
                 return name
-        raise LookupError("every loaded adapter has requests in flight")
+        raise LookupError("every loaded adapter has requests in flight or is preloaded")
 
     def acquire(self, name: str) -> None:
         self.in_use[name] = self.in_use.get(name, 0) + 1
@@ -121,6 +122,7 @@ def engine_message(text: str) -> str:
 class _State:
     loaded_on: dict[str, set[str]] = field(default_factory=dict)  # adapter → pods (or addresses)
     errors: dict[str, str] = field(default_factory=dict)
+    failed_paths: dict[str, str] = field(default_factory=dict)  # adapter → the path whose load failed last
 
 
 class Adapters:
@@ -133,6 +135,7 @@ class Adapters:
         self._owner: dict[Endpoint, Key] = {}
         self._freed: dict[Endpoint, asyncio.Event] = {}
         self._state: dict[Key, _State] = {}
+        self._preloading: set[tuple[Endpoint, str]] = set()
         self.loads = 0  # load calls made, for tests and the bench
         self.unloads = 0
 
@@ -206,20 +209,22 @@ class Adapters:
             if old is not None:  # declared again with another URI: the engine refuses a second load of a name
                 await self._unload(entry, ep, adapter.name, old)
             self.loads += 1
+            # In place: a name an earlier gateway process registered (or one whose unload is still on its way) is
+            # replaced by this path instead of refused with "already been loaded".
             status, text = await self.call(ep, "/v1/load_lora_adapter",
-                                           {"lora_name": adapter.name, "lora_path": adapter.path})
-            if status == 400 and "already been loaded" in text:
-                status = 200  # loaded by an earlier gateway process: it is there, which is what we want
+                                           {"lora_name": adapter.name, "lora_path": adapter.path, "load_inplace": True})
             if status != 200:
                 message = engine_message(text)
-                self._error(entry.key, adapter.name, f"{ep.pod or ep.address}: {message}")
+                self._error(entry.key, adapter, f"{ep.pod or ep.address}: {message}")
                 raise GatewayError(
                     503 if status >= 500 else 502,
                     f"adapter {adapter.name!r} could not be loaded on model {entry.label} "
                     f"(engine answered {status}): {message}", "adapter_load_failed")
             r.loaded[adapter.name] = adapter.path
             self._loaded(entry.key, adapter.name, ep, True)
-            self._state.setdefault(entry.key, _State()).errors.pop(adapter.name, None)
+            st = self._state.setdefault(entry.key, _State())
+            st.errors.pop(adapter.name, None)
+            st.failed_paths.pop(adapter.name, None)
             done.set_result(None)
         except (NotSent, GatewayError) as e:
             done.set_exception(e)
@@ -253,7 +258,9 @@ class Adapters:
     # -- the table's changes --------------------------------------------------------------------------------------
     def sync(self, key: Key, entry: Optional[ModelEntry], ready: Sequence[Endpoint]) -> list[Awaitable[None]]:
         """Drop replicas that left the ready set (a restarted pod starts empty); the unloads that adapters no longer
-        declared (or moved to another URI) need, for the caller to run in the background."""
+        declared (or moved to another URI) need, and the loads of preloaded adapters a ready replica lacks, for the
+        caller to run in the background. Called on every change of the model (status writes too): a preload whose
+        last load of that path failed waits for a change of its URI or a request, or it would retry in a loop."""
         live = set(ready)
         for ep in [ep for ep, k in self._owner.items() if k == key and ep not in live]:
             r = self._replicas.pop(ep)
@@ -269,17 +276,33 @@ class Adapters:
         for name in list(st.errors):
             if name not in declared:
                 del st.errors[name]
+                st.failed_paths.pop(name, None)
+        preload = [a for a in entry.adapters if a.preload][:entry.lora_max_loaded]
         work: list[Awaitable[None]] = []
         for ep in ready:
-            replica = self._replicas.get(ep)
+            replica = self._replica(entry, ep) if preload else self._replicas.get(ep)
             if replica is None:
                 continue
             replica.capacity = entry.lora_max_loaded or replica.capacity
+            replica.pinned = frozenset(a.name for a in preload)
             for name, path in list(replica.loaded.items()):
                 if declared.get(name) != path and not replica.in_use.get(name):
                     del replica.loaded[name]
                     work.append(self._unload(entry, ep, name, path))
+            for a in preload:
+                if not replica.has(a.name, a.path) and (ep, a.name) not in self._preloading \
+                        and st.failed_paths.get(a.name) != a.path:
+                    self._preloading.add((ep, a.name))
+                    work.append(self._preload(entry, ep, a))
         return work
+
+    async def _preload(self, entry: ModelEntry, ep: Endpoint, adapter: AdapterRef) -> None:
+        try:
+            (await self.acquire(entry, ep, adapter))()
+        except (GatewayError, NotSent) as e:  # in status (a refusal) or the replica is going away
+            log.info("preload of adapter %s on %s: %s", adapter.name, ep.base_url, e)
+        finally:
+            self._preloading.discard((ep, adapter.name))
 
     def _replica(self, entry: ModelEntry, ep: Endpoint) -> Residency:
         r = self._replicas.get(ep)
@@ -295,8 +318,10 @@ class Adapters:
             self._state[key].loaded_on.pop(name, None)
         self.changed(key)
 
-    def _error(self, key: Key, name: str, message: str) -> None:
-        self._state.setdefault(key, _State()).errors[name] = message[:MAX_ERROR]
+    def _error(self, key: Key, adapter: AdapterRef, message: str) -> None:
+        st = self._state.setdefault(key, _State())
+        st.errors[adapter.name] = message[:MAX_ERROR]
+        st.failed_paths[adapter.name] = adapter.path
         self.changed(key)
 
 
