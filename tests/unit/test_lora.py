@@ -241,8 +241,10 @@ def test_removed_adapters_are_unloaded_and_a_replica_that_left_starts_empty():
         assert not mgr.has(EP, entry.adapters[1]) and mgr.report(entry.key, ["b"], {}) == {"b": {"loadedOn": []}}
         use = AdapterUse(mgr, entry, entry.adapters[1])
         (await use.acquire(EP))()
-        use.answered(EP, 404)  # the engine forgot it (restarted in place): load it again next time
+        assert use.lost(EP, 404)  # the engine forgot it (restarted in place): load it again, replay once
         assert not mgr.has(EP, entry.adapters[1])
+        (await use.acquire(EP))()
+        assert not use.lost(EP, 200) and not use.lost(EP, 404)  # once per request: then the 404 is the answer
     asyncio.run(go())
 
 

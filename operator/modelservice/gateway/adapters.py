@@ -338,6 +338,15 @@ class AdapterUse:
     async def acquire(self, ep: Endpoint) -> Callable[[], None]:
         return await self.manager.acquire(self.entry, ep, self.adapter)
 
-    def answered(self, ep: Endpoint, status: int) -> None:
-        if status == 404:  # the engine does not know it: it restarted in place since we loaded it
-            self.manager.forget_lost(ep, self.adapter)
+    replayed: bool = False
+
+    def lost(self, ep: Endpoint, status: int) -> bool:
+        """The engine answered 404 for an adapter we had loaded there: it restarted in place, or another gateway
+        unloaded it. It did no work, so the request may go again once, after a new load (True)."""
+        if status != 404:
+            return False
+        self.manager.forget_lost(ep, self.adapter)
+        if self.replayed:
+            return False
+        self.replayed = True
+        return True

@@ -132,8 +132,10 @@ class Proxy:
                     log.warning("%s: %s failed: %s", entry.label, ep.base_url, e)
                     raise GatewayError(502, f"model {entry.label} failed before answering", "bad_gateway") from None
                 self.metrics.child(self.metrics.upstream_latency, entry.label).observe(time.monotonic() - started)
-                if adapter is not None:
-                    adapter.answered(ep, upstream.status)
+                if adapter is not None and attempts < MAX_ATTEMPTS and adapter.lost(ep, upstream.status):
+                    upstream.release()  # the engine lost the adapter and did nothing: load it again, send again
+                    tried.discard(ep)
+                    continue
                 if upstream.status in REFUSAL_STATUSES and attempts < MAX_ATTEMPTS \
                         and self.balancer.pick(table.ready(key), exclude=tried) is not None:
                     log.info("%s: %s refused the request (%d), trying another endpoint", entry.label, ep.base_url,
