@@ -233,3 +233,19 @@ async def test_the_kubelet_log_endpoint_serves_current_previous_and_tail(tmp_pat
         assert await get("/containerLogs/ns/stub/server") == (200, "")
         assert (await get("/containerLogs/ns/stub/server?previous=true"))[0] == 400
         assert (await get("/containerLogs/ns/nope/server"))[0] == 404
+
+
+def test_a_claim_bound_to_a_host_directory_is_mounted_there_and_is_the_engines_cwd(tmp_path):
+    """spec.lora's claim (docs/lora.md): the engine resolves adapter paths against its working directory, the
+    claim's mount; the fake node mounts a claim bound to a hostPath PV at that host directory, as a kubelet does."""
+    store = tmp_path / "adapter-volume"
+    store.mkdir()
+    c = {"image": "vllm/vllm-openai:v0.32.0", "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+         "args": ["--model", "org/m", "--port", "8000"], "workingDir": "/mnt/adapters",
+         "volumeMounts": [{"name": "adapters", "mountPath": "/mnt/adapters", "readOnly": True},
+                          {"name": "tmp", "mountPath": "/tmp"}]}
+    mounts = native.volume_dirs(tmp_path / "pod", {}, c, {"adapters": str(store)})
+    assert mounts == {"/mnt/adapters": str(store), "/tmp": str(tmp_path / "pod" / "volumes" / "tmp")}
+    launch = native.launch_for(native.NATIVE_ENGINES[0], c, {}, pod_ip="127.0.0.9", executable="/x/python",
+                               mounts=mounts)
+    assert launch.cwd == str(store)

@@ -110,7 +110,9 @@ class Gateway:
     def _on_change(self, key: Key) -> None:
         self.activator.on_change(key)
         entry = self.table.models.get(key)
-        self._adapter_routes, self._adapter_conflicts = name_conflicts(self.table.models.values())
+        if (entry is not None and entry.adapters) or self._adapter_routes or self._adapter_conflicts:
+            # O(models): only while some model declares adapters, not on every event of a thousand plain models.
+            self._adapter_routes, self._adapter_conflicts = name_conflicts(self.table.models.values())
         for unload in self.adapters.sync(key, entry, self.table.ready(key) if entry else ()):
             asyncio.ensure_future(unload)
         label = f"{key[0]}/{key[1]}"
