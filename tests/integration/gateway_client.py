@@ -4,7 +4,6 @@ test_gpu_pool.py, test_gateway_workers.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import urllib.request
@@ -29,10 +28,6 @@ async def post(session, url, body, headers=None):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with session.post(url + "/v1/chat/completions", data=data, headers=headers) as r:
         return r.status, await r.read()
-
-
-def run(coro, timeout: float = 120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def ready_endpoints(gw: GatewayProcess, ns: str, name: str) -> float:

@@ -14,12 +14,12 @@ import aiohttp
 from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
-from tests.integration.gateway_client import chat, post, run, stub_successes
+from tests.integration.gateway_client import chat, post, stub_successes
 
 TOKENS = 60
 
 
-def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, operator, fake_nodes, gateway):
+async def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, operator, fake_nodes, gateway):
     name = "drain"
     ms.create(kube, namespace, ms.body(
         name, autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}, drainTimeout="5m",
@@ -51,7 +51,7 @@ def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, operato
                 body += await r.read()
                 return body, still_open, status, served_by_old
 
-    body, still_open, status, served_by_old = run(scenario(), timeout=240)
+    body, still_open, status, served_by_old = await scenario()
     assert still_open, "the stream ended before the scale-down: the test proved nothing"
     assert status == 200 and served_by_old == 0
     chunks = [ln for ln in body.decode().splitlines() if ln.startswith("data: {")]

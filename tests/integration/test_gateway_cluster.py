@@ -31,14 +31,13 @@ from tests.integration.gateway_client import (
     post,
     ready_endpoints,
     ready_state,
-    run,
     stub_metric,
     stub_successes,
 )
 from tests.integration.gateway_process import HELD_LIMIT
 
 
-def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, operator, fake_nodes, gateway):
+async def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, operator, fake_nodes, gateway):
     name = "sleepy"
     ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 0, "maxReplicas": 3},
                                        podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "3"}}))
@@ -55,7 +54,7 @@ def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, oper
             results = await asyncio.gather(*(post(s, gateway.url, chat(name, stream=True)) for _ in range(20)))
             return results, time.monotonic() - t0
 
-    results, took = run(scenario())
+    results, took = await scenario()
     assert [r[0] for r in results] == [200] * 20, results[:3]
     assert all(r[1].rstrip().endswith(b"data: [DONE]") for r in results)
     assert took >= 3  # the startup delay was really waited out
@@ -75,7 +74,7 @@ def _three_replicas(kube, namespace, gateway, name, tokens_per_second: str = "10
     return pod_ips(kube, namespace, name)
 
 
-def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace, operator, fake_nodes, gateway):
+async def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace, operator, fake_nodes, gateway):
     """30 requests over three replicas, all in flight at once by construction: each is a stream that cannot end
     before the test closes it (1 token/s up to the stub's limit), and none is closed before all 30 have their first
     event. Every pick therefore sees every earlier request still in flight, and least in-flight gives exactly 10
@@ -97,7 +96,7 @@ def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace, opera
                     r.close()
             return [(r.status, first) for r, first in streams], running
 
-    opened, running = run(scenario())
+    opened, running = await scenario()
     assert all(status == 200 and first.startswith(b"data: ") for status, first in opened), opened[:3]
     assert running == [n / 3] * 3, running
     # The hang-ups reach the gateway: nothing stays counted in flight once the clients are gone.
@@ -105,7 +104,7 @@ def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace, opera
              timeout=30, message="the gateway's in-flight count back to 0 after the clients closed their streams")
 
 
-def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespace, operator, fake_nodes, gateway):
+async def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespace, operator, fake_nodes, gateway):
     """Six clients send requests back to back while one of three pods is deleted. The run is not timed: the deletion
     comes once it is under way, and it goes on until the gateway routes to the pod that replaced the deleted one (so
     its routing table holds an EndpointSlice without the dead pod: the whole window in which it could have sent a
@@ -162,14 +161,14 @@ def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespace, op
             await asyncio.gather(conductor(), *(client(s) for _ in range(clients)))
         return results, deleted_at[0]
 
-    results, deleted_at = run(scenario(), timeout=240)
+    results, deleted_at = await scenario()
     after = [status for t, status in results if t >= deleted_at]
     failed = [(round(t - deleted_at, 2), status) for t, status in results if status != 200]
     assert len(after) >= after_wanted
     assert failed == [], f"{len(failed)} of {len(results)} requests failed (seconds after the deletion, status)"
 
 
-def test_bad_input_and_api_keys(kube, namespace, operator, fake_nodes, gateway):
+async def test_bad_input_and_api_keys(kube, namespace, operator, fake_nodes, gateway):
     kube.core.create_namespaced_secret(namespace, {"metadata": {"name": "keys"},
                                                    "data": {"keys": base64.b64encode(b"alpha\nbeta\n").decode()}})
     ms.create(kube, namespace, ms.body("open"))
@@ -211,11 +210,11 @@ def test_bad_input_and_api_keys(kube, namespace, operator, fake_nodes, gateway):
             assert {r[0] for r in released} == {503}
             assert all(b"was deleted" in r[1] for r in released), released[0]
 
-    run(scenario())
+    await scenario()
     assert stub_successes(locked_ip) == 1
 
 
-def test_idle_model_goes_to_zero_and_the_next_request_wakes_it(kube, namespace, operator, fake_nodes, gateway):
+async def test_idle_model_goes_to_zero_and_the_next_request_wakes_it(kube, namespace, operator, fake_nodes, gateway):
     """The whole serverless loop with no hand-scaling: warm start, idle → zero, request → one, idle → zero again.
 
     Each awake spell lasts only scaleToZeroAfter (4 s) past the last request, so the states are read from a watch's
@@ -234,7 +233,7 @@ def test_idle_model_goes_to_zero_and_the_next_request_wakes_it(kube, namespace, 
         wait_for(lambda: ms.events_for(kube, namespace, name, "ScaledToZero"), timeout=10,
                  message="a ScaledToZero Event")
 
-        status, body = run(_stream_once(gateway.url, name))
+        status, body = await _stream_once(gateway.url, name)
         assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
         *_, awake, _ = history.wait_sequence(*awake_steps, ("Ready with 1 replica", ready_state(ready_replicas=1)),
                                              ("ScaledToZero again", ready_state("ScaledToZero")), timeout=90)
@@ -251,7 +250,7 @@ async def _stream_once(url: str, name: str):
         return await post(s, url, chat(name, stream=True))
 
 
-def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespace, operator, fake_nodes, gateway):
+async def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespace, operator, fake_nodes, gateway):
     """targetInFlight without an HPA: the operator sizes replicas from the gateway's in-flight Leases.
 
     The load is six streams that stay in flight until the test has seen the scale-up (endless at the stub's token
@@ -279,7 +278,7 @@ def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespace, op
                     r.close()
             return [(r.status, first) for r, first in streams]
 
-    opened = run(load())
+    opened = await load()
     assert all(status == 200 and first.startswith(b"data: ") for status, first in opened), opened
     wait_for(lambda: replicas() == 1, timeout=60, message="back to minReplicas once the load is gone")
 

@@ -31,7 +31,6 @@ from tests.integration.gateway_client import (
     open_stream,
     pod_ips,
     post,
-    run,
 )
 from tests.integration.gateway_process import HELD_LIMIT, TEST_FLAGS, GatewayProcess
 
@@ -91,7 +90,7 @@ def leases(kube, ns: str, name: str) -> dict[str, dict]:
     return {lease["spec"]["holderIdentity"]: lease for lease in items}
 
 
-def test_two_workers_wake_a_model_from_zero_with_one_scale_up(kube, namespace, operator, fake_nodes, gw2):
+async def test_two_workers_wake_a_model_from_zero_with_one_scale_up(kube, namespace, operator, fake_nodes, gw2):
     name = "sleepy2"
     ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 0, "maxReplicas": 3},
                                        podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "3"}}))
@@ -108,7 +107,7 @@ def test_two_workers_wake_a_model_from_zero_with_one_scale_up(kube, namespace, o
         async with aiohttp.ClientSession() as s:
             return await asyncio.gather(*(post(s, gw2.url, chat(name, stream=True)) for _ in range(20)))
 
-    results = run(scenario())
+    results = await scenario()
     assert [r[0] for r in results] == [200] * 20, results[:3]
     wait_for(lambda: history.values[-1:] == [1], timeout=10, message="the scale-up seen by the watch")
     assert history.changes() == [0, 1]  # one scale-up: the workers' calls are the same idempotent write
@@ -122,7 +121,7 @@ def test_two_workers_wake_a_model_from_zero_with_one_scale_up(kube, namespace, o
              timeout=10, message="20 answered requests in the summed metrics")
 
 
-def test_operator_sums_in_flight_from_both_workers_and_metrics_show_the_sum(kube, namespace, operator, fake_nodes,
+async def test_operator_sums_in_flight_from_both_workers_and_metrics_show_the_sum(kube, namespace, operator, fake_nodes,
                                                                             gw2):
     """Endless streams until both workers hold some; then targetInFlight is set to the larger worker's count, so
     the operator asks for 2 replicas only if it adds the two Leases (either alone would give 1)."""
@@ -173,13 +172,13 @@ def test_operator_sums_in_flight_from_both_workers_and_metrics_show_the_sum(kube
                 for r, _ in streams:
                     r.close()
 
-    opened = run(load())
+    opened = await load()
     assert all(status == 200 and first.startswith(b"data: ") for status, first in opened), opened[:3]
     wait_for(lambda: gw2.metric("modelservice_gateway_in_flight", model=model) == 0, timeout=30,
              message="in flight back to 0 in every worker")
 
 
-def test_held_cap_is_split_between_the_workers(kube, namespace, operator, fake_nodes, gw2):
+async def test_held_cap_is_split_between_the_workers(kube, namespace, operator, fake_nodes, gw2):
     """HELD_LIMIT per pod is HELD_LIMIT // 2 per worker: the pod never holds more than HELD_LIMIT; requests past a
     worker's share get 429 even if the other worker has room (the documented tolerance)."""
     name = "loading2"
@@ -204,7 +203,7 @@ def test_held_cap_is_split_between_the_workers(kube, namespace, operator, fake_n
             released = await asyncio.gather(*held)
             return per_worker, answered, released
 
-    per_worker, answered, released = run(scenario())
+    per_worker, answered, released = await scenario()
     assert all(v is None or v <= share for v in per_worker), per_worker
     assert sum(v or 0 for v in per_worker) <= HELD_LIMIT
     assert max(v or 0 for v in per_worker) == share  # 40 requests over 2 workers: one of them has 20 or more
@@ -212,7 +211,7 @@ def test_held_cap_is_split_between_the_workers(kube, namespace, operator, fake_n
     assert sorted({status for status, _ in released}) == [429, 503]
 
 
-def test_sigterm_drains_every_worker(kube, namespace, operator, fake_nodes, cluster, tmp_path):
+async def test_sigterm_drains_every_worker(kube, namespace, operator, fake_nodes, cluster, tmp_path):
     """A stream in flight on each worker when the pod is told to stop: both finish, then every process exits."""
     name = "draining"
     ms.create(kube, namespace, ms.body(name, replicas=1, podTemplate={
@@ -247,7 +246,7 @@ def test_sigterm_drains_every_worker(kube, namespace, operator, fake_nodes, clus
                     for r in streams:
                         r.close()
 
-        done = run(scenario())
+        done = await scenario()
         assert all(status == 200 and body.rstrip().endswith(b"data: [DONE]") for status, body in done), done[:2]
         assert gw.proc.wait(timeout=30) == 0
         for pid in children:

@@ -17,7 +17,7 @@ from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import wait_for
 from tests.integration import ms
-from tests.integration.gateway_client import chat, post, run
+from tests.integration.gateway_client import chat, post
 from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import kubectl
 
@@ -56,7 +56,7 @@ def events(kube, ns: str, name: str, reason: str) -> list[str]:
             if e.involved_object.name == name and e.reason == reason]
 
 
-def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(kube, namespace, operator, fake_nodes,
+async def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(kube, namespace, operator, fake_nodes,
                                                                             gateway, cluster):
     wait_pool_empty(kube)
     idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
@@ -69,7 +69,7 @@ def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(kube
         create_ready(kube, namespace, name, priority=priority, **idle)
     assert len(gpu_pods(kube)) == POOL
 
-    status, body = run(_post_once(gateway.url, "w"))
+    status, body = await _post_once(gateway.url, "w")
     assert status == 200, body  # answered once a was parked and w loaded
 
     parked = ms.wait_condition(kube, namespace, "a", "Ready", "False", reason="Parked", timeout=30)
@@ -93,7 +93,7 @@ async def _post_once(url: str, model: str, timeout: float = 90) -> tuple[int, by
         return await post(s, url, chat(model))
 
 
-def test_nothing_parkable_says_no_gpu_free_in_status_and_503(kube, namespace, operator, fake_nodes, cluster,
+async def test_nothing_parkable_says_no_gpu_free_in_status_and_503(kube, namespace, operator, fake_nodes, cluster,
                                                              tmp_path):
     wait_pool_empty(kube)
     # A gateway of its own with a short activation timeout: the 503 comes from a held request that times out.
@@ -108,14 +108,14 @@ def test_nothing_parkable_says_no_gpu_free_in_status_and_503(kube, namespace, op
             create_ready(kube, namespace, name, replicas=1)
         assert len(gpu_pods(kube)) == POOL
 
-        first, _ = run(_post_once(gw.url, "w"))  # wakes w; its pod cannot be placed
+        first, _ = await _post_once(gw.url, "w")  # wakes w; its pod cannot be placed
         assert first == 503
         obj = ms.wait_condition(kube, namespace, "w", "Ready", "False", reason="AwaitingCapacity", timeout=30)
         said = ms.condition(obj, "Ready")["message"]
         assert said.startswith("no GPU free: ") and "Insufficient nvidia.com/gpu" in said
 
         # Held while the status says so: the 503 at the timeout repeats it.
-        status, body = run(_post_once(gw.url, "w"))
+        status, body = await _post_once(gw.url, "w")
         error = json.loads(body)["error"]
         assert status == 503 and error["code"] == "awaiting_capacity", error
         assert "no GPU free: " in error["message"] and "Insufficient nvidia.com/gpu" in error["message"]
@@ -132,7 +132,7 @@ def _priority_class(kube, name: str, value: int):
     return lambda: api.delete_priority_class(name)
 
 
-def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, operator, fake_nodes, gateway):
+async def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, operator, fake_nodes, gateway):
     """The scheduler's PriorityClass band ranks before spec.priority: the planner leaves a pod the scheduler preempts
     for to the scheduler (no double freeing), and never parks a model the scheduler ranks above the waiting one
     (it would preempt its way back when woken)."""
@@ -160,7 +160,7 @@ def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, operator
         assert len(gpu_pods(kube)) == POOL
 
         # 1. w's class preempts: the scheduler evicts one pod for it; the planner parks no one on top.
-        status, body = run(_post_once(gateway.url, "w"))
+        status, body = await _post_once(gateway.url, "w")
         assert status == 200, body
         ms.wait_condition(kube, namespace, "w", "Ready", "True", timeout=30)
         preempted = wait_for(lambda: [n for n in "abcd" if ms.condition(ms.get(kube, namespace, n), "Ready")
@@ -203,7 +203,7 @@ def _new_spec(kube, ns: str, name: str) -> None:
     ms.patch(kube, ns, name, {"spec": {"env": [{"name": "ROLLOUT", "value": "2"}]}})
 
 
-def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, gateway):
+async def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, gateway):
     """An idle model rolls out in place (no GPU for a surge replica, nothing relies on it: nobody is parked); a model
     serving a request gets its surge replica's GPU from the longest-idle model, and keeps serving throughout."""
     wait_pool_empty(kube)
@@ -244,7 +244,7 @@ def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, gateway)
                 await asyncio.to_thread(ms.wait_condition, kube, namespace, "a", "Ready", "False", "Parked", 60)
                 return first + await resp.read()
 
-    body = run(scenario(), timeout=180)
+    body = await scenario()
     assert body.rstrip().endswith(b"data: [DONE]")  # the serving replica finished its stream
     wait_for(lambda: _rolled_out(kube, namespace, "r"), timeout=120, interval=0.5, message="r rolled out again")
     assert [replicas(kube, namespace, n) for n in "abc"] == [0, 1, 1]
@@ -252,7 +252,7 @@ def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, gateway)
     assert f"to make room for {namespace}/r" in ms.condition(parked, "Ready")["message"]
 
 
-def test_an_operator_restart_in_the_middle_of_making_room_finishes_it(kube, namespace, operator, fake_nodes, gateway):
+async def test_an_operator_restart_in_the_middle_of_making_room_finishes_it(kube, namespace, operator, fake_nodes, gateway):
     """w needs both GPUs of one node. The operator parked a (node 0) and died before parking b: the operator that
     starts next parks b only (not c or d on the other node), and w's held request is answered."""
     wait_pool_empty(kube)
@@ -283,7 +283,7 @@ def test_an_operator_restart_in_the_middle_of_making_room_finishes_it(kube, name
             await asyncio.to_thread(operator.start)
             return await request
 
-        status, body = run(scenario(), timeout=200)
+        status, body = await scenario()
     finally:
         if operator.proc is None or operator.proc.poll() is not None:  # the session's later tests need it running
             operator.start()
