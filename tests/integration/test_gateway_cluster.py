@@ -283,7 +283,7 @@ async def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespa
     wait_for(lambda: replicas() == 1, timeout=60, message="back to minReplicas once the load is gone")
 
 
-def test_the_engines_queue_adds_replicas_through_the_leases(kube, namespace, operator, fake_nodes, gateway):
+async def test_the_engines_queue_adds_replicas_through_the_leases(kube, namespace, operator, fake_nodes, gateway):
     """targetQueue: the gateway reads the engine's waiting requests (the stub's vllm:num_requests_waiting, one slot),
     carries them on its activity Lease, and the operator sizes replicas from them: 5 waiting at targetQueue 2 ask for
     ceil(5 / 2) = 3 replicas; an empty queue leaves it to minReplicas. No targetInFlight: the queue alone scales."""
@@ -316,6 +316,6 @@ def test_the_engines_queue_adds_replicas_through_the_leases(kube, namespace, ope
                     running[0].close()
             return running
 
-    r, first = run(load(), timeout=180)
+    r, first = await load()
     assert r.status == 200 and first.startswith(b"data: ")
     wait_for(lambda: replicas() == 1, timeout=60, message="back to minReplicas once the queue is empty")
