@@ -145,7 +145,7 @@ def managed(op) -> float:
 
 @pytest.mark.timeout(900)
 def test_chaos_a_minute_long_fight(rcluster, kube, namespace, start_operator, figures):
-    kube, ns, name = kube, namespace, "contested"
+    ns, name = namespace, "contested"
     op = start_operator(rcluster.kubeconfig, "--namespace", ns, "--resync-seconds", "600")
     ms.create(kube, ns, ms.body(name))
     ms.wait_condition(kube, ns, name, "Ready", "True", timeout=60)

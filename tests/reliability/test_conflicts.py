@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_foreign_writer_loses_without_a_hot_loop(rcluster, kube, namespace, start_operator, figures):
-    kube, ns, name = kube, namespace, "contested"
+    ns, name = namespace, "contested"
     op = start_operator(rcluster.kubeconfig, "--namespace", ns, "--resync-seconds", "600")
     ms.create(kube, ns, ms.body(name))
     ms.wait_condition(kube, ns, name, "Ready", "True", timeout=60)

@@ -36,9 +36,9 @@ def _forms(value: str) -> list[str]:
     return [value, base64.b64encode(value.encode()).decode(), json.dumps(value)[1:-1]]
 
 
-def test_secret_values_stay_out_of_logs_events_and_status(rcluster, kube, namespace, start_operator,
+async def test_secret_values_stay_out_of_logs_events_and_status(rcluster, kube, namespace, start_operator,
                                                           start_gateway, figures):
-    kube, ns = kube, namespace
+    ns = namespace
     token, api_key = f"hf_{secrets.token_hex(16)}", f"sk-{secrets.token_hex(16)}"
     kube.core.create_namespaced_secret(ns, {"metadata": {"name": "hf"}, "stringData": {"token": token}})
     kube.core.create_namespaced_secret(ns, {"metadata": {"name": "keys"}, "stringData": {"keys": f"{api_key}\n"}})
@@ -62,7 +62,7 @@ def test_secret_values_stay_out_of_logs_events_and_status(rcluster, kube, namesp
                                   json={"model": "secretive", "messages": [{"role": "user", "content": "hi"}]}) as r:
                     out.append(r.status)
             return out
-    statuses = asyncio.run(asyncio.wait_for(traffic(), 60))
+    statuses = await asyncio.wait_for(traffic(), 60)
     assert statuses == [200, 401, 401, 401]
     wait_for(lambda: ms.get(kube, ns, "broken")["status"].get("observedGeneration") == 1, timeout=30,
              message="the broken object reported")
