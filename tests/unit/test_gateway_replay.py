@@ -67,7 +67,8 @@ async def engines(*modes: str):
                     length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                    if line.lower().startswith(b"content-length:")), 0)
                     await reader.readexactly(length)
-                    seen[host] += 1
+                    if head.startswith(b"POST "):  # not the gateway's engine-load poll (GET /metrics, engine_load.py)
+                        seen[host] += 1
                     await answer(mode, writer, release)
                     if mode not in ("ok", "503", "429"):
                         break
