@@ -1,16 +1,27 @@
 """Helpers for tests of real engines: an OpenAI client through a gateway (streamed chat, and the checks every real
 stream passes), and the check that a pod runs the real engine, not the stub (test_real_engines.py,
-test_image_in_cluster.py, test_metering_real.py)."""
+test_image_in_cluster.py, test_metering_real.py, test_lora_cluster.py), the vLLM settings they share, and putting
+a model to sleep."""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from modelservice.labels import MODELSERVICE_LABEL
+from tests.cluster.wait import wait_for
+
+if TYPE_CHECKING:
+    from tests.integration.gateway_process import GatewayProcess
 
 LLAMA_ARGS = ["-t", "1", "-c", "4096", "-np", "2"]  # one thread, two slots: a 2-core machine
+# vLLM's CPU build on a 2-core machine: float32 (the tiny model's dtype), no graph compilation, a small KV cache.
+VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "4"]
+VLLM_ENV = [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}, {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "0"}]
+SCALE_TO_ZERO = {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "6s"}
+VLLM_LOAD = 600  # seconds: ~30-75 s seen on a quiet machine, much more beside a busy test suite
 
 
 async def stream_chat(url: str, model: str, *, max_tokens: int = 16, usage: bool = True,
@@ -19,7 +30,7 @@ async def stream_chat(url: str, model: str, *, max_tokens: int = 16, usage: bool
             "messages": [{"role": "user", "content": "Say hello to the cluster."}]}
     if usage:
         body["stream_options"] = {"include_usage": True}
-    # 660 s: a real vLLM loading on a busy 2-core machine (test_real_engines.VLLM_LOAD) plus the answer.
+    # 660 s: a real vLLM loading on a busy 2-core machine (VLLM_LOAD) plus the answer.
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
         async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
             raw = await r.read()
@@ -65,3 +76,10 @@ def assert_native(kube, ns: str, name: str, engine: str) -> object:
         f"pod {running[0].metadata.name} runs {image_id!r}, not the real {engine}: the cluster's node agent was "
         f"started without --engine {engine} (a cluster left running by `make cluster`? `make cluster-down`)")
     return running[0]
+
+
+def asleep(kube, gw: GatewayProcess, ns: str, name: str) -> None:
+    kube.apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 0}})
+    wait_for(lambda: not pods(kube, ns, name)
+             and gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}") == 0,
+             timeout=120, message=f"{ns}/{name} asleep: no pods, no endpoints")

@@ -67,9 +67,9 @@ async def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace
     assert [lease["spec"]["holderIdentity"] for lease in leases] == ["gateway-test-0"]
 
 
-def _three_replicas(kube, namespace, gateway, name, tokens_per_second: str = "100"):
+def _three_replicas(kube, namespace, gateway, name, tokens_per_second: str = "100", **spec):
     ms.create(kube, namespace, ms.body(name, replicas=3, podTemplate={"annotations": {
-        "stub.modelservice.dev/tokens-per-second": tokens_per_second}}))
+        "stub.modelservice.dev/tokens-per-second": tokens_per_second}}, **spec))
     wait_for(lambda: ready_endpoints(gateway, namespace, name) == 3, timeout=90, message="3 endpoints in gateway")
     return pod_ips(kube, namespace, name)
 
@@ -81,7 +81,9 @@ async def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace,
     each, read from the replicas' own running-requests gauges while all 30 are open (random picks would hit 10/10/10
     about one time in 65; a pile-up never)."""
     n = 30
-    ips = _three_replicas(kube, namespace, gateway, "spread", tokens_per_second="1")
+    # LeastInFlight: the default policy (PrefixAffinity) would send 30 identical prompts to one replica up to its
+    # load bound (test_gateway_affinity.py covers it).
+    ips = _three_replicas(kube, namespace, gateway, "spread", tokens_per_second="1", routing={"policy": "LeastInFlight"})
     assert len(ips) == 3
 
     async def scenario():

@@ -20,10 +20,9 @@ from tests.cluster import tiny_lora
 from tests.cluster.models_offline import OfflineModels
 from tests.cluster.wait import wait_for
 from tests.integration import ms
-from tests.integration.engine_client import assert_native, pods
+from tests.integration.engine_client import SCALE_TO_ZERO, VLLM_ARGS, VLLM_ENV, VLLM_LOAD, asleep, assert_native, pods
 from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import kubectl
-from tests.integration.test_real_engines import SCALE_TO_ZERO, VLLM_ARGS, VLLM_ENV, VLLM_LOAD, asleep
 
 NAME, SERVED, CLAIM = "lora-base", "lora-base", "adapters"
 LORA = {"maxLoaded": 2, "maxRank": 8, "claim": CLAIM}

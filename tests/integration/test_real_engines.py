@@ -22,15 +22,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.wait import wait_for
 from tests.integration import ms
-from tests.integration.engine_client import LLAMA_ARGS, assert_native, check_stream, pods, post, stream_chat
+from tests.integration.engine_client import (
+    LLAMA_ARGS,
+    SCALE_TO_ZERO,
+    VLLM_ARGS,
+    VLLM_ENV,
+    VLLM_LOAD,
+    asleep,
+    assert_native,
+    check_stream,
+    pods,
+    post,
+    stream_chat,
+)
 from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import kubectl
-
-# vLLM's CPU build on a 2-core machine: float32 (the tiny model's dtype), no graph compilation, a small KV cache.
-VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "4"]
-VLLM_ENV = [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}, {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "0"}]
-SCALE_TO_ZERO = {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "6s"}
-VLLM_LOAD = 600  # seconds: ~30-75 s seen on a quiet machine, much more beside a busy test suite
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +46,6 @@ def engine_gateway(cluster, crds, tmp_path_factory) -> Iterator[GatewayProcess]:
                         "--activation-timeout", f"{VLLM_LOAD}s", "--activity-interval", "2s").start()
     yield gw
     gw.stop()
-
-
-def asleep(kube, gw: GatewayProcess, ns: str, name: str) -> None:
-    kube.apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 0}})
-    wait_for(lambda: not pods(kube, ns, name)
-             and gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}") == 0,
-             timeout=120, message=f"{ns}/{name} asleep: no pods, no endpoints")
 
 
 def scrape(pod) -> dict[str, float]:

@@ -40,6 +40,7 @@ TIMEOUT = 0.5  # a fetch that takes longer is a failure: a slow /metrics must no
 STALE_INTERVALS = 3  # figures older than this many intervals are not used
 MAX_BODY = 1 << 20  # vLLM's /metrics is ~30 KiB; more is not a metrics page
 MAX_QUEUE = 1_000_000  # a queue longer than this is a lie (or a bug), not a figure to route on
+USER_AGENT = "modelservice-gateway/engine-load"
 MAX_RATE = 50.0  # fetches per second per gateway process, all endpoints together: many endpoints stretch the interval
 MAX_CONCURRENT = 16  # fetches open at once
 
@@ -179,7 +180,8 @@ class EngineLoad:
     async def run(self) -> None:
         """Poll every interval until cancelled; a poll never takes longer than the timeout."""
         timeout = aiohttp.ClientTimeout(total=self.timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        # Named, so an engine's access log (and a test's recording upstream) tells our polls from client traffic.
+        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": USER_AGENT}) as session:
             while True:
                 started = self._clock()
                 try:
