@@ -26,9 +26,12 @@ Rules (docs/gpu-pool.md says why):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from modelservice import GROUP
+
+if TYPE_CHECKING:
+    from modelservice import api
 
 Key = tuple[str, str]  # (namespace, ModelService name)
 GPU = "nvidia.com/gpu"
@@ -285,7 +288,7 @@ def _make_room(w: Model, by_key: dict[Key, Model], nodes: list[Node], parked: se
             _park_competitors(w, n, by_key, parked, out)
             going = sorted(label(m.key) for m in by_key.values() if m.leaving_on(n.name))
             return f"waiting for {', '.join(going)} to give back GPUs on node {n.name} (no GPU free: {p.message})"
-    best: Optional[tuple[tuple, Node, list[Model]]] = None
+    best: Optional[tuple[tuple[Any, ...], Node, list[Model]]] = None
     for n, others, free, leaving in stats:
         candidates = []
         for m in others:
@@ -339,7 +342,7 @@ def pod_gpus(pod: Mapping[str, Any]) -> int:
     return total
 
 
-def pending_gpu_message(pod: dict) -> Optional[str]:
+def pending_gpu_message(pod: Mapping[str, Any]) -> Optional[str]:
     """The scheduler's message if it could not place the pod for lack of GPUs (PodScheduled=False, Unschedulable)."""
     for c in (pod.get("status") or {}).get("conditions") or []:
         if (c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
@@ -348,7 +351,7 @@ def pending_gpu_message(pod: dict) -> Optional[str]:
     return None
 
 
-def node_from(obj: dict) -> Node:
+def node_from(obj: Mapping[str, Any]) -> Node:
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
     try:
         gpus = int(str((status.get("allocatable") or {}).get(GPU, 0)))
@@ -359,7 +362,7 @@ def node_from(obj: dict) -> Node:
                 taints=taints, unschedulable=bool(spec.get("unschedulable")))
 
 
-def placement_from(pl) -> Placement:
+def placement_from(pl: api.Placement) -> Placement:
     """spec.placement (api.Placement) → what the scheduler will hold the pending pod to."""
     terms: list[Term] = []
     na = pl.affinity.nodeAffinity if pl.affinity else None

@@ -6,7 +6,7 @@ Everything engine-specific comes from engines.ENGINES; everything here is the sa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from modelservice import GROUP, KIND, VERSION
@@ -100,10 +100,10 @@ def _fill(template: tuple[str, ...], **values: str) -> list[str]:
 class _ModelMount:
     ref: Optional[str] = None  # what the engine is told to load
     hub: bool = False
-    env: list[dict[str, Any]] | None = None
-    volumes: list[dict[str, Any]] | None = None
-    mounts: list[dict[str, Any]] | None = None
-    init: list[dict[str, Any]] | None = None
+    env: list[dict[str, Any]] = field(default_factory=list)
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    init: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _model_mount(spec: ModelServiceSpec, eng: EngineSpec, models_volume: dict[str, Any]) -> _ModelMount:
@@ -111,7 +111,7 @@ def _model_mount(spec: ModelServiceSpec, eng: EngineSpec, models_volume: dict[st
     if uri is None:
         return _ModelMount()
     scheme, rest = uri.split("://", 1)
-    out = _ModelMount(env=[], volumes=[], mounts=[], init=[])
+    out = _ModelMount()
     if spec.engine is Engine.custom:
         out.env.append({"name": "MODEL_URI", "value": uri})
     if scheme == "pvc":
@@ -196,8 +196,8 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     user_names = {v["name"] for v in user_env}
     env = [v for v in env if v["name"] not in user_names] + user_env  # the user's value wins
 
-    volumes = [{"name": "tmp", "emptyDir": {}}]
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     if eng.cache_env or spec.cache:
         volumes.append(cache_volume)
         mounts.append({"name": "cache", "mountPath": CACHE_DIR})

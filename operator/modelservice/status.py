@@ -67,10 +67,10 @@ def adapters_from_leases(declared: list[str], leases: list[dict[str, Any]], pods
                 errors.pop(name, None)
     out = []
     for name in declared:
-        item: dict[str, Any] = {"name": name, "loadedOn": sorted(loaded[name])}
+        row: dict[str, Any] = {"name": name, "loadedOn": sorted(loaded[name])}
         if name in errors:
-            item["error"] = errors[name]
-        out.append(item)
+            row["error"] = errors[name]
+        out.append(row)
     return out
 
 
@@ -106,7 +106,7 @@ def _pod_problem(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
             last = (cs.get("lastState") or {}).get("terminated") or {}
             if waiting.get("reason") not in _WAITING_PROBLEMS and not exited_unready(cs):
                 continue
-            reason = waiting.get("reason") if waiting.get("reason") in _WAITING_PROBLEMS else "ContainerRestarting"
+            reason = str(waiting["reason"]) if waiting.get("reason") in _WAITING_PROBLEMS else "ContainerRestarting"
             msg = f"pod {pod['metadata']['name']}: {reason}: {waiting.get('message', '')}".strip(": ")
             if last:
                 msg += (f"; the engine exited with code {last.get('exitCode')} after "
@@ -196,7 +196,7 @@ def merge_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]],
     for c in new:
         before = previous.get(c["type"])
         same = before is not None and before.get("status") == c["status"] and before.get("lastTransitionTime")
-        out.append({**c, "lastTransitionTime": before["lastTransitionTime"] if same else now})
+        out.append({**c, "lastTransitionTime": before["lastTransitionTime"] if same and before else now})
     return out
 
 

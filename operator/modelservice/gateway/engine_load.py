@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelservice.api import Engine
+from modelservice.gateway.deadline import within
 from modelservice.gateway.engine_metrics import targets
 from modelservice.gateway.routes import Endpoint, Key, ModelEntry, RouteTable
 
@@ -147,7 +148,7 @@ class EngineLoad:
         async def fetch(entry: ModelEntry, ep: Endpoint, port: int, path: str, names: Names) -> None:
             host = f"[{ep.address}]" if ":" in ep.address else ep.address
             try:
-                async with asyncio.timeout(self.timeout):
+                async with within(self.timeout):  # asyncio.timeout is 3.11+ (deadline.py)
                     async with session.get(f"http://{host}:{port}{path}") as r:
                         if r.status != 200:
                             raise aiohttp.ClientError(f"HTTP {r.status}")
