@@ -73,6 +73,7 @@ chaos: venv k8s-bin ## the long reliability soak
 
 lint: venv helm ## ruff and mypy --strict (pyproject [tool.ruff], [tool.mypy]), helm lint --strict over every values file
 	$(PY) -m ruff check operator tests bench hack
+	$(PY) -m ruff format --check operator tests bench hack
 	$(PY) -m mypy
 	HELM=$$(bash hack/get-helm.sh); $$HELM lint --strict charts/modelservice-operator && \
 	for f in charts/modelservice-operator/ci/*-values.yaml; do $$HELM lint --strict charts/modelservice-operator -f $$f || exit 1; done

@@ -34,47 +34,88 @@ def _ints(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="N=100 only, 60 s idle window, fewer requests and cold starts (about 5 minutes)")
-    p.add_argument("--only", choices=("operator", "gateway", "metering", "engine", "gpu-pool", "routing"),
-                   help="run one part only")
-    p.add_argument("--sizes", type=_ints, help="ModelService counts, e.g. 100,500,1000 (default: 100,500,1000; quick: 100)")
-    p.add_argument("--concurrency", type=int, default=4,
-                   help="operator --workers, and the bare client's and the creator's concurrency (default 4)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="N=100 only, 60 s idle window, fewer requests and cold starts (about 5 minutes)",
+    )
+    p.add_argument(
+        "--only", choices=("operator", "gateway", "metering", "engine", "gpu-pool", "routing"), help="run one part only"
+    )
+    p.add_argument(
+        "--sizes", type=_ints, help="ModelService counts, e.g. 100,500,1000 (default: 100,500,1000; quick: 100)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="operator --workers, and the bare client's and the creator's concurrency (default 4)",
+    )
     p.add_argument("--idle-seconds", type=float, help="idle window at the largest N (default 300; quick 60)")
-    p.add_argument("--resync-seconds", type=float,
-                   help="operator --resync-seconds (default: a third of the idle window, so it covers resyncs)")
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        help="operator --resync-seconds (default: a third of the idle window, so it covers resyncs)",
+    )
     p.add_argument("--repair-samples", type=int, help="Services and Deployments deleted each (default 20; quick 10)")
     p.add_argument("--latency-concurrency", type=_ints, default=[1, 64, 256], help="default 1,64,256")
     p.add_argument("--latency-seconds", type=float, help="length of each latency run (default 8; quick 4)")
     p.add_argument("--max-requests", type=int, default=500_000, help="cap on requests per latency run")
-    p.add_argument("--rounds", type=int, help="latency rounds over direct/nginx/gateway in rotated order, pooled "
-                                              "(default 3; quick 1)")
-    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
-                   help="latency client: wrk (Debian package, C) when installed, else the asyncio client")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="latency rounds over direct/nginx/gateway in rotated order, pooled (default 3; quick 1)",
+    )
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="latency client: wrk (Debian package, C) when installed, else the asyncio client",
+    )
     p.add_argument("--streams", type=int, default=256, help="concurrent streams (default 256)")
     p.add_argument("--stream-tokens", type=int, default=200, help="tokens per stream (default 200)")
     p.add_argument("--stream-tps", type=float, default=100.0, help="stub tokens/s per stream (default 100)")
     p.add_argument("--cold-starts", type=int, help="scale-from-zero repetitions (default 20; quick 5)")
-    p.add_argument("--engine", choices=("vllm", "llamacpp"), default="vllm",
-                   help="the real engine of the engine part's scale-from-zero figure (default vllm)")
+    p.add_argument(
+        "--engine",
+        choices=("vllm", "llamacpp"),
+        default="vllm",
+        help="the real engine of the engine part's scale-from-zero figure (default vllm)",
+    )
     p.add_argument("--engine-cold-starts", type=int, default=5, help="real-engine cold starts (default 5)")
-    p.add_argument("--pool-seconds", type=float,
-                   help="GPU-pool part: replay only the first N seconds of the trace (default: all 600; quick: 180)")
+    p.add_argument(
+        "--pool-seconds",
+        type=float,
+        help="GPU-pool part: replay only the first N seconds of the trace (default: all 600; quick: 180)",
+    )
     p.add_argument("--pool-policies", default="idle-timer,park", help="GPU-pool part: policies, in order")
-    p.add_argument("--gateway-latency-only", action="store_true",
-                   help="gateway part: only the proxy overhead comparison (direct, nginx, vllm-router, Envoy, gateway)")
-    p.add_argument("--gateway-workers", type=_ints, default=[],
-                   help="gateway part: instead of its usual figures, compare gateways with these --workers counts "
-                        "(e.g. 1,2): CPU per request, the load generator's CPU, c=1 latency (docs/routing.md)")
-    p.add_argument("--routing-policies", default=",".join(ROUTING_POLICIES),
-                   help="routing part: routers in order (rr, lif, prefix, vr-<vllm-router policy>)")
+    p.add_argument(
+        "--gateway-latency-only",
+        action="store_true",
+        help="gateway part: only the proxy overhead comparison (direct, nginx, vllm-router, Envoy, gateway)",
+    )
+    p.add_argument(
+        "--gateway-workers",
+        type=_ints,
+        default=[],
+        help="gateway part: instead of its usual figures, compare gateways with these --workers counts "
+        "(e.g. 1,2): CPU per request, the load generator's CPU, c=1 latency (docs/routing.md)",
+    )
+    p.add_argument(
+        "--routing-policies",
+        default=",".join(ROUTING_POLICIES),
+        help="routing part: routers in order (rr, lif, prefix, vr-<vllm-router policy>)",
+    )
     p.add_argument("--routing-requests", type=int, help="routing part: replay only the first N trace requests")
-    p.add_argument("--profile", action="store_true",
-                   help="py-spy the operator (materialization at the largest N) and the gateway (latency at the "
-                        "highest concurrency, and streaming)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the operator (materialization at the largest N) and the gateway (latency at the "
+        "highest concurrency, and streaming)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, profiles) instead of deleting it")
     p.add_argument("--out", type=Path, help="JSON results file (default bench/results/<timestamp>.json)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -92,11 +133,19 @@ def machine() -> dict[str, Any]:
         pass
     mem = 0
     try:
-        mem = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
+        mem = int(
+            next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1]
+        )
     except (OSError, StopIteration, ValueError):
         pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem / 2**20, 1), "python": platform.python_version(),
-            "kernel": platform.release(), "loadavg_start": os.getloadavg()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(mem / 2**20, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -104,39 +153,64 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.only in (None, "operator"):
         from bench.operator_bench import OperatorConfig
         from bench.operator_bench import run as run_operator
+
         idle = args.idle_seconds if args.idle_seconds is not None else (60.0 if args.quick else 300.0)
         cfg = OperatorConfig(
-            sizes=args.sizes or ([100] if args.quick else [100, 500, 1000]), work=work, concurrency=args.concurrency,
-            idle_seconds=idle, repair_samples=args.repair_samples or (10 if args.quick else 20),
-            resync_seconds=args.resync_seconds or max(10.0, idle / 3), profile=args.profile)
+            sizes=args.sizes or ([100] if args.quick else [100, 500, 1000]),
+            work=work,
+            concurrency=args.concurrency,
+            idle_seconds=idle,
+            repair_samples=args.repair_samples or (10 if args.quick else 20),
+            resync_seconds=args.resync_seconds or max(10.0, idle / 3),
+            profile=args.profile,
+        )
         t0 = time.monotonic()
         results["operator"] = await run_operator(cfg)
         results["operator"]["seconds"] = time.monotonic() - t0
     if args.only in (None, "gateway"):
         from bench.gateway_bench import GatewayConfig
         from bench.gateway_bench import run as run_gateway
+
         gcfg = GatewayConfig(
-            work=work, concurrencies=args.latency_concurrency,
-            latency_seconds=args.latency_seconds or (4.0 if args.quick else 8.0), max_requests=args.max_requests,
+            work=work,
+            concurrencies=args.latency_concurrency,
+            latency_seconds=args.latency_seconds or (4.0 if args.quick else 8.0),
+            max_requests=args.max_requests,
             rounds=args.rounds or (1 if args.quick else 3),
-            loadgen=args.loadgen, streams=args.streams, stream_tokens=args.stream_tokens, stream_tps=args.stream_tps,
-            cold_starts=args.cold_starts or (5 if args.quick else 20), profile=args.profile,
-            workers=args.gateway_workers, latency_only=args.gateway_latency_only)
+            loadgen=args.loadgen,
+            streams=args.streams,
+            stream_tokens=args.stream_tokens,
+            stream_tps=args.stream_tps,
+            cold_starts=args.cold_starts or (5 if args.quick else 20),
+            profile=args.profile,
+            workers=args.gateway_workers,
+            latency_only=args.gateway_latency_only,
+        )
         t0 = time.monotonic()
         results["gateway"] = await run_gateway(gcfg)
         results["gateway"]["seconds"] = time.monotonic() - t0
     if args.only in (None, "metering"):
         from bench.metering_bench import MeteringConfig
         from bench.metering_bench import run as run_metering
+
         t0 = time.monotonic()
-        results["metering"] = await run_metering(MeteringConfig(
-            work, rounds=max(5, args.rounds or 5), latency_seconds=args.latency_seconds or 6.0,
-            max_requests=args.max_requests, loadgen=args.loadgen, streams=args.streams,
-            stream_tokens=args.stream_tokens, stream_tps=args.stream_tps))
+        results["metering"] = await run_metering(
+            MeteringConfig(
+                work,
+                rounds=max(5, args.rounds or 5),
+                latency_seconds=args.latency_seconds or 6.0,
+                max_requests=args.max_requests,
+                loadgen=args.loadgen,
+                streams=args.streams,
+                stream_tokens=args.stream_tokens,
+                stream_tps=args.stream_tps,
+            )
+        )
         results["metering"]["seconds"] = time.monotonic() - t0
     if args.only in (None, "engine"):
         from bench.engine_cold import EngineColdConfig
         from bench.engine_cold import run as run_engine
+
         t0 = time.monotonic()
         try:
             results["engine"] = await run_engine(EngineColdConfig(work, args.engine, args.engine_cold_starts))
@@ -147,9 +221,13 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.only in (None, "gpu-pool"):
         from bench.gpu_pool import GpuPoolConfig
         from bench.gpu_pool import run as run_pool
+
         t0 = time.monotonic()
-        pcfg = GpuPoolConfig(work, duration=args.pool_seconds or (180.0 if args.quick else None),
-                             policies=tuple(args.pool_policies.split(",")))
+        pcfg = GpuPoolConfig(
+            work,
+            duration=args.pool_seconds or (180.0 if args.quick else None),
+            policies=tuple(args.pool_policies.split(",")),
+        )
         try:
             results["gpu_pool"] = await run_pool(pcfg)
         except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what the other parts measured
@@ -159,10 +237,12 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.only == "routing":  # real vLLM replicas: minutes; run on its own (docs/routing.md)
         from bench.routing import RoutingConfig
         from bench.routing import run as run_routing
+
         t0 = time.monotonic()
         try:
-            results["routing"] = await run_routing(RoutingConfig(
-                work, policies=tuple(args.routing_policies.split(",")), requests=args.routing_requests))
+            results["routing"] = await run_routing(
+                RoutingConfig(work, policies=tuple(args.routing_policies.split(",")), requests=args.routing_requests)
+            )
         except Exception as e:  # noqa: BLE001 - reported in the table
             log.exception("routing benchmark failed")
             results["routing"] = {"error": f"{type(e).__name__}: {e}"}
@@ -172,13 +252,21 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     started = datetime.now(timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="modelservice-bench-"))
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    doc: dict[str, Any] = {"command": command.strip(), "started": started.isoformat(timespec="seconds"),
-                           "machine": machine(), "work_dir": str(work) if args.keep else None}
+    doc: dict[str, Any] = {
+        "command": command.strip(),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "work_dir": str(work) if args.keep else None,
+    }
     t0 = time.monotonic()
     try:
         doc["results"] = asyncio.run(amain(args, work))

@@ -28,13 +28,13 @@ API_METRICS = ("apiserver_request_total",)
 
 
 @contextlib.asynccontextmanager
-async def control_plane(work: Path, label: str, *, pods: int,
-                        engines: tuple[str, ...] = ()) -> AsyncIterator["Cluster"]:
+async def control_plane(
+    work: Path, label: str, *, pods: int, engines: tuple[str, ...] = ()
+) -> AsyncIterator["Cluster"]:
     """Start a fresh control plane in work/<label>, yield a Cluster, always stop it (and its processes).
     `engines` run for real on its nodes (tests/cluster/native.py); other pods get the stub."""
     state = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=work))
-    cp = ControlPlane(state, nodes=2, pods_per_node=max(1000, (pods + 1) // 2 + 50), start_timeout=180,
-                      engines=engines)
+    cp = ControlPlane(state, nodes=2, pods_per_node=max(1000, (pods + 1) // 2 + 50), start_timeout=180, engines=engines)
     t0 = time.monotonic()
     await asyncio.to_thread(cp.start)
     log.info("[%s] control plane up in %.1fs (%s)", label, time.monotonic() - t0, state)
@@ -84,8 +84,9 @@ class Cluster:
     async def namespace(self, name: str) -> str:
         """Create a namespace and wait for its default ServiceAccount token (1.20 admission needs it for pods)."""
         try:
-            await self.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                          "metadata": {"name": name}})
+            await self.kube.create(
+                "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+            )
         except ApiError as e:
             if e.status != 409:
                 raise

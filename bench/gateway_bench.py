@@ -64,8 +64,9 @@ class GatewayConfig:
 
 
 class GatewayProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path, *extra_args: str, workers: int = 1,
-                 pod_name: str = "bench-gateway-0"):
+    def __init__(
+        self, kubeconfig: Path, log_path: Path, *extra_args: str, workers: int = 1, pod_name: str = "bench-gateway-0"
+    ):
         self.kubeconfig, self.log_path, self.extra_args = kubeconfig, log_path, list(extra_args)
         self.workers, self.pod_name = workers, pod_name
         self.port, self.metrics_port = free_port(), free_port()
@@ -78,13 +79,35 @@ class GatewayProcess:
         return self.proc.pid
 
     def start(self) -> "GatewayProcess":
-        cmd = [sys.executable, "-m", "modelservice.cli", "gateway", "--kubeconfig", str(self.kubeconfig),
-               "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-               "--activation-timeout", "60s", "--activity-interval", "1s", "--workers", str(self.workers),
-               *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "modelservice.cli",
+            "gateway",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--activation-timeout",
+            "60s",
+            "--activity-interval",
+            "1s",
+            "--workers",
+            str(self.workers),
+            *self.extra_args,
+        ]
         log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "POD_NAME": self.pod_name})
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "POD_NAME": self.pod_name},
+        )
         log_file.close()
         for _ in range(300):  # bounded: 30 s
             if self.proc.poll() is not None:
@@ -114,9 +137,11 @@ class GatewayProcess:
 # The stub of tests/cluster/stub_server.py in a process of its own, with a listen backlog that takes a burst of 256
 # connections (the node agent's stubs listen with aiohttp's default of 128; a proxy opening 256 upstream connections
 # at once would then wait out 1 s SYN retransmits, which is the stub's artefact, not the proxy's latency).
-_STUB_MAIN = ("import sys; from aiohttp import web; from tests.cluster.stub_server import make_app; "
-              "web.run_app(make_app(sys.argv[1], float(sys.argv[2]), max_concurrency=4096), host=sys.argv[3], "
-              "port=int(sys.argv[4]), backlog=4096, access_log=None, print=None)")
+_STUB_MAIN = (
+    "import sys; from aiohttp import web; from tests.cluster.stub_server import make_app; "
+    "web.run_app(make_app(sys.argv[1], float(sys.argv[2]), max_concurrency=4096), host=sys.argv[3], "
+    "port=int(sys.argv[4]), backlog=4096, access_log=None, print=None)"
+)
 
 
 class StubProcess:
@@ -131,10 +156,18 @@ class StubProcess:
 
     def start(self) -> "StubProcess":
         log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-c", _STUB_MAIN, self.model, f"{self.tps:g}", self.host,
-                                      str(self.port)], stdout=log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _STUB_MAIN, self.model, f"{self.tps:g}", self.host, str(self.port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+                ),
+            },
+        )
         log_file.close()
         for _ in range(100):  # bounded: 10 s
             if self.proc.poll() is not None:
@@ -160,28 +193,49 @@ class StubProcess:
 
 def endpoint_slice(api_version: str, service: str, host: str, port: int) -> dict[str, Any]:
     """A hand-made EndpointSlice for a Service: the gateway routes to what slices say, whoever wrote them."""
-    return {"apiVersion": api_version, "kind": "EndpointSlice",
-            "metadata": {"name": f"{service}-bench", "namespace": NS,
-                         "labels": {"kubernetes.io/service-name": service,
-                                    "endpointslice.kubernetes.io/managed-by": "modelservice-bench"}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [host], "conditions": {"ready": True}}]}
+    return {
+        "apiVersion": api_version,
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{service}-bench",
+            "namespace": NS,
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "modelservice-bench",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [host], "conditions": {"ready": True}}],
+    }
 
 
 def modelservice(name: str, annotations: dict[str, str], **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelService", "metadata": {"name": name, "namespace": NS},
-            "spec": {"engine": "vllm", "model": {"uri": "hf://bench/tiny-model"}, "image": STUB_IMAGE,
-                     "podTemplate": {"annotations": annotations}, **spec}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelService",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "engine": "vllm",
+            "model": {"uri": "hf://bench/tiny-model"},
+            "image": STUB_IMAGE,
+            "podTemplate": {"annotations": annotations},
+            **spec,
+        },
+    }
 
 
 def chat(model: str, *, stream: bool = False, max_tokens: int = 4) -> bytes:
-    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-                       "max_tokens": max_tokens}).encode()
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": max_tokens}
+    ).encode()
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
 
 
 async def _wait(predicate, timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -219,12 +273,18 @@ def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     lat = {q: _median([r["latency"].get(q) for r in runs]) for q in ("p50", "p95", "p99", "mean", "max")}
     lat["n"] = sum(r["latency"].get("n") or 0 for r in runs)
-    return {"rounds": len(runs), "requests": sum(r["requests"] for r in runs),
-            "errors": sum(r["errors"] for r in runs), "throughput_rps": _median([r["throughput_rps"] for r in runs]),
-            "cpu_seconds": _median([r.get("cpu_seconds") for r in runs]),
-            "requests_per_cpu_second": _median([r.get("requests_per_cpu_second") for r in runs]),
-            "latency": lat, "per_round": [{"p50": r["latency"]["p50"], "p99": r["latency"]["p99"],
-                                           "rps": r["throughput_rps"]} for r in runs]}
+    return {
+        "rounds": len(runs),
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "throughput_rps": _median([r["throughput_rps"] for r in runs]),
+        "cpu_seconds": _median([r.get("cpu_seconds") for r in runs]),
+        "requests_per_cpu_second": _median([r.get("requests_per_cpu_second") for r in runs]),
+        "latency": lat,
+        "per_round": [
+            {"p50": r["latency"]["p50"], "p99": r["latency"]["p99"], "rps": r["throughput_rps"]} for r in runs
+        ],
+    }
 
 
 def added_latency(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Optional[float]]]:
@@ -235,8 +295,10 @@ def added_latency(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Optio
         if p not in paths:
             continue
         lat = paths.get(p, {}).get("latency", {})
-        out[p] = {q: (lat[q] - direct[q]) if lat.get(q) is not None and direct.get(q) is not None else None
-                  for q in ("p50", "p95", "p99")}
+        out[p] = {
+            q: (lat[q] - direct[q]) if lat.get(q) is not None and direct.get(q) is not None else None
+            for q in ("p50", "p95", "p99")
+        }
     return out
 
 
@@ -245,30 +307,42 @@ def cpu_seconds(pids: list[int]) -> Optional[float]:
     return sum(got) if got else None
 
 
-async def latency_part(cfg: GatewayConfig, urls: dict[str, str], gw: GatewayProcess,
-                       pids: Optional[dict[str, Callable[[], list[int]]]] = None) -> dict[str, Any]:
+async def latency_part(
+    cfg: GatewayConfig,
+    urls: dict[str, str],
+    gw: GatewayProcess,
+    pids: Optional[dict[str, Callable[[], list[int]]]] = None,
+) -> dict[str, Any]:
     """pids: each proxy's processes now (nginx forks its worker): their CPU over a run, per request answered."""
     pids = pids or {}
     engine = _engine(cfg.loadgen)
     body = chat(LAT)
     top = max(cfg.concurrencies)
     paths = tuple(p for p in PATHS if p in urls)
-    out: dict[str, Any] = {"engine": engine, "seconds_per_run": cfg.latency_seconds, "warmup_seconds": 1,
-                           "by_concurrency": {}}
+    out: dict[str, Any] = {
+        "engine": engine,
+        "seconds_per_run": cfg.latency_seconds,
+        "warmup_seconds": 1,
+        "by_concurrency": {},
+    }
     for c in cfg.concurrencies:
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
         for r in range(cfg.rounds):
-            order = paths[r % len(paths):] + paths[: r % len(paths)]
+            order = paths[r % len(paths) :] + paths[: r % len(paths)]
             for path in order:
                 # Warm-up at this concurrency, unmeasured: every proxy's upstream pool holds `c` open connections
                 # (idle ones time out between runs: nginx after 60 s, the gateway's pool after 15 s).
                 await asyncio.to_thread(loadgen.latency_run, engine, urls[path], body, c, 1, cfg.max_requests)
-                prof = (profiler.start(gw.pid, cfg.work / f"gateway-latency-c{c}", cfg.latency_seconds + 30)
-                        if cfg.profile and path == "gateway" and c == top and r == 0 else None)
+                prof = (
+                    profiler.start(gw.pid, cfg.work / f"gateway-latency-c{c}", cfg.latency_seconds + 30)
+                    if cfg.profile and path == "gateway" and c == top and r == 0
+                    else None
+                )
                 procs = pids[path]() if path in pids else []
                 cpu0 = cpu_seconds(procs)
-                res = await asyncio.to_thread(loadgen.latency_run, engine, urls[path], body, c, cfg.latency_seconds,
-                                              cfg.max_requests)
+                res = await asyncio.to_thread(
+                    loadgen.latency_run, engine, urls[path], body, c, cfg.latency_seconds, cfg.max_requests
+                )
                 cpu1 = cpu_seconds(procs)
                 if prof is not None:
                     out["profile_latency"] = await profiler.stop(prof)
@@ -277,11 +351,17 @@ async def latency_part(cfg: GatewayConfig, urls: dict[str, str], gw: GatewayProc
                     run["cpu_seconds"] = cpu1 - cpu0
                     run["requests_per_cpu_second"] = res.requests / (cpu1 - cpu0) if cpu1 > cpu0 else None
                 runs[path].append(run)
-                log.info("latency c=%d %-11s p50 %.2f ms p99 %.2f ms  %.0f req/s  %s req/CPU-s  errors %d  load %.1f",
-                         c, path, (res.latency["p50"] or 0) * 1000, (res.latency["p99"] or 0) * 1000,
-                         res.requests / res.seconds if res.seconds else 0,
-                         f"{run['requests_per_cpu_second']:.0f}" if run.get("requests_per_cpu_second") else "-",
-                         res.errors, os.getloadavg()[0])
+                log.info(
+                    "latency c=%d %-11s p50 %.2f ms p99 %.2f ms  %.0f req/s  %s req/CPU-s  errors %d  load %.1f",
+                    c,
+                    path,
+                    (res.latency["p50"] or 0) * 1000,
+                    (res.latency["p99"] or 0) * 1000,
+                    res.requests / res.seconds if res.seconds else 0,
+                    f"{run['requests_per_cpu_second']:.0f}" if run.get("requests_per_cpu_second") else "-",
+                    res.errors,
+                    os.getloadavg()[0],
+                )
         entry = {p: combine_rounds(runs[p]) for p in paths}
         entry["added"] = added_latency(entry)
         out["by_concurrency"][str(c)] = entry
@@ -305,9 +385,13 @@ async def streaming_part(cfg: GatewayConfig, direct_url: str, gw: GatewayProcess
     body = chat(STREAM, stream=True, max_tokens=cfg.stream_tokens)
     total = 2 * cfg.streams  # two waves per run
     limit = 60 + 4 * cfg.stream_tokens / cfg.stream_tps
-    out: dict[str, Any] = {"streams": cfg.streams, "tokens_per_stream": cfg.stream_tokens,
-                           "stub_tokens_per_second": cfg.stream_tps, "requests_per_run": total,
-                           "gateway_rss_idle_mib": (proc_status_kib(gw.pid, "VmRSS") or 0) / 1024}
+    out: dict[str, Any] = {
+        "streams": cfg.streams,
+        "tokens_per_stream": cfg.stream_tokens,
+        "stub_tokens_per_second": cfg.stream_tps,
+        "requests_per_run": total,
+        "gateway_rss_idle_mib": (proc_status_kib(gw.pid, "VmRSS") or 0) / 1024,
+    }
     runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
     peak = 0.0
     order = ["direct", "gateway", "gateway", "direct"][: 2 * max(1, min(2, cfg.rounds))]
@@ -315,8 +399,11 @@ async def streaming_part(cfg: GatewayConfig, direct_url: str, gw: GatewayProcess
         url = direct_url if path == "direct" else gw.url + "/v1/chat/completions"
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_rss(gw.pid, stop)) if path == "gateway" else None
-        prof = (profiler.start(gw.pid, cfg.work / "gateway-streams", limit)
-                if cfg.profile and path == "gateway" and "profile_streams" not in out else None)
+        prof = (
+            profiler.start(gw.pid, cfg.work / "gateway-streams", limit)
+            if cfg.profile and path == "gateway" and "profile_streams" not in out
+            else None
+        )
         res = await loadgen.streams(url, body, cfg.streams, total, limit, cfg.stream_tokens)
         if prof is not None:
             out["profile_streams"] = await profiler.stop(prof)
@@ -324,13 +411,23 @@ async def streaming_part(cfg: GatewayConfig, direct_url: str, gw: GatewayProcess
         if sampler is not None:
             peak = max(peak, await sampler)
         runs[path].append(res)
-        log.info("streams %-7s %.0f tokens/s, %d/%d complete, ttft p50 %.0f ms", path, res["tokens_per_second"],
-                 res["completed"], res["streams"], (res["ttft"]["p50"] or 0) * 1000)
+        log.info(
+            "streams %-7s %.0f tokens/s, %d/%d complete, ttft p50 %.0f ms",
+            path,
+            res["tokens_per_second"],
+            res["completed"],
+            res["streams"],
+            (res["ttft"]["p50"] or 0) * 1000,
+        )
     for path, rs in runs.items():
-        out[path] = {"tokens_per_second": _median([r["tokens_per_second"] for r in rs]),
-                     "completed": sum(r["completed"] for r in rs), "streams": sum(r["streams"] for r in rs),
-                     "ttft": rs[-1]["ttft"], "stream_seconds": rs[-1]["stream_seconds"],
-                     "per_run_tokens_per_second": [r["tokens_per_second"] for r in rs]}
+        out[path] = {
+            "tokens_per_second": _median([r["tokens_per_second"] for r in rs]),
+            "completed": sum(r["completed"] for r in rs),
+            "streams": sum(r["streams"] for r in rs),
+            "ttft": rs[-1]["ttft"],
+            "stream_seconds": rs[-1]["stream_seconds"],
+            "per_run_tokens_per_second": [r["tokens_per_second"] for r in rs],
+        }
     out["gateway_rss_peak_mib"] = peak
     out["gateway_vmhwm_mib"] = (proc_status_kib(gw.pid, "VmHWM") or 0) / 1024
     return out
@@ -357,7 +454,12 @@ async def cold_part(cfg: GatewayConfig, cluster: Cluster, gw: GatewayProcess) ->
 
     def on_pod(event: str, pod: dict[str, Any], t: float) -> None:
         uid = pod["metadata"]["uid"]
-        if event != "DELETED" and uid not in ready_at and pod_ready(pod) and not pod["metadata"].get("deletionTimestamp"):
+        if (
+            event != "DELETED"
+            and uid not in ready_at
+            and pod_ready(pod)
+            and not pod["metadata"].get("deletionTimestamp")
+        ):
             ready_at[uid] = t
             ip = pod["status"].get("podIP")
             if ip:
@@ -368,7 +470,8 @@ async def cold_part(cfg: GatewayConfig, cluster: Cluster, gw: GatewayProcess) ->
     def on_slice(event: str, obj: dict[str, Any], t: float) -> None:
         ready = event != "DELETED" and any(
             (ep.get("conditions") or {}).get("ready") is not False and ep.get("addresses")
-            for ep in obj.get("endpoints") or [])
+            for ep in obj.get("endpoints") or []
+        )
         slice_events.append((t, ready))
 
     slices = await slice_version(kube)
@@ -384,9 +487,15 @@ async def cold_part(cfg: GatewayConfig, cluster: Cluster, gw: GatewayProcess) ->
     rows: list[dict[str, Any]] = []
     failures = forced = 0
     try:
-        async with Watch(kube, pods_path, on_pod, label_selector=f"{MODELSERVICE_LABEL}={COLD}"), \
-                Watch(kube, f"/apis/{slices}/namespaces/{NS}/endpointslices", on_slice,
-                      label_selector=f"kubernetes.io/service-name={COLD}"):
+        async with (
+            Watch(kube, pods_path, on_pod, label_selector=f"{MODELSERVICE_LABEL}={COLD}"),
+            Watch(
+                kube,
+                f"/apis/{slices}/namespaces/{NS}/endpointslices",
+                on_slice,
+                label_selector=f"kubernetes.io/service-name={COLD}",
+            ),
+        ):
             for i in range(cfg.cold_starts):
                 try:
                     await _wait(asleep, 60, f"{COLD} scaled to zero by the operator")
@@ -398,8 +507,9 @@ async def cold_part(cfg: GatewayConfig, cluster: Cluster, gw: GatewayProcess) ->
                 await asyncio.sleep(0.5)  # the gateway's Deployment watch has seen replicas 0
                 t_send = time.monotonic()
                 try:
-                    async with session.post(gw.url + "/v1/chat/completions", data=chat(COLD),
-                                            headers={"Content-Type": "application/json"}) as r:
+                    async with session.post(
+                        gw.url + "/v1/chat/completions", data=chat(COLD), headers={"Content-Type": "application/json"}
+                    ) as r:
                         t_fb = time.monotonic()
                         await r.read()
                         status = r.status
@@ -414,13 +524,21 @@ async def cold_part(cfg: GatewayConfig, cluster: Cluster, gw: GatewayProcess) ->
                     log.warning("cold start %d: status %d, pod ready seen: %s", i, status, bool(woke))
                     continue
                 t_ready, uid = woke[0]
-                row = {"total": t_fb - t_send, "overhead": t_fb - t_ready,
-                       "direct_overhead": direct_fb[uid] - t_ready if uid in direct_fb else None,
-                       "slice_lag": t_slice - t_ready if t_slice else None,
-                       "gateway_share": t_fb - t_slice if t_slice else None}
+                row = {
+                    "total": t_fb - t_send,
+                    "overhead": t_fb - t_ready,
+                    "direct_overhead": direct_fb[uid] - t_ready if uid in direct_fb else None,
+                    "slice_lag": t_slice - t_ready if t_slice else None,
+                    "gateway_share": t_fb - t_slice if t_slice else None,
+                }
                 rows.append(row)
-                log.info("cold start %d: first byte %.0f ms after pod Ready (slice +%.0f ms), %.2f s after send", i,
-                         row["overhead"] * 1000, (row["slice_lag"] or 0) * 1000, row["total"])
+                log.info(
+                    "cold start %d: first byte %.0f ms after pod Ready (slice +%.0f ms), %.2f s after send",
+                    i,
+                    row["overhead"] * 1000,
+                    (row["slice_lag"] or 0) * 1000,
+                    row["total"],
+                )
     finally:
         for t in list(tasks):
             t.cancel()
@@ -430,10 +548,18 @@ async def cold_part(cfg: GatewayConfig, cluster: Cluster, gw: GatewayProcess) ->
     def col(k: str) -> list[float]:
         return [r[k] for r in rows if r.get(k) is not None]
 
-    return {"cycles": cfg.cold_starts, "failures": failures, "forced_scale_down": forced,
-            "scale_to_zero_after": cfg.scale_to_zero_after, "overhead": summary(col("overhead")),
-            "direct_overhead": summary(col("direct_overhead")), "slice_lag": summary(col("slice_lag")),
-            "gateway_share": summary(col("gateway_share")), "total": summary(col("total")), "rows": rows}
+    return {
+        "cycles": cfg.cold_starts,
+        "failures": failures,
+        "forced_scale_down": forced,
+        "scale_to_zero_after": cfg.scale_to_zero_after,
+        "overhead": summary(col("overhead")),
+        "direct_overhead": summary(col("direct_overhead")),
+        "slice_lag": summary(col("slice_lag")),
+        "gateway_share": summary(col("gateway_share")),
+        "total": summary(col("total")),
+        "rows": rows,
+    }
 
 
 async def slice_version(kube: Any) -> str:
@@ -460,27 +586,36 @@ def children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def workers_run(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int, delay_ms: int,
-                gw: GatewayProcess) -> dict[str, Any]:
+def workers_run(
+    url: str, body: bytes, concurrency: int, seconds: float, max_requests: int, delay_ms: int, gw: GatewayProcess
+) -> dict[str, Any]:
     """One wrk run against one gateway, with the CPU every gateway process and wrk spent in it."""
     pids = gw.pids()
 
     def switches() -> tuple[int, int]:  # context switches of every gateway process: (voluntary, involuntary)
-        return (sum(proc_status_kib(p, "voluntary_ctxt_switches") or 0 for p in pids),
-                sum(proc_status_kib(p, "nonvoluntary_ctxt_switches") or 0 for p in pids))
+        return (
+            sum(proc_status_kib(p, "voluntary_ctxt_switches") or 0 for p in pids),
+            sum(proc_status_kib(p, "nonvoluntary_ctxt_switches") or 0 for p in pids),
+        )
+
     cpu0, client0, load0 = [proc_cpu_seconds(p) or 0.0 for p in pids], children_cpu_seconds(), os.getloadavg()[0]
     sw0 = switches()
     res = loadgen.wrk_run(url, body, concurrency, seconds, max_requests, delay_ms=delay_ms)
     cpu1, client1, sw1 = [proc_cpu_seconds(p) or 0.0 for p in pids], children_cpu_seconds(), switches()
     per_process = [b - a for a, b in zip(cpu0, cpu1)]
     gw_cpu, n = sum(per_process), max(1, res.requests)
-    return {**res.as_dict(), "gateway_cpu_seconds": gw_cpu, "gateway_cpu_per_process": per_process,
-            "gateway_cpu_ms_per_request": gw_cpu / n * 1000, "loadgen_cpu_seconds": client1 - client0,
-            "loadgen_cpu_ms_per_request": (client1 - client0) / n * 1000,
-            "gateway_cores_busy": gw_cpu / res.seconds if res.seconds else None,
-            "gateway_rss_mib": sum(proc_status_kib(p, "VmRSS") or 0 for p in pids) / 1024,
-            "gateway_switches_per_request": [(sw1[0] - sw0[0]) / n, (sw1[1] - sw0[1]) / n],
-            "loadavg_1m": [load0, os.getloadavg()[0]]}
+    return {
+        **res.as_dict(),
+        "gateway_cpu_seconds": gw_cpu,
+        "gateway_cpu_per_process": per_process,
+        "gateway_cpu_ms_per_request": gw_cpu / n * 1000,
+        "loadgen_cpu_seconds": client1 - client0,
+        "loadgen_cpu_ms_per_request": (client1 - client0) / n * 1000,
+        "gateway_cores_busy": gw_cpu / res.seconds if res.seconds else None,
+        "gateway_rss_mib": sum(proc_status_kib(p, "VmRSS") or 0 for p in pids) / 1024,
+        "gateway_switches_per_request": [(sw1[0] - sw0[0]) / n, (sw1[1] - sw0[1]) / n],
+        "loadavg_1m": [load0, os.getloadavg()[0]],
+    }
 
 
 async def workers_part(cfg: GatewayConfig, direct_url: str, gws: dict[int, GatewayProcess]) -> dict[str, Any]:
@@ -499,40 +634,71 @@ async def workers_part(cfg: GatewayConfig, direct_url: str, gws: dict[int, Gatew
         direct.append(d.latency["p50"])
         if r == 0:
             # The paced rate: a share of what 1 worker does closed-loop, so every gateway can keep up with it.
-            base = await asyncio.to_thread(workers_run, gws[counts[0]].url + "/v1/chat/completions", body, c,
-                                           cfg.latency_seconds, cfg.max_requests, 0, gws[counts[0]])
+            base = await asyncio.to_thread(
+                workers_run,
+                gws[counts[0]].url + "/v1/chat/completions",
+                body,
+                c,
+                cfg.latency_seconds,
+                cfg.max_requests,
+                0,
+                gws[counts[0]],
+            )
             rate = base["throughput_rps"] * cfg.workers_offered_share
             delay = max(1, int(c / max(rate, 1.0) * 1000))
             modes.append(("paced", c, delay))
-            out["paced"] = {"offered_rps": c / (delay / 1000), "delay_ms": delay,
-                            "one_worker_closed_loop_rps": base["throughput_rps"]}
+            out["paced"] = {
+                "offered_rps": c / (delay / 1000),
+                "delay_ms": delay,
+                "one_worker_closed_loop_rps": base["throughput_rps"],
+            }
         for mode, conc, delay in modes:
-            order = counts[r % len(counts):] + counts[: r % len(counts)]
+            order = counts[r % len(counts) :] + counts[: r % len(counts)]
             for n in order:
                 gw = gws[n]
                 url = gw.url + "/v1/chat/completions"
                 await asyncio.to_thread(loadgen.wrk_run, url, body, conc, 1, cfg.max_requests, None, delay)  # warm-up
-                res = await asyncio.to_thread(workers_run, url, body, conc, cfg.latency_seconds, cfg.max_requests,
-                                              delay, gw)
+                res = await asyncio.to_thread(
+                    workers_run, url, body, conc, cfg.latency_seconds, cfg.max_requests, delay, gw
+                )
                 runs.setdefault(mode, {}).setdefault(str(n), []).append(res)
-                log.info("workers=%d %-6s c=%-3d %6.0f req/s  p50 %.2f ms  gateway %.3f ms CPU/req (%s)  "
-                         "wrk %.3f ms CPU/req  switches/req %.2f+%.2f  load %.1f", n, mode, conc, res["throughput_rps"],
-                         (res["latency"]["p50"] or 0) * 1000, res["gateway_cpu_ms_per_request"],
-                         "+".join(f"{x:.1f}" for x in res["gateway_cpu_per_process"]),
-                         res["loadgen_cpu_ms_per_request"], *res["gateway_switches_per_request"],
-                         res["loadavg_1m"][1])
+                log.info(
+                    "workers=%d %-6s c=%-3d %6.0f req/s  p50 %.2f ms  gateway %.3f ms CPU/req (%s)  "
+                    "wrk %.3f ms CPU/req  switches/req %.2f+%.2f  load %.1f",
+                    n,
+                    mode,
+                    conc,
+                    res["throughput_rps"],
+                    (res["latency"]["p50"] or 0) * 1000,
+                    res["gateway_cpu_ms_per_request"],
+                    "+".join(f"{x:.1f}" for x in res["gateway_cpu_per_process"]),
+                    res["loadgen_cpu_ms_per_request"],
+                    *res["gateway_switches_per_request"],
+                    res["loadavg_1m"][1],
+                )
     out["direct_c1_p50"] = _median(direct)
     for mode, by_n in runs.items():
-        out[mode] = {**out.get(mode, {}), **{n: {
-            "rounds": len(rs), "errors": sum(x["errors"] for x in rs),
-            "throughput_rps": _median([x["throughput_rps"] for x in rs]),
-            "p50": _median([x["latency"]["p50"] for x in rs]), "p99": _median([x["latency"]["p99"] for x in rs]),
-            "gateway_cpu_ms_per_request": _median([x["gateway_cpu_ms_per_request"] for x in rs]),
-            "loadgen_cpu_ms_per_request": _median([x["loadgen_cpu_ms_per_request"] for x in rs]),
-            "gateway_cores_busy": _median([x["gateway_cores_busy"] for x in rs]),
-            "gateway_rss_mib": max(x["gateway_rss_mib"] for x in rs),
-            "gateway_switches_per_request": [_median([x["gateway_switches_per_request"][i] for x in rs]) for i in (0, 1)],
-            "per_round": rs} for n, rs in by_n.items()}}
+        out[mode] = {
+            **out.get(mode, {}),
+            **{
+                n: {
+                    "rounds": len(rs),
+                    "errors": sum(x["errors"] for x in rs),
+                    "throughput_rps": _median([x["throughput_rps"] for x in rs]),
+                    "p50": _median([x["latency"]["p50"] for x in rs]),
+                    "p99": _median([x["latency"]["p99"] for x in rs]),
+                    "gateway_cpu_ms_per_request": _median([x["gateway_cpu_ms_per_request"] for x in rs]),
+                    "loadgen_cpu_ms_per_request": _median([x["loadgen_cpu_ms_per_request"] for x in rs]),
+                    "gateway_cores_busy": _median([x["gateway_cores_busy"] for x in rs]),
+                    "gateway_rss_mib": max(x["gateway_rss_mib"] for x in rs),
+                    "gateway_switches_per_request": [
+                        _median([x["gateway_switches_per_request"][i] for x in rs]) for i in (0, 1)
+                    ],
+                    "per_round": rs,
+                }
+                for n, rs in by_n.items()
+            },
+        }
         # The machine's load drifts over a run: the ratio of runs side by side in one round says more than the
         # ratio of medians over rounds.
         base = [x["gateway_cpu_ms_per_request"] for x in by_n[str(counts[0])]]
@@ -545,20 +711,25 @@ async def workers_part(cfg: GatewayConfig, direct_url: str, gws: dict[int, Gatew
 async def _run_workers(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> None:
     kube = cluster.kube
     await cluster.namespace(NS)
-    gws = {n: GatewayProcess(cluster.kubeconfig, cfg.work / f"gateway-w{n}.log", workers=n,
-                             pod_name=f"bench-gateway-{n}w")
-           for n in cfg.workers}
+    gws = {
+        n: GatewayProcess(cluster.kubeconfig, cfg.work / f"gateway-w{n}.log", workers=n, pod_name=f"bench-gateway-{n}w")
+        for n in cfg.workers
+    }
     stub: Optional[StubProcess] = None
     try:
         stub = await asyncio.to_thread(StubProcess(LAT, 0, cfg.work / "stub-lat.log").start)
         slices = await slice_version(kube)
         await kube.create(f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}", modelservice(LAT, {}, replicas=0))
-        await kube.create(f"/apis/{slices}/namespaces/{NS}/endpointslices",
-                          endpoint_slice(slices, LAT, stub.host, stub.port))
+        await kube.create(
+            f"/apis/{slices}/namespaces/{NS}/endpointslices", endpoint_slice(slices, LAT, stub.host, stub.port)
+        )
         for n, gw in gws.items():
             await asyncio.to_thread(gw.start)
-            await _wait(lambda gw=gw: asyncio.to_thread(gw.metric, "modelservice_gateway_ready_endpoints",
-                                                        model=f"{NS}/{LAT}"), 120, f"{LAT} routable ({n} workers)")
+            await _wait(
+                lambda gw=gw: asyncio.to_thread(gw.metric, "modelservice_gateway_ready_endpoints", model=f"{NS}/{LAT}"),
+                120,
+                f"{LAT} routable ({n} workers)",
+            )
         out["loadgen"] = "wrk"
         out["workers"] = await workers_part(cfg, f"{stub.url}/v1/chat/completions", gws)
     finally:
@@ -598,17 +769,28 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
         slices = await slice_version(kube)
         for name, stub in ((LAT, lat_stub), (STREAM, stream_stub)):
             await kube.create(path, modelservice(name, {}, replicas=0))
-            await kube.create(f"/apis/{slices}/namespaces/{NS}/endpointslices",
-                              endpoint_slice(slices, name, stub.host, stub.port))
-        await kube.create(path, modelservice(COLD, {TPS_ANNOTATION: "0"}, autoscaling={
-            "minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": cfg.scale_to_zero_after}))
+            await kube.create(
+                f"/apis/{slices}/namespaces/{NS}/endpointslices", endpoint_slice(slices, name, stub.host, stub.port)
+            )
+        await kube.create(
+            path,
+            modelservice(
+                COLD,
+                {TPS_ANNOTATION: "0"},
+                autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": cfg.scale_to_zero_after},
+            ),
+        )
         for name in (LAT, STREAM):
-            await _wait(lambda n=name: asyncio.to_thread(gw.metric, "modelservice_gateway_ready_endpoints",
-                                                         model=f"{NS}/{n}"), 120, f"{name} routable in the gateway")
+            await _wait(
+                lambda n=name: asyncio.to_thread(gw.metric, "modelservice_gateway_ready_endpoints", model=f"{NS}/{n}"),
+                120,
+                f"{name} routable in the gateway",
+            )
         urls = {"direct": f"{lat_stub.url}/v1/chat/completions", "gateway": f"{gw.url}/v1/chat/completions"}
         if nginx.binary():
-            ngx = await asyncio.to_thread(nginx.Nginx(cfg.work / "nginx", free_port(),
-                                                      f"{lat_stub.host}:{lat_stub.port}").start)
+            ngx = await asyncio.to_thread(
+                nginx.Nginx(cfg.work / "nginx", free_port(), f"{lat_stub.host}:{lat_stub.port}").start
+            )
             urls["nginx"] = f"{ngx.url}/v1/chat/completions"
         else:
             log.warning("nginx is not installed (apt-get install -y nginx-light): no nginx baseline")

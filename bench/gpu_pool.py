@@ -61,16 +61,28 @@ def model_spec(name: str, real: bool) -> dict[str, Any]:
     gpu = {"limits": {"nvidia.com/gpu": 1}, "requests": {"nvidia.com/gpu": 1}}
     auto = {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": SCALE_TO_ZERO_AFTER}
     if real:
-        spec = {"engine": "llamacpp", "model": {"uri": "hf://org/model-GGUF:Q8_0", "servedName": name},
-                "args": ["-t", "1", "-c", "2048", "-np", "2"]}
+        spec = {
+            "engine": "llamacpp",
+            "model": {"uri": "hf://org/model-GGUF:Q8_0", "servedName": name},
+            "args": ["-t", "1", "-c", "2048", "-np", "2"],
+        }
     else:
-        spec = {"engine": "vllm", "model": {"uri": f"hf://org/{name}", "servedName": name}, "image": STUB_IMAGE,
-                "podTemplate": {"annotations": {STUB_STARTUP_DELAY_ANNOTATION: str(LOAD_SECONDS)}}}
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelService", "metadata": {"name": name},
-            "spec": {**spec, "resources": gpu, "autoscaling": auto}}
+        spec = {
+            "engine": "vllm",
+            "model": {"uri": f"hf://org/{name}", "servedName": name},
+            "image": STUB_IMAGE,
+            "podTemplate": {"annotations": {STUB_STARTUP_DELAY_ANNOTATION: str(LOAD_SECONDS)}},
+        }
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelService",
+        "metadata": {"name": name},
+        "spec": {**spec, "resources": gpu, "autoscaling": auto},
+    }
 
 
 # ---- the ledger: pure bookkeeping of pods and requests over time ------------------------------------------------
+
 
 @dataclass
 class PodView:
@@ -87,14 +99,22 @@ def pod_view(pod: dict[str, Any]) -> Optional[PodView]:
     model = labels.get(MODELSERVICE_LABEL)
     if model is None:
         return None
-    gpus = sum(int(((c.get("resources") or {}).get("requests") or {}).get("nvidia.com/gpu", 0))
-               for c in pod["spec"].get("containers") or [])
+    gpus = sum(
+        int(((c.get("resources") or {}).get("requests") or {}).get("nvidia.com/gpu", 0))
+        for c in pod["spec"].get("containers") or []
+    )
     conds = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
     bound = bool(pod["spec"].get("nodeName"))
     sched = conds.get("PodScheduled") or {}
-    waiting = (not bound and sched.get("status") == "False" and "nvidia.com/gpu" in (sched.get("message") or ""))
-    return PodView(model, gpus, bound, (conds.get("Ready") or {}).get("status") == "True", waiting,
-                   bool(pod["metadata"].get("deletionTimestamp")))
+    waiting = not bound and sched.get("status") == "False" and "nvidia.com/gpu" in (sched.get("message") or "")
+    return PodView(
+        model,
+        gpus,
+        bound,
+        (conds.get("Ready") or {}).get("status") == "True",
+        waiting,
+        bool(pod["metadata"].get("deletionTimestamp")),
+    )
 
 
 @dataclass
@@ -145,9 +165,15 @@ class Ledger:
 
 # ---- the replay -------------------------------------------------------------------------------------------------
 
+
 async def _request(url: str, model: str, cold: bool, ledger: Ledger, results: list[dict[str, Any]]) -> None:
-    body = {"model": model, "stream": True, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": "hello"}]}
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "hello"}],
+    }
     sent, first, status, error = time.monotonic(), None, 0, ""
     ledger.in_flight[model] += 1
     try:
@@ -164,8 +190,15 @@ async def _request(url: str, model: str, cold: bool, ledger: Ledger, results: li
         error = f"{type(e).__name__}: {e}"
     finally:
         ledger.in_flight[model] -= 1
-    results.append({"model": model, "cold": cold, "status": status, "ttft": (first - sent) if first else None,
-                    "error": error if not first else ""})
+    results.append(
+        {
+            "model": model,
+            "cold": cold,
+            "status": status,
+            "ttft": (first - sent) if first else None,
+            "error": error if not first else "",
+        }
+    )
 
 
 async def _replay(trace: Trace, url: str, ledger: Ledger, duration: float) -> list[dict[str, Any]]:
@@ -202,10 +235,19 @@ async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str,
     async with control_plane(cfg.work, f"pool-{policy}", pods=50, engines=("llamacpp",)) as cluster:
         kube = cluster.kube
         await cluster.namespace(NS)
-        op = OperatorProcess(cluster.kubeconfig, cfg.work / f"pool-{policy}-operator.log",
-                             extra_args=["--gateway-enabled", "--gpu-pool-policy", policy])
-        gw = GatewayProcess(cluster.kubeconfig, cfg.work / f"pool-{policy}-gateway.log",
-                            "--activation-timeout", f"{ACTIVATION_TIMEOUT:.0f}s", "--activity-interval", "2s")
+        op = OperatorProcess(
+            cluster.kubeconfig,
+            cfg.work / f"pool-{policy}-operator.log",
+            extra_args=["--gateway-enabled", "--gpu-pool-policy", policy],
+        )
+        gw = GatewayProcess(
+            cluster.kubeconfig,
+            cfg.work / f"pool-{policy}-gateway.log",
+            "--activation-timeout",
+            f"{ACTIVATION_TIMEOUT:.0f}s",
+            "--activity-interval",
+            "2s",
+        )
         await asyncio.to_thread(op.start)
         await asyncio.to_thread(gw.start)
         ledger, stop = Ledger(), asyncio.Event()
@@ -221,14 +263,14 @@ async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str,
             async def all_at_zero() -> bool:
                 pods = (await kube.get(f"/api/v1/namespaces/{NS}/pods"))["items"]
                 return not pods and all((d["spec"].get("replicas") or 0) == 0 for d in (await kube.get(deps))["items"])
+
             # A new model starts one replica to prove it loads; the trace starts from a pool with every model at
             # zero (as after a quiet night), so put them there, as engine_cold.py does.
             await async_wait_for(all_created, 120, 0.5, "every model's Deployment")
             for name in trace.model_names:
                 await kube.merge_patch(f"{deps}/{name}/scale", {"spec": {"replicas": 0}})
             await async_wait_for(all_at_zero, 300, 0.5, "every model at zero")
-            async with Watch(kube, f"/api/v1/namespaces/{NS}/pods",
-                             lambda ev, obj, _t: ledger.on_pod(ev, obj)):
+            async with Watch(kube, f"/api/v1/namespaces/{NS}/pods", lambda ev, obj, _t: ledger.on_pod(ev, obj)):
                 sampler = asyncio.create_task(_sampler(ledger, stop))
                 t0 = time.monotonic()
                 results = await _replay(trace, gw.url, ledger, duration)
@@ -241,8 +283,9 @@ async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str,
     return summarize(policy, results, ledger, replay_seconds, duration)
 
 
-def summarize(policy: str, results: list[dict[str, Any]], ledger: Ledger, replay_seconds: float,
-              duration: float) -> dict[str, Any]:
+def summarize(
+    policy: str, results: list[dict[str, Any]], ledger: Ledger, replay_seconds: float, duration: float
+) -> dict[str, Any]:
     failed = [r for r in results if r["ttft"] is None]
     reasons = Counter((r["status"], r["error"][:160]) for r in failed)
     cold = [r["ttft"] for r in results if r["cold"] and r["ttft"] is not None]
@@ -250,12 +293,18 @@ def summarize(policy: str, results: list[dict[str, Any]], ledger: Ledger, replay
     for r in results:
         per_model[r["model"]]["ok" if r["ttft"] is not None else "failed"] += 1
     return {
-        "policy": policy, "trace_seconds": duration, "replay_seconds": replay_seconds,
-        "requests": len(results), "failed": len(failed),
+        "policy": policy,
+        "trace_seconds": duration,
+        "replay_seconds": replay_seconds,
+        "requests": len(results),
+        "failed": len(failed),
         "failure_reasons": [{"status": s, "error": e, "count": n} for (s, e), n in reasons.most_common()],
-        "ttft_cold": summary(cold), "ttft_all": summary([r["ttft"] for r in results if r["ttft"] is not None]),
-        "cold_requests": sum(1 for r in results if r["cold"]), "cold_starts": ledger.created,
-        "gpu_seconds_held": ledger.gpu_held, "gpu_seconds_idle": ledger.gpu_idle,
+        "ttft_cold": summary(cold),
+        "ttft_all": summary([r["ttft"] for r in results if r["ttft"] is not None]),
+        "cold_requests": sum(1 for r in results if r["cold"]),
+        "cold_starts": ledger.created,
+        "gpu_seconds_held": ledger.gpu_held,
+        "gpu_seconds_idle": ledger.gpu_idle,
         "gpu_seconds_idle_while_waiting": ledger.gpu_idle_while_waiting,
         "gpu_seconds_idle_while_waiting_stopping": ledger.gpu_idle_while_waiting_stopping,
         "gpu_seconds_idle_while_waiting_needed": ledger.gpu_idle_while_waiting_needed,
@@ -266,15 +315,30 @@ def summarize(policy: str, results: list[dict[str, Any]], ledger: Ledger, replay
 
 async def run(cfg: GpuPoolConfig) -> dict[str, Any]:
     trace = Trace.from_json(cfg.trace.read_text())
-    out: dict[str, Any] = {"trace": str(cfg.trace.name), "models": len(trace.model_names), "gpus": 4,
-                           "load_seconds": LOAD_SECONDS, "activation_timeout": ACTIVATION_TIMEOUT,
-                           "scale_to_zero_after": SCALE_TO_ZERO_AFTER,
-                           "real_engine_model": trace.model_names[trace.spec.real_engine_rank - 1], "policies": {}}
+    out: dict[str, Any] = {
+        "trace": str(cfg.trace.name),
+        "models": len(trace.model_names),
+        "gpus": 4,
+        "load_seconds": LOAD_SECONDS,
+        "activation_timeout": ACTIVATION_TIMEOUT,
+        "scale_to_zero_after": SCALE_TO_ZERO_AFTER,
+        "real_engine_model": trace.model_names[trace.spec.real_engine_rank - 1],
+        "policies": {},
+    }
     for policy in cfg.policies:
         log.info("GPU pool: replaying %s with the %s policy", cfg.trace.name, policy)
         out["policies"][policy] = await run_policy(cfg, policy, trace)
         p = out["policies"][policy]
-        log.info("GPU pool [%s]: %d/%d failed; cold TTFT p50 %s p99 %s; cold starts %d; idle GPU-s %.0f, "
-                 "while someone waited %.0f", policy, p["failed"], p["requests"], p["ttft_cold"]["p50"],
-                 p["ttft_cold"]["p99"], p["cold_starts"], p["gpu_seconds_idle"], p["gpu_seconds_idle_while_waiting"])
+        log.info(
+            "GPU pool [%s]: %d/%d failed; cold TTFT p50 %s p99 %s; cold starts %d; idle GPU-s %.0f, "
+            "while someone waited %.0f",
+            policy,
+            p["failed"],
+            p["requests"],
+            p["ttft_cold"]["p50"],
+            p["ttft_cold"]["p99"],
+            p["cold_starts"],
+            p["gpu_seconds_idle"],
+            p["gpu_seconds_idle_while_waiting"],
+        )
     return out

@@ -56,8 +56,11 @@ def least_frequent(m: str, now: float, s: State, tau: float = 120.0) -> tuple:
     return (count * math.exp(-(now - at) / tau),) + longest_idle(m, now, s)
 
 
-RULES: dict[str, Rule] = {"longest-idle": longest_idle, "min-residency": min_residency,
-                          "least-frequent": least_frequent}
+RULES: dict[str, Rule] = {
+    "longest-idle": longest_idle,
+    "min-residency": min_residency,
+    "least-frequent": least_frequent,
+}
 
 
 def simulate(trace: Trace, rule: Rule, *, detect: float, release: float, seconds: float = 600.0) -> dict:
@@ -131,14 +134,26 @@ def simulate(trace: Trace, rule: Rule, *, detect: float, release: float, seconds
             need -= 1
     cold.sort()
     pct = lambda q: round(cold[min(len(cold) - 1, int(q * len(cold)))], 1) if cold else None  # noqa: E731
-    return {"cold_requests": len(cold), "ttft_cold_p50": pct(0.5), "ttft_cold_p99": pct(0.99), "cold_starts": starts,
-            "parks": parks, "parks_with_a_choice": choices, "gpu_seconds_idle_while_waiting": round(idle_waiting)}
+    return {
+        "cold_requests": len(cold),
+        "ttft_cold_p50": pct(0.5),
+        "ttft_cold_p99": pct(0.99),
+        "cold_starts": starts,
+        "parks": parks,
+        "parks_with_a_choice": choices,
+        "gpu_seconds_idle_while_waiting": round(idle_waiting),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--detect", type=float, nargs="+", default=[4.0, 1.0, 10.0],
-                   help="seconds before an idle model is seen idle (default: 4 = 2 intervals of 2 s, 1, 10)")
+    p.add_argument(
+        "--detect",
+        type=float,
+        nargs="+",
+        default=[4.0, 1.0, 10.0],
+        help="seconds before an idle model is seen idle (default: 4 = 2 intervals of 2 s, 1, 10)",
+    )
     p.add_argument("--release", type=float, default=1.0, help="seconds from a park to its GPU being free")
     p.add_argument("--seconds", type=float, default=600.0)
     a = p.parse_args(argv)

@@ -38,8 +38,7 @@ class Trace:
     requests: list[dict[str, Any]] = field(default_factory=list)  # {"t": seconds from start, "model": name}
 
     def to_json(self) -> str:
-        return json.dumps({"spec": asdict(self.spec), "models": self.model_names, "requests": self.requests},
-                          indent=1)
+        return json.dumps({"spec": asdict(self.spec), "models": self.model_names, "requests": self.requests}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Trace":
@@ -54,7 +53,7 @@ class Trace:
 
 
 def zipf_weights(n: int, s: float) -> list[float]:
-    raw = [1.0 / (k ** s) for k in range(1, n + 1)]
+    raw = [1.0 / (k**s) for k in range(1, n + 1)]
     total = sum(raw)
     return [w / total for w in raw]
 
@@ -81,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=TraceSpec.duration)
     p.add_argument("--rate", type=float, default=TraceSpec.rate)
     a = p.parse_args(argv)
-    sys.stdout.write(generate(TraceSpec(seed=a.seed, models=a.models, duration=a.duration, rate=a.rate)).to_json()
-                     + "\n")
+    sys.stdout.write(
+        generate(TraceSpec(seed=a.seed, models=a.models, duration=a.duration, rate=a.rate)).to_json() + "\n"
+    )
     return 0
 
 

@@ -42,9 +42,15 @@ class LoadResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"engine": self.engine, "requests": self.requests, "errors": self.errors, "seconds": self.seconds,
-                "throughput_rps": self.requests / self.seconds if self.seconds else 0.0, "latency": self.latency,
-                **self.extra}
+        return {
+            "engine": self.engine,
+            "requests": self.requests,
+            "errors": self.errors,
+            "seconds": self.seconds,
+            "throughput_rps": self.requests / self.seconds if self.seconds else 0.0,
+            "latency": self.latency,
+            **self.extra,
+        }
 
 
 def have_wrk() -> bool:
@@ -74,8 +80,15 @@ end
 """
 
 
-def wrk_run(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int,
-            headers: Optional[dict[str, str]] = None, delay_ms: int = 0) -> LoadResult:
+def wrk_run(
+    url: str,
+    body: bytes,
+    concurrency: int,
+    seconds: float,
+    max_requests: int,
+    headers: Optional[dict[str, str]] = None,
+    delay_ms: int = 0,
+) -> LoadResult:
     """wrk -c concurrency -d seconds; a thread that reaches its share of max_requests stops early. delay_ms: each
     connection waits that long after a response before its next request (wrk's delay() hook): an offered load of
     about concurrency / (delay + latency) requests per second, the same whatever the proxy's capacity."""
@@ -88,24 +101,48 @@ def wrk_run(url: str, body: bytes, concurrency: int, seconds: float, max_request
         f.write(_WRK_SCRIPT % {"body": body.decode(), "limit": per_thread, "headers": extra, "delay": delay})
         script = f.name
     try:
-        cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(seconds))}s", "--timeout", "10s",
-               "-s", script, url]
+        cmd = [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(concurrency),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            script,
+            url,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
     finally:
         Path(script).unlink(missing_ok=True)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if line is None:
         raise RuntimeError(f"wrk gave no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
-    r = json.loads(line[len("BENCH "):])
+    r = json.loads(line[len("BENCH ") :])
     errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
     us = 1e-6
-    lat = {"n": r["requests"], "p50": r["p50"] * us, "p95": r["p95"] * us, "p99": r["p99"] * us,
-           "mean": r["mean"] * us, "max": r["max"] * us}
+    lat = {
+        "n": r["requests"],
+        "p50": r["p50"] * us,
+        "p95": r["p95"] * us,
+        "p99": r["p99"] * us,
+        "mean": r["mean"] * us,
+        "max": r["max"] * us,
+    }
     return LoadResult("wrk", r["requests"] - r["status"], errors, r["duration_us"] * us, lat)
 
 
-async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float, max_requests: int,
-                      extra_headers: Optional[dict[str, str]] = None) -> LoadResult:
+async def closed_loop(
+    url: str,
+    body: bytes,
+    concurrency: int,
+    seconds: float,
+    max_requests: int,
+    extra_headers: Optional[dict[str, str]] = None,
+) -> LoadResult:
     """`concurrency` workers on keep-alive connections send POSTs for `seconds` (at most `max_requests`)."""
     check_loopback(url)
     latencies: list[float] = []
@@ -116,6 +153,7 @@ async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float, m
     headers = {"Content-Type": "application/json", **(extra_headers or {})}
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as s:
+
         async def worker() -> None:
             nonlocal issued, errors
             while issued < total and time.monotonic() < deadline:
@@ -138,8 +176,15 @@ async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float, m
     return LoadResult("python", len(latencies), errors, seconds, summary(latencies))
 
 
-def latency_run(engine: str, url: str, body: bytes, concurrency: int, seconds: float,
-                max_requests: int, headers: Optional[dict[str, str]] = None) -> LoadResult:
+def latency_run(
+    engine: str,
+    url: str,
+    body: bytes,
+    concurrency: int,
+    seconds: float,
+    max_requests: int,
+    headers: Optional[dict[str, str]] = None,
+) -> LoadResult:
     if engine == "wrk":
         return wrk_run(url, body, concurrency, seconds, max_requests, headers)
     return asyncio.run(closed_loop(url, body, concurrency, seconds, max_requests, headers))
@@ -159,8 +204,15 @@ def count_tokens(data: bytes) -> int:
     return data.count(b"token")
 
 
-async def streams(url: str, body: bytes, concurrency: int, total: int, max_seconds: float,
-                  expected_tokens: int, headers: Optional[dict[str, str]] = None) -> dict[str, Any]:
+async def streams(
+    url: str,
+    body: bytes,
+    concurrency: int,
+    total: int,
+    max_seconds: float,
+    expected_tokens: int,
+    headers: Optional[dict[str, str]] = None,
+) -> dict[str, Any]:
     """`total` streaming requests, `concurrency` at a time; tokens/s delivered over the whole window. A stream is
     complete when all `expected_tokens` arrived."""
     check_loopback(url)
@@ -170,6 +222,7 @@ async def streams(url: str, body: bytes, concurrency: int, total: int, max_secon
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=max_seconds + 10, sock_read=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
+
         async def worker() -> None:
             nonlocal issued
             while issued < total and time.monotonic() < deadline:
@@ -178,8 +231,9 @@ async def streams(url: str, body: bytes, concurrency: int, total: int, max_secon
                 stats.append(st)
                 tail = b""
                 try:
-                    async with s.post(url, data=body, headers={"Content-Type": "application/json",
-                                                               **(headers or {})}) as r:
+                    async with s.post(
+                        url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+                    ) as r:
                         if r.status != 200:
                             await r.read()
                             continue
@@ -199,7 +253,12 @@ async def streams(url: str, body: bytes, concurrency: int, total: int, max_secon
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         t1 = time.monotonic()
     tokens = sum(s.tokens for s in stats)
-    return {"streams": len(stats), "completed": sum(1 for s in stats if s.ok), "tokens": tokens,
-            "seconds": t1 - t0, "tokens_per_second": tokens / (t1 - t0) if t1 > t0 else 0.0,
-            "ttft": summary([s.first - s.started for s in stats if s.first is not None]),
-            "stream_seconds": summary([s.ended - s.started for s in stats if s.ended is not None])}
+    return {
+        "streams": len(stats),
+        "completed": sum(1 for s in stats if s.ok),
+        "tokens": tokens,
+        "seconds": t1 - t0,
+        "tokens_per_second": tokens / (t1 - t0) if t1 > t0 else 0.0,
+        "ttft": summary([s.first - s.started for s in stats if s.first is not None]),
+        "stream_seconds": summary([s.ended - s.started for s in stats if s.ended is not None]),
+    }

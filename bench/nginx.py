@@ -82,8 +82,12 @@ class Nginx:
         conf.write_text(CONFIG.format(prefix=self.prefix, port=self.port, upstream=self.upstream))
         log = open(self.prefix / "stdout.log", "ab")
         # -e: the compiled-in error log path (/var/log/nginx) may not be writable; ours is set in the config too.
-        self.proc = subprocess.Popen([exe, "-p", str(self.prefix), "-c", str(conf), "-e", str(self.prefix / "error.log")],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [exe, "-p", str(self.prefix), "-c", str(conf), "-e", str(self.prefix / "error.log")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         for _ in range(100):  # bounded: 10 s
             if self.proc.poll() is not None:

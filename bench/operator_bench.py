@@ -37,8 +37,15 @@ BARE_MANAGER = "modelservice-bench-bare"
 MS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"
 OURS = f"{MANAGED_BY}={MANAGED_BY_VALUE}"
 # Resources the operator writes; the apiserver cannot tell us who wrote, so idle writes are counted on these.
-OPERATOR_RESOURCES = ("modelservices", "services", "deployments", "horizontalpodautoscalers", "poddisruptionbudgets",
-                      "persistentvolumeclaims", "events")
+OPERATOR_RESOURCES = (
+    "modelservices",
+    "services",
+    "deployments",
+    "horizontalpodautoscalers",
+    "poddisruptionbudgets",
+    "persistentvolumeclaims",
+    "events",
+)
 API_RETRIES = 4
 
 
@@ -62,9 +69,12 @@ def name_of(i: int) -> str:
 
 def modelservice(name: str, namespace: str = NS) -> dict[str, Any]:
     """The benchmark's ModelService: one vLLM replica (a stub pod on the fake nodes), no GPU, no autoscaling."""
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelService",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"engine": "vllm", "model": {"uri": "hf://bench/tiny-model"}, "image": STUB_IMAGE}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"engine": "vllm", "model": {"uri": "hf://bench/tiny-model"}, "image": STUB_IMAGE},
+    }
 
 
 def bare_children(name: str, namespace: str, versions: ApiVersions) -> list[dict[str, Any]]:
@@ -76,8 +86,15 @@ def bare_children(name: str, namespace: str, versions: ApiVersions) -> list[dict
     body = modelservice(name, namespace)
     spec = validate_spec(body["spec"], gateway_enabled=False)
     decision = decide(spec, None, Activity(), None, 0)
-    ctx = Context(name=name, namespace=namespace, uid="bench-bare", labels={}, replicas=decision.apply_replicas,
-                  hpa_min_replicas=decision.hpa_floor, versions=versions)
+    ctx = Context(
+        name=name,
+        namespace=namespace,
+        uid="bench-bare",
+        labels={},
+        replicas=decision.apply_replicas,
+        hpa_min_replicas=decision.hpa_floor,
+        versions=versions,
+    )
     desired = render(ctx, spec)
     out = []
     for kind in CHILD_KINDS:
@@ -93,9 +110,13 @@ def deployment_ready(obj: dict[str, Any]) -> bool:
     """Rolled out: the same test status.py uses for the ModelService's Ready."""
     spec, st, meta = obj.get("spec") or {}, obj.get("status") or {}, obj.get("metadata") or {}
     want = spec.get("replicas", 1)
-    return (want > 0 and (st.get("observedGeneration") or 0) >= meta.get("generation", 0)
-            and (st.get("updatedReplicas") or 0) >= want and (st.get("readyReplicas") or 0) >= want
-            and (st.get("replicas") or 0) == want)
+    return (
+        want > 0
+        and (st.get("observedGeneration") or 0) >= meta.get("generation", 0)
+        and (st.get("updatedReplicas") or 0) >= want
+        and (st.get("readyReplicas") or 0) >= want
+        and (st.get("replicas") or 0) == want
+    )
 
 
 def modelservice_ready(obj: dict[str, Any]) -> bool:
@@ -111,8 +132,11 @@ def operator_resource_writes(writes: dict[str, float]) -> dict[str, float]:
     out = {}
     for key, value in writes.items():
         resource, _, sub = key.split(" ", 1)[1].partition("/")
-        if resource in OPERATOR_RESOURCES and sub in ("", "status" if resource == "modelservices" else "",
-                                                      "scale" if resource == "deployments" else ""):
+        if resource in OPERATOR_RESOURCES and sub in (
+            "",
+            "status" if resource == "modelservices" else "",
+            "scale" if resource == "deployments" else "",
+        ):
             out[key] = value
     return out
 
@@ -135,7 +159,7 @@ async def with_retries(call: Callable[[], Awaitable[Any]], *, ok_status: tuple[i
         except (asyncio.TimeoutError, OSError):
             if attempt == API_RETRIES - 1:
                 raise
-        await asyncio.sleep(0.5 * 2 ** attempt)
+        await asyncio.sleep(0.5 * 2**attempt)
 
 
 async def run_workers(items: Iterable[Any], concurrency: int, fn: Callable[[Any], Awaitable[None]]) -> list[str]:
@@ -163,9 +187,13 @@ def _latency_summary(start: dict[str, float], ready: dict[str, float]) -> dict[s
 def _requests_per_object(delta: dict, n: int) -> dict[str, Any]:
     split = apiserver_requests(delta)
     writes, reads = sum(split["writes"].values()), sum(split["reads"].values())
-    return {"writes_per_object": writes / n, "reads_per_object": reads / n, "requests_per_object": (writes + reads) / n,
-            "writes": {k: v for k, v in sorted(split["writes"].items())},
-            "reads": {k: v for k, v in sorted(split["reads"].items())}}
+    return {
+        "writes_per_object": writes / n,
+        "reads_per_object": reads / n,
+        "requests_per_object": (writes + reads) / n,
+        "writes": {k: v for k, v in sorted(split["writes"].items())},
+        "reads": {k: v for k, v in sorted(split["reads"].items())},
+    }
 
 
 # ---- the baseline: a bare client applying the rendered children ------------------------------------------------
@@ -193,8 +221,9 @@ async def bare_phase(cluster: Cluster, n: int, cfg: OperatorConfig) -> dict[str,
         for obj in children[name]:
             await with_retries(lambda obj=obj: kube.apply(obj, field_manager=BARE_MANAGER))
 
-    async with Watch(kube, f"/apis/apps/v1/namespaces/{NS}/deployments", on_deployment,
-                     label_selector=OURS) as dep_watch:
+    async with Watch(
+        kube, f"/apis/apps/v1/namespaces/{NS}/deployments", on_deployment, label_selector=OURS
+    ) as dep_watch:
         before, cpu0 = await cluster.api_metrics(), self_cpu()
         errors = await run_workers(names, cfg.concurrency, apply_one)
         written = time.monotonic()
@@ -209,9 +238,15 @@ async def bare_phase(cluster: Cluster, n: int, cfg: OperatorConfig) -> dict[str,
     out = _latency_summary(start, ready)
     if stuck is not None:
         out.update(stuck=stuck, node_agent_log_tail=node_log)
-    out.update(n=n, errors=errors[:5], error_count=len(errors), write_seconds=written - min(start.values()),
-               client_cpu_seconds=cpu1 - cpu0, bench_watch_lists=dep_watch.lists,
-               api=_requests_per_object(counter_delta(before, after), n))
+    out.update(
+        n=n,
+        errors=errors[:5],
+        error_count=len(errors),
+        write_seconds=written - min(start.values()),
+        client_cpu_seconds=cpu1 - cpu0,
+        bench_watch_lists=dep_watch.lists,
+        api=_requests_per_object(counter_delta(before, after), n),
+    )
     return out
 
 
@@ -228,8 +263,11 @@ async def operator_phase(cluster: Cluster, n: int, cfg: OperatorConfig, extended
     kube = cluster.kube
     await cluster.namespace(NS)
     log_path = cfg.work / f"operator-n{n}.log"
-    op = OperatorProcess(cluster.kubeconfig, log_path,
-                         extra_args=["--workers", str(cfg.concurrency), "--resync-seconds", f"{cfg.resync_seconds:g}"])
+    op = OperatorProcess(
+        cluster.kubeconfig,
+        log_path,
+        extra_args=["--workers", str(cfg.concurrency), "--resync-seconds", f"{cfg.resync_seconds:g}"],
+    )
     await asyncio.to_thread(op.start)
     assert op.proc is not None
     pid = op.proc.pid
@@ -271,14 +309,21 @@ async def operator_phase(cluster: Cluster, n: int, cfg: OperatorConfig, extended
                 out["profile"] = await profiler.stop(prof)
             after, writes1 = await cluster.api_metrics(), await asyncio.to_thread(_op_writes, op)
         out.update(_latency_summary(start, ready))
-        out.update(errors=errors[:5], error_count=len(errors), write_seconds=written - min(start.values()),
-                   cpu_seconds=(cpu1 or 0) - (cpu0 or 0), operator_writes=writes1 - writes0,
-                   operator_writes_per_object=(writes1 - writes0) / n,
-                   operator_writes_by=await asyncio.to_thread(_op_writes_by, op), bench_watch_lists=ms_watch.lists,
-                   api=_requests_per_object(counter_delta(before, after), n))
+        out.update(
+            errors=errors[:5],
+            error_count=len(errors),
+            write_seconds=written - min(start.values()),
+            cpu_seconds=(cpu1 or 0) - (cpu0 or 0),
+            operator_writes=writes1 - writes0,
+            operator_writes_per_object=(writes1 - writes0) / n,
+            operator_writes_by=await asyncio.to_thread(_op_writes_by, op),
+            bench_watch_lists=ms_watch.lists,
+            api=_requests_per_object(counter_delta(before, after), n),
+        )
         out["children"] = {
             "services": await cluster.count(f"/api/v1/namespaces/{NS}/services", OURS),
-            "deployments": await cluster.count(f"/apis/apps/v1/namespaces/{NS}/deployments", OURS)}
+            "deployments": await cluster.count(f"/apis/apps/v1/namespaces/{NS}/deployments", OURS),
+        }
         if extended:
             out["idle"] = await idle_phase(cluster, op, pid, cfg.idle_seconds)
             out["repair"] = await repair_phase(kube, n, cfg.repair_samples)
@@ -297,12 +342,26 @@ async def _diagnose(kube: Kube, names: list[str]) -> list[dict[str, Any]]:
         ms = await kube.get_or_none(f"{MS_PATH}/{name}") or {}
         dep = await kube.get_or_none(object_path("apps/v1", "Deployment", NS, name)) or {}
         pods = (await kube.get(f"/api/v1/namespaces/{NS}/pods", labelSelector=f"{MODELSERVICE_LABEL}={name}"))["items"]
-        out.append({"name": name, "generation": (ms.get("metadata") or {}).get("generation"),
-                    "status": ms.get("status"),
-                    "deployment": {"generation": (dep.get("metadata") or {}).get("generation"),
-                                   "spec_replicas": (dep.get("spec") or {}).get("replicas"), "status": dep.get("status")},
-                    "pods": [{"name": p["metadata"]["name"], "phase": (p.get("status") or {}).get("phase"),
-                              "conditions": (p.get("status") or {}).get("conditions")} for p in pods]})
+        out.append(
+            {
+                "name": name,
+                "generation": (ms.get("metadata") or {}).get("generation"),
+                "status": ms.get("status"),
+                "deployment": {
+                    "generation": (dep.get("metadata") or {}).get("generation"),
+                    "spec_replicas": (dep.get("spec") or {}).get("replicas"),
+                    "status": dep.get("status"),
+                },
+                "pods": [
+                    {
+                        "name": p["metadata"]["name"],
+                        "phase": (p.get("status") or {}).get("phase"),
+                        "conditions": (p.get("status") or {}).get("conditions"),
+                    }
+                    for p in pods
+                ],
+            }
+        )
     return out
 
 
@@ -310,19 +369,31 @@ async def idle_phase(cluster: Cluster, op: OperatorProcess, pid: int, seconds: f
     """Nothing changes for `seconds`: the operator should write nothing (resyncs included)."""
     await asyncio.sleep(min(10.0, seconds / 10))  # status writes for the last pods' Ready may still be in flight
     before = await cluster.api_metrics()
-    w0, r0, cpu0 = (await asyncio.to_thread(_op_writes, op),
-                    await asyncio.to_thread(op.counter, "modelservice_reconcile_total"), proc_cpu_seconds(pid))
+    w0, r0, cpu0 = (
+        await asyncio.to_thread(_op_writes, op),
+        await asyncio.to_thread(op.counter, "modelservice_reconcile_total"),
+        proc_cpu_seconds(pid),
+    )
     log.info("idle window: %.0fs", seconds)
     await asyncio.sleep(seconds)
     after = await cluster.api_metrics()
-    w1, r1, cpu1 = (await asyncio.to_thread(_op_writes, op),
-                    await asyncio.to_thread(op.counter, "modelservice_reconcile_total"), proc_cpu_seconds(pid))
+    w1, r1, cpu1 = (
+        await asyncio.to_thread(_op_writes, op),
+        await asyncio.to_thread(op.counter, "modelservice_reconcile_total"),
+        proc_cpu_seconds(pid),
+    )
     split = apiserver_requests(counter_delta(before, after))
     on_ours = operator_resource_writes(split["writes"])
-    return {"seconds": seconds, "operator_writes": w1 - w0, "reconciles": r1 - r0,
-            "cpu_seconds": (cpu1 or 0) - (cpu0 or 0), "apiserver_writes_on_operator_resources": sum(on_ours.values()),
-            "apiserver_writes_on_operator_resources_by": on_ours,
-            "apiserver_writes_all": sum(split["writes"].values()), "apiserver_writes_all_by": split["writes"]}
+    return {
+        "seconds": seconds,
+        "operator_writes": w1 - w0,
+        "reconciles": r1 - r0,
+        "cpu_seconds": (cpu1 or 0) - (cpu0 or 0),
+        "apiserver_writes_on_operator_resources": sum(on_ours.values()),
+        "apiserver_writes_on_operator_resources_by": on_ours,
+        "apiserver_writes_all": sum(split["writes"].values()),
+        "apiserver_writes_all_by": split["writes"],
+    }
 
 
 async def repair_phase(kube: Kube, n: int, samples: int) -> dict[str, Any]:
@@ -345,6 +416,7 @@ async def repair_phase(kube: Kube, n: int, samples: int) -> dict[str, Any]:
             if event == "ADDED":
                 added[(kind, meta["name"])] = (meta["uid"], t)
                 poke(f"{kind}/{meta['name']}")
+
         return handler
 
     def on_pod(event: str, obj: dict[str, Any], t: float) -> None:
@@ -364,6 +436,7 @@ async def repair_phase(kube: Kube, n: int, samples: int) -> dict[str, Any]:
         def check() -> Optional[float]:
             uid, t = added.get((kind, name), ("", 0.0))
             return t if uid and uid != old_uid else None
+
         return check
 
     async def measure(kind: str, name: str, delete_path: str, fresh: Callable[[], Optional[float]]) -> Optional[float]:
@@ -387,9 +460,11 @@ async def repair_phase(kube: Kube, n: int, samples: int) -> dict[str, Any]:
     dep_t: list[float] = []
     pod_t: list[float] = []
     missed = 0
-    async with Watch(kube, f"/api/v1/namespaces/{NS}/services", on("Service"), label_selector=OURS), \
-            Watch(kube, f"/apis/apps/v1/namespaces/{NS}/deployments", on("Deployment"), label_selector=OURS), \
-            Watch(kube, f"/api/v1/namespaces/{NS}/pods", on_pod, label_selector=OURS):
+    async with (
+        Watch(kube, f"/api/v1/namespaces/{NS}/services", on("Service"), label_selector=OURS),
+        Watch(kube, f"/apis/apps/v1/namespaces/{NS}/deployments", on("Deployment"), label_selector=OURS),
+        Watch(kube, f"/api/v1/namespaces/{NS}/pods", on_pod, label_selector=OURS),
+    ):
         pods = (await kube.get(f"/api/v1/namespaces/{NS}/pods", labelSelector=OURS))["items"]
         pod_of = {(p["metadata"].get("labels") or {}).get(MODELSERVICE_LABEL): p["metadata"]["name"] for p in pods}
         for i in range(samples):  # three disjoint sets of ModelServices, interleaved so all share the same noise
@@ -398,18 +473,29 @@ async def repair_phase(kube: Kube, n: int, samples: int) -> dict[str, Any]:
             if t is not None:
                 svc_t.append(t)
             if pod_owner in pod_of:
-                t = await measure("Pod", pod_owner, object_path("v1", "Pod", NS, pod_of[pod_owner]),
-                                  lambda o=pod_owner: new_pod.get(o))
+                t = await measure(
+                    "Pod",
+                    pod_owner,
+                    object_path("v1", "Pod", NS, pod_of[pod_owner]),
+                    lambda o=pod_owner: new_pod.get(o),
+                )
                 if t is not None:
                     pod_t.append(t)
-            t = await measure("Deployment", dep, object_path("apps/v1", "Deployment", NS, dep),
-                              recreated("Deployment", dep))
+            t = await measure(
+                "Deployment", dep, object_path("apps/v1", "Deployment", NS, dep), recreated("Deployment", dep)
+            )
             if t is not None:
                 dep_t.append(t)
             await asyncio.sleep(0.2)
     missed = 3 * samples - len(svc_t) - len(dep_t) - len(pod_t)
-    return {"samples": samples, "service": summary(svc_t), "deployment": summary(dep_t),
-            "both": summary(svc_t + dep_t), "pod_by_replicaset_controller": summary(pod_t), "missed": missed}
+    return {
+        "samples": samples,
+        "service": summary(svc_t),
+        "deployment": summary(dep_t),
+        "both": summary(svc_t + dep_t),
+        "pod_by_replicaset_controller": summary(pod_t),
+        "missed": missed,
+    }
 
 
 async def run(cfg: OperatorConfig) -> dict[str, Any]:
@@ -417,20 +503,23 @@ async def run(cfg: OperatorConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"concurrency": cfg.concurrency, "resync_seconds": cfg.resync_seconds, "sizes": {}}
     for n in cfg.sizes:
         entry: dict[str, Any] = {}
-        log.info("[N=%d] baseline: bare client applies %d Services + Deployments (concurrency %d)",
-                 n, n, cfg.concurrency)
+        log.info(
+            "[N=%d] baseline: bare client applies %d Services + Deployments (concurrency %d)", n, n, cfg.concurrency
+        )
         entry["bare"] = await _guard(f"bare N={n}", _in_cluster(cfg, f"bare-{n}", n, bare_phase, cfg))
         log.info("[N=%d] bare: %s s", n, _fmt(entry["bare"].get("total_seconds")))
         log.info("[N=%d] operator: %d ModelServices", n, n)
-        entry["operator"] = await _guard(f"operator N={n}", _in_cluster(cfg, f"operator-{n}", n, operator_phase,
-                                                                        cfg, n == largest))
+        entry["operator"] = await _guard(
+            f"operator N={n}", _in_cluster(cfg, f"operator-{n}", n, operator_phase, cfg, n == largest)
+        )
         log.info("[N=%d] operator: %s s", n, _fmt(entry["operator"].get("total_seconds")))
         results["sizes"][str(n)] = entry
     return results
 
 
-async def _in_cluster(cfg: OperatorConfig, label: str, n: int, phase: Callable[..., Awaitable[dict[str, Any]]],
-                      *args: Any) -> dict[str, Any]:
+async def _in_cluster(
+    cfg: OperatorConfig, label: str, n: int, phase: Callable[..., Awaitable[dict[str, Any]]], *args: Any
+) -> dict[str, Any]:
     async with control_plane(cfg.work, label, pods=n) as cluster:
         return await phase(cluster, n, *args)
 

@@ -90,6 +90,7 @@ static_resources:
 
 def _free_port() -> int:
     from tests.cluster.controlplane import free_port
+
     return free_port()
 
 
@@ -155,10 +156,23 @@ class VllmRouter(_Proxy):
 
     def command(self) -> list[str]:
         exe, self.version = vllm_router_binary()
-        return [exe, "--host", "127.0.0.1", "--port", str(self.port),
-                "--worker-urls", f"http://{self.upstream}", "--policy", "round_robin",
-                "--prometheus-port", str(_free_port()), "--log-level", "warning",
-                "--log-dir", str(self.work / "vllm-router-logs")]
+        return [
+            exe,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--worker-urls",
+            f"http://{self.upstream}",
+            "--policy",
+            "round_robin",
+            "--prometheus-port",
+            str(_free_port()),
+            "--log-level",
+            "warning",
+            "--log-dir",
+            str(self.work / "vllm-router-logs"),
+        ]
 
     def ready(self) -> bool:
         return _ok(self.url + "/health")
@@ -173,8 +187,17 @@ class Envoy(_Proxy):
         conf = self.work / "envoy.yaml"
         conf.write_text(ENVOY_CONFIG.format(admin=self.admin, port=self.port, host=host, upstream_port=port))
         exe, self.version = envoy_binary()
-        return [exe, "-c", str(conf), "--concurrency", "1", "--log-level", "warn",
-                "--base-id", str(self.port)]  # a base id of our own: another Envoy on the machine keeps its own
+        return [
+            exe,
+            "-c",
+            str(conf),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+            "--base-id",
+            str(self.port),
+        ]  # a base id of our own: another Envoy on the machine keeps its own
 
     def ready(self) -> bool:
         return _ok(f"http://127.0.0.1:{self.admin}/ready")

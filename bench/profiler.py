@@ -37,8 +37,21 @@ def start(pid: int, out: Path, max_seconds: float, rate: int = 100) -> Optional[
         log.warning("profiling skipped: py-spy is not installed (.venv/bin/pip install py-spy)")
         return None
     out = out.with_suffix(".txt")
-    cmd = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(out),
-           "--duration", str(int(max_seconds) + 1), "--nonblocking"]
+    cmd = [
+        exe,
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        "--duration",
+        str(int(max_seconds) + 1),
+        "--nonblocking",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     return Profile(proc, out)
 
@@ -95,7 +108,10 @@ def summarize(collapsed: str, top: int = 15) -> dict[str, Any]:
         self_[frames[-1]] = self_.get(frames[-1], 0) + n
 
     def ranked(d: dict[str, int]) -> list[dict[str, Any]]:
-        return [{"frame": f, "pct": round(100 * c / total, 1)} for f, c in
-                sorted(d.items(), key=lambda kv: -kv[1])[:top]] if total else []
+        return (
+            [{"frame": f, "pct": round(100 * c / total, 1)} for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+            if total
+            else []
+        )
 
     return {"samples": total, "self": ranked(self_), "inclusive": ranked(inclusive)}

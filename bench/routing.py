@@ -82,13 +82,37 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _vllm(vllm_python: str, model_dir: Path, port: int, core: int, logf: Path) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": str(core), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "VLLM_SERVER_DEV_MODE": "1"}  # /reset_prefix_cache: every policy starts from empty caches
-    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4",
-           "--enable-prefix-caching"]
+    env = {
+        **os.environ,
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_LOOPBACK_IP": "127.0.0.1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": str(core),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_SERVER_DEV_MODE": "1",
+    }  # /reset_prefix_cache: every policy starts from empty caches
+    cmd = [
+        vllm_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "4096",
+        "--max-num-seqs",
+        "4",
+        "--enable-prefix-caching",
+    ]
     if os.cpu_count() and os.cpu_count() > core and _has("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     with logf.open("wb") as out:
@@ -97,11 +121,13 @@ def _vllm(vllm_python: str, model_dir: Path, port: int, core: int, logf: Path) -
 
 def _has(tool: str) -> bool:
     from shutil import which
+
     return which(tool) is not None
 
 
-async def _until_healthy(s: aiohttp.ClientSession, url: str, proc: subprocess.Popen, logf: Path,
-                         timeout: float) -> None:
+async def _until_healthy(
+    s: aiohttp.ClientSession, url: str, proc: subprocess.Popen, logf: Path, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -122,8 +148,9 @@ async def replicas(cfg: RoutingConfig, s: aiohttp.ClientSession) -> AsyncIterato
     try:
         for i in range(cfg.replicas):
             port, logf = free_port(), cfg.work / f"vllm-{i}.log"
-            procs.append((_vllm(vllm_python, model_dir, port, i % (os.cpu_count() or 1), logf),
-                          f"http://127.0.0.1:{port}", logf))
+            procs.append(
+                (_vllm(vllm_python, model_dir, port, i % (os.cpu_count() or 1), logf), f"http://127.0.0.1:{port}", logf)
+            )
         await asyncio.gather(*(_until_healthy(s, url, p, logf, VLLM_LOAD) for p, url, logf in procs))
         yield [url for _, url, _ in procs]
     finally:
@@ -139,8 +166,15 @@ async def router(policy: str, backends: list[str], work: Path, s: aiohttp.Client
         return
     logf = work / f"router-{policy}.log"
     if policy in ("lif", "prefix"):
-        cmd = [sys.executable, "-m", "bench.routing_gateway", "--model", MODEL,
-               "--policy", {"lif": "LeastInFlight", "prefix": "PrefixAffinity"}[policy]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.routing_gateway",
+            "--model",
+            MODEL,
+            "--policy",
+            {"lif": "LeastInFlight", "prefix": "PrefixAffinity"}[policy],
+        ]
         for b in backends:
             cmd += ["--backend", b.removeprefix("http://")]
         with logf.open("wb") as err:
@@ -164,7 +198,9 @@ async def router(policy: str, backends: list[str], work: Path, s: aiohttp.Client
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vllm-router exited ({proc.returncode}):\n{logf.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(
+                    f"vllm-router exited ({proc.returncode}):\n{logf.read_text(errors='replace')[-3000:]}"
+                )
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                 async with s.get(url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
                     if r.status == 200:
@@ -178,18 +214,27 @@ async def router(policy: str, backends: list[str], work: Path, s: aiohttp.Client
 
 
 def _vllm_router() -> str:
-    out = subprocess.run(["bash", str(ROOT / "hack" / "get-vllm-router.sh")], capture_output=True, text=True,
-                         timeout=1800)
+    out = subprocess.run(
+        ["bash", str(ROOT / "hack" / "get-vllm-router.sh")], capture_output=True, text=True, timeout=1800
+    )
     if out.returncode != 0:
         raise RuntimeError(f"installing vllm-router failed:\n{out.stderr[-3000:]}")
     return dict(line.split("=", 1) for line in out.stdout.split() if "=" in line)["VLLM_ROUTER"]
 
 
-async def one(s: aiohttp.ClientSession, url: str, req: dict[str, Any], max_tokens: int,
-              session: bool = False) -> dict[str, Any]:
+async def one(
+    s: aiohttp.ClientSession, url: str, req: dict[str, Any], max_tokens: int, session: bool = False
+) -> dict[str, Any]:
     """One streamed chat completion: status, time to first token, total time, prompt tokens (vLLM's usage)."""
-    body = {"model": MODEL, "messages": req["messages"], "stream": True, "max_tokens": max_tokens,
-            "min_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": req["messages"],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.monotonic()
     first = None
     prompt_tokens = None
@@ -248,12 +293,24 @@ async def capacity(s: aiohttp.ClientSession, backends: list[str], reqs: list[dic
     await asyncio.gather(*(worker() for _ in range(CAPACITY_CONCURRENCY)))
     took = time.monotonic() - t0
     ok = [r for r in results if r["status"] == 200]
-    return {"requests": len(results), "ok": len(ok), "seconds": took, "rps": len(ok) / took,
-            "ttft": summary([r["ttft"] for r in ok if r["ttft"] is not None])}
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "seconds": took,
+        "rps": len(ok) / took,
+        "ttft": summary([r["ttft"] for r in ok if r["ttft"] is not None]),
+    }
 
 
-async def replay(s: aiohttp.ClientSession, urls: list[str], backends: list[str], reqs: list[dict], rate: float,
-                 max_tokens: int, session: bool = False) -> dict:
+async def replay(
+    s: aiohttp.ClientSession,
+    urls: list[str],
+    backends: list[str],
+    reqs: list[dict],
+    rate: float,
+    max_tokens: int,
+    session: bool = False,
+) -> dict:
     await _reset(s, backends)
     before = await _metrics(s, backends)
     load0 = os.getloadavg()
@@ -282,34 +339,55 @@ async def replay(s: aiohttp.ClientSession, urls: list[str], backends: list[str],
     ok = [r for r in results if r["status"] == 200]
     errors = [r for r in results if r["status"] != 200]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
-    return {"requests": len(results), "ok": len(ok), "errors": len(errors),
-            "error_sample": [e.get("error") for e in errors[:3]], "seconds": took, "completed_rps": len(ok) / took,
-            "ttft": summary(ttft), "total": summary([r["total"] for r in ok]),
-            "prompt_tokens": summary([r["prompt_tokens"] for r in ok if r.get("prompt_tokens")]),
-            "late": summary([r["late"] for r in results]),
-            "cache": _hit_rate(delta), "loadavg": [load0, os.getloadavg()]}
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": len(errors),
+        "error_sample": [e.get("error") for e in errors[:3]],
+        "seconds": took,
+        "completed_rps": len(ok) / took,
+        "ttft": summary(ttft),
+        "total": summary([r["total"] for r in ok]),
+        "prompt_tokens": summary([r["prompt_tokens"] for r in ok if r.get("prompt_tokens")]),
+        "late": summary([r["late"] for r in results]),
+        "cache": _hit_rate(delta),
+        "loadavg": [load0, os.getloadavg()],
+    }
 
 
 async def run(cfg: RoutingConfig) -> dict[str, Any]:
     trace = json.loads(cfg.trace.read_text())
     reqs = trace["requests"][: cfg.requests] if cfg.requests else trace["requests"]
     max_tokens = trace["max_tokens"]
-    out: dict[str, Any] = {"trace": cfg.trace.name, "requests": len(reqs), "rate_share": cfg.rate_share,
-                           "replicas": cfg.replicas, "policies": {}}
+    out: dict[str, Any] = {
+        "trace": cfg.trace.name,
+        "requests": len(reqs),
+        "rate_share": cfg.rate_share,
+        "replicas": cfg.replicas,
+        "policies": {},
+    }
     timeout = aiohttp.ClientTimeout(total=VLLM_LOAD)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
         async with replicas(cfg, s) as backends:
             out["loadavg_ready"] = os.getloadavg()
             warm = await one(s, backends[0], reqs[0], max_tokens)  # first-request costs out of the figures
             warm2 = await one(s, backends[1 % len(backends)], reqs[0], max_tokens)
-            log.info("routing: replicas ready (%s, %s); warm-up %s", backends, out["loadavg_ready"],
-                     [warm.get("ttft"), warm2.get("ttft")])
+            log.info(
+                "routing: replicas ready (%s, %s); warm-up %s",
+                backends,
+                out["loadavg_ready"],
+                [warm.get("ttft"), warm2.get("ttft")],
+            )
             cap = await capacity(s, backends, reqs, max_tokens)
             out["capacity"] = cap
             rate = cfg.rate_share * cap["rps"]
             out["rate"] = rate
-            log.info("routing: round-robin capacity %.2f req/s; replaying %d requests at %.2f req/s",
-                     cap["rps"], len(reqs), rate)
+            log.info(
+                "routing: round-robin capacity %.2f req/s; replaying %d requests at %.2f req/s",
+                cap["rps"],
+                len(reqs),
+                rate,
+            )
             for policy in cfg.policies:
                 try:
                     async with router(policy, backends, cfg.work, s) as urls:
@@ -318,9 +396,17 @@ async def run(cfg: RoutingConfig) -> dict[str, Any]:
                     log.exception("routing: %s failed", policy)
                     res = {"error": f"{type(e).__name__}: {e}"}
                 out["policies"][policy] = res
-                log.info("routing: %s: %s", policy, {k: res.get(k) for k in ("ok", "errors", "completed_rps")} |
-                         {"ttft_p50": (res.get("ttft") or {}).get("p50"), "ttft_p99": (res.get("ttft") or {}).get("p99"),
-                          "hit_rate": (res.get("cache") or {}).get("hit_rate"), "load": res.get("loadavg")})
+                log.info(
+                    "routing: %s: %s",
+                    policy,
+                    {k: res.get(k) for k in ("ok", "errors", "completed_rps")}
+                    | {
+                        "ttft_p50": (res.get("ttft") or {}).get("p50"),
+                        "ttft_p99": (res.get("ttft") or {}).get("p99"),
+                        "hit_rate": (res.get("cache") or {}).get("hit_rate"),
+                        "load": res.get("loadavg"),
+                    },
+                )
     return out
 
 
@@ -328,17 +414,21 @@ def rows(res: dict[str, Any]) -> list[str]:
     if "error" in res:
         return [f"  failed: {res['error']}"]
     cap = res.get("capacity", {})
-    lines = [f"  trace {res.get('trace')}: {res.get('requests')} requests; round-robin capacity "
-             f"{cap.get('rps', 0):.2f} req/s (closed loop, {CAPACITY_CONCURRENCY} at a time); replayed at "
-             f"{res.get('rate', 0):.2f} req/s ({res.get('rate_share', 0):.0%})",
-             f"  {'router':<18} {'ok':>4} {'err':>4} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'hit rate':>8}  load"]
+    lines = [
+        f"  trace {res.get('trace')}: {res.get('requests')} requests; round-robin capacity "
+        f"{cap.get('rps', 0):.2f} req/s (closed loop, {CAPACITY_CONCURRENCY} at a time); replayed at "
+        f"{res.get('rate', 0):.2f} req/s ({res.get('rate_share', 0):.0%})",
+        f"  {'router':<18} {'ok':>4} {'err':>4} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'hit rate':>8}  load",
+    ]
     for name, r in res.get("policies", {}).items():
         if "error" in r:
             lines.append(f"  {name:<18} failed: {r['error'][:200]}")
             continue
         t, c = r["ttft"], r["cache"]
         hr = c.get("hit_rate")
-        lines.append(f"  {name:<18} {r['ok']:>4} {r['errors']:>4} {r['completed_rps']:>6.2f} "
-                     f"{(t['p50'] or 0) * 1000:>7.0f}ms {(t['p99'] or 0) * 1000:>7.0f}ms "
-                     f"{'-' if hr is None else f'{hr:.1%}':>8}  {r['loadavg'][0][0]:.1f}->{r['loadavg'][1][0]:.1f}")
+        lines.append(
+            f"  {name:<18} {r['ok']:>4} {r['errors']:>4} {r['completed_rps']:>6.2f} "
+            f"{(t['p50'] or 0) * 1000:>7.0f}ms {(t['p99'] or 0) * 1000:>7.0f}ms "
+            f"{'-' if hr is None else f'{hr:.1%}':>8}  {r['loadavg'][0][0]:.1f}->{r['loadavg'][1][0]:.1f}"
+        )
     return lines

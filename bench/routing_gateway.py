@@ -17,8 +17,10 @@ from modelservice.gateway.testing import endpointslice, gateway_with, modelservi
 
 async def serve(model: str, policy: str, backends: list[str]) -> None:
     ms = modelservice(model, routing=policy)
-    slices = [endpointslice(model, [(h, True)], int(p), name=f"{model}-{i}")
-              for i, (h, p) in enumerate(b.rsplit(":", 1) for b in backends)]
+    slices = [
+        endpointslice(model, [(h, True)], int(p), name=f"{model}-{i}")
+        for i, (h, p) in enumerate(b.rsplit(":", 1) for b in backends)
+    ]
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     async with gateway_with(ms, *slices) as (_, url):

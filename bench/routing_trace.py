@@ -40,9 +40,18 @@ def _text(rng: random.Random, words: list[str], n: int) -> str:
     return " ".join(rng.choice(words) for _ in range(n))
 
 
-def generate(seed: int = 1, *, apps: int = 4, conversations: int = 48, turns: tuple[int, int] = (3, 6),
-             system_words: int = 400, user_words: tuple[int, int] = (40, 100), answer_words: tuple[int, int] = (30, 80),
-             max_tokens: int = 8, think: float = 6.0) -> dict[str, Any]:
+def generate(
+    seed: int = 1,
+    *,
+    apps: int = 4,
+    conversations: int = 48,
+    turns: tuple[int, int] = (3, 6),
+    system_words: int = 400,
+    user_words: tuple[int, int] = (40, 100),
+    answer_words: tuple[int, int] = (30, 80),
+    max_tokens: int = 8,
+    think: float = 6.0,
+) -> dict[str, Any]:
     rng = random.Random(seed)
     words = _words()
     systems = [f"You are assistant number {a}. " + _text(rng, words, system_words) for a in range(apps)]
@@ -65,8 +74,15 @@ def generate(seed: int = 1, *, apps: int = 4, conversations: int = 48, turns: tu
     t0 = requests[0]["t"]
     for r in requests:
         r["t"] = round((r["t"] - t0) * scale, 4)
-    return {"format": FORMAT, "seed": seed, "generator": "bench.routing_trace.generate", "max_tokens": max_tokens,
-            "apps": apps, "conversations": conversations, "requests": requests}
+    return {
+        "format": FORMAT,
+        "seed": seed,
+        "generator": "bench.routing_trace.generate",
+        "max_tokens": max_tokens,
+        "apps": apps,
+        "conversations": conversations,
+        "requests": requests,
+    }
 
 
 def main() -> None:

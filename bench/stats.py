@@ -26,9 +26,14 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
 
 def summary(values: Sequence[float]) -> dict[str, Optional[float]]:
     """n, p50, p95, p99, mean and max of a list of numbers (seconds, tokens, ...)."""
-    return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-            "p99": percentile(values, 99), "mean": (sum(values) / len(values)) if values else None,
-            "max": max(values) if values else None}
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "mean": (sum(values) / len(values)) if values else None,
+        "max": max(values) if values else None,
+    }
 
 
 def ratio(value: Optional[float], baseline: Optional[float]) -> Optional[float]:
@@ -42,8 +47,11 @@ def parse_prometheus(text: str, names: Optional[Iterable[str]] = None) -> dict[S
     samples; their lines are picked out before parsing (the apiserver's page is large, and we want a few metrics)."""
     wanted = set(names) if names is not None else None
     if wanted is not None:
-        text = "\n".join(line for line in text.splitlines()
-                         if line and line[0] != "#" and line.split("{", 1)[0].split(" ", 1)[0] in wanted)
+        text = "\n".join(
+            line
+            for line in text.splitlines()
+            if line and line[0] != "#" and line.split("{", 1)[0].split(" ", 1)[0] in wanted
+        )
     out: dict[Sample, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -82,8 +90,9 @@ def apiserver_requests(delta: dict[Sample, float]) -> dict[str, dict[str, float]
     """Delta of apiserver_request_total → {"verb resource[/subresource]": count}, split into reads and writes."""
     reads: dict[str, float] = {}
     writes: dict[str, float] = {}
-    for (verb, resource, sub), value in group_sum(delta, "apiserver_request_total",
-                                                  ("verb", "resource", "subresource")).items():
+    for (verb, resource, sub), value in group_sum(
+        delta, "apiserver_request_total", ("verb", "resource", "subresource")
+    ).items():
         key = f"{verb} {resource}{'/' + sub if sub else ''}"
         (writes if verb in WRITE_VERBS else reads)[key] = value
     return {"reads": reads, "writes": writes}

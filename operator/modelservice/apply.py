@@ -30,12 +30,20 @@ def contains(observed: Any, desired: Any) -> bool:
     """True when every field of `desired` is present, equal, in `observed` (server defaults may add more)."""
     if isinstance(desired, dict):
         return isinstance(observed, dict) and all(
-            k in observed and contains(observed[k], v) for k, v in desired.items())
+            k in observed and contains(observed[k], v) for k, v in desired.items()
+        )
     if isinstance(desired, list):
-        return isinstance(observed, list) and len(observed) == len(desired) and all(
-            contains(o, d) for o, d in zip(observed, desired))
-    if isinstance(desired, (int, float)) and isinstance(observed, str) or \
-            isinstance(desired, str) and isinstance(observed, (int, float)):
+        return (
+            isinstance(observed, list)
+            and len(observed) == len(desired)
+            and all(contains(o, d) for o, d in zip(observed, desired))
+        )
+    if (
+        isinstance(desired, (int, float))
+        and isinstance(observed, str)
+        or isinstance(desired, str)
+        and isinstance(observed, (int, float))
+    ):
         return str(desired) == str(observed)
     return bool(observed == desired)
 
@@ -62,8 +70,13 @@ class ApplyResult:
     error_kind: Optional[str] = None
 
 
-async def sync_children(kube: Kube, desired: dict[str, Optional[dict[str, Any]]],
-                        observed: dict[str, dict[str, Any]], owner_uid: str, order: tuple[str, ...]) -> ApplyResult:
+async def sync_children(
+    kube: Kube,
+    desired: dict[str, Optional[dict[str, Any]]],
+    observed: dict[str, dict[str, Any]],
+    owner_uid: str,
+    order: tuple[str, ...],
+) -> ApplyResult:
     result = ApplyResult([], [], [])
     for kind in order:
         want, have = desired.get(kind), observed.get(kind)

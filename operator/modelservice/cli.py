@@ -21,7 +21,7 @@ def _render(path: str, gateway_enabled: bool) -> int:
     from modelservice.render import ApiVersions, Context, render
     from modelservice.scaling import Activity, decide
 
-    with (sys.stdin if path == "-" else open(path)) as f:
+    with sys.stdin if path == "-" else open(path) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
     out: list[dict[str, Any]] = []
     for doc in docs:
@@ -34,9 +34,15 @@ def _render(path: str, gateway_enabled: bool) -> int:
             print(f"{meta.get('name', '?')}: invalid spec: {e}", file=sys.stderr)
             return 2
         decision = decide(spec, None, Activity(), None, 0)
-        ctx = Context(name=meta["name"], namespace=meta.get("namespace", "default"), uid=meta.get("uid", "<uid>"),
-                      labels=meta.get("labels") or {}, replicas=decision.apply_replicas,
-                      hpa_min_replicas=decision.hpa_floor, versions=ApiVersions())
+        ctx = Context(
+            name=meta["name"],
+            namespace=meta.get("namespace", "default"),
+            uid=meta.get("uid", "<uid>"),
+            labels=meta.get("labels") or {},
+            replicas=decision.apply_replicas,
+            hpa_min_replicas=decision.hpa_floor,
+            versions=ApiVersions(),
+        )
         out += [obj for obj in render(ctx, spec).values() if obj]
     print(yaml.safe_dump_all(out, sort_keys=False), end="")
     return 0
@@ -48,8 +54,10 @@ def _network_policy(args: argparse.Namespace) -> Optional[NetworkPolicyConfig]:
     if not args.network_policy:
         return None
     if not args.gateway_namespace or not args.gateway_pod_selector:
-        raise SystemExit("--network-policy needs --gateway-namespace and --gateway-pod-selector: the policy lets only "
-                         "the gateway's pods reach a model")
+        raise SystemExit(
+            "--network-policy needs --gateway-namespace and --gateway-pod-selector: the policy lets only "
+            "the gateway's pods reach a model"
+        )
     try:
         labels = parse_labels(args.gateway_pod_selector)
     except ValueError as e:
@@ -63,13 +71,19 @@ def _run(args: argparse.Namespace) -> int:
 
     from modelservice import handlers
 
-    handlers.OPTIONS.update(gateway_enabled=args.gateway_enabled, workers=args.workers,
-                            network_policy=_network_policy(args),
-                            kubeconfig=args.kubeconfig, watch_dead_after=args.watch_dead_after,
-                            resync_seconds=args.resync_seconds, namespaces=args.namespace or [],
-                            gpu_pool_policy=args.gpu_pool_policy)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers.OPTIONS.update(
+        gateway_enabled=args.gateway_enabled,
+        workers=args.workers,
+        network_policy=_network_policy(args),
+        kubeconfig=args.kubeconfig,
+        watch_dead_after=args.watch_dead_after,
+        resync_seconds=args.resync_seconds,
+        namespaces=args.namespace or [],
+        gpu_pool_policy=args.gpu_pool_policy,
+    )
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one INFO line per watch event is noise
     if args.metrics_port:
         start_http_server(args.metrics_port)
@@ -86,6 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "gateway":
         from modelservice.gateway.cli import main as gateway_main
+
         return gateway_main(argv[1:])
     p = argparse.ArgumentParser(prog="modelservice-operator", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,24 +108,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     scope = run.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch all namespaces (default)")
-    run.add_argument("--gateway-enabled", action="store_true", help="the gateway is installed (scale to zero, API keys)")
-    run.add_argument("--network-policy", action="store_true",
-                     help="render a NetworkPolicy per ModelService: only the gateway's pods reach the engine port")
+    run.add_argument(
+        "--gateway-enabled", action="store_true", help="the gateway is installed (scale to zero, API keys)"
+    )
+    run.add_argument(
+        "--network-policy",
+        action="store_true",
+        help="render a NetworkPolicy per ModelService: only the gateway's pods reach the engine port",
+    )
     run.add_argument("--gateway-namespace", help="namespace of the gateway's pods (for --network-policy)")
     run.add_argument("--gateway-pod-selector", metavar="K=V[,K=V]", help="labels of the gateway's pods")
-    run.add_argument("--metrics-namespace", action="append", metavar="NS",
-                     help="also let pods of this namespace reach the engines' metrics port (repeatable; opt-in: "
-                          "most engines serve metrics on the inference port, so this lets them call models too)")
+    run.add_argument(
+        "--metrics-namespace",
+        action="append",
+        metavar="NS",
+        help="also let pods of this namespace reach the engines' metrics port (repeatable; opt-in: "
+        "most engines serve metrics on the inference port, so this lets them call models too)",
+    )
     run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     run.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port, /healthz (0: off)")
     run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
     run.add_argument("--resync-seconds", type=float, default=600, help="re-check every ModelService this often")
-    run.add_argument("--gpu-pool-policy", choices=("park", "idle-timer"), default="park",
-                     help="park: park idle models to make room for one that lacks GPUs (docs/gpu-pool.md); "
-                          "idle-timer: only each model's own scaleToZeroAfter (the old behaviour, for comparison)")
+    run.add_argument(
+        "--gpu-pool-policy",
+        choices=("park", "idle-timer"),
+        default="park",
+        help="park: park idle models to make room for one that lacks GPUs (docs/gpu-pool.md); "
+        "idle-timer: only each model's own scaleToZeroAfter (the old behaviour, for comparison)",
+    )
     run.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG or in-cluster)")
-    run.add_argument("--watch-dead-after", type=float, default=900,
-                     help="seconds without an answer on any watch before /healthz fails")
+    run.add_argument(
+        "--watch-dead-after",
+        type=float,
+        default=900,
+        help="seconds without an answer on any watch before /healthz fails",
+    )
     run.add_argument("--log-level", default="info")
     sub.add_parser("crd", help="print the CRD YAML")
     rend = sub.add_parser("render", help="print the children a ModelService would get (offline)")
@@ -125,12 +157,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.command == "crd":
         from modelservice.crd import crd_yaml
+
         print(crd_yaml(), end="")
         return 0
     if args.command == "render":
         return _render(args.filename, args.gateway_enabled)
     if args.command == "usage":
         from modelservice.usage import main as usage_main
+
         return usage_main(args.prometheus, args.since, args.output)
     if args.command == "version":
         print(json.dumps({"version": __version__}))

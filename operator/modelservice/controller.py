@@ -89,15 +89,22 @@ def _slim_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
 
     def waiting(statuses: Optional[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         # A container that waits, or that runs unready after exiting (its last words are in lastState.terminated).
-        return [{k: cs[k] for k in ("state", "lastState", "restartCount", "ready") if k in cs} for cs in statuses or []
-                if (cs.get("state") or {}).get("waiting") or exited_unready(cs)]
+        return [
+            {k: cs[k] for k in ("state", "lastState", "restartCount", "ready") if k in cs}
+            for cs in statuses or []
+            if (cs.get("state") or {}).get("waiting") or exited_unready(cs)
+        ]
 
-    status = {"conditions": [c for c in st.get("conditions") or [] if c.get("status") == "False"],
-              "containerStatuses": waiting(st.get("containerStatuses")),
-              "initContainerStatuses": waiting(st.get("initContainerStatuses")),
-              "nominatedNodeName": st.get("nominatedNodeName")}
-    out: dict[str, Any] = {"metadata": {k: v for k, v in obj["metadata"].items() if k in POD_META},
-           "status": {k: v for k, v in status.items() if v}}
+    status = {
+        "conditions": [c for c in st.get("conditions") or [] if c.get("status") == "False"],
+        "containerStatuses": waiting(st.get("containerStatuses")),
+        "initContainerStatuses": waiting(st.get("initContainerStatuses")),
+        "nominatedNodeName": st.get("nominatedNodeName"),
+    }
+    out: dict[str, Any] = {
+        "metadata": {k: v for k, v in obj["metadata"].items() if k in POD_META},
+        "status": {k: v for k, v in status.items() if v},
+    }
     # The GPU pool planner's view (parking.py): where the pod runs, its scheduler priority and its GPU count (a
     # derived field of this cache only: the containers themselves are not kept).
     spec = {k: v for k, v in (obj.get("spec") or {}).items() if k in ("nodeName", "priority") and v}
@@ -112,10 +119,15 @@ def _slim_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
 def _slim_node(obj: dict[str, Any]) -> dict[str, Any]:
     """Of a node, the planner reads labels, taints, cordon and allocatable GPUs."""
     spec = obj.get("spec") or {}
-    return {"metadata": {"name": obj["metadata"]["name"], "labels": obj["metadata"].get("labels") or {}},
-            "spec": {k: spec[k] for k in ("taints", "unschedulable") if spec.get(k)},
-            "status": {"allocatable": {k: v for k, v in ((obj.get("status") or {}).get("allocatable") or {}).items()
-                                       if k == parking.GPU}}}
+    return {
+        "metadata": {"name": obj["metadata"]["name"], "labels": obj["metadata"].get("labels") or {}},
+        "spec": {k: spec[k] for k in ("taints", "unschedulable") if spec.get(k)},
+        "status": {
+            "allocatable": {
+                k: v for k, v in ((obj.get("status") or {}).get("allocatable") or {}).items() if k == parking.GPU
+            }
+        },
+    }
 
 
 def _rolling(dep: Optional[dict[str, Any]]) -> bool:
@@ -131,9 +143,17 @@ def _essence(body: dict[str, Any]) -> tuple[Any, ...]:
 
 
 class Controller:
-    def __init__(self, kube: Kube, *, gateway_enabled: bool = False, workers: int = 4, resync_seconds: float = 600,
-                 namespaces: Optional[list[str]] = None, network_policy: Optional[NetworkPolicyConfig] = None,
-                 parking: bool = True):
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        gateway_enabled: bool = False,
+        workers: int = 4,
+        resync_seconds: float = 600,
+        namespaces: Optional[list[str]] = None,
+        network_policy: Optional[NetworkPolicyConfig] = None,
+        parking: bool = True,
+    ):
         self.kube = kube
         self.parking = parking  # False: no GPU pool planner, only each model's idle timer (bench comparison)
         self.network_policy = network_policy  # None: no NetworkPolicy per model (and ours are deleted)
@@ -176,19 +196,36 @@ class Controller:
         kinds carry 10-20 events per ModelService as it comes up (every pod status change), and through kopf each
         cost a per-object worker task, a Body and a handler call: a third of the operator's CPU at N=1000 in
         `make bench`, and most of its memory."""
+
         def child(kind: str, api_version: str) -> Callable[[str, dict[str, Any]], None]:
             # LIST items carry no apiVersion/kind, and deleting a child that is no longer wanted needs both.
             return lambda event, obj: self.on_child(kind, event, slim(dict(obj, apiVersion=api_version, kind=kind)))
 
-        kinds = [(kind, api_version, MANAGED_SELECTOR, child(kind, api_version)) for kind, api_version in (
-            ("Deployment", "apps/v1"), ("Service", "v1"), ("PersistentVolumeClaim", "v1"),
-            ("HorizontalPodAutoscaler", self.versions.hpa), ("PodDisruptionBudget", self.versions.pdb),
-            ("NetworkPolicy", NETPOL_API_VERSION))]
-        kinds += [("Pod", "v1", MANAGED_SELECTOR, lambda event, obj: self.on_pod(event, slim(obj, "Pod"))),
-                  ("Lease", "coordination.k8s.io/v1", f"{ACTIVITY_LABEL}=true",
-                   lambda event, obj: self.on_lease(event, slim(obj, "Lease")))]
-        watches = [(object_path(api_version, kind, ns), selector, apply)
-                   for ns in self.namespaces for kind, api_version, selector, apply in kinds]
+        kinds = [
+            (kind, api_version, MANAGED_SELECTOR, child(kind, api_version))
+            for kind, api_version in (
+                ("Deployment", "apps/v1"),
+                ("Service", "v1"),
+                ("PersistentVolumeClaim", "v1"),
+                ("HorizontalPodAutoscaler", self.versions.hpa),
+                ("PodDisruptionBudget", self.versions.pdb),
+                ("NetworkPolicy", NETPOL_API_VERSION),
+            )
+        ]
+        kinds += [
+            ("Pod", "v1", MANAGED_SELECTOR, lambda event, obj: self.on_pod(event, slim(obj, "Pod"))),
+            (
+                "Lease",
+                "coordination.k8s.io/v1",
+                f"{ACTIVITY_LABEL}=true",
+                lambda event, obj: self.on_lease(event, slim(obj, "Lease")),
+            ),
+        ]
+        watches = [
+            (object_path(api_version, kind, ns), selector, apply)
+            for ns in self.namespaces
+            for kind, api_version, selector, apply in kinds
+        ]
         return watching.start(self.kube, watches, self.synced.set, on_alive, on_relist=self._relist_soon)
 
     def _relist_soon(self) -> None:
@@ -231,8 +268,9 @@ class Controller:
         MANAGED.set(len(self.store.modelservices))
         WORKQUEUE_DEPTH.set(len(self.queue))
 
-    def _on_owned(self, table: dict[Key, dict[str, dict[str, Any]]], slot: str, event_type: Optional[str],
-                  body: dict[str, Any]) -> None:
+    def _on_owned(
+        self, table: dict[Key, dict[str, dict[str, Any]]], slot: str, event_type: Optional[str], body: dict[str, Any]
+    ) -> None:
         key = _owner_key(body)
         if key is None:
             return
@@ -254,8 +292,11 @@ class Controller:
         name = body["metadata"]["name"]
         pending = self._gpu_pending.setdefault(key, set())
         was = name in pending
-        if event_type != "DELETED" and not (body.get("spec") or {}).get("nodeName") \
-                and parking.pending_gpu_message(body) is not None:
+        if (
+            event_type != "DELETED"
+            and not (body.get("spec") or {}).get("nodeName")
+            and parking.pending_gpu_message(body) is not None
+        ):
             pending.add(name)
         else:
             pending.discard(name)
@@ -350,23 +391,35 @@ class Controller:
                 elif not node and gpus and pending is None and not pod["metadata"].get("deletionTimestamp"):
                     msg = parking.pending_gpu_message(pod)
                     if msg is not None:
-                        pending = parking.Pending(gpus, msg, nominated=bool(
-                            (pod.get("status") or {}).get("nominatedNodeName")))
+                        pending = parking.Pending(
+                            gpus, msg, nominated=bool((pod.get("status") or {}).get("nominatedNodeName"))
+                        )
             if not bound and pending is None:
                 continue
             a = spec.autoscaling
             replicas = dep.get("spec", {}).get("replicas")
             st = dep.get("status") or {}
             activity = activity_from_leases(list(self.store.leases.get(key, {}).values()), now) if a else Activity()
-            out.append(parking.Model(
-                key=key, replicas=1 if replicas is None else replicas,
-                min_replicas=a.minReplicas if a else spec.replicas, scale_to_zero=bool(a and a.minReplicas == 0),
-                # Busy now, not the peak of the gateway's last interval: a model idle since a second ago gives its
-                # GPUs back at once rather than an interval or two later (the gateway writes the drop to idle at once).
-                in_flight=activity.in_flight_now, ready_since=self._ready_since.get(key),
-                last_request=activity.last_request, priority=spec.priority, pod_priority=pod_priority,
-                placement=parking.placement_from(spec.placement), pods=tuple(bound), pending=pending,
-                rolling=_rolling(dep), ready=st.get("readyReplicas") or 0))
+            out.append(
+                parking.Model(
+                    key=key,
+                    replicas=1 if replicas is None else replicas,
+                    min_replicas=a.minReplicas if a else spec.replicas,
+                    scale_to_zero=bool(a and a.minReplicas == 0),
+                    # Busy now, not the peak of the gateway's last interval: a model idle since a second ago gives its
+                    # GPUs back at once rather than an interval or two later (the gateway writes the drop to idle at once).
+                    in_flight=activity.in_flight_now,
+                    ready_since=self._ready_since.get(key),
+                    last_request=activity.last_request,
+                    priority=spec.priority,
+                    pod_priority=pod_priority,
+                    placement=parking.placement_from(spec.placement),
+                    pods=tuple(bound),
+                    pending=pending,
+                    rolling=_rolling(dep),
+                    ready=st.get("readyReplicas") or 0,
+                )
+            )
         return out
 
     async def plan_pool(self) -> None:
@@ -375,8 +428,9 @@ class Controller:
         result = parking.plan(self.pool_models(time.time()), [parking.node_from(n) for n in self.store.nodes.values()])
         for park in result.parks:
             await self._park(park)
-        in_place = {k for k in self._in_place | result.in_place
-                    if _rolling(self.store.children.get(k, {}).get("Deployment"))}
+        in_place = {
+            k for k in self._in_place | result.in_place if _rolling(self.store.children.get(k, {}).get("Deployment"))
+        }
         for key in in_place ^ self._in_place:
             self.queue.add(key)  # its Deployment's strategy changes
         self._in_place = in_place
@@ -394,8 +448,10 @@ class Controller:
         dep = self.store.children.get(park.victim, {}).get("Deployment")
         if dep is None or dep.get("spec", {}).get("replicas") == 0:
             return
-        await self.kube.merge_patch(object_path("apps/v1", "Deployment", ns, name), {
-            "metadata": {"annotations": {parking.PARKED_FOR_ANNOTATION: waiter}}, "spec": {"replicas": 0}})
+        await self.kube.merge_patch(
+            object_path("apps/v1", "Deployment", ns, name),
+            {"metadata": {"annotations": {parking.PARKED_FOR_ANNOTATION: waiter}}, "spec": {"replicas": 0}},
+        )
         API_WRITES.labels(verb="scale", kind="Deployment").inc()
         log.info("GPU pool: parked %s/%s (%d GPU(s) on %s) for %s", ns, name, park.gpus, park.node, waiter)
         victim = self.store.modelservices.get(park.victim)
@@ -403,8 +459,12 @@ class Controller:
             await self.events.record(victim, "Normal", "Parked", park.message)
         body = self.store.modelservices.get(park.waiter)
         if body is not None:
-            await self.events.record(body, "Normal", "MakingRoom",
-                                     f"parked {ns}/{name} ({park.gpus} GPU(s) on node {park.node}) to make room")
+            await self.events.record(
+                body,
+                "Normal",
+                "MakingRoom",
+                f"parked {ns}/{name} ({park.gpus} GPU(s) on node {park.node}) to make room",
+            )
         self.queue.add(park.victim)
 
     async def _worker(self, n: int) -> None:
@@ -465,19 +525,34 @@ class Controller:
         decision = decide(spec, current, activity, self._ready_since.get(key), now)
         if key in self._in_place and not _rolling(dep):
             self._in_place.discard(key)  # rolled out: surge again next time
-        ctx = Context(name=name, namespace=ns, uid=meta["uid"], labels=meta.get("labels") or {},
-                      replicas=decision.apply_replicas, hpa_min_replicas=decision.hpa_floor, versions=self.versions,
-                      surge=key not in self._in_place)
+        ctx = Context(
+            name=name,
+            namespace=ns,
+            uid=meta["uid"],
+            labels=meta.get("labels") or {},
+            replicas=decision.apply_replicas,
+            hpa_min_replicas=decision.hpa_floor,
+            versions=self.versions,
+            surge=key not in self._in_place,
+        )
         pods = list(self.store.pods.get(key, {}).values())
         # In every status this pass writes, the first one included: a field that appeared only in the later one
         # would make it differ, and cost a status write per model at creation (make bench counts them).
         gpus = sum(p.get("gpus") or 0 for p in pods if (p.get("spec") or {}).get("nodeName"))
-        facts = dict(base, url=service_url(name, ns, port_of(spec)),
-                     endpoint=gateway_path(name, ns) if self.gateway_enabled else None,
-                     scale_to_zero=bool(spec.autoscaling and spec.autoscaling.minReplicas == 0), gpus=gpus,
-                     adapters=adapters_from_leases([a.name for a in spec.adapters],
-                                                   list(self.store.leases.get(key, {}).values()),
-                                                   {p["metadata"]["name"] for p in pods}) if spec.adapters else None)
+        facts = dict(
+            base,
+            url=service_url(name, ns, port_of(spec)),
+            endpoint=gateway_path(name, ns) if self.gateway_enabled else None,
+            scale_to_zero=bool(spec.autoscaling and spec.autoscaling.minReplicas == 0),
+            gpus=gpus,
+            adapters=adapters_from_leases(
+                [a.name for a in spec.adapters],
+                list(self.store.leases.get(key, {}).values()),
+                {p["metadata"]["name"] for p in pods},
+            )
+            if spec.adapters
+            else None,
+        )
         if not old_status:  # tell GitOps tools we are on it before the first child exists
             await self._write_status(body, Observed(**facts, first_pass=True))
 
@@ -488,8 +563,15 @@ class Controller:
             for kind in kinds:
                 API_WRITES.labels(verb=verb, kind=kind).inc()
         if result.created or result.updated or result.deleted:
-            parts = [f"{verb} {', '.join(kinds)}" for verb, kinds in
-                     (("created", result.created), ("updated", result.updated), ("deleted", result.deleted)) if kinds]
+            parts = [
+                f"{verb} {', '.join(kinds)}"
+                for verb, kinds in (
+                    ("created", result.created),
+                    ("updated", result.updated),
+                    ("deleted", result.deleted),
+                )
+                if kinds
+            ]
             await self.events.record(body, "Normal", "Reconciled", "; ".join(parts))
         if result.error is not None:
             msg = f"the API server refused the {result.error_kind}: {result.error.message}"
@@ -500,20 +582,31 @@ class Controller:
         parked_for = ((dep or {}).get("metadata", {}).get("annotations") or {}).get(parking.PARKED_FOR_ANNOTATION)
         if decision.scale_to is not None and dep is not None and current != decision.scale_to:
             if decision.scale_to == 0 and parked_for:  # idle this time, not parked: the old "for whom" goes
-                await self.kube.merge_patch(object_path("apps/v1", "Deployment", ns, name), {
-                    "metadata": {"annotations": {parking.PARKED_FOR_ANNOTATION: None}}, "spec": {"replicas": 0}})
+                await self.kube.merge_patch(
+                    object_path("apps/v1", "Deployment", ns, name),
+                    {"metadata": {"annotations": {parking.PARKED_FOR_ANNOTATION: None}}, "spec": {"replicas": 0}},
+                )
             else:
-                await self.kube.merge_patch(object_path("apps/v1", "Deployment", ns, name, "scale"),
-                                            {"spec": {"replicas": decision.scale_to}})
+                await self.kube.merge_patch(
+                    object_path("apps/v1", "Deployment", ns, name, "scale"), {"spec": {"replicas": decision.scale_to}}
+                )
             API_WRITES.labels(verb="scale", kind="Deployment").inc()
             reason = "ScaledToZero" if decision.scale_to == 0 else "Scaled"
             await self.events.record(body, "Normal", reason, f"scaled from {current} to {decision.scale_to} replicas")
         if decision.requeue_after is not None:
             self.queue.add_after(key, decision.requeue_after)
 
-        await self._write_status(body, Observed(**facts, deployment=dep, pods=pods, first_pass=dep is None,
-                                                awaiting=self._waiting.get(key),
-                                                parked_for=parked_for if current == 0 else None))
+        await self._write_status(
+            body,
+            Observed(
+                **facts,
+                deployment=dep,
+                pods=pods,
+                first_pass=dep is None,
+                awaiting=self._waiting.get(key),
+                parked_for=parked_for if current == 0 else None,
+            ),
+        )
         return "success"
 
     async def _write_status(self, body: dict[str, Any], observed: Observed) -> None:

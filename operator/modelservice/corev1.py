@@ -42,11 +42,14 @@ def _many(description: str) -> Any:
 
 class Toleration(_Core):
     """A taint this model's pods tolerate."""
+
     key: Optional[str] = _opt("Taint key; empty with operator Exists matches every taint.")
     operator: Optional[str] = _opt("Exists or Equal (default).", pattern="^(Exists|Equal)$")
     value: Optional[str] = _opt("Taint value, for operator Equal.")
-    effect: Optional[str] = _opt("NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
-                                 pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$")
+    effect: Optional[str] = _opt(
+        "NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
+        pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$",
+    )
     tolerationSeconds: Optional[int] = _opt("How long a NoExecute taint is tolerated.")
 
 
@@ -58,42 +61,47 @@ class LabelSelectorRequirement(_Core):
 
 class LabelSelector(_Core):
     """Selects pods by label."""
+
     matchLabels: dict[str, str] = Field(default_factory=dict, description="Labels that must all match.")
     matchExpressions: list[LabelSelectorRequirement] = _many("Requirements that must all hold.")
 
 
 class NodeSelectorRequirement(_Core):
     key: str = _req("Node label (or field) key.")
-    operator: str = _req("In, NotIn, Exists, DoesNotExist, Gt or Lt.",
-                         pattern="^(In|NotIn|Exists|DoesNotExist|Gt|Lt)$")
+    operator: str = _req("In, NotIn, Exists, DoesNotExist, Gt or Lt.", pattern="^(In|NotIn|Exists|DoesNotExist|Gt|Lt)$")
     values: Strings = _many("Values; one integer for Gt and Lt.")
 
 
 class NodeSelectorTerm(_Core):
     """Node requirements that must all hold."""
+
     matchExpressions: list[NodeSelectorRequirement] = _many("Requirements on node labels.")
     matchFields: list[NodeSelectorRequirement] = _many("Requirements on node fields.")
 
 
 class NodeSelector(_Core):
     """Nodes that match any of the terms."""
+
     nodeSelectorTerms: list[NodeSelectorTerm] = _req("Terms, ORed.")
 
 
 class PreferredSchedulingTerm(_Core):
     """A weighted node preference."""
+
     weight: int = _req("1-100.")
     preference: NodeSelectorTerm = _req("Nodes preferred.")
 
 
 class NodeAffinity(_Core):
     """Which nodes the pods may or should run on."""
+
     requiredDuringSchedulingIgnoredDuringExecution: Optional[NodeSelector] = _opt("Nodes the pods must run on.")
     preferredDuringSchedulingIgnoredDuringExecution: list[PreferredSchedulingTerm] = _many("Nodes preferred.")
 
 
 class PodAffinityTerm(_Core):
     """Pods (by labels, in namespaces) to run near or away from, per topology domain."""
+
     labelSelector: Optional[LabelSelector] = _opt("The other pods.")
     namespaceSelector: Optional[LabelSelector] = _opt("Namespaces of the other pods (Kubernetes 1.21+).")
     namespaces: Strings = _many("Namespaces of the other pods; this one if empty.")
@@ -102,18 +110,21 @@ class PodAffinityTerm(_Core):
 
 class WeightedPodAffinityTerm(_Core):
     """A weighted pod (anti-)affinity preference."""
+
     weight: int = _req("1-100.")
     podAffinityTerm: PodAffinityTerm = _req("The term.")
 
 
 class PodAffinity(_Core):
     """Pod (anti-)affinity."""
+
     requiredDuringSchedulingIgnoredDuringExecution: list[PodAffinityTerm] = _many("Terms that must hold.")
     preferredDuringSchedulingIgnoredDuringExecution: list[WeightedPodAffinityTerm] = _many("Terms preferred.")
 
 
 class Affinity(_Core):
     """core/v1 Affinity."""
+
     nodeAffinity: Optional[NodeAffinity] = _opt("Node affinity.")
     podAffinity: Optional[PodAffinity] = _opt("Run near these pods.")
     podAntiAffinity: Optional[PodAffinity] = _opt("Run away from these pods.")
@@ -121,6 +132,7 @@ class Affinity(_Core):
 
 class TopologySpreadConstraint(_Core):
     """How evenly the pods spread over a topology."""
+
     maxSkew: int = _req("Largest allowed difference in pod count between domains (>= 1).")
     topologyKey: str = _req("Node label that defines the domains.")
     whenUnsatisfiable: str = _req("DoNotSchedule or ScheduleAnyway.", pattern="^(DoNotSchedule|ScheduleAnyway)$")
@@ -129,6 +141,7 @@ class TopologySpreadConstraint(_Core):
 
 class KeyRef(_Core):
     """A key of a Secret or ConfigMap in the ModelService's namespace."""
+
     name: Optional[str] = _opt("Secret or ConfigMap name.")
     key: str = _req("The key.")
     optional: Optional[bool] = _opt("Start the pod even if it is missing.")
@@ -136,12 +149,14 @@ class KeyRef(_Core):
 
 class FieldRef(_Core):
     """A field of the pod."""
+
     apiVersion: Optional[str] = _opt("Schema version of fieldPath, v1 by default.")
     fieldPath: str = _req("e.g. metadata.name, status.podIP.")
 
 
 class ResourceFieldRef(_Core):
     """A resource request or limit of a container."""
+
     containerName: Optional[str] = _opt("Container; the one the variable is in by default.")
     resource: str = _req("e.g. limits.cpu, requests.memory.")
     divisor: Optional[Quantity] = _opt("Unit of the value, 1 by default.")
@@ -149,6 +164,7 @@ class ResourceFieldRef(_Core):
 
 class EnvVarSource(_Core):
     """Where an environment variable's value comes from: one of these."""
+
     secretKeyRef: Optional[KeyRef] = _opt("A Secret key.")
     configMapKeyRef: Optional[KeyRef] = _opt("A ConfigMap key.")
     fieldRef: Optional[FieldRef] = _opt("A pod field.")

@@ -28,9 +28,12 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         return _structural(target, defs)
     if node.get("x-kubernetes-int-or-string"):  # Quantity: the shape Kubernetes' own CRDs use
         string = next(b for b in node["anyOf"] if b.get("type") == "string")
-        return {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": string["pattern"],
-                "x-kubernetes-int-or-string": True,
-                **({"description": node["description"]} if "description" in node else {})}
+        return {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": string["pattern"],
+            "x-kubernetes-int-or-string": True,
+            **({"description": node["description"]} if "description" in node else {}),
+        }
     if "anyOf" in node:  # Optional[X]: drop the null branch; absence is how Kubernetes says "unset"
         branches = [b for b in node["anyOf"] if b.get("type") != "null"]
         merged = {k: v for k, v in node.items() if k != "anyOf"}
@@ -96,23 +99,28 @@ def build_crd() -> dict[str, Any]:
         "name": VERSION,
         "served": True,
         "storage": True,
-        "schema": {"openAPIV3Schema": {
-            "type": "object",
-            "description": "A model served on Kubernetes: the operator runs it as a Deployment, a Service and "
-                           "(optionally) an autoscaler, and the gateway can scale it to zero.",
-            "required": ["spec"],
-            "properties": {
-                "apiVersion": {"type": "string", "description": "serving.modelservice.dev/v1alpha1"},
-                "kind": {"type": "string", "description": "ModelService"},
-                "metadata": {"type": "object"},
-                "spec": _spec_schema(),
-                "status": _status_schema(),
-            },
-        }},
+        "schema": {
+            "openAPIV3Schema": {
+                "type": "object",
+                "description": "A model served on Kubernetes: the operator runs it as a Deployment, a Service and "
+                "(optionally) an autoscaler, and the gateway can scale it to zero.",
+                "required": ["spec"],
+                "properties": {
+                    "apiVersion": {"type": "string", "description": "serving.modelservice.dev/v1alpha1"},
+                    "kind": {"type": "string", "description": "ModelService"},
+                    "metadata": {"type": "object"},
+                    "spec": _spec_schema(),
+                    "status": _status_schema(),
+                },
+            }
+        },
         "subresources": {
             "status": {},
-            "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
-                      "labelSelectorPath": ".status.selector"},
+            "scale": {
+                "specReplicasPath": ".spec.replicas",
+                "statusReplicasPath": ".status.replicas",
+                "labelSelectorPath": ".status.selector",
+            },
         },
         "additionalPrinterColumns": [
             {"name": "Engine", "type": "string", "jsonPath": ".spec.engine"},
@@ -128,12 +136,20 @@ def build_crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "modelservice-operator",
-                                                  "app.kubernetes.io/part-of": "modelservice"}},
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {"app.kubernetes.io/name": "modelservice-operator", "app.kubernetes.io/part-of": "modelservice"},
+        },
         "spec": {
             "group": GROUP,
-            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": "modelservice",
-                      "shortNames": ["msvc", "ms"], "categories": ["modelserving"]},
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": "modelservice",
+                "shortNames": ["msvc", "ms"],
+                "categories": ["modelserving"],
+            },
             "scope": "Namespaced",
             "versions": [version],
         },

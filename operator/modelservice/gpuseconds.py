@@ -42,11 +42,19 @@ def split(pods: Iterable[dict[str, Any]], ready_replicas: int, in_flight: int) -
 
 class GpuSeconds:
     def __init__(self, registry: CollectorRegistry = REGISTRY):
-        self.total = Counter("modelservice_gpu_seconds", "GPU-seconds held per model, by state (serving: a request "
-                             "in flight; idle: ready, none in flight; loading: not ready yet).",
-                             ["namespace", "modelservice", "state"], registry=registry)
-        self.now = Gauge("modelservice_gpus", "GPUs held per model now, by state.",
-                         ["namespace", "modelservice", "state"], registry=registry)
+        self.total = Counter(
+            "modelservice_gpu_seconds",
+            "GPU-seconds held per model, by state (serving: a request "
+            "in flight; idle: ready, none in flight; loading: not ready yet).",
+            ["namespace", "modelservice", "state"],
+            registry=registry,
+        )
+        self.now = Gauge(
+            "modelservice_gpus",
+            "GPUs held per model now, by state.",
+            ["namespace", "modelservice", "state"],
+            registry=registry,
+        )
         self._last: dict[Key, Split] = {}
         self._at: Optional[float] = None
 
@@ -93,8 +101,9 @@ def _default() -> GpuSeconds:
     return _DEFAULT[0]
 
 
-async def run(store: Any, meter: Optional[GpuSeconds] = None, interval: float = INTERVAL,
-              clock: Callable[[], float] = time.time) -> None:
+async def run(
+    store: Any, meter: Optional[GpuSeconds] = None, interval: float = INTERVAL, clock: Callable[[], float] = time.time
+) -> None:
     """Sample every interval until cancelled; never raises (a bad sample is logged and skipped)."""
     meter = meter or _default()
     while True:

@@ -17,9 +17,16 @@ from modelservice.kube import Kube, TokenSource, load_credentials
 from modelservice.metrics import LAST_WATCH_EVENT
 
 # Set by cli.py before kopf starts.
-OPTIONS: dict[str, Any] = {"gateway_enabled": False, "workers": 4, "kubeconfig": None, "watch_dead_after": 900,
-                           "resync_seconds": 600, "namespaces": [], "network_policy": None,
-                           "gpu_pool_policy": "park"}
+OPTIONS: dict[str, Any] = {
+    "gateway_enabled": False,
+    "workers": 4,
+    "kubeconfig": None,
+    "watch_dead_after": 900,
+    "resync_seconds": 600,
+    "namespaces": [],
+    "network_policy": None,
+    "gpu_pool_policy": "park",
+}
 _last_event = [time.time()]
 
 
@@ -55,10 +62,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     # is then no reason to call a healthy operator dead, and no second ModelService watch is needed for it.
     watch_timeout = max(1, min(300, int(OPTIONS["watch_dead_after"] / 3)))
     kube = Kube(_token_source().creds, tokens=_token_source(), watch_timeout=watch_timeout)
-    controller = Controller(kube, gateway_enabled=OPTIONS["gateway_enabled"], workers=OPTIONS["workers"],
-                            resync_seconds=OPTIONS["resync_seconds"], namespaces=OPTIONS["namespaces"],
-                            network_policy=OPTIONS["network_policy"],
-                            parking=OPTIONS["gpu_pool_policy"] == "park")
+    controller = Controller(
+        kube,
+        gateway_enabled=OPTIONS["gateway_enabled"],
+        workers=OPTIONS["workers"],
+        resync_seconds=OPTIONS["resync_seconds"],
+        namespaces=OPTIONS["namespaces"],
+        network_policy=OPTIONS["network_policy"],
+        parking=OPTIONS["gpu_pool_policy"] == "park",
+    )
     await controller.start(on_alive=_seen)
     memo.controller = controller
 
@@ -88,10 +100,18 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
     _GIVEN[:] = [token]
     c = tokens.creds
     return kopf.ConnectionInfo(
-        server=c.server, ca_path=c.ca_path, ca_data=c.ca_data, insecure=c.insecure or None,
-        certificate_path=c.certificate_path, certificate_data=c.certificate_data,
-        private_key_path=c.private_key_path, private_key_data=c.private_key_data,
-        token=token, default_namespace=c.default_namespace, expiration=tokens.expiration)
+        server=c.server,
+        ca_path=c.ca_path,
+        ca_data=c.ca_data,
+        insecure=c.insecure or None,
+        certificate_path=c.certificate_path,
+        certificate_data=c.certificate_data,
+        private_key_path=c.private_key_path,
+        private_key_data=c.private_key_data,
+        token=token,
+        default_namespace=c.default_namespace,
+        expiration=tokens.expiration,
+    )
 
 
 @kopf.on.cleanup()

@@ -35,11 +35,20 @@ LIST_PAGE = 200
 
 # kind → (plural, namespaced). Only the kinds we touch.
 PLURALS = {
-    "Deployment": "deployments", "Service": "services", "PersistentVolumeClaim": "persistentvolumeclaims",
-    "HorizontalPodAutoscaler": "horizontalpodautoscalers", "PodDisruptionBudget": "poddisruptionbudgets",
-    "Pod": "pods", "Event": "events", "Lease": "leases", "EndpointSlice": "endpointslices",
-    "ModelService": "modelservices", "Secret": "secrets", "Namespace": "namespaces",
-    "CustomResourceDefinition": "customresourcedefinitions", "NetworkPolicy": "networkpolicies",
+    "Deployment": "deployments",
+    "Service": "services",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "Pod": "pods",
+    "Event": "events",
+    "Lease": "leases",
+    "EndpointSlice": "endpointslices",
+    "ModelService": "modelservices",
+    "Secret": "secrets",
+    "Namespace": "namespaces",
+    "CustomResourceDefinition": "customresourcedefinitions",
+    "NetworkPolicy": "networkpolicies",
 }
 CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition"}
 
@@ -61,14 +70,20 @@ class ApiError(Exception):
         """The API server refused the object itself (invalid, immutable field): retrying the same body won't help.
         v1.20's server-side apply answers a body it cannot type (a wrong type inside a pass-through core/v1 field,
         e.g. placement.tolerations) with 500 "failed to create typed patch object": deterministic, so permanent."""
-        if self.status == 500 and ("failed to create typed patch object" in self.message
-                                   or "request is too large" in self.message):
+        if self.status == 500 and (
+            "failed to create typed patch object" in self.message or "request is too large" in self.message
+        ):
             return True  # the second: an object past etcd's size limit, refused the same way every time
         return self.status in (400, 413, 422)
 
 
-def object_path(api_version: str, kind: str, namespace: Optional[str] = None, name: Optional[str] = None,
-                subresource: Optional[str] = None) -> str:
+def object_path(
+    api_version: str,
+    kind: str,
+    namespace: Optional[str] = None,
+    name: Optional[str] = None,
+    subresource: Optional[str] = None,
+) -> str:
     base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     path = base
     if namespace and kind not in CLUSTER_SCOPED:
@@ -85,6 +100,7 @@ def object_path(api_version: str, kind: str, namespace: Optional[str] = None, na
 class Credentials:
     """Where the API server is and how to prove who we are: one source for our client and kopf's (handlers.login).
     Field names follow kopf.ConnectionInfo. Paths are absolute; *_data are PEM."""
+
     server: str
     ca_path: Optional[str] = None
     ca_data: Optional[str] = None
@@ -137,8 +153,12 @@ def load_credentials(kubeconfig: Optional[str] = None) -> Credentials:
         if os.path.exists(os.path.join(sa_dir, "namespace")):
             with open(os.path.join(sa_dir, "namespace")) as f:
                 namespace = f.read().strip()
-        return Credentials(server=f"https://{host}:{port}", ca_path=os.path.join(sa_dir, "ca.crt"),
-                           token_file=SA_TOKEN, default_namespace=namespace)
+        return Credentials(
+            server=f"https://{host}:{port}",
+            ca_path=os.path.join(sa_dir, "ca.crt"),
+            token_file=SA_TOKEN,
+            default_namespace=namespace,
+        )
     paths = [p for p in (kubeconfig or "").split(os.pathsep) if p]
     paths = paths or [os.path.expanduser("~/.kube/config")]
     merged: dict[str, dict[str, Any]] = {"contexts": {}, "clusters": {}, "users": {}}
@@ -168,8 +188,10 @@ def load_credentials(kubeconfig: Optional[str] = None) -> Credentials:
         return os.path.join(folder, os.path.expanduser(p)) if p else None
 
     if "auth-provider" in user:
-        raise CredentialsError("kubeconfig: users[].user.auth-provider was removed from Kubernetes clients; "
-                               "use the provider's exec plugin (users[].user.exec)")
+        raise CredentialsError(
+            "kubeconfig: users[].user.auth-provider was removed from Kubernetes clients; "
+            "use the provider's exec plugin (users[].user.exec)"
+        )
     exec_spec = user.get("exec")
     if exec_spec is not None:
         exec_spec = {**exec_spec, "_base_dir": udir, "_cluster": cluster}
@@ -182,8 +204,11 @@ def load_credentials(kubeconfig: Optional[str] = None) -> Credentials:
         certificate_data=_pem(user["client-certificate-data"]) if user.get("client-certificate-data") else None,
         private_key_path=path_in(udir, user.get("client-key")),
         private_key_data=_pem(user["client-key-data"]) if user.get("client-key-data") else None,
-        token=user.get("token"), token_file=path_in(udir, user.get("tokenFile")), exec=exec_spec,
-        default_namespace=context.get("namespace"))
+        token=user.get("token"),
+        token_file=path_in(udir, user.get("tokenFile")),
+        exec=exec_spec,
+        default_namespace=context.get("namespace"),
+    )
 
 
 EXEC_API_VERSIONS = ("client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1")
@@ -200,8 +225,13 @@ class TokenSource:
     exec plugin's token when its expirationTimestamp is near, either of them at once after a 401 (refresh()).
     Shared by our client and kopf's login handler, so both always send the same token."""
 
-    def __init__(self, creds: Credentials, *, clock: Callable[[], float] = time.monotonic,
-                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+    def __init__(
+        self,
+        creds: Credentials,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ):
         self.creds = creds
         self.clock, self.now = clock, now
         self.token: Optional[str] = creds.token
@@ -247,27 +277,44 @@ async def run_exec_plugin(spec: dict[str, Any]) -> tuple[str, Optional[datetime]
     api_version = spec.get("apiVersion")
     command = spec.get("command") or ""
     if api_version not in EXEC_API_VERSIONS:
-        raise CredentialsError(f"exec plugin {command!r}: apiVersion {api_version!r} is not supported "
-                               f"(supported: {', '.join(EXEC_API_VERSIONS)})")
+        raise CredentialsError(
+            f"exec plugin {command!r}: apiVersion {api_version!r} is not supported "
+            f"(supported: {', '.join(EXEC_API_VERSIONS)})"
+        )
     if spec.get("interactiveMode") == "Always":
-        raise CredentialsError(f"exec plugin {command!r} needs a terminal (interactiveMode: Always); "
-                               "the operator and the gateway have none")
+        raise CredentialsError(
+            f"exec plugin {command!r} needs a terminal (interactiveMode: Always); "
+            "the operator and the gateway have none"
+        )
     if os.sep in command and not os.path.isabs(command):  # relative to the kubeconfig's folder, as kubectl does
         command = os.path.join(spec.get("_base_dir", "."), command)
     info: dict[str, Any] = {"interactive": False}
     if spec.get("provideClusterInfo"):
         cluster = spec.get("_cluster") or {}
-        info["cluster"] = {k: v for k, v in (("server", cluster.get("server")),
-                                             ("certificate-authority-data", cluster.get("certificate-authority-data")),
-                                             ("insecure-skip-tls-verify", cluster.get("insecure-skip-tls-verify")),
-                                             ("config", (cluster.get("extensions") or [{}])[0].get("extension")))
-                           if v is not None}
-    env = {**os.environ, **{e["name"]: e["value"] for e in spec.get("env") or []},
-           "KUBERNETES_EXEC_INFO": json.dumps({"apiVersion": api_version, "kind": "ExecCredential", "spec": info})}
+        info["cluster"] = {
+            k: v
+            for k, v in (
+                ("server", cluster.get("server")),
+                ("certificate-authority-data", cluster.get("certificate-authority-data")),
+                ("insecure-skip-tls-verify", cluster.get("insecure-skip-tls-verify")),
+                ("config", (cluster.get("extensions") or [{}])[0].get("extension")),
+            )
+            if v is not None
+        }
+    env = {
+        **os.environ,
+        **{e["name"]: e["value"] for e in spec.get("env") or []},
+        "KUBERNETES_EXEC_INFO": json.dumps({"apiVersion": api_version, "kind": "ExecCredential", "spec": info}),
+    }
     try:
-        proc = await asyncio.create_subprocess_exec(command, *(spec.get("args") or []), env=env,
-                                                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            command,
+            *(spec.get("args") or []),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
     except OSError as e:
         hint = f" ({spec['installHint'].strip()})" if spec.get("installHint") else ""
         raise CredentialsError(f"exec plugin {command!r} cannot run: {e}{hint}") from e
@@ -278,8 +325,9 @@ async def run_exec_plugin(spec: dict[str, Any]) -> tuple[str, Optional[datetime]
         await proc.wait()
         raise CredentialsError(f"exec plugin {command!r} gave no answer within {EXEC_TIMEOUT:.0f}s") from None
     if proc.returncode:
-        raise CredentialsError(f"exec plugin {command!r} exited with {proc.returncode}: "
-                               f"{err.decode(errors='replace').strip()[-500:]}")
+        raise CredentialsError(
+            f"exec plugin {command!r} exited with {proc.returncode}: {err.decode(errors='replace').strip()[-500:]}"
+        )
     try:
         cred = json.loads(out)
         status = cred["status"]
@@ -288,15 +336,23 @@ async def run_exec_plugin(spec: dict[str, Any]) -> tuple[str, Optional[datetime]
     if cred.get("apiVersion") != api_version:
         raise CredentialsError(f"exec plugin {command!r} answered {cred.get('apiVersion')!r}, asked {api_version!r}")
     if not status.get("token"):
-        raise CredentialsError(f"exec plugin {command!r} gave no token (client certificates from exec plugins are "
-                               "not supported)")
+        raise CredentialsError(
+            f"exec plugin {command!r} gave no token (client certificates from exec plugins are not supported)"
+        )
     expires = status.get("expirationTimestamp")
     return status["token"], datetime.fromisoformat(expires.replace("Z", "+00:00")) if expires else None
 
 
 class Kube:
-    def __init__(self, creds: Credentials, *, user_agent: str = FIELD_MANAGER, limit: int = 0,
-                 tokens: Optional[TokenSource] = None, watch_timeout: int = 300):
+    def __init__(
+        self,
+        creds: Credentials,
+        *,
+        user_agent: str = FIELD_MANAGER,
+        limit: int = 0,
+        tokens: Optional[TokenSource] = None,
+        watch_timeout: int = 300,
+    ):
         """limit: most connections at once (0: no limit). Every watch holds one for its whole life (the operator
         runs 7 per namespace), so a limit would starve requests once enough namespaces are watched; the callers
         bound their own concurrency (the operator's --workers, one wake-up per model in the gateway).
@@ -327,7 +383,8 @@ class Kube:
             tls = self.creds.ssl_context() if self.creds.server.startswith("https:") else False
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=tls, limit=self.limit),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None))
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
+            )
         return self._session
 
     async def close(self) -> None:
@@ -335,8 +392,15 @@ class Kube:
             await self._session.close()
 
     @contextlib.asynccontextmanager
-    async def _send(self, method: str, url: str, *, data: Optional[str] = None, content_type: Optional[str] = None,
-                    timeout: aiohttp.ClientTimeout) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        data: Optional[str] = None,
+        content_type: Optional[str] = None,
+        timeout: aiohttp.ClientTimeout,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One request; after a 401 with a token that can be fetched anew (file, exec plugin), once more with it."""
         for attempt in (1, 2):
             headers = await self._headers()
@@ -345,18 +409,31 @@ class Kube:
             async with self.session.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
                 if resp.status == 401 and attempt == 1 and self.tokens.refreshable:
                     await resp.read()
-                    await self.tokens.refresh(stale=headers.get("Authorization", "")[len("Bearer "):] or None)
+                    await self.tokens.refresh(stale=headers.get("Authorization", "")[len("Bearer ") :] or None)
                     log.info("%s %s: 401 Unauthorized; trying once more with a token fetched anew", method, url)
                     continue
                 yield resp
                 return
 
-    async def request(self, method: str, path: str, *, body: Any = None, params: Optional[dict[str, Any]] = None,
-                      content_type: str = "application/json", timeout: float = 30) -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Optional[dict[str, Any]] = None,
+        content_type: str = "application/json",
+        timeout: float = 30,
+    ) -> Any:
         url = self.creds.server + path + (f"?{urlencode(params)}" if params else "")
         data = json.dumps(body) if body is not None else None
-        async with self._send(method, url, data=data, content_type=content_type if data is not None else None,
-                              timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with self._send(
+            method,
+            url,
+            data=data,
+            content_type=content_type if data is not None else None,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
             text = await resp.text()
             payload = json.loads(text) if text and resp.content_type == "application/json" else text
             if resp.status >= 400:
@@ -374,8 +451,14 @@ class Kube:
                 return None
             raise
 
-    async def apply(self, obj: dict[str, Any], *, field_manager: str = FIELD_MANAGER, force: bool = True,
-                    subresource: Optional[str] = None) -> Any:
+    async def apply(
+        self,
+        obj: dict[str, Any],
+        *,
+        field_manager: str = FIELD_MANAGER,
+        force: bool = True,
+        subresource: Optional[str] = None,
+    ) -> Any:
         """Server-side apply. force=True: we are the controller of these fields; a conflict means drift to undo."""
         meta = obj["metadata"]
         path = object_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], subresource)
@@ -417,15 +500,22 @@ class Kube:
                 return
             params["continue"] = token
 
-    async def watch_once(self, path: str, resource_version: str, *, timeout_seconds: Optional[int] = None,
-                         on_alive: Optional[Callable[[], None]] = None,
-                         **params: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def watch_once(
+        self,
+        path: str,
+        resource_version: str,
+        *,
+        timeout_seconds: Optional[int] = None,
+        on_alive: Optional[Callable[[], None]] = None,
+        **params: Any,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """One watch call from resource_version until the server ends it: (type, object), BOOKMARKs included (their
         resourceVersion is where to resume). Raises WatchExpired on 410 Gone (relist), ApiError on other refusals,
         and aiohttp/timeout errors when the connection drops."""
         timeout_seconds = timeout_seconds or self.watch_timeout
-        params.update(watch="1", resourceVersion=resource_version, timeoutSeconds=timeout_seconds,
-                      allowWatchBookmarks="true")
+        params.update(
+            watch="1", resourceVersion=resource_version, timeoutSeconds=timeout_seconds, allowWatchBookmarks="true"
+        )
         url = self.creds.server + path + "?" + urlencode(params)
         async with self._send("GET", url, timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30)) as resp:
             if resp.status == 410:
@@ -461,8 +551,14 @@ class Kube:
                     yield event["type"], obj
                 del buf[:start]
 
-    async def watch(self, path: str, *, label_selector: Optional[str] = None, timeout_seconds: Optional[int] = None,
-                    on_alive: Optional[Callable[[], None]] = None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def watch(
+        self,
+        path: str,
+        *,
+        label_selector: Optional[str] = None,
+        timeout_seconds: Optional[int] = None,
+        on_alive: Optional[Callable[[], None]] = None,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """List then watch, forever. Yields ("LISTING", {}) as a list starts, ("ADDED", obj) for what it holds and
         ("SYNCED", {}) when it ends, then the watch's ("ADDED"|"MODIFIED"|"DELETED", obj); relists on expiry (410).
         A dropped connection is resumed from the last resourceVersion; other errors (ApiError from the list or the
@@ -481,8 +577,9 @@ class Kube:
             try:
                 while True:
                     try:
-                        async for event_type, obj in self.watch_once(path, rv, timeout_seconds=timeout_seconds,
-                                                                     on_alive=on_alive, **params):
+                        async for event_type, obj in self.watch_once(
+                            path, rv, timeout_seconds=timeout_seconds, on_alive=on_alive, **params
+                        ):
                             rv = obj.get("metadata", {}).get("resourceVersion", rv)
                             if event_type != "BOOKMARK":
                                 yield event_type, obj

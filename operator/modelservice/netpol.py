@@ -54,8 +54,9 @@ def _peer(namespace: str, pods: Optional[dict[str, str]], model_namespace: str) 
     return peer
 
 
-def network_policy(ctx: Context, spec: ModelServiceSpec,
-                   config: Optional[NetworkPolicyConfig]) -> Optional[dict[str, Any]]:
+def network_policy(
+    ctx: Context, spec: ModelServiceSpec, config: Optional[NetworkPolicyConfig]
+) -> Optional[dict[str, Any]]:
     """The desired NetworkPolicy, or None when policies are off (the apply then deletes one we made before)."""
     if config is None:
         return None
@@ -64,17 +65,32 @@ def network_policy(ctx: Context, spec: ModelServiceSpec,
     if engine_of(spec).metrics_port and engine_of(spec).metrics_port != port:
         # The gateway re-exports engines' metrics (gateway/engine_metrics.py): Triton serves them on a port of its own.
         ports.append({"protocol": "TCP", "port": engine_of(spec).metrics_port})
-    rules: list[dict[str, Any]] = [{
-        "from": [_peer(config.gateway_namespace, config.gateway_pod_labels, ctx.namespace)], "ports": ports}]
+    rules: list[dict[str, Any]] = [
+        {"from": [_peer(config.gateway_namespace, config.gateway_pod_labels, ctx.namespace)], "ports": ports}
+    ]
     if config.metrics_namespaces:
         metrics_port = engine_of(spec).metrics_port or port
-        rules.append({"from": [_peer(ns, None, ctx.namespace) if ns != ctx.namespace else {"podSelector": {}}
-                               for ns in config.metrics_namespaces],
-                      "ports": [{"protocol": "TCP", "port": metrics_port}]})
+        rules.append(
+            {
+                "from": [
+                    _peer(ns, None, ctx.namespace) if ns != ctx.namespace else {"podSelector": {}}
+                    for ns in config.metrics_namespaces
+                ],
+                "ports": [{"protocol": "TCP", "port": metrics_port}],
+            }
+        )
     return {
-        "apiVersion": API_VERSION, "kind": "NetworkPolicy",
-        "metadata": {"name": child_name(ctx.name), "namespace": ctx.namespace, "labels": base_labels(ctx, spec),
-                     "ownerReferences": [owner_reference(ctx)]},
-        "spec": {"podSelector": {"matchLabels": selector_labels(ctx.name)}, "policyTypes": ["Ingress"],
-                 "ingress": rules},
+        "apiVersion": API_VERSION,
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": child_name(ctx.name),
+            "namespace": ctx.namespace,
+            "labels": base_labels(ctx, spec),
+            "ownerReferences": [owner_reference(ctx)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(ctx.name)},
+            "policyTypes": ["Ingress"],
+            "ingress": rules,
+        },
     }

@@ -68,6 +68,7 @@ class Toleration:
 @dataclass(frozen=True)
 class Requirement:
     """One matchExpressions (or matchFields) entry of a node selector term."""
+
     key: str
     operator: str  # In, NotIn, Exists, DoesNotExist, Gt, Lt
     values: tuple[str, ...] = ()
@@ -95,14 +96,16 @@ class Requirement:
 @dataclass(frozen=True)
 class Term:
     """A nodeSelectorTerm: every expression holds (and every field: only metadata.name exists)."""
+
     expressions: tuple[Requirement, ...] = ()
     fields: tuple[Requirement, ...] = ()
 
     def matches(self, node: "Node") -> bool:
         if not self.expressions and not self.fields:
             return False  # the API says an empty term matches no objects
-        return (all(r.matches(node.labels) for r in self.expressions)
-                and all(r.matches({"metadata.name": node.name}) for r in self.fields))
+        return all(r.matches(node.labels) for r in self.expressions) and all(
+            r.matches({"metadata.name": node.name}) for r in self.fields
+        )
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Node:
 @dataclass(frozen=True)
 class Placement:
     """Where the pending pod may go (the rendered spec.placement of the waiting model)."""
+
     node_selector: Mapping[str, str] = field(default_factory=dict)
     terms: tuple[Term, ...] = ()  # required node affinity, ORed; empty: any node
     tolerations: tuple[Toleration, ...] = ()
@@ -128,13 +132,17 @@ class Placement:
             return False
         if self.terms and not any(t.matches(node) for t in self.terms):
             return False
-        return all(any(tol.tolerates(t) for tol in self.tolerations)
-                   for t in node.taints if t.effect in ("NoSchedule", "NoExecute"))
+        return all(
+            any(tol.tolerates(t) for tol in self.tolerations)
+            for t in node.taints
+            if t.effect in ("NoSchedule", "NoExecute")
+        )
 
 
 @dataclass(frozen=True)
 class Pod:
     """A model's pod that holds (or will hold, or is giving back) GPUs on a node."""
+
     node: str
     gpus: int
     terminating: bool = False
@@ -143,6 +151,7 @@ class Pod:
 @dataclass(frozen=True)
 class Pending:
     """A pod of the model that the scheduler could not place for lack of GPUs."""
+
     gpus: int
     message: str  # the scheduler's, verbatim
     nominated: bool = False  # status.nominatedNodeName: the scheduler is preempting for it
@@ -197,10 +206,14 @@ class Park:
     @property
     def message(self) -> str:
         if self.competing:
-            return (f"parked to make room for {label(self.waiter)}: this model waited for GPUs with no request "
-                    f"for it, and its pod would have taken the ones freed on node {self.node}")
-        return (f"parked to make room for {label(self.waiter)}: it needs GPUs on node {self.node}, "
-                f"and this model was the idle one to give {self.gpus} back")
+            return (
+                f"parked to make room for {label(self.waiter)}: this model waited for GPUs with no request "
+                f"for it, and its pod would have taken the ones freed on node {self.node}"
+            )
+        return (
+            f"parked to make room for {label(self.waiter)}: it needs GPUs on node {self.node}, "
+            f"and this model was the idle one to give {self.gpus} back"
+        )
 
 
 @dataclass
@@ -238,23 +251,28 @@ def plan(models: list[Model], nodes: list[Node]) -> Plan:
     by_key = {m.key: m for m in models}
     parked: set[Key] = set()
     # Highest first: when two models wait, the more important one picks its victims first.
-    waiters = sorted((m for m in models if m.pending is not None),
-                     key=lambda m: (-m.pod_priority, -m.priority, m.key))
+    waiters = sorted((m for m in models if m.pending is not None), key=lambda m: (-m.pod_priority, -m.priority, m.key))
     for w in waiters:
         p = w.pending
         assert p is not None
         if w.rolling and not w.wanted:
             out.in_place.add(w.key)
-            out.waiting[w.key] = (f"rolling out in place, one replica at a time: no GPU free for a surge replica "
-                                  f"({p.message}), and nothing relies on this model now")
+            out.waiting[w.key] = (
+                f"rolling out in place, one replica at a time: no GPU free for a surge replica "
+                f"({p.message}), and nothing relies on this model now"
+            )
             continue
         if not w.wanted:
-            out.waiting[w.key] = (f"no GPU free: {p.message}; no request is waiting for it, so it parks no one "
-                                  "and starts when GPUs free up")
+            out.waiting[w.key] = (
+                f"no GPU free: {p.message}; no request is waiting for it, so it parks no one "
+                "and starts when GPUs free up"
+            )
             continue
         if p.nominated:
-            out.waiting[w.key] = (f"no GPU free: {p.message}; the scheduler is preempting lower-priority pods "
-                                  "for it (spec.placement.priorityClassName)")
+            out.waiting[w.key] = (
+                f"no GPU free: {p.message}; the scheduler is preempting lower-priority pods "
+                "for it (spec.placement.priorityClassName)"
+            )
             continue
         before = len(out.parks)
         said = _make_room(w, by_key, nodes, parked, out)
@@ -329,6 +347,7 @@ def _make_room(w: Model, by_key: dict[Key, Model], nodes: list[Node], parked: se
 
 # ---- from the API's objects (the controller's slim caches) -----------------------------------------------------
 
+
 def pod_gpus(pod: Mapping[str, Any]) -> int:
     """nvidia.com/gpu a pod asks for: the sum over its containers (GPUs cannot overcommit: limits equal requests)."""
     total = 0
@@ -345,8 +364,12 @@ def pod_gpus(pod: Mapping[str, Any]) -> int:
 def pending_gpu_message(pod: Mapping[str, Any]) -> Optional[str]:
     """The scheduler's message if it could not place the pod for lack of GPUs (PodScheduled=False, Unschedulable)."""
     for c in (pod.get("status") or {}).get("conditions") or []:
-        if (c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
-                and GPU in (c.get("message") or "")):
+        if (
+            c.get("type") == "PodScheduled"
+            and c.get("status") == "False"
+            and c.get("reason") == "Unschedulable"
+            and GPU in (c.get("message") or "")
+        ):
             return c.get("message") or ""
     return None
 
@@ -358,8 +381,13 @@ def node_from(obj: Mapping[str, Any]) -> Node:
     except ValueError:
         gpus = 0
     taints = tuple(Taint(t.get("key", ""), t.get("value") or "", t.get("effect", "")) for t in spec.get("taints") or [])
-    return Node(name=obj["metadata"]["name"], gpus=gpus, labels=dict(obj["metadata"].get("labels") or {}),
-                taints=taints, unschedulable=bool(spec.get("unschedulable")))
+    return Node(
+        name=obj["metadata"]["name"],
+        gpus=gpus,
+        labels=dict(obj["metadata"].get("labels") or {}),
+        taints=taints,
+        unschedulable=bool(spec.get("unschedulable")),
+    )
 
 
 def placement_from(pl: api.Placement) -> Placement:
@@ -367,11 +395,16 @@ def placement_from(pl: api.Placement) -> Placement:
     terms: list[Term] = []
     na = pl.affinity.nodeAffinity if pl.affinity else None
     required = na.requiredDuringSchedulingIgnoredDuringExecution if na else None
-    for t in (required.nodeSelectorTerms if required else []):
-        terms.append(Term(expressions=tuple(Requirement(r.key, r.operator, tuple(r.values)) for r in t.matchExpressions),
-                          fields=tuple(Requirement(r.key, r.operator, tuple(r.values)) for r in t.matchFields)))
-    tolerations = tuple(Toleration(t.key or "", t.operator or "Equal", t.value or "", t.effect or "")
-                        for t in pl.tolerations)
+    for t in required.nodeSelectorTerms if required else []:
+        terms.append(
+            Term(
+                expressions=tuple(Requirement(r.key, r.operator, tuple(r.values)) for r in t.matchExpressions),
+                fields=tuple(Requirement(r.key, r.operator, tuple(r.values)) for r in t.matchFields),
+            )
+        )
+    tolerations = tuple(
+        Toleration(t.key or "", t.operator or "Equal", t.value or "", t.effect or "") for t in pl.tolerations
+    )
     return Placement(node_selector=dict(pl.nodeSelector), terms=tuple(terms), tolerations=tolerations)
 
 
@@ -381,8 +414,16 @@ def _park_competitors(w: Model, node: Node, by_key: dict[Key, Model], parked: se
     preempted) would take them, and the planner would park another victim for `w`. Such a model is parked too,
     if it ranks no higher than `w` (one the scheduler ranks higher gets the GPUs first, as its band says)."""
     for m in sorted(by_key.values(), key=lambda m: m.key):
-        if (m.key != w.key and m.key not in parked and m.pending is not None and not m.wanted and m.scale_to_zero
-                and m.replicas > 0 and (m.pod_priority, m.priority) <= (w.pod_priority, w.priority)
-                and m.placement.allows(node) and m.pending.gpus <= node.gpus):
+        if (
+            m.key != w.key
+            and m.key not in parked
+            and m.pending is not None
+            and not m.wanted
+            and m.scale_to_zero
+            and m.replicas > 0
+            and (m.pod_priority, m.priority) <= (w.pod_priority, w.priority)
+            and m.placement.allows(node)
+            and m.pending.gpus <= node.gpus
+        ):
             parked.add(m.key)
             out.parks.append(Park(victim=m.key, waiter=w.key, node=node.name, gpus=0, competing=True))

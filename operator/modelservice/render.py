@@ -16,8 +16,12 @@ from modelservice.labels import ENGINE_LABEL, MANAGED_BY, MANAGED_BY_VALUE, cach
 
 # Labels a GitOps tool or kubectl uses to track the ModelService itself. Copied to children they would make Argo CD
 # adopt (and prune) objects it did not create.
-_NOT_PROPAGATED_LABEL_PREFIXES = ("app.kubernetes.io/instance", "argocd.argoproj.io/", "kopf.zalando.org/",
-                                  "kubectl.kubernetes.io/")
+_NOT_PROPAGATED_LABEL_PREFIXES = (
+    "app.kubernetes.io/instance",
+    "argocd.argoproj.io/",
+    "kopf.zalando.org/",
+    "kubectl.kubernetes.io/",
+)
 # The startup probe's period is the largest part of what a cold start costs beyond the engine's own load: a kubelet
 # notices a loaded model on the next probe, then runs the readiness probe at once. 1 s (the smallest a kubelet takes)
 # costs 0.5 s on average for a load that ends at a random moment, a whole period for an engine up within the first
@@ -32,6 +36,7 @@ PRESTOP_SECONDS = 2
 @dataclass(frozen=True)
 class ApiVersions:
     """Chosen from discovery by apply.py; render only writes them down."""
+
     hpa: str = "autoscaling/v2"
     pdb: str = "policy/v1"
 
@@ -39,6 +44,7 @@ class ApiVersions:
 @dataclass(frozen=True)
 class Context:
     """What render needs beyond the spec: the owner's identity and decisions made outside (replicas, versions)."""
+
     name: str
     namespace: str
     uid: str
@@ -83,13 +89,23 @@ def base_labels(ctx: Context, spec: ModelServiceSpec) -> dict[str, str]:
 
 
 def owner_reference(ctx: Context) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": ctx.name, "uid": ctx.uid,
-            "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": ctx.name,
+        "uid": ctx.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def _meta(ctx: Context, spec: ModelServiceSpec, name: str) -> dict[str, Any]:
-    return {"name": name, "namespace": ctx.namespace, "labels": base_labels(ctx, spec),
-            "ownerReferences": [owner_reference(ctx)]}
+    return {
+        "name": name,
+        "namespace": ctx.namespace,
+        "labels": base_labels(ctx, spec),
+        "ownerReferences": [owner_reference(ctx)],
+    }
 
 
 def _fill(template: tuple[str, ...], **values: str) -> list[str]:
@@ -125,23 +141,49 @@ def _model_mount(spec: ModelServiceSpec, eng: EngineSpec, models_volume: dict[st
         return out
     # Downloaded before the engine starts, into the cache PVC when there is one (survives restarts).
     out.volumes.append(models_volume)
-    out.mounts.append({"name": models_volume["name"], "mountPath": MODELS_DIR, "readOnly": True,
-                       **({"subPath": "models"} if "persistentVolumeClaim" in models_volume else {})})
-    init_mount = {"name": models_volume["name"], "mountPath": MODELS_DIR,
-                  **({"subPath": "models"} if "persistentVolumeClaim" in models_volume else {})}
+    out.mounts.append(
+        {
+            "name": models_volume["name"],
+            "mountPath": MODELS_DIR,
+            "readOnly": True,
+            **({"subPath": "models"} if "persistentVolumeClaim" in models_volume else {}),
+        }
+    )
+    init_mount = {
+        "name": models_volume["name"],
+        "mountPath": MODELS_DIR,
+        **({"subPath": "models"} if "persistentVolumeClaim" in models_volume else {}),
+    }
     if scheme == "oci":  # a "modelcar": an image whose /models holds the weights
-        out.init.append({"name": "model-fetch", "image": rest, "command": ["sh", "-c", f"cp -a /models/. {MODELS_DIR}/"],
-                         "volumeMounts": [init_mount], "securityContext": _security_context(True)})
+        out.init.append(
+            {
+                "name": "model-fetch",
+                "image": rest,
+                "command": ["sh", "-c", f"cp -a /models/. {MODELS_DIR}/"],
+                "volumeMounts": [init_mount],
+                "securityContext": _security_context(True),
+            }
+        )
     else:
-        out.init.append({"name": "model-fetch", "image": STORAGE_INITIALIZER_IMAGE, "args": [uri, MODELS_DIR],
-                         "volumeMounts": [init_mount], "securityContext": _security_context(True)})
+        out.init.append(
+            {
+                "name": "model-fetch",
+                "image": STORAGE_INITIALIZER_IMAGE,
+                "args": [uri, MODELS_DIR],
+                "volumeMounts": [init_mount],
+                "securityContext": _security_context(True),
+            }
+        )
     out.ref = MODELS_DIR
     return out
 
 
 def _security_context(restricted: bool) -> dict[str, Any]:
-    base: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"}}
+    base: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     if restricted:
         base.update({"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000})
     return base
@@ -173,8 +215,11 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     eng = engine_of(spec)
     port = port_of(spec)
     name = served_name(spec, ctx.name)
-    cache_volume = ({"name": "cache", "persistentVolumeClaim": {"claimName": cache_pvc_name(ctx.name)}}
-                    if spec.cache else {"name": "cache", "emptyDir": {}})
+    cache_volume = (
+        {"name": "cache", "persistentVolumeClaim": {"claimName": cache_pvc_name(ctx.name)}}
+        if spec.cache
+        else {"name": "cache", "emptyDir": {}}
+    )
     model = _model_mount(spec, eng, cache_volume if spec.cache else {"name": "models", "emptyDir": {}})
 
     args = _fill(eng.args, name=name, port=str(port))
@@ -187,8 +232,10 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         args += _fill(eng.lora_args, max_loaded=str(lora.maxLoaded), max_rank=str(lora.maxRank))
     args += spec.args
 
-    env = [{"name": k, "value": v.format(port=port)}
-           for k, v in eng.cache_env + eng.extra_env + (eng.lora_env if lora else ())]
+    env = [
+        {"name": k, "value": v.format(port=port)}
+        for k, v in eng.cache_env + eng.extra_env + (eng.lora_env if lora else ())
+    ]
     if spec.engine is Engine.custom:
         env += [{"name": "PORT", "value": str(port)}, {"name": "SERVED_MODEL_NAME", "value": name}]
     env += model.env or []
@@ -222,14 +269,14 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         "args": args,
         **({"workingDir": ADAPTERS_DIR} if lora is not None else {}),
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}]
-                 + ([{"name": "metrics", "containerPort": eng.metrics_port, "protocol": "TCP"}]
-                    if eng.metrics_port else []),
+        + ([{"name": "metrics", "containerPort": eng.metrics_port, "protocol": "TCP"}] if eng.metrics_port else []),
         "env": env,
         "resources": _resources(spec),
         "volumeMounts": mounts,
         # Models load slowly: the startup probe holds off liveness until the weights are in (startupTimeout).
-        "startupProbe": _probe(readiness, port, periodSeconds=STARTUP_PERIOD_SECONDS, failureThreshold=startup_failures,
-                               timeoutSeconds=5),
+        "startupProbe": _probe(
+            readiness, port, periodSeconds=STARTUP_PERIOD_SECONDS, failureThreshold=startup_failures, timeoutSeconds=5
+        ),
         "readinessProbe": _probe(readiness, port, periodSeconds=5, failureThreshold=3, timeoutSeconds=5),
         "livenessProbe": _probe(liveness, port, periodSeconds=15, failureThreshold=4, timeoutSeconds=10),
         "securityContext": _security_context(eng.restricted),
@@ -240,8 +287,15 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     lifecycle: dict[str, Any] = {}
     if eng.pull_model_on_start and model.ref:
         # PostStart holds the container out of Ready until the pull is done, so no request hits an empty server.
-        lifecycle["postStart"] = {"exec": {"command": [
-            "/bin/sh", "-c", f"until ollama list >/dev/null 2>&1; do sleep 1; done; ollama pull '{model.ref}'"]}}
+        lifecycle["postStart"] = {
+            "exec": {
+                "command": [
+                    "/bin/sh",
+                    "-c",
+                    f"until ollama list >/dev/null 2>&1; do sleep 1; done; ollama pull '{model.ref}'",
+                ]
+            }
+        }
     if spec.engine is not Engine.custom:  # the engines' images have sleep; a custom image may be distroless
         lifecycle["preStop"] = {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}
     if lifecycle:
@@ -259,8 +313,10 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         "volumes": volumes,
         # Service links inject <SERVICE>_PORT variables; vLLM reads VLLM_PORT and breaks on a Service named vllm.
         "enableServiceLinks": False,
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"},
-                            **({"runAsNonRoot": True, "fsGroup": 1000} if eng.restricted else {})},
+        "securityContext": {
+            "seccompProfile": {"type": "RuntimeDefault"},
+            **({"runAsNonRoot": True, "fsGroup": 1000} if eng.restricted else {}),
+        },
         # Drain, not the 30 s default: SIGTERM makes the engines stop accepting and finish what they are generating
         # (a long stream takes minutes), and the kubelet kills them only when this has passed.
         "terminationGracePeriodSeconds": int(parse_duration(spec.drainTimeout)) + PRESTOP_SECONDS,
@@ -268,31 +324,39 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     if model.init:
         pod_spec["initContainers"] = model.init
     pl, pt = spec.placement, spec.podTemplate
-    for key, value in (("nodeSelector", pl.nodeSelector), ("tolerations", _plain(pl.tolerations)),
-                       ("affinity", _plain(pl.affinity)), ("priorityClassName", pl.priorityClassName),
-                       ("topologySpreadConstraints", _plain(pl.topologySpreadConstraints)),
-                       ("serviceAccountName", pt.serviceAccountName),
-                       ("imagePullSecrets", [s.model_dump() for s in pt.imagePullSecrets])):
+    for key, value in (
+        ("nodeSelector", pl.nodeSelector),
+        ("tolerations", _plain(pl.tolerations)),
+        ("affinity", _plain(pl.affinity)),
+        ("priorityClassName", pl.priorityClassName),
+        ("topologySpreadConstraints", _plain(pl.topologySpreadConstraints)),
+        ("serviceAccountName", pt.serviceAccountName),
+        ("imagePullSecrets", [s.model_dump() for s in pt.imagePullSecrets]),
+    ):
         if value:
             pod_spec[key] = value
     if not pt.serviceAccountName:
         pod_spec["automountServiceAccountToken"] = False  # model servers do not talk to the API server
 
     labels = {**pt.labels, **base_labels(ctx, spec)}
-    return {"metadata": {"labels": labels, **({"annotations": annotations} if annotations else {})},
-            "spec": pod_spec}
+    return {"metadata": {"labels": labels, **({"annotations": annotations} if annotations else {})}, "spec": pod_spec}
 
 
 def deployment(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": _meta(ctx, spec, child_name(ctx.name)),
         "spec": {
             "selector": {"matchLabels": selector_labels(ctx.name)},
             # Never take a serving replica away before its replacement is Ready; but on a full GPU pool, when the
             # planner found no GPU for the surge replica and none to free, replace one at a time (docs/gpu-pool.md).
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": (
-                {"maxSurge": 1, "maxUnavailable": 0} if ctx.surge else {"maxSurge": 0, "maxUnavailable": 1})},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": (
+                    {"maxSurge": 1, "maxUnavailable": 0} if ctx.surge else {"maxSurge": 0, "maxUnavailable": 1}
+                ),
+            },
             "revisionHistoryLimit": 3,
             # Beyond startupTimeout a rollout that has not progressed is stuck (crash loop, bad image): say Stalled.
             "progressDeadlineSeconds": int(parse_duration(spec.startupTimeout)) + 300,
@@ -309,8 +373,12 @@ def service(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
     ports = [{"name": "http", "port": port_of(spec), "targetPort": "http", "protocol": "TCP"}]
     if eng.metrics_port:
         ports.append({"name": "metrics", "port": eng.metrics_port, "targetPort": "metrics", "protocol": "TCP"})
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(ctx, spec, child_name(ctx.name)),
-            "spec": {"type": "ClusterIP", "selector": selector_labels(ctx.name), "ports": ports}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ctx, spec, child_name(ctx.name)),
+        "spec": {"type": "ClusterIP", "selector": selector_labels(ctx.name), "ports": ports},
+    }
 
 
 def hpa(ctx: Context, spec: ModelServiceSpec) -> Optional[dict[str, Any]]:
@@ -319,14 +387,22 @@ def hpa(ctx: Context, spec: ModelServiceSpec) -> Optional[dict[str, Any]]:
         return None  # without a CPU target the operator scales from gateway load itself (scaling.py)
     floor = max(1, a.minReplicas, ctx.hpa_min_replicas or 0)  # an HPA cannot go to 0; scale-to-zero is ours
     return {
-        "apiVersion": ctx.versions.hpa, "kind": "HorizontalPodAutoscaler",
+        "apiVersion": ctx.versions.hpa,
+        "kind": "HorizontalPodAutoscaler",
         "metadata": _meta(ctx, spec, child_name(ctx.name)),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": child_name(ctx.name)},
             "minReplicas": min(floor, a.maxReplicas),
             "maxReplicas": a.maxReplicas,
-            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
-                "type": "Utilization", "averageUtilization": a.cpuUtilization}}}],
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": a.cpuUtilization},
+                    },
+                }
+            ],
             # Loading a model costs minutes: do not give a replica back on a short dip.
             "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
         },
@@ -337,20 +413,29 @@ def pdb(ctx: Context, spec: ModelServiceSpec) -> Optional[dict[str, Any]]:
     replicas = spec.autoscaling.minReplicas if spec.autoscaling else spec.replicas
     if replicas <= 1:
         return None  # a PDB on one replica would block node drains forever
-    return {"apiVersion": ctx.versions.pdb, "kind": "PodDisruptionBudget",
-            "metadata": _meta(ctx, spec, child_name(ctx.name)),
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ctx.name)}}}
+    return {
+        "apiVersion": ctx.versions.pdb,
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(ctx, spec, child_name(ctx.name)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ctx.name)}},
+    }
 
 
 def cache_pvc(ctx: Context, spec: ModelServiceSpec) -> Optional[dict[str, Any]]:
     if spec.cache is None:
         return None
-    pvc_spec: dict[str, Any] = {"accessModes": [spec.cache.accessMode],
-                                "resources": {"requests": {"storage": str(spec.cache.size)}}}
+    pvc_spec: dict[str, Any] = {
+        "accessModes": [spec.cache.accessMode],
+        "resources": {"requests": {"storage": str(spec.cache.size)}},
+    }
     if spec.cache.storageClassName:
         pvc_spec["storageClassName"] = spec.cache.storageClassName
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": _meta(ctx, spec, cache_pvc_name(ctx.name)), "spec": pvc_spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(ctx, spec, cache_pvc_name(ctx.name)),
+        "spec": pvc_spec,
+    }
 
 
 # Kinds in apply order: the PVC exists before pods mount it, the Service before the Deployment's pods are Ready.

@@ -98,8 +98,9 @@ def queue_replicas(waiting: Optional[int], current: int, target: Optional[int]) 
     return current
 
 
-def decide(spec: ModelServiceSpec, current: Optional[int], activity: Activity, ready_since: Optional[float],
-           now: float) -> Decision:
+def decide(
+    spec: ModelServiceSpec, current: Optional[int], activity: Activity, ready_since: Optional[float], now: float
+) -> Decision:
     """`ready_since`: when the operator first saw a ready replica since the model last woke (None: not yet). A model
     that is still loading is never idle: weights take minutes, a node may take longer to appear, and the first
     replica of a new scale-to-zero model is there to prove that it loads. The idle clock starts at Ready."""

@@ -15,13 +15,20 @@ from modelservice.labels import selector_string
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
 MAX_MESSAGE = 2048
 # Pod problems worth surfacing verbatim: they need a person (a wrong image, a crashing server).
-_WAITING_PROBLEMS = ("ImagePullBackOff", "ErrImagePull", "CrashLoopBackOff", "CreateContainerConfigError",
-                     "InvalidImageName", "CreateContainerError")
+_WAITING_PROBLEMS = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "InvalidImageName",
+    "CreateContainerError",
+)
 
 
 @dataclass
 class Observed:
     """What the operator saw this pass. Built by the controller from its watch caches."""
+
     generation: int
     name: str
     namespace: str
@@ -78,7 +85,7 @@ def _cond(type_: str, status: bool, reason: str, message: str, generation: int) 
     c = {"type": type_, "status": "True" if status else "False", "reason": reason, "observedGeneration": generation}
     if message:  # no empty strings: the v1.20 apiserver built here decodes "" in custom resources as null
         # Cut: an API server refusal may echo a huge invalid value, and three copies would not fit in etcd.
-        c["message"] = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 1] + "…"
+        c["message"] = message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
     return c
 
 
@@ -100,8 +107,9 @@ def _pod_problem(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
     """(reason, message) of the first pod whose container cannot start or keeps failing, with the engine's last words
     (lastState.terminated.message: its last log lines, as the rendered FallbackToLogsOnError policy puts them)."""
     for pod in pods:
-        for cs in (pod.get("status", {}).get("containerStatuses") or []) + \
-                  (pod.get("status", {}).get("initContainerStatuses") or []):
+        for cs in (pod.get("status", {}).get("containerStatuses") or []) + (
+            pod.get("status", {}).get("initContainerStatuses") or []
+        ):
             waiting = (cs.get("state") or {}).get("waiting") or {}
             last = (cs.get("lastState") or {}).get("terminated") or {}
             if waiting.get("reason") not in _WAITING_PROBLEMS and not exited_unready(cs):
@@ -109,8 +117,9 @@ def _pod_problem(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
             reason = str(waiting["reason"]) if waiting.get("reason") in _WAITING_PROBLEMS else "ContainerRestarting"
             msg = f"pod {pod['metadata']['name']}: {reason}: {waiting.get('message', '')}".strip(": ")
             if last:
-                msg += (f"; the engine exited with code {last.get('exitCode')} after "
-                        f"{cs.get('restartCount', 0)} restart(s)")
+                msg += (
+                    f"; the engine exited with code {last.get('exitCode')} after {cs.get('restartCount', 0)} restart(s)"
+                )
                 if last.get("message"):
                     msg += ", its last log lines:\n" + _tail(last["message"], MAX_MESSAGE // 2)
             return reason, msg
@@ -119,13 +128,15 @@ def _pod_problem(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
 
 def _tail(text: str, limit: int) -> str:
     # The end of a log says why it stopped; the cut keeps room for the rest of the message within MAX_MESSAGE.
-    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
 def _deployment_stalled(dep: dict[str, Any]) -> Optional[str]:
     for c in dep.get("status", {}).get("conditions", []) or []:
         if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
-            return f"Deployment {dep['metadata']['name']} made no progress within startupTimeout: {c.get('message', '')}"
+            return (
+                f"Deployment {dep['metadata']['name']} made no progress within startupTimeout: {c.get('message', '')}"
+            )
     return None
 
 
@@ -133,17 +144,26 @@ def conditions_for(o: Observed) -> list[dict[str, Any]]:
     g = o.generation
     if o.invalid_spec:
         msg = o.invalid_spec
-        return [_cond(READY, False, "InvalidSpec", msg, g), _cond(RECONCILING, False, "InvalidSpec", msg, g),
-                _cond(STALLED, True, "InvalidSpec", msg, g)]
+        return [
+            _cond(READY, False, "InvalidSpec", msg, g),
+            _cond(RECONCILING, False, "InvalidSpec", msg, g),
+            _cond(STALLED, True, "InvalidSpec", msg, g),
+        ]
     if o.apply_error:
         msg = o.apply_error
-        return [_cond(READY, False, "ApplyFailed", msg, g), _cond(RECONCILING, False, "ApplyFailed", msg, g),
-                _cond(STALLED, True, "ApplyFailed", msg, g)]
+        return [
+            _cond(READY, False, "ApplyFailed", msg, g),
+            _cond(RECONCILING, False, "ApplyFailed", msg, g),
+            _cond(STALLED, True, "ApplyFailed", msg, g),
+        ]
     dep = o.deployment
     if o.first_pass or dep is None:
         msg = "Creating the model server"
-        return [_cond(READY, False, "Reconciling", msg, g), _cond(RECONCILING, True, "Reconciling", msg, g),
-                _cond(STALLED, False, "Reconciling", "", g)]
+        return [
+            _cond(READY, False, "Reconciling", msg, g),
+            _cond(RECONCILING, True, "Reconciling", msg, g),
+            _cond(STALLED, False, "Reconciling", "", g),
+        ]
     spec, st = dep.get("spec", {}), dep.get("status", {})
     desired = spec.get("replicas", 1)
     ready = st.get("readyReplicas", 0) or 0
@@ -151,9 +171,11 @@ def conditions_for(o: Observed) -> list[dict[str, Any]]:
     current_gen = (st.get("observedGeneration") or 0) >= dep["metadata"].get("generation", 0)
     stalled = _deployment_stalled(dep)
     if stalled:
-        return [_cond(READY, ready >= desired > 0, "ProgressDeadlineExceeded", stalled, g),
-                _cond(RECONCILING, False, "ProgressDeadlineExceeded", stalled, g),
-                _cond(STALLED, True, "ProgressDeadlineExceeded", stalled, g)]
+        return [
+            _cond(READY, ready >= desired > 0, "ProgressDeadlineExceeded", stalled, g),
+            _cond(RECONCILING, False, "ProgressDeadlineExceeded", stalled, g),
+            _cond(STALLED, True, "ProgressDeadlineExceeded", stalled, g),
+        ]
     if desired == 0:
         if o.parked_for:
             reason, msg = "Parked", f"Parked to make room for {o.parked_for}; the first request wakes it"
@@ -161,13 +183,19 @@ def conditions_for(o: Observed) -> list[dict[str, Any]]:
             reason, msg = "ScaledToZero", "Scaled to zero while idle; the first request wakes it"
         else:
             reason, msg = "ScaledDown", "spec.replicas is 0"
-        return [_cond(READY, False, reason, msg, g), _cond(RECONCILING, False, reason, "", g),
-                _cond(STALLED, False, reason, "", g)]
+        return [
+            _cond(READY, False, reason, msg, g),
+            _cond(RECONCILING, False, reason, "", g),
+            _cond(STALLED, False, reason, "", g),
+        ]
     rolled_out = current_gen and updated >= desired and ready >= desired and st.get("replicas", 0) == desired
     if rolled_out:
         msg = f"{ready}/{desired} replicas ready"
-        return [_cond(READY, True, "Available", msg, g), _cond(RECONCILING, False, "Available", "", g),
-                _cond(STALLED, False, "Available", "", g)]
+        return [
+            _cond(READY, True, "Available", msg, g),
+            _cond(RECONCILING, False, "Available", "", g),
+            _cond(STALLED, False, "Available", "", g),
+        ]
     capacity = _unschedulable(o.pods)
     problem = _pod_problem(o.pods)
     if capacity:
@@ -184,10 +212,16 @@ def conditions_for(o: Observed) -> list[dict[str, Any]]:
         # A container that cannot start or keeps failing needs a person (a bad image, bad args, a model it cannot
         # load): Stalled, with the engine's own words. Ready stays True while older replicas still serve.
         up = ready >= desired
-        return [_cond(READY, up, "Available" if up else reason, msg, g), _cond(RECONCILING, False, reason, msg, g),
-                _cond(STALLED, True, reason, msg, g)]
-    return [_cond(READY, serving, "Available" if serving else reason, msg, g),
-            _cond(RECONCILING, True, reason, msg, g), _cond(STALLED, False, reason, "", g)]
+        return [
+            _cond(READY, up, "Available" if up else reason, msg, g),
+            _cond(RECONCILING, False, reason, msg, g),
+            _cond(STALLED, True, reason, msg, g),
+        ]
+    return [
+        _cond(READY, serving, "Available" if serving else reason, msg, g),
+        _cond(RECONCILING, True, reason, msg, g),
+        _cond(STALLED, False, reason, "", g),
+    ]
 
 
 def merge_transition_times(new: list[dict[str, Any]], old: list[dict[str, Any]], now: str) -> list[dict[str, Any]]:

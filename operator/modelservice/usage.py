@@ -99,8 +99,9 @@ def report(prom: Prometheus, since: str = "24h", now: Optional[float] = None) ->
     prompt = _by(increases(prom, TOKENS[0], since, now), "tenant", "model")
     completion = _by(increases(prom, TOKENS[1], since, now), "tenant", "model")
     gpu = _by(increases(prom, GPU_SECONDS, since, now), "namespace", "modelservice", "state")
-    models: dict[str, dict[str, float]] = defaultdict(lambda: {"serving": 0.0, "idle": 0.0, "loading": 0.0,
-                                                               "tokens": 0.0})
+    models: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"serving": 0.0, "idle": 0.0, "loading": 0.0, "tokens": 0.0}
+    )
     for (ns, name, state), v in gpu.items():
         models[f"{ns}/{name}"][state] += v
     pairs = set(requests) | set(prompt) | set(completion)
@@ -110,17 +111,34 @@ def report(prom: Prometheus, since: str = "24h", now: Optional[float] = None) ->
     for tenant, model in sorted(pairs):
         tokens = prompt.get((tenant, model), 0.0) + completion.get((tenant, model), 0.0)
         m = models[model]
-        rows.append({"tenant": tenant, "model": model, "requests": round(requests.get((tenant, model), 0.0)),
-                     "prompt_tokens": round(prompt.get((tenant, model), 0.0)),
-                     "completion_tokens": round(completion.get((tenant, model), 0.0)),
-                     "serving_gpu_seconds_share": m["serving"] * tokens / m["tokens"] if m["tokens"] else 0.0})
+        rows.append(
+            {
+                "tenant": tenant,
+                "model": model,
+                "requests": round(requests.get((tenant, model), 0.0)),
+                "prompt_tokens": round(prompt.get((tenant, model), 0.0)),
+                "completion_tokens": round(completion.get((tenant, model), 0.0)),
+                "serving_gpu_seconds_share": m["serving"] * tokens / m["tokens"] if m["tokens"] else 0.0,
+            }
+        )
     for model, m in sorted(models.items()):
         if m["serving"] and not m["tokens"]:
-            rows.append({"tenant": UNATTRIBUTED, "model": model, "requests": 0, "prompt_tokens": 0,
-                         "completion_tokens": 0, "serving_gpu_seconds_share": m["serving"]})
-    return {"since": since, "at": now,
-            "models": {k: {s: v[s] for s in ("serving", "idle", "loading")} for k, v in sorted(models.items())},
-            "tenants": rows}
+            rows.append(
+                {
+                    "tenant": UNATTRIBUTED,
+                    "model": model,
+                    "requests": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "serving_gpu_seconds_share": m["serving"],
+                }
+            )
+    return {
+        "since": since,
+        "at": now,
+        "models": {k: {s: v[s] for s in ("serving", "idle", "loading")} for k, v in sorted(models.items())},
+        "tenants": rows,
+    }
 
 
 def render(doc: dict[str, Any], output: str) -> str:
@@ -129,23 +147,49 @@ def render(doc: dict[str, Any], output: str) -> str:
     if output == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["tenant", "model", "requests", "prompt_tokens", "completion_tokens", "serving_gpu_seconds_share",
-                    "model_serving_gpu_seconds", "model_idle_gpu_seconds", "model_loading_gpu_seconds"])
+        w.writerow(
+            [
+                "tenant",
+                "model",
+                "requests",
+                "prompt_tokens",
+                "completion_tokens",
+                "serving_gpu_seconds_share",
+                "model_serving_gpu_seconds",
+                "model_idle_gpu_seconds",
+                "model_loading_gpu_seconds",
+            ]
+        )
         for r in doc["tenants"]:
             m = doc["models"].get(r["model"], {})
-            w.writerow([r["tenant"], r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
-                        f"{r['serving_gpu_seconds_share']:.3f}", *(f"{m.get(s, 0.0):.3f}"
-                                                                   for s in ("serving", "idle", "loading"))])
+            w.writerow(
+                [
+                    r["tenant"],
+                    r["model"],
+                    r["requests"],
+                    r["prompt_tokens"],
+                    r["completion_tokens"],
+                    f"{r['serving_gpu_seconds_share']:.3f}",
+                    *(f"{m.get(s, 0.0):.3f}" for s in ("serving", "idle", "loading")),
+                ]
+            )
         return buf.getvalue()
-    lines = [f"usage over the last {doc['since']}", "", f"{'MODEL':40} {'SERVING GPU-s':>14} {'IDLE GPU-s':>12} "
-             f"{'LOADING GPU-s':>14}"]
+    lines = [
+        f"usage over the last {doc['since']}",
+        "",
+        f"{'MODEL':40} {'SERVING GPU-s':>14} {'IDLE GPU-s':>12} {'LOADING GPU-s':>14}",
+    ]
     for model, m in doc["models"].items():
         lines.append(f"{model:40} {m['serving']:14.1f} {m['idle']:12.1f} {m['loading']:14.1f}")
-    lines += ["", f"{'TENANT':20} {'MODEL':40} {'REQUESTS':>9} {'TOKENS IN':>10} {'TOKENS OUT':>10} "
-                  f"{'SERVING GPU-s SHARE':>20}"]
+    lines += [
+        "",
+        f"{'TENANT':20} {'MODEL':40} {'REQUESTS':>9} {'TOKENS IN':>10} {'TOKENS OUT':>10} {'SERVING GPU-s SHARE':>20}",
+    ]
     for r in doc["tenants"]:
-        lines.append(f"{r['tenant']:20} {r['model']:40} {r['requests']:9d} {r['prompt_tokens']:10d} "
-                     f"{r['completion_tokens']:10d} {r['serving_gpu_seconds_share']:20.1f}")
+        lines.append(
+            f"{r['tenant']:20} {r['model']:40} {r['requests']:9d} {r['prompt_tokens']:10d} "
+            f"{r['completion_tokens']:10d} {r['serving_gpu_seconds_share']:20.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -163,4 +207,3 @@ def main(url: str, since: str, output: str) -> int:
         return 1
     print(render(doc, output))
     return 0
-

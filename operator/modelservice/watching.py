@@ -48,8 +48,14 @@ class Mirror:
         self.apply(event, obj)
 
 
-async def keep_watching(kube: Kube, path: str, selector: Optional[str], mirror: Mirror,
-                        synced: Callable[[], None], on_alive: Optional[Callable[[], None]] = None) -> None:
+async def keep_watching(
+    kube: Kube,
+    path: str,
+    selector: Optional[str],
+    mirror: Mirror,
+    synced: Callable[[], None],
+    on_alive: Optional[Callable[[], None]] = None,
+) -> None:
     """Until cancelled. synced() after every complete list. Failures (a CRD not installed yet, an API server
     restarting, a Role not bound yet) back off up to MAX_BACKOFF and are logged, never raised."""
     backoff = 1.0
@@ -71,9 +77,13 @@ async def keep_watching(kube: Kube, path: str, selector: Optional[str], mirror: 
         backoff = min(MAX_BACKOFF, backoff * 2)
 
 
-def start(kube: Kube, watches: Sequence[tuple[str, Optional[str], Apply]], on_synced: Callable[[], None],
-          on_alive: Optional[Callable[[], None]] = None,
-          on_relist: Optional[Callable[[], None]] = None) -> list[asyncio.Task[None]]:
+def start(
+    kube: Kube,
+    watches: Sequence[tuple[str, Optional[str], Apply]],
+    on_synced: Callable[[], None],
+    on_alive: Optional[Callable[[], None]] = None,
+    on_relist: Optional[Callable[[], None]] = None,
+) -> list[asyncio.Task[None]]:
     """One task per (path, label selector, apply); on_synced() once every watch has listed once; on_relist() each
     time a watch has listed again (a 410 after a gap: other watches of this API server had the same gap). Cancel to
     stop."""
@@ -87,6 +97,10 @@ def start(kube: Kube, watches: Sequence[tuple[str, Optional[str], Apply]], on_sy
         elif on_relist is not None:
             on_relist()
 
-    return [asyncio.create_task(keep_watching(kube, path, selector, Mirror(apply), functools.partial(synced, i), on_alive),
-                                name=f"watch {path}")
-            for i, (path, selector, apply) in enumerate(watches)]
+    return [
+        asyncio.create_task(
+            keep_watching(kube, path, selector, Mirror(apply), functools.partial(synced, i), on_alive),
+            name=f"watch {path}",
+        )
+        for i, (path, selector, apply) in enumerate(watches)
+    ]

@@ -49,7 +49,7 @@ class WorkQueue(Generic[K]):
     def retry(self, key: K) -> float:
         n = self._failures.get(key, 0)
         self._failures[key] = n + 1
-        delay: float = min(self.max_delay, self.base_delay * (2 ** n))
+        delay: float = min(self.max_delay, self.base_delay * (2**n))
         self.add_after(key, delay)
         return delay
 

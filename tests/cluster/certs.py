@@ -38,17 +38,35 @@ class Pki:
 
 def _openssl(*args: str) -> None:
     if shutil.which("openssl") is None:
-        raise RuntimeError("the openssl CLI is required to make the test cluster's certificates (apt-get install openssl)")
+        raise RuntimeError(
+            "the openssl CLI is required to make the test cluster's certificates (apt-get install openssl)"
+        )
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
 
 def _leaf(pki: Path, name: str, subject: str, usage: str, san: str | None = None) -> None:
     args = [
-        "req", "-x509", "-CA", str(pki / "ca.crt"), "-CAkey", str(pki / "ca.key"), *EC,
-        "-keyout", str(pki / f"{name}.key"), "-out", str(pki / f"{name}.crt"), "-days", DAYS, "-subj", subject,
-        "-addext", "basicConstraints=critical,CA:FALSE",
-        "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
-        "-addext", f"extendedKeyUsage={usage}",
+        "req",
+        "-x509",
+        "-CA",
+        str(pki / "ca.crt"),
+        "-CAkey",
+        str(pki / "ca.key"),
+        *EC,
+        "-keyout",
+        str(pki / f"{name}.key"),
+        "-out",
+        str(pki / f"{name}.crt"),
+        "-days",
+        DAYS,
+        "-subj",
+        subject,
+        "-addext",
+        "basicConstraints=critical,CA:FALSE",
+        "-addext",
+        "keyUsage=critical,digitalSignature,keyEncipherment",
+        "-addext",
+        f"extendedKeyUsage={usage}",
     ]
     if san:
         args += ["-addext", f"subjectAltName={san}"]
@@ -59,16 +77,34 @@ def make_pki(dir: Path) -> Pki:
     """CA, apiserver serving cert, client certs per component, service-account key pair and a token file."""
     dir.mkdir(parents=True, exist_ok=True)
     _openssl(
-        "req", "-x509", *EC, "-keyout", str(dir / "ca.key"), "-out", str(dir / "ca.crt"), "-days", DAYS,
-        "-subj", "/CN=modelservice-test-ca",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        "req",
+        "-x509",
+        *EC,
+        "-keyout",
+        str(dir / "ca.key"),
+        "-out",
+        str(dir / "ca.crt"),
+        "-days",
+        DAYS,
+        "-subj",
+        "/CN=modelservice-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
     )
     # The in-cluster names too, so a pod-side client could verify it if a test ever mounts the CA.
-    san = ",".join([
-        "IP:127.0.0.1", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
-        "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local",
-    ])
+    san = ",".join(
+        [
+            "IP:127.0.0.1",
+            "IP:10.96.0.1",
+            "DNS:localhost",
+            "DNS:kubernetes",
+            "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc",
+            "DNS:kubernetes.default.svc.cluster.local",
+        ]
+    )
     _leaf(dir, "apiserver", "/CN=kube-apiserver", "serverAuth", san)
     # The default RBAC bindings name these users, so the components get exactly the rights a real cluster gives.
     _leaf(dir, "admin", "/O=system:masters/CN=admin", "clientAuth")

@@ -105,10 +105,14 @@ class ProbeSpec:
 
         def port_of(p) -> int:
             return int(named.get(p, 0)) if isinstance(p, str) and not p.isdigit() else int(p)
-        timing = dict(initial_delay=float(probe.get("initialDelaySeconds", 0)),
-                      period=float(probe.get("periodSeconds", 10)), timeout=float(probe.get("timeoutSeconds", 1)),
-                      failure_threshold=int(probe.get("failureThreshold", 3)),
-                      success_threshold=int(probe.get("successThreshold", 1)))
+
+        timing = dict(
+            initial_delay=float(probe.get("initialDelaySeconds", 0)),
+            period=float(probe.get("periodSeconds", 10)),
+            timeout=float(probe.get("timeoutSeconds", 1)),
+            failure_threshold=int(probe.get("failureThreshold", 3)),
+            success_threshold=int(probe.get("successThreshold", 1)),
+        )
         if "httpGet" in probe:
             return cls("http", port_of(probe["httpGet"].get("port", 0)), probe["httpGet"].get("path", "/"), **timing)
         if "tcpSocket" in probe:
@@ -119,6 +123,7 @@ class ProbeSpec:
 @dataclass
 class ContainerState:
     """What the pod's containerStatuses entry says; `to_status()` renders it."""
+
     name: str
     image: str
     restart_count: int = 0
@@ -133,9 +138,17 @@ class ContainerState:
             state = {"running": {"startedAt": rfc3339(self.running_since)}}
         else:
             state = {"waiting": self.waiting or {"reason": "ContainerCreating"}}
-        out = {"name": self.name, "image": self.image, "imageID": f"native://{self.image}",
-               "containerID": container_id, "ready": self.ready, "started": self.started,
-               "restartCount": self.restart_count, "state": state, "lastState": {}}
+        out = {
+            "name": self.name,
+            "image": self.image,
+            "imageID": f"native://{self.image}",
+            "containerID": container_id,
+            "ready": self.ready,
+            "started": self.started,
+            "restartCount": self.restart_count,
+            "state": state,
+            "lastState": {},
+        }
         if self.last_terminated:
             out["lastState"] = {"terminated": self.last_terminated}
         return out
@@ -144,10 +157,22 @@ class ContainerState:
 class ProcessContainer:
     """Runs `launch` until stopped, restarting it as a kubelet would; calls `on_change()` whenever the status moves."""
 
-    def __init__(self, name: str, image: str, container: dict, launch: Launch, host: str, log_dir: Path, *,
-                 grace: float, http: aiohttp.ClientSession, on_change: Callable[[], Awaitable[None]] | None = None,
-                 clock: Clock | None = None, start_file: Path | None = None,
-                 on_event: Callable[[str, str, str], Awaitable[None]] | None = None):
+    def __init__(
+        self,
+        name: str,
+        image: str,
+        container: dict,
+        launch: Launch,
+        host: str,
+        log_dir: Path,
+        *,
+        grace: float,
+        http: aiohttp.ClientSession,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+        clock: Clock | None = None,
+        start_file: Path | None = None,
+        on_event: Callable[[str, str, str], Awaitable[None]] | None = None,
+    ):
         self.state = ContainerState(name, image)
         self.container, self.launch, self.host, self.log_dir = container, launch, host, log_dir
         self.grace, self.on_change, self.http = grace, on_change or _nothing, http
@@ -181,8 +206,10 @@ class ProcessContainer:
             delay = backoff_delay(self.crashes)
             self.state.restart_count += 1
             if delay > 0:
-                self.state.waiting = {"reason": "CrashLoopBackOff", "message": (
-                    f"back-off {delay:g}s restarting failed container={self.state.name} ({outcome})")}
+                self.state.waiting = {
+                    "reason": "CrashLoopBackOff",
+                    "message": (f"back-off {delay:g}s restarting failed container={self.state.name} ({outcome})"),
+                }
                 await self.on_change()
                 await self.on_event("Warning", "BackOff", f"Back-off restarting failed container {self.state.name}")
                 await self.clock.sleep(delay)
@@ -194,8 +221,14 @@ class ProcessContainer:
         try:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *self.launch.argv, env=self.launch.env, cwd=self.launch.cwd, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=logf, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                    *self.launch.argv,
+                    env=self.launch.env,
+                    cwd=self.launch.cwd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
             except OSError as e:
                 self._terminated(128, "StartError", str(e), time.time())
                 await self.on_change()
@@ -219,8 +252,9 @@ class ProcessContainer:
                 log.info("%s: %s; killing", self.state.name, why)
                 kind = why.split()[0]
                 await self.on_event("Warning", "Unhealthy", f"{kind.capitalize()} probe failed: {self.probe_error}")
-                await self.on_event("Normal", "Killing",
-                                    f"Container {self.state.name} failed {kind} probe, will be restarted")
+                await self.on_event(
+                    "Normal", "Killing", f"Container {self.state.name} failed {kind} probe, will be restarted"
+                )
                 await self._kill()
             code = await exited
             _kill_group(self.proc.pid)  # what the engine left behind (vLLM's engine core outlives a crashed server)
@@ -236,8 +270,13 @@ class ProcessContainer:
         return f"{why}, exit code {self.state.last_terminated['exitCode']}"
 
     def _terminated(self, code: int, reason: str, message: Optional[str], began: float) -> None:
-        term = {"exitCode": code, "reason": reason, "startedAt": rfc3339(began), "finishedAt": rfc3339(),
-                "containerID": f"native://{self.pid}"}
+        term = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": rfc3339(began),
+            "finishedAt": rfc3339(),
+            "containerID": f"native://{self.pid}",
+        }
         if message is None and code != 0 and self.container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             message = termination_message(self.log_path)
         if message:
@@ -333,8 +372,10 @@ class ProcessContainer:
         while not await self._probe(fast):
             await asyncio.sleep(FAST_POLL)
         healthy = time.time()
-        self.start_file.write_text(f'{{"process_started": {began:.3f}, "first_healthy": {healthy:.3f}, '
-                                   f'"engine_start_seconds": {healthy - began:.3f}}}\n')
+        self.start_file.write_text(
+            f'{{"process_started": {began:.3f}, "first_healthy": {healthy:.3f}, '
+            f'"engine_start_seconds": {healthy - began:.3f}}}\n'
+        )
 
     async def _kill(self) -> None:
         proc = self.proc

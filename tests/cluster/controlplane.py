@@ -35,8 +35,9 @@ K8S_BIN_SCRIPT = Path(__file__).resolve().parent / "k8s-bin.sh"
 GET_ENGINES_SCRIPT = REPO_ROOT / "hack" / "get-engines.sh"
 # The controller-manager's own list minus controllers that need a cloud, a kubelet, a network or volumes, and minus
 # the legacy Endpoints controller: Endpoints reject the loopback pod IPs we use (EndpointSlices carry them).
-CONTROLLERS = ("*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service,-attachdetach,"
-               "-persistentvolume-binder,-endpoint")
+CONTROLLERS = (
+    "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service,-attachdetach,-persistentvolume-binder,-endpoint"
+)
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -193,8 +194,11 @@ class ControlPlane:
                 self.ensure_engines()
                 return self
             st = self.status()
-            if self._state().get("node_agent", True) and all(st.get(n) for n in self.ORDER[:-1]) \
-                    and st.get("apiserver-ready"):
+            if (
+                self._state().get("node_agent", True)
+                and all(st.get(n) for n in self.ORDER[:-1])
+                and st.get("apiserver-ready")
+            ):
                 self.restart_node_agent()  # only the agent died: the cluster's objects are worth keeping
                 self.reused = True
                 return self
@@ -222,48 +226,93 @@ class ControlPlane:
         self._save_state({"components": [], "etcd_data": etcd_data, "server": server, "node_agent": self.node_agent})
         self._write_kubeconfigs(server, pki)
 
-        self._spawn("etcd", [
-            str(bins / "etcd"), "--name=default", f"--data-dir={etcd_data}", "--logger=zap", "--log-level=warn",
-            f"--listen-client-urls=http://127.0.0.1:{etcd_port}", f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer_port}", f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-cluster=default=http://127.0.0.1:{peer_port}", "--initial-cluster-state=new",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                str(bins / "etcd"),
+                "--name=default",
+                f"--data-dir={etcd_data}",
+                "--logger=zap",
+                "--log-level=warn",
+                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
+                "--initial-cluster-state=new",
+            ],
+        )
         self._wait("etcd", lambda: self._http_ok(f"http://127.0.0.1:{etcd_port}/health"), "etcd /health")
 
-        self._spawn("kube-apiserver", [
-            str(bins / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}", "--insecure-port=0",
-            f"--cert-dir={self.state_dir / 'pki'}", f"--tls-cert-file={pki.path('apiserver.crt')}",
-            f"--tls-private-key-file={pki.path('apiserver.key')}", f"--client-ca-file={pki.ca_crt}",
-            f"--token-auth-file={pki.path('tokens.csv')}", "--authorization-mode=Node,RBAC",
-            f"--service-account-key-file={pki.path('sa.pub')}", f"--service-account-signing-key-file={pki.path('sa.key')}",
-            f"--service-account-issuer={SA_ISSUER}", f"--api-audiences={SA_ISSUER}",
-            "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
-            # The `kubernetes` Endpoints would point at 127.0.0.1, which Endpoints validation rejects: skip it.
-            "--endpoint-reconciler-type=none", "--profiling=false",
-            # `kubectl logs` goes through the node's kubelet: the fake nodes' is the agent, at their InternalIP
-            # (their Hostname resolves nowhere).
-            "--kubelet-preferred-address-types=InternalIP",
-        ])
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(bins / "kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                "--insecure-port=0",
+                f"--cert-dir={self.state_dir / 'pki'}",
+                f"--tls-cert-file={pki.path('apiserver.crt')}",
+                f"--tls-private-key-file={pki.path('apiserver.key')}",
+                f"--client-ca-file={pki.ca_crt}",
+                f"--token-auth-file={pki.path('tokens.csv')}",
+                "--authorization-mode=Node,RBAC",
+                f"--service-account-key-file={pki.path('sa.pub')}",
+                f"--service-account-signing-key-file={pki.path('sa.key')}",
+                f"--service-account-issuer={SA_ISSUER}",
+                f"--api-audiences={SA_ISSUER}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--allow-privileged=true",
+                # The `kubernetes` Endpoints would point at 127.0.0.1, which Endpoints validation rejects: skip it.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                # `kubectl logs` goes through the node's kubelet: the fake nodes' is the agent, at their InternalIP
+                # (their Hostname resolves nowhere).
+                "--kubelet-preferred-address-types=InternalIP",
+            ],
+        )
         self._wait("kube-apiserver", lambda: self._get("/readyz")[0] == 200, "kube-apiserver /readyz")
 
         qps = ["--kube-api-qps=200", "--kube-api-burst=400"]  # defaults (20/30) make 1000-pod benchmarks crawl
         cm_port, sched_port = free_port(), free_port()
-        self._spawn("kube-controller-manager", [
-            str(bins / "kube-controller-manager"), f"--kubeconfig={self.state_dir / 'controller-manager.kubeconfig'}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={cm_port}", "--port=0",
-            f"--cert-dir={self.state_dir / 'pki' / 'cm-serving'}",
-            f"--service-account-private-key-file={pki.path('sa.key')}", f"--root-ca-file={pki.ca_crt}",
-            "--use-service-account-credentials=true", f"--controllers={CONTROLLERS}",
-            f"--cluster-signing-cert-file={pki.ca_crt}", f"--cluster-signing-key-file={pki.ca_key}", *qps,
-        ])
-        self._spawn("kube-scheduler", [
-            str(bins / "kube-scheduler"), f"--kubeconfig={self.state_dir / 'scheduler.kubeconfig'}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={sched_port}", "--port=0",
-            f"--cert-dir={self.state_dir / 'pki' / 'scheduler-serving'}", *qps,
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(bins / "kube-controller-manager"),
+                f"--kubeconfig={self.state_dir / 'controller-manager.kubeconfig'}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={cm_port}",
+                "--port=0",
+                f"--cert-dir={self.state_dir / 'pki' / 'cm-serving'}",
+                f"--service-account-private-key-file={pki.path('sa.key')}",
+                f"--root-ca-file={pki.ca_crt}",
+                "--use-service-account-credentials=true",
+                f"--controllers={CONTROLLERS}",
+                f"--cluster-signing-cert-file={pki.ca_crt}",
+                f"--cluster-signing-key-file={pki.ca_key}",
+                *qps,
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(bins / "kube-scheduler"),
+                f"--kubeconfig={self.state_dir / 'scheduler.kubeconfig'}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={sched_port}",
+                "--port=0",
+                f"--cert-dir={self.state_dir / 'pki' / 'scheduler-serving'}",
+                *qps,
+            ],
+        )
         for name, port in (("kube-controller-manager", cm_port), ("kube-scheduler", sched_port)):
-            self._wait(name, lambda p=port: self._http_ok(f"https://127.0.0.1:{p}/healthz", verify=False), f"{name} /healthz")
+            self._wait(
+                name, lambda p=port: self._http_ok(f"https://127.0.0.1:{p}/healthz", verify=False), f"{name} /healthz"
+            )
 
         if self.node_agent:
             self._start_node_agent()
@@ -274,14 +323,26 @@ class ControlPlane:
         ready = self.state_dir / "node-agent.ready"
         ready.unlink(missing_ok=True)
         (self.state_dir / "node-agent.code").write_text(agent_code_digest())
-        self._spawn("node-agent", cmd or [
-            sys.executable, "-m", "tests.cluster.node_agent", f"--kubeconfig={self.kubeconfig}",
-            f"--nodes={self.nodes}", f"--gpus-per-node={self.gpus_per_node}", f"--cpu={self.cpu}",
-            f"--memory={self.memory}", f"--pods={self.pods_per_node}", f"--ready-file={ready}",
-            f"--pods-dir={self.state_dir / 'pods'}", f"--kubelet-cert={self.pki.path('apiserver.crt')}",
-            f"--kubelet-key={self.pki.path('apiserver.key')}",
-            *(f"--engine={name}={exe}" for name, exe in find_engines(self.engines).items()),
-        ])
+        self._spawn(
+            "node-agent",
+            cmd
+            or [
+                sys.executable,
+                "-m",
+                "tests.cluster.node_agent",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--nodes={self.nodes}",
+                f"--gpus-per-node={self.gpus_per_node}",
+                f"--cpu={self.cpu}",
+                f"--memory={self.memory}",
+                f"--pods={self.pods_per_node}",
+                f"--ready-file={ready}",
+                f"--pods-dir={self.state_dir / 'pods'}",
+                f"--kubelet-cert={self.pki.path('apiserver.crt')}",
+                f"--kubelet-key={self.pki.path('apiserver.key')}",
+                *(f"--engine={name}={exe}" for name, exe in find_engines(self.engines).items()),
+            ],
+        )
         self._wait("node-agent", ready.exists, "the node agent to register its nodes and adopt their pods")
 
     def ensure_engines(self) -> None:
@@ -297,8 +358,10 @@ class ControlPlane:
             return
         self.engines = tuple(sorted(running | set(self.engines)))
         self._terminate(recorded["name"], recorded["pid"], recorded["cmd"])
-        self._start_node_agent([a for a in recorded["cmd"] if not a.startswith("--engine=")] +
-                               [f"--engine={n}={exe}" for n, exe in find_engines(self.engines).items()])
+        self._start_node_agent(
+            [a for a in recorded["cmd"] if not a.startswith("--engine=")]
+            + [f"--engine={n}={exe}" for n, exe in find_engines(self.engines).items()]
+        )
 
     def restart_node_agent(self) -> None:
         """Stop the agent and start a new one, which re-adopts the pods bound to its nodes (a kubelet restart).
@@ -315,8 +378,16 @@ class ControlPlane:
         log = open(self.logs_dir / f"{name}.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         env.pop("KUBECONFIG", None)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                env=env, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
         log.close()
         self._procs[name] = proc
         state = self._state()
@@ -364,21 +435,32 @@ class ControlPlane:
         def config(user: str, cert: str, embed: bool) -> dict:
             if embed:  # the admin kubeconfig is self-contained so it can be copied anywhere
                 cluster = {"server": server, "certificate-authority-data": b64(pki.ca_crt)}
-                creds = {"client-certificate-data": b64(pki.path(f"{cert}.crt")),
-                         "client-key-data": b64(pki.path(f"{cert}.key"))}
+                creds = {
+                    "client-certificate-data": b64(pki.path(f"{cert}.crt")),
+                    "client-key-data": b64(pki.path(f"{cert}.key")),
+                }
             else:
                 cluster = {"server": server, "certificate-authority": str(pki.ca_crt)}
                 creds = {"client-certificate": str(pki.path(f"{cert}.crt")), "client-key": str(pki.path(f"{cert}.key"))}
             return {
-                "apiVersion": "v1", "kind": "Config", "current-context": "modelservice-local",
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "modelservice-local",
                 "clusters": [{"name": "modelservice-local", "cluster": cluster}],
                 "users": [{"name": user, "user": creds}],
-                "contexts": [{"name": "modelservice-local", "context": {"cluster": "modelservice-local", "user": user}}],
+                "contexts": [
+                    {"name": "modelservice-local", "context": {"cluster": "modelservice-local", "user": user}}
+                ],
             }
 
         for path, user, cert, embed in (
             (self.kubeconfig, "admin", "admin", True),
-            (self.state_dir / "controller-manager.kubeconfig", "system:kube-controller-manager", "controller-manager", False),
+            (
+                self.state_dir / "controller-manager.kubeconfig",
+                "system:kube-controller-manager",
+                "controller-manager",
+                False,
+            ),
             (self.state_dir / "scheduler.kubeconfig", "system:kube-scheduler", "scheduler", False),
         ):
             path.write_text(yaml.safe_dump(config(user, cert, embed), sort_keys=False))

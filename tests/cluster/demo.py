@@ -34,8 +34,9 @@ def say(text: str) -> None:
 
 
 def kubectl(kubeconfig: Path, *args: str, show: bool = True, input: str | None = None) -> str:
-    out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True,
-                         input=input, timeout=60)
+    out = subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True, input=input, timeout=60
+    )
     if show:
         print(f"$ kubectl {' '.join(args)}\n{out.stdout}{out.stderr}", end="", flush=True)
     if out.returncode != 0:
@@ -46,9 +47,13 @@ def kubectl(kubeconfig: Path, *args: str, show: bool = True, input: str | None =
 def spawn(name: str, args: list[str], kubeconfig: Path, logs: Path) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
     log = open(logs / f"demo-{name}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "modelservice.cli", *args, "--kubeconfig", str(kubeconfig)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "POD_NAME": f"demo-{name}", "POD_NAMESPACE": NS})
+    return subprocess.Popen(
+        [sys.executable, "-m", "modelservice.cli", *args, "--kubeconfig", str(kubeconfig)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "POD_NAME": f"demo-{name}", "POD_NAMESPACE": NS},
+    )
 
 
 def ready_reason(kubeconfig: Path) -> tuple[str, str]:
@@ -61,17 +66,29 @@ def ready_reason(kubeconfig: Path) -> tuple[str, str]:
 
 # The demo's ModelService per engine: the CPU settings a 2-core machine needs; everything else is rendered as for a GPU.
 DEMO_SPECS = {
-    "llamacpp": {"engine": "llamacpp", "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M", "servedName": "demo"},
-                 "args": ["-t", "1", "-c", "4096"]},
-    "vllm": {"engine": "vllm", "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct", "servedName": "demo"},
-             "args": ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "4"],
-             "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}], "startupTimeout": "15m"},
+    "llamacpp": {
+        "engine": "llamacpp",
+        "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M", "servedName": "demo"},
+        "args": ["-t", "1", "-c", "4096"],
+    },
+    "vllm": {
+        "engine": "vllm",
+        "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct", "servedName": "demo"},
+        "args": ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "4"],
+        "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}],
+        "startupTimeout": "15m",
+    },
 }
 
 
 async def stream_chat(url: str) -> tuple[float, float]:
-    body = {"model": "demo", "stream": True, "max_tokens": 24, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello to the platform team."}]}
+    body = {
+        "model": "demo",
+        "stream": True,
+        "max_tokens": 24,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello to the platform team."}],
+    }
     t0 = time.monotonic()
     first = None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
@@ -94,12 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--keep", action="store_true", help="leave the cluster, operator and gateway running")
     p.add_argument("--idle", default="15s", help="scaleToZeroAfter for the demo model")
-    p.add_argument("--engine", choices=sorted(DEMO_SPECS), default="llamacpp",
-                   help="the real engine to serve (vllm installs ~3.4 GB once and takes ~30-70 s per cold start)")
+    p.add_argument(
+        "--engine",
+        choices=sorted(DEMO_SPECS),
+        default="llamacpp",
+        help="the real engine to serve (vllm installs ~3.4 GB once and takes ~30-70 s per cold start)",
+    )
     args = p.parse_args(argv)
 
-    say(f"Starting the local control plane with {args.engine} on its nodes (first run builds Kubernetes v1.20 and "
-        "installs the engine once, ~5 min)")
+    say(
+        f"Starting the local control plane with {args.engine} on its nodes (first run builds Kubernetes v1.20 and "
+        "installs the engine once, ~5 min)"
+    )
     cp = ControlPlane(DEFAULT_STATE_DIR, engines=(args.engine,))
     started_cluster = not cp.is_up()
     t0 = time.monotonic()
@@ -114,10 +137,29 @@ def main(argv: list[str] | None = None) -> int:
 
         say("Running the operator and the gateway")
         port = free_port()
-        procs.append(spawn("operator", ["run", "--gateway-enabled", "--metrics-port", "0", "--health-port", "0"], kc,
-                           cp.logs_dir))
-        procs.append(spawn("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                                       "--activity-interval", "2s"], kc, cp.logs_dir))
+        procs.append(
+            spawn(
+                "operator", ["run", "--gateway-enabled", "--metrics-port", "0", "--health-port", "0"], kc, cp.logs_dir
+            )
+        )
+        procs.append(
+            spawn(
+                "gateway",
+                [
+                    "gateway",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    "0",
+                    "--activity-interval",
+                    "2s",
+                ],
+                kc,
+                cp.logs_dir,
+            )
+        )
         url = f"http://127.0.0.1:{port}"
 
         def gateway_up() -> bool:
@@ -125,20 +167,36 @@ def main(argv: list[str] | None = None) -> int:
                 return asyncio.run(_get_ok(url + "/healthz"))
             except OSError:
                 return False
+
         wait_for(gateway_up, timeout=60, message="gateway /healthz")
         print(f"gateway on {url}; logs in {cp.logs_dir}/demo-*.log")
 
         say(f"Creating a ModelService that scales to zero, served by {args.engine}")
-        obj = {"apiVersion": "serving.modelservice.dev/v1alpha1", "kind": "ModelService",
-               "metadata": {"name": "demo", "namespace": NS},
-               "spec": {**DEMO_SPECS[args.engine],
-                        "autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": args.idle}}}
+        obj = {
+            "apiVersion": "serving.modelservice.dev/v1alpha1",
+            "kind": "ModelService",
+            "metadata": {"name": "demo", "namespace": NS},
+            "spec": {
+                **DEMO_SPECS[args.engine],
+                "autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": args.idle},
+            },
+        }
         print(yaml.safe_dump(obj, sort_keys=False), end="")
-        kubectl(kc, "apply", "-f", "-", input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
-                                                              "metadata": {"name": NS}}), show=False)
+        kubectl(
+            kc,
+            "apply",
+            "-f",
+            "-",
+            input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+            show=False,
+        )
         kubectl(kc, "apply", "--server-side", "-f", "-", input=yaml.safe_dump(obj))
-        wait_for(lambda: ready_reason(kc) == ("True", "Available"), timeout=900, interval=0.5,
-                 message="the model to load (a new scale-to-zero model first proves that it loads)")
+        wait_for(
+            lambda: ready_reason(kc) == ("True", "Available"),
+            timeout=900,
+            interval=0.5,
+            message="the model to load (a new scale-to-zero model first proves that it loads)",
+        )
         kubectl(kc, "get", "ms", "-n", NS, "-o", "wide")
         pod = kubectl(kc, "get", "pods", "-n", NS, "-o", "name", show=False).split()[0]
         say(f"The engine's own log (kubectl logs {pod})")
@@ -150,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
         say("First request: the gateway holds it, wakes the model, and streams the answer")
         ttfb, total = asyncio.run(stream_chat(url))
-        print(f"cold start: first token after {ttfb:.2f}s (the {args.engine} process started from zero), "
-              f"stream done after {total:.2f}s")
+        print(
+            f"cold start: first token after {ttfb:.2f}s (the {args.engine} process started from zero), "
+            f"stream done after {total:.2f}s"
+        )
         kubectl(kc, "get", "ms,pods", "-n", NS, "-o", "wide")
 
         say("A warm request")

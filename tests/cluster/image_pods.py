@@ -44,7 +44,8 @@ LOCAL_PREFIX = "localhost/"
 POD_IP_ENV = "MODELSERVICE_FAKE_NODE_POD_IP"  # read by the bind shim (translation 3)
 SHIM_DIR_IN_IMAGE = "/run/modelservice-fake-node"  # where the shim is mounted (a path no image uses)
 
-BIND_SHIM = '''\
+BIND_SHIM = (
+    '''\
 """Fake node (tests/cluster/image_pods.py, translation 3): listening on 0.0.0.0 means this pod's own address."""
 import os
 import socket
@@ -59,7 +60,9 @@ if _POD_IP:
         return _bind(self, address)
 
     socket.socket.bind = bind
-''' % POD_IP_ENV
+'''
+    % POD_IP_ENV
+)
 
 
 def is_local_image(image: str) -> bool:
@@ -69,7 +72,7 @@ def is_local_image(image: str) -> bool:
 def store_path(images_dir: Path, image: str) -> Path:
     """`localhost/modelservice-operator:0.1.0` → `<images_dir>/modelservice-operator-0.1.0.oci.tar`. A digest
     (`@sha256:...`) must match the archive's: checked by the caller with oci_images.manifest_digest."""
-    ref = image[len(LOCAL_PREFIX):].split("@", 1)[0]
+    ref = image[len(LOCAL_PREFIX) :].split("@", 1)[0]
     name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
     return images_dir / f"{name.replace('/', '-')}-{tag}.oci.tar"
 
@@ -95,20 +98,26 @@ def security_context(pod_spec: dict, container: dict, image_user: str) -> Securi
     user = image_user or "0"
     if uid is not None or gid is not None:
         base_uid, _, base_gid = user.partition(":")
-        user = f"{uid if uid is not None else base_uid}" + (f":{gid}" if gid is not None else
-                                                               (f":{base_gid}" if base_gid else ""))
+        user = f"{uid if uid is not None else base_uid}" + (
+            f":{gid}" if gid is not None else (f":{base_gid}" if base_gid else "")
+        )
     groups = tuple(int(g) for g in (pod_sc.get("supplementalGroups") or []))
     if pod_sc.get("fsGroup") is not None:
         groups += (int(pod_sc["fsGroup"]),)
     caps = (c_sc.get("capabilities") or {}).get("drop") or []
     return SecurityContext(
-        user=user, groups=groups, read_only_root=bool(c_sc.get("readOnlyRootFilesystem")),
-        drop_capabilities="ALL" in caps, no_new_privileges=c_sc.get("allowPrivilegeEscalation") is False,
-        run_as_non_root=bool(pick("runAsNonRoot")))
+        user=user,
+        groups=groups,
+        read_only_root=bool(c_sc.get("readOnlyRootFilesystem")),
+        drop_capabilities="ALL" in caps,
+        no_new_privileges=c_sc.get("allowPrivilegeEscalation") is False,
+        run_as_non_root=bool(pick("runAsNonRoot")),
+    )
 
 
-def write_projected_files(dest: Path, data: dict[str, str], items: Optional[list[dict]], mode: int,
-                          decode: bool) -> None:
+def write_projected_files(
+    dest: Path, data: dict[str, str], items: Optional[list[dict]], mode: int, decode: bool
+) -> None:
     """A secret/configMap volume's files: every key, or only `items` (key → path, mode)."""
     dest.mkdir(parents=True, exist_ok=True)
     os.chmod(dest, 0o755)
@@ -125,13 +134,25 @@ def write_projected_files(dest: Path, data: dict[str, str], items: Optional[list
 
 
 def etc_hosts(pod_name: str, pod_ip: str) -> str:
-    return ("# Kubernetes-managed hosts file (fake node).\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
-            f"{pod_ip}\t{pod_name}\n")
+    return (
+        "# Kubernetes-managed hosts file (fake node).\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+        f"{pod_ip}\t{pod_name}\n"
+    )
 
 
-def launch_for_image(pod: dict, container: dict, config: oci_images.ImageConfig, rootfs: Path, *,
-                     env: dict[str, str], pod_ip: str, pod_dir: Path, volumes: dict[str, Path],
-                     api_host: str, api_port: int) -> Launch:
+def launch_for_image(
+    pod: dict,
+    container: dict,
+    config: oci_images.ImageConfig,
+    rootfs: Path,
+    *,
+    env: dict[str, str],
+    pod_ip: str,
+    pod_dir: Path,
+    volumes: dict[str, Path],
+    api_host: str,
+    api_port: int,
+) -> Launch:
     """The host process for `container` of `pod`, run from the unpacked image at `rootfs`.
 
     `env` is the container's environment already resolved (valueFrom done, as a kubelet does); `volumes` maps each
@@ -140,9 +161,12 @@ def launch_for_image(pod: dict, container: dict, config: oci_images.ImageConfig,
     sc = security_context(spec, container, config.user)
     uid, _gid = oci_images.resolve_user(rootfs, sc.user)
     if sc.run_as_non_root and uid == 0:
-        raise LaunchError("CreateContainerConfigError", "container has runAsNonRoot and image will run as root "
-                          f"(pod: \"{pod['metadata']['name']}_{pod['metadata']['namespace']}\", "
-                          f"container: {container['name']})")
+        raise LaunchError(
+            "CreateContainerConfigError",
+            "container has runAsNonRoot and image will run as root "
+            f'(pod: "{pod["metadata"]["name"]}_{pod["metadata"]["namespace"]}", '
+            f"container: {container['name']})",
+        )
     argv = oci_images.resolve_argv(config, container.get("command"), container.get("args"))
     mounts: dict[str, oci_images.Mount] = {}
     for m in container.get("volumeMounts") or []:
@@ -160,17 +184,31 @@ def launch_for_image(pod: dict, container: dict, config: oci_images.ImageConfig,
     hosts = pod_dir / "etc-hosts"
     hosts.write_text(etc_hosts(pod["metadata"]["name"], pod_ip))
     mounts.setdefault("/etc/hosts", oci_images.Mount(hosts, read_only=True))
-    out_env = oci_images.container_env(config, {
-        "HOSTNAME": pod["metadata"]["name"], **env,
-        "KUBERNETES_SERVICE_HOST": api_host, "KUBERNETES_SERVICE_PORT": str(api_port),
-        "KUBERNETES_SERVICE_PORT_HTTPS": str(api_port), "KUBERNETES_PORT": f"tcp://{api_host}:{api_port}",
-    })
+    out_env = oci_images.container_env(
+        config,
+        {
+            "HOSTNAME": pod["metadata"]["name"],
+            **env,
+            "KUBERNETES_SERVICE_HOST": api_host,
+            "KUBERNETES_SERVICE_PORT": str(api_port),
+            "KUBERNETES_SERVICE_PORT_HTTPS": str(api_port),
+            "KUBERNETES_PORT": f"tcp://{api_host}:{api_port}",
+        },
+    )
     out_env[POD_IP_ENV] = pod_ip
     out_env["PYTHONPATH"] = ":".join(p for p in (SHIM_DIR_IN_IMAGE, out_env.get("PYTHONPATH", "")) if p)
     workdir = container.get("workingDir") or config.workdir or "/"
     argv_host = oci_images.launch_argv(
-        rootfs, sc.user, argv, mounts, read_only=sc.read_only_root, workdir=workdir, supplemental_groups=sc.groups,
-        drop_capabilities=sc.drop_capabilities, no_new_privileges=sc.no_new_privileges)
+        rootfs,
+        sc.user,
+        argv,
+        mounts,
+        read_only=sc.read_only_root,
+        workdir=workdir,
+        supplemental_groups=sc.groups,
+        drop_capabilities=sc.drop_capabilities,
+        no_new_privileges=sc.no_new_privileges,
+    )
     translations = [
         f"image {container.get('image')} -> {rootfs} (digest {config.digest})",
         f"KUBERNETES_SERVICE_HOST:PORT -> {api_host}:{api_port}",
@@ -179,8 +217,10 @@ def launch_for_image(pod: dict, container: dict, config: oci_images.ImageConfig,
         f"drop all capabilities {sc.drop_capabilities}, no_new_privs {sc.no_new_privileges}",
     ]
     if mounts:
-        translations.append("mounts: " + ", ".join(f"{c} -> {m.host}{' (ro)' if m.read_only else ''}"
-                                                    for c, m in sorted(mounts.items())))
+        translations.append(
+            "mounts: "
+            + ", ".join(f"{c} -> {m.host}{' (ro)' if m.read_only else ''}" for c, m in sorted(mounts.items()))
+        )
     return Launch(argv=argv_host, env=out_env, cwd="/", translations=translations)
 
 

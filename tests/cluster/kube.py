@@ -72,8 +72,9 @@ def unique_name(hint: str, max_len: int = 50) -> str:
 def create_namespace(kube: Kube, hint: str, timeout: float = 30.0) -> str:
     """Create a namespace and wait until pods can be created in it (default ServiceAccount with its token)."""
     name = unique_name(hint)
-    kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=name, labels={"modelservice.dev/test": "true"})))
+    kube.core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"modelservice.dev/test": "true"}))
+    )
 
     # Clusters >= 1.24 make no token Secrets; there the ServiceAccount alone lets pods in.
     needs_secret = _server_minor(kube) < 24

@@ -38,8 +38,16 @@ class KubeApi:
     async def __aexit__(self, *exc: Any) -> None:
         await self.kube.close()
 
-    async def request(self, method: str, path: str, *, params: dict | None = None, body: Any = None,
-                      content_type: str = JSON, allow: tuple[int, ...] = ()) -> tuple[int, Any]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        allow: tuple[int, ...] = (),
+    ) -> tuple[int, Any]:
         """Returns (status, decoded body), status 200 for any success. Raises ApiError for >= 400 unless the status
         is in `allow`."""
         try:
@@ -61,9 +69,11 @@ class KubeApi:
             rv = listing["metadata"]["resourceVersion"]
         return items, rv
 
-    async def watch(self, path: str, params: dict, resource_version: str,
-                    timeout_seconds: int = 300) -> AsyncIterator[dict]:
+    async def watch(
+        self, path: str, params: dict, resource_version: str, timeout_seconds: int = 300
+    ) -> AsyncIterator[dict]:
         """Events of one watch call (it ends after `timeout_seconds`); BOOKMARKs included so callers track the RV."""
-        async for event_type, obj in self.kube.watch_once(path, resource_version, timeout_seconds=timeout_seconds,
-                                                          **params):
+        async for event_type, obj in self.kube.watch_once(
+            path, resource_version, timeout_seconds=timeout_seconds, **params
+        ):
             yield {"type": event_type, "object": obj}

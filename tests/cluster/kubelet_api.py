@@ -39,15 +39,14 @@ def make_app(find_logs: Callable[[str, str, str], Optional[list[Path]]]) -> web.
             return web.Response(text="")  # the stub model server: it writes no log
         if q.get("previous") == "true":
             if len(logs) < 2:
-                raise web.HTTPBadRequest(text=f'previous terminated container "{container}" in pod "{pod}" '
-                                              "not found\n")
+                raise web.HTTPBadRequest(text=f'previous terminated container "{container}" in pod "{pod}" not found\n')
             path = logs[-2]
         else:
             path = logs[-1]
         data = await asyncio.to_thread(path.read_bytes)
         data = _tail(data, int(q["tailLines"]) if q.get("tailLines") else None)
         if q.get("limitBytes"):
-            data = data[:int(q["limitBytes"])]
+            data = data[: int(q["limitBytes"])]
         if q.get("follow") != "true":
             return web.Response(body=data, content_type="text/plain")
         resp = web.StreamResponse()

@@ -16,8 +16,11 @@ from typing import Optional
 
 from tests.cluster import tiny_model
 
-CACHE = Path(os.environ.get("MODELSERVICE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                            / "modelservice"))
+CACHE = Path(
+    os.environ.get(
+        "MODELSERVICE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelservice"
+    )
+)
 # Room for the longest context a pod may ask for (`--max-model-len 8192` in examples/vllm.yaml): rotary positions
 # cost no weights, so a long maximum is free.
 MAX_POSITIONS = 32768
@@ -26,7 +29,9 @@ MAX_POSITIONS = 32768
 @dataclass
 class OfflineModels:
     model: tiny_model.TinyModel
-    _lock: threading.Lock = field(default_factory=threading.Lock)  # pods starting together must not copy into one cache at once
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock
+    )  # pods starting together must not copy into one cache at once
 
     @classmethod
     def build(cls, model_dir: Optional[Path] = None) -> "OfflineModels":

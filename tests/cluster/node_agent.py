@@ -52,8 +52,12 @@ MAX_PROBES = 3600  # so an unanswerable probe gives up after about an hour
 API_RETRIES = 5
 BIND_ATTEMPTS = 8
 # Engine images we render but cannot run here (no CPU build in our registries): served by the stub, with an Event.
-ENGINE_IMAGES_WITHOUT_LOCAL_BUILD = ("lmsysorg/sglang", "ghcr.io/huggingface/text-generation-inference",
-                                     "nvcr.io/nvidia/tritonserver", "ollama/ollama")
+ENGINE_IMAGES_WITHOUT_LOCAL_BUILD = (
+    "lmsysorg/sglang",
+    "ghcr.io/huggingface/text-generation-inference",
+    "nvcr.io/nvidia/tritonserver",
+    "ollama/ollama",
+)
 TRANSIENT = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -76,10 +80,19 @@ class PodRuntime:
 
 
 class NodeAgent:
-    def __init__(self, api: KubeApi, nodes: list[str], capacity: dict[str, str], default_tps: float = 200.0,
-                 ready_file: Path | None = None, ip_block: int | None = None,
-                 engines: dict[str, str] | None = None, pods_dir: Path | None = None, models=None,
-                 images_dir: Path | None = None):
+    def __init__(
+        self,
+        api: KubeApi,
+        nodes: list[str],
+        capacity: dict[str, str],
+        default_tps: float = 200.0,
+        ready_file: Path | None = None,
+        ip_block: int | None = None,
+        engines: dict[str, str] | None = None,
+        pods_dir: Path | None = None,
+        models=None,
+        images_dir: Path | None = None,
+    ):
         self.api, self.nodes, self.capacity, self.default_tps = api, set(nodes), capacity, default_tps
         self.images_dir = images_dir or oci_images.CACHE  # the node's image store for localhost/ images
         self.engines = engines or {}  # native engine name → the host executable (hack/get-engines.sh)
@@ -103,42 +116,99 @@ class NodeAgent:
         nodes = await self.api.get("/api/v1/nodes", params={"labelSelector": f"{FAKE_NODE_LABEL}=true"})
         for node in nodes["items"]:
             name = node["metadata"]["name"]
-            if name.startswith(prefix) and name[len(prefix):].isdigit() and name not in self.nodes:
+            if name.startswith(prefix) and name[len(prefix) :].isdigit() and name not in self.nodes:
                 await self.api.request("DELETE", f"/api/v1/nodes/{name}", allow=(404,))
                 log.info("deleted leftover node %s", name)
-        log.info("nodes ready: %s (%s); pod addresses from 127.%d.0.0/16", ", ".join(self.node_names),
-                 ", ".join(f"{k}={v}" for k, v in self.capacity.items()), self.ips.block)
+        log.info(
+            "nodes ready: %s (%s); pod addresses from 127.%d.0.0/16",
+            ", ".join(self.node_names),
+            ", ".join(f"{k}={v}" for k, v in self.capacity.items()),
+            self.ips.block,
+        )
 
     async def _register(self, name: str) -> None:
         status, node = await self.api.request("GET", f"/api/v1/nodes/{name}", allow=(404,))
         if status == 404:
-            node = (await self.api.request("POST", "/api/v1/nodes", body={
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "labels": {
-                    "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                    "node.kubernetes.io/instance-type": "fake-gpu", FAKE_NODE_LABEL: "true"}},
-            }))[1]
+            node = (
+                await self.api.request(
+                    "POST",
+                    "/api/v1/nodes",
+                    body={
+                        "apiVersion": "v1",
+                        "kind": "Node",
+                        "metadata": {
+                            "name": name,
+                            "labels": {
+                                "kubernetes.io/hostname": name,
+                                "kubernetes.io/os": "linux",
+                                "kubernetes.io/arch": "amd64",
+                                "node.kubernetes.io/instance-type": "fake-gpu",
+                                FAKE_NODE_LABEL: "true",
+                            },
+                        },
+                    },
+                )
+            )[1]
         conditions = [
-            {"type": t, "status": "False", "reason": f"KubeletHas{r}", "lastHeartbeatTime": rfc3339(),
-             "lastTransitionTime": rfc3339(), "message": "fake node"}
-            for t, r in (("MemoryPressure", "SufficientMemory"), ("DiskPressure", "NoDiskPressure"),
-                         ("PIDPressure", "SufficientPID"))
-        ] + [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "fake node agent is ready",
-              "lastHeartbeatTime": rfc3339(), "lastTransitionTime": rfc3339()}]
-        await self.api.request("PATCH", f"/api/v1/nodes/{name}/status", content_type=MERGE_PATCH, body={"status": {
-            "capacity": self.capacity, "allocatable": self.capacity, "conditions": conditions,
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
-            "nodeInfo": {"machineID": name, "systemUUID": name, "bootID": name, "kernelVersion": "fake",
-                         "osImage": "fake", "containerRuntimeVersion": "stub://1.0", "kubeletVersion": "v1.20.2",
-                         "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64"},
-        }})
+            {
+                "type": t,
+                "status": "False",
+                "reason": f"KubeletHas{r}",
+                "lastHeartbeatTime": rfc3339(),
+                "lastTransitionTime": rfc3339(),
+                "message": "fake node",
+            }
+            for t, r in (
+                ("MemoryPressure", "SufficientMemory"),
+                ("DiskPressure", "NoDiskPressure"),
+                ("PIDPressure", "SufficientPID"),
+            )
+        ] + [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "fake node agent is ready",
+                "lastHeartbeatTime": rfc3339(),
+                "lastTransitionTime": rfc3339(),
+            }
+        ]
+        await self.api.request(
+            "PATCH",
+            f"/api/v1/nodes/{name}/status",
+            content_type=MERGE_PATCH,
+            body={
+                "status": {
+                    "capacity": self.capacity,
+                    "allocatable": self.capacity,
+                    "conditions": conditions,
+                    "addresses": [
+                        {"type": "InternalIP", "address": "127.0.0.1"},
+                        {"type": "Hostname", "address": name},
+                    ],
+                    "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
+                    "nodeInfo": {
+                        "machineID": name,
+                        "systemUUID": name,
+                        "bootID": name,
+                        "kernelVersion": "fake",
+                        "osImage": "fake",
+                        "containerRuntimeVersion": "stub://1.0",
+                        "kubeletVersion": "v1.20.2",
+                        "kubeProxyVersion": "v1.20.2",
+                        "operatingSystem": "linux",
+                        "architecture": "amd64",
+                    },
+                }
+            },
+        )
         # Added by admission at creation; with the node-lifecycle controller off, nobody else removes it.
         taints = (node.get("spec") or {}).get("taints") or []
         if any(t["key"] == NOT_READY_TAINT for t in taints):
             keep = [t for t in taints if t["key"] != NOT_READY_TAINT]
-            await self.api.request("PATCH", f"/api/v1/nodes/{name}", content_type=MERGE_PATCH,
-                                   body={"spec": {"taints": keep or None}})
+            await self.api.request(
+                "PATCH", f"/api/v1/nodes/{name}", content_type=MERGE_PATCH, body={"spec": {"taints": keep or None}}
+            )
         self.node_uids[name] = node["metadata"]["uid"]
         await self._renew_lease(name, node["metadata"]["uid"])
 
@@ -147,10 +217,20 @@ class NodeAgent:
         spec = {"holderIdentity": name, "leaseDurationSeconds": LEASE_DURATION, "renewTime": rfc3339(micro=True)}
         status, _ = await self.api.request("PATCH", path, content_type=MERGE_PATCH, body={"spec": spec}, allow=(404,))
         if status == 404:
-            await self.api.request("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", body={
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": spec,
-                "metadata": {"name": name, "ownerReferences": [
-                    {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}]}}, allow=(409,))
+            await self.api.request(
+                "POST",
+                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+                body={
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "spec": spec,
+                    "metadata": {
+                        "name": name,
+                        "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}],
+                    },
+                },
+                allow=(409,),
+            )
 
     async def lease_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -235,24 +315,33 @@ class NodeAgent:
             await self.run_native(rt, pod, engine)
             return
         if engine is not None or any(image.startswith(p) for p in ENGINE_IMAGES_WITHOUT_LOCAL_BUILD):
-            self._spawn(self.event(pod, "Normal", "StubEngine",
-                                   f"no local build of {image} on this node: the stub model server stands in for it"))
+            self._spawn(
+                self.event(
+                    pod,
+                    "Normal",
+                    "StubEngine",
+                    f"no local build of {image} on this node: the stub model server stands in for it",
+                )
+            )
         await self.run_stub(rt, pod)
 
     async def run_native(self, rt: PodRuntime, pod: dict, engine: native.NativeEngine) -> None:
         """The real engine as a host process (native.py says what is translated, container.py runs it)."""
+
         async def prepare(pod_dir: Path, c0: dict) -> native.Launch:
             env = await self.resolve_env(pod, c0)
             mounts = native.volume_dirs(pod_dir, pod["spec"], c0, await self.claim_dirs(pod))
-            launch = native.launch_for(engine, c0, env, pod_ip=rt.ip, executable=self.engines[engine.name],
-                                       mounts=mounts)
+            launch = native.launch_for(
+                engine, c0, env, pod_ip=rt.ip, executable=self.engines[engine.name], mounts=mounts
+            )
             if launch.model and launch.cache_dir and self.models is not None:
-                where = await asyncio.to_thread(self.models.prefill, engine.kind, Path(launch.cache_dir),
-                                                launch.model)
+                where = await asyncio.to_thread(self.models.prefill, engine.kind, Path(launch.cache_dir), launch.model)
                 launch.translations.append(f"model {launch.model} -> {where}")
             return launch
-        await self.run_process(rt, pod, prepare, lambda launch: f"{engine.name} {' '.join(launch.argv)}",
-                               measure_start=True)
+
+        await self.run_process(
+            rt, pod, prepare, lambda launch: f"{engine.name} {' '.join(launch.argv)}", measure_start=True
+        )
 
     async def claim_dirs(self, pod: dict) -> dict[str, str]:
         """Volume name → host directory of each PersistentVolumeClaim bound to a hostPath or local volume (the
@@ -262,8 +351,9 @@ class NodeAgent:
             claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
             if not claim:
                 continue
-            status, pvc = await self.api.request("GET", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{claim}",
-                                                 allow=(404,))
+            status, pvc = await self.api.request(
+                "GET", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{claim}", allow=(404,)
+            )
             pv_name = (pvc or {}).get("spec", {}).get("volumeName") if status == 200 else None
             if not pv_name:
                 continue
@@ -276,12 +366,17 @@ class NodeAgent:
 
     async def run_image(self, rt: PodRuntime, pod: dict, image: str) -> None:
         """A pod of a local OCI image (image_pods.py says what is translated, oci_images.py launches it)."""
+
         async def prepare(pod_dir: Path, c0: dict) -> native.Launch:
             archive = image_pods.store_path(self.images_dir, image)
             if not archive.is_file():
-                raise native.LaunchError("ErrImagePull", (
-                    f"image {image} is not in this node's local store ({archive}): nothing is pulled here; "
-                    "`make image` builds localhost/modelservice-operator:<chart appVersion>"))
+                raise native.LaunchError(
+                    "ErrImagePull",
+                    (
+                        f"image {image} is not in this node's local store ({archive}): nothing is pulled here; "
+                        "`make image` builds localhost/modelservice-operator:<chart appVersion>"
+                    ),
+                )
             try:
                 config = await asyncio.to_thread(oci_images.image_config, archive)
                 if "@" in image and image.split("@", 1)[1] != config.digest:
@@ -294,8 +389,19 @@ class NodeAgent:
             volumes = await self.image_volumes(pod, pod_dir)
             host, _, port = self.api.server.split("://", 1)[-1].rpartition(":")
             return await asyncio.to_thread(
-                image_pods.launch_for_image, pod, c0, config, rootfs, env=env, pod_ip=rt.ip, pod_dir=pod_dir,
-                volumes=volumes, api_host=host, api_port=int(port or 443))
+                image_pods.launch_for_image,
+                pod,
+                c0,
+                config,
+                rootfs,
+                env=env,
+                pod_ip=rt.ip,
+                pod_dir=pod_dir,
+                volumes=volumes,
+                api_host=host,
+                api_port=int(port or 443),
+            )
+
         await self.run_process(rt, pod, prepare, lambda launch: image)
 
     async def run_process(self, rt: PodRuntime, pod: dict, prepare, describe, measure_start: bool = False) -> None:
@@ -318,10 +424,18 @@ class NodeAgent:
                 return
             grace = float(spec.get("terminationGracePeriodSeconds", 30))
             rt.container = ProcessContainer(
-                c0["name"], c0.get("image", ""), c0, launch, rt.ip, pod_dir / "logs" / c0["name"], grace=grace,
-                on_change=lambda: self.report_native(rt), http=self.http,
+                c0["name"],
+                c0.get("image", ""),
+                c0,
+                launch,
+                rt.ip,
+                pod_dir / "logs" / c0["name"],
+                grace=grace,
+                on_change=lambda: self.report_native(rt),
+                http=self.http,
                 start_file=pod_dir / "engine-start.json" if measure_start else None,
-                on_event=lambda type_, reason, message: self.event(pod, type_, reason, message))
+                on_event=lambda type_, reason, message: self.event(pod, type_, reason, message),
+            )
             log.info("%s -> %s: %s (translated: %s)", rt.key, rt.ip, describe(launch), "; ".join(launch.translations))
             await rt.container.run()
         except asyncio.CancelledError:
@@ -332,8 +446,12 @@ class NodeAgent:
             log.exception("%s: failed to start", rt.key)
             # A bug of this fake node, not of the pod: say so on the pod rather than leave it silently Pending.
             try:
-                await self.patch_status(rt, pod, ready=False, statuses=[self._waiting(
-                    c0, "CreateContainerError", f"fake node agent: {type(e).__name__}: {e}")])
+                await self.patch_status(
+                    rt,
+                    pod,
+                    ready=False,
+                    statuses=[self._waiting(c0, "CreateContainerError", f"fake node agent: {type(e).__name__}: {e}")],
+                )
             except (ApiError, *TRANSIENT):
                 pass
 
@@ -346,23 +464,32 @@ class NodeAgent:
             if "emptyDir" in vol:
                 out[name] = image_pods.empty_dir(host)
                 continue
-            for kind, path, decode, key in (("secret", "secrets", True, "secretName"),
-                                            ("configMap", "configmaps", False, "name")):
+            for kind, path, decode, key in (
+                ("secret", "secrets", True, "secretName"),
+                ("configMap", "configmaps", False, "name"),
+            ):
                 src = vol.get(kind)
                 if src is None:
                     continue
-                status, obj = await self.api.request("GET", f"/api/v1/namespaces/{ns}/{path}/{src[key]}",
-                                                     allow=(404,))
+                status, obj = await self.api.request("GET", f"/api/v1/namespaces/{ns}/{path}/{src[key]}", allow=(404,))
                 if status == 404 and not src.get("optional"):
                     raise native.LaunchError("CreateContainerConfigError", f"{kind} {src[key]!r} not found")
                 data = ((obj or {}).get("data") or {}) if status != 404 else {}
-                await asyncio.to_thread(image_pods.write_projected_files, host, data, src.get("items"),
-                                        src.get("defaultMode", 0o644), decode)
+                await asyncio.to_thread(
+                    image_pods.write_projected_files,
+                    host,
+                    data,
+                    src.get("items"),
+                    src.get("defaultMode", 0o644),
+                    decode,
+                )
                 out[name] = host
                 break
             else:
-                raise native.LaunchError("CreateContainerConfigError",
-                                         f"volume {name!r}: only emptyDir, secret and configMap run on this fake node")
+                raise native.LaunchError(
+                    "CreateContainerConfigError",
+                    f"volume {name!r}: only emptyDir, secret and configMap run on this fake node",
+                )
         return out
 
     async def report_native(self, rt: PodRuntime) -> None:
@@ -372,15 +499,24 @@ class NodeAgent:
         async with rt.status_lock:
             state = rt.container.state
             try:
-                await self.patch_status(rt, rt.pod, ready=state.ready,
-                                        statuses=[state.to_status(f"native://{rt.uid}/{state.name}")])
+                await self.patch_status(
+                    rt, rt.pod, ready=state.ready, statuses=[state.to_status(f"native://{rt.uid}/{state.name}")]
+                )
             except (ApiError, *TRANSIENT) as e:
                 log.info("%s: status: %s", rt.key, e)
 
     @staticmethod
     def _waiting(c: dict, reason: str, message: str) -> dict:
-        return {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False, "started": False,
-                "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}, "lastState": {}}
+        return {
+            "name": c["name"],
+            "image": c.get("image", ""),
+            "imageID": "",
+            "ready": False,
+            "started": False,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": reason, "message": message}},
+            "lastState": {},
+        }
 
     async def resolve_env(self, pod: dict, c: dict) -> dict[str, str]:
         """The container's env as a kubelet resolves it: values, and valueFrom Secret/ConfigMap keys and pod fields.
@@ -395,33 +531,54 @@ class NodeAgent:
                 ref = src.get(kind)
                 if ref is None:
                     continue
-                status, obj = await self.api.request("GET", f"/api/v1/namespaces/{ns}/{path}/{ref['name']}",
-                                                     allow=(404,))
+                status, obj = await self.api.request(
+                    "GET", f"/api/v1/namespaces/{ns}/{path}/{ref['name']}", allow=(404,)
+                )
                 data = (obj or {}).get("data") or {} if status != 404 else {}
                 if ref["key"] in data:
                     raw = data[ref["key"]]
                     out[name] = base64.b64decode(raw).decode() if kind == "secretKeyRef" else raw
                 elif not ref.get("optional"):
-                    raise native.LaunchError("CreateContainerConfigError",
-                                             f"{kind} {ref['name']}/{ref['key']} not found for env {name}")
+                    raise native.LaunchError(
+                        "CreateContainerConfigError", f"{kind} {ref['name']}/{ref['key']} not found for env {name}"
+                    )
             field = (src.get("fieldRef") or {}).get("fieldPath")
             if field:
                 meta = pod["metadata"]
-                out[name] = {"metadata.name": meta["name"], "metadata.namespace": ns,
-                             "status.podIP": pod.get("status", {}).get("podIP", ""),
-                             "spec.nodeName": pod["spec"].get("nodeName", "")}.get(field, "")
+                out[name] = {
+                    "metadata.name": meta["name"],
+                    "metadata.namespace": ns,
+                    "status.podIP": pod.get("status", {}).get("podIP", ""),
+                    "spec.nodeName": pod["spec"].get("nodeName", ""),
+                }.get(field, "")
         return out
 
     async def event(self, pod: dict, type_: str, reason: str, message: str) -> None:
         meta = pod["metadata"]
         try:
-            await self._api_retry("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body={
-                "apiVersion": "v1", "kind": "Event",
-                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-                "involvedObject": {"kind": "Pod", "apiVersion": "v1", "name": meta["name"],
-                                   "namespace": meta["namespace"], "uid": meta["uid"]},
-                "type": type_, "reason": reason, "message": message, "source": {"component": "fake-kubelet"},
-                "firstTimestamp": rfc3339(), "lastTimestamp": rfc3339(), "count": 1})
+            await self._api_retry(
+                "POST",
+                f"/api/v1/namespaces/{meta['namespace']}/events",
+                body={
+                    "apiVersion": "v1",
+                    "kind": "Event",
+                    "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                    "involvedObject": {
+                        "kind": "Pod",
+                        "apiVersion": "v1",
+                        "name": meta["name"],
+                        "namespace": meta["namespace"],
+                        "uid": meta["uid"],
+                    },
+                    "type": type_,
+                    "reason": reason,
+                    "message": message,
+                    "source": {"component": "fake-kubelet"},
+                    "firstTimestamp": rfc3339(),
+                    "lastTimestamp": rfc3339(),
+                    "count": 1,
+                },
+            )
         except (ApiError, *TRANSIENT) as e:
             log.info("%s: event: %s", meta["name"], e)
 
@@ -430,7 +587,9 @@ class NodeAgent:
             cfg = stub_config(pod, self.default_tps)
             status = pod.get("status") or {}
             adopted = status.get("phase") == "Running" and self.ips.reserve(status.get("podIP"))
-            was_ready = adopted and any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or [])
+            was_ready = adopted and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or []
+            )
             rt.started_at = status.get("startTime") or rt.started_at
             # A restarted agent is a restarted kubelet: the containers kept running, so no second startup delay.
             delay = 0.0 if adopted else cfg.startup_delay
@@ -453,8 +612,14 @@ class NodeAgent:
                     rt.ip = self.ips.allocate()
             if rt.ip != status.get("podIP"):
                 was_ready = False  # the old address was taken: the status must say where the stub is now
-            log.info("%s -> %s:%s model=%s %s", rt.key, rt.ip, cfg.ports[0], cfg.model,
-                     "(adopted)" if adopted else f"delay={delay:.1f}s")
+            log.info(
+                "%s -> %s:%s model=%s %s",
+                rt.key,
+                rt.ip,
+                cfg.ports[0],
+                cfg.model,
+                "(adopted)" if adopted else f"delay={delay:.1f}s",
+            )
             if not was_ready:
                 if cfg.probes:
                     await self.patch_status(rt, pod, ready=False)
@@ -489,19 +654,36 @@ class NodeAgent:
     async def patch_status(self, rt: PodRuntime, pod: dict, ready: bool, statuses: list[dict] | None = None) -> None:
         now, spec = rfc3339(), pod["spec"]
         flag = "True" if ready else "False"
-        why = {} if ready else {"reason": "ContainersNotReady",
-                                "message": "containers with unready status: [" + " ".join(
-                                    c["name"] for c in spec["containers"]) + "]"}
+        why = (
+            {}
+            if ready
+            else {
+                "reason": "ContainersNotReady",
+                "message": "containers with unready status: [" + " ".join(c["name"] for c in spec["containers"]) + "]",
+            }
+        )
 
         def running(c: dict) -> dict:
-            return {"name": c["name"], "image": c.get("image", ""), "imageID": f"stub://{c.get('image', '')}",
-                    "containerID": f"stub://{rt.uid}/{c['name']}", "ready": ready, "started": True,
-                    "restartCount": 0, "state": {"running": {"startedAt": rt.started_at}}}
+            return {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": f"stub://{c.get('image', '')}",
+                "containerID": f"stub://{rt.uid}/{c['name']}",
+                "ready": ready,
+                "started": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": rt.started_at}},
+            }
 
-        scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or [] if c["type"] == "PodScheduled"),
-                         {"type": "PodScheduled", "status": "True", "lastTransitionTime": now, "lastProbeTime": None})
+        scheduled = next(
+            (c for c in (pod.get("status") or {}).get("conditions") or [] if c["type"] == "PodScheduled"),
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now, "lastProbeTime": None},
+        )
         status = {
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": rt.ip, "podIPs": [{"ip": rt.ip}],
+            "phase": "Running",
+            "hostIP": "127.0.0.1",
+            "podIP": rt.ip,
+            "podIPs": [{"ip": rt.ip}],
             "startTime": rt.started_at,
             "conditions": [
                 scheduled,
@@ -513,13 +695,22 @@ class NodeAgent:
         }
         if spec.get("initContainers"):
             status["initContainerStatuses"] = [
-                {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": True, "restartCount": 0,
-                 "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}} for c in spec["initContainers"]]
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "imageID": "",
+                    "ready": True,
+                    "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+                }
+                for c in spec["initContainers"]
+            ]
         path = f"/api/v1/namespaces/{pod['metadata']['namespace']}/pods/{pod['metadata']['name']}/status"
         # A merge patch replaces lists whole (podIPs must not keep an old address); metadata.uid makes it fail on
         # a same-named successor instead of reporting on the wrong pod.
-        await self._api_retry("PATCH", path, body={"metadata": {"uid": rt.uid}, "status": status},
-                              content_type=MERGE_PATCH)
+        await self._api_retry(
+            "PATCH", path, body={"metadata": {"uid": rt.uid}, "status": status}, content_type=MERGE_PATCH
+        )
 
     async def _api_retry(self, method: str, path: str, **kw):
         for attempt in range(API_RETRIES):
@@ -554,9 +745,12 @@ class NodeAgent:
         await self.drain_stub(rt, float(meta.get("deletionGracePeriodSeconds") or 0))
         await self.teardown(rt)
         try:
-            await self._api_retry("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                                  body={"gracePeriodSeconds": 0, "preconditions": {"uid": rt.uid}},
-                                  allow=(404, 409))
+            await self._api_retry(
+                "DELETE",
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                body={"gracePeriodSeconds": 0, "preconditions": {"uid": rt.uid}},
+                allow=(404, 409),
+            )
             log.info("%s deleted", rt.key)
         except (ApiError, *TRANSIENT) as e:
             log.warning("%s: delete: %s", rt.key, e)
@@ -596,8 +790,11 @@ class NodeAgent:
         connector = aiohttp.TCPConnector(force_close=True, limit=64)  # probes are one-offs: hold no idle sockets
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=2)) as self.http:
             await self.register_nodes()
-            tasks = [asyncio.create_task(self.pod_loop()), asyncio.create_task(self.lease_loop(stop)),
-                     asyncio.create_task(stop.wait())]
+            tasks = [
+                asyncio.create_task(self.pod_loop()),
+                asyncio.create_task(self.lease_loop(stop)),
+                asyncio.create_task(stop.wait()),
+            ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
@@ -622,16 +819,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-second", type=float, default=200.0, help="default stub rate")
     p.add_argument("--ready-file", type=Path, help="written once nodes are registered and bound pods listed")
     p.add_argument("--ip-block", type=int, help="use 127.N.0.0/16 for pods (default: the first free block)")
-    p.add_argument("--engine", action="append", default=[], metavar="NAME=EXECUTABLE",
-                   help="run pods of this engine's images natively (vllm=<venv python>, llamacpp=<llama-server>)")
-    p.add_argument("--pods-dir", type=Path, default=Path("/tmp/modelservice-pods"),
-                   help="per-pod volumes and container logs of native engines")
-    p.add_argument("--images-dir", type=Path, default=oci_images.CACHE,
-                   help="the node's image store: localhost/NAME:TAG runs NAME-TAG.oci.tar from here (make image)")
-    p.add_argument("--model-dir", type=Path, default=None,
-                   help="the generated tiny model that answers for every hub model (default: built in the cache)")
-    p.add_argument("--kubelet-cert", type=Path, help="TLS certificate (and --kubelet-key) for the log endpoint that "
-                   "`kubectl logs` reaches through the API server; without them there is none")
+    p.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="NAME=EXECUTABLE",
+        help="run pods of this engine's images natively (vllm=<venv python>, llamacpp=<llama-server>)",
+    )
+    p.add_argument(
+        "--pods-dir",
+        type=Path,
+        default=Path("/tmp/modelservice-pods"),
+        help="per-pod volumes and container logs of native engines",
+    )
+    p.add_argument(
+        "--images-dir",
+        type=Path,
+        default=oci_images.CACHE,
+        help="the node's image store: localhost/NAME:TAG runs NAME-TAG.oci.tar from here (make image)",
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="the generated tiny model that answers for every hub model (default: built in the cache)",
+    )
+    p.add_argument(
+        "--kubelet-cert",
+        type=Path,
+        help="TLS certificate (and --kubelet-key) for the log endpoint that "
+        "`kubectl logs` reaches through the API server; without them there is none",
+    )
     p.add_argument("--kubelet-key", type=Path)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -643,8 +861,13 @@ def main(argv: list[str] | None = None) -> None:
     # One listening socket per pod plus connections: 1000 pods need more than the usual 1024 descriptors.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    capacity = {"cpu": args.cpu, "memory": args.memory, "pods": str(args.pods), "ephemeral-storage": "1Ti",
-                "nvidia.com/gpu": str(args.gpus_per_node)}
+    capacity = {
+        "cpu": args.cpu,
+        "memory": args.memory,
+        "pods": str(args.pods),
+        "ephemeral-storage": "1Ti",
+        "nvidia.com/gpu": str(args.gpus_per_node),
+    }
     nodes = [f"{args.node_prefix}-{i}" for i in range(args.nodes)]
 
     async def amain() -> None:
@@ -655,11 +878,21 @@ def main(argv: list[str] | None = None) -> None:
         models = None
         if engines:
             from tests.cluster.models_offline import OfflineModels  # numpy & co. only where engines run
+
             models = await asyncio.to_thread(OfflineModels.build, args.model_dir)
         async with KubeApi.from_kubeconfig(args.kubeconfig) as api:
-            agent = NodeAgent(api, nodes, capacity, args.tokens_per_second, args.ready_file, args.ip_block,
-                              engines=engines, pods_dir=args.pods_dir, models=models,
-                              images_dir=args.images_dir)
+            agent = NodeAgent(
+                api,
+                nodes,
+                capacity,
+                args.tokens_per_second,
+                args.ready_file,
+                args.ip_block,
+                engines=engines,
+                pods_dir=args.pods_dir,
+                models=models,
+                images_dir=args.images_dir,
+            )
             logs = await agent.serve_logs(args.kubelet_cert, args.kubelet_key, 0) if args.kubelet_cert else None
             try:
                 await agent.run(stop)

@@ -91,11 +91,13 @@ class ImageConfig:
 @dataclass(frozen=True)
 class Mount:
     """A host path (directory or file) bind-mounted into the container."""
+
     host: Union[str, Path]
     read_only: bool = False
 
 
 # ---- reading the archive ------------------------------------------------------------------------------------------
+
 
 def _host_arch() -> str:
     m = platform.machine().lower()
@@ -163,9 +165,16 @@ def image_config(archive: Union[str, Path]) -> ImageConfig:
         blob = json.loads(_blob(tar, manifest["config"]["digest"]))
     c = blob.get("config") or {}
     return ImageConfig(
-        digest=desc["digest"], entrypoint=tuple(c.get("Entrypoint") or ()), cmd=tuple(c.get("Cmd") or ()),
-        user=c.get("User") or "", workdir=c.get("WorkingDir") or "/", env=tuple(c.get("Env") or ()),
-        labels=dict(c.get("Labels") or {}), architecture=blob.get("architecture", ""), os=blob.get("os", ""))
+        digest=desc["digest"],
+        entrypoint=tuple(c.get("Entrypoint") or ()),
+        cmd=tuple(c.get("Cmd") or ()),
+        user=c.get("User") or "",
+        workdir=c.get("WorkingDir") or "/",
+        env=tuple(c.get("Env") or ()),
+        labels=dict(c.get("Labels") or {}),
+        architecture=blob.get("architecture", ""),
+        os=blob.get("os", ""),
+    )
 
 
 def manifest_digest(archive: Union[str, Path]) -> str:
@@ -174,8 +183,10 @@ def manifest_digest(archive: Union[str, Path]) -> str:
 
 # ---- what to run, as Kubernetes decides it ------------------------------------------------------------------------
 
-def resolve_argv(config: ImageConfig, command: Optional[Sequence[str]] = None,
-                 args: Optional[Sequence[str]] = None) -> list[str]:
+
+def resolve_argv(
+    config: ImageConfig, command: Optional[Sequence[str]] = None, args: Optional[Sequence[str]] = None
+) -> list[str]:
     """A container's argv from the image and the pod: `command` replaces the entrypoint (and drops the image's cmd),
     `args` replaces the cmd; neither keeps the image's entrypoint + cmd."""
     if command:
@@ -238,6 +249,7 @@ def resolve_user(rootfs: Union[str, Path], user: str) -> tuple[int, int]:
 
 # ---- unpacking ------------------------------------------------------------------------------------------------------
 
+
 def ensure_tools(tools: Iterable[str] = ("umoci", "unshare", "mount")) -> None:
     """Install missing host tools with apt-get (Debian/Ubuntu, as root); otherwise say what to install."""
     packages = {"umoci": "umoci", "unshare": "util-linux", "mount": "mount"}
@@ -246,8 +258,10 @@ def ensure_tools(tools: Iterable[str] = ("umoci", "unshare", "mount")) -> None:
         return
     pkgs = sorted({packages.get(t, t) for t in missing})
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise ImageError(f"missing {', '.join(missing)}: install the package(s) {' '.join(pkgs)} "
-                         f"(Debian/Ubuntu: apt-get install -y {' '.join(pkgs)})")
+        raise ImageError(
+            f"missing {', '.join(missing)}: install the package(s) {' '.join(pkgs)} "
+            f"(Debian/Ubuntu: apt-get install -y {' '.join(pkgs)})"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=True, env=env)
@@ -286,12 +300,25 @@ def unpack(archive: Union[str, Path], cache: Optional[Path] = None) -> Path:
             _extract_layout(archive, layout)
             # An index of exactly the chosen manifest, tagged "run": umoci unpacks a tag, and this also flattens a
             # multi-platform index to the host's platform.
-            index = {"schemaVersion": 2, "manifests": [
-                {**{k: v for k, v in desc.items() if k != "annotations"},
-                 "annotations": {"org.opencontainers.image.ref.name": "run"}}]}
+            index = {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        **{k: v for k, v in desc.items() if k != "annotations"},
+                        "annotations": {"org.opencontainers.image.ref.name": "run"},
+                    }
+                ],
+            }
             (layout / "index.json").write_text(json.dumps(index))
-            cmd = ["umoci", "raw", "unpack", *([] if os.geteuid() == 0 else ["--rootless"]),
-                   "--image", f"{layout}:run", str(work / "rootfs")]
+            cmd = [
+                "umoci",
+                "raw",
+                "unpack",
+                *([] if os.geteuid() == 0 else ["--rootless"]),
+                "--image",
+                f"{layout}:run",
+                str(work / "rootfs"),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise ImageError(f"umoci could not unpack {archive}: {out.stderr.strip()[-2000:]}")
@@ -447,10 +474,19 @@ def _host_tool(name: str) -> str:
     return path
 
 
-def launch_argv(rootfs: Union[str, Path], user: str, argv: Sequence[str],
-                mounts: Optional[Mapping[str, Union[str, Path, Mount]]] = None, read_only: bool = True, *,
-                workdir: str = "/", supplemental_groups: Sequence[int] = (), tmp_size: str = "64m",
-                drop_capabilities: bool = True, no_new_privileges: bool = True) -> list[str]:
+def launch_argv(
+    rootfs: Union[str, Path],
+    user: str,
+    argv: Sequence[str],
+    mounts: Optional[Mapping[str, Union[str, Path, Mount]]] = None,
+    read_only: bool = True,
+    *,
+    workdir: str = "/",
+    supplemental_groups: Sequence[int] = (),
+    tmp_size: str = "64m",
+    drop_capabilities: bool = True,
+    no_new_privileges: bool = True,
+) -> list[str]:
     """A host command that runs `argv` inside the unpacked image at `rootfs` as `user` (the image's USER, e.g.
     "65532:65532"), with the root filesystem read-only (unless read_only=False) and each `mounts` entry
     (container path -> host directory or file, or Mount(host, read_only=True)) bind-mounted at its path. /tmp is a
@@ -474,31 +510,60 @@ def launch_argv(rootfs: Union[str, Path], user: str, argv: Sequence[str],
     spec_mounts.sort(key=lambda m: m[0].count("/"))  # parents before children
     system = {p: resolve_in_root(rootfs, p) for p in ("/proc", "/dev", "/tmp")}
     spec = {
-        "root": str(rootfs), "mount": _host_tool("mount"), "mounts": spec_mounts, "read_only": read_only,
-        "system": system, "tmp_size": "" if system["/tmp"] in {m[0] for m in spec_mounts} else tmp_size,
-        "dev_nodes": list(DEV_NODES), "workdir": workdir or "/", "uid": uid, "gid": gid,
-        "groups": sorted({gid, *supplemental_groups}), "drop_caps": drop_capabilities,
-        "no_new_privs": no_new_privileges, "argv": list(argv),
+        "root": str(rootfs),
+        "mount": _host_tool("mount"),
+        "mounts": spec_mounts,
+        "read_only": read_only,
+        "system": system,
+        "tmp_size": "" if system["/tmp"] in {m[0] for m in spec_mounts} else tmp_size,
+        "dev_nodes": list(DEV_NODES),
+        "workdir": workdir or "/",
+        "uid": uid,
+        "gid": gid,
+        "groups": sorted({gid, *supplemental_groups}),
+        "drop_caps": drop_capabilities,
+        "no_new_privs": no_new_privileges,
+        "argv": list(argv),
     }
-    return [_host_tool("unshare"), "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private", "--",
-            sys.executable, "-I", "-c", _STUB, json.dumps(spec)]
+    return [
+        _host_tool("unshare"),
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--propagation",
+        "private",
+        "--",
+        sys.executable,
+        "-I",
+        "-c",
+        _STUB,
+        json.dumps(spec),
+    ]
 
 
-def run(archive: Union[str, Path], args: Optional[Sequence[str]] = None, *,
-        command: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None,
-        mounts: Optional[Mapping[str, Union[str, Path, Mount]]] = None, user: Optional[str] = None,
-        timeout: float = 120, **launch: object) -> subprocess.CompletedProcess:
+def run(
+    archive: Union[str, Path],
+    args: Optional[Sequence[str]] = None,
+    *,
+    command: Optional[Sequence[str]] = None,
+    env: Optional[Mapping[str, str]] = None,
+    mounts: Optional[Mapping[str, Union[str, Path, Mount]]] = None,
+    user: Optional[str] = None,
+    timeout: float = 120,
+    **launch: object,
+) -> subprocess.CompletedProcess:
     """Unpack the archive (cached), then run it once as a pod would (image entrypoint + args, or command + args),
     as the image's user (or `user`), read-only root; returns the completed process (text stdout/stderr)."""
     cfg = image_config(archive)
     rootfs = unpack(archive)
     argv = resolve_argv(cfg, command, args)
-    cmd = launch_argv(rootfs, user if user is not None else cfg.user, argv, mounts, workdir=cfg.workdir,
-                      **launch)  # type: ignore[arg-type]
+    cmd = launch_argv(rootfs, user if user is not None else cfg.user, argv, mounts, workdir=cfg.workdir, **launch)  # type: ignore[arg-type]
     return subprocess.run(cmd, env=container_env(cfg, env), capture_output=True, text=True, timeout=timeout)
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
+
 
 def _mount_arg(text: str) -> tuple[str, Mount]:
     cpath, sep, host = text.partition("=")
@@ -523,8 +588,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
     if "--" in argv:  # what follows "--" is the container's args, options included
-        rest = argv[argv.index("--") + 1:]
-        argv = argv[:argv.index("--")]
+        rest = argv[argv.index("--") + 1 :]
+        argv = argv[: argv.index("--")]
     ns = p.parse_args(argv)
     try:
         if ns.cmd == "config":
@@ -533,9 +598,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif ns.cmd == "unpack":
             print(unpack(ns.archive))
         else:
-            done = run(ns.archive, rest or None, command=[ns.command] if ns.command else None,
-                       env=dict(e.partition("=")[::2] for e in ns.env), mounts=dict(ns.mount), user=ns.user,
-                       read_only=not ns.writable_root)
+            done = run(
+                ns.archive,
+                rest or None,
+                command=[ns.command] if ns.command else None,
+                env=dict(e.partition("=")[::2] for e in ns.env),
+                mounts=dict(ns.mount),
+                user=ns.user,
+                read_only=not ns.writable_root,
+            )
             sys.stdout.write(done.stdout)
             sys.stderr.write(done.stderr)
             return done.returncode
@@ -543,8 +614,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"oci_images: {e}", file=sys.stderr)
         return 2
     except subprocess.TimeoutExpired as e:
-        print(f"oci_images: still running after {e.timeout:.0f} s: stopped (`run` is for commands that end)",
-              file=sys.stderr)
+        print(
+            f"oci_images: still running after {e.timeout:.0f} s: stopped (`run` is for commands that end)",
+            file=sys.stderr,
+        )
         return 124
     return 0
 

@@ -32,9 +32,15 @@ def stub_config(pod: dict, default_tps: float) -> StubConfig:
     meta, c0 = pod["metadata"], pod["spec"]["containers"][0]
     ann, env = meta.get("annotations") or {}, {e["name"]: e.get("value", "") for e in c0.get("env") or []}
     args = [str(a) for a in (c0.get("command") or []) + (c0.get("args") or [])]
-    model = (flag_value(args, "--served-model-name") or flag_value(args, "--model", "--model-path", "--model-id")
-             or env.get("SERVED_MODEL_NAME") or env.get("MODEL_NAME") or env.get("MODEL_ID")
-             or (meta.get("labels") or {}).get(MODELSERVICE_LABEL) or meta["name"])
+    model = (
+        flag_value(args, "--served-model-name")
+        or flag_value(args, "--model", "--model-path", "--model-id")
+        or env.get("SERVED_MODEL_NAME")
+        or env.get("MODEL_NAME")
+        or env.get("MODEL_ID")
+        or (meta.get("labels") or {}).get(MODELSERVICE_LABEL)
+        or meta["name"]
+    )
 
     def number(raw, default: float) -> float:
         try:
@@ -54,9 +60,12 @@ def stub_config(pod: dict, default_tps: float) -> StubConfig:
         http = probe.get("httpGet")
         if http:
             p = http.get("port", port)
-            probes.append((named.get(p, port) if isinstance(p, str) and not p.isdigit() else int(p), http.get("path", "/")))
+            probes.append(
+                (named.get(p, port) if isinstance(p, str) and not p.isdigit() else int(p), http.get("path", "/"))
+            )
         elif not probe.get("tcpSocket"):  # exec/grpc: stand in with the stub's own health, so the delay still counts
             probes.append((port, "/health"))
     ports = sorted({port, *(p for p, _ in probes)})
-    return StubConfig(model, tps, delay, ports, probes,
-                      max(1, int(number(ann.get(STUB_MAX_CONCURRENCY_ANNOTATION), 256))))
+    return StubConfig(
+        model, tps, delay, ports, probes, max(1, int(number(ann.get(STUB_MAX_CONCURRENCY_ANNOTATION), 256)))
+    )

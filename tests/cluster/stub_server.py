@@ -55,7 +55,9 @@ def stub_state(app: web.Application) -> StubState:
 
 
 def _error(status: int, message: str, type_: str = "BadRequestError") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "param": None, "code": status}}, status=status)
+    return web.json_response(
+        {"error": {"message": message, "type": type_, "param": None, "code": status}}, status=status
+    )
 
 
 @web.middleware
@@ -157,27 +159,53 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
         else:
             choice["text"] = text
         state.success["length"] = state.success.get("length", 0) + 1
-        return web.json_response({
-            "id": rid, "object": kind, "created": created, "model": state.model, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
-        })
+        return web.json_response(
+            {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": state.model,
+                "choices": [choice],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n},
+            }
+        )
 
 
-async def _stream(request, state: StubState, chat: bool, kind: str, rid: str, created: int, n: int,
-                  prompt_tokens: int, include_usage: bool) -> web.StreamResponse:
-    head = json.dumps({"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                       "model": state.model})[:-1]
+async def _stream(
+    request,
+    state: StubState,
+    chat: bool,
+    kind: str,
+    rid: str,
+    created: int,
+    n: int,
+    prompt_tokens: int,
+    include_usage: bool,
+) -> web.StreamResponse:
+    head = json.dumps(
+        {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": state.model}
+    )[:-1]
     if chat:
-        prefix = 'data: ' + head + ', "choices": [{"index": 0, "delta": {"content": "'
+        prefix = "data: " + head + ', "choices": [{"index": 0, "delta": {"content": "'
         suffix = '"}, "logprobs": null, "finish_reason": null}]}\n\n'
-        first = 'data: ' + head + ', "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, ' \
-                '"logprobs": null, "finish_reason": null}]}\n\n'
-        last = 'data: ' + head + ', "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}]}\n\n'
+        first = (
+            "data: " + head + ', "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, '
+            '"logprobs": null, "finish_reason": null}]}\n\n'
+        )
+        last = (
+            "data: "
+            + head
+            + ', "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}]}\n\n'
+        )
     else:
-        prefix = 'data: ' + head + ', "choices": [{"index": 0, "text": "'
+        prefix = "data: " + head + ', "choices": [{"index": 0, "text": "'
         suffix = '", "logprobs": null, "finish_reason": null}]}\n\n'
         first = ""
-        last = 'data: ' + head + ', "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}]}\n\n'
+        last = (
+            "data: "
+            + head
+            + ', "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": "length"}]}\n\n'
+        )
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -203,7 +231,7 @@ async def _stream(request, state: StubState, chat: bool, kind: str, rid: str, cr
         tail = last
         if include_usage:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-            tail += 'data: ' + head + ', "choices": [], "usage": ' + json.dumps(usage) + '}\n\n'
+            tail += "data: " + head + ', "choices": [], "usage": ' + json.dumps(usage) + "}\n\n"
         await resp.write((tail + "data: [DONE]\n\n").encode())
         await resp.write_eof()
         state.success["length"] = state.success.get("length", 0) + 1
@@ -246,17 +274,27 @@ async def embeddings(request: web.Request) -> web.Response:
     texts = [x if isinstance(x, str) else json.dumps(x) for x in inputs]
     tokens = _count_words(texts)
     state.prompt_tokens += tokens
-    return web.json_response({
-        "object": "list", "model": state.model,
-        "data": [{"object": "embedding", "index": i, "embedding": _embed(t, state.embedding_dim)} for i, t in enumerate(texts)],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })
+    return web.json_response(
+        {
+            "object": "list",
+            "model": state.model,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _embed(t, state.embedding_dim)}
+                for i, t in enumerate(texts)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
 
 
 async def models(request: web.Request) -> web.Response:
     m = request.app[STATE].model
-    return web.json_response({"object": "list", "data": [
-        {"id": m, "object": "model", "created": 0, "owned_by": "stub", "root": m, "max_model_len": 4096}]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "stub", "root": m, "max_model_len": 4096}],
+        }
+    )
 
 
 async def ollama_tags(request: web.Request) -> web.Response:
@@ -273,27 +311,43 @@ async def metrics(request: web.Request) -> web.Response:
     lbl = f'model_name="{s.model}"'
     lines = [
         "# HELP vllm:num_requests_running Number of requests currently running on GPU.",
-        "# TYPE vllm:num_requests_running gauge", f"vllm:num_requests_running{{{lbl}}} {float(s.running)}",
+        "# TYPE vllm:num_requests_running gauge",
+        f"vllm:num_requests_running{{{lbl}}} {float(s.running)}",
         "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-        "# TYPE vllm:num_requests_waiting gauge", f"vllm:num_requests_waiting{{{lbl}}} {float(s.waiting)}",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f"vllm:num_requests_waiting{{{lbl}}} {float(s.waiting)}",
         "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
         "# TYPE vllm:kv_cache_usage_perc gauge",
         f"vllm:kv_cache_usage_perc{{{lbl}}} {min(1.0, s.running / max(1, s.max_concurrency)):.4f}",
         "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
-        "# TYPE vllm:prompt_tokens_total counter", f"vllm:prompt_tokens_total{{{lbl}}} {float(s.prompt_tokens)}",
+        "# TYPE vllm:prompt_tokens_total counter",
+        f"vllm:prompt_tokens_total{{{lbl}}} {float(s.prompt_tokens)}",
         "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
         "# TYPE vllm:generation_tokens_total counter",
         f"vllm:generation_tokens_total{{{lbl}}} {float(s.generation_tokens)}",
         "# HELP vllm:request_success_total Count of successfully processed requests.",
         "# TYPE vllm:request_success_total counter",
     ]
-    lines += [f'vllm:request_success_total{{finished_reason="{r}",{lbl}}} {float(c)}' for r, c in sorted(s.success.items())]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
-                        headers={"X-Prometheus-Format": "0.0.4"})
+    lines += [
+        f'vllm:request_success_total{{finished_reason="{r}",{lbl}}} {float(c)}' for r, c in sorted(s.success.items())
+    ]
+    return web.Response(
+        text="\n".join(lines) + "\n",
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Prometheus-Format": "0.0.4"},
+    )
 
 
-def make_app(model_name: str, tokens_per_second: float = 200.0, startup_delay: float = 0.0, *,
-             max_concurrency: int = 256, strict_model: bool = False, embedding_dim: int = 16) -> web.Application:
+def make_app(
+    model_name: str,
+    tokens_per_second: float = 200.0,
+    startup_delay: float = 0.0,
+    *,
+    max_concurrency: int = 256,
+    strict_model: bool = False,
+    embedding_dim: int = 16,
+) -> web.Application:
     """The stub as an aiohttp app. The startup delay counts from when the app is started (AppRunner.setup()).
 
     max_concurrency plays vLLM's max_num_seqs: requests past it wait, and show up as vllm:num_requests_waiting.
@@ -306,8 +360,9 @@ def make_app(model_name: str, tokens_per_second: float = 200.0, startup_delay: f
         st.sem = asyncio.Semaphore(max_concurrency)
         st.ready_at = asyncio.get_running_loop().time() + max(0.0, startup_delay)
 
-    app[STATE] = StubState(model_name, float(tokens_per_second), float(startup_delay), strict_model, embedding_dim,
-                           max_concurrency)
+    app[STATE] = StubState(
+        model_name, float(tokens_per_second), float(startup_delay), strict_model, embedding_dim, max_concurrency
+    )
     app.on_startup.append(on_startup)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat_completions)

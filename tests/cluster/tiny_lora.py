@@ -35,6 +35,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 @dataclass(frozen=True)
 class BaseShape:
     """What an adapter needs to know of its base: the linear layers' sizes, from the base's config.json."""
+
     hidden: int
     layers: int
     kv: int  # kv_heads * head_dim: the out size of k_proj and v_proj
@@ -44,16 +45,26 @@ class BaseShape:
     def of(cls, model_dir: str | Path) -> "BaseShape":
         c = json.loads((Path(model_dir) / "config.json").read_text())
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"],
-                   kv=c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim,
-                   intermediate=c["intermediate_size"])
+        return cls(
+            hidden=c["hidden_size"],
+            layers=c["num_hidden_layers"],
+            kv=c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim,
+            intermediate=c["intermediate_size"],
+        )
 
     def linear(self, module: str) -> tuple[str, int, int]:
         """(parent, out, in) of a Llama decoder layer's linear module. A name the base does not have is placed under
         self_attn as hidden x hidden: the adapter of a test that wants target modules the base lacks."""
         h, kv, ff = self.hidden, self.kv, self.intermediate
-        shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-                  "gate_proj": (ff, h), "up_proj": (ff, h), "down_proj": (h, ff)}
+        shapes = {
+            "q_proj": (h, h),
+            "k_proj": (kv, h),
+            "v_proj": (kv, h),
+            "o_proj": (h, h),
+            "gate_proj": (ff, h),
+            "up_proj": (ff, h),
+            "down_proj": (h, ff),
+        }
         out, inp = shapes.get(module, (h, h))
         return ("mlp" if module in MLP else "self_attn"), out, inp
 
@@ -67,8 +78,16 @@ class TinyAdapter:
     targets: tuple[str, ...]
 
 
-def build(out_dir: str | Path, base_dir: str | Path, *, seed: int = 0, rank: int = 8, alpha: int | None = None,
-          targets: tuple[str, ...] = DEFAULT_TARGETS, base_name: str | None = None) -> TinyAdapter:
+def build(
+    out_dir: str | Path,
+    base_dir: str | Path,
+    *,
+    seed: int = 0,
+    rank: int = 8,
+    alpha: int | None = None,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    base_name: str | None = None,
+) -> TinyAdapter:
     """Write a LoRA adapter for the model in base_dir into out_dir. The same arguments give the same bytes."""
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
@@ -79,23 +98,35 @@ def build(out_dir: str | Path, base_dir: str | Path, *, seed: int = 0, rank: int
     out.mkdir(parents=True, exist_ok=True)
     shape = BaseShape.of(base_dir)
     save_file(lora_weights(shape, seed, rank, alpha, targets), str(out / WEIGHTS), metadata={"format": "pt"})
-    (out / CONFIG).write_text(json.dumps(
-        adapter_config(base_name or str(base_dir), rank, alpha, targets), indent=2, sort_keys=True) + "\n")
+    (out / CONFIG).write_text(
+        json.dumps(adapter_config(base_name or str(base_dir), rank, alpha, targets), indent=2, sort_keys=True) + "\n"
+    )
     return TinyAdapter(out, seed, rank, alpha, tuple(targets))
 
 
 def adapter_config(base_name: str, rank: int, alpha: int, targets: tuple[str, ...]) -> dict:
     """The fields PEFT writes for a plain LoRA (the ones vLLM reads, and the defaults it checks for features it lacks)."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-        "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
     }
 
 
-def lora_weights(shape: BaseShape, seed: int, rank: int, alpha: int,
-                 targets: tuple[str, ...]) -> dict[str, np.ndarray]:
+def lora_weights(shape: BaseShape, seed: int, rank: int, alpha: int, targets: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A and B of every target in every layer, drawn in a fixed order from one seeded generator.
 
     A ~ N(0, 1/in) (as a dense layer's weight), B ~ N(0, 1/r) scaled by r/alpha: the delta alpha/r * B @ A then has
@@ -123,11 +154,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alpha", type=int)
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names")
     args = ap.parse_args(argv)
-    adapter = build(args.out_dir, args.base, seed=args.seed, rank=args.rank, alpha=args.alpha,
-                    targets=tuple(t for t in args.targets.split(",") if t), base_name=args.base_name)
+    adapter = build(
+        args.out_dir,
+        args.base,
+        seed=args.seed,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=tuple(t for t in args.targets.split(",") if t),
+        base_name=args.base_name,
+    )
     size = (adapter.dir / WEIGHTS).stat().st_size
-    print(f"{adapter.dir}: LoRA r={adapter.rank} alpha={adapter.alpha} on {','.join(adapter.targets)}, "
-          f"seed {adapter.seed}, {WEIGHTS} {size:,} bytes")
+    print(
+        f"{adapter.dir}: LoRA r={adapter.rank} alpha={adapter.alpha} on {','.join(adapter.targets)}, "
+        f"seed {adapter.seed}, {WEIGHTS} {size:,} bytes"
+    )
 
 
 if __name__ == "__main__":

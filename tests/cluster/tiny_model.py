@@ -106,11 +106,28 @@ class TinyModel:
         return self.dir / GGUF_NAME
 
 
-def build(out_dir: str | Path, *, seed: int = 0, hidden: int = 256, layers: int = 2, heads: int = 4,
-          kv_heads: int = 4, intermediate: int | None = None, vocab: int = 384, max_pos: int = 4096) -> TinyModel:
+def build(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    hidden: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 4,
+    intermediate: int | None = None,
+    vocab: int = 384,
+    max_pos: int = 4096,
+) -> TinyModel:
     """Write the model into out_dir (both layouts), or return at once if out_dir holds this very build."""
-    spec = ModelSpec(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
-                     intermediate=intermediate or 4 * hidden, vocab=vocab, max_pos=max_pos)
+    spec = ModelSpec(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate or 4 * hidden,
+        vocab=vocab,
+        max_pos=max_pos,
+    )
     spec.check()
     out = Path(out_dir)
     stamp = {"format": FORMAT, "seed": seed, "spec": asdict(spec)}
@@ -144,13 +161,18 @@ def parameter_count(spec: ModelSpec) -> int:
 
 # --- tokenizer ---
 
+
 def train_tokenizer(vocab: int) -> Tokenizer:
     """A GPT-2-style byte-level BPE (the pre-tokenizer's regex is GPT-2's, which llama.cpp's "gpt2" pre-type uses)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=list(SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(TRAINING_TEXT.splitlines(), trainer)
     if tokenizer.get_vocab_size() != vocab:
         raise ValueError(f"the training text yields {tokenizer.get_vocab_size()} tokens, not {vocab}: ask for fewer")
@@ -188,6 +210,7 @@ def merges(tokenizer: Tokenizer) -> list[str]:
 
 
 # --- weights ---
+
 
 def random_weights(spec: ModelSpec, seed: int, printable: np.ndarray) -> dict[str, np.ndarray]:
     """Hugging Face Llama tensors (float32, [out, in]), drawn in a fixed order from one seeded generator."""
@@ -229,26 +252,52 @@ def printable_only(lm_head: np.ndarray, printable: np.ndarray) -> np.ndarray:
 
 # --- the Hugging Face layout (vLLM) ---
 
+
 def write_hf(out: Path, spec: ModelSpec, tokenizer: Tokenizer, weights: dict[str, np.ndarray]) -> None:
     bos, eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
-    _write_json(out / "config.json", {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
-        "hidden_size": spec.hidden, "intermediate_size": spec.intermediate, "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim,
-        "vocab_size": spec.vocab, "max_position_embeddings": spec.max_pos, "rms_norm_eps": RMS_EPS,
-        "rope_theta": ROPE_THETA, "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
-        "mlp_bias": False, "bos_token_id": bos, "eos_token_id": eos,
-    })
+    _write_json(
+        out / "config.json",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "torch_dtype": "float32",
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "head_dim": spec.head_dim,
+            "vocab_size": spec.vocab,
+            "max_position_embeddings": spec.max_pos,
+            "rms_norm_eps": RMS_EPS,
+            "rope_theta": ROPE_THETA,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+        },
+    )
     # No sampling defaults: vLLM would apply them to every request.
     _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
     tokenizer.save(str(out / "tokenizer.json"))
     # No BOS is added to prompts, by either engine (llama.cpp: tokenizer.ggml.add_bos_token false): the same text
     # gives the same ids on both.
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": BOS,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": spec.max_pos, "chat_template": CHAT_TEMPLATE,
-    })
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": BOS,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": spec.max_pos,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
     _write_json(out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "pad_token": BOS})
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
@@ -258,6 +307,7 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 # --- GGUF (llama.cpp) ---
+
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's Q/K rows, reordered for llama.cpp's RoPE, as convert_hf_to_gguf.py's LlamaModel.permute does: HF rotates
@@ -326,6 +376,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
 
 # --- hub caches ---
 
+
 def fake_commit(repo_id: str) -> str:
     """A 40-hex "commit" fixed per repo, so the HF and GGUF installs of one repo share a snapshot and refs/main."""
     return hashlib.sha1(f"tiny-model:{repo_id}".encode()).hexdigest()
@@ -348,8 +399,14 @@ def _install_snapshot(hub_dir: Path, repo_id: str, files: dict[str, Path]) -> Pa
     return snapshot
 
 
-HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json")
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def install_hf_cache(hf_home: str | Path, repo_id: str, model_dir: str | Path) -> Path:
@@ -380,6 +437,7 @@ def install_llamacpp_cache(cache_dir: str | Path, repo_id: str, quant_or_file: s
 
 # --- CLI ---
 
+
 def _file_sizes(model: TinyModel) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(model.dir.iterdir()) if p.is_file()}
 
@@ -399,12 +457,19 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args.hf_home) != bool(args.hf_repo) or bool(args.llama_cache) != bool(args.llama_repo):
         ap.error("--hf-home goes with --hf-repo, --llama-cache with --llama-repo")
     knobs = dict(SIZES[args.size])
-    knobs.update({k: v for k, v in vars(args).items()
-                  if k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "max_pos") and v})
+    knobs.update(
+        {
+            k: v
+            for k, v in vars(args).items()
+            if k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "max_pos") and v
+        }
+    )
     started = time.monotonic()
     model = build(args.out_dir, seed=args.seed, **knobs)
-    print(f"{model.dir}: {model.n_params:,} parameters, {asdict(model.spec)}, seed {model.seed} "
-          f"({time.monotonic() - started:.2f} s)")
+    print(
+        f"{model.dir}: {model.n_params:,} parameters, {asdict(model.spec)}, seed {model.seed} "
+        f"({time.monotonic() - started:.2f} s)"
+    )
     for name, size in _file_sizes(model).items():
         print(f"  {name:26} {size:>13,} bytes")
     if args.hf_home:

@@ -25,8 +25,9 @@ def _docker_problem() -> str | None:
     if shutil.which("docker") is None:
         return "no docker CLI on PATH"
     try:
-        out = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
-                             timeout=15)
+        out = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=15
+        )
     except subprocess.TimeoutExpired:
         return f"Docker daemon at {host or sock} did not answer `docker info` within 15 s"
     if out.returncode != 0:
@@ -50,11 +51,19 @@ def kind(request: pytest.FixtureRequest):
 
 
 def test_kind_cluster_runs_the_crds(kind) -> None:
-    wait_for(lambda: "Ready" in kind.kubectl("get", "nodes", "--no-headers"), timeout=180, interval=2,
-             message="the kind node to be Ready")
+    wait_for(
+        lambda: "Ready" in kind.kubectl("get", "nodes", "--no-headers"),
+        timeout=180,
+        interval=2,
+        message="the kind node to be Ready",
+    )
     crds = sorted((REPO_ROOT / "crds").glob("*.yaml"))
     for crd in crds:
         kind.kubectl("apply", "-f", str(crd))
     if crds:
-        wait_for(lambda: "modelservices" in kind.kubectl("api-resources"), timeout=60, interval=1,
-                 message="the ModelService CRD to be served")
+        wait_for(
+            lambda: "modelservices" in kind.kubectl("api-resources"),
+            timeout=60,
+            interval=1,
+            message="the ModelService CRD to be served",
+        )

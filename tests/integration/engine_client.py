@@ -24,10 +24,22 @@ SCALE_TO_ZERO = {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "6s"}
 VLLM_LOAD = 600  # seconds: ~30-75 s seen on a quiet machine, much more beside a busy test suite
 
 
-async def stream_chat(url: str, model: str, *, max_tokens: int = 16, usage: bool = True,
-                      timeout: float = 660, headers: dict[str, str] | None = None) -> tuple[int, list[dict], bytes]:
-    body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello to the cluster."}]}
+async def stream_chat(
+    url: str,
+    model: str,
+    *,
+    max_tokens: int = 16,
+    usage: bool = True,
+    timeout: float = 660,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, list[dict], bytes]:
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello to the cluster."}],
+    }
     if usage:
         body["stream_options"] = {"include_usage": True}
     # 660 s: a real vLLM loading on a busy 2-core machine (VLLM_LOAD) plus the answer.
@@ -63,8 +75,11 @@ async def post(url: str, body: dict, path: str = "/v1/chat/completions") -> tupl
 
 
 def pods(kube, ns: str, name: str) -> list:
-    return [p for p in kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items
-            if not p.metadata.deletion_timestamp]
+    return [
+        p
+        for p in kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items
+        if not p.metadata.deletion_timestamp
+    ]
 
 
 def assert_native(kube, ns: str, name: str, engine: str) -> object:
@@ -74,12 +89,17 @@ def assert_native(kube, ns: str, name: str, engine: str) -> object:
     image_id = running[0].status.container_statuses[0].image_id
     assert image_id.startswith("native://"), (
         f"pod {running[0].metadata.name} runs {image_id!r}, not the real {engine}: the cluster's node agent was "
-        f"started without --engine {engine} (a cluster left running by `make cluster`? `make cluster-down`)")
+        f"started without --engine {engine} (a cluster left running by `make cluster`? `make cluster-down`)"
+    )
     return running[0]
 
 
 def asleep(kube, gw: GatewayProcess, ns: str, name: str) -> None:
     kube.apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 0}})
-    wait_for(lambda: not pods(kube, ns, name)
-             and gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}") == 0,
-             timeout=120, message=f"{ns}/{name} asleep: no pods, no endpoints")
+    wait_for(
+        lambda: (
+            not pods(kube, ns, name) and gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}") == 0
+        ),
+        timeout=120,
+        message=f"{ns}/{name} asleep: no pods, no endpoints",
+    )

@@ -13,8 +13,14 @@ from tests.integration.operator_process import OperatorProcess, install_crds
 # turns rewriting what they disagree on (status.endpoint, the NetworkPolicy). The gateway runs here as a process, not
 # a pod: the selector names the chart's gateway pods, and the policies are checked for what they select.
 GATEWAY_POD_SELECTOR = "app.kubernetes.io/name=modelservice-operator,app.kubernetes.io/component=gateway"
-OPERATOR_FLAGS = ["--gateway-enabled", "--network-policy", "--gateway-namespace", "modelservice-system",
-                  "--gateway-pod-selector", GATEWAY_POD_SELECTOR]
+OPERATOR_FLAGS = [
+    "--gateway-enabled",
+    "--network-policy",
+    "--gateway-namespace",
+    "modelservice-system",
+    "--gateway-pod-selector",
+    GATEWAY_POD_SELECTOR,
+]
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +31,11 @@ def crds(cluster) -> None:
 @pytest.fixture(scope="session")
 def operator(cluster, crds, tmp_path_factory) -> Iterator[OperatorProcess]:
     # A short resync so the idle-resync test sees several passes; production default is 600 s.
-    op = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log",
-                         extra_args=[*OPERATOR_FLAGS, "--resync-seconds", "3"]).start()
+    op = OperatorProcess(
+        cluster.kubeconfig,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        extra_args=[*OPERATOR_FLAGS, "--resync-seconds", "3"],
+    ).start()
     yield op
     op.stop()
 

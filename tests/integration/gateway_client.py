@@ -20,8 +20,12 @@ from tests.integration.gateway_process import GatewayProcess
 
 
 def chat(model: str, stream: bool = False, max_tokens: int = 8) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": "hello"}], "stream": stream,
-            "max_tokens": max_tokens}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": stream,
+        "max_tokens": max_tokens,
+    }
 
 
 async def post(session, url, body, headers=None):
@@ -41,8 +45,9 @@ def pod_ips(kube, ns: str, name: str) -> list[str]:
 
 def stub_metric(ip: str, name: str, port: int = 8000) -> float:
     with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as r:
-        return sum(s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples
-                   if s.name == name)
+        return sum(
+            s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples if s.name == name
+        )
 
 
 def stub_successes(ip: str, port: int = 8000) -> float:
@@ -64,8 +69,9 @@ class History:
 
     def _run(self, list_fn, args, name, kw):
         try:
-            for event in self._watch.stream(list_fn, *args, field_selector=f"metadata.name={name}",
-                                            timeout_seconds=300, **kw):
+            for event in self._watch.stream(
+                list_fn, *args, field_selector=f"metadata.name={name}", timeout_seconds=300, **kw
+            ):
                 self.values.append(self._value(event["object"]))
         except Exception:  # noqa: BLE001 - the namespace is torn down under the watch at the end of the test
             pass
@@ -75,14 +81,20 @@ class History:
 
     def wait_sequence(self, *steps: tuple[str, Callable[[Any], bool]], timeout: float = 60) -> list:
         """Wait until the record holds versions matching steps[0], then steps[1], ... in that order; returns them."""
+
         def matched():
             found: list = []
             for v in list(self.values):
                 if len(found) < len(steps) and steps[len(found)][1](v):
                     found.append(v)
             return found if len(found) == len(steps) else None
-        return wait_for(matched, timeout=timeout, interval=0.25,
-                        message=" then ".join(what for what, _ in steps) + " in the watch's record")
+
+        return wait_for(
+            matched,
+            timeout=timeout,
+            interval=0.25,
+            message=" then ".join(what for what, _ in steps) + " in the watch's record",
+        )
 
 
 class ReplicasHistory(History):
@@ -101,19 +113,30 @@ class ReplicasHistory(History):
 
 
 def modelservice_history(kube, ns: str, name: str, resource_version: str) -> History:
-    return History(kube.custom.list_namespaced_custom_object, ms.GROUP, ms.VERSION, ns, ms.PLURAL, name=name,
-                   resource_version=resource_version)
+    return History(
+        kube.custom.list_namespaced_custom_object,
+        ms.GROUP,
+        ms.VERSION,
+        ns,
+        ms.PLURAL,
+        name=name,
+        resource_version=resource_version,
+    )
 
 
 def ready_state(reason: str | None = None, ready_replicas: int | None = None) -> Callable[[dict], bool]:
     """A ModelService version whose status is current and says Ready=True, or Ready=False for `reason`."""
+
     def check(obj: dict) -> bool:
         status = obj.get("status") or {}
         cond = ms.condition(obj, "Ready")
-        return (status.get("observedGeneration") == obj["metadata"]["generation"]
-                and cond.get("status") == ("False" if reason else "True")
-                and (reason is None or cond.get("reason") == reason)
-                and (ready_replicas is None or status.get("readyReplicas") == ready_replicas))
+        return (
+            status.get("observedGeneration") == obj["metadata"]["generation"]
+            and cond.get("status") == ("False" if reason else "True")
+            and (reason is None or cond.get("reason") == reason)
+            and (ready_replicas is None or status.get("readyReplicas") == ready_replicas)
+        )
+
     return check
 
 

@@ -18,8 +18,16 @@ from tests.cluster.wait import wait_for
 
 HELD_LIMIT = 30
 # What the integration tests run the gateway with: short timers so scale-to-zero scenarios take seconds.
-TEST_FLAGS = ("--activation-timeout", "60s", "--activity-interval", "2s", "--max-body-bytes", "64Ki",
-              "--max-held-per-model", str(HELD_LIMIT))
+TEST_FLAGS = (
+    "--activation-timeout",
+    "60s",
+    "--activity-interval",
+    "2s",
+    "--max-body-bytes",
+    "64Ki",
+    "--max-held-per-model",
+    str(HELD_LIMIT),
+)
 
 
 class GatewayProcess:
@@ -31,11 +39,25 @@ class GatewayProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 60) -> "GatewayProcess":
-        cmd = [sys.executable, "-m", "modelservice.cli", "gateway", "--kubeconfig", str(self.kubeconfig),
-               "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port), *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "modelservice.cli",
+            "gateway",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            *self.args,
+        ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, **self.env})
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env}
+            )
         wait_for(self.healthy, timeout=timeout, message=f"gateway /healthz; log {self.log_path}")
         return self
 
@@ -57,8 +79,12 @@ class GatewayProcess:
     def metric(self, name: str, **labels: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     def rss_bytes(self) -> int:
         """Resident set size of the gateway process, from /proc."""

@@ -66,8 +66,9 @@ def condition(obj: Optional[dict[str, Any]], type_: str) -> dict[str, Any]:
     return {}
 
 
-def wait_condition(kube, ns: str, name: str, type_: str, status: str, reason: Optional[str] = None,
-                   timeout: float = 60) -> dict[str, Any]:
+def wait_condition(
+    kube, ns: str, name: str, type_: str, status: str, reason: Optional[str] = None, timeout: float = 60
+) -> dict[str, Any]:
     def check():
         obj = get(kube, ns, name)
         c = condition(obj, type_)
@@ -75,9 +76,11 @@ def wait_condition(kube, ns: str, name: str, type_: str, status: str, reason: Op
         if current and c.get("status") == status and (reason is None or c.get("reason") == reason):
             return obj
         return None
+
     try:
-        return wait_for(check, timeout=timeout, interval=0.25, message=f"{ns}/{name} condition {type_}={status} "
-                                                                          f"reason={reason}")
+        return wait_for(
+            check, timeout=timeout, interval=0.25, message=f"{ns}/{name} condition {type_}={status} reason={reason}"
+        )
     except AssertionError as e:  # say what the condition was at the end of the wait, not at its start
         raise AssertionError(f"{e}; finally {condition(get(kube, ns, name), type_)}") from None
 

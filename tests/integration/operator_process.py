@@ -22,8 +22,9 @@ CRD = ROOT / "crds" / "modelservices.serving.modelservice.dev.yaml"
 
 
 def kubectl(kubeconfig: Path, *args: str, check: bool = True, input: Optional[str] = None) -> str:
-    out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True,
-                         input=input, timeout=60)
+    out = subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True, input=input, timeout=60
+    )
     if check and out.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)} failed: {out.stderr.strip()}")
     return out.stdout
@@ -31,8 +32,9 @@ def kubectl(kubeconfig: Path, *args: str, check: bool = True, input: Optional[st
 
 def install_crds(kubeconfig: Path) -> None:
     kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
-            "crd/modelservices.serving.modelservice.dev")
+    kubectl(
+        kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "crd/modelservices.serving.modelservice.dev"
+    )
 
 
 @dataclass
@@ -47,11 +49,23 @@ class OperatorProcess:
 
     def start(self) -> "OperatorProcess":
         self.metrics_port, self.health_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "modelservice.cli", "run", "--kubeconfig", str(self.kubeconfig),
-               "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port), *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "modelservice.cli",
+            "run",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--health-port",
+            str(self.health_port),
+            *self.extra_args,
+        ]
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+        )
         wait_for(self.healthy, timeout=60, interval=0.2, message=f"operator never became healthy; log {self.log_path}")
         return self
 
@@ -88,5 +102,8 @@ class OperatorProcess:
         return out
 
     def counter(self, prefix: str) -> float:
-        return sum(v for k, v in self.metrics().items() if k.startswith(prefix) and not k.endswith("_created")
-                   and "_created{" not in k)
+        return sum(
+            v
+            for k, v in self.metrics().items()
+            if k.startswith(prefix) and not k.endswith("_created") and "_created{" not in k
+        )

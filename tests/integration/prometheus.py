@@ -39,15 +39,25 @@ class PrometheusProcess:
         if exe is None:
             raise RuntimeError("prometheus is not installed: apt-get install -y prometheus (make deps)")
         self.work.mkdir(parents=True, exist_ok=True)
-        config = {"global": {"scrape_interval": f"{SCRAPE_INTERVAL:g}s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
-                                     for job, target in self.targets.items()]}
+        config = {
+            "global": {"scrape_interval": f"{SCRAPE_INTERVAL:g}s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in self.targets.items()
+            ],
+        }
         (self.work / "prometheus.yml").write_text(yaml.safe_dump(config))
         log = open(self.work / "prometheus.log", "ab")
-        self.proc = subprocess.Popen([exe, f"--config.file={self.work / 'prometheus.yml'}",
-                                      f"--storage.tsdb.path={self.work / 'data'}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}"],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                f"--config.file={self.work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         wait_for(self._ready, timeout=60, message=f"Prometheus ready; log {self.work / 'prometheus.log'}")
         return self
@@ -79,8 +89,12 @@ class PrometheusProcess:
     def wait_scraped(self, t: Optional[float] = None, timeout: float = 30) -> float:
         """Until every job was scraped after t (default: now); returns t."""
         t = time.time() if t is None else t
-        wait_for(lambda: all(self.scraped_after(job, t) for job in self.targets), timeout=timeout, interval=0.2,
-                 message="a Prometheus scrape of every target")
+        wait_for(
+            lambda: all(self.scraped_after(job, t) for job in self.targets),
+            timeout=timeout,
+            interval=0.2,
+            message="a Prometheus scrape of every target",
+        )
         return t
 
     def stop(self) -> None:

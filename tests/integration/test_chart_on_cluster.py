@@ -32,8 +32,12 @@ def helm():
 def _render(kube, release_ns: str, values: dict | None = None, values_files: tuple = ()) -> list[dict]:
     """Rendered for this server's version, as `helm install` would (PDB policy/v1beta1 on 1.20, for example)."""
     version = json.loads(kubectl(kube.kubeconfig, "version", "-o", "json"))["serverVersion"]
-    return hu.render(values_files, values=values, namespace=release_ns,
-                     kube_version=f"{version['major']}.{version['minor'].rstrip('+')}.0")
+    return hu.render(
+        values_files,
+        values=values,
+        namespace=release_ns,
+        kube_version=f"{version['major']}.{version['minor'].rstrip('+')}.0",
+    )
 
 
 def _apply(kube, docs: list[dict], *extra: str) -> str:
@@ -52,8 +56,16 @@ def _sa_kubeconfig(kube, namespace: str, sa: str, path: Path) -> Path:
 
 
 def _can_i(kube, namespace: str, sa: str, verb: str, resource: str, *scope: str) -> bool:
-    out = kubectl(kube.kubeconfig, "auth", "can-i", verb, resource, *scope,
-                  f"--as=system:serviceaccount:{namespace}:{sa}", check=False)
+    out = kubectl(
+        kube.kubeconfig,
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        *scope,
+        f"--as=system:serviceaccount:{namespace}:{sa}",
+        check=False,
+    )
     return out.strip() == "yes"
 
 
@@ -79,9 +91,11 @@ def test_operator_and_gateway_run_as_their_service_accounts(kube, namespace, crd
     docs = _render(kube, release_ns, values)
     _apply(kube, [d for d in docs if d["kind"] in RBAC_KINDS])
     op_sa = hu.find(docs, "Deployment", f"{hu.RELEASE}-modelservice-operator")["spec"]["template"]["spec"][
-        "serviceAccountName"]
+        "serviceAccountName"
+    ]
     gw_sa = hu.find(docs, "Deployment", f"{hu.RELEASE}-modelservice-operator-gateway")["spec"]["template"]["spec"][
-        "serviceAccountName"]
+        "serviceAccountName"
+    ]
 
     # What each may not do (checked by the API server's own authorizer).
     for sa in (op_sa, gw_sa):
@@ -99,13 +113,26 @@ def test_operator_and_gateway_run_as_their_service_accounts(kube, namespace, crd
     scope_args = ["--namespace", work] if scope == "watchNamespaces" else []
     op = gw = None
     try:
-        op = OperatorProcess(_sa_kubeconfig(kube, release_ns, op_sa, tmp_path / "op.kubeconfig"),
-                             tmp_path / "operator.log", extra_args=[*OPERATOR_FLAGS, *scope_args]).start()
-        gw = GatewayProcess(_sa_kubeconfig(kube, release_ns, gw_sa, tmp_path / "gw.kubeconfig"),
-                            tmp_path / "gateway.log", *TEST_FLAGS, *scope_args).start()
-        ms.create(kube, work, ms.body("rbac", resources={"requests": {"cpu": "1"}},
-                                      autoscaling={"minReplicas": 0, "maxReplicas": 2, "cpuUtilization": 80,
-                                                   "scaleToZeroAfter": "3s"}))
+        op = OperatorProcess(
+            _sa_kubeconfig(kube, release_ns, op_sa, tmp_path / "op.kubeconfig"),
+            tmp_path / "operator.log",
+            extra_args=[*OPERATOR_FLAGS, *scope_args],
+        ).start()
+        gw = GatewayProcess(
+            _sa_kubeconfig(kube, release_ns, gw_sa, tmp_path / "gw.kubeconfig"),
+            tmp_path / "gateway.log",
+            *TEST_FLAGS,
+            *scope_args,
+        ).start()
+        ms.create(
+            kube,
+            work,
+            ms.body(
+                "rbac",
+                resources={"requests": {"cpu": "1"}},
+                autoscaling={"minReplicas": 0, "maxReplicas": 2, "cpuUtilization": 80, "scaleToZeroAfter": "3s"},
+            ),
+        )
         ms.wait_condition(kube, work, "rbac", "Ready", "True", timeout=60)  # Deployment, Service, HPA applied
         ms.wait_condition(kube, work, "rbac", "Ready", "False", "ScaledToZero", timeout=60)  # deployments/scale
         status, body = asyncio.run(_chat(gw.url, "rbac"))  # gateway: watches, Lease create/patch, scale 0→1
@@ -135,8 +162,16 @@ def test_gitops_reapply_changes_nothing_the_user_owns(kube, namespace, operator,
     apply = ("apply", "--server-side", "--field-manager=argocd-controller", "-f", "-")
     kubectl(kube.kubeconfig, *apply, input=manifest)
     ready = ms.wait_condition(kube, namespace, "gitops", "Ready", "True", timeout=60)
-    diff = kubectl(kube.kubeconfig, "diff", "--server-side", "--field-manager=argocd-controller", "-f", "-",
-                   input=manifest, check=False)
+    diff = kubectl(
+        kube.kubeconfig,
+        "diff",
+        "--server-side",
+        "--field-manager=argocd-controller",
+        "-f",
+        "-",
+        input=manifest,
+        check=False,
+    )
     assert diff.strip() == "", diff
     kubectl(kube.kubeconfig, *apply, input=manifest)
     again = ms.get(kube, namespace, "gitops")
@@ -144,5 +179,6 @@ def test_gitops_reapply_changes_nothing_the_user_owns(kube, namespace, operator,
     assert again["spec"] == ready["spec"]
     managers = {m["manager"]: m for m in again["metadata"]["managedFields"]}
     assert "f:spec" not in json.dumps(managers.get("modelservice-operator", {}).get("fieldsV1", {}))
-    assert not any(k.startswith(("kopf.", "serving.modelservice.dev/")) for k in
-                   (again["metadata"].get("annotations") or {}))  # no framework state on the user's object
+    assert not any(
+        k.startswith(("kopf.", "serving.modelservice.dev/")) for k in (again["metadata"].get("annotations") or {})
+    )  # no framework state on the user's object

@@ -29,24 +29,39 @@ def _ready(pod: client.V1Pod) -> bool:
 
 def _stub_container(**extra) -> client.V1Container:
     return client.V1Container(
-        name="engine", image=STUB_IMAGE, args=["--served-model-name", MODEL],
+        name="engine",
+        image=STUB_IMAGE,
+        args=["--served-model-name", MODEL],
         ports=[client.V1ContainerPort(container_port=8000, name="http")],
-        readiness_probe=client.V1Probe(http_get=client.V1HTTPGetAction(path="/health", port="http")), **extra)
+        readiness_probe=client.V1Probe(http_get=client.V1HTTPGetAction(path="/health", port="http")),
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
 def served(kube: Kube, fake_nodes: list[str]):
     """A 2-replica Deployment of the stub behind a Service, shared by the tests that read it."""
     ns = create_namespace(kube, "served")
-    kube.apps.create_namespaced_deployment(ns, client.V1Deployment(
-        metadata=client.V1ObjectMeta(name="stub"),
-        spec=client.V1DeploymentSpec(
-            replicas=2, selector=client.V1LabelSelector(match_labels=LABELS),
-            template=client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=LABELS),
-                                              spec=client.V1PodSpec(containers=[_stub_container()])))))
-    kube.core.create_namespaced_service(ns, client.V1Service(
-        metadata=client.V1ObjectMeta(name="stub"),
-        spec=client.V1ServiceSpec(selector=LABELS, ports=[client.V1ServicePort(port=80, target_port=8000)])))
+    kube.apps.create_namespaced_deployment(
+        ns,
+        client.V1Deployment(
+            metadata=client.V1ObjectMeta(name="stub"),
+            spec=client.V1DeploymentSpec(
+                replicas=2,
+                selector=client.V1LabelSelector(match_labels=LABELS),
+                template=client.V1PodTemplateSpec(
+                    metadata=client.V1ObjectMeta(labels=LABELS), spec=client.V1PodSpec(containers=[_stub_container()])
+                ),
+            ),
+        ),
+    )
+    kube.core.create_namespaced_service(
+        ns,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name="stub"),
+            spec=client.V1ServiceSpec(selector=LABELS, ports=[client.V1ServicePort(port=80, target_port=8000)]),
+        ),
+    )
     yield ns
     delete_namespace(kube, ns)
 
@@ -57,11 +72,20 @@ def _ready_pods(kube: Kube, ns: str) -> list[client.V1Pod]:
 
 
 def test_garbage_collector_cascades_to_children(kube: Kube, namespace: str) -> None:
-    owner = kube.core.create_namespaced_config_map(namespace, client.V1ConfigMap(
-        metadata=client.V1ObjectMeta(name="owner")))
-    kube.core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(
-        name="child", owner_references=[client.V1OwnerReference(
-            api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid)])))
+    owner = kube.core.create_namespaced_config_map(
+        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="owner"))
+    )
+    kube.core.create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(
+                name="child",
+                owner_references=[
+                    client.V1OwnerReference(api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid)
+                ],
+            )
+        ),
+    )
     kube.core.delete_namespaced_config_map("owner", namespace)
 
     def child_gone() -> bool:
@@ -75,8 +99,9 @@ def test_garbage_collector_cascades_to_children(kube: Kube, namespace: str) -> N
 
 
 def test_deployment_pods_are_scheduled_and_become_ready(kube: Kube, served: str, fake_nodes: list[str]) -> None:
-    pods = wait_for(lambda: len(p := _ready_pods(kube, served)) == 2 and p, timeout=60,
-                    message="2 Ready pods of the Deployment")
+    pods = wait_for(
+        lambda: len(p := _ready_pods(kube, served)) == 2 and p, timeout=60, message="2 Ready pods of the Deployment"
+    )
     for pod in pods:
         assert pod.spec.node_name in fake_nodes  # placed by kube-scheduler, not by us
         assert pod.status.phase == "Running"
@@ -85,8 +110,11 @@ def test_deployment_pods_are_scheduled_and_become_ready(kube: Kube, served: str,
         assert pod.status.host_ip == "127.0.0.1"
         assert all(cs.ready for cs in pod.status.container_statuses)
     assert len({p.status.pod_ip for p in pods}) == 2
-    dep = wait_for(lambda: (d := kube.apps.read_namespaced_deployment("stub", served)).status.ready_replicas == 2
-                   and d, timeout=30, message="Deployment status readyReplicas=2")
+    dep = wait_for(
+        lambda: (d := kube.apps.read_namespaced_deployment("stub", served)).status.ready_replicas == 2 and d,
+        timeout=30,
+        message="Deployment status readyReplicas=2",
+    )
     assert dep.status.available_replicas == 2
 
 
@@ -97,12 +125,21 @@ def test_endpointslice_lists_pod_loopback_addresses(kube: Kube, served: str) -> 
 
     def slice_addresses() -> set[str]:
         slices = kube.custom.list_namespaced_custom_object(
-            "discovery.k8s.io", version, served, "endpointslices", label_selector="kubernetes.io/service-name=stub")
-        return {a for s in slices["items"] for e in s.get("endpoints") or []
-                if (e.get("conditions") or {}).get("ready") for a in e["addresses"]}
+            "discovery.k8s.io", version, served, "endpointslices", label_selector="kubernetes.io/service-name=stub"
+        )
+        return {
+            a
+            for s in slices["items"]
+            for e in s.get("endpoints") or []
+            if (e.get("conditions") or {}).get("ready")
+            for a in e["addresses"]
+        }
 
-    got = wait_for(lambda: (a := slice_addresses()) == want and a, timeout=30,
-                   message=f"EndpointSlice ({version}) with ready addresses {sorted(want)}")
+    got = wait_for(
+        lambda: (a := slice_addresses()) == want and a,
+        timeout=30,
+        message=f"EndpointSlice ({version}) with ready addresses {sorted(want)}",
+    )
     assert all(_is_loopback_pod_ip(a) for a in got)
 
 
@@ -114,7 +151,7 @@ def test_stub_streams_chat_completion_through_pod_address(kube: Kube, served: st
     resp = conn.getresponse()
     assert resp.status == 200
     assert resp.getheader("Content-Type").startswith("text/event-stream")
-    events = [line[len(b"data: "):].decode() for line in resp.read().split(b"\n\n") if line.startswith(b"data: ")]
+    events = [line[len(b"data: ") :].decode() for line in resp.read().split(b"\n\n") if line.startswith(b"data: ")]
     conn.close()
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -124,10 +161,14 @@ def test_stub_streams_chat_completion_through_pod_address(kube: Kube, served: st
 
 
 def test_rbac_denies_serviceaccount_without_role(kube: Kube, namespace: str) -> None:
-    kube.core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
-        metadata=client.V1ObjectMeta(name="nobody")))
-    sa = wait_for(lambda: (s := kube.core.read_namespaced_service_account("nobody", namespace)).secrets and s,
-                  timeout=30, message="token Secret for ServiceAccount nobody")
+    kube.core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="nobody"))
+    )
+    sa = wait_for(
+        lambda: (s := kube.core.read_namespaced_service_account("nobody", namespace)).secrets and s,
+        timeout=30,
+        message="token Secret for ServiceAccount nobody",
+    )
     secret = kube.core.read_namespaced_secret(sa.secrets[0].name, namespace)
     token = base64.b64decode(secret.data["token"]).decode()
 
@@ -142,19 +183,31 @@ def test_rbac_denies_serviceaccount_without_role(kube: Kube, namespace: str) -> 
         assert f"system:serviceaccount:{namespace}:nobody" in denied.value.body
 
         # The token itself is valid: granting a role lets the same request through.
-        kube.rbac.create_namespaced_role_binding(namespace, {  # a dict: the Subject model's name varies by client
-            "metadata": {"name": "nobody-view"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
-            "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": namespace}]})
-        wait_for(lambda: client.CoreV1Api(as_sa).list_namespaced_pod(namespace) is not None, timeout=15,
-                 message="the ServiceAccount to be allowed after the RoleBinding")
+        kube.rbac.create_namespaced_role_binding(
+            namespace,
+            {  # a dict: the Subject model's name varies by client
+                "metadata": {"name": "nobody-view"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+                "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": namespace}],
+            },
+        )
+        wait_for(
+            lambda: client.CoreV1Api(as_sa).list_namespaced_pod(namespace) is not None,
+            timeout=15,
+            message="the ServiceAccount to be allowed after the RoleBinding",
+        )
 
 
 def test_pod_asking_for_too_many_gpus_stays_pending(kube: Kube, namespace: str, fake_nodes: list[str]) -> None:
-    kube.core.create_namespaced_pod(namespace, client.V1Pod(
-        metadata=client.V1ObjectMeta(name="greedy"),
-        spec=client.V1PodSpec(containers=[_stub_container(resources=client.V1ResourceRequirements(
-            limits={"nvidia.com/gpu": "99"}))])))
+    kube.core.create_namespaced_pod(
+        namespace,
+        client.V1Pod(
+            metadata=client.V1ObjectMeta(name="greedy"),
+            spec=client.V1PodSpec(
+                containers=[_stub_container(resources=client.V1ResourceRequirements(limits={"nvidia.com/gpu": "99"}))]
+            ),
+        ),
+    )
 
     def unschedulable():
         pod = kube.core.read_namespaced_pod("greedy", namespace)
@@ -168,17 +221,29 @@ def test_pod_asking_for_too_many_gpus_stays_pending(kube: Kube, namespace: str, 
     assert pod.status.phase == "Pending" and not pod.spec.node_name and not pod.status.pod_ip
 
 
-def test_ready_waits_for_stub_startup_delay_and_deletion_needs_no_kubelet(kube: Kube, namespace: str,
-                                                                          fake_nodes: list[str]) -> None:
+def test_ready_waits_for_stub_startup_delay_and_deletion_needs_no_kubelet(
+    kube: Kube, namespace: str, fake_nodes: list[str]
+) -> None:
     delay = 2.0
-    kube.core.create_namespaced_pod(namespace, client.V1Pod(
-        metadata=client.V1ObjectMeta(name="slow", annotations={"stub.modelservice.dev/startup-delay": str(delay)}),
-        spec=client.V1PodSpec(containers=[_stub_container()])))
-    running = wait_for(lambda: (p := kube.core.read_namespaced_pod("slow", namespace)).status.pod_ip and p,
-                       timeout=30, message="the slow pod to get an address")
+    kube.core.create_namespaced_pod(
+        namespace,
+        client.V1Pod(
+            metadata=client.V1ObjectMeta(name="slow", annotations={"stub.modelservice.dev/startup-delay": str(delay)}),
+            spec=client.V1PodSpec(containers=[_stub_container()]),
+        ),
+    )
+    running = wait_for(
+        lambda: (p := kube.core.read_namespaced_pod("slow", namespace)).status.pod_ip and p,
+        timeout=30,
+        message="the slow pod to get an address",
+    )
     assert not _ready(running), "Ready before the stub finished its startup delay"
-    pod = wait_for(lambda: _ready(p := kube.core.read_namespaced_pod("slow", namespace)) and p, timeout=30,
-                   interval=0.1, message="the slow pod to become Ready")
+    pod = wait_for(
+        lambda: _ready(p := kube.core.read_namespaced_pod("slow", namespace)) and p,
+        timeout=30,
+        interval=0.1,
+        message="the slow pod to become Ready",
+    )
     ready_at = next(c.last_transition_time for c in pod.status.conditions if c.type == "Ready")
     # Server timestamps have 1 s resolution: a 2 s delay shows as at least 1 s between start and Ready.
     assert (ready_at - pod.status.start_time).total_seconds() >= delay - 1
@@ -208,10 +273,15 @@ def test_ready_waits_for_stub_startup_delay_and_deletion_needs_no_kubelet(kube: 
 def test_restarted_node_agent_readopts_its_pods(cluster, kube: Kube, namespace: str, fake_nodes: list[str]) -> None:
     if cluster.control_plane is None:
         pytest.skip("the cluster's node agent is not ours to restart")
-    kube.core.create_namespaced_pod(namespace, client.V1Pod(
-        metadata=client.V1ObjectMeta(name="kept"), spec=client.V1PodSpec(containers=[_stub_container()])))
-    before = wait_for(lambda: _ready(p := kube.core.read_namespaced_pod("kept", namespace)) and p, timeout=30,
-                      message="the pod to become Ready")
+    kube.core.create_namespaced_pod(
+        namespace,
+        client.V1Pod(metadata=client.V1ObjectMeta(name="kept"), spec=client.V1PodSpec(containers=[_stub_container()])),
+    )
+    before = wait_for(
+        lambda: _ready(p := kube.core.read_namespaced_pod("kept", namespace)) and p,
+        timeout=30,
+        message="the pod to become Ready",
+    )
     cluster.control_plane.restart_node_agent()
 
     def answers() -> bool:

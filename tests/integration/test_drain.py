@@ -21,9 +21,16 @@ TOKENS = 60
 
 async def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, operator, fake_nodes, gateway):
     name = "drain"
-    ms.create(kube, namespace, ms.body(
-        name, autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}, drainTimeout="5m",
-        podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "2"}}))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"},
+            drainTimeout="5m",
+            podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "2"}},
+        ),
+    )
     ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=90)
     (pod,) = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items
     assert pod.spec.termination_grace_period_seconds == 300 + 2
@@ -34,15 +41,18 @@ async def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, o
 
     async def scenario() -> tuple[bytes, bool, int, float]:
         async with aiohttp.ClientSession() as s:
-            async with s.post(gateway.url + "/v1/chat/completions",
-                              json=chat(name, stream=True, max_tokens=TOKENS)) as r:
+            async with s.post(
+                gateway.url + "/v1/chat/completions", json=chat(name, stream=True, max_tokens=TOKENS)
+            ) as r:
                 assert r.status == 200
                 body = await r.content.readline()
-                await asyncio.to_thread(kube.apps.patch_namespaced_deployment_scale, name, namespace,
-                                        {"spec": {"replicas": 0}})
+                await asyncio.to_thread(
+                    kube.apps.patch_namespaced_deployment_scale, name, namespace, {"spec": {"replicas": 0}}
+                )
 
                 async def going_away() -> bool:
                     return await asyncio.to_thread(terminating)
+
                 await async_wait_for(going_away, timeout=60, interval=0.2, message="the pod terminating")
                 still_open = not r.content.at_eof()
                 # A new request meanwhile is not sent to the pod going away: it wakes a new replica.
@@ -58,5 +68,8 @@ async def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, o
     assert body.rstrip().endswith(b"data: [DONE]"), body[-300:]
     assert len(chunks) >= TOKENS and '"finish_reason": "length"' in body.decode().replace('":"', '": "')
     # The replica went as soon as its stream was done, well before its 302 s grace period.
-    wait_for(lambda: not kube.core.list_namespaced_pod(
-        namespace, field_selector=f"metadata.name={pod.metadata.name}").items, timeout=60, message="pod gone")
+    wait_for(
+        lambda: not kube.core.list_namespaced_pod(namespace, field_selector=f"metadata.name={pod.metadata.name}").items,
+        timeout=60,
+        message="pod gone",
+    )

@@ -36,9 +36,26 @@ def test_llamacpp_names_on_a_real_llama_server(tmp_path: Path) -> None:
     port = free_port()
     log = open(tmp_path / "llama.log", "wb")
     # One slot: a second request waits (deferred) while the first generates.
-    proc = subprocess.Popen([exe, "-m", str(OfflineModels.build().model.gguf), "--host", "127.0.0.1", "--port",
-                             str(port), "--metrics", "-np", "1", "-c", "32768", "-t", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "-m",
+            str(OfflineModels.build().model.gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics",
+            "-np",
+            "1",
+            "-c",
+            "32768",
+            "-t",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(lambda: _get(f"http://127.0.0.1:{port}/health") == 200, timeout=120, message="llama-server healthy")
         table = RouteTable()
@@ -58,8 +75,9 @@ def test_llamacpp_names_on_a_real_llama_server(tmp_path: Path) -> None:
         done = threading.Event()
 
         def generate() -> None:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                         {"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+            )
             try:
                 urllib.request.urlopen(req, timeout=300).read()
             except OSError:
@@ -69,8 +87,11 @@ def test_llamacpp_names_on_a_real_llama_server(tmp_path: Path) -> None:
         threads = [threading.Thread(target=generate, daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
-        busy = wait_for(lambda: (lambda x: x if x and x.running == 1 and x.waiting == 1 else None)(asyncio.run(poll())),
-                        timeout=120, message="llama-server reporting one processing and one deferred request")
+        busy = wait_for(
+            lambda: (lambda x: x if x and x.running == 1 and x.waiting == 1 else None)(asyncio.run(poll())),
+            timeout=120,
+            message="llama-server reporting one processing and one deferred request",
+        )
         assert busy.running == 1 and busy.waiting == 1
     finally:
         proc.kill()
@@ -80,8 +101,12 @@ def test_llamacpp_names_on_a_real_llama_server(tmp_path: Path) -> None:
 
 def test_vllm_names_are_in_the_installed_vllm() -> None:
     python = Path(find_engines(("vllm",))["vllm"])
-    out = subprocess.run([str(python), "-c", "import importlib.util as u; print(u.find_spec('vllm').submodule_search_locations[0])"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; print(u.find_spec('vllm').submodule_search_locations[0])"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     root = Path(out.stdout.strip())
     assert root.is_dir(), out.stderr[-2000:]
     source = "".join(p.read_text(errors="replace") for p in (root / "v1" / "metrics").rglob("*.py"))

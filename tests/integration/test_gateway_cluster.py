@@ -39,12 +39,22 @@ from tests.integration.gateway_process import HELD_LIMIT
 
 async def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, operator, fake_nodes, gateway):
     name = "sleepy"
-    ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 0, "maxReplicas": 3},
-                                       podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "3"}}))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            autoscaling={"minReplicas": 0, "maxReplicas": 3},
+            podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "3"}},
+        ),
+    )
     wait_for(lambda: kube.apps.read_namespaced_deployment(name, namespace), timeout=30, message="Deployment")
     kube.apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": 0}})
-    wait_for(lambda: not pod_ips(kube, namespace, name) and ready_endpoints(gateway, namespace, name) == 0,
-             timeout=60, message="model asleep: no pods, no endpoints in the gateway")
+    wait_for(
+        lambda: not pod_ips(kube, namespace, name) and ready_endpoints(gateway, namespace, name) == 0,
+        timeout=60,
+        message="model asleep: no pods, no endpoints in the gateway",
+    )
     history = ReplicasHistory(kube, namespace, name)
     wait_for(lambda: history.values, timeout=10, message="replicas watch listed")
 
@@ -62,14 +72,23 @@ async def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace
     assert gateway.metric("modelservice_gateway_activation_seconds_count") >= 1
     wait_for(lambda: history.values[-1:] == [1], timeout=10, message="the scale-up seen by the watch")
     assert history.changes() == [0, 1]
-    leases = kube.custom.list_namespaced_custom_object("coordination.k8s.io", "v1", namespace, "leases",
-                                                       label_selector=f"{MODELSERVICE_LABEL}={name}")["items"]
+    leases = kube.custom.list_namespaced_custom_object(
+        "coordination.k8s.io", "v1", namespace, "leases", label_selector=f"{MODELSERVICE_LABEL}={name}"
+    )["items"]
     assert [lease["spec"]["holderIdentity"] for lease in leases] == ["gateway-test-0"]
 
 
 def _three_replicas(kube, namespace, gateway, name, tokens_per_second: str = "100", **spec):
-    ms.create(kube, namespace, ms.body(name, replicas=3, podTemplate={"annotations": {
-        "stub.modelservice.dev/tokens-per-second": tokens_per_second}}, **spec))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            replicas=3,
+            podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": tokens_per_second}},
+            **spec,
+        ),
+    )
     wait_for(lambda: ready_endpoints(gateway, namespace, name) == 3, timeout=90, message="3 endpoints in gateway")
     return pod_ips(kube, namespace, name)
 
@@ -83,7 +102,9 @@ async def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace,
     n = 30
     # LeastInFlight: the default policy (PrefixAffinity) would send 30 identical prompts to one replica up to its
     # load bound (test_gateway_affinity.py covers it).
-    ips = _three_replicas(kube, namespace, gateway, "spread", tokens_per_second="1", routing={"policy": "LeastInFlight"})
+    ips = _three_replicas(
+        kube, namespace, gateway, "spread", tokens_per_second="1", routing={"policy": "LeastInFlight"}
+    )
     assert len(ips) == 3
 
     async def scenario():
@@ -92,7 +113,8 @@ async def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace,
             try:
                 streams = await asyncio.gather(*(open_stream(s, gateway.url, "spread") for _ in range(n)))
                 running = await asyncio.to_thread(
-                    lambda: sorted(stub_metric(ip, "vllm:num_requests_running") for ip in ips))
+                    lambda: sorted(stub_metric(ip, "vllm:num_requests_running") for ip in ips)
+                )
             finally:
                 for r, _ in streams:
                     r.close()
@@ -102,8 +124,11 @@ async def test_least_in_flight_spreads_load_over_three_replicas(kube, namespace,
     assert all(status == 200 and first.startswith(b"data: ") for status, first in opened), opened[:3]
     assert running == [n / 3] * 3, running
     # The hang-ups reach the gateway: nothing stays counted in flight once the clients are gone.
-    wait_for(lambda: gateway.metric("modelservice_gateway_in_flight", model=f"{namespace}/spread") == 0,
-             timeout=30, message="the gateway's in-flight count back to 0 after the clients closed their streams")
+    wait_for(
+        lambda: gateway.metric("modelservice_gateway_in_flight", model=f"{namespace}/spread") == 0,
+        timeout=30,
+        message="the gateway's in-flight count back to 0 after the clients closed their streams",
+    )
 
 
 async def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespace, operator, fake_nodes, gateway):
@@ -143,19 +168,27 @@ async def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespa
 
         async def conductor():
             try:
+
                 async def under_way() -> bool:
                     return len(results) >= 2 * clients
+
                 await async_wait_for(under_way, timeout=60, interval=0.05, message="the run under way")
-                await asyncio.to_thread(kube.core.delete_namespaced_pod, victim.metadata.name, namespace,
-                                        grace_period_seconds=0)
+                await asyncio.to_thread(
+                    kube.core.delete_namespaced_pod, victim.metadata.name, namespace, grace_period_seconds=0
+                )
                 deleted_at.append(time.monotonic())
 
                 async def over() -> bool:
                     after = sum(1 for t, _ in results if t >= deleted_at[0])
                     return after >= after_wanted and await asyncio.to_thread(replacement_served)
-                await async_wait_for(over, timeout=120, interval=0.2,
-                                     message=f"the gateway routing to the replacement pod, and {after_wanted} "
-                                             "requests answered since the deletion")
+
+                await async_wait_for(
+                    over,
+                    timeout=120,
+                    interval=0.2,
+                    message=f"the gateway routing to the replacement pod, and {after_wanted} "
+                    "requests answered since the deletion",
+                )
             finally:
                 stop.set()
 
@@ -171,13 +204,13 @@ async def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespa
 
 
 async def test_bad_input_and_api_keys(kube, namespace, operator, fake_nodes, gateway):
-    kube.core.create_namespaced_secret(namespace, {"metadata": {"name": "keys"},
-                                                   "data": {"keys": base64.b64encode(b"alpha\nbeta\n").decode()}})
+    kube.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "keys"}, "data": {"keys": base64.b64encode(b"alpha\nbeta\n").decode()}}
+    )
     ms.create(kube, namespace, ms.body("open"))
     ms.create(kube, namespace, ms.body("locked", apiKeySecretRef={"name": "keys"}))
     # Never Ready during the test (an hour's startup delay): requests for it can only be held.
-    ms.create(kube, namespace, ms.body("loading",
-                                       podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "3600"}}))
+    ms.create(kube, namespace, ms.body("loading", podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "3600"}}))
     for n in ("open", "locked"):
         wait_for(lambda n=n: ready_endpoints(gateway, namespace, n) == 1, timeout=90, message=f"{n} endpoint")
     locked_ip = pod_ips(kube, namespace, "locked")[0]
@@ -200,8 +233,13 @@ async def test_bad_input_and_api_keys(kube, namespace, operator, fake_nodes, gat
             held = [asyncio.create_task(post(s, url, chat("loading"))) for _ in range(HELD_LIMIT)]
 
             async def all_held() -> bool:
-                return await asyncio.to_thread(gateway.metric, "modelservice_gateway_held_requests",
-                                               model=f"{namespace}/loading") == HELD_LIMIT
+                return (
+                    await asyncio.to_thread(
+                        gateway.metric, "modelservice_gateway_held_requests", model=f"{namespace}/loading"
+                    )
+                    == HELD_LIMIT
+                )
+
             await async_wait_for(all_held, timeout=60, interval=0.1, message=f"{HELD_LIMIT} requests held")
             status, body = await post(s, url, chat("loading"))
             assert status == 429, body
@@ -222,9 +260,15 @@ async def test_idle_model_goes_to_zero_and_the_next_request_wakes_it(kube, names
     Each awake spell lasts only scaleToZeroAfter (4 s) past the last request, so the states are read from a watch's
     record of the ModelService (from its creation on), not caught by polling."""
     name = "loop"
-    created = ms.create(kube, namespace, ms.body(
-        name, autoscaling={"minReplicas": 0, "maxReplicas": 2, "scaleToZeroAfter": "4s"},
-        podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "1"}}))
+    created = ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            autoscaling={"minReplicas": 0, "maxReplicas": 2, "scaleToZeroAfter": "4s"},
+            podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "1"}},
+        ),
+    )
     history = modelservice_history(kube, namespace, name, created["metadata"]["resourceVersion"])
     try:
         awake_steps = (("Ready", ready_state()), ("ScaledToZero", ready_state("ScaledToZero")))
@@ -232,19 +276,27 @@ async def test_idle_model_goes_to_zero_and_the_next_request_wakes_it(kube, names
         _, asleep = history.wait_sequence(*awake_steps, timeout=60)
         assert ms.condition(asleep, "Stalled")["status"] == "False"
         assert kube.apps.read_namespaced_deployment(name, namespace).spec.replicas == 0
-        wait_for(lambda: ms.events_for(kube, namespace, name, "ScaledToZero"), timeout=10,
-                 message="a ScaledToZero Event")
+        wait_for(
+            lambda: ms.events_for(kube, namespace, name, "ScaledToZero"), timeout=10, message="a ScaledToZero Event"
+        )
 
         status, body = await _stream_once(gateway.url, name)
         assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
-        *_, awake, _ = history.wait_sequence(*awake_steps, ("Ready with 1 replica", ready_state(ready_replicas=1)),
-                                             ("ScaledToZero again", ready_state("ScaledToZero")), timeout=90)
+        *_, awake, _ = history.wait_sequence(
+            *awake_steps,
+            ("Ready with 1 replica", ready_state(ready_replicas=1)),
+            ("ScaledToZero again", ready_state("ScaledToZero")),
+            timeout=90,
+        )
         assert awake["status"]["readyReplicas"] == 1
     finally:
         history.stop()
     # The second sleep is counted on the same Event, as Kubernetes aggregates repeats.
-    wait_for(lambda: [e.count for e in ms.events_for(kube, namespace, name, "ScaledToZero")] == [2], timeout=10,
-             message="ScaledToZero Event counted twice")
+    wait_for(
+        lambda: [e.count for e in ms.events_for(kube, namespace, name, "ScaledToZero")] == [2],
+        timeout=10,
+        message="ScaledToZero Event counted twice",
+    )
 
 
 async def _stream_once(url: str, name: str):
@@ -258,8 +310,15 @@ async def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespa
     The load is six streams that stay in flight until the test has seen the scale-up (endless at the stub's token
     limit), not streams of a fixed length that a slow operator could outlast."""
     name = "busy"
-    ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetInFlight": 2},
-                                       podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "10"}}))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetInFlight": 2},
+            podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "10"}},
+        ),
+    )
     ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=60)
 
     def replicas() -> int:
@@ -273,8 +332,13 @@ async def test_in_flight_load_adds_replicas_and_quiet_removes_them(kube, namespa
 
                 async def scaled_up() -> bool:
                     return await asyncio.to_thread(replicas) == 3
-                await async_wait_for(scaled_up, timeout=60, interval=0.25,
-                                     message="3 replicas for 6 in-flight requests at targetInFlight 2")
+
+                await async_wait_for(
+                    scaled_up,
+                    timeout=60,
+                    interval=0.25,
+                    message="3 replicas for 6 in-flight requests at targetInFlight 2",
+                )
             finally:
                 for r, _ in streams:
                     r.close()
@@ -290,9 +354,17 @@ async def test_the_engines_queue_adds_replicas_through_the_leases(kube, namespac
     carries them on its activity Lease, and the operator sizes replicas from them: 5 waiting at targetQueue 2 ask for
     ceil(5 / 2) = 3 replicas; an empty queue leaves it to minReplicas. No targetInFlight: the queue alone scales."""
     name = "queued"
-    ms.create(kube, namespace, ms.body(name, autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetQueue": 2},
-                                       podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "10",
-                                                                    STUB_MAX_CONCURRENCY_ANNOTATION: "1"}}))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetQueue": 2},
+            podTemplate={
+                "annotations": {"stub.modelservice.dev/tokens-per-second": "10", STUB_MAX_CONCURRENCY_ANNOTATION: "1"}
+            },
+        ),
+    )
     ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=60)
 
     def replicas() -> int:
@@ -308,8 +380,10 @@ async def test_the_engines_queue_adds_replicas_through_the_leases(kube, namespac
 
                 async def scaled_up() -> bool:
                     return await asyncio.to_thread(replicas) == 3
-                await async_wait_for(scaled_up, timeout=90, interval=0.25,
-                                     message="3 replicas for 5 waiting requests at targetQueue 2")
+
+                await async_wait_for(
+                    scaled_up, timeout=90, interval=0.25, message="3 replicas for 5 waiting requests at targetQueue 2"
+                )
             finally:
                 for task in queued:
                     task.cancel()

@@ -26,9 +26,13 @@ POOL = 4  # 2 nodes x 2 GPUs: the local control plane's default
 
 
 def gpu_pods(kube) -> list:
-    return [p for p in kube.core.list_pod_for_all_namespaces().items
-            if p.spec.node_name and p.status.phase not in ("Succeeded", "Failed")
-            and any((c.resources.limits or {}).get("nvidia.com/gpu") for c in p.spec.containers)]
+    return [
+        p
+        for p in kube.core.list_pod_for_all_namespaces().items
+        if p.spec.node_name
+        and p.status.phase not in ("Succeeded", "Failed")
+        and any((c.resources.limits or {}).get("nvidia.com/gpu") for c in p.spec.containers)
+    ]
 
 
 def wait_pool_empty(kube) -> None:
@@ -43,8 +47,11 @@ def create_ready(kube, ns: str, name: str, **spec) -> None:
 def scale_to_zero_now(kube, ns: str, name: str) -> None:
     wait_for(lambda: kube.apps.read_namespaced_deployment(name, ns), timeout=30, message=f"Deployment {name}")
     kube.apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 0}})
-    wait_for(lambda: not kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items,
-             timeout=60, message=f"{name} has no pod")
+    wait_for(
+        lambda: not kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items,
+        timeout=60,
+        message=f"{name} has no pod",
+    )
 
 
 def replicas(kube, ns: str, name: str) -> int:
@@ -52,18 +59,27 @@ def replicas(kube, ns: str, name: str) -> int:
 
 
 def events(kube, ns: str, name: str, reason: str) -> list[str]:
-    return [e.message for e in kube.core.list_namespaced_event(ns).items
-            if e.involved_object.name == name and e.reason == reason]
+    return [
+        e.message
+        for e in kube.core.list_namespaced_event(ns).items
+        if e.involved_object.name == name and e.reason == reason
+    ]
 
 
-async def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(kube, namespace, operator, fake_nodes,
-                                                                            gateway, cluster):
+async def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_one(
+    kube, namespace, operator, fake_nodes, gateway, cluster
+):
     wait_pool_empty(kube)
     idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
     # w is asleep; the pool then fills with four idle models, one at a time so that their idle clocks (which
     # start at Ready) are ordered: a is idle longest. a and b have the lowest priority.
-    ms.create(kube, namespace, ms.body("w", resources=GPU, priority=3, **idle,
-                                       podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "2"}}))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            "w", resources=GPU, priority=3, **idle, podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "2"}}
+        ),
+    )
     scale_to_zero_now(kube, namespace, "w")
     for name, priority in (("a", 0), ("b", 0), ("c", 3), ("d", 3)):
         create_ready(kube, namespace, name, priority=priority, **idle)
@@ -84,8 +100,12 @@ async def test_a_woken_model_gets_the_gpu_of_the_longest_idle_lowest_priority_on
     rows = [ln.split() for ln in kubectl(cluster.kubeconfig, "get", "ms", "-n", namespace).splitlines()]
     assert rows[0][:5] == ["NAME", "ENGINE", "MODEL", "READY", "GPUS"]
     assert {r[0]: (r[4], r[5]) for r in rows[1:]} == {
-        "a": ("0", "Parked"), "b": ("1", "Available"), "c": ("1", "Available"), "d": ("1", "Available"),
-        "w": ("1", "Available")}
+        "a": ("0", "Parked"),
+        "b": ("1", "Available"),
+        "c": ("1", "Available"),
+        "d": ("1", "Available"),
+        "w": ("1", "Available"),
+    }
 
 
 async def _post_once(url: str, model: str, timeout: float = 90) -> tuple[int, bytes]:
@@ -93,15 +113,22 @@ async def _post_once(url: str, model: str, timeout: float = 90) -> tuple[int, by
         return await post(s, url, chat(model))
 
 
-async def test_nothing_parkable_says_no_gpu_free_in_status_and_503(kube, namespace, operator, fake_nodes, cluster,
-                                                             tmp_path):
+async def test_nothing_parkable_says_no_gpu_free_in_status_and_503(
+    kube, namespace, operator, fake_nodes, cluster, tmp_path
+):
     wait_pool_empty(kube)
     # A gateway of its own with a short activation timeout: the 503 comes from a held request that times out.
-    gw = GatewayProcess(cluster.kubeconfig, tmp_path / "gateway.log", "--activation-timeout", "15s",
-                        "--activity-interval", "1s", env={"POD_NAME": "gateway-pool-test"}).start()
+    gw = GatewayProcess(
+        cluster.kubeconfig,
+        tmp_path / "gateway.log",
+        "--activation-timeout",
+        "15s",
+        "--activity-interval",
+        "1s",
+        env={"POD_NAME": "gateway-pool-test"},
+    ).start()
     try:
-        ms.create(kube, namespace, ms.body("w", resources=GPU,
-                                           autoscaling={"minReplicas": 0, "maxReplicas": 1}))
+        ms.create(kube, namespace, ms.body("w", resources=GPU, autoscaling={"minReplicas": 0, "maxReplicas": 1}))
         scale_to_zero_now(kube, namespace, "w")
         # The pool is full of models that must run (a floor of one replica): none may be parked.
         for name in "abcd":
@@ -127,6 +154,7 @@ async def test_nothing_parkable_says_no_gpu_free_in_status_and_503(kube, namespa
 
 def _priority_class(kube, name: str, value: int):
     from kubernetes import client
+
     api = client.SchedulingV1Api(kube.api_client)
     api.create_priority_class(client.V1PriorityClass(metadata=client.V1ObjectMeta(name=name), value=value))
     return lambda: api.delete_priority_class(name)
@@ -140,9 +168,15 @@ async def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, op
 
     # Why the operator cannot switch preemption off per pod: the API server takes preemptionPolicy from the class.
     try:
-        kube.core.create_namespaced_pod(namespace, {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "never"},
-            "spec": {"preemptionPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}})
+        kube.core.create_namespaced_pod(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "never"},
+                "spec": {"preemptionPolicy": "Never", "containers": [{"name": "c", "image": "x"}]},
+            },
+        )
         refused = None
     except ApiException as e:
         refused = e
@@ -163,16 +197,26 @@ async def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, op
         status, body = await _post_once(gateway.url, "w")
         assert status == 200, body
         ms.wait_condition(kube, namespace, "w", "Ready", "True", timeout=30)
-        preempted = wait_for(lambda: [n for n in "abcd" if ms.condition(ms.get(kube, namespace, n), "Ready")
-                                      .get("reason") == "AwaitingCapacity"], timeout=60, message="one preempted")
+        preempted = wait_for(
+            lambda: [
+                n
+                for n in "abcd"
+                if ms.condition(ms.get(kube, namespace, n), "Ready").get("reason") == "AwaitingCapacity"
+            ],
+            timeout=60,
+            message="one preempted",
+        )
         assert len(preempted) == 1
         said = ms.condition(ms.get(kube, namespace, preempted[0]), "Ready")["message"]
         assert "no request is waiting for it" in said  # the preempted model does not park anyone back
         # Several planning passes later (the operator resyncs every 3 s): still nobody parked, w keeps its GPU.
         w_pod = [p.metadata.uid for p in gpu_pods(kube) if p.metadata.labels.get(MODELSERVICE_LABEL) == "w"]
         seen = operator.counter("modelservice_reconcile_total")
-        wait_for(lambda: operator.counter("modelservice_reconcile_total") >= seen + 15, timeout=60,
-                 message="three more resyncs")
+        wait_for(
+            lambda: operator.counter("modelservice_reconcile_total") >= seen + 15,
+            timeout=60,
+            message="three more resyncs",
+        )
         assert [replicas(kube, namespace, n) for n in "abcdw"] == [1, 1, 1, 1, 1]
         assert not [e for e in kube.core.list_namespaced_event(namespace).items if e.reason == "Parked"]
         assert [p.metadata.uid for p in gpu_pods(kube) if p.metadata.labels.get(MODELSERVICE_LABEL) == "w"] == w_pod
@@ -195,8 +239,12 @@ async def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, op
 def _rolled_out(kube, ns: str, name: str) -> bool:
     d = kube.apps.read_namespaced_deployment(name, ns)
     st = d.status
-    return (st.observed_generation == d.metadata.generation and (st.updated_replicas or 0) == d.spec.replicas
-            and (st.ready_replicas or 0) == d.spec.replicas and (st.replicas or 0) == d.spec.replicas)
+    return (
+        st.observed_generation == d.metadata.generation
+        and (st.updated_replicas or 0) == d.spec.replicas
+        and (st.ready_replicas or 0) == d.spec.replicas
+        and (st.replicas or 0) == d.spec.replicas
+    )
 
 
 def _new_spec(kube, ns: str, name: str) -> None:
@@ -209,38 +257,53 @@ async def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, ga
     wait_pool_empty(kube)
     idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
     for name in "abcr":
-        create_ready(kube, namespace, name, **idle,
-                     podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "2"}})
+        create_ready(
+            kube, namespace, name, **idle, podTemplate={"annotations": {"stub.modelservice.dev/tokens-per-second": "2"}}
+        )
     assert len(gpu_pods(kube)) == POOL
 
     # 1. r is idle: in place.
     _new_spec(kube, namespace, "r")
-    wait_for(lambda: _rolled_out(kube, namespace, "r") and kube.apps.read_namespaced_deployment(
-        "r", namespace).spec.template.spec.containers[0].env[-1].name == "ROLLOUT", timeout=120, interval=0.5,
-        message="r rolled out")
+    wait_for(
+        lambda: (
+            _rolled_out(kube, namespace, "r")
+            and kube.apps.read_namespaced_deployment("r", namespace).spec.template.spec.containers[0].env[-1].name
+            == "ROLLOUT"
+        ),
+        timeout=120,
+        interval=0.5,
+        message="r rolled out",
+    )
     assert [replicas(kube, namespace, n) for n in "abc"] == [1, 1, 1]
     assert not [e for e in kube.core.list_namespaced_event(namespace).items if e.reason == "Parked"]
     # Back to surging once done: the in-place strategy lasts one rollout.
-    wait_for(lambda: kube.apps.read_namespaced_deployment("r", namespace).spec.strategy.rolling_update.max_surge == 1,
-             timeout=30, message="r surges again")
+    wait_for(
+        lambda: kube.apps.read_namespaced_deployment("r", namespace).spec.strategy.rolling_update.max_surge == 1,
+        timeout=30,
+        message="r surges again",
+    )
 
     # 2. r serves a stream (60 tokens at 2/s): its rollout parks a (idle longest) for the surge replica.
     async def scenario() -> bytes:
         async with aiohttp.ClientSession() as s:
-            async with s.post(gateway.url + "/v1/chat/completions",
-                              json=chat("r", stream=True, max_tokens=60)) as resp:
+            async with s.post(gateway.url + "/v1/chat/completions", json=chat("r", stream=True, max_tokens=60)) as resp:
                 assert resp.status == 200
                 first = await resp.content.readline()
 
                 def in_flight_seen() -> bool:  # the operator must know r is in use before its rollout starts
                     leases = kube.custom.list_namespaced_custom_object(
-                        "coordination.k8s.io", "v1", namespace, "leases",
-                        label_selector=f"{MODELSERVICE_LABEL}=r")["items"]
-                    return any(int((lease["metadata"].get("annotations") or {}).get(
-                        "serving.modelservice.dev/in-flight", "0")) > 0 for lease in leases)
+                        "coordination.k8s.io", "v1", namespace, "leases", label_selector=f"{MODELSERVICE_LABEL}=r"
+                    )["items"]
+                    return any(
+                        int((lease["metadata"].get("annotations") or {}).get("serving.modelservice.dev/in-flight", "0"))
+                        > 0
+                        for lease in leases
+                    )
+
                 await asyncio.to_thread(wait_for, in_flight_seen, 30, 0.2, "r's in-flight Lease")
-                await asyncio.to_thread(ms.patch, kube, namespace, "r",
-                                        {"spec": {"env": [{"name": "ROLLOUT", "value": "3"}]}})
+                await asyncio.to_thread(
+                    ms.patch, kube, namespace, "r", {"spec": {"env": [{"name": "ROLLOUT", "value": "3"}]}}
+                )
                 await asyncio.to_thread(ms.wait_condition, kube, namespace, "a", "Ready", "False", "Parked", 60)
                 return first + await resp.read()
 
@@ -252,7 +315,9 @@ async def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, ga
     assert f"to make room for {namespace}/r" in ms.condition(parked, "Ready")["message"]
 
 
-async def test_an_operator_restart_in_the_middle_of_making_room_finishes_it(kube, namespace, operator, fake_nodes, gateway):
+async def test_an_operator_restart_in_the_middle_of_making_room_finishes_it(
+    kube, namespace, operator, fake_nodes, gateway
+):
     """w needs both GPUs of one node. The operator parked a (node 0) and died before parking b: the operator that
     starts next parks b only (not c or d on the other node), and w's held request is answered."""
     wait_pool_empty(kube)
@@ -261,24 +326,37 @@ async def test_an_operator_restart_in_the_middle_of_making_room_finishes_it(kube
     ms.create(kube, namespace, ms.body("w", resources={"limits": {"nvidia.com/gpu": 2}}, priority=5, **idle))
     scale_to_zero_now(kube, namespace, "w")
     for name, node, priority in (("a", n0, 0), ("b", n0, 0), ("c", n1, 5), ("d", n1, 5)):
-        create_ready(kube, namespace, name, priority=priority, **idle,
-                     placement={"nodeSelector": {"kubernetes.io/hostname": node}})
+        create_ready(
+            kube,
+            namespace,
+            name,
+            priority=priority,
+            **idle,
+            placement={"nodeSelector": {"kubernetes.io/hostname": node}},
+        )
     assert len(gpu_pods(kube)) == POOL
 
     operator.stop()
     try:
         # What a park that was cut short leaves: a at zero, with for whom; nothing else.
         kube.apps.patch_namespaced_deployment(
-            "a", namespace, {"metadata": {"annotations": {"serving.modelservice.dev/parked-for": f"{namespace}/w"}},
-                             "spec": {"replicas": 0}})
+            "a",
+            namespace,
+            {
+                "metadata": {"annotations": {"serving.modelservice.dev/parked-for": f"{namespace}/w"}},
+                "spec": {"replicas": 0},
+            },
+        )
 
         async def scenario() -> tuple[int, bytes]:
             request = asyncio.ensure_future(_post_once(gateway.url, "w", timeout=150))
 
             def w_pending() -> bool:
                 pods = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}=w").items
-                return any(c.type == "PodScheduled" and c.status == "False"
-                           for p in pods for c in (p.status.conditions or []))
+                return any(
+                    c.type == "PodScheduled" and c.status == "False" for p in pods for c in (p.status.conditions or [])
+                )
+
             await asyncio.to_thread(wait_for, w_pending, 60, 0.2, "w's pod waiting for GPUs")
             await asyncio.to_thread(operator.start)
             return await request

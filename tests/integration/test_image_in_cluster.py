@@ -29,9 +29,13 @@ from tests.integration.operator_process import kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_NAME = "crd/modelservices.serving.modelservice.dev"
-LLAMA = dict(engine="llamacpp", image=None, model={"uri": "hf://org/model-GGUF:Q8_0"},
-             args=["-t", "1", "-c", "2048", "-np", "1"],
-             autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "5s"})
+LLAMA = dict(
+    engine="llamacpp",
+    image=None,
+    model={"uri": "hf://org/model-GGUF:Q8_0"},
+    args=["-t", "1", "-c", "2048", "-np", "1"],
+    autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "5s"},
+)
 READY_TIMEOUT = 240  # the image's pods: a Python start from a read-only root on a busy 2-core machine
 
 
@@ -44,8 +48,9 @@ def image_archive() -> Path:
     """The archive `make image` writes (`make test` builds it first); built here when missing, never skipped."""
     archive = oci_images.CACHE / f"modelservice-operator-{app_version()}.oci.tar"
     if not archive.is_file():
-        done = subprocess.run(["bash", str(REPO / "hack" / "build-image.sh"), "build"], capture_output=True,
-                              text=True, timeout=3000)
+        done = subprocess.run(
+            ["bash", str(REPO / "hack" / "build-image.sh"), "build"], capture_output=True, text=True, timeout=3000
+        )
         assert done.returncode == 0, f"make image failed:\n{done.stderr[-3000:]}"
     assert archive.is_file(), f"make image did not leave {archive}"
     return archive
@@ -64,8 +69,9 @@ def diagnose(kubeconfig: Path, ns: str, selector: str) -> str:
     """What a user would look at: describe and the logs (current and previous) of the pods."""
     out = [kubectl(kubeconfig, "describe", "pods", "-n", ns, "-l", selector, check=False)]
     for prev in ("", "--previous"):
-        out.append(kubectl(kubeconfig, "logs", "-n", ns, "-l", selector, "--tail=30", *([prev] if prev else []),
-                           check=False))
+        out.append(
+            kubectl(kubeconfig, "logs", "-n", ns, "-l", selector, "--tail=30", *([prev] if prev else []), check=False)
+        )
     return "\n".join(out)[-6000:]
 
 
@@ -82,15 +88,20 @@ def rolled_out(kube, ns: str, name: str, image: str) -> bool:
         return False
     sel = ",".join(f"{k}={v}" for k, v in d.spec.selector.match_labels.items())
     pods = [p for p in kube.core.list_namespaced_pod(ns, label_selector=sel).items if not p.metadata.deletion_timestamp]
-    return len(pods) == want and all(p.spec.containers[0].image == image and p.status.container_statuses
-                                     and p.status.container_statuses[0].ready for p in pods)
+    return len(pods) == want and all(
+        p.spec.containers[0].image == image and p.status.container_statuses and p.status.container_statuses[0].ready
+        for p in pods
+    )
 
 
 def wait_rolled_out(kube, kubeconfig: Path, ns: str, name: str, image: str, timeout: float = READY_TIMEOUT) -> None:
     """Waits for rolled_out(); failing, says why as a user would find it (describe, logs), not just "timed out"."""
     try:
-        wait_for(lambda: rolled_out(kube, ns, name, image), timeout=timeout,
-                 message=f"deployment {ns}/{name} Ready on {image}")
+        wait_for(
+            lambda: rolled_out(kube, ns, name, image),
+            timeout=timeout,
+            message=f"deployment {ns}/{name} Ready on {image}",
+        )
     except Exception as e:
         d = kube.apps.read_namespaced_deployment(name, ns)
         sel = ",".join(f"{k}={v}" for k, v in d.spec.selector.match_labels.items())
@@ -98,8 +109,11 @@ def wait_rolled_out(kube, kubeconfig: Path, ns: str, name: str, image: str, time
 
 
 def image_pod(kube, ns: str, component: str):
-    pods = [p for p in kube.core.list_namespaced_pod(
-        ns, label_selector=f"app.kubernetes.io/component={component}").items if not p.metadata.deletion_timestamp]
+    pods = [
+        p
+        for p in kube.core.list_namespaced_pod(ns, label_selector=f"app.kubernetes.io/component={component}").items
+        if not p.metadata.deletion_timestamp
+    ]
     assert len(pods) == 1, [p.metadata.name for p in pods]
     return pods[0]
 
@@ -119,22 +133,30 @@ def adopted_crd(cluster) -> Iterator[None]:
     chart installs and keeps it as it would on a fresh cluster."""
     yield
     # helm uninstall kept it (resource-policy: keep) with helm's ownership marks: drop them for the next test.
-    kubectl(cluster.kubeconfig, "annotate", CRD_NAME, "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-",
-            check=False)
+    kubectl(
+        cluster.kubeconfig,
+        "annotate",
+        CRD_NAME,
+        "meta.helm.sh/release-name-",
+        "meta.helm.sh/release-namespace-",
+        check=False,
+    )
 
 
-def test_helm_install_runs_the_image_and_serves_a_model_from_zero(kube, cluster, namespace, crds, fake_nodes,
-                                                                  engines, image_archive, helm_bin, adopted_crd,
-                                                                  no_host_operator):
+def test_helm_install_runs_the_image_and_serves_a_model_from_zero(
+    kube, cluster, namespace, crds, fake_nodes, engines, image_archive, helm_bin, adopted_crd, no_host_operator
+):
     kc, tag = cluster.kubeconfig, app_version()
     release, repo = "ms-image", oci_images.LOCAL_REPOSITORY
     image = f"{repo}:{tag}"
     for k, v in (("meta.helm.sh/release-name", release), ("meta.helm.sh/release-namespace", namespace)):
         kubectl(kc, "annotate", "--overwrite", CRD_NAME, f"{k}={v}")
     kubectl(kc, "label", "--overwrite", CRD_NAME, "app.kubernetes.io/managed-by=Helm")
-    values = {"image": {"repository": repo, "tag": tag, "pullPolicy": "IfNotPresent"},
-              "watchNamespaces": [namespace],
-              "gateway": {"replicas": 1, "apiKeys": {"enabled": True}}}
+    values = {
+        "image": {"repository": repo, "tag": tag, "pullPolicy": "IfNotPresent"},
+        "watchNamespaces": [namespace],
+        "gateway": {"replicas": 1, "apiKeys": {"enabled": True}},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         vf = Path(tmp) / "values.yaml"
         vf.write_text(yaml.safe_dump(values))
@@ -153,8 +175,9 @@ def test_helm_install_runs_the_image_and_serves_a_model_from_zero(kube, cluster,
     assert sc.read_only_root_filesystem and sc.allow_privilege_escalation is False and sc.capabilities.drop == ["ALL"]
 
     # A model with an API key, at zero; a request to the gateway's pod address wakes it and streams an answer.
-    kube.core.create_namespaced_secret(namespace, {"metadata": {"name": "llm-key"},
-                                                   "stringData": {"api-key": "sk-image-test"}})
+    kube.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "llm-key"}, "stringData": {"api-key": "sk-image-test"}}
+    )
     ms.create(kube, namespace, ms.body("tiny", **LLAMA, apiKeySecretRef={"name": "llm-key", "key": "api-key"}))
     ms.wait_condition(kube, namespace, "tiny", "Ready", "False", reason="ScaledToZero", timeout=120)
 
@@ -162,15 +185,19 @@ def test_helm_install_runs_the_image_and_serves_a_model_from_zero(kube, cluster,
         url = f"http://{gateway_pod.status.pod_ip}:8080"
         code, _, raw = asyncio.run(stream_chat(url, "tiny", headers={"Authorization": "Bearer wrong"}, timeout=60))
         assert code == 401, raw[-500:]
-        code, chunks, raw = asyncio.run(stream_chat(url, "tiny", headers={"Authorization": "Bearer sk-image-test"},
-                                                    timeout=180))
+        code, chunks, raw = asyncio.run(
+            stream_chat(url, "tiny", headers={"Authorization": "Bearer sk-image-test"}, timeout=180)
+        )
         assert code == 200, raw[-2000:]
         return check_stream(chunks, "tiny")
 
     assert ask(image_pod(kube, namespace, "gateway"))
     ms.wait_condition(kube, namespace, "tiny", "Ready", "False", reason="ScaledToZero", timeout=180)
-    wait_for(lambda: not kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}=tiny").items,
-             timeout=120, message="the model's pod gone again")
+    wait_for(
+        lambda: not kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}=tiny").items,
+        timeout=120,
+        message="the model's pod gone again",
+    )
 
     # helm upgrade to a new tag rolls both; the ModelService and its key Secret keep working unchanged.
     new_tag = f"{tag}-upgrade-test"
@@ -180,8 +207,17 @@ def test_helm_install_runs_the_image_and_serves_a_model_from_zero(kube, cluster,
     os.link(image_archive.resolve(), new_archive)  # a second tag of the same image, as a registry would hold it
     try:
         generation = ms.get(kube, namespace, "tiny")["metadata"]["generation"]
-        helm(kc, "upgrade", release, str(hu.CHART_DIR), "-n", namespace, "--reuse-values",
-             "--set", f"image.tag={new_tag}")
+        helm(
+            kc,
+            "upgrade",
+            release,
+            str(hu.CHART_DIR),
+            "-n",
+            namespace,
+            "--reuse-values",
+            "--set",
+            f"image.tag={new_tag}",
+        )
         wait_rolled_out(kube, kc, namespace, op_name, f"{repo}:{new_tag}")
         wait_rolled_out(kube, kc, namespace, gw_name, f"{repo}:{new_tag}")
         assert ask(image_pod(kube, namespace, "gateway"))
@@ -191,8 +227,17 @@ def test_helm_install_runs_the_image_and_serves_a_model_from_zero(kube, cluster,
 
     # helm uninstall removes the operator and the gateway, and leaves the CRD and the user's ModelServices.
     helm(kc, "uninstall", release, "-n", namespace, "--wait")
-    wait_for(lambda: not [d for d in kube.apps.list_namespaced_deployment(namespace).items
-                          if d.metadata.name in (op_name, gw_name)], timeout=60, message="the release's Deployments gone")
+    wait_for(
+        lambda: (
+            not [
+                d
+                for d in kube.apps.list_namespaced_deployment(namespace).items
+                if d.metadata.name in (op_name, gw_name)
+            ]
+        ),
+        timeout=60,
+        message="the release's Deployments gone",
+    )
     assert kubectl(kc, "get", CRD_NAME, "-o", "name").strip()
     assert ms.get(kube, namespace, "tiny") is not None
     assert kube.core.read_namespaced_secret("llm-key", namespace)
@@ -203,9 +248,17 @@ def test_an_image_that_fails_to_start_is_not_ready_and_says_why(kube, cluster, n
     fails, and describe and logs carry Python's own words."""
     kc, tag = cluster.kubeconfig, app_version()
     image = f"{oci_images.LOCAL_REPOSITORY}:{tag}"
-    docs = hu.render(values={"image": {"repository": oci_images.LOCAL_REPOSITORY, "tag": tag},
-                             "watchNamespaces": [namespace], "crds": {"install": False}, "gateway": {"enabled": False}},
-                     namespace=namespace, release="broken", kube_version="1.20.0")
+    docs = hu.render(
+        values={
+            "image": {"repository": oci_images.LOCAL_REPOSITORY, "tag": tag},
+            "watchNamespaces": [namespace],
+            "crds": {"install": False},
+            "gateway": {"enabled": False},
+        },
+        namespace=namespace,
+        release="broken",
+        kube_version="1.20.0",
+    )
     dep = json.loads(json.dumps(hu.find(docs, "Deployment")))
     dep["spec"]["template"]["spec"]["containers"][0]["command"] = ["python3", "-m", "modelservice.no_such_module"]
     kept = [d for d in docs if d.get("kind") in ("ServiceAccount", "Role", "RoleBinding")] + [dep]

@@ -51,9 +51,18 @@ def adapter_status(kube, ns: str) -> dict:
 
 
 def apply(kubeconfig: str, tmp: Path, ns: str, adapters: list[dict]) -> None:
-    obj = ms.body(NAME, engine="vllm", image=None, model={"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"},
-                  args=VLLM_ARGS, env=VLLM_ENV, startupTimeout="15m", lora=LORA, adapters=adapters,
-                  autoscaling={**SCALE_TO_ZERO, "scaleToZeroAfter": "30m"})
+    obj = ms.body(
+        NAME,
+        engine="vllm",
+        image=None,
+        model={"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"},
+        args=VLLM_ARGS,
+        env=VLLM_ENV,
+        startupTimeout="15m",
+        lora=LORA,
+        adapters=adapters,
+        autoscaling={**SCALE_TO_ZERO, "scaleToZeroAfter": "30m"},
+    )
     obj["metadata"]["namespace"] = ns
     f = tmp / "ms.json"
     f.write_text(json.dumps(obj))
@@ -62,9 +71,11 @@ def apply(kubeconfig: str, tmp: Path, ns: str, adapters: list[dict]) -> None:
 
 @pytest.mark.timeout(VLLM_LOAD + 600)
 def test_two_adapters_on_one_base_loaded_on_demand_added_and_removed_without_a_restart(
-        kube, namespace, operator, fake_nodes, engines, tmp_path):
-    gw = GatewayProcess(kube.kubeconfig, tmp_path / "gateway.log", "--activation-timeout", f"{VLLM_LOAD}s",
-                        "--activity-interval", "1s").start()
+    kube, namespace, operator, fake_nodes, engines, tmp_path
+):
+    gw = GatewayProcess(
+        kube.kubeconfig, tmp_path / "gateway.log", "--activation-timeout", f"{VLLM_LOAD}s", "--activity-interval", "1s"
+    ).start()
     try:
         _scenario(kube, namespace, gw, tmp_path)
     finally:
@@ -78,16 +89,33 @@ def _scenario(kube, ns: str, gw: GatewayProcess, tmp: Path) -> None:
         tiny_lora.build(store / name / "v1", base_dir, seed=seed, rank=8)
     tiny_lora.build(store / "big" / "v1", base_dir, seed=4, rank=16)  # over maxRank: vLLM refuses it
     pv = f"{ns}-adapters"
-    kube.core.create_persistent_volume({"metadata": {"name": pv}, "spec": {
-        "capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
-        "hostPath": {"path": str(store)}, "claimRef": {"namespace": ns, "name": CLAIM}}})
+    kube.core.create_persistent_volume(
+        {
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "hostPath": {"path": str(store)},
+                "claimRef": {"namespace": ns, "name": CLAIM},
+            },
+        }
+    )
     try:
         # Bound as the PV binder binds (the local control plane runs none: tests/cluster/controlplane.py): the
         # scheduler takes a claim with a volumeName and this annotation as bound.
-        kube.core.create_namespaced_persistent_volume_claim(ns, {"metadata": {
-            "name": CLAIM, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}}, "spec": {
-            "accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
-            "resources": {"requests": {"storage": "1Gi"}}}})
+        kube.core.create_namespaced_persistent_volume_claim(
+            ns,
+            {
+                "metadata": {"name": CLAIM, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "",
+                    "volumeName": pv,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
         _serve(kube, ns, gw, tmp)
     finally:
         kube.core.delete_persistent_volume(pv)
@@ -117,9 +145,14 @@ def _serve(kube, ns: str, gw: GatewayProcess, tmp: Path) -> None:
     assert [p.metadata.uid for p in now] == [uid], "the base pod was replaced"
     assert (now[0].status.container_statuses[0].restart_count or 0) == 0
     pod_name = now[0].metadata.name
-    wait_for(lambda: {k: v["loadedOn"] for k, v in adapter_status(kube, ns).items()}
-             == {"a": [pod_name], "b": [], "c": [pod_name]}, timeout=60,
-             message="status.adapters: a and c loaded on the pod, b unloaded (LRU)")
+    wait_for(
+        lambda: (
+            {k: v["loadedOn"] for k, v in adapter_status(kube, ns).items()}
+            == {"a": [pod_name], "b": [], "c": [pod_name]}
+        ),
+        timeout=60,
+        message="status.adapters: a and c loaded on the pod, b unloaded (LRU)",
+    )
     assert ms.get(kube, ns, NAME)["status"]["adaptersLoaded"] == "2/3"
     assert "2/3" in kubectl(kube.kubeconfig, "get", "modelservices", "-n", ns, NAME)  # the Adapters column
     assert text(gw.url, "b") == b  # loaded again on demand: the same answer
@@ -130,8 +163,11 @@ def _serve(kube, ns: str, gw: GatewayProcess, tmp: Path) -> None:
     status, body = asyncio.run(complete(gw.url, "big"))
     assert status == 503 and body["error"]["code"] == "adapter_load_failed", body
     assert "max_lora_rank" in body["error"]["message"], body
-    wait_for(lambda: "max_lora_rank" in (adapter_status(kube, ns).get("big") or {}).get("error", ""), timeout=60,
-             message="status.adapters[big].error has vLLM's message")
+    wait_for(
+        lambda: "max_lora_rank" in (adapter_status(kube, ns).get("big") or {}).get("error", ""),
+        timeout=60,
+        message="status.adapters[big].error has vLLM's message",
+    )
     assert text(gw.url, "a") == a and text(gw.url, SERVED) == base
 
     # Removed: 404 in OpenAI's shape, from the gateway, at once; still no restart.

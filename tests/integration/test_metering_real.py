@@ -21,15 +21,25 @@ TENANT = "serving.modelservice.dev/tenant"
 
 
 def _tenant(name: str, key: str, ns: str) -> dict:
-    return {"metadata": {"name": name, "labels": {TENANT: name},
-                         "annotations": {"serving.modelservice.dev/namespaces": ns}},
-            "data": {"keys": base64.b64encode(key.encode()).decode()}}
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {TENANT: name},
+            "annotations": {"serving.modelservice.dev/namespaces": ns},
+        },
+        "data": {"keys": base64.b64encode(key.encode()).decode()},
+    }
 
 
 async def _chat(url: str, key: str, name: str, *, stream: bool, usage: bool = False) -> tuple[dict | None, list]:
     """(the usage the client saw, the stream's chunks)."""
-    body = {"model": name, "max_tokens": 8, "temperature": 0, "stream": stream,
-            "messages": [{"role": "user", "content": "Count from one to five."}]}
+    body = {
+        "model": name,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Count from one to five."}],
+    }
     if usage:
         body["stream_options"] = {"include_usage": True}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
@@ -48,15 +58,28 @@ def test_llamacpp_usage_is_metered_per_tenant(kube, namespace, operator, fake_no
     ns, name = namespace, "metered"
     kube.core.create_namespaced_secret(ns, _tenant("team-a", "key-a", ns))
     kube.core.create_namespaced_secret(ns, _tenant("team-b", "key-b", ns))
-    ms.create(kube, ns, ms.body(name, engine="llamacpp", image=None,
-                                model={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"}, args=LLAMA_ARGS))
+    ms.create(
+        kube,
+        ns,
+        ms.body(
+            name,
+            engine="llamacpp",
+            image=None,
+            model={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"},
+            args=LLAMA_ARGS,
+        ),
+    )
     ms.wait_condition(kube, ns, name, "Ready", "True", timeout=120)
     assert_native(kube, ns, name, "llamacpp")
-    gw = GatewayProcess(kube.kubeconfig, tmp_path / "gateway.log", *TEST_FLAGS, "--namespace", ns, "--tenants",
-                        "--tenant-namespace", ns).start()
+    gw = GatewayProcess(
+        kube.kubeconfig, tmp_path / "gateway.log", *TEST_FLAGS, "--namespace", ns, "--tenants", "--tenant-namespace", ns
+    ).start()
     try:
-        wait_for(lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}") == 1, timeout=60,
-                 message="the engine's endpoint in the gateway")
+        wait_for(
+            lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{name}") == 1,
+            timeout=60,
+            message="the engine's endpoint in the gateway",
+        )
 
         async def traffic():
             hidden = await _chat(gw.url, "key-a", name, stream=True)  # the gateway asks for usage, hides it
@@ -81,8 +104,11 @@ def test_llamacpp_usage_is_metered_per_tenant(kube, namespace, operator, fake_no
         assert gw.metric("modelservice_gateway_unmetered_requests_total") == 0
         # The engine's own metrics, through the gateway (the NetworkPolicy keeps Prometheus away from the engine).
         with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/engine-metrics", timeout=30) as r:
-            engine = {(x.name, x.labels.get("modelservice")): x.value
-                      for f in text_string_to_metric_families(r.read().decode()) for x in f.samples}
+            engine = {
+                (x.name, x.labels.get("modelservice")): x.value
+                for f in text_string_to_metric_families(r.read().decode())
+                for x in f.samples
+            }
         assert engine[("llamacpp:prompt_tokens_total", name)] > 0  # llama-server's own counter, relabelled
     finally:
         gw.stop()

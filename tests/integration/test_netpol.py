@@ -15,18 +15,25 @@ _GW_LABELS = dict(kv.split("=") for kv in GATEWAY_POD_SELECTOR.split(","))
 
 
 def _policy(kube, ns, name):
-    out = kubectl(kube.kubeconfig, "get", "networkpolicies.networking.k8s.io", name, "-n", ns, "-o", "json",
-                  "--ignore-not-found")
+    out = kubectl(
+        kube.kubeconfig, "get", "networkpolicies.networking.k8s.io", name, "-n", ns, "-o", "json", "--ignore-not-found"
+    )
     return json.loads(out) if out.strip() else None
 
 
 def _pods_owned_by(kube, ns, deployment):
     """Pods whose ReplicaSet belongs to the Deployment: ownership, independent of the labels the policy selects by."""
-    sets = {rs.metadata.name for rs in kube.apps.list_namespaced_replica_set(ns).items
-            if any(r.kind == "Deployment" and r.name == deployment for r in rs.metadata.owner_references or [])}
-    return {p.metadata.name for p in kube.core.list_namespaced_pod(ns).items
-            if p.metadata.deletion_timestamp is None
-            and any(r.kind == "ReplicaSet" and r.name in sets for r in p.metadata.owner_references or [])}
+    sets = {
+        rs.metadata.name
+        for rs in kube.apps.list_namespaced_replica_set(ns).items
+        if any(r.kind == "Deployment" and r.name == deployment for r in rs.metadata.owner_references or [])
+    }
+    return {
+        p.metadata.name
+        for p in kube.core.list_namespaced_pod(ns).items
+        if p.metadata.deletion_timestamp is None
+        and any(r.kind == "ReplicaSet" and r.name in sets for r in p.metadata.owner_references or [])
+    }
 
 
 def test_each_model_gets_a_policy_that_selects_exactly_its_pods(kube, namespace, operator, fake_nodes):
@@ -41,20 +48,32 @@ def test_each_model_gets_a_policy_that_selects_exactly_its_pods(kube, namespace,
     spec = pol["spec"]
     assert spec["policyTypes"] == ["Ingress"]
     selector = ",".join(f"{k}={v}" for k, v in spec["podSelector"]["matchLabels"].items())
-    selected = {p.metadata.name for p in kube.core.list_namespaced_pod(namespace, label_selector=selector).items
-                if p.metadata.deletion_timestamp is None}
+    selected = {
+        p.metadata.name
+        for p in kube.core.list_namespaced_pod(namespace, label_selector=selector).items
+        if p.metadata.deletion_timestamp is None
+    }
     owned = _pods_owned_by(kube, namespace, "two")
     assert len(owned) == 2 and selected == owned
     (rule,) = spec["ingress"]
     pod = kube.core.read_namespaced_pod(sorted(owned)[0], namespace)
     assert rule["ports"] == [{"protocol": "TCP", "port": pod.spec.containers[0].ports[0].container_port}]
-    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "modelservice-system"}},
-                             "podSelector": {"matchLabels": _GW_LABELS}}]
+    assert rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "modelservice-system"}},
+            "podSelector": {"matchLabels": _GW_LABELS},
+        }
+    ]
     other = _policy(kube, namespace, "other")
     assert other["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9000}]
     assert not (_pods_owned_by(kube, namespace, "other") & selected)
 
     # Drift: a deleted policy comes back (the operator watches NetworkPolicies like its other children).
     kubectl(kube.kubeconfig, "delete", "networkpolicies.networking.k8s.io", "two", "-n", namespace)
-    wait_for(lambda: (_policy(kube, namespace, "two") or {}).get("metadata", {}).get("uid") not in (
-        None, pol["metadata"]["uid"]), timeout=30, message="NetworkPolicy recreated")
+    wait_for(
+        lambda: (
+            (_policy(kube, namespace, "two") or {}).get("metadata", {}).get("uid") not in (None, pol["metadata"]["uid"])
+        ),
+        timeout=30,
+        message="NetworkPolicy recreated",
+    )

@@ -42,8 +42,14 @@ from tests.integration.operator_process import kubectl
 @pytest.fixture(scope="module")
 def engine_gateway(cluster, crds, tmp_path_factory) -> Iterator[GatewayProcess]:
     """A gateway that holds requests as long as a real vLLM may take to load on a busy 2-core machine."""
-    gw = GatewayProcess(cluster.kubeconfig, tmp_path_factory.mktemp("engine-gw") / "gateway.log",
-                        "--activation-timeout", f"{VLLM_LOAD}s", "--activity-interval", "2s").start()
+    gw = GatewayProcess(
+        cluster.kubeconfig,
+        tmp_path_factory.mktemp("engine-gw") / "gateway.log",
+        "--activation-timeout",
+        f"{VLLM_LOAD}s",
+        "--activity-interval",
+        "2s",
+    ).start()
     yield gw
     gw.stop()
 
@@ -71,21 +77,36 @@ def serverless_loop(kube, namespace: str, gw: GatewayProcess, name: str, engine:
 
 def test_llamacpp_serverless_loop_and_its_metrics(kube, namespace, operator, fake_nodes, engines, engine_gateway):
     name = "qwen-gguf"
-    ms.create(kube, namespace, ms.body(name, engine="llamacpp", image=None,
-                                       model={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"},
-                                       args=LLAMA_ARGS, autoscaling=SCALE_TO_ZERO))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            engine="llamacpp",
+            image=None,
+            model={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"},
+            args=LLAMA_ARGS,
+            autoscaling=SCALE_TO_ZERO,
+        ),
+    )
     # A new scale-to-zero model first proves that it loads: one real replica, Ready from llama-server's /health.
     ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=120)
     pod = assert_native(kube, namespace, name, "llamacpp")
     # Its metrics, where the rendered annotations say a scraper finds them (--metrics is rendered).
     metrics = scrape(pod)
-    assert {"llamacpp:requests_processing", "llamacpp:requests_deferred", "llamacpp:prompt_tokens_total"} <= set(metrics)
+    assert {"llamacpp:requests_processing", "llamacpp:requests_deferred", "llamacpp:prompt_tokens_total"} <= set(
+        metrics
+    )
     # `kubectl logs` reads the engine's own output through the API server (the agent serves the kubelet's endpoint).
     logs = kubectl(kube.kubeconfig, "logs", "-n", namespace, pod.metadata.name, "--tail=200")
     assert "llama" in logs.lower() and "server" in logs.lower(), logs[-1000:]
     # llama-server's own error, unchanged and in OpenAI's shape, through the gateway: a prompt over its context.
-    too_long = asyncio.run(post(engine_gateway.url, {"model": name, "max_tokens": 4, "messages": [
-        {"role": "user", "content": "hello " * 6000}]}))
+    too_long = asyncio.run(
+        post(
+            engine_gateway.url,
+            {"model": name, "max_tokens": 4, "messages": [{"role": "user", "content": "hello " * 6000}]},
+        )
+    )
     assert too_long[0] == 400 and "context" in too_long[1]["error"]["message"].lower(), too_long
     # Without include_usage, no usage chunk: the client gets what it asked for.
     status, chunks, raw = asyncio.run(stream_chat(engine_gateway.url, name, usage=False))
@@ -99,9 +120,20 @@ def test_vllm_serverless_loop_errors_and_metrics(kube, namespace, operator, fake
     """One vLLM process for the whole test (it is the expensive one): woken from zero by a request, it streams,
     passes its own errors through, shows its metrics, and goes back to zero."""
     name, served = "llama-1b", "llama"
-    ms.create(kube, namespace, ms.body(
-        name, engine="vllm", image=None, model={"uri": "hf://meta-llama/Llama-3.2-1B-Instruct", "servedName": served},
-        args=VLLM_ARGS, env=VLLM_ENV, autoscaling={**SCALE_TO_ZERO, "scaleToZeroAfter": "20s"}, startupTimeout="15m"))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            engine="vllm",
+            image=None,
+            model={"uri": "hf://meta-llama/Llama-3.2-1B-Instruct", "servedName": served},
+            args=VLLM_ARGS,
+            env=VLLM_ENV,
+            autoscaling={**SCALE_TO_ZERO, "scaleToZeroAfter": "20s"},
+            startupTimeout="15m",
+        ),
+    )
     wait_for(lambda: kube.apps.read_namespaced_deployment(name, namespace), timeout=30, message="Deployment")
     # Straight to zero, before the first replica has loaded: the one vLLM start of this test is the wake-up's.
     asleep(kube, engine_gateway, namespace, name)
@@ -109,10 +141,15 @@ def test_vllm_serverless_loop_errors_and_metrics(kube, namespace, operator, fake
     async def wake_and_use() -> tuple:
         woken = await stream_chat(engine_gateway.url, served)
         # vLLM's own errors, unchanged and in OpenAI's shape, through the gateway:
-        too_long = await post(engine_gateway.url, {"model": served, "max_tokens": 4, "messages": [
-            {"role": "user", "content": "hello " * 3000}]})
-        unknown = await post(engine_gateway.url, {"model": "not-served-here", "max_tokens": 4, "messages": [
-            {"role": "user", "content": "hi"}]}, path=f"/models/{namespace}/{name}/v1/chat/completions")
+        too_long = await post(
+            engine_gateway.url,
+            {"model": served, "max_tokens": 4, "messages": [{"role": "user", "content": "hello " * 3000}]},
+        )
+        unknown = await post(
+            engine_gateway.url,
+            {"model": "not-served-here", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+            path=f"/models/{namespace}/{name}/v1/chat/completions",
+        )
         return woken, too_long, unknown
 
     (status, chunks, raw), too_long, unknown = asyncio.run(wake_and_use())
@@ -159,29 +196,55 @@ def _in_groups(groups: set[int]) -> list[int]:
     return out
 
 
-def test_an_engine_with_bad_args_is_reported_with_its_own_words(kube, namespace, operator, fake_nodes, engines,
-                                                                  engine_gateway):
+def test_an_engine_with_bad_args_is_reported_with_its_own_words(
+    kube, namespace, operator, fake_nodes, engines, engine_gateway
+):
     name = "bad-args"
-    ms.create(kube, namespace, ms.body(name, engine="llamacpp", image=None, model={"uri": "hf://org/model-GGUF:Q8_0"},
-                                       args=["--no-such-flag"], autoscaling=SCALE_TO_ZERO))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            engine="llamacpp",
+            image=None,
+            model={"uri": "hf://org/model-GGUF:Q8_0"},
+            args=["--no-such-flag"],
+            autoscaling=SCALE_TO_ZERO,
+        ),
+    )
     obj = ms.wait_condition(kube, namespace, name, "Stalled", "True", timeout=120)
     stalled = ms.condition(obj, "Stalled")
     assert ms.condition(obj, "Ready")["status"] == "False"
     # The engine's last log lines, from the pod's status (FallbackToLogsOnError), not from a side channel.
     assert "--no-such-flag" in stalled["message"] and "exited with code" in stalled["message"], stalled
     # A request for it is answered at once with the same reason, not held until the activation timeout.
-    status, body = asyncio.run(asyncio.wait_for(post(engine_gateway.url, {
-        "model": name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}), 60))
+    status, body = asyncio.run(
+        asyncio.wait_for(
+            post(engine_gateway.url, {"model": name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+            60,
+        )
+    )
     assert status == 503 and body["error"]["code"] == "model_not_starting", body
     assert "--no-such-flag" in body["error"]["message"]
 
 
-def test_an_engine_that_never_gets_ready_is_restarted_by_its_startup_probe(kube, namespace, operator, fake_nodes,
-                                                                           engines):
+def test_an_engine_that_never_gets_ready_is_restarted_by_its_startup_probe(
+    kube, namespace, operator, fake_nodes, engines
+):
     name = "never-ready"
-    ms.create(kube, namespace, ms.body(name, engine="llamacpp", image=None, model={"uri": "hf://org/model-GGUF:Q8_0"},
-                                       args=LLAMA_ARGS, probes={"readinessPath": "/no-such-path"},
-                                       startupTimeout="3s"))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            engine="llamacpp",
+            image=None,
+            model={"uri": "hf://org/model-GGUF:Q8_0"},
+            args=LLAMA_ARGS,
+            probes={"readinessPath": "/no-such-path"},
+            startupTimeout="3s",
+        ),
+    )
     obj = ms.wait_condition(kube, namespace, name, "Stalled", "True", timeout=120)
     pod = assert_native(kube, namespace, name, "llamacpp")
     cs = pod.status.container_statuses[0]
@@ -194,17 +257,32 @@ def test_an_engine_that_never_gets_ready_is_restarted_by_its_startup_probe(kube,
     assert "no-such-path" in reasons.get("Unhealthy", "") and "startup probe" in reasons.get("Killing", ""), reasons
 
 
-def test_an_engine_that_dies_mid_stream_ends_the_stream_with_an_error_event(kube, namespace, operator, fake_nodes,
-                                                                            engines, engine_gateway):
+def test_an_engine_that_dies_mid_stream_ends_the_stream_with_an_error_event(
+    kube, namespace, operator, fake_nodes, engines, engine_gateway
+):
     name = "dies"
-    ms.create(kube, namespace, ms.body(name, engine="llamacpp", image=None, model={"uri": "hf://org/model-GGUF:Q8_0"},
-                                       args=["-t", "1", "-c", "32768", "-np", "1"]))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            name,
+            engine="llamacpp",
+            image=None,
+            model={"uri": "hf://org/model-GGUF:Q8_0"},
+            args=["-t", "1", "-c", "32768", "-np", "1"],
+        ),
+    )
     ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=120)
     pod = assert_native(kube, namespace, name, "llamacpp")
 
     async def cut() -> tuple[bytes, bool]:
-        body = {"model": name, "stream": True, "max_tokens": 30000, "ignore_eos": True,
-                "messages": [{"role": "user", "content": "Tell me everything."}]}
+        body = {
+            "model": name,
+            "stream": True,
+            "max_tokens": 30000,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell me everything."}],
+        }
         got, truncated = b"", False
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
             async with s.post(engine_gateway.url + "/v1/chat/completions", json=body) as r:

@@ -18,14 +18,18 @@ ACCESS = "serving.modelservice.dev/namespaces"
 
 
 def _secret(name: str, tenant: str, keys: list[str], namespaces: str) -> dict:
-    return {"metadata": {"name": name, "labels": {TENANT: tenant}, "annotations": {ACCESS: namespaces}},
-            "data": {"keys": base64.b64encode("\n".join(keys).encode()).decode()}}
+    return {
+        "metadata": {"name": name, "labels": {TENANT: tenant}, "annotations": {ACCESS: namespaces}},
+        "data": {"keys": base64.b64encode("\n".join(keys).encode()).decode()},
+    }
 
 
 def _call(url: str, path: str, key: str | None, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    req = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read() or b"{}")
@@ -34,26 +38,36 @@ def _call(url: str, path: str, key: str | None, body: dict | None = None) -> tup
 
 
 def _chat(url: str, key: str | None) -> int:
-    return _call(url, "/v1/chat/completions", key, {"model": "m", "max_tokens": 2,
-                                                     "messages": [{"role": "user", "content": "hi"}]})[0]
+    return _call(
+        url,
+        "/v1/chat/completions",
+        key,
+        {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+    )[0]
 
 
 def _warnings(kube, ns: str, secret_name: str) -> list:
-    return [e for e in kube.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={secret_name}").items
-            if e.type == "Warning" and e.involved_object.kind == "Secret"]
+    return [
+        e
+        for e in kube.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={secret_name}").items
+        if e.type == "Warning" and e.involved_object.kind == "Secret"
+    ]
 
 
-def test_tenant_keys_rotate_within_seconds_and_bad_secrets_get_events(kube, namespace, operator, fake_nodes,
-                                                                      tmp_path):
+def test_tenant_keys_rotate_within_seconds_and_bad_secrets_get_events(kube, namespace, operator, fake_nodes, tmp_path):
     ns = namespace
     old, new, shared = (f"sk-{secrets.token_hex(12)}" for _ in range(3))
     kube.core.create_namespaced_secret(ns, _secret("team-a", "team-a", [old], ns))
     ms.create(kube, ns, ms.body("m"))
-    gw = GatewayProcess(kube.kubeconfig, tmp_path / "gateway.log", *TEST_FLAGS, "--namespace", ns, "--tenants",
-                        "--tenant-namespace", ns).start()
+    gw = GatewayProcess(
+        kube.kubeconfig, tmp_path / "gateway.log", *TEST_FLAGS, "--namespace", ns, "--tenants", "--tenant-namespace", ns
+    ).start()
     try:
-        wait_for(lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/m") == 1, timeout=90,
-                 message="the model's endpoint in the gateway")
+        wait_for(
+            lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/m") == 1,
+            timeout=90,
+            message="the model's endpoint in the gateway",
+        )
         assert _chat(gw.url, old) == 200
         assert _chat(gw.url, None) == 401  # tenants on: every model needs a key
         status, listing = _call(gw.url, "/v1/models", old)
@@ -66,14 +80,26 @@ def test_tenant_keys_rotate_within_seconds_and_bad_secrets_get_events(kube, name
 
         # Bad Secrets: refused, with a Warning Event on the Secret; the good tenant keeps working.
         kube.core.create_namespaced_secret(ns, _secret("bad-name", "Team_B", ["whatever"], ns))
-        kube.core.create_namespaced_secret(ns, {"metadata": {"name": "no-keys", "labels": {TENANT: "team-c"}},
-                                                "data": {"other": base64.b64encode(b"x").decode()}})
+        kube.core.create_namespaced_secret(
+            ns,
+            {
+                "metadata": {"name": "no-keys", "labels": {TENANT: "team-c"}},
+                "data": {"other": base64.b64encode(b"x").decode()},
+            },
+        )
         kube.core.create_namespaced_secret(ns, _secret("team-d", "team-d", [shared], ns))
         kube.core.create_namespaced_secret(ns, _secret("team-e", "team-e", [shared], ns))
-        for name, reason in (("bad-name", "InvalidTenantSecret"), ("no-keys", "InvalidTenantSecret"),
-                             ("team-d", "DuplicateTenantKey"), ("team-e", "DuplicateTenantKey")):
-            wait_for(lambda name=name, reason=reason: any(e.reason == reason for e in _warnings(kube, ns, name)),
-                     timeout=20, message=f"a {reason} Warning on Secret {name}")
+        for name, reason in (
+            ("bad-name", "InvalidTenantSecret"),
+            ("no-keys", "InvalidTenantSecret"),
+            ("team-d", "DuplicateTenantKey"),
+            ("team-e", "DuplicateTenantKey"),
+        ):
+            wait_for(
+                lambda name=name, reason=reason: any(e.reason == reason for e in _warnings(kube, ns, name)),
+                timeout=20,
+                message=f"a {reason} Warning on Secret {name}",
+            )
         assert _chat(gw.url, shared) == 401  # claimed by two tenants: neither
         assert _chat(gw.url, new) == 200
         kube.core.delete_namespaced_secret("team-e", ns)
@@ -83,7 +109,8 @@ def test_tenant_keys_rotate_within_seconds_and_bad_secrets_get_events(kube, name
     finally:
         gw.stop()
     said = gw.log_path.read_text() + "".join(
-        f"{e.reason} {e.message}" for e in kube.core.list_namespaced_event(ns).items)
+        f"{e.reason} {e.message}" for e in kube.core.list_namespaced_event(ns).items
+    )
     for key in (old, new, shared):
         assert key not in said and base64.b64encode(key.encode()).decode() not in said
     assert "team-d" in said  # the Events name tenants

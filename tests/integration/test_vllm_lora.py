@@ -56,15 +56,43 @@ class Engine:
 
 
 def start(vllm_python: str, model_dir: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": "0", "HF_HUB_OFFLINE": "1",
-           # Adds /v1/load_lora_adapter and /v1/unload_lora_adapter (and SageMaker's /adapters): the engine API the
-           # product loads adapters through at run time. The gateway must never expose them to clients.
-           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", BASE, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "4",
-           "--enable-lora", "--max-loras", str(MAX_LORAS), "--max-lora-rank", str(MAX_RANK), *extra]
+    env = {
+        **os.environ,
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_LOOPBACK_IP": "127.0.0.1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0",
+        "HF_HUB_OFFLINE": "1",
+        # Adds /v1/load_lora_adapter and /v1/unload_lora_adapter (and SageMaker's /adapters): the engine API the
+        # product loads adapters through at run time. The gateway must never expose them to clients.
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+    }
+    cmd = [
+        vllm_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        BASE,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--max-num-seqs",
+        "4",
+        "--enable-lora",
+        "--max-loras",
+        str(MAX_LORAS),
+        "--max-lora-rank",
+        str(MAX_RANK),
+        *extra,
+    ]
     with log.open("wb") as out:
         # Its own session, so that teardown ends the API server, its engine core and worker together.
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -86,8 +114,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def http(engine: Engine, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(engine.url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        engine.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             status, raw = r.status, r.read().decode()
@@ -100,8 +129,12 @@ def http(engine: Engine, method: str, path: str, body: dict | None = None) -> tu
 
 
 def complete(engine: Engine, model: str, max_tokens: int = 16) -> tuple[int, object]:
-    status, body = http(engine, "POST", "/v1/completions",
-                        {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+    status, body = http(
+        engine,
+        "POST",
+        "/v1/completions",
+        {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0},
+    )
     return status, (body["choices"][0]["text"] if status == 200 else body)
 
 
@@ -151,8 +184,13 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     proc = start(vllm_python, base_dir, port, log, ["--lora-modules", f"static-a={adapters / 'static-a'}"])
     eng = Engine(f"http://127.0.0.1:{port}", proc, log, adapters)
     try:
-        wait_for(lambda: _healthy(eng), timeout=VLLM_LOAD, interval=2, message="vLLM with --enable-lora to serve",
-                 fatal=(EngineExited,))
+        wait_for(
+            lambda: _healthy(eng),
+            timeout=VLLM_LOAD,
+            interval=2,
+            message="vLLM with --enable-lora to serve",
+            fatal=(EngineExited,),
+        )
         yield eng
     finally:
         stop(proc)
@@ -190,8 +228,12 @@ def test_adapters_given_at_start_and_loaded_at_run_time_answer_differently(live:
     # ... and is the same answer every time (what the product's tests compare against).
     assert (text(live, BASE), text(live, "static-a"), text(live, "runtime-b")) == (base, a, b)
     # The OpenAI `model` of the answer is the adapter's name.
-    status, body = http(live, "POST", "/v1/chat/completions", {
-        "model": "runtime-b", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    status, body = http(
+        live,
+        "POST",
+        "/v1/chat/completions",
+        {"model": "runtime-b", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert status == 200 and body["model"] == "runtime-b", body
 
 
@@ -207,8 +249,10 @@ def test_unloaded_it_answers_404_in_openai_shape(live: Engine) -> None:
     status, body = unload(live, "runtime-c")
     assert status == 200 and "runtime-c" in body, body
     assert "runtime-c" not in models(live)
-    for path, payload in [("/v1/completions", {"prompt": PROMPT}),
-                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+    for path, payload in [
+        ("/v1/completions", {"prompt": PROMPT}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ]:
         status, body = http(live, "POST", path, {"model": "runtime-c", "max_tokens": 4, **payload})
         assert status == 404, body
         assert_openai_error(body, 404, "NotFoundError", "The model `runtime-c` does not exist")
@@ -237,8 +281,9 @@ def test_bad_adapters_are_refused_with_the_engine_reason_and_the_rest_keep_servi
     assert_openai_error(body, 500, "InternalServerError", f"LoRA rank 16 is greater than max_lora_rank {MAX_RANK}")
     status, body = load(live, "no-such-module", live.adapters / "no-such-module")
     assert status == 500
-    message = assert_openai_error(body, 500, "InternalServerError", "expected target modules",
-                                  "model.layers.0.self_attn.qkv_fused")
+    message = assert_openai_error(
+        body, 500, "InternalServerError", "expected target modules", "model.layers.0.self_attn.qkv_fused"
+    )
     assert str(live.adapters) not in message  # vLLM writes <path> for the directory
     # A path with no adapter is a 404, like an unknown model (the product must tell the two apart by the route).
     status, body = load(live, "missing", live.adapters / "not-there")
@@ -285,8 +330,15 @@ async def _concurrent_streams(url: str, names: list[str], max_tokens: int) -> di
 
     async def one(session: aiohttp.ClientSession, name: str, go: asyncio.Event) -> Run:
         await go.wait()
-        body = {"model": name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        body = {
+            "model": name,
+            "prompt": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
         out, seen = "", None
         async with session.post(url + "/v1/completions", json=body) as r:
             assert r.status == 200, await r.text()
@@ -316,8 +368,12 @@ def test_a_new_version_replaces_an_adapter_in_place_under_its_name(live: Engine)
     with load_inplace under the same name. No unload, so no moment when the name answers 404."""
     assert load(live, "versioned", live.adapters / "runtime-b")[0] == 200
     assert text(live, "versioned") == text(live, "runtime-b")
-    status, body = http(live, "POST", "/v1/load_lora_adapter", {
-        "lora_name": "versioned", "lora_path": str(live.adapters / "runtime-d"), "load_inplace": True})
+    status, body = http(
+        live,
+        "POST",
+        "/v1/load_lora_adapter",
+        {"lora_name": "versioned", "lora_path": str(live.adapters / "runtime-d"), "load_inplace": True},
+    )
     assert status == 200, body
     assert text(live, "versioned") == text(live, "runtime-d")
     assert models(live)["versioned"] == BASE
@@ -330,8 +386,15 @@ def test_an_adapter_unloaded_mid_stream_finishes_that_stream(live: Engine) -> No
     alone = text(live, "leaving", max_tokens=8)
 
     async def stream_then_unload() -> tuple[str, int, tuple[int, object]]:
-        body = {"model": "leaving", "prompt": PROMPT, "max_tokens": MANY, "temperature": 0, "stream": True,
-                "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        body = {
+            "model": "leaving",
+            "prompt": PROMPT,
+            "max_tokens": MANY,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
         out, used, unloaded = "", 0, None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=VLLM_LOAD)) as s:
             async with s.post(live.url + "/v1/completions", json=body) as r:

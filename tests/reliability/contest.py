@@ -41,8 +41,11 @@ def fight(kube, ns: str, name: str, edits: int, period: float) -> list[float]:
         tick = start + i * period
         wait_for(lambda tick=tick: time.monotonic() >= tick, timeout=period + 1, interval=0.02, message="the next tick")
         kube.apps.patch_namespaced_deployment(
-            name, ns, {"spec": {"template": {"spec": {"containers": [{"name": "server", "image": f"rogue/img:{i}"}]}}}},
-            field_manager="rogue-writer")
+            name,
+            ns,
+            {"spec": {"template": {"spec": {"containers": [{"name": "server", "image": f"rogue/img:{i}"}]}}}},
+            field_manager="rogue-writer",
+        )
         times.append(time.monotonic())
     return times
 
@@ -59,11 +62,13 @@ def converged(kube, op, ns: str, name: str, ours: str) -> bool:
     """Our image is back and rolled out, the ModelService reports it, and the operator has nothing queued."""
     dep = kube.apps.read_namespaced_deployment(name, ns)
     st = dep.status
-    return (dep.spec.template.spec.containers[0].image == ours
-            and st.observed_generation == dep.metadata.generation
-            and (st.updated_replicas or 0) == (st.replicas or 0) == (st.ready_replicas or 0) == dep.spec.replicas
-            and status_is_current_ready(ms.get(kube, ns, name) or {"metadata": {}})
-            and metric_sum(op.metrics(), "modelservice_workqueue_depth") == 0)
+    return (
+        dep.spec.template.spec.containers[0].image == ours
+        and st.observed_generation == dep.metadata.generation
+        and (st.updated_replicas or 0) == (st.replicas or 0) == (st.ready_replicas or 0) == dep.spec.replicas
+        and status_is_current_ready(ms.get(kube, ns, name) or {"metadata": {}})
+        and metric_sum(op.metrics(), "modelservice_workqueue_depth") == 0
+    )
 
 
 def probe_for_a_hot_loop(kube, op, ns: str, name: str) -> dict[str, float]:
@@ -75,11 +80,19 @@ def probe_for_a_hot_loop(kube, op, ns: str, name: str) -> dict[str, float]:
     for i in range(PROBES):
         n = reconciles_done(op)
         kube.apps.patch_namespaced_deployment(
-            name, ns, {"metadata": {"annotations": {"team.example.com/probe": str(i)}}}, field_manager="alice")
-        wait_for(lambda n=n: reconciles_done(op) > n, timeout=60, interval=0.05,
-                 message=f"the operator's reconcile after probe {i}")
-    return {"applies": deployment_applies(op) - applies0, "reconciles": reconciles_done(op) - reconciles0,
-            "generations": kube.apps.read_namespaced_deployment(name, ns).metadata.generation - generation0}
+            name, ns, {"metadata": {"annotations": {"team.example.com/probe": str(i)}}}, field_manager="alice"
+        )
+        wait_for(
+            lambda n=n: reconciles_done(op) > n,
+            timeout=60,
+            interval=0.05,
+            message=f"the operator's reconcile after probe {i}",
+        )
+    return {
+        "applies": deployment_applies(op) - applies0,
+        "reconciles": reconciles_done(op) - reconciles0,
+        "generations": kube.apps.read_namespaced_deployment(name, ns).metadata.generation - generation0,
+    }
 
 
 def contest(kube, op, ns: str, name: str, edits: int, period: float = PERIOD) -> dict:
@@ -92,23 +105,37 @@ def contest(kube, op, ns: str, name: str, edits: int, period: float = PERIOD) ->
 
     times = fight(kube, ns, name, edits, period)
     stopped = time.monotonic()
-    wait_for(lambda: _image(kube, ns, name) == ours, timeout=REPAIR_DEADLINE, interval=0.1,
-             message="the operator's image back (from the watch event: the resync is 600 s away)")
+    wait_for(
+        lambda: _image(kube, ns, name) == ours,
+        timeout=REPAIR_DEADLINE,
+        interval=0.1,
+        message="the operator's image back (from the watch event: the resync is 600 s away)",
+    )
     won_after = time.monotonic() - stopped
-    wait_for(lambda: converged(kube, op, ns, name, ours), timeout=120, interval=0.2,
-             message="the repair rolled out and reported, and the operator's queue empty")
+    wait_for(
+        lambda: converged(kube, op, ns, name, ours),
+        timeout=120,
+        interval=0.2,
+        message="the repair rolled out and reported, and the operator's queue empty",
+    )
     fight_applies = deployment_applies(op) - before
     fight_generations = kube.apps.read_namespaced_deployment(name, ns).metadata.generation - generation_before
     probed = probe_for_a_hot_loop(kube, op, ns, name)
     dep = kube.apps.read_namespaced_deployment(name, ns)
-    return dict(foreign_edits=len(times), writer_seconds=round(times[-1] - times[0], 1),
-                operator_deployment_applies=fight_applies, seconds_to_win_back=round(won_after, 2),
-                deployment_generations=fight_generations, probes=PROBES,
-                reconciles_over_probes=probed["reconciles"], applies_over_probes=probed["applies"],
-                generations_over_probes=probed["generations"],
-                image_is_ours=dep.spec.template.spec.containers[0].image == ours,
-                user_annotation_kept=(dep.metadata.annotations or {}).get("team.example.com/owner") == "alice",
-                field_managers=sorted({m.manager for m in dep.metadata.managed_fields or []}))
+    return dict(
+        foreign_edits=len(times),
+        writer_seconds=round(times[-1] - times[0], 1),
+        operator_deployment_applies=fight_applies,
+        seconds_to_win_back=round(won_after, 2),
+        deployment_generations=fight_generations,
+        probes=PROBES,
+        reconciles_over_probes=probed["reconciles"],
+        applies_over_probes=probed["applies"],
+        generations_over_probes=probed["generations"],
+        image_is_ours=dep.spec.template.spec.containers[0].image == ours,
+        user_annotation_kept=(dep.metadata.annotations or {}).get("team.example.com/owner") == "alice",
+        field_managers=sorted({m.manager for m in dep.metadata.managed_fields or []}),
+    )
 
 
 def check_contest(r: dict, edits: int) -> None:

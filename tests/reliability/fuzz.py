@@ -17,14 +17,38 @@ import random
 from typing import Any, Callable
 
 ENGINES = ["vllm", "sglang", "tgi", "triton", "ollama", "llamacpp", "custom"]
-URIS = {"vllm": "hf://org/model", "sglang": "hf://org/model", "tgi": "s3://bucket/model", "triton": "pvc://models/repo",
-        "ollama": "ollama://llama3.2:1b", "llamacpp": "https://example.com/model.gguf", "custom": "gs://bucket/m"}
+URIS = {
+    "vllm": "hf://org/model",
+    "sglang": "hf://org/model",
+    "tgi": "s3://bucket/model",
+    "triton": "pvc://models/repo",
+    "ollama": "ollama://llama3.2:1b",
+    "llamacpp": "https://example.com/model.gguf",
+    "custom": "gs://bucket/m",
+}
 WRONG_TYPES: list[Any] = [None, True, 0, -1, 1.5, "", "x", [], [1, "a"], {}, {"a": {"b": [None]}}]
-HUGE_NUMBERS: list[Any] = [-1, -2**31, 2**31, 2**53 + 1, 2**63, -2**63, 10**30, 1e308, -1e-9, 0.5]
-BAD_URIS = ["", "model", "hf:/org/model", "hf://", "ftp://host/model", "HF://org/model", "hf:// spaces in it",
-            "pvc://UPPER/path", "pvc://-bad-/x", "pvc://a_b/c", "ollama://tag", "hf://org/model\n--evil",
-            "s3://b/" + "k" * 3000, "https://exämple.com/ünïcode", "oci://" + "r" * 2100, "hf://org/model?x=1#y",
-            "file:///etc/passwd", "javascript://x", "hf://\u0000nul"]
+HUGE_NUMBERS: list[Any] = [-1, -(2**31), 2**31, 2**53 + 1, 2**63, -(2**63), 10**30, 1e308, -1e-9, 0.5]
+BAD_URIS = [
+    "",
+    "model",
+    "hf:/org/model",
+    "hf://",
+    "ftp://host/model",
+    "HF://org/model",
+    "hf:// spaces in it",
+    "pvc://UPPER/path",
+    "pvc://-bad-/x",
+    "pvc://a_b/c",
+    "ollama://tag",
+    "hf://org/model\n--evil",
+    "s3://b/" + "k" * 3000,
+    "https://exämple.com/ünïcode",
+    "oci://" + "r" * 2100,
+    "hf://org/model?x=1#y",
+    "file:///etc/passwd",
+    "javascript://x",
+    "hf://\u0000nul",
+]
 BAD_DURATIONS = ["", "5", "-5s", "1d", "10x", "1h-30m", "9" * 40 + "s", "0s", "0.000001ms", "999999999h"]
 BAD_QUANTITIES: list[Any] = ["", "-1", "1.5.5", "1e3", "one", "1 Gi", "0.5", "1.5", -1, 2**63, "9" * 70]
 BAD_LABELS = ["-starts-with-dash", "has space", "x" * 64, "ünicode", "a/b/c", "", "ok"]
@@ -76,14 +100,41 @@ class Gen:
 
     # -- mutations: each takes a spec and changes it in place --------------------------------------------------
     def m_wrong_type(self, s):
-        field = self.pick(["engine", "model", "image", "args", "env", "port", "resources", "replicas", "autoscaling",
-                           "cache", "startupTimeout", "placement", "podTemplate", "probes", "apiKeySecretRef"])
+        field = self.pick(
+            [
+                "engine",
+                "model",
+                "image",
+                "args",
+                "env",
+                "port",
+                "resources",
+                "replicas",
+                "autoscaling",
+                "cache",
+                "startupTimeout",
+                "placement",
+                "podTemplate",
+                "probes",
+                "apiKeySecretRef",
+            ]
+        )
         s[field] = copy.deepcopy(self.pick(WRONG_TYPES))
 
     def m_nested_wrong_type(self, s):
-        path = self.pick([("model", "uri"), ("model", "servedName"), ("autoscaling", "maxReplicas"),
-                          ("cache", "size"), ("placement", "nodeSelector"), ("podTemplate", "labels"),
-                          ("probes", "readinessPath"), ("resources", "limits"), ("apiKeySecretRef", "name")])
+        path = self.pick(
+            [
+                ("model", "uri"),
+                ("model", "servedName"),
+                ("autoscaling", "maxReplicas"),
+                ("cache", "size"),
+                ("placement", "nodeSelector"),
+                ("podTemplate", "labels"),
+                ("probes", "readinessPath"),
+                ("resources", "limits"),
+                ("apiKeySecretRef", "name"),
+            ]
+        )
         outer, inner = path
         _dict(s, outer)[inner] = copy.deepcopy(self.pick(WRONG_TYPES))
 
@@ -111,8 +162,18 @@ class Gen:
         s["engine"] = self.pick(["VLLM", "vllm ", "tensorrt", "", "null", "ollama\u0000", "custom;rm -rf /"])
 
     def m_number(self, s):
-        field = self.pick(["port", "replicas", "minReplicas", "maxReplicas", "targetInFlight", "cpuUtilization",
-                           "args_count", "env_count"])
+        field = self.pick(
+            [
+                "port",
+                "replicas",
+                "minReplicas",
+                "maxReplicas",
+                "targetInFlight",
+                "cpuUtilization",
+                "args_count",
+                "env_count",
+            ]
+        )
         value = self.pick(HUGE_NUMBERS)
         if field in ("port", "replicas"):
             s[field] = value
@@ -131,15 +192,17 @@ class Gen:
             s["engine"] = self.pick(ENGINES)
 
     def m_conflicting_autoscaling(self, s):
-        s["autoscaling"] = self.pick([
-            {"minReplicas": 5, "maxReplicas": 2},
-            {"minReplicas": 0, "maxReplicas": 2},  # scale to zero without the gateway
-            {"minReplicas": 1, "maxReplicas": 2, "targetInFlight": 4},  # gateway signal without the gateway
-            {"minReplicas": 1, "maxReplicas": 3, "cpuUtilization": 50},  # no requests.cpu
-            {"minReplicas": 1},  # maxReplicas missing
-            {"maxReplicas": 3, "scaleToZeroAfter": self.pick(BAD_DURATIONS)},
-            {"minReplicas": 2, "maxReplicas": 2, "cpuUtilization": 80, "targetInFlight": 8},
-        ])
+        s["autoscaling"] = self.pick(
+            [
+                {"minReplicas": 5, "maxReplicas": 2},
+                {"minReplicas": 0, "maxReplicas": 2},  # scale to zero without the gateway
+                {"minReplicas": 1, "maxReplicas": 2, "targetInFlight": 4},  # gateway signal without the gateway
+                {"minReplicas": 1, "maxReplicas": 3, "cpuUtilization": 50},  # no requests.cpu
+                {"minReplicas": 1},  # maxReplicas missing
+                {"maxReplicas": 3, "scaleToZeroAfter": self.pick(BAD_DURATIONS)},
+                {"minReplicas": 2, "maxReplicas": 2, "cpuUtilization": 80, "targetInFlight": 8},
+            ]
+        )
         if self.rng.random() < 0.5:
             s["replicas"] = self.rng.randint(0, 5)
 
@@ -148,19 +211,45 @@ class Gen:
         keys; their semantics are left to the API server's Deployment validation."""
         choice = self.rng.randrange(8)
         if choice == 0:
-            s["env"] = [{"name": "A", "valueFrom": self.pick([{"secretKeyRef": "oops"}, {"secretKeyRef": {"key": 5}},
-                                                              {"nope": {}}, {"fieldRef": {"fieldPath": 7}},
-                                                              {"secretKeyRef": {"name": "s", "key": "k"},
-                                                               "configMapKeyRef": {"name": "c", "key": "k"}}])}]
+            s["env"] = [
+                {
+                    "name": "A",
+                    "valueFrom": self.pick(
+                        [
+                            {"secretKeyRef": "oops"},
+                            {"secretKeyRef": {"key": 5}},
+                            {"nope": {}},
+                            {"fieldRef": {"fieldPath": 7}},
+                            {"secretKeyRef": {"name": "s", "key": "k"}, "configMapKeyRef": {"name": "c", "key": "k"}},
+                        ]
+                    ),
+                }
+            ]
         elif choice == 1:
             s["env"] = [{"name": "A", "value": "1", "extra": {"deep": [1, 2, {"x": None}]}}]
         elif choice == 2:
-            s["placement"] = {"affinity": self.pick([{"nodeAffinity": 5}, {"podAffinity": {"x": "y"}}, {"bogus": []},
-                                                     {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
-                                                                       {"nodeSelectorTerms": "all"}}}])}
+            s["placement"] = {
+                "affinity": self.pick(
+                    [
+                        {"nodeAffinity": 5},
+                        {"podAffinity": {"x": "y"}},
+                        {"bogus": []},
+                        {
+                            "nodeAffinity": {
+                                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": "all"}
+                            }
+                        },
+                    ]
+                )
+            }
         elif choice == 3:
-            s["placement"] = {"tolerations": [self.pick([{"key": 5}, {"operator": "Sometimes"}, {"effect": "Boom"},
-                                                         {"tolerationSeconds": "long"}, {}])]}
+            s["placement"] = {
+                "tolerations": [
+                    self.pick(
+                        [{"key": 5}, {"operator": "Sometimes"}, {"effect": "Boom"}, {"tolerationSeconds": "long"}, {}]
+                    )
+                ]
+            }
         elif choice == 4:
             s["placement"] = {"topologySpreadConstraints": [{"maxSkew": -1, "whenUnsatisfiable": "Maybe"}]}
         elif choice == 5:
@@ -191,9 +280,14 @@ class Gen:
 
     def m_labels(self, s):
         key, value = self.pick(BAD_LABELS), self.pick(BAD_LABELS)
-        s["podTemplate"] = self.pick([{"labels": {key: value}}, {"annotations": {key: value}},
-                                      {"serviceAccountName": self.pick(BAD_LABELS)},
-                                      {"imagePullSecrets": [{"name": self.pick(BAD_LABELS)}]}])
+        s["podTemplate"] = self.pick(
+            [
+                {"labels": {key: value}},
+                {"annotations": {key: value}},
+                {"serviceAccountName": self.pick(BAD_LABELS)},
+                {"imagePullSecrets": [{"name": self.pick(BAD_LABELS)}]},
+            ]
+        )
         if self.rng.random() < 0.3:
             s["placement"] = {"nodeSelector": {key: value}, "priorityClassName": self.pick(BAD_LABELS)}
 
@@ -207,15 +301,31 @@ class Gen:
             _dict(s, "model")["revision"] = "main"
 
     def m_probes(self, s):
-        s["probes"] = {self.pick(["readinessPath", "livenessPath", "metricsPath"]):
-                       self.pick(["health", "//", "/" + "p" * 2000, "/ok", "/\u0000", "/a b"])}
+        s["probes"] = {
+            self.pick(["readinessPath", "livenessPath", "metricsPath"]): self.pick(
+                ["health", "//", "/" + "p" * 2000, "/ok", "/\u0000", "/a b"]
+            )
+        }
         s["engine"] = "custom"
         s.setdefault("image", "registry.example.com/x:1")
 
     def mutations(self) -> list[Callable[[dict], None]]:
-        return [self.m_wrong_type, self.m_nested_wrong_type, self.m_huge_string, self.m_unknown_engine, self.m_number,
-                self.m_bad_uri, self.m_conflicting_autoscaling, self.m_passthrough_garbage, self.m_quantity,
-                self.m_duration, self.m_labels, self.m_port_arg, self.m_unknown_field, self.m_probes]
+        return [
+            self.m_wrong_type,
+            self.m_nested_wrong_type,
+            self.m_huge_string,
+            self.m_unknown_engine,
+            self.m_number,
+            self.m_bad_uri,
+            self.m_conflicting_autoscaling,
+            self.m_passthrough_garbage,
+            self.m_quantity,
+            self.m_duration,
+            self.m_labels,
+            self.m_port_arg,
+            self.m_unknown_field,
+            self.m_probes,
+        ]
 
     def body(self, name: str) -> tuple[dict[str, Any], list[str]]:
         spec = self.valid()
@@ -225,8 +335,12 @@ class Gen:
                 m = self.pick(self.mutations())
                 m(spec)
                 applied.append(m.__name__.removeprefix("m_"))
-        obj = {"apiVersion": "serving.modelservice.dev/v1alpha1", "kind": "ModelService",
-               "metadata": {"name": name, "labels": {"reliability.modelservice.dev/fuzz": "true"}}, "spec": spec}
+        obj = {
+            "apiVersion": "serving.modelservice.dev/v1alpha1",
+            "kind": "ModelService",
+            "metadata": {"name": name, "labels": {"reliability.modelservice.dev/fuzz": "true"}},
+            "spec": spec,
+        }
         if self.rng.random() < 0.05:
             obj["spec"] = self.pick(WRONG_TYPES)  # the whole spec of the wrong type, or missing
         return obj, applied

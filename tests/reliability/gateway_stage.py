@@ -68,8 +68,12 @@ class _Rogue(socketserver.BaseRequestHandler):
             sock.shutdown(socket.SHUT_RDWR)  # dies: no terminating chunk
         else:
             body = b'{"ok": true}'
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
 
 
 class RogueUpstream(socketserver.ThreadingTCPServer):
@@ -113,13 +117,31 @@ def open_stage(rcluster: PrivateControlPlane, kube: Kube, d: Path) -> Iterator[S
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))  # 1,000 sockets each side
     ns = create_namespace(kube, "gateway-abuse")
-    op = OperatorProcess(rcluster.kubeconfig, d / "operator.log",
-                         extra_args=["--namespace", ns, "--gateway-enabled", "--resync-seconds", "600"])
-    gw = GatewayProcess(rcluster.kubeconfig, d / "gateway.log", "--namespace", ns,
-                        "--header-timeout", f"{HEADER_TIMEOUT}s", "--idle-timeout", f"{IDLE_TIMEOUT}s",
-                        "--upstream-timeout", f"{UPSTREAM_TIMEOUT}s", "--max-body-bytes", str(MAX_BODY),
-                        "--max-held-per-model", str(MAX_HELD), "--activation-timeout", "60s",
-                        "--activity-interval", "1s")
+    op = OperatorProcess(
+        rcluster.kubeconfig,
+        d / "operator.log",
+        extra_args=["--namespace", ns, "--gateway-enabled", "--resync-seconds", "600"],
+    )
+    gw = GatewayProcess(
+        rcluster.kubeconfig,
+        d / "gateway.log",
+        "--namespace",
+        ns,
+        "--header-timeout",
+        f"{HEADER_TIMEOUT}s",
+        "--idle-timeout",
+        f"{IDLE_TIMEOUT}s",
+        "--upstream-timeout",
+        f"{UPSTREAM_TIMEOUT}s",
+        "--max-body-bytes",
+        str(MAX_BODY),
+        "--max-held-per-model",
+        str(MAX_HELD),
+        "--activation-timeout",
+        "60s",
+        "--activity-interval",
+        "1s",
+    )
     rogue = RogueUpstream()
     threading.Thread(target=rogue.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     try:
@@ -129,22 +151,37 @@ def open_stage(rcluster: PrivateControlPlane, kube: Kube, d: Path) -> Iterator[S
         ms.create(kube, ns, ms.body("parked", replicas=0))
         ms.create(kube, ns, ms.body("rogue", replicas=0))
         # Woken by the held-requests test and the soak's rounds, which decide when its replica may be Ready (set_gate).
-        ms.create(kube, ns, ms.body("gated", autoscaling={"minReplicas": 0, "maxReplicas": 1,
-                                                           "scaleToZeroAfter": "2s"},
-                                     podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: GATE_OPEN}}))
+        ms.create(
+            kube,
+            ns,
+            ms.body(
+                "gated",
+                autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "2s"},
+                podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: GATE_OPEN}},
+            ),
+        )
         version = kube.preferred_version("discovery.k8s.io")
-        kubectl(rcluster.kubeconfig, "apply", "-f", "-", input=f"""
+        kubectl(
+            rcluster.kubeconfig,
+            "apply",
+            "-f",
+            "-",
+            input=f"""
 apiVersion: discovery.k8s.io/{version}
 kind: EndpointSlice
 metadata: {{name: rogue-manual, namespace: {ns}, labels: {{kubernetes.io/service-name: rogue}}}}
 addressType: IPv4
 ports: [{{name: http, port: {rogue.port}, protocol: TCP}}]
 endpoints: [{{addresses: ["127.0.0.1"], conditions: {{ready: true}}}}]
-""")
+""",
+        )
         ms.wait_condition(kube, ns, "warm", "Ready", "True", timeout=60)
         for name in ("warm", "rogue"):
-            wait_for(lambda n=name: gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{n}") == 1,
-                     timeout=30, message=f"gateway endpoint of {name}")
+            wait_for(
+                lambda n=name: gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/{n}") == 1,
+                timeout=30,
+                message=f"gateway endpoint of {name}",
+            )
         st = Stage(kube, ns, gw, op, rogue)
         st.rss_baseline = gw.rss_bytes()
         yield st
@@ -193,14 +230,14 @@ async def warm_request_within_deadline(url: str, what: str) -> int:
         raise AssertionError(f"the warm model was not served within {WARM_DEADLINE}s {what}") from None
 
 
-
 # -- raw HTTP clients -------------------------------------------------------------------------------------------------
-HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-        b"User-Agent: slowloris\r\nX-Padding: " + b"p" * 120 + b"\r\n\r\n")
+HEAD = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+    b"User-Agent: slowloris\r\nX-Padding: " + b"p" * 120 + b"\r\n\r\n"
+)
 
 
-async def slowloris(port: int, gap: float, connected: list,
-                    stop: Optional[asyncio.Event] = None) -> tuple[int, bool]:
+async def slowloris(port: int, gap: float, connected: list, stop: Optional[asyncio.Event] = None) -> tuple[int, bool]:
     """Send HEAD one byte per `gap` seconds until the server hangs up (or `stop` is set: then the client hangs up).
     Returns (bytes sent, cut by the server)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -210,7 +247,7 @@ async def slowloris(port: int, gap: float, connected: list,
         for i in range(len(HEAD) - 4):  # never completes the head
             if stop is not None and stop.is_set():
                 return sent, False
-            writer.write(HEAD[i:i + 1])
+            writer.write(HEAD[i : i + 1])
             await writer.drain()
             sent += 1
             try:
@@ -225,8 +262,6 @@ async def slowloris(port: int, gap: float, connected: list,
         writer.close()
 
 
-
-
 async def held_is(gw: GatewayProcess, label: str, want: int) -> bool:
     return await asyncio.to_thread(gw.metric, "modelservice_gateway_held_requests", model=label) == want
 
@@ -235,12 +270,16 @@ def set_gate(st: Stage, delay: str) -> None:
     """Set the startup delay of "gated"'s stub and wait until the Deployment controller has seen the new template,
     so the next replica it starts has that delay. While the model is at zero this starts no pod; while a replica is
     up it rolls out a new one."""
-    ms.patch(st.kube, st.ns, "gated",
-             {"spec": {"podTemplate": {"annotations": {STUB_STARTUP_DELAY_ANNOTATION: delay}}}})
+    ms.patch(
+        st.kube, st.ns, "gated", {"spec": {"podTemplate": {"annotations": {STUB_STARTUP_DELAY_ANNOTATION: delay}}}}
+    )
 
     def rolled() -> bool:
         dep = st.kube.apps.read_namespaced_deployment("gated", st.ns)
         ann = dep.spec.template.metadata.annotations or {}
-        return (ann.get(STUB_STARTUP_DELAY_ANNOTATION) == delay
-                and dep.status.observed_generation == dep.metadata.generation)
+        return (
+            ann.get(STUB_STARTUP_DELAY_ANNOTATION) == delay
+            and dep.status.observed_generation == dep.metadata.generation
+        )
+
     wait_for(rolled, timeout=60, message=f"gated's Deployment with startup delay {delay} seen by its controller")

@@ -67,13 +67,21 @@ class PrivateControlPlane(ControlPlane):
         proc = self._procs.get("kube-apiserver")
         os.kill(pid, sig)
         try:
-            wait_for(lambda: not pid_alive(pid, cmd) or (proc is not None and proc.poll() is not None),
-                     timeout=grace, interval=0.05, message="kube-apiserver to exit")
+            wait_for(
+                lambda: not pid_alive(pid, cmd) or (proc is not None and proc.poll() is not None),
+                timeout=grace,
+                interval=0.05,
+                message="kube-apiserver to exit",
+            )
             how = signal.Signals(sig).name
         except AssertionError:
             os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: not pid_alive(pid, cmd) or (proc is not None and proc.poll() is not None),
-                     timeout=30, interval=0.05, message="kube-apiserver to exit after SIGKILL")
+            wait_for(
+                lambda: not pid_alive(pid, cmd) or (proc is not None and proc.poll() is not None),
+                timeout=30,
+                interval=0.05,
+                message="kube-apiserver to exit after SIGKILL",
+            )
             how = f"{signal.Signals(sig).name}, then SIGKILL after {grace:g}s"
         if proc is not None:
             proc.wait(10)
@@ -91,14 +99,21 @@ class PrivateControlPlane(ControlPlane):
 
     # -- etcd, through its gRPC gateway (JSON over HTTP) ------------------------------------------------------------
     def _etcd(self, path: str, body: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
-        req = urllib.request.Request(self.etcd_url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            self.etcd_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
 
     def etcd_revision(self) -> int:
-        return int(self._etcd("/v3/kv/range", {"key": base64.b64encode(b"\0").decode(), "limit": 1,
-                                                "keys_only": True})["header"]["revision"])
+        return int(
+            self._etcd("/v3/kv/range", {"key": base64.b64encode(b"\0").decode(), "limit": 1, "keys_only": True})[
+                "header"
+            ]["revision"]
+        )
 
     def etcd_compact_and_defrag(self) -> int:
         """Compact etcd's history up to now (every older resourceVersion becomes 'too old'), then defragment."""
@@ -119,8 +134,9 @@ CHILD_COMMANDS = {  # kubectl resource name → kind; kubectl picks whatever ver
 
 
 def kubectl_json(kubeconfig: Path, *args: str, timeout: float = 120) -> dict[str, Any]:
-    out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args, "-o", "json"], capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig}", *args, "-o", "json"], capture_output=True, text=True, timeout=timeout
+    )
     if out.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
     return json.loads(out.stdout)
@@ -129,6 +145,7 @@ def kubectl_json(kubeconfig: Path, *args: str, timeout: float = 120) -> dict[str
 @dataclass
 class Inventory:
     """What exists in one namespace: ModelServices by name, children by (kind, owner uid)."""
+
     modelservices: dict[str, dict[str, Any]]
     children: list[dict[str, Any]]
 
@@ -154,18 +171,32 @@ class Inventory:
         """Counts of duplicates, orphans and missing children against the ModelServices that exist."""
         uids = {o["metadata"]["uid"]: name for name, o in self.modelservices.items()}
         owners = self.by_owner()
-        duplicates = {uids.get(uid, uid): dict(kinds) for uid, kinds in owners.items()
-                      if any(n > 1 for n in kinds.values())}
-        orphans = [f"{c['kind']}/{c['metadata']['name']}" for c in self.children
-                   if not any(r.get("controller") and r.get("uid") in uids
-                              for r in c["metadata"].get("ownerReferences") or [])]
-        missing = {name: [k for k in expected_kinds if owners.get(o["metadata"]["uid"], Counter())[k] != 1]
-                   for name, o in self.modelservices.items()}
+        duplicates = {
+            uids.get(uid, uid): dict(kinds) for uid, kinds in owners.items() if any(n > 1 for n in kinds.values())
+        }
+        orphans = [
+            f"{c['kind']}/{c['metadata']['name']}"
+            for c in self.children
+            if not any(r.get("controller") and r.get("uid") in uids for r in c["metadata"].get("ownerReferences") or [])
+        ]
+        missing = {
+            name: [k for k in expected_kinds if owners.get(o["metadata"]["uid"], Counter())[k] != 1]
+            for name, o in self.modelservices.items()
+        }
         missing = {k: v for k, v in missing.items() if v}
-        wrong_name = [f"{c['kind']}/{c['metadata']['name']}" for c in self.children
-                      if c["metadata"].get("labels", {}).get(MODELSERVICE_LABEL) is None]
-        return {"modelservices": len(self.modelservices), "children": len(self.children),
-                "duplicates": duplicates, "orphans": orphans, "missing": missing, "unlabelled": wrong_name}
+        wrong_name = [
+            f"{c['kind']}/{c['metadata']['name']}"
+            for c in self.children
+            if c["metadata"].get("labels", {}).get(MODELSERVICE_LABEL) is None
+        ]
+        return {
+            "modelservices": len(self.modelservices),
+            "children": len(self.children),
+            "duplicates": duplicates,
+            "orphans": orphans,
+            "missing": missing,
+            "unlabelled": wrong_name,
+        }
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -177,8 +208,10 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
 
 def status_is_current_ready(obj: dict[str, Any]) -> bool:
     st = obj.get("status") or {}
-    return (st.get("observedGeneration") == obj["metadata"].get("generation")
-            and condition(obj, "Ready").get("status") == "True")
+    return (
+        st.get("observedGeneration") == obj["metadata"].get("generation")
+        and condition(obj, "Ready").get("status") == "True"
+    )
 
 
 # -- logs ------------------------------------------------------------------------------------------------------------
@@ -219,6 +252,7 @@ def metric_sum(metrics: dict[str, float], prefix: str, **labels: str) -> float:
 
 def wait_healthz(port: int, want: int, timeout: float, message: str) -> int:
     """Poll the operator's /healthz until it answers `want` (200 or 500)."""
+
     def check() -> Optional[int]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
@@ -226,4 +260,5 @@ def wait_healthz(port: int, want: int, timeout: float, message: str) -> int:
         except urllib.error.HTTPError as e:
             code = e.code
         return code if code == want else None
+
     return wait_for(check, timeout=timeout, interval=0.2, message=message)

@@ -68,8 +68,15 @@ class CrashResult:
     errors_after_last_restart: float
 
 
-def crash_mid_rollout(kube: Kube, kubeconfig: Path, ns: str, start_operator: Callable[..., OperatorProcess],
-                      n: int, kill_fractions: tuple[float, ...], ready_timeout: float) -> CrashResult:
+def crash_mid_rollout(
+    kube: Kube,
+    kubeconfig: Path,
+    ns: str,
+    start_operator: Callable[..., OperatorProcess],
+    n: int,
+    kill_fractions: tuple[float, ...],
+    ready_timeout: float,
+) -> CrashResult:
     """Create n ModelServices from 4 client threads; SIGKILL the operator each time the number of Deployments
     reaches a fraction of n (restarting it at once), while creation goes on; then wait for all to be Ready."""
     args = ("--namespace", ns, "--resync-seconds", "600")  # recovery must come from the restart, not a resync
@@ -92,11 +99,20 @@ def crash_mid_rollout(kube: Kube, kubeconfig: Path, ns: str, start_operator: Cal
     kills = []
     for i, fraction in enumerate(kill_fractions):
         target = max(1, int(n * fraction))
-        wait_for(lambda target=target: len(deployments(kube, ns)) >= target, timeout=ready_timeout, interval=0.05,
-                 message=f"{target} Deployments before kill #{i + 1}")
+        wait_for(
+            lambda target=target: len(deployments(kube, ns)) >= target,
+            timeout=ready_timeout,
+            interval=0.05,
+            message=f"{target} Deployments before kill #{i + 1}",
+        )
         op.kill9()
-        kills.append({"at_deployments": len(deployments(kube, ns)), "at_created": len(created),
-                      "at_ready": sum(1 for o in _list(kube, ns) if condition(o, "Ready").get("status") == "True")})
+        kills.append(
+            {
+                "at_deployments": len(deployments(kube, ns)),
+                "at_created": len(created),
+                "at_ready": sum(1 for o in _list(kube, ns) if condition(o, "Ready").get("status") == "True"),
+            }
+        )
         op = start_operator(kubeconfig, *args, log_name=f"operator-{i + 1}.log")
     creator.join(timeout=ready_timeout)
     assert not creator.is_alive(), "creating the ModelServices did not finish"
@@ -104,19 +120,28 @@ def crash_mid_rollout(kube: Kube, kubeconfig: Path, ns: str, start_operator: Cal
 
     def all_ready() -> bool:
         objs = _list(kube, ns)
-        return len(objs) == n and all(condition(o, "Ready").get("status") == "True"
-                                      and o["status"].get("observedGeneration") == o["metadata"]["generation"]
-                                      for o in objs)
+        return len(objs) == n and all(
+            condition(o, "Ready").get("status") == "True"
+            and o["status"].get("observedGeneration") == o["metadata"]["generation"]
+            for o in objs
+        )
+
     wait_for(all_ready, timeout=ready_timeout, interval=0.5, message=f"all {n} ModelServices Ready")
     took = time.monotonic() - started
     objs = _list(kube, ns)
     inv = Inventory.take(kubeconfig, ns).report()
     problems = [p for o in objs for p in check_ready_status(o, ns)]
     rolled = [d.metadata.name for d in deployments(kube, ns) if (d.metadata.generation or 1) > 1]
-    return CrashResult(created=len(created), kills=kills, seconds_to_all_ready=round(took, 1), inventory=inv,
-                       status_problems=problems, rolled_deployments=rolled,
-                       writes_after_last_restart={v: writes(op, verb=v) for v in ("apply", "status", "delete")},
-                       errors_after_last_restart=reconciles(op, "error"))
+    return CrashResult(
+        created=len(created),
+        kills=kills,
+        seconds_to_all_ready=round(took, 1),
+        inventory=inv,
+        status_problems=problems,
+        rolled_deployments=rolled,
+        writes_after_last_restart={v: writes(op, verb=v) for v in ("apply", "status", "delete")},
+        errors_after_last_restart=reconciles(op, "error"),
+    )
 
 
 def _list(kube: Kube, ns: str) -> list[dict[str, Any]]:
@@ -182,19 +207,38 @@ def backoff_bound(seconds: float, base: float = 0.5, cap: float = 60.0) -> int:
     """Most retries the work queue's backoff (workqueue.py: base * 2**n, capped) allows in `seconds`, plus one."""
     n, t = 0, 0.0
     while t <= seconds and n < 1000:
-        t += min(cap, base * 2 ** n)
+        t += min(cap, base * 2**n)
         n += 1
     return n + 1
 
 
-def fuzz_specs(kube: Kube, kubeconfig: Path, ns: str, control_ns: str, start_operator: Callable[..., OperatorProcess],
-               seed: int, count: int, controls: int, threads: int, settle_timeout: float,
-               gateway: bool = False) -> FuzzResult:
+def fuzz_specs(
+    kube: Kube,
+    kubeconfig: Path,
+    ns: str,
+    control_ns: str,
+    start_operator: Callable[..., OperatorProcess],
+    seed: int,
+    count: int,
+    controls: int,
+    threads: int,
+    settle_timeout: float,
+    gateway: bool = False,
+) -> FuzzResult:
     # No pod may start in the fuzz namespace: a valid fuzzed spec may ask for 1000 replicas. The operator's work
     # (render, apply, status) is the same with or without pods.
     kube.core.create_namespaced_resource_quota(ns, {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}})
-    op = start_operator(kubeconfig, "--namespace", ns, "--namespace", control_ns, "--resync-seconds", "600",
-                        *(["--gateway-enabled"] if gateway else []), log_name=f"operator-fuzz-{seed}.log")
+    op = start_operator(
+        kubeconfig,
+        "--namespace",
+        ns,
+        "--namespace",
+        control_ns,
+        "--resync-seconds",
+        "600",
+        *(["--gateway-enabled"] if gateway else []),
+        log_name=f"operator-fuzz-{seed}.log",
+    )
     bodies = generate(seed, count)
     control_at = {int(count * (i + 1) / (controls + 1)) for i in range(controls)}
     outcomes: collections.Counter = collections.Counter()
@@ -235,6 +279,7 @@ def fuzz_specs(kube: Kube, kubeconfig: Path, ns: str, control_ns: str, start_ope
             if outcome == "unreported" or (outcome == "stuck-first-pass" and name not in bad):
                 return False
         return True
+
     timed_out: list[str] = []
     try:
         wait_for(settled, timeout=settle_timeout, interval=1, message="every admitted object reported")
@@ -248,8 +293,11 @@ def fuzz_specs(kube: Kube, kubeconfig: Path, ns: str, control_ns: str, start_ope
         messages[name].add(msg)
     for name in admitted:
         outcome = classify(objs[name])
-        if outcome == "stuck-first-pass" and messages[name] and all(
-                re.search(r"^413 |request is too large|larger than max", m) for m in messages[name]):
+        if (
+            outcome == "stuck-first-pass"
+            and messages[name]
+            and all(re.search(r"^413 |request is too large|larger than max", m) for m in messages[name])
+        ):
             outcome = "stuck-too-large-status"  # docs/reliability.md finding 6, tracked by its own test
         outcomes[outcome.split(":")[0] if outcome.startswith("stalled:") else outcome] += 1
         if outcome.startswith("stalled:"):
@@ -260,22 +308,37 @@ def fuzz_specs(kube: Kube, kubeconfig: Path, ns: str, control_ns: str, start_ope
 
     def controls_ready() -> int:
         return sum(1 for o in _list(kube, control_ns) if condition(o, "Ready").get("status") == "True")
+
     try:
-        wait_for(lambda: controls_ready() == len(control_at), timeout=settle_timeout, interval=0.5,
-                 message="control objects Ready")
+        wait_for(
+            lambda: controls_ready() == len(control_at),
+            timeout=settle_timeout,
+            interval=0.5,
+            message="control objects Ready",
+        )
     except AssertionError as e:
         timed_out.append(str(e))
     log = op.log_path.read_text(errors="replace")
     per_object = collections.Counter(re.findall(r"reconcile (\S+) (?:failed|crashed)", log))
     return FuzzResult(
-        seed=seed, gateway_enabled=gateway, bodies=count, outcomes=dict(outcomes), refusals=dict(refusals),
-        server_errors=server_errors, problems=problems, errors_per_object_max=max(per_object.values(), default=0),
+        seed=seed,
+        gateway_enabled=gateway,
+        bodies=count,
+        outcomes=dict(outcomes),
+        refusals=dict(refusals),
+        server_errors=server_errors,
+        problems=problems,
+        errors_per_object_max=max(per_object.values(), default=0),
         objects_with_errors=len(per_object),
         errors_per_object_bound=backoff_bound(time.monotonic() - started),
-        error_reconciles=reconciles(op, "error"), invalid_reconciles=reconciles(op, "invalid"),
-        controls_ready=controls_ready(), seconds=round(time.monotonic() - started, 1),
-        operator_alive=op.proc.poll() is None, unexpected_exceptions=unexpected_exceptions(log)[:20],
-        timed_out=timed_out)
+        error_reconciles=reconciles(op, "error"),
+        invalid_reconciles=reconciles(op, "invalid"),
+        controls_ready=controls_ready(),
+        seconds=round(time.monotonic() - started, 1),
+        operator_alive=op.proc.poll() is None,
+        unexpected_exceptions=unexpected_exceptions(log)[:20],
+        timed_out=timed_out,
+    )
 
 
 def check_fuzz(r: FuzzResult, count: int, controls: int) -> None:

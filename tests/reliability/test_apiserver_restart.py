@@ -44,8 +44,16 @@ def test_operator_survives_apiserver_outage_restart_and_watch_expiry(restartable
     cp = restartable_cluster
     kube = connect(cp.kubeconfig)
     ns = create_namespace(kube, "restart")
-    op = start_operator(cp.kubeconfig, "--watch-dead-after", str(WATCH_DEAD_AFTER), "--resync-seconds", "600",
-                        "--log-level", "debug", log_name="operator-restart.log")
+    op = start_operator(
+        cp.kubeconfig,
+        "--watch-dead-after",
+        str(WATCH_DEAD_AFTER),
+        "--resync-seconds",
+        "600",
+        "--log-level",
+        "debug",
+        log_name="operator-restart.log",
+    )
     ms.create(kube, ns, ms.body("before"))
     ms.wait_condition(kube, ns, "before", "Ready", "True", timeout=60)
 
@@ -72,11 +80,18 @@ def test_operator_survives_apiserver_outage_restart_and_watch_expiry(restartable
     log = op.log_path.read_text(errors="replace")
     # kopf's ModelService watch, and our own watches of what the operator owns (kube.py logs "expired … relisting").
     relists = log.count("Restarting the watch-stream") + log.count("; relisting")
-    figures.update(apiserver_stop=how, seconds_to_unhealthy=round(unhealthy_after, 1),
-                   apiserver_down_seconds=round(down_for, 1), etcd_compacted_at_revision=compacted_at,
-                   watch_streams_restarted_410=relists, seconds_to_healthy=round(healthy_after, 1),
-                   seconds_to_new_object_ready=round(ready_after, 1), inventory=inv,
-                   reconcile_errors=reconciles(op, "error"), operator_alive=op.proc.poll() is None)
+    figures.update(
+        apiserver_stop=how,
+        seconds_to_unhealthy=round(unhealthy_after, 1),
+        apiserver_down_seconds=round(down_for, 1),
+        etcd_compacted_at_revision=compacted_at,
+        watch_streams_restarted_410=relists,
+        seconds_to_healthy=round(healthy_after, 1),
+        seconds_to_new_object_ready=round(ready_after, 1),
+        inventory=inv,
+        reconcile_errors=reconciles(op, "error"),
+        operator_alive=op.proc.poll() is None,
+    )
     assert relists >= 1, "no watch expired: the scenario did not exercise a 410 relist"
     assert (inv["duplicates"], inv["orphans"], inv["missing"]) == ({}, [], {}), inv
     assert op.proc.poll() is None
@@ -112,15 +127,24 @@ def test_changes_made_while_the_watches_are_down_are_not_lost(restartable_cluste
 
     def managed() -> float:
         return op.metrics().get("modelservice_managed", -1)
+
     # What a correct cache reaches after the relist and a stale one never does (counting resync passes instead was
     # a stand-in for time: on a starved machine the relist could come after them). A timeout fails the test.
-    wait_for(lambda: keeper_back() and managed() == 1, timeout=60, interval=0.5,
-             message="keeper's Deployment recreated and the deleted ModelService forgotten (modelservice_managed 1)")
+    wait_for(
+        lambda: keeper_back() and managed() == 1,
+        timeout=60,
+        interval=0.5,
+        message="keeper's Deployment recreated and the deleted ModelService forgotten (modelservice_managed 1)",
+    )
     # No loop afterwards: three more resync passes (every 2 s, counted by the operator's own reconciles) add nothing.
     passes = reconciles(op, "success")
     wait_for(lambda: reconciles(op, "success") >= passes + 3, timeout=60, message="three more resync passes")
-    figures.update(keeper_deployment_recreated=keeper_back(), managed_gauge=managed(), modelservices_that_exist=1,
-                   writes_in_window=writes(op) - before)
+    figures.update(
+        keeper_deployment_recreated=keeper_back(),
+        managed_gauge=managed(),
+        modelservices_that_exist=1,
+        writes_in_window=writes(op) - before,
+    )
     assert managed() == 1, f"the operator manages {managed():g} ModelServices; 1 exists"
     assert writes(op) - before <= 10  # keeper's Deployment and a few status writes, no loop
 
@@ -131,8 +155,14 @@ def test_liveness_stays_healthy_on_a_quiet_cluster(rcluster, kube, namespace, st
     docs/reliability.md finding 1 (fixed in 1e64897 by a heartbeat watch; since issue #17 by the operator's own watches,
     resumed every --watch-dead-after/3)."""
     dead_after = 3  # the old probe failed after 3 quiet seconds; the operator's watches now resume every second
-    op = start_operator(rcluster.kubeconfig, "--namespace", namespace, "--watch-dead-after", str(dead_after),
-                        log_name="operator-quiet.log")
+    op = start_operator(
+        rcluster.kubeconfig,
+        "--namespace",
+        namespace,
+        "--watch-dead-after",
+        str(dead_after),
+        log_name="operator-quiet.log",
+    )
     ms.create(kube, namespace, ms.body("quiet"))
     ms.wait_condition(kube, namespace, "quiet", "Ready", "True", timeout=60)
     assert rcluster.apiserver_ready()
@@ -153,11 +183,22 @@ def test_liveness_stays_healthy_on_a_quiet_cluster(rcluster, kube, namespace, st
             raise Unhealthy(f"the operator exited ({op.proc.returncode})")
         answers.append(_healthz(op.health_port))
         if answers[-1] != 200:
-            raise Unhealthy(f"/healthz {answers[-1]} after {time.monotonic() - t0:.1f}s although the apiserver and "
-                            "the watches are fine")
+            raise Unhealthy(
+                f"/healthz {answers[-1]} after {time.monotonic() - t0:.1f}s although the apiserver and "
+                "the watches are fine"
+            )
         return op.metrics().get("modelservice_last_watch_event_timestamp_seconds", 0) >= start + span
 
-    wait_for(healthy_past_the_span, timeout=span + 60, interval=0.5, fatal=(Unhealthy,),
-             message="the operator's watches to answer past the window, /healthz 200 throughout")
-    figures.update(watch_dead_after=dead_after, healthz_200_answers=len(answers),
-                   seconds_observed=round(time.monotonic() - t0, 1), apiserver_ready=rcluster.apiserver_ready())
+    wait_for(
+        healthy_past_the_span,
+        timeout=span + 60,
+        interval=0.5,
+        fatal=(Unhealthy,),
+        message="the operator's watches to answer past the window, /healthz 200 throughout",
+    )
+    figures.update(
+        watch_dead_after=dead_after,
+        healthz_200_answers=len(answers),
+        seconds_observed=round(time.monotonic() - t0, 1),
+        apiserver_ready=rcluster.apiserver_ready(),
+    )

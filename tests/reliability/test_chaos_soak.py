@@ -27,8 +27,9 @@ pytestmark = pytest.mark.chaos
 @pytest.mark.timeout(900)
 def test_chaos_crash_200_with_three_kills(rcluster, kube, namespace, start_operator, figures):
     n = 200
-    r = crash_mid_rollout(kube, rcluster.kubeconfig, namespace, start_operator, n=n,
-                          kill_fractions=(0.25, 0.5, 0.75), ready_timeout=300)
+    r = crash_mid_rollout(
+        kube, rcluster.kubeconfig, namespace, start_operator, n=n, kill_fractions=(0.25, 0.5, 0.75), ready_timeout=300
+    )
     figures.update(dataclasses.asdict(r))
     inv = r.inventory
     assert r.created == n and inv["modelservices"] == n and inv["children"] == 2 * n, inv
@@ -44,8 +45,19 @@ def test_chaos_fuzz_2000_bodies_per_seed(rcluster, kube, namespace, start_operat
     count, controls = 2000, 10
     control_ns = create_namespace(kube, f"fuzz-controls-{seed}")
     try:
-        r = fuzz_specs(kube, rcluster.kubeconfig, namespace, control_ns, start_operator, seed=seed, count=count,
-                       controls=controls, threads=8, settle_timeout=180, gateway=gateway)
+        r = fuzz_specs(
+            kube,
+            rcluster.kubeconfig,
+            namespace,
+            control_ns,
+            start_operator,
+            seed=seed,
+            count=count,
+            controls=controls,
+            threads=8,
+            settle_timeout=180,
+            gateway=gateway,
+        )
     finally:
         delete_namespace(kube, control_ns)
     figures.update(dataclasses.asdict(r))
@@ -60,8 +72,16 @@ def test_chaos_apiserver_flaps_and_a_long_outage(restartable_cluster, start_oper
     cp = restartable_cluster
     kube = connect(cp.kubeconfig)
     ns = create_namespace(kube, "flaps")
-    op = start_operator(cp.kubeconfig, "--watch-dead-after", "10", "--resync-seconds", "600", "--log-level", "debug",
-                        log_name="operator-flaps.log")
+    op = start_operator(
+        cp.kubeconfig,
+        "--watch-dead-after",
+        "10",
+        "--resync-seconds",
+        "600",
+        "--log-level",
+        "debug",
+        log_name="operator-flaps.log",
+    )
     for i in range(100):
         ms.create(kube, ns, ms.body(f"base-{i:03d}"))
     rounds = []
@@ -70,8 +90,12 @@ def test_chaos_apiserver_flaps_and_a_long_outage(restartable_cluster, start_oper
         how = cp.stop_apiserver(sig)
         if long_outage:
             wait_healthz(op.health_port, 500, 40, "/healthz 500 during the long outage")
-            wait_for(lambda: "escalating" in op.log_path.read_text(errors="replace"), timeout=180, interval=1,
-                     message="kopf to give up its request attempts (Request attempt #9/9 failed; escalating)")
+            wait_for(
+                lambda: "escalating" in op.log_path.read_text(errors="replace"),
+                timeout=180,
+                interval=1,
+                message="kopf to give up its request attempts (Request attempt #9/9 failed; escalating)",
+            )
         down_for = time.monotonic() - t0
         cp.start_apiserver()
         if long_outage:
@@ -84,17 +108,31 @@ def test_chaos_apiserver_flaps_and_a_long_outage(restartable_cluster, start_oper
         for i in range(10):
             ms.wait_condition(kube, ns, f"r{r}-{i}", "Ready", "True", timeout=120)
         wait_healthz(op.health_port, 200, 60, "/healthz 200 again")
-        rounds.append({"stop": how, "down_seconds": round(down_for, 1),
-                       "seconds_to_10_new_ready": round(time.monotonic() - t0, 1),
-                       "operator_alive": op.proc.poll() is None})
-    wait_for(lambda: all(o.get("status", {}).get("observedGeneration") for o in
-                         kube.custom.list_namespaced_custom_object(ms.GROUP, ms.VERSION, ns, ms.PLURAL)["items"]),
-             timeout=60, message="every object reported")
+        rounds.append(
+            {
+                "stop": how,
+                "down_seconds": round(down_for, 1),
+                "seconds_to_10_new_ready": round(time.monotonic() - t0, 1),
+                "operator_alive": op.proc.poll() is None,
+            }
+        )
+    wait_for(
+        lambda: all(
+            o.get("status", {}).get("observedGeneration")
+            for o in kube.custom.list_namespaced_custom_object(ms.GROUP, ms.VERSION, ns, ms.PLURAL)["items"]
+        ),
+        timeout=60,
+        message="every object reported",
+    )
     inv = Inventory.take(cp.kubeconfig, ns).report()
     log = op.log_path.read_text(errors="replace")
-    figures.update(objects=inv["modelservices"], rounds=rounds, inventory=inv,
-                   watch_streams_restarted_410=log.count("Restarting the watch-stream") + log.count("; relisting"),
-                   reconcile_errors=reconciles(op, "error"))
+    figures.update(
+        objects=inv["modelservices"],
+        rounds=rounds,
+        inventory=inv,
+        watch_streams_restarted_410=log.count("Restarting the watch-stream") + log.count("; relisting"),
+        reconcile_errors=reconciles(op, "error"),
+    )
     assert all(r["operator_alive"] for r in rounds)
     assert inv["modelservices"] == 130
     assert (inv["duplicates"], inv["orphans"], inv["missing"]) == ({}, [], {}), inv
@@ -121,6 +159,7 @@ def test_chaos_a_missed_deletion_does_not_make_the_operator_churn(restartable_cl
         thaw(op)
     before = writes(op)
     t0 = time.monotonic()
+
     # Wait for the end state a correct operator reaches and a churning one never does: it has forgotten the
     # ModelService (relisted after the gap), and the garbage collector has removed the orphaned children, whose
     # deletion events are what used to make it recreate them. A churn of writes ends the wait early; either way a
@@ -129,12 +168,19 @@ def test_chaos_a_missed_deletion_does_not_make_the_operator_churn(restartable_cl
     def settled() -> bool:
         return managed(op) == 0 and not kube.apps.list_namespaced_deployment(ns).items
 
-    wait_for(lambda: settled() or writes(op) - before > 50, timeout=240, interval=1,
-             message="the operator to forget the deleted ModelService and its children to be collected")
+    wait_for(
+        lambda: settled() or writes(op) - before > 50,
+        timeout=240,
+        interval=1,
+        message="the operator to forget the deleted ModelService and its children to be collected",
+    )
     churn = writes(op) - before
-    figures.update(writes_after_the_missed_deletion=churn, seconds_to_settle=round(time.monotonic() - t0, 1),
-                   managed_gauge=managed(op),
-                   deployments_left=[d.metadata.name for d in kube.apps.list_namespaced_deployment(ns).items])
+    figures.update(
+        writes_after_the_missed_deletion=churn,
+        seconds_to_settle=round(time.monotonic() - t0, 1),
+        managed_gauge=managed(op),
+        deployments_left=[d.metadata.name for d in kube.apps.list_namespaced_deployment(ns).items],
+    )
     assert churn <= 2, f"{churn:g} writes for a ModelService that no longer exists"
     assert managed(op) == 0, "the operator still manages a ModelService that no longer exists"
 
@@ -149,8 +195,9 @@ def test_chaos_a_minute_long_fight(rcluster, kube, namespace, start_operator, fi
     op = start_operator(rcluster.kubeconfig, "--namespace", ns, "--resync-seconds", "600")
     ms.create(kube, ns, ms.body(name))
     ms.wait_condition(kube, ns, name, "Ready", "True", timeout=60)
-    kube.apps.patch_namespaced_deployment(name, ns, {"metadata": {"annotations": {"team.example.com/owner": "alice"}}},
-                                          field_manager="alice")
+    kube.apps.patch_namespaced_deployment(
+        name, ns, {"metadata": {"annotations": {"team.example.com/owner": "alice"}}}, field_manager="alice"
+    )
     # The quick test's episode and checks at 120 edits: repair awaited as a condition, no hot loop judged by probes.
     r = contest(kube, op, ns, name, 120)
     figures.update(r)
@@ -174,15 +221,19 @@ async def test_chaos_gateway_rounds_of_abuse(stage, figures):
             sampling = asyncio.ensure_future(sampler.run())
             connected: list = []
             loris = [asyncio.ensure_future(gwa.slowloris(stage.gw.port, 0.25, connected)) for _ in range(1000)]
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                             timeout=aiohttp.ClientTimeout(total=120)) as s:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+            ) as s:
+
                 async def one() -> int:
                     async with s.post(f"{stage.gw.url}/v1/chat/completions", json=gwa.chat("gated")) as resp:
                         await resp.read()
                         return resp.status
+
                 held = [asyncio.ensure_future(one()) for _ in range(gwa.HELD_REQUESTS)]
-                await async_wait_for(lambda: gwa.held_is(stage.gw, label, gwa.MAX_HELD), timeout=60, interval=0.1,
-                                     message="held")
+                await async_wait_for(
+                    lambda: gwa.held_is(stage.gw, label, gwa.MAX_HELD), timeout=60, interval=0.1, message="held"
+                )
                 warm = await gwa.warm_request(stage)
                 await asyncio.to_thread(gwa.set_gate, stage, gwa.GATE_OPEN)
                 statuses = await asyncio.gather(*held)
@@ -192,8 +243,15 @@ async def test_chaos_gateway_rounds_of_abuse(stage, figures):
             return warm, statuses, cut, sampler.peak
 
         warm, statuses, cut, peak = await asyncio.wait_for(one_round(), 240)
-        rounds.append({"warm": warm, "200": statuses.count(200), "429": statuses.count(429), "slowloris_cut": cut,
-                       "rss_delta_mib": round((peak - stage.rss_baseline) / 2**20, 1)})
+        rounds.append(
+            {
+                "warm": warm,
+                "200": statuses.count(200),
+                "429": statuses.count(429),
+                "slowloris_cut": cut,
+                "rss_delta_mib": round((peak - stage.rss_baseline) / 2**20, 1),
+            }
+        )
     figures.update(rounds=rounds)
     for r in rounds:
         assert r["warm"] == 200 and r["200"] == gwa.MAX_HELD and r["429"] == gwa.HELD_REQUESTS - gwa.MAX_HELD

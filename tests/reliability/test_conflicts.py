@@ -24,8 +24,9 @@ def test_foreign_writer_loses_without_a_hot_loop(rcluster, kube, namespace, star
     ms.create(kube, ns, ms.body(name))
     ms.wait_condition(kube, ns, name, "Ready", "True", timeout=60)
     # A field we do not own: a user's annotation, written by another manager.
-    kube.apps.patch_namespaced_deployment(name, ns, {"metadata": {"annotations": {"team.example.com/owner": "alice"}}},
-                                          field_manager="alice")
+    kube.apps.patch_namespaced_deployment(
+        name, ns, {"metadata": {"annotations": {"team.example.com/owner": "alice"}}}, field_manager="alice"
+    )
     r = contest(kube, op, ns, name, EDITS)
     figures.update(r)
     check_contest(r, EDITS)

@@ -18,8 +18,9 @@ N = 60
 
 
 def test_kill9_mid_rollout_leaves_exactly_the_children(rcluster, kube, namespace, start_operator, figures):
-    r = crash_mid_rollout(kube, rcluster.kubeconfig, namespace, start_operator, n=N, kill_fractions=(0.3,),
-                          ready_timeout=150)
+    r = crash_mid_rollout(
+        kube, rcluster.kubeconfig, namespace, start_operator, n=N, kill_fractions=(0.3,), ready_timeout=150
+    )
     figures.update(dataclasses.asdict(r))
     assert r.created == N
     inv = r.inventory

@@ -36,51 +36,95 @@ def _forms(value: str) -> list[str]:
     return [value, base64.b64encode(value.encode()).decode(), json.dumps(value)[1:-1]]
 
 
-async def test_secret_values_stay_out_of_logs_events_and_status(rcluster, kube, namespace, start_operator,
-                                                          start_gateway, figures):
+async def test_secret_values_stay_out_of_logs_events_and_status(
+    rcluster, kube, namespace, start_operator, start_gateway, figures
+):
     ns = namespace
     token, api_key = f"hf_{secrets.token_hex(16)}", f"sk-{secrets.token_hex(16)}"
     kube.core.create_namespaced_secret(ns, {"metadata": {"name": "hf"}, "stringData": {"token": token}})
     kube.core.create_namespaced_secret(ns, {"metadata": {"name": "keys"}, "stringData": {"keys": f"{api_key}\n"}})
     op = start_operator(rcluster.kubeconfig, "--namespace", ns, "--gateway-enabled", "--log-level", "debug")
     gw = start_gateway(rcluster.kubeconfig, "--namespace", ns, "--log-level", "DEBUG", "--activity-interval", "1s")
-    ms.create(kube, ns, ms.body("secretive", env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-        "name": "hf", "key": "token"}}}], apiKeySecretRef={"name": "keys"}))
+    ms.create(
+        kube,
+        ns,
+        ms.body(
+            "secretive",
+            env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+            apiKeySecretRef={"name": "keys"},
+        ),
+    )
     # A second object whose Secret reference is broken, so error paths get their chance to leak too.
-    ms.create(kube, ns, ms.body("broken", env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-        "name": "hf", "key": "no-such-key"}}}], apiKeySecretRef={"name": "no-such-secret"}))
+    ms.create(
+        kube,
+        ns,
+        ms.body(
+            "broken",
+            env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "no-such-key"}}}],
+            apiKeySecretRef={"name": "no-such-secret"},
+        ),
+    )
     ms.wait_condition(kube, ns, "secretive", "Ready", "True", timeout=60)
-    wait_for(lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/secretive") == 1, timeout=30,
-             message="the gateway routes to the model")
+    wait_for(
+        lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{ns}/secretive") == 1,
+        timeout=30,
+        message="the gateway routes to the model",
+    )
 
     async def traffic():
         async with aiohttp.ClientSession() as s:
             out = []
             for auth in (api_key, "wrong", api_key[:-1], None):
                 headers = {"Authorization": f"Bearer {auth}"} if auth else {}
-                async with s.post(f"{gw.url}/v1/chat/completions", headers=headers,
-                                  json={"model": "secretive", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                async with s.post(
+                    f"{gw.url}/v1/chat/completions",
+                    headers=headers,
+                    json={"model": "secretive", "messages": [{"role": "user", "content": "hi"}]},
+                ) as r:
                     out.append(r.status)
             return out
+
     statuses = await asyncio.wait_for(traffic(), 60)
     assert statuses == [200, 401, 401, 401]
-    wait_for(lambda: ms.get(kube, ns, "broken")["status"].get("observedGeneration") == 1, timeout=30,
-             message="the broken object reported")
+    wait_for(
+        lambda: ms.get(kube, ns, "broken")["status"].get("observedGeneration") == 1,
+        timeout=30,
+        message="the broken object reported",
+    )
 
     places = {
         "operator log": op.log_path.read_text(errors="replace"),
         "gateway log": gw.log_path.read_text(errors="replace"),
         "events (all namespaces)": json.dumps(kubectl_json(rcluster.kubeconfig, "get", "events", "-A")),
         "ModelService status": json.dumps([ms.get(kube, ns, n)["status"] for n in ("secretive", "broken")]),
-        "children": json.dumps([kubectl_json(rcluster.kubeconfig, "get", kind, "-n", ns, "-l",
-                                             "app.kubernetes.io/managed-by=modelservice-operator")
-                                for kind in ("deployments", "services", "replicasets")]),
+        "children": json.dumps(
+            [
+                kubectl_json(
+                    rcluster.kubeconfig,
+                    "get",
+                    kind,
+                    "-n",
+                    ns,
+                    "-l",
+                    "app.kubernetes.io/managed-by=modelservice-operator",
+                )
+                for kind in ("deployments", "services", "replicasets")
+            ]
+        ),
         "activity leases": json.dumps(kubectl_json(rcluster.kubeconfig, "get", "leases", "-n", ns)),
     }
-    leaks = [f"{what} holds the {name}" for what, text in places.items()
-             for name, value in (("HF token", token), ("API key", api_key)) if any(f in text for f in _forms(value))]
-    figures.update(places_searched=sorted(places), bytes_searched=sum(len(t) for t in places.values()),
-                   requests=statuses, leaks=leaks)
+    leaks = [
+        f"{what} holds the {name}"
+        for what, text in places.items()
+        for name, value in (("HF token", token), ("API key", api_key))
+        if any(f in text for f in _forms(value))
+    ]
+    figures.update(
+        places_searched=sorted(places),
+        bytes_searched=sum(len(t) for t in places.values()),
+        requests=statuses,
+        leaks=leaks,
+    )
     assert leaks == []
 
 
@@ -97,34 +141,61 @@ def _can(kubeconfig: Path, sa: str, verb: str, resource: str, namespace: str | N
 
 
 OPERATOR_NEEDS = [
-    ("get", "modelservices.serving.modelservice.dev"), ("list", "modelservices.serving.modelservice.dev"),
-    ("watch", "modelservices.serving.modelservice.dev"), ("patch", "modelservices.serving.modelservice.dev/status"),
-    ("create", "deployments.apps"), ("patch", "deployments.apps"), ("delete", "deployments.apps"),
-    ("watch", "deployments.apps"), ("patch", "deployments.apps/scale"),
-    ("create", "services"), ("patch", "services"), ("delete", "services"), ("watch", "services"),
-    ("create", "persistentvolumeclaims"), ("watch", "persistentvolumeclaims"),
-    ("create", "horizontalpodautoscalers.autoscaling"), ("patch", "horizontalpodautoscalers.autoscaling"),
-    ("delete", "horizontalpodautoscalers.autoscaling"), ("watch", "horizontalpodautoscalers.autoscaling"),
-    ("create", "poddisruptionbudgets.policy"), ("delete", "poddisruptionbudgets.policy"),
-    ("watch", "pods"), ("watch", "leases.coordination.k8s.io"), ("create", "events"),
+    ("get", "modelservices.serving.modelservice.dev"),
+    ("list", "modelservices.serving.modelservice.dev"),
+    ("watch", "modelservices.serving.modelservice.dev"),
+    ("patch", "modelservices.serving.modelservice.dev/status"),
+    ("create", "deployments.apps"),
+    ("patch", "deployments.apps"),
+    ("delete", "deployments.apps"),
+    ("watch", "deployments.apps"),
+    ("patch", "deployments.apps/scale"),
+    ("create", "services"),
+    ("patch", "services"),
+    ("delete", "services"),
+    ("watch", "services"),
+    ("create", "persistentvolumeclaims"),
+    ("watch", "persistentvolumeclaims"),
+    ("create", "horizontalpodautoscalers.autoscaling"),
+    ("patch", "horizontalpodautoscalers.autoscaling"),
+    ("delete", "horizontalpodautoscalers.autoscaling"),
+    ("watch", "horizontalpodautoscalers.autoscaling"),
+    ("create", "poddisruptionbudgets.policy"),
+    ("delete", "poddisruptionbudgets.policy"),
+    ("watch", "pods"),
+    ("watch", "leases.coordination.k8s.io"),
+    ("create", "events"),
     ("list", "customresourcedefinitions.apiextensions.k8s.io"),
 ]
 NOBODY_GETS = [  # neither the operator nor the gateway (default values)
-    ("get", "secrets"), ("list", "secrets"), ("watch", "secrets"), ("create", "pods"), ("create", "pods/exec"),
-    ("update", "modelservices.serving.modelservice.dev"), ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
-    ("escalate", "clusterroles.rbac.authorization.k8s.io"), ("impersonate", "serviceaccounts"),
-    ("get", "configmaps"), ("create", "serviceaccounts/token"), ("delete", "namespaces"), ("*", "*"),
+    ("get", "secrets"),
+    ("list", "secrets"),
+    ("watch", "secrets"),
+    ("create", "pods"),
+    ("create", "pods/exec"),
+    ("update", "modelservices.serving.modelservice.dev"),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io"),
+    ("impersonate", "serviceaccounts"),
+    ("get", "configmaps"),
+    ("create", "serviceaccounts/token"),
+    ("delete", "namespaces"),
+    ("*", "*"),
 ]
 GATEWAY_NEEDS = [
-    ("watch", "modelservices.serving.modelservice.dev"), ("watch", "endpointslices.discovery.k8s.io"),
-    ("watch", "deployments.apps"), ("patch", "deployments.apps/scale"), ("create", "leases.coordination.k8s.io"),
+    ("watch", "modelservices.serving.modelservice.dev"),
+    ("watch", "endpointslices.discovery.k8s.io"),
+    ("watch", "deployments.apps"),
+    ("patch", "deployments.apps/scale"),
+    ("create", "leases.coordination.k8s.io"),
     ("patch", "leases.coordination.k8s.io"),
 ]
 
 
 def _apply_rbac(kubeconfig: Path, docs: list[dict]) -> None:
-    rbac = [d for d in docs if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                                               "RoleBinding")]
+    rbac = [
+        d for d in docs if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+    ]
     kubectl(kubeconfig, "apply", "-f", "-", input=hu.to_yaml(rbac))
 
 
@@ -149,8 +220,13 @@ def test_chart_rbac_keeps_secrets_out_of_reach(rcluster, kube, release_namespace
     try:
         missing = [(v, r) for v, r in OPERATOR_NEEDS if not _can(kc, OPERATOR_SA, v, r)]
         missing += [(v, r, "gateway") for v, r in GATEWAY_NEEDS if not _can(kc, GATEWAY_SA, v, r)]
-        granted = [(sa, v, r, where) for sa in (OPERATOR_SA, GATEWAY_SA) for v, r in NOBODY_GETS
-                   for where in (None, other, "kube-system") if _can(kc, sa, v, r, where)]
+        granted = [
+            (sa, v, r, where)
+            for sa in (OPERATOR_SA, GATEWAY_SA)
+            for v, r in NOBODY_GETS
+            for where in (None, other, "kube-system")
+            if _can(kc, sa, v, r, where)
+        ]
         # With API keys on, the gateway may *get* Secrets (the ones models name), never list or watch them.
         _apply_rbac(kc, with_keys)
         gw_get = _can(kc, GATEWAY_SA, "get", "secrets")
@@ -158,8 +234,12 @@ def test_chart_rbac_keeps_secrets_out_of_reach(rcluster, kube, release_namespace
         op_get_with_keys = _can(kc, OPERATOR_SA, "get", "secrets")
     finally:
         delete_namespace(kube, other)
-    figures.update(checks=len(OPERATOR_NEEDS) + len(GATEWAY_NEEDS) + 3 * 2 * len(NOBODY_GETS) + 3,
-                   missing=missing, wrongly_granted=granted, gateway_get_secrets_with_api_keys=gw_get)
+    figures.update(
+        checks=len(OPERATOR_NEEDS) + len(GATEWAY_NEEDS) + 3 * 2 * len(NOBODY_GETS) + 3,
+        missing=missing,
+        wrongly_granted=granted,
+        gateway_get_secrets_with_api_keys=gw_get,
+    )
     assert missing == []
     assert granted == []
     assert gw_get and not gw_list and not op_get_with_keys
@@ -167,12 +247,14 @@ def test_chart_rbac_keeps_secrets_out_of_reach(rcluster, kube, release_namespace
 
 def _sa_kubeconfig(kube, kubeconfig: Path, sa: str, out: Path) -> Path:
     """A kubeconfig that authenticates as the ServiceAccount (its token Secret, made by the token controller)."""
+
     def token():
         acct = kube.core.read_namespaced_service_account(sa, RELEASE_NS)
         if not acct.secrets:
             return None
         s = kube.core.read_namespaced_secret(acct.secrets[0].name, RELEASE_NS)
         return base64.b64decode(s.data["token"]).decode() if s.data and s.data.get("token") else None
+
     tok = wait_for(token, timeout=30, message=f"a token for {sa}")
     cfg = yaml.safe_load(kubeconfig.read_text())
     cfg["users"] = [{"name": sa, "user": {"token": tok}}]
@@ -182,8 +264,9 @@ def _sa_kubeconfig(kube, kubeconfig: Path, sa: str, out: Path) -> Path:
     return out
 
 
-def test_operator_and_gateway_work_with_only_the_chart_rbac(rcluster, kube, namespace, release_namespace,
-                                                            start_operator, start_gateway, tmp_path, figures):
+def test_operator_and_gateway_work_with_only_the_chart_rbac(
+    rcluster, kube, namespace, release_namespace, start_operator, start_gateway, tmp_path, figures
+):
     """The least-privilege rules are enough: the operator, authenticated as the chart's ServiceAccount, brings a
     ModelService to Ready, and the gateway, as its own, lists and routes."""
     try:
@@ -197,16 +280,25 @@ def test_operator_and_gateway_work_with_only_the_chart_rbac(rcluster, kube, name
     gw = start_gateway(gw_kc, log_name="gateway-sa.log")
     ms.create(kube, namespace, ms.body("least", replicas=2, autoscaling=None))
     ms.wait_condition(kube, namespace, "least", "Ready", "True", timeout=60)
-    ms.create(kube, namespace, ms.body("auto", resources={"requests": {"cpu": "1"}},
-                                         autoscaling={"minReplicas": 2, "maxReplicas": 3, "cpuUtilization": 50}))
+    ms.create(
+        kube,
+        namespace,
+        ms.body(
+            "auto",
+            resources={"requests": {"cpu": "1"}},
+            autoscaling={"minReplicas": 2, "maxReplicas": 3, "cpuUtilization": 50},
+        ),
+    )
     ms.wait_condition(kube, namespace, "auto", "Ready", "True", timeout=60)
-    wait_for(lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{namespace}/least") == 2, timeout=30,
-             message="the gateway sees the endpoints")
+    wait_for(
+        lambda: gw.metric("modelservice_gateway_ready_endpoints", model=f"{namespace}/least") == 2,
+        timeout=30,
+        message="the gateway sees the endpoints",
+    )
     log = op.log_path.read_text(errors="replace")
     # An RBAC refusal names the user ("... is forbidden: User ... cannot ..."); a 403 for a namespace that another
     # test is deleting ("unable to create new content ... being terminated") is not about RBAC.
     forbidden = [line for line in log.splitlines() if "forbidden: User" in line]
-    gw_forbidden = [line for line in gw.log_path.read_text(errors="replace").splitlines()
-                    if "forbidden: User" in line]
+    gw_forbidden = [line for line in gw.log_path.read_text(errors="replace").splitlines() if "forbidden: User" in line]
     figures.update(operator_forbidden_lines=len(forbidden), gateway_forbidden_lines=len(gw_forbidden))
     assert forbidden == [] and gw_forbidden == [], (forbidden[:5], gw_forbidden[:5])

@@ -27,8 +27,7 @@ def slice_for(name, addrs, ns="default"):
 
 
 def chat(model, stream=False, max_tokens=4):
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-            "max_tokens": max_tokens}
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": max_tokens}
 
 
 async def post(session, url, body, **kw):

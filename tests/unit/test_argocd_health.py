@@ -47,8 +47,10 @@ def run_health(obj: dict[str, Any]) -> dict[str, str]:
     binary = shutil.which("lua5.1")
     if binary is None:
         pytest.skip("no Lua 5.1: lupa has no lua51 module and lua5.1 is not installed (apt-get install -y lua5.1)")
-    wrapper = (f"obj = {_lua_literal(obj)}\nlocal hs = (function()\n{script}\nend)()\n"
-               "io.write(hs.status, '\\n', hs.message or '')")
+    wrapper = (
+        f"obj = {_lua_literal(obj)}\nlocal hs = (function()\n{script}\nend)()\n"
+        "io.write(hs.status, '\\n', hs.message or '')"
+    )
     done = subprocess.run([binary, "-"], input=wrapper, capture_output=True, text=True, check=True)
     status, _, message = done.stdout.partition("\n")
     return {"status": status, "message": message}
@@ -56,39 +58,71 @@ def run_health(obj: dict[str, Any]) -> dict[str, str]:
 
 def ms(generation: int | None = 2, status: dict[str, Any] | None = None, **conditions: tuple) -> dict[str, Any]:
     """A ModelService; each keyword is a condition: Ready=("False", "Activating", "message")."""
-    obj: dict[str, Any] = {"apiVersion": "serving.modelservice.dev/v1alpha1", "kind": "ModelService",
-                           "metadata": {"name": "llama", "namespace": "team-a"}}
+    obj: dict[str, Any] = {
+        "apiVersion": "serving.modelservice.dev/v1alpha1",
+        "kind": "ModelService",
+        "metadata": {"name": "llama", "namespace": "team-a"},
+    }
     if generation is not None:
         obj["metadata"]["generation"] = generation
     if status is not None or conditions:
         obj["status"] = {"observedGeneration": 2, **(status or {})}
         obj["status"]["conditions"] = [
-            {"type": t, "status": s, "reason": r, "message": m} for t, (s, r, m) in conditions.items()]
+            {"type": t, "status": s, "reason": r, "message": m} for t, (s, r, m) in conditions.items()
+        ]
     return obj
 
 
 CASES = [
     ("no status", ms(), "Progressing", "Waiting for the operator"),
-    ("status without observedGeneration", ms(status={"observedGeneration": None}), "Progressing",
-     "Waiting for the operator"),
-    ("stale generation", ms(generation=3, Ready=("True", "Ready", "1/1 replicas ready")), "Progressing",
-     "Waiting for the operator"),
-    ("stalled", ms(Stalled=("True", "InvalidSpec", "spec.model.uri: engine vllm needs a model"),
-                   Ready=("False", "InvalidSpec", "see Stalled")),
-     "Degraded", "spec.model.uri: engine vllm needs a model"),
+    (
+        "status without observedGeneration",
+        ms(status={"observedGeneration": None}),
+        "Progressing",
+        "Waiting for the operator",
+    ),
+    (
+        "stale generation",
+        ms(generation=3, Ready=("True", "Ready", "1/1 replicas ready")),
+        "Progressing",
+        "Waiting for the operator",
+    ),
+    (
+        "stalled",
+        ms(
+            Stalled=("True", "InvalidSpec", "spec.model.uri: engine vllm needs a model"),
+            Ready=("False", "InvalidSpec", "see Stalled"),
+        ),
+        "Degraded",
+        "spec.model.uri: engine vllm needs a model",
+    ),
     ("stalled without message", ms(Stalled=("True", "InvalidSpec", "")), "Degraded", "InvalidSpec"),
-    ("ready", ms(Ready=("True", "Ready", "2/2 replicas ready"), Stalled=("False", "", "")), "Healthy",
-     "2/2 replicas ready"),
+    (
+        "ready",
+        ms(Ready=("True", "Ready", "2/2 replicas ready"), Stalled=("False", "", "")),
+        "Healthy",
+        "2/2 replicas ready",
+    ),
     ("ready without message", ms(Ready=("True", "", "")), "Healthy", "Ready"),
-    ("scaled to zero", ms(Ready=("False", "ScaledToZero", "0 replicas; idle for 300s")), "Healthy",
-     "Scaled to zero; wakes on the first request"),
-    ("scaled down by hand", ms(Ready=("False", "ScaledDown", "spec.replicas is 0")), "Suspended",
-     "spec.replicas is 0"),
-    ("activating", ms(Ready=("False", "Activating", "waking up: 0/1 replicas ready")), "Progressing",
-     "waking up: 0/1 replicas ready"),
-    ("awaiting capacity", ms(Ready=("False", "AwaitingCapacity",
-                                    "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.")),
-     "Progressing", "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
+    (
+        "scaled to zero",
+        ms(Ready=("False", "ScaledToZero", "0 replicas; idle for 300s")),
+        "Healthy",
+        "Scaled to zero; wakes on the first request",
+    ),
+    ("scaled down by hand", ms(Ready=("False", "ScaledDown", "spec.replicas is 0")), "Suspended", "spec.replicas is 0"),
+    (
+        "activating",
+        ms(Ready=("False", "Activating", "waking up: 0/1 replicas ready")),
+        "Progressing",
+        "waking up: 0/1 replicas ready",
+    ),
+    (
+        "awaiting capacity",
+        ms(Ready=("False", "AwaitingCapacity", "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.")),
+        "Progressing",
+        "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+    ),
     ("reconciling", ms(Ready=("False", "Reconciling", "applying children")), "Progressing", "applying children"),
     ("progressing", ms(Ready=("False", "Progressing", "1/2 replicas ready")), "Progressing", "1/2 replicas ready"),
     ("ready unknown", ms(Ready=("Unknown", "", "")), "Progressing", "Waiting for the Ready condition"),

@@ -57,9 +57,24 @@ def test_summary_of_nothing_is_all_none():
 def test_parse_prometheus_keeps_labels_and_filters_names():
     samples = parse_prometheus(APISERVER, ["apiserver_request_total"])
     assert len(samples) == 5
-    key = ("apiserver_request_total", tuple(sorted({
-        "code": "201", "component": "apiserver", "dry_run": "", "group": "", "resource": "pods",
-        "scope": "namespace", "subresource": "", "verb": "POST", "version": "v1"}.items())))
+    key = (
+        "apiserver_request_total",
+        tuple(
+            sorted(
+                {
+                    "code": "201",
+                    "component": "apiserver",
+                    "dry_run": "",
+                    "group": "",
+                    "resource": "pods",
+                    "scope": "namespace",
+                    "subresource": "",
+                    "verb": "POST",
+                    "version": "v1",
+                }.items()
+            )
+        ),
+    )
     assert samples[key] == 10
     assert parse_prometheus('x{a="q\\"uote"} 1.5e3\n')[("x", (("a", 'q"uote'),))] == 1500
 
@@ -77,12 +92,23 @@ def test_apiserver_requests_split_reads_and_writes_from_a_delta():
 
 
 def test_operator_resource_writes_leave_other_controllers_status_out():
-    writes = {"APPLY deployments": 1, "PUT deployments/status": 5, "PATCH deployments/scale": 1,
-              "PATCH modelservices/status": 2, "POST events": 3, "PATCH leases": 4, "PATCH pods/status": 6,
-              "APPLY services": 1}
-    assert operator_resource_writes(writes) == {"APPLY deployments": 1, "PATCH deployments/scale": 1,
-                                                "PATCH modelservices/status": 2, "POST events": 3,
-                                                "APPLY services": 1}
+    writes = {
+        "APPLY deployments": 1,
+        "PUT deployments/status": 5,
+        "PATCH deployments/scale": 1,
+        "PATCH modelservices/status": 2,
+        "POST events": 3,
+        "PATCH leases": 4,
+        "PATCH pods/status": 6,
+        "APPLY services": 1,
+    }
+    assert operator_resource_writes(writes) == {
+        "APPLY deployments": 1,
+        "PATCH deployments/scale": 1,
+        "PATCH modelservices/status": 2,
+        "POST events": 3,
+        "APPLY services": 1,
+    }
 
 
 def test_parse_stat_cpu_survives_spaces_in_comm():
@@ -100,15 +126,24 @@ def test_bare_children_are_the_operators_first_pass_without_owner_references():
     ctx = Context(name="m0001", namespace="ns", uid="u", labels={}, replicas=1, versions=versions)
     operator = render(ctx, spec)
     for kid in kids:
-        expected = {**operator[kid["kind"]], "metadata": {k: v for k, v in operator[kid["kind"]]["metadata"].items()
-                                                          if k != "ownerReferences"}}
+        expected = {
+            **operator[kid["kind"]],
+            "metadata": {k: v for k, v in operator[kid["kind"]]["metadata"].items() if k != "ownerReferences"},
+        }
         assert kid == expected
 
 
 def _dep(gen=1, observed=1, replicas=1, ready=1, updated=1, current=1):
-    return {"metadata": {"generation": gen}, "spec": {"replicas": replicas},
-            "status": {"observedGeneration": observed, "readyReplicas": ready, "updatedReplicas": updated,
-                       "replicas": current}}
+    return {
+        "metadata": {"generation": gen},
+        "spec": {"replicas": replicas},
+        "status": {
+            "observedGeneration": observed,
+            "readyReplicas": ready,
+            "updatedReplicas": updated,
+            "replicas": current,
+        },
+    }
 
 
 def test_deployment_ready_needs_a_finished_rollout():
@@ -120,8 +155,13 @@ def test_deployment_ready_needs_a_finished_rollout():
 
 
 def test_modelservice_ready_needs_the_current_generation():
-    ms = {"metadata": {"generation": 2}, "status": {"observedGeneration": 2, "conditions": [
-        {"type": "Reconciling", "status": "False"}, {"type": "Ready", "status": "True"}]}}
+    ms = {
+        "metadata": {"generation": 2},
+        "status": {
+            "observedGeneration": 2,
+            "conditions": [{"type": "Reconciling", "status": "False"}, {"type": "Ready", "status": "True"}],
+        },
+    }
     assert modelservice_ready(ms)
     ms["status"]["observedGeneration"] = 1
     assert not modelservice_ready(ms)
@@ -129,9 +169,11 @@ def test_modelservice_ready_needs_the_current_generation():
 
 
 def test_profile_summary_ranks_inclusive_and_self():
-    collapsed = ("process 1:\"python\";thread (0x1);run (asyncio/base_events.py:10);a (/x/site-packages/k/a.py:5) 6\n"
-                 "process 1:\"python\";thread (0x1);run (asyncio/base_events.py:10);b (/w/operator/modelservice/b.py:7)"
-                 ";b (/w/operator/modelservice/b.py:7) 4\n")
+    collapsed = (
+        'process 1:"python";thread (0x1);run (asyncio/base_events.py:10);a (/x/site-packages/k/a.py:5) 6\n'
+        'process 1:"python";thread (0x1);run (asyncio/base_events.py:10);b (/w/operator/modelservice/b.py:7)'
+        ";b (/w/operator/modelservice/b.py:7) 4\n"
+    )
     s = profiler.summarize(collapsed)
     assert s["samples"] == 10
     assert s["self"][0] == {"frame": "k/a.py:5 a", "pct": 60.0}
@@ -151,41 +193,82 @@ def test_load_only_goes_to_loopback():
 
 
 def test_count_tokens_counts_stub_tokens_only():
-    chunk = (b'data: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "stream", "choices": '
-             b'[{"index": 0, "delta": {"content": " token7"}}]}\n\n')
+    chunk = (
+        b'data: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "stream", "choices": '
+        b'[{"index": 0, "delta": {"content": " token7"}}]}\n\n'
+    )
     assert loadgen.count_tokens(chunk * 3) == 3
     assert loadgen.count_tokens(b"data: [DONE]\n\n") == 0
 
 
 def test_added_latency_and_rounds():
-    runs = [{"requests": 10, "errors": 0, "throughput_rps": r, "latency": {"n": 10, "p50": p50, "p95": p50,
-                                                                            "p99": 2 * p50, "mean": p50, "max": 3 * p50}}
-            for r, p50 in ((100, 0.001), (120, 0.003), (110, 0.002))]
+    runs = [
+        {
+            "requests": 10,
+            "errors": 0,
+            "throughput_rps": r,
+            "latency": {"n": 10, "p50": p50, "p95": p50, "p99": 2 * p50, "mean": p50, "max": 3 * p50},
+        }
+        for r, p50 in ((100, 0.001), (120, 0.003), (110, 0.002))
+    ]
     c = combine_rounds(runs)
     assert c["latency"]["p50"] == 0.002 and c["throughput_rps"] == 110 and c["requests"] == 30
-    paths = {"direct": {"latency": {"p50": 0.001, "p95": 0.002, "p99": 0.003}},
-             "nginx": {"latency": {"p50": 0.0012, "p95": 0.0025, "p99": 0.004}},
-             "gateway": {"latency": {"p50": 0.002, "p95": None, "p99": 0.006}}}
+    paths = {
+        "direct": {"latency": {"p50": 0.001, "p95": 0.002, "p99": 0.003}},
+        "nginx": {"latency": {"p50": 0.0012, "p95": 0.0025, "p99": 0.004}},
+        "gateway": {"latency": {"p50": 0.002, "p95": None, "p99": 0.006}},
+    }
     added = added_latency(paths)
     assert added["nginx"]["p50"] == pytest.approx(0.0002) and added["gateway"]["p99"] == pytest.approx(0.003)
     assert added["gateway"]["p95"] is None
 
 
 def test_report_table_shows_goals_and_misses():
-    doc = {"command": "python -m bench --quick", "machine": {"nproc": 2, "cpu": "X", "mem_gib": 24,
-                                                              "loadavg_start": (1.0, 1.0, 1.0)},
-           "results": {"operator": {"concurrency": 4, "resync_seconds": 20, "sizes": {"100": {
-               "bare": {"total_seconds": 10.0, "ready": 100, "latency": summary([1.0, 2.0]),
-                        "api": {"requests_per_object": 20, "writes_per_object": 19}, "client_cpu_seconds": 0.5},
-               "operator": {"total_seconds": 12.0, "ready": 100, "latency": summary([3.0, 4.0]),
+    doc = {
+        "command": "python -m bench --quick",
+        "machine": {"nproc": 2, "cpu": "X", "mem_gib": 24, "loadavg_start": (1.0, 1.0, 1.0)},
+        "results": {
+            "operator": {
+                "concurrency": 4,
+                "resync_seconds": 20,
+                "sizes": {
+                    "100": {
+                        "bare": {
+                            "total_seconds": 10.0,
+                            "ready": 100,
+                            "latency": summary([1.0, 2.0]),
+                            "api": {"requests_per_object": 20, "writes_per_object": 19},
+                            "client_cpu_seconds": 0.5,
+                        },
+                        "operator": {
+                            "total_seconds": 12.0,
+                            "ready": 100,
+                            "latency": summary([3.0, 4.0]),
                             "api": {"requests_per_object": 25, "writes_per_object": 24},
-                            "operator_writes_per_object": 4.0, "rss_peak_mib": 200.0, "rss_empty_mib": 70.0,
-                            "cpu_seconds": 3.0, "cpu_seconds_total": 4.0,
-                            "idle": {"seconds": 60, "operator_writes": 0, "apiserver_writes_on_operator_resources": 0,
-                                     "apiserver_writes_all": 8, "reconciles": 300, "cpu_seconds": 0.2},
-                            "repair": {"both": summary([0.02, 0.03]),
-                                       "pod_by_replicaset_controller": summary([0.01]), "missed": 0}}}}}},
-           }
+                            "operator_writes_per_object": 4.0,
+                            "rss_peak_mib": 200.0,
+                            "rss_empty_mib": 70.0,
+                            "cpu_seconds": 3.0,
+                            "cpu_seconds_total": 4.0,
+                            "idle": {
+                                "seconds": 60,
+                                "operator_writes": 0,
+                                "apiserver_writes_on_operator_resources": 0,
+                                "apiserver_writes_all": 8,
+                                "reconciles": 300,
+                                "cpu_seconds": 0.2,
+                            },
+                            "repair": {
+                                "both": summary([0.02, 0.03]),
+                                "pod_by_replicaset_controller": summary([0.01]),
+                                "missed": 0,
+                            },
+                        },
+                    }
+                },
+            }
+        },
+    }
     text = report.table(doc)
     assert "1.20x" in text and "<= 1.3x" in text
     rss = next(line for line in text.splitlines() if "peak RSS" in line)
@@ -196,12 +279,25 @@ def test_report_table_shows_goals_and_misses():
 
 def test_peer_proxies_rows_judge_issue_14s_goals():
     from bench.report import peer_rows
-    runs = [{"requests": 100, "errors": 0, "throughput_rps": 10, "cpu_seconds": cpu, "requests_per_cpu_second": rpc,
-             "latency": {"n": 100, "p50": 0.001, "p95": 0.001, "p99": 0.001, "mean": 0.001, "max": 0.001}}
-            for cpu, rpc in ((0.5, 200), (0.4, 250), (0.25, 400))]
+
+    runs = [
+        {
+            "requests": 100,
+            "errors": 0,
+            "throughput_rps": 10,
+            "cpu_seconds": cpu,
+            "requests_per_cpu_second": rpc,
+            "latency": {"n": 100, "p50": 0.001, "p95": 0.001, "p99": 0.001, "mean": 0.001, "max": 0.001},
+        }
+        for cpu, rpc in ((0.5, 200), (0.4, 250), (0.25, 400))
+    ]
     assert combine_rounds(runs)["requests_per_cpu_second"] == 250 and combine_rounds(runs)["cpu_seconds"] == 0.4
-    paths = {"direct": {"latency": {"p50": 0.001}}, "vllm-router": {"latency": {"p50": 0.0014}},
-             "envoy": {"latency": {"p50": 0.0011}}, "gateway": {"latency": {"p50": 0.0019}}}
+    paths = {
+        "direct": {"latency": {"p50": 0.001}},
+        "vllm-router": {"latency": {"p50": 0.0014}},
+        "envoy": {"latency": {"p50": 0.0011}},
+        "gateway": {"latency": {"p50": 0.0019}},
+    }
     entry = {**paths, "added": added_latency(paths)}
     entry["gateway"]["requests_per_cpu_second"], entry["vllm-router"]["requests_per_cpu_second"] = 3000, 2000
     one = peer_rows("1", entry)

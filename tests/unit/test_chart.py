@@ -46,8 +46,9 @@ OPERATOR_NAMESPACED = (
     | _triples("coordination.k8s.io", "leases", "get list watch")
     | _triples("", "events", "get create patch")
 )
-OPERATOR_CLUSTER = (_triples("apiextensions.k8s.io", "customresourcedefinitions", "get list watch")
-                    | _triples("", "nodes", "get list watch"))  # the GPU pool planner: where a pod fits
+OPERATOR_CLUSTER = _triples("apiextensions.k8s.io", "customresourcedefinitions", "get list watch") | _triples(
+    "", "nodes", "get list watch"
+)  # the GPU pool planner: where a pod fits
 GATEWAY_RULES = (
     _triples("serving.modelservice.dev", "modelservices", "get list watch")
     | _triples("discovery.k8s.io", "endpointslices", "get list watch")
@@ -82,8 +83,11 @@ def values_of(values_file: Path | None) -> dict:
     override = yaml.safe_load(values_file.read_text()) if values_file else {}
 
     def merge(a: dict, b: dict) -> dict:
-        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-                        for k, v in b.items()}}
+        return {
+            **a,
+            **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v for k, v in b.items()},
+        }
+
     return merge(base, override or {})
 
 
@@ -92,6 +96,7 @@ def roles(docs, comp: str, kind: str) -> list[dict]:
 
 
 # ---- lint and Kubernetes schemas ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("values_file", MATRIX, ids=MATRIX_IDS)
 def test_lint_strict(values_file):
@@ -102,12 +107,15 @@ def test_lint_strict(values_file):
 def _schema_version(which: str) -> str:
     import kubernetes_validate as kv
     from kubernetes_validate import utils
+
     known = {utils.major_minor(v) for v in utils.all_versions()}
     if which == "newest":
         return utils.major_minor(utils.latest_version())
     if which not in known:
-        pytest.fail(f"kubernetes-validate {kv.__version__} ships no Kubernetes {which} schemas "
-                    f"(it has {min(known)}..{max(known)}); kubernetes-validate 1.28.x ships 1.20..1.28")
+        pytest.fail(
+            f"kubernetes-validate {kv.__version__} ships no Kubernetes {which} schemas "
+            f"(it has {min(known)}..{max(known)}); kubernetes-validate 1.28.x ships 1.20..1.28"
+        )
     return which
 
 
@@ -115,6 +123,7 @@ def _schema_version(which: str) -> str:
 @pytest.mark.parametrize("values_file", MATRIX, ids=MATRIX_IDS)
 def test_manifests_match_kubernetes_schemas(values_file, which):
     import kubernetes_validate
+
     version = _schema_version(which)
     docs = rendered(values_file, kube_version=f"{version}.0")
     assert docs
@@ -126,16 +135,23 @@ def test_manifests_match_kubernetes_schemas(values_file, which):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 kubernetes_validate.validate(doc, version, strict=True)
         except Exception as e:  # noqa: BLE001 - name the manifest, then fail with the validator's message
-            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} is invalid for Kubernetes {version}: "
-                        f"{getattr(e, 'message', e)}")
+            pytest.fail(
+                f"{doc['kind']}/{doc['metadata']['name']} is invalid for Kubernetes {version}: "
+                f"{getattr(e, 'message', e)}"
+            )
 
 
 def test_every_object_has_the_standard_labels():
     for values_file in MATRIX:
         for doc in rendered(values_file):
             labels = doc["metadata"].get("labels", {})
-            for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
-                        "app.kubernetes.io/managed-by", "helm.sh/chart"):
+            for key in (
+                "app.kubernetes.io/name",
+                "app.kubernetes.io/instance",
+                "app.kubernetes.io/version",
+                "app.kubernetes.io/managed-by",
+                "helm.sh/chart",
+            ):
                 assert key in labels, f"{doc['kind']}/{doc['metadata']['name']} lacks label {key}"
             assert labels["app.kubernetes.io/instance"] == hu.RELEASE
 
@@ -149,6 +165,7 @@ def test_chart_metadata():
 
 # ---- the operator and gateway Deployments --------------------------------------------------------------------------
 
+
 def test_operator_deployment_contract():
     docs = rendered()
     dep = hu.find(docs, "Deployment", OPERATOR)
@@ -157,10 +174,21 @@ def test_operator_deployment_contract():
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
     assert c["image"] == "ghcr.io/modelservice/modelservice-operator:0.1.0"
     assert c["command"] == ["modelservice-operator"]
-    assert c["args"] == ["run", "--all-namespaces", "--metrics-port", "8080", "--health-port", "8081",
-                         "--gateway-enabled", "--network-policy", "--gateway-namespace", "modelservice-system",
-                         "--gateway-pod-selector", "app.kubernetes.io/component=gateway,app.kubernetes.io/instance="
-                         "modelservice,app.kubernetes.io/name=modelservice-operator"]
+    assert c["args"] == [
+        "run",
+        "--all-namespaces",
+        "--metrics-port",
+        "8080",
+        "--health-port",
+        "8081",
+        "--gateway-enabled",
+        "--network-policy",
+        "--gateway-namespace",
+        "modelservice-system",
+        "--gateway-pod-selector",
+        "app.kubernetes.io/component=gateway,app.kubernetes.io/instance="
+        "modelservice,app.kubernetes.io/name=modelservice-operator",
+    ]
     for probe in (c["livenessProbe"], c["readinessProbe"]):
         assert probe["httpGet"]["path"] == "/healthz"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080, "health": 8081}
@@ -195,8 +223,19 @@ def test_gateway_deployment_contract():
     dep = hu.find(docs, "Deployment", GATEWAY)
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert dep["spec"]["replicas"] == 2
-    assert c["args"] == ["gateway", "--port", "8080", "--metrics-port", "9090",
-                         "--activation-timeout", "10m", "--max-body-bytes", "10485760", "--workers", "auto"]
+    assert c["args"] == [
+        "gateway",
+        "--port",
+        "8080",
+        "--metrics-port",
+        "9090",
+        "--activation-timeout",
+        "10m",
+        "--max-body-bytes",
+        "10485760",
+        "--workers",
+        "auto",
+    ]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}  # 503 until watches synced
@@ -239,8 +278,10 @@ def test_large_values_stay_integers_in_args():
 
 def test_image_tag_and_digest():
     docs = hu.render(values={"image": {"tag": "1.2.3"}})
-    assert hu.find(docs, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]["image"] \
+    assert (
+        hu.find(docs, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]["image"]
         == "ghcr.io/modelservice/modelservice-operator:1.2.3"
+    )
     docs = rendered(hu.CI_VALUES_DIR / "overrides-values.yaml")
     image = hu.find(docs, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image.startswith("registry.example.com/mirror/modelservice-operator@sha256:")
@@ -278,8 +319,9 @@ def test_gateway_off_renders_no_gateway():
     assert "--network-policy" not in hu.container_args(docs, OPERATOR)  # no gateway: nothing to let in
 
 
-@pytest.mark.parametrize("kube_version, api_version", [("1.20.0", "policy/v1beta1"), ("1.21.0", "policy/v1"),
-                                                        ("1.30.0", "policy/v1")])
+@pytest.mark.parametrize(
+    "kube_version, api_version", [("1.20.0", "policy/v1beta1"), ("1.21.0", "policy/v1"), ("1.30.0", "policy/v1")]
+)
 def test_gateway_pdb_follows_the_cluster(kube_version, api_version):
     pdb = hu.find(rendered(kube_version=kube_version), "PodDisruptionBudget")
     assert pdb["apiVersion"] == api_version and pdb["spec"]["minAvailable"] == 1
@@ -289,22 +331,29 @@ def test_no_gateway_pdb_for_one_replica():
     assert hu.of_kind(rendered(hu.CI_VALUES_DIR / "overrides-values.yaml"), "PodDisruptionBudget") == []
 
 
-@pytest.mark.parametrize("enabled, cluster_has_crd, expected", [
-    ("auto", False, False), ("auto", True, True), (True, False, True), (False, True, False)])
+@pytest.mark.parametrize(
+    "enabled, cluster_has_crd, expected",
+    [("auto", False, False), ("auto", True, True), (True, False, True), (False, True, False)],
+)
 def test_service_monitor(enabled, cluster_has_crd, expected):
-    docs = hu.render(values={"serviceMonitor": {"enabled": enabled}},
-                     api_versions=[SERVICE_MONITOR_API] if cluster_has_crd else [])
+    docs = hu.render(
+        values={"serviceMonitor": {"enabled": enabled}}, api_versions=[SERVICE_MONITOR_API] if cluster_has_crd else []
+    )
     monitors = hu.of_kind(docs, "ServiceMonitor")
     assert bool(monitors) is expected
     if monitors:  # it must select exactly the two metrics Services
         selector = monitors[0]["spec"]["selector"]["matchLabels"]
-        picked = [s["metadata"]["name"] for s in hu.of_kind(docs, "Service")
-                  if selector.items() <= s["metadata"]["labels"].items()]
+        picked = [
+            s["metadata"]["name"]
+            for s in hu.of_kind(docs, "Service")
+            if selector.items() <= s["metadata"]["labels"].items()
+        ]
         assert set(picked) == {f"{OPERATOR}-metrics", f"{GATEWAY}-metrics"}
         assert monitors[0]["spec"]["endpoints"][0]["port"] == "metrics"
 
 
 # ---- RBAC ------------------------------------------------------------------------------------------------------
+
 
 def test_rbac_cluster_wide_is_exactly_the_contract():
     docs = rendered()
@@ -351,8 +400,9 @@ def test_tenants_grant_secrets_of_the_release_namespace_only(monkeypatch):
         docs = hu.render(values={**values, "gateway": {"tenants": {"enabled": True}}})
         (role,) = [r for r in roles(docs, "gateway", "Role") if r["metadata"]["name"] == f"{GATEWAY}-tenants"]
         assert role["metadata"]["namespace"] == hu.NAMESPACE
-        assert hu.rule_triples(role) == _triples("", "secrets", "get list watch") | _triples("", "events",
-                                                                                            "create patch")
+        assert hu.rule_triples(role) == _triples("", "secrets", "get list watch") | _triples(
+            "", "events", "create patch"
+        )
         others = [r for r in hu.of_kind(docs, "Role", "ClusterRole") if r is not role]
         assert not any(t[1] == "secrets" for r in others for t in hu.rule_triples(r))
         (binding,) = [b for b in hu.of_kind(docs, "RoleBinding") if b["roleRef"]["name"] == f"{GATEWAY}-tenants"]
@@ -370,8 +420,10 @@ def test_tenants_grant_secrets_of_the_release_namespace_only(monkeypatch):
 def test_bindings_point_at_rendered_roles_and_service_accounts(values_file):
     docs = rendered(values_file)
     values = values_of(values_file)
-    role_keys = {(r["kind"], r["metadata"]["name"], r["metadata"].get("namespace"))
-                 for r in hu.of_kind(docs, "Role", "ClusterRole")}
+    role_keys = {
+        (r["kind"], r["metadata"]["name"], r["metadata"].get("namespace"))
+        for r in hu.of_kind(docs, "Role", "ClusterRole")
+    }
     accounts = {values["serviceAccount"]["name"] or OPERATOR, values["gateway"]["serviceAccount"]["name"] or GATEWAY}
     for b in hu.of_kind(docs, "RoleBinding", "ClusterRoleBinding"):
         ns = b["metadata"].get("namespace") if b["roleRef"]["kind"] == "Role" else None
@@ -388,25 +440,30 @@ def test_bindings_point_at_rendered_roles_and_service_accounts(values_file):
 
 # ---- the CRD -------------------------------------------------------------------------------------------------
 
+
 def _expected_crd_text() -> str:
     committed = hu.REPO / "crds" / CRD_FILE
     if committed.is_file():
         return committed.read_text()
     from modelservice.crd import crd_yaml  # crds/ not generated yet: compare with the generator itself
+
     return crd_yaml()
 
 
 def test_chart_crd_copy_is_byte_identical():
     copy = hu.CHART_DIR / "files" / "crds" / CRD_FILE
-    assert copy.read_text() == _expected_crd_text(), \
+    assert copy.read_text() == _expected_crd_text(), (
         f"{copy.relative_to(hu.REPO)} differs from crds/{CRD_FILE}: run `make crds`"
+    )
 
 
 def test_rendered_crd_is_the_file_plus_keep_and_labels():
     source = yaml.safe_load(_expected_crd_text())
     (crd,) = hu.of_kind(rendered(), "CustomResourceDefinition")
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep",
-                                              "argocd.argoproj.io/sync-options": "Delete=false,Prune=false"}
+    assert crd["metadata"]["annotations"] == {
+        "helm.sh/resource-policy": "keep",
+        "argocd.argoproj.io/sync-options": "Delete=false,Prune=false",
+    }
     assert source["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
     assert {k: v for k, v in crd.items() if k != "metadata"} == {k: v for k, v in source.items() if k != "metadata"}
     assert crd["metadata"]["name"] == source["metadata"]["name"]

@@ -39,9 +39,11 @@ def test_schema_is_structural_and_documented():
         assert "$ref" not in node and "anyOf" not in node or node.get("x-kubernetes-int-or-string"), path
         if path.count(".") >= 1 and not path.endswith("[]"):
             assert node.get("description"), f"{path} has no description (kubectl explain shows it)"
-    assert version["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas",
-                                                "statusReplicasPath": ".status.replicas",
-                                                "labelSelectorPath": ".status.selector"}
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
     names = crd["spec"]["names"]
     assert names["shortNames"] == ["msvc", "ms"] and names["categories"] == ["modelserving"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]

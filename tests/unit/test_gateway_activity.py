@@ -48,8 +48,11 @@ def test_lease_body():
     meta = lease["metadata"]
     assert meta["namespace"] == "team-a" and meta["name"] == lease_name("llama", "gw-0")
     assert meta["labels"] == {MODELSERVICE_LABEL: "llama", ACTIVITY_LABEL: "true"}
-    assert meta["annotations"] == {IN_FLIGHT_ANNOTATION: "2", IN_FLIGHT_NOW_ANNOTATION: "1",
-                                   LAST_REQUEST_ANNOTATION: rfc3339_micro(clock.wall)}
+    assert meta["annotations"] == {
+        IN_FLIGHT_ANNOTATION: "2",
+        IN_FLIGHT_NOW_ANNOTATION: "1",
+        LAST_REQUEST_ANNOTATION: rfc3339_micro(clock.wall),
+    }
     assert meta["ownerReferences"][0]["uid"] == "uid-team-a-llama"
     assert lease["spec"]["holderIdentity"] == "gw-0" and lease["spec"]["renewTime"] == rfc3339_micro(clock.wall)
 

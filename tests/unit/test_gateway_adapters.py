@@ -27,8 +27,16 @@ def fake_vllm(calls: list, registered: set) -> web.Application:
         doc = await request.json()
         calls.append(("load", doc["lora_name"], doc["lora_path"]))
         if doc["lora_name"] == "bad":
-            return web.json_response({"error": {"message": "LoRA rank 16 is greater than max_lora_rank 8.",
-                                                "type": "InternalServerError", "code": 500}}, status=500)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "LoRA rank 16 is greater than max_lora_rank 8.",
+                        "type": "InternalServerError",
+                        "code": 500,
+                    }
+                },
+                status=500,
+            )
         registered.add(doc["lora_name"])
         return web.Response(text=f"Success: LoRA adapter '{doc['lora_name']}' added successfully.")
 
@@ -42,8 +50,10 @@ def fake_vllm(calls: list, registered: set) -> web.Application:
         model = (await request.json())["model"]
         calls.append(("chat", model))
         if model != "base" and model not in registered:
-            return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
-                                                "type": "NotFoundError", "code": 404}}, status=404)
+            return web.json_response(
+                {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError", "code": 404}},
+                status=404,
+            )
         return web.json_response({"model": model, "choices": [{"message": {"content": f"from {model}"}}]})
 
     app = web.Application()
@@ -58,8 +68,10 @@ async def test_an_adapter_is_loaded_on_its_base_before_its_request_and_refusals_
     registered: set = set()
     async with serving(fake_vllm(calls, registered), host="127.0.0.1") as engine_url:
         port = int(engine_url.rsplit(":", 1)[1])
-        async with gateway(base("a", "bad"), *slice_for("base", [("127.0.0.1", port)])) as (gw, url), \
-                aiohttp.ClientSession() as s:
+        async with (
+            gateway(base("a", "bad"), *slice_for("base", [("127.0.0.1", port)])) as (gw, url),
+            aiohttp.ClientSession() as s,
+        ):
             status, body, _ = await post(s, url, chat("a"))
             assert status == 200 and json.loads(body)["model"] == "a", body
             assert calls == [("load", "a", "./a/v1"), ("chat", "a")]
@@ -96,6 +108,7 @@ async def test_an_adapter_is_loaded_on_its_base_before_its_request_and_refusals_
             assert "a" not in registered
 
             # The engine's adapter API is not a client path.
-            async with s.post(url + "/models/default/base/v1/load_lora_adapter",
-                              json={"lora_name": "x", "lora_path": "/etc"}) as r:
+            async with s.post(
+                url + "/models/default/base/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"}
+            ) as r:
                 assert r.status == 404

@@ -36,8 +36,9 @@ def test_a_session_header_wins_over_the_messages():
     a = affinity_key(chat("one"), {SESSION_HEADER: "s-1"})
     assert a == affinity_key(chat("two", "x", "y"), {SESSION_HEADER: "s-1"})
     assert a != affinity_key(chat("one"), {SESSION_HEADER: "s-2"}) and a != affinity_key(chat("one"), {})
-    assert affinity_key(chat("one"), {SESSION_HEADER: "z" * 10_000_000}) == \
-        affinity_key(chat("one"), {SESSION_HEADER: "z" * 256})  # bounded: only the first 256 characters count
+    assert affinity_key(chat("one"), {SESSION_HEADER: "z" * 10_000_000}) == affinity_key(
+        chat("one"), {SESSION_HEADER: "z" * 256}
+    )  # bounded: only the first 256 characters count
 
 
 def test_nothing_to_route_by_gives_no_key():
@@ -49,14 +50,21 @@ def test_nothing_to_route_by_gives_no_key():
 
 
 def test_odd_shapes_do_not_raise():
-    for doc in ({"messages": [None, 3]}, {"messages": [{"role": None, "content": {"a": 1}}]},
-                {"messages": [{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "hi"}, 5]}]},
-                {"prompt": ["a", "b"]}, {"prompt": "x\ud800y"}):
+    for doc in (
+        {"messages": [None, 3]},
+        {"messages": [{"role": None, "content": {"a": 1}}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "hi"}, 5]}]},
+        {"prompt": ["a", "b"]},
+        {"prompt": "x\ud800y"},
+    ):
         affinity_key(doc, {})  # a key or None, never an exception: the engine judges the request
 
 
-@pytest.mark.parametrize("content", ["x" * 10_000_000, "hello " * 2_000_000, "\u00e9" * 10_000_000],
-                         ids=["10MB-one-char", "repeated-token", "10MB-multibyte"])
+@pytest.mark.parametrize(
+    "content",
+    ["x" * 10_000_000, "hello " * 2_000_000, "\u00e9" * 10_000_000],
+    ids=["10MB-one-char", "repeated-token", "10MB-multibyte"],
+)
 def test_hashing_cost_is_bounded_for_huge_prompts(content):
     """A 10 MB prompt, or a single token repeated: the key reads at most MAX_MATERIAL characters."""
     huge_chat = {"messages": [{"role": "system", "content": content}] * 50 + [{"role": "user", "content": content}]}
@@ -65,9 +73,10 @@ def test_hashing_cost_is_bounded_for_huge_prompts(content):
         assert affinity_key(doc, {}) is not None
     # What is not read does not count: a change in the middle of a 10 MB message keeps the key.
     mid = len(content) // 2
-    changed = content[:mid] + "#" + content[mid + 1:]
-    assert affinity_key({"messages": [{"role": "user", "content": content}]}, {}) == \
-        affinity_key({"messages": [{"role": "user", "content": changed}]}, {})
+    changed = content[:mid] + "#" + content[mid + 1 :]
+    assert affinity_key({"messages": [{"role": "user", "content": content}]}, {}) == affinity_key(
+        {"messages": [{"role": "user", "content": changed}]}, {}
+    )
 
 
 def test_no_memory_grows_with_distinct_conversations():
@@ -87,9 +96,12 @@ def test_no_memory_grows_with_distinct_conversations():
         before = tracemalloc.take_snapshot()
         for i in range(5_000):
             route(i)
-        grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename")
-                    if s.traceback[0].filename in (affinity.__file__, __import__("modelservice.gateway.balancer",
-                                                                                 fromlist=["x"]).__file__))
+        grown = sum(
+            s.size_diff
+            for s in tracemalloc.take_snapshot().compare_to(before, "filename")
+            if s.traceback[0].filename
+            in (affinity.__file__, __import__("modelservice.gateway.balancer", fromlist=["x"]).__file__)
+        )
     finally:
         tracemalloc.stop()
     assert grown < 4096, grown
@@ -116,6 +128,7 @@ async def test_through_the_gateway_turns_stick_and_a_vanished_replica_is_no_erro
         async def answer(request):
             seen.append(host)
             return web.json_response({"choices": [{"message": {"role": "assistant", "content": "ok"}}]})
+
         app = web.Application()
         app.router.add_post("/v1/chat/completions", answer)
         return app

@@ -70,23 +70,22 @@ async def test_refresher_fetches_kicked_secrets():
     task.cancel()
 
 
-
 async def test_a_secret_the_gateway_may_not_read_is_a_503_with_the_reason_not_a_401():
     """Seen on the local cluster: with the chart's gateway.apiKeys off, the right key got 401 "invalid API key"."""
     from modelservice.gateway.testing import FakeOps
 
     class Forbidden(FakeOps):
         async def get_secret(self, namespace, name):
-            raise RuntimeError("403 Forbidden: secrets \"s\" is forbidden")
+            raise RuntimeError('403 Forbidden: secrets "s" is forbidden')
 
     entries = [model_entry(modelservice("locked", "a", api_key_secret="s"))]
     store = KeyStore()
     task = asyncio.create_task(store.run(Forbidden(), lambda: entries, interval=60))
     await store.wait_loaded(entries[0], 30)  # a deadline for a starved machine; the store answers at once
     assert not store.permits(entries[0], "Bearer k1")
-    assert store.unreadable(entries[0]) == ("the gateway cannot read the API key Secret a/s: 403 Forbidden: "
-                                            "secrets \"s\" is forbidden")
+    assert store.unreadable(entries[0]) == (
+        'the gateway cannot read the API key Secret a/s: 403 Forbidden: secrets "s" is forbidden'
+    )
     store.update(("a", "s"), secret(keys="k1"))  # readable again: keys checked as usual
     assert store.unreadable(entries[0]) is None and store.permits(entries[0], "Bearer k1")
     task.cancel()
-

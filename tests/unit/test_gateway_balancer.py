@@ -97,5 +97,6 @@ def test_exclude_gives_the_next_ranked_endpoint_and_one_candidate_needs_no_hash(
 
 def test_every_gateway_process_agrees_on_the_owner():
     """Workers and gateway replicas each have their own Balancer: the ranking is a hash, not a random draw."""
-    assert [Balancer(random.Random(s)).pick(EPS, key=k) for s in (1, 2) for k in KEYS[:20]][:20] == \
-        [Balancer(random.Random(9)).pick(EPS, key=k) for k in KEYS[:20]]
+    assert [Balancer(random.Random(s)).pick(EPS, key=k) for s in (1, 2) for k in KEYS[:20]][:20] == [
+        Balancer(random.Random(9)).pick(EPS, key=k) for k in KEYS[:20]
+    ]

@@ -21,15 +21,46 @@ def test_value_parsers():
 def test_flags_to_config(monkeypatch):
     monkeypatch.setenv("POD_NAME", "gateway-7f9c-abcde")
     monkeypatch.setenv("POD_NAMESPACE", "modelservice-system")
-    args = cli.parser().parse_args([
-        "--namespace", "a", "--namespace", "b", "--activation-timeout", "2m", "--max-body-bytes", "1Mi",
-        "--api-key-secret", "global-keys", "--header-timeout", "5s", "--idle-timeout", "30s",
-        "--activity-interval", "5s", "--max-held-per-model", "10"])
+    args = cli.parser().parse_args(
+        [
+            "--namespace",
+            "a",
+            "--namespace",
+            "b",
+            "--activation-timeout",
+            "2m",
+            "--max-body-bytes",
+            "1Mi",
+            "--api-key-secret",
+            "global-keys",
+            "--header-timeout",
+            "5s",
+            "--idle-timeout",
+            "30s",
+            "--activity-interval",
+            "5s",
+            "--max-held-per-model",
+            "10",
+        ]
+    )
     c = cli.config_from(args)
-    assert (c.namespaces, c.activation_timeout, c.max_body_bytes, c.header_timeout, c.idle_timeout) == \
-        (["a", "b"], 120, 2**20, 5, 30)
+    assert (c.namespaces, c.activation_timeout, c.max_body_bytes, c.header_timeout, c.idle_timeout) == (
+        ["a", "b"],
+        120,
+        2**20,
+        5,
+        30,
+    )
     assert c.api_key_secret == ("modelservice-system", "global-keys", "keys")
     assert (c.activity_interval, c.max_held_per_model, c.pod_name) == (5, 10, "gateway-7f9c-abcde")
     d = cli.config_from(cli.parser().parse_args([]))
-    assert (d.port, d.metrics_port, d.activation_timeout, d.max_body_bytes, d.max_held_per_model,
-            d.activity_interval, d.namespaces, d.api_key_secret) == (8080, 9090, 600, 10 * 2**20, 256, 10, [], None)
+    assert (
+        d.port,
+        d.metrics_port,
+        d.activation_timeout,
+        d.max_body_bytes,
+        d.max_held_per_model,
+        d.activity_interval,
+        d.namespaces,
+        d.api_key_secret,
+    ) == (8080, 9090, 600, 10 * 2**20, 256, 10, [], None)

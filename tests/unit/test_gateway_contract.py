@@ -27,9 +27,18 @@ NOW = 1_800_000_000.0
 
 
 def modelservice(name: str, spec: object) -> dict:
-    return {"apiVersion": "serving.modelservice.dev/v1alpha1", "kind": "ModelService",
-            "metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "generation": 1,
-                         "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": spec}
+    return {
+        "apiVersion": "serving.modelservice.dev/v1alpha1",
+        "kind": "ModelService",
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "uid": f"uid-{name}",
+            "generation": 1,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": spec,
+    }
 
 
 def told_name(container: dict, engine: Engine) -> str | None:
@@ -44,17 +53,29 @@ def told_name(container: dict, engine: Engine) -> str | None:
 
 # What the fuzzer's valid specs leave out and the gateway reads: served names, every kind of autoscaling, key refs.
 served_names = st.one_of(st.none(), st.sampled_from(["llama", "meta/llama-3:8b", "a.b_c"]))
-autoscaling = st.one_of(st.none(), st.builds(
-    lambda lo, extra, how: {"minReplicas": lo, "maxReplicas": max(1, lo) + extra, **how},
-    st.integers(0, 3), st.integers(0, 3),
-    st.sampled_from([{}, {"targetInFlight": 4}, {"cpuUtilization": 70}, {"scaleToZeroAfter": "5m"}])))
-key_refs = st.one_of(st.none(), st.fixed_dictionaries({"name": st.just("keys-secret")},
-                                                      optional={"key": st.sampled_from(["keys", "api-keys"])}))
+autoscaling = st.one_of(
+    st.none(),
+    st.builds(
+        lambda lo, extra, how: {"minReplicas": lo, "maxReplicas": max(1, lo) + extra, **how},
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.sampled_from([{}, {"targetInFlight": 4}, {"cpuUtilization": 70}, {"scaleToZeroAfter": "5m"}]),
+    ),
+)
+key_refs = st.one_of(
+    st.none(),
+    st.fixed_dictionaries({"name": st.just("keys-secret")}, optional={"key": st.sampled_from(["keys", "api-keys"])}),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(min_value=0, max_value=2**32), st.sampled_from(["m", "llama-3-8b", "a" * 63]), served_names,
-       autoscaling, key_refs)
+@given(
+    st.integers(min_value=0, max_value=2**32),
+    st.sampled_from(["m", "llama-3-8b", "a" * 63]),
+    served_names,
+    autoscaling,
+    key_refs,
+)
 def test_the_gateway_routes_what_the_operator_renders(seed, name, served, scaling, key_ref):
     raw = Gen(seed).valid()
     for field, value in (("autoscaling", scaling), ("apiKeySecretRef", key_ref)):
@@ -106,7 +127,9 @@ def test_the_gateway_routes_what_the_operator_renders(seed, name, served, scalin
 def test_a_secret_reference_without_a_key_uses_the_apis_default():
     raw = {"engine": "vllm", "model": {"uri": "hf://org/m"}, "apiKeySecretRef": {"name": "keys-secret"}}
     assert model_entry(modelservice("m", raw)).api_key_ref == (
-        "keys-secret", ModelServiceSpec.model_validate(raw).apiKeySecretRef.key)
+        "keys-secret",
+        ModelServiceSpec.model_validate(raw).apiKeySecretRef.key,
+    )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -20,9 +20,17 @@ def stalled(ms: dict, message: str = LOG) -> dict:
     """The ModelService as the operator reports a crash-looping engine (status.py)."""
     ms = json.loads(json.dumps(ms))
     ms["metadata"]["generation"] = 1
-    ms["status"] = {"observedGeneration": 1, "conditions": [
-        {"type": "Stalled", "status": "True", "reason": "CrashLoopBackOff",
-         "message": f"pod m-1: CrashLoopBackOff: back-off 10s; its last log lines:\n{message}"}]}
+    ms["status"] = {
+        "observedGeneration": 1,
+        "conditions": [
+            {
+                "type": "Stalled",
+                "status": "True",
+                "reason": "CrashLoopBackOff",
+                "message": f"pod m-1: CrashLoopBackOff: back-off 10s; its last log lines:\n{message}",
+            }
+        ],
+    }
     return ms
 
 
@@ -72,16 +80,21 @@ async def test_an_engine_that_dies_mid_stream_leaves_an_openai_error_event():
 
     async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + f"{len(first):x}\r\n".encode() + first + b"\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + f"{len(first):x}\r\n".encode()
+            + first
+            + b"\r\n"
+        )
         await writer.drain()
         writer.close()  # dies here
 
     server = await asyncio.start_server(engine, "127.0.0.9", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with gateway_with(modelservice("m"), deployment("m", 1),
-                                endpointslice("m", [("127.0.0.9", True)], port)) as (gw, url):
+        async with gateway_with(
+            modelservice("m"), deployment("m", 1), endpointslice("m", [("127.0.0.9", True)], port)
+        ) as (gw, url):
             got = b""
             async with aiohttp.ClientSession() as s:
                 async with s.post(url + "/v1/chat/completions", json=chat("m", stream=True)) as r:
@@ -110,9 +123,12 @@ async def test_a_request_to_a_pod_that_just_went_away_waits_for_its_replacement(
         gone_port = s.getsockname()[1]
     async with serving(stub_app("m", 1000.0), host="127.0.0.12") as new_url:
         new_port = int(new_url.rsplit(":", 1)[1])
-        async with gateway_with(modelservice("m", min_replicas=0), deployment("m", 1),
-                                endpointslice("m", [("127.0.0.11", True)], gone_port, name="m-old"),
-                                activation_timeout=300) as (gw, url):
+        async with gateway_with(
+            modelservice("m", min_replicas=0),
+            deployment("m", 1),
+            endpointslice("m", [("127.0.0.11", True)], gone_port, name="m-old"),
+            activation_timeout=300,
+        ) as (gw, url):
             answer = asyncio.ensure_future(_post(url, chat("m")))
             while not gw.activator.held(("default", "m")):  # refused, then held: not a 502
                 assert not answer.done(), answer.result()

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.unit
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0}}
 CONTENT = [b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"t%d"}}]}\n\n' % i for i in range(3)]
-USAGE_EVENT = b'data: {"id":"x","choices":[],"usage":' + json.dumps(USAGE).encode() + b'}\n\n'
+USAGE_EVENT = b'data: {"id":"x","choices":[],"usage":' + json.dumps(USAGE).encode() + b"}\n\n"
 STREAM = b"".join(CONTENT) + USAGE_EVENT + b"data: [DONE]\n\n"
 
 
 def _feed(meter, data, at):
     out = b""
     for i in range(0, len(data), at) if at else [0]:
-        out += meter.feed(data[i:i + at] if at else data)
+        out += meter.feed(data[i : i + at] if at else data)
     return out + meter.finish()
 
 
@@ -55,7 +55,9 @@ def test_non_streamed_body_in_any_chunks(at):
 
 
 def test_usage_in_the_last_content_event_stays_and_counts():
-    last = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n'
+    last = (
+        b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n'
+    )
     meter = Meter(stream=True, strip=True)
     assert _feed(meter, CONTENT[0] + last, 0) == CONTENT[0] + last
     assert (meter.prompt, meter.completion) == (2, 1)
@@ -92,20 +94,32 @@ def test_tenant_labels_are_bounded():
     m = Metering(reg, max_tenants=2)
     for t in ("a", "b", "c", "d", "c"):
         m.record(t, "ns/m", 200, None, False)
-    assert reg.get_sample_value("modelservice_gateway_tenant_requests_total",
-                                {"tenant": "_other", "model": "ns/m", "outcome": "ok"}) == 3
+    assert (
+        reg.get_sample_value(
+            "modelservice_gateway_tenant_requests_total", {"tenant": "_other", "model": "ns/m", "outcome": "ok"}
+        )
+        == 3
+    )
     assert reg.get_sample_value("modelservice_gateway_tenants_aggregated") == 2
 
 
 def _tenant_secret(name, key, namespaces="default"):
-    return {"metadata": {"name": name, "namespace": "gw", "uid": name, "resourceVersion": "1",
-                         "labels": {TENANT_LABEL: name},
-                         "annotations": {"serving.modelservice.dev/namespaces": namespaces}},
-            "data": {"keys": base64.b64encode(key.encode()).decode()}}
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "gw",
+            "uid": name,
+            "resourceVersion": "1",
+            "labels": {TENANT_LABEL: name},
+            "annotations": {"serving.modelservice.dev/namespaces": namespaces},
+        },
+        "data": {"keys": base64.b64encode(key.encode()).decode()},
+    }
 
 
 async def test_gateway_meters_tokens_per_tenant_from_a_real_stream():
     """Over sockets, the stub engine counting its own tokens: what the client saw and the counters agree."""
+
     async def no_usage(request: web.Request) -> web.Response:
         return web.json_response({"id": "x", "choices": [{"message": {"content": "hi"}}]})
 
@@ -113,17 +127,29 @@ async def test_gateway_meters_tokens_per_tenant_from_a_real_stream():
     bare.router.add_post("/v1/chat/completions", no_usage)
     async with serving(stub_app("m", 10000.0)) as up, serving(bare, host="127.0.0.2") as up2:
         port, port2 = int(up.rsplit(":", 1)[1]), int(up2.rsplit(":", 1)[1])
-        async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
-                                modelservice("bare"), endpointslice("bare", [("127.0.0.2", True)], port2),
-                                tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
+        async with (
+            gateway_with(
+                modelservice("m"),
+                endpointslice("m", [("127.0.0.1", True)], port),
+                modelservice("bare"),
+                endpointslice("bare", [("127.0.0.2", True)], port2),
+                tenant_namespace="gw",
+            ) as (gw, url),
+            aiohttp.ClientSession() as s,
+        ):
             gw.keys.tenants.apply("ADDED", _tenant_secret("team-a", "ka"))
             gw.keys.tenants.apply("ADDED", _tenant_secret("team-b", "kb"))
 
             async def chat(key, model="m", **extra):
-                body = {"model": model, "messages": [{"role": "user", "content": "one two three"}],
-                        "max_tokens": 5, **extra}
-                async with s.post(url + "/v1/chat/completions", json=body,
-                                  headers={"Authorization": f"Bearer {key}"}) as r:
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": "one two three"}],
+                    "max_tokens": 5,
+                    **extra,
+                }
+                async with s.post(
+                    url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+                ) as r:
                     assert r.status == 200
                     return await r.read()
 
@@ -147,18 +173,22 @@ async def test_gateway_meters_tokens_per_tenant_from_a_real_stream():
             assert sample("modelservice_gateway_completion_tokens_total", **a) == 10
             assert sample("modelservice_gateway_prompt_tokens_total", **b) == whole["usage"]["prompt_tokens"]
             assert sample("modelservice_gateway_completion_tokens_total", **b) == whole["usage"]["completion_tokens"]
-            assert sample("modelservice_gateway_unmetered_requests_total", tenant="team-b", model="default/bare",
-                          reason="no_usage") == 1
+            assert (
+                sample(
+                    "modelservice_gateway_unmetered_requests_total",
+                    tenant="team-b",
+                    model="default/bare",
+                    reason="no_usage",
+                )
+                == 1
+            )
 
             # A client that leaves mid-stream: outcome cut, the events it got counted, prompt unknown.
-            body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000,
-                    "stream": True}
-            async with s.post(url + "/v1/chat/completions", json=body,
-                              headers={"Authorization": "Bearer kb"}) as r:
+            body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000, "stream": True}
+            async with s.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer kb"}) as r:
                 await r.content.readuntil(b"\n\n")
             r.close()
             cut = {"tenant": "team-b", "model": "default/m"}
             await until(lambda: sample("modelservice_gateway_unmetered_requests_total", **cut, reason="cut") == 1)
             assert sample("modelservice_gateway_tenant_requests_total", **cut, outcome="cut") == 1
             assert sample("modelservice_gateway_completion_tokens_total", **cut, outcome="cut") >= 1
-

@@ -15,26 +15,62 @@ pytestmark = pytest.mark.unit
 
 # Admin calls of each engine, as its documentation names them: each must be refused, whatever the method.
 ADMIN = {
-    "ollama": [("POST", "/api/pull"), ("POST", "/api/create"), ("DELETE", "/api/delete"), ("POST", "/api/copy"),
-               ("POST", "/api/push"), ("POST", "/api/blobs/sha256:abc")],
-    "vllm": [("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"), ("POST", "/sleep"),
-             ("POST", "/wake_up"), ("GET", "/is_sleeping"), ("POST", "/reset_prefix_cache"),
-             ("POST", "/start_profile"), ("POST", "/stop_profile"), ("POST", "/collective_rpc"), ("GET", "/metrics")],
+    "ollama": [
+        ("POST", "/api/pull"),
+        ("POST", "/api/create"),
+        ("DELETE", "/api/delete"),
+        ("POST", "/api/copy"),
+        ("POST", "/api/push"),
+        ("POST", "/api/blobs/sha256:abc"),
+    ],
+    "vllm": [
+        ("POST", "/v1/load_lora_adapter"),
+        ("POST", "/v1/unload_lora_adapter"),
+        ("POST", "/sleep"),
+        ("POST", "/wake_up"),
+        ("GET", "/is_sleeping"),
+        ("POST", "/reset_prefix_cache"),
+        ("POST", "/start_profile"),
+        ("POST", "/stop_profile"),
+        ("POST", "/collective_rpc"),
+        ("GET", "/metrics"),
+    ],
     "sglang": [("POST", "/flush_cache"), ("POST", "/update_weights_from_disk"), ("POST", "/start_profile")],
     "llamacpp": [("GET", "/slots"), ("POST", "/slots/0"), ("POST", "/lora-adapters"), ("GET", "/metrics")],
-    "triton": [("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/m/load"),
-               ("POST", "/v2/repository/models/m/unload"), ("GET", "/v2/models/stats"), ("POST", "/v2/logging"),
-               ("POST", "/v2/models/m/trace/setting"), ("POST", "/v2/systemsharedmemory/region/r/register")],
+    "triton": [
+        ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/m/load"),
+        ("POST", "/v2/repository/models/m/unload"),
+        ("GET", "/v2/models/stats"),
+        ("POST", "/v2/logging"),
+        ("POST", "/v2/models/m/trace/setting"),
+        ("POST", "/v2/systemsharedmemory/region/r/register"),
+    ],
     "tgi": [("GET", "/metrics")],
     "custom": [("GET", "/metrics"), ("POST", "/admin")],
 }
 CLIENT = {
-    "ollama": [("POST", "/api/chat"), ("POST", "/api/generate"), ("GET", "/api/tags"), ("POST", "/v1/chat/completions")],
-    "vllm": [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
-             ("GET", "/v1/models"), ("POST", "/tokenize"), ("GET", "/health")],
+    "ollama": [
+        ("POST", "/api/chat"),
+        ("POST", "/api/generate"),
+        ("GET", "/api/tags"),
+        ("POST", "/v1/chat/completions"),
+    ],
+    "vllm": [
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/v1/models"),
+        ("POST", "/tokenize"),
+        ("GET", "/health"),
+    ],
     "llamacpp": [("POST", "/completion"), ("GET", "/props"), ("POST", "/v1/chat/completions")],
-    "triton": [("POST", "/v2/models/resnet/infer"), ("POST", "/v2/models/m/versions/2/infer"),
-               ("GET", "/v2/models/m/ready"), ("GET", "/v2/health/ready")],
+    "triton": [
+        ("POST", "/v2/models/resnet/infer"),
+        ("POST", "/v2/models/m/versions/2/infer"),
+        ("GET", "/v2/models/m/ready"),
+        ("GET", "/v2/health/ready"),
+    ],
     "tgi": [("POST", "/generate_stream"), ("GET", "/info")],
     "custom": [("POST", "/v1/chat/completions"), ("HEAD", "/v1/models")],
 }
@@ -63,10 +99,21 @@ def test_known_path_with_another_method_is_405():
     assert e.value.status == 405
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/chat/completions/../../api/pull", "/v1/%2e%2e/api/pull", "/v1//chat/completions", "/v1/chat/completions/",
-    "/V1/chat/completions", "/v1/chat%2Fcompletions", "/v2/models/../repository/index/infer", "/", "",
-    "/v2/models/./infer"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions/../../api/pull",
+        "/v1/%2e%2e/api/pull",
+        "/v1//chat/completions",
+        "/v1/chat/completions/",
+        "/V1/chat/completions",
+        "/v1/chat%2Fcompletions",
+        "/v2/models/../repository/index/infer",
+        "/",
+        "",
+        "/v2/models/./infer",
+    ],
+)
 def test_encoded_dotted_or_odd_paths_match_nothing(path):
     for engine in ("vllm", "ollama", "triton", "custom"):
         assert paths.allowed_methods(engine, path) == (), (engine, path)
@@ -83,7 +130,9 @@ async def test_gateway_forwards_client_paths_and_refuses_admin_paths():
     seen: list[tuple[str, str]] = []
 
     async def record(request: web.Request) -> web.Response:
-        if request.headers.get("User-Agent") != engine_load.USER_AGENT:  # the gateway's own queue polls are not clients'
+        if (
+            request.headers.get("User-Agent") != engine_load.USER_AGENT
+        ):  # the gateway's own queue polls are not clients'
             seen.append((request.method, request.raw_path))
         return web.json_response({"ok": True})
 
@@ -104,8 +153,9 @@ async def test_gateway_forwards_client_paths_and_refuses_admin_paths():
             # aiohttp's client would normalise these; send them raw.
             for raw in ("/models/default/ollama/v1/%2e%2e/api/pull", "/models/default/ollama/x/../api/pull"):
                 reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
-                writer.write(f"POST {raw} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
-                             "Connection: close\r\n\r\n{}".encode())
+                writer.write(
+                    f"POST {raw} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode()
+                )
                 status = (await reader.readline()).split()[1]
                 writer.close()
                 with contextlib.suppress(Exception):
@@ -119,4 +169,3 @@ async def test_gateway_forwards_client_paths_and_refuses_admin_paths():
                         assert r.status == 200, (engine, method, path, await r.text())
                     want.append((method, path + "?a=1"))
             assert seen == want
-

@@ -30,8 +30,11 @@ def test_requests_per_minute_refill_continuously():
     with pytest.raises(QuotaExceeded) as e:
         q.admit("a", 60, None, 0)
     assert e.value.status == 429 and e.value.retry_after == 1
-    assert e.value.headers == {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
-                               "x-ratelimit-reset-requests": "1m0s"}
+    assert e.value.headers == {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
     q.admit("b", 60, None, 0)  # tenants are separate
     clock.now += 1.0
     q.admit("a", 60, None, 0)  # one second: one request back
@@ -102,9 +105,17 @@ def _secret(rpm="", tpm="", bad=None):
         notes["serving.modelservice.dev/requests-per-minute"] = rpm
     if tpm:
         notes["serving.modelservice.dev/tokens-per-minute"] = tpm
-    return {"metadata": {"name": "s", "namespace": "gw", "uid": "u", "resourceVersion": "1",
-                         "labels": {TENANT_LABEL: "team-a"}, "annotations": notes},
-            "data": {"keys": base64.b64encode(b"ka").decode()}}
+    return {
+        "metadata": {
+            "name": "s",
+            "namespace": "gw",
+            "uid": "u",
+            "resourceVersion": "1",
+            "labels": {TENANT_LABEL: "team-a"},
+            "annotations": notes,
+        },
+        "data": {"keys": base64.b64encode(b"ka").decode()},
+    }
 
 
 @pytest.mark.parametrize("rpm, tpm", [("0", ""), ("-1", ""), ("1.5", ""), ("", "lots")])
@@ -117,8 +128,13 @@ async def test_gateway_refuses_over_quota_before_the_engine():
     stub = stub_app("m", 10000.0)
     async with serving(stub) as up:
         port = int(up.rsplit(":", 1)[1])
-        async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
-                                tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
+        async with (
+            gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port), tenant_namespace="gw") as (
+                gw,
+                url,
+            ),
+            aiohttp.ClientSession() as s,
+        ):
             gw.quotas.clock = Clock()  # frozen: no refill while the test runs
             gw.keys.tenants.apply("ADDED", _secret(rpm="2"))
             headers = {"Authorization": "Bearer ka"}
@@ -135,10 +151,13 @@ async def test_gateway_refuses_over_quota_before_the_engine():
                 assert r.headers["x-ratelimit-limit-requests"] == "2"
                 assert r.headers["x-ratelimit-remaining-requests"] == "0"
             assert stub_state(stub).success == served and sum(served.values()) == 1  # not sent to the engine
-            assert gw.metrics.registry.get_sample_value(
-                "modelservice_gateway_tenant_requests_total",
-                {"tenant": "team-a", "model": "default/m", "outcome": "rate_limited"}) == 1
-
+            assert (
+                gw.metrics.registry.get_sample_value(
+                    "modelservice_gateway_tenant_requests_total",
+                    {"tenant": "team-a", "model": "default/m", "outcome": "rate_limited"},
+                )
+                == 1
+            )
 
 
 def test_tenant_and_tenant_on_model_both_hold_and_nothing_is_taken_on_refusal():
@@ -158,9 +177,18 @@ def test_tenant_and_tenant_on_model_both_hold_and_nothing_is_taken_on_refusal():
     assert q._tokens["a|ns/m"].level == pytest.approx(1000 - 100 - 100 + 90)
 
 
-@pytest.mark.parametrize("text, ok", [
-    ("ns/m:rpm=60,tpm=1000", True), ("ns/m:rpm=5; other/x.y:tpm=7", True), ("ns/m", False), ("ns/m:rpm=0", False),
-    ("ns/m:gpu=1", False), ("ns/m:", False), ("NS/m:rpm=1", False)])
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ("ns/m:rpm=60,tpm=1000", True),
+        ("ns/m:rpm=5; other/x.y:tpm=7", True),
+        ("ns/m", False),
+        ("ns/m:rpm=0", False),
+        ("ns/m:gpu=1", False),
+        ("ns/m:", False),
+        ("NS/m:rpm=1", False),
+    ],
+)
 def test_model_quotas_annotation(text, ok):
     obj = _secret(rpm="100")
     obj["metadata"]["annotations"]["serving.modelservice.dev/model-quotas"] = text
@@ -173,8 +201,13 @@ def test_model_quotas_annotation(text, ok):
 async def test_gateway_applies_a_tenants_quota_on_one_model():
     async with serving(stub_app("m", 10000.0)) as up:
         port = int(up.rsplit(":", 1)[1])
-        async with gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port),
-                                tenant_namespace="gw") as (gw, url), aiohttp.ClientSession() as s:
+        async with (
+            gateway_with(modelservice("m"), endpointslice("m", [("127.0.0.1", True)], port), tenant_namespace="gw") as (
+                gw,
+                url,
+            ),
+            aiohttp.ClientSession() as s,
+        ):
             gw.quotas.clock = Clock()
             obj = _secret()
             obj["metadata"]["annotations"]["serving.modelservice.dev/model-quotas"] = "default/m:rpm=1"
@@ -182,8 +215,6 @@ async def test_gateway_applies_a_tenants_quota_on_one_model():
             body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
             statuses = []
             for _ in range(2):
-                async with s.post(url + "/v1/chat/completions", json=body,
-                                  headers={"Authorization": "Bearer ka"}) as r:
+                async with s.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer ka"}) as r:
                     statuses.append((r.status, (await r.json()).get("error", {}).get("message", "")))
             assert statuses[0][0] == 200 and statuses[1][0] == 429 and "on model default/m" in statuses[1][1]
-

@@ -21,7 +21,6 @@ pytestmark = pytest.mark.unit
 HOSTS = ("127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24", "127.0.0.25")
 
 
-
 class FirstChoice(random.Random):
     """The balancer's tie-break, made predictable: the first least-loaded endpoint in slice order."""
 
@@ -35,12 +34,15 @@ SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Enco
 async def answer(mode: str, writer: asyncio.StreamWriter, release: asyncio.Event) -> None:
     if mode == "ok":
         body = b'{"choices": []}'
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
     elif mode in ("503", "429"):
         body = b'{"error": "server busy"}'
-        writer.write(b"HTTP/1.1 %s Busy\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (mode.encode(), len(body), body))
+        writer.write(
+            b"HTTP/1.1 %s Busy\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (mode.encode(), len(body), body)
+        )
     elif mode == "garbage":
         writer.write(b"THIS IS NOT HTTP\r\n\r\n")
     elif mode == "silent":
@@ -55,7 +57,7 @@ async def answer(mode: str, writer: asyncio.StreamWriter, release: asyncio.Event
 @contextlib.asynccontextmanager
 async def engines(*modes: str):
     """One raw engine per mode on its own loopback address; yields ([(host, port)], requests read per host)."""
-    seen = {h: 0 for h in HOSTS[:len(modes)]}
+    seen = {h: 0 for h in HOSTS[: len(modes)]}
     release = asyncio.Event()
     servers = []
 
@@ -64,8 +66,14 @@ async def engines(*modes: str):
             try:
                 while True:
                     head = await reader.readuntil(b"\r\n\r\n")
-                    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                                   if line.lower().startswith(b"content-length:")), 0)
+                    length = next(
+                        (
+                            int(line.split(b":")[1])
+                            for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"content-length:")
+                        ),
+                        0,
+                    )
                     await reader.readexactly(length)
                     if head.startswith(b"POST "):  # not the gateway's engine-load poll (GET /metrics, engine_load.py)
                         seen[host] += 1
@@ -76,6 +84,7 @@ async def engines(*modes: str):
                 pass
             finally:
                 writer.close()
+
         return on_conn
 
     try:
@@ -116,12 +125,15 @@ def code(body: bytes) -> str:
     return json.loads(body)["error"]["code"]
 
 
-@pytest.mark.parametrize("mode, status, error", [
-    ("close", 502, "bad_gateway"),  # read the request, closed without a byte of answer: it may have started on it
-    ("garbage", 502, "bad_gateway"),
-    ("silent", 504, "upstream_timeout"),
-    ("midstream", 200, None),  # the answer began: the client gets it, cut, and the error event
-])
+@pytest.mark.parametrize(
+    "mode, status, error",
+    [
+        ("close", 502, "bad_gateway"),  # read the request, closed without a byte of answer: it may have started on it
+        ("garbage", 502, "bad_gateway"),
+        ("silent", 504, "upstream_timeout"),
+        ("midstream", 200, None),  # the answer began: the client gets it, cut, and the error event
+    ],
+)
 async def test_an_engine_that_may_have_worked_on_the_request_is_not_replayed(mode, status, error):
     async def scenario():
         async with engines(mode, "ok") as (addrs, seen), gateway_to(addrs, upstream_timeout=0.5) as (gw, url):
@@ -171,6 +183,7 @@ async def test_one_budget_per_request_however_many_endpoints_refuse():
 async def test_a_refusal_then_unreachable_endpoints_says_busy_and_quarantines_only_the_unreachable():
     """A refusal says more than a refused connection: with the budget spent, the client is told the model is busy;
     the endpoints that did not listen are out of the table, the busy one is not."""
+
     async def scenario():
         async with engines("503") as (addrs, seen):
             port = addrs[0][1]

@@ -14,19 +14,38 @@ def table_with(*objs):
     changes = []
     t = RouteTable(on_change=changes.append)
     for o in objs:
-        {"ModelService": t.apply_modelservice, "EndpointSlice": t.apply_slice,
-         "Deployment": t.apply_deployment}[o["kind"]]("ADDED", o)
+        {"ModelService": t.apply_modelservice, "EndpointSlice": t.apply_slice, "Deployment": t.apply_deployment}[
+            o["kind"]
+        ]("ADDED", o)
     return t, changes
 
 
 def test_entry_defaults_and_ollama_tag():
     e = model_entry(modelservice("llama", "team-a"))
-    assert (e.served_name, e.upstream_model, e.api_key_ref, e.autoscaled, e.wake_replicas) == \
-        ("llama", None, None, False, 1)
-    o = model_entry(modelservice("small", engine="ollama", uri="ollama://llama3.2:1b", served_name="tiny",
-                                 min_replicas=0, api_key_secret="keys"))
-    assert (o.served_name, o.upstream_model, o.api_key_ref, o.autoscaled, o.wake_replicas) == \
-        ("tiny", "llama3.2:1b", ("keys", "keys"), True, 1)
+    assert (e.served_name, e.upstream_model, e.api_key_ref, e.autoscaled, e.wake_replicas) == (
+        "llama",
+        None,
+        None,
+        False,
+        1,
+    )
+    o = model_entry(
+        modelservice(
+            "small",
+            engine="ollama",
+            uri="ollama://llama3.2:1b",
+            served_name="tiny",
+            min_replicas=0,
+            api_key_secret="keys",
+        )
+    )
+    assert (o.served_name, o.upstream_model, o.api_key_ref, o.autoscaled, o.wake_replicas) == (
+        "tiny",
+        "llama3.2:1b",
+        ("keys", "keys"),
+        True,
+        1,
+    )
     assert model_entry(modelservice("big", min_replicas=2)).wake_replicas == 2
 
 
@@ -43,10 +62,12 @@ def test_slice_ready_endpoints_on_http_port_only():
 
 
 def test_endpoints_union_over_slices_and_removal():
-    t, changes = table_with(modelservice("m"),
-                            endpointslice("m", [("127.0.1.1", True)], 8000, name="m-a"),
-                            endpointslice("m", [("127.0.1.2", True)], 8000, name="m-b"),
-                            endpointslice("other", [("127.0.9.9", True)], 8000, name="other-a"))
+    t, changes = table_with(
+        modelservice("m"),
+        endpointslice("m", [("127.0.1.1", True)], 8000, name="m-a"),
+        endpointslice("m", [("127.0.1.2", True)], 8000, name="m-b"),
+        endpointslice("other", [("127.0.9.9", True)], 8000, name="other-a"),
+    )
     assert set(t.ready(("default", "m"))) == {Endpoint("127.0.1.1", 8000), Endpoint("127.0.1.2", 8000)}
     t.apply_slice("DELETED", endpointslice("m", [], 8000, name="m-a"))
     assert t.ready(("default", "m")) == (Endpoint("127.0.1.2", 8000),)
@@ -57,8 +78,12 @@ def test_endpoints_union_over_slices_and_removal():
 
 
 def test_resolve_served_name_namespace_form_and_errors():
-    t, _ = table_with(modelservice("llama", "a", served_name="meta/llama"), modelservice("llama", "b"),
-                      modelservice("qwen", "b"), modelservice("qwen", "c"))
+    t, _ = table_with(
+        modelservice("llama", "a", served_name="meta/llama"),
+        modelservice("llama", "b"),
+        modelservice("qwen", "b"),
+        modelservice("qwen", "c"),
+    )
     assert t.resolve("meta/llama").key == ("a", "llama")  # served names may contain "/"
     assert t.resolve("llama").key == ("b", "llama")
     assert t.resolve("c/qwen").key == ("c", "qwen")
@@ -122,8 +147,13 @@ def test_a_spec_that_turns_invalid_stops_routing_until_fixed_and_status_updates_
     t.apply_modelservice("MODIFIED", fixed)
     assert t.get("default", "m") is not None and t.invalid == {}
     # A status write keeps the generation: the parsed spec is reused, the status is read afresh.
-    stalled = {**fixed, "status": {"observedGeneration": 3, "conditions": [
-        {"type": "Stalled", "status": "True", "reason": "CrashLoopBackOff", "message": "boom"}]}}
+    stalled = {
+        **fixed,
+        "status": {
+            "observedGeneration": 3,
+            "conditions": [{"type": "Stalled", "status": "True", "reason": "CrashLoopBackOff", "message": "boom"}],
+        },
+    }
     t.apply_modelservice("MODIFIED", stalled)
     assert t.get("default", "m").stalled == "CrashLoopBackOff: boom"
     assert changes.count(("default", "m")) == 4

@@ -52,21 +52,22 @@ async def test_streaming_passes_chunks_through_unbuffered():
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    async with serving(upstream_on(lockstep), host="127.0.0.5") as up_url, gateway(
-            modelservice("m"), endpointslice("m", [("127.0.0.5", True)], port_of(up_url))) as (
-            gw, url), aiohttp.ClientSession() as s:
+    async with (
+        serving(upstream_on(lockstep), host="127.0.0.5") as up_url,
+        gateway(modelservice("m"), endpointslice("m", [("127.0.0.5", True)], port_of(up_url))) as (gw, url),
+        aiohttp.ClientSession() as s,
+    ):
         got = []
         async with s.post(url + "/v1/chat/completions", json=chat("m", stream=True)) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
             async for line in r.content:
                 if line.startswith(b'data: {"token": '):
-                    i = int(line[len(b'data: {"token": '):].split(b"}")[0])
+                    i = int(line[len(b'data: {"token": ') :].split(b"}")[0])
                     got.append(i)
                     delivered[i].set()
         assert stalled == [], f"chunk {stalled} did not reach the client before the upstream's next write"
         assert got == list(range(n))
         await until(lambda: gw.balancer._in_flight == {}, message="the endpoint released")
-
 
 
 async def test_client_disconnect_cancels_upstream():
@@ -90,9 +91,10 @@ async def test_client_disconnect_cancels_upstream():
         finished.set()
         return resp
 
-    async with serving(upstream_on(endless), host="127.0.0.4") as up_url, gateway(
-            modelservice("m"), endpointslice("m", [("127.0.0.4", True)], port_of(up_url))) as (
-            gw, url):
+    async with (
+        serving(upstream_on(endless), host="127.0.0.4") as up_url,
+        gateway(modelservice("m"), endpointslice("m", [("127.0.0.4", True)], port_of(up_url))) as (gw, url),
+    ):
         async with aiohttp.ClientSession() as s:
             async with s.post(url + "/v1/chat/completions", json=chat("m", stream=True)) as r:
                 assert r.status == 200
@@ -100,12 +102,16 @@ async def test_client_disconnect_cancels_upstream():
         # The upstream's stream can only end by its connection closing: the gateway passed the hang-up on.
         await until(lambda: gone.is_set() or finished.is_set(), message="the upstream's connection to close")
         assert started.is_set() and gone.is_set() and not finished.is_set()
-        await until(lambda: not gw.balancer._in_flight and gw.activity.in_flight(("default", "m")) == 0,
-                    message="the gateway's in-flight counts back to zero")
-        answered = {s.labels["code"]: s.value for s in gw.metrics.requests.collect()[0].samples
-                    if s.name.endswith("_total") and s.labels.get("model") == "default/m"}
+        await until(
+            lambda: not gw.balancer._in_flight and gw.activity.in_flight(("default", "m")) == 0,
+            message="the gateway's in-flight counts back to zero",
+        )
+        answered = {
+            s.labels["code"]: s.value
+            for s in gw.metrics.requests.collect()[0].samples
+            if s.name.endswith("_total") and s.labels.get("model") == "default/m"
+        }
         assert answered == {"499": 1}, answered  # logged as the client's hang-up, not as a success or an error
-
 
 
 async def test_upstream_death_mid_stream_truncates_the_response():
@@ -124,13 +130,14 @@ async def test_upstream_death_mid_stream_truncates_the_response():
         request.transport.close()  # the pod is killed
         return resp
 
-    async with serving(upstream_on(dies), host="127.0.0.8") as up_url, gateway(
-            modelservice("m"), endpointslice("m", [("127.0.0.8", True)], port_of(up_url))) as (
-            gw, url), aiohttp.ClientSession() as s:
+    async with (
+        serving(upstream_on(dies), host="127.0.0.8") as up_url,
+        gateway(modelservice("m"), endpointslice("m", [("127.0.0.8", True)], port_of(up_url))) as (gw, url),
+        aiohttp.ClientSession() as s,
+    ):
         async with s.post(url + "/v1/chat/completions", json=chat("m", stream=True)) as r:
             assert r.status == 200
             assert await r.content.readline() == b"data: 1\n"
             first_delivered.set()
             with pytest.raises(aiohttp.ClientPayloadError):
                 await r.read()  # not a clean end: the client knows the answer is cut short
-

@@ -16,24 +16,38 @@ pytestmark = pytest.mark.unit
 
 
 def secret(name, tenant, keys="", *, namespaces="*", models="", rv="1", data=None):
-    notes = {k: v for k, v in (("serving.modelservice.dev/namespaces", namespaces),
-                               ("serving.modelservice.dev/models", models)) if v}
-    return {"metadata": {"name": name, "namespace": "gw", "uid": f"uid-{name}", "resourceVersion": rv,
-                         "labels": {TENANT_LABEL: tenant}, "annotations": notes},
-            "data": data if data is not None else {"keys": base64.b64encode(keys.encode()).decode()}}
+    notes = {
+        k: v
+        for k, v in (("serving.modelservice.dev/namespaces", namespaces), ("serving.modelservice.dev/models", models))
+        if v
+    }
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "gw",
+            "uid": f"uid-{name}",
+            "resourceVersion": rv,
+            "labels": {TENANT_LABEL: tenant},
+            "annotations": notes,
+        },
+        "data": data if data is not None else {"keys": base64.b64encode(keys.encode()).decode()},
+    }
 
 
-@pytest.mark.parametrize("obj, why", [
-    (secret("s", "Team_A", "k1"), "not a tenant name"),
-    (secret("s", "", "k1"), "not a tenant name"),
-    (secret("s", "a", data={}), "no data key"),
-    (secret("s", "a", data={"keys": "!!not base64"}), "not base64"),
-    (secret("s", "a", data={"keys": base64.b64encode(b"\xff\xfe").decode()}), "not base64 of UTF-8"),
-    (secret("s", "a", "# only a comment\n\n"), "holds no key"),
-    (secret("s", "a", "k1", namespaces="Bad_NS"), "is not a namespace"),
-    (secret("s", "a", "k1", namespaces="", models="no-slash"), "is not a namespace"),
-    (secret("s", "a", "k1", namespaces=""), "may use no model"),
-])
+@pytest.mark.parametrize(
+    "obj, why",
+    [
+        (secret("s", "Team_A", "k1"), "not a tenant name"),
+        (secret("s", "", "k1"), "not a tenant name"),
+        (secret("s", "a", data={}), "no data key"),
+        (secret("s", "a", data={"keys": "!!not base64"}), "not base64"),
+        (secret("s", "a", data={"keys": base64.b64encode(b"\xff\xfe").decode()}), "not base64 of UTF-8"),
+        (secret("s", "a", "# only a comment\n\n"), "holds no key"),
+        (secret("s", "a", "k1", namespaces="Bad_NS"), "is not a namespace"),
+        (secret("s", "a", "k1", namespaces="", models="no-slash"), "is not a namespace"),
+        (secret("s", "a", "k1", namespaces=""), "may use no model"),
+    ],
+)
 def test_bad_secrets_are_refused_with_a_reason(obj, why):
     parsed, wrong = parse_secret(obj)
     assert parsed is None and why in wrong
@@ -55,7 +69,9 @@ def test_rotation_removal_and_a_key_claimed_by_two_tenants():
     problems = store.apply("ADDED", secret("b", "team-b", "new\nb-only"))
     assert store.identify("new") is None and store.identify("b-only").name == "team-b"
     assert sorted((p.secret["metadata"]["name"], p.reason) for p in problems) == [
-        ("a", "DuplicateTenantKey"), ("b", "DuplicateTenantKey")]
+        ("a", "DuplicateTenantKey"),
+        ("b", "DuplicateTenantKey"),
+    ]
     assert all("new" not in p.message.replace("team-", "") for p in problems)  # the key itself is never said
     assert "team-b" in next(p.message for p in problems if p.secret["metadata"]["name"] == "a")
     assert store.apply("DELETED", secret("b", "team-b")) == []
@@ -64,7 +80,9 @@ def test_rotation_removal_and_a_key_claimed_by_two_tenants():
     bad = secret("c", "team-c", data={})
     assert [p.reason for p in store.apply("ADDED", bad)] == ["InvalidTenantSecret"]
     assert store.apply("MODIFIED", bad) == []
-    assert [p.reason for p in store.apply("MODIFIED", secret("c", "team-c", data={}, rv="7"))] == ["InvalidTenantSecret"]
+    assert [p.reason for p in store.apply("MODIFIED", secret("c", "team-c", data={}, rv="7"))] == [
+        "InvalidTenantSecret"
+    ]
 
 
 def test_one_tenant_may_hold_several_secrets_and_their_access_adds_up():
@@ -102,23 +120,30 @@ async def test_gateway_with_tenants(caplog):
     async def scenario():
         async with serving(stub_app("m", 1000.0)) as up:
             port = int(up.rsplit(":", 1)[1])
-            objs = [modelservice("m", "team-a"), modelservice("m", "team-b"),
-                    modelservice("shared", "lab", api_key_secret="lab-keys"),
-                    endpointslice("m", [("127.0.0.1", True)], port, "team-a"),
-                    endpointslice("m", [("127.0.0.1", True)], port, "team-b"),
-                    endpointslice("shared", [("127.0.0.1", True)], port, "lab")]
+            objs = [
+                modelservice("m", "team-a"),
+                modelservice("m", "team-b"),
+                modelservice("shared", "lab", api_key_secret="lab-keys"),
+                endpointslice("m", [("127.0.0.1", True)], port, "team-a"),
+                endpointslice("m", [("127.0.0.1", True)], port, "team-b"),
+                endpointslice("shared", [("127.0.0.1", True)], port, "lab"),
+            ]
             ops = FakeOps()
             ops.secrets[("lab", "lab-keys")] = {"data": {"keys": base64.b64encode(b"lab-key").decode()}}
             async with gateway_with(*objs, ops=ops, tenant_namespace="gw") as (gw, url):
-                gw.keys.tenants.apply("ADDED", secret("a", "team-a", "sk-a-1", namespaces="team-a",
-                                                      models="lab/shared"))
+                gw.keys.tenants.apply(
+                    "ADDED", secret("a", "team-a", "sk-a-1", namespaces="team-a", models="lab/shared")
+                )
                 gw.keys.tenants.apply("ADDED", secret("b", "team-b", "sk-b-1", namespaces="team-b"))
                 gw.keys.tenants.apply("ADDED", secret("bad", "team-c", data={"keys": "%%%"}))
 
                 async def chat(model, key=None):
                     headers = {"Authorization": f"Bearer {key}"} if key else {}
-                    async with s.post(url + "/v1/chat/completions", headers=headers, json={
-                            "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}) as r:
+                    async with s.post(
+                        url + "/v1/chat/completions",
+                        headers=headers,
+                        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                    ) as r:
                         return r.status, (await r.json()).get("error", {}).get("code")
 
                 async def models(key=None):

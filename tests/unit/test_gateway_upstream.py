@@ -83,8 +83,9 @@ async def test_keep_alive_connection_is_reused_and_request_is_sent_whole():
         return port
 
     port = await scenario()
-    assert seen[0] == (b"POST /v1/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Test: 1\r\nContent-Length: 2\r\n\r\n{}"
-                       % port)
+    assert seen[0] == (
+        b"POST /v1/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Test: 1\r\nContent-Length: 2\r\n\r\n{}" % port
+    )
 
 
 class BlockingPod:
@@ -187,6 +188,7 @@ async def test_a_connection_reset_before_the_write_is_not_sent():
 async def test_a_pod_that_reads_the_request_and_closes_may_have_seen_it():
     """Closed after the request was written, before any byte of an answer: not NotSent (the pod may have started on
     it), and the pool does not send it again."""
+
     async def handler(reader, writer, n):
         await read_request(reader)
 
@@ -197,7 +199,6 @@ async def test_a_pod_that_reads_the_request_and_closes_may_have_seen_it():
         assert not isinstance(e.value, NotSent)
         assert conns() == 1
         await p.close()
-
 
 
 async def test_answer_delimited_by_eof_and_chunked_answer():
@@ -219,7 +220,6 @@ async def test_answer_delimited_by_eof_and_chunked_answer():
         await p.close()
 
 
-
 async def test_head_answer_does_not_wait_for_a_body():
     async def handler(reader, writer, n):
         await read_request(reader)
@@ -234,7 +234,6 @@ async def test_head_answer_does_not_wait_for_a_body():
         assert await resp.read() == b""
         resp.release()
         await p.close()
-
 
 
 async def test_garbage_silence_and_refusal_are_distinct_errors():
@@ -276,7 +275,6 @@ async def test_garbage_silence_and_refusal_are_distinct_errors():
         await p.close()
 
 
-
 async def test_death_mid_answer_is_an_error_not_a_short_answer():
     async def handler(reader, writer, n):
         await read_request(reader)
@@ -289,7 +287,6 @@ async def test_death_mid_answer_is_an_error_not_a_short_answer():
             await fetch(p, port)
         assert not isinstance(e.value, NotSent)  # the pod saw the request: not safe to send elsewhere
         await p.close()
-
 
 
 async def test_slow_reader_pauses_the_pod_instead_of_buffering_everything():

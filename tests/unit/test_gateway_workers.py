@@ -31,8 +31,9 @@ def test_worker_config_divides_the_held_cap_and_multiplies_the_quota_share():
     assert base.pod_name == "gw-0"  # the parent's stays
 
 
-@pytest.mark.parametrize("text,cpus", [("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000", 1.5),
-                                        ("garbage", None)])
+@pytest.mark.parametrize(
+    "text,cpus", [("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000", 1.5), ("garbage", None)]
+)
 def test_cpu_limit_from_cgroup_v2(text, cpus):
     assert workers.cpus_from_cgroup(text) == cpus
 
@@ -69,8 +70,11 @@ def _page(requests: int, in_flight: int, endpoints: int, latencies: list[float])
 
 
 def _samples(text: str) -> dict:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def test_merged_metrics_sum_worker_state_and_keep_one_copy_of_cluster_state():
@@ -98,6 +102,7 @@ def test_merged_metrics_keep_series_only_one_worker_has():
 def test_gauges_that_every_worker_sees_alike_are_all_known_metrics():
     names = {f.name for f in Metrics(CollectorRegistry()).registry.collect()}
     from modelservice.gateway.metering import Metering
+
     reg = CollectorRegistry()
     Metering(reg)
     names |= {f.name for f in reg.collect()}
@@ -124,9 +129,9 @@ async def test_healthz_is_ready_only_once_every_worker_has_synced():
             assert r.status == 200
 
 
-
 def test_bench_pairs_rounds_side_by_side():
     from bench.gateway_bench import _median, paired_ratios
+
     # The machine's load doubles from round to round; within each round the 2-worker run costs 1.2x its neighbour.
     one, two = [1.0, 2.0, 4.0], [1.2, 2.4, 4.8]
     assert [round(r, 6) for r in paired_ratios(two, one)] == [1.2, 1.2, 1.2]

@@ -13,9 +13,11 @@ def pod(uid: str, model: str, *, node: str | None = "n0", ready: bool = False, g
     conds = [{"type": "Ready", "status": "True" if ready else "False"}]
     if gpu_msg is not None:
         conds.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": gpu_msg})
-    return {"metadata": {"uid": uid, "labels": {MODELSERVICE_LABEL: model}},
-            "spec": {"nodeName": node, "containers": [{"resources": {"requests": {"nvidia.com/gpu": "1"}}}]},
-            "status": {"conditions": conds}}
+    return {
+        "metadata": {"uid": uid, "labels": {MODELSERVICE_LABEL: model}},
+        "spec": {"nodeName": node, "containers": [{"resources": {"requests": {"nvidia.com/gpu": "1"}}}]},
+        "status": {"conditions": conds},
+    }
 
 
 def test_the_committed_trace_is_what_its_seed_generates():
@@ -75,8 +77,11 @@ def test_idle_while_waiting_splits_out_pods_already_going_away():
 
 
 def test_the_pool_model_parks_only_idle_models_and_a_later_idle_signal_costs_waiting():
-    trace = Trace(TraceSpec(models=3), ["a", "b", "c"],
-                  [{"t": 0.0, "model": "a"}, {"t": 1.0, "model": "b"}, {"t": 30.0, "model": "c"}])
+    trace = Trace(
+        TraceSpec(models=3),
+        ["a", "b", "c"],
+        [{"t": 0.0, "model": "a"}, {"t": 1.0, "model": "b"}, {"t": 30.0, "model": "c"}],
+    )
     quick = simulate(trace, longest_idle, detect=1.0, release=1.0, seconds=100)
     assert (quick["cold_starts"], quick["parks"]) == (3, 0)  # 4 GPUs: room for all three, nobody parked
     committed = Trace.from_json(TRACE.read_text())

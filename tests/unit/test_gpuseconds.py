@@ -25,8 +25,10 @@ def test_split():
 
 
 def sample(reg, state, ns="ns", name="m"):
-    return reg.get_sample_value("modelservice_gpu_seconds_total",
-                                {"namespace": ns, "modelservice": name, "state": state}) or 0
+    return (
+        reg.get_sample_value("modelservice_gpu_seconds_total", {"namespace": ns, "modelservice": name, "state": state})
+        or 0
+    )
 
 
 def test_time_weighted_sum_credits_each_sample_until_the_next():
@@ -51,6 +53,7 @@ def test_observe_reads_the_controller_store():
     store.pods[("ns", "m")] = {"a": pod("a", 1), "b": pod("b", 1)}
     store.children[("ns", "m")]["Deployment"] = {"status": {"readyReplicas": 1}}
     assert observe(store, now) == {("ns", "m"): {"serving": 0, "idle": 1, "loading": 1}}
-    store.leases[("ns", "m")] = {"gw-0": {"metadata": {"annotations": {IN_FLIGHT_ANNOTATION: "2"}},
-                                          "spec": {"renewTime": renew}}}
+    store.leases[("ns", "m")] = {
+        "gw-0": {"metadata": {"annotations": {IN_FLIGHT_ANNOTATION: "2"}}, "spec": {"renewTime": renew}}
+    }
     assert observe(store, now)[("ns", "m")] == {"serving": 1, "idle": 0, "loading": 1}

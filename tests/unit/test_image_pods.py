@@ -15,16 +15,32 @@ from tests.cluster import image_pods as ip
 from tests.cluster import oci_images as oi
 from tests.cluster.native import LaunchError
 
-CHART_POD_SC = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
-                "seccompProfile": {"type": "RuntimeDefault"}}
-CHART_CONTAINER_SC = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                      "capabilities": {"drop": ["ALL"]}}
+CHART_POD_SC = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "runAsGroup": 65532,
+    "fsGroup": 65532,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CHART_CONTAINER_SC = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 def config(**kw) -> oi.ImageConfig:
     """What `make image` puts in the image config (hack/build-image.sh, Dockerfile)."""
-    return oi.ImageConfig(**{"digest": "sha256:" + "a" * 64, "entrypoint": ("/opt/venv/bin/modelservice-operator",),
-                             "cmd": ("run",), "user": "65532:65532", "env": ("PATH=/opt/venv/bin:/usr/bin",), **kw})
+    return oi.ImageConfig(
+        **{
+            "digest": "sha256:" + "a" * 64,
+            "entrypoint": ("/opt/venv/bin/modelservice-operator",),
+            "cmd": ("run",),
+            "user": "65532:65532",
+            "env": ("PATH=/opt/venv/bin:/usr/bin",),
+            **kw,
+        }
+    )
 
 
 @pytest.fixture
@@ -37,13 +53,14 @@ def rootfs(tmp_path: Path) -> Path:
 
 
 def pod(container: dict, **spec) -> dict:
-    return {"metadata": {"name": "op-1", "namespace": "ms-system"},
-            "spec": {"containers": [container], **spec}}
+    return {"metadata": {"name": "op-1", "namespace": "ms-system"}, "spec": {"containers": [container], **spec}}
 
 
 def test_store_path_names_the_archive_make_image_writes(tmp_path):
-    assert ip.store_path(tmp_path, "localhost/modelservice-operator:0.1.0") == \
-        tmp_path / "modelservice-operator-0.1.0.oci.tar"
+    assert (
+        ip.store_path(tmp_path, "localhost/modelservice-operator:0.1.0")
+        == tmp_path / "modelservice-operator-0.1.0.oci.tar"
+    )
     assert ip.store_path(tmp_path, "localhost/team/x") == tmp_path / "team-x-latest.oci.tar"
     assert ip.store_path(tmp_path, "localhost/x:1@sha256:abc") == tmp_path / "x-1.oci.tar"
     assert ip.is_local_image("localhost/x:1") and not ip.is_local_image("ghcr.io/x:1")
@@ -54,33 +71,59 @@ def test_security_context_container_over_pod_as_the_kubelet_merges():
     assert (sc.user, sc.groups) == ("65532:65532", (65532,))
     assert sc.read_only_root and sc.drop_capabilities and sc.no_new_privileges and sc.run_as_non_root
     loose = ip.security_context({}, {"securityContext": {"runAsUser": 1000}}, "65532:65533")
-    assert (loose.user, loose.read_only_root, loose.drop_capabilities, loose.no_new_privileges) == \
-        ("1000:65533", False, False, False)
+    assert (loose.user, loose.read_only_root, loose.drop_capabilities, loose.no_new_privileges) == (
+        "1000:65533",
+        False,
+        False,
+        False,
+    )
     assert ip.security_context({}, {}, "").user == "0"
 
 
 def test_run_as_non_root_refuses_an_image_that_runs_as_root(rootfs, tmp_path):
     cfg = config(user="0")
     with pytest.raises(LaunchError, match="runAsNonRoot and image will run as root") as e:
-        ip.launch_for_image(pod({"name": "c", "securityContext": {"runAsNonRoot": True}}), {"name": "c",
-                            "securityContext": {"runAsNonRoot": True}}, cfg, rootfs, env={}, pod_ip="127.9.0.2",
-                            pod_dir=tmp_path / "pod", volumes={}, api_host="127.0.0.1", api_port=6443)
+        ip.launch_for_image(
+            pod({"name": "c", "securityContext": {"runAsNonRoot": True}}),
+            {"name": "c", "securityContext": {"runAsNonRoot": True}},
+            cfg,
+            rootfs,
+            env={},
+            pod_ip="127.9.0.2",
+            pod_dir=tmp_path / "pod",
+            volumes={},
+            api_host="127.0.0.1",
+            api_port=6443,
+        )
     assert e.value.reason == "CreateContainerConfigError"
 
 
 def test_the_chart_pod_spec_becomes_an_enforcing_launch(rootfs, tmp_path):
-    container = {"name": "operator", "image": "localhost/modelservice-operator:0.1.0",
-                 "command": ["modelservice-operator"], "args": ["run", "--metrics-port", "8080"],
-                 "securityContext": CHART_CONTAINER_SC,
-                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
-                                  {"name": "token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
-                                   "readOnly": True}]}
+    container = {
+        "name": "operator",
+        "image": "localhost/modelservice-operator:0.1.0",
+        "command": ["modelservice-operator"],
+        "args": ["run", "--metrics-port", "8080"],
+        "securityContext": CHART_CONTAINER_SC,
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True},
+        ],
+    }
     vols = {"tmp": ip.empty_dir(tmp_path / "v" / "tmp"), "token": tmp_path / "v" / "token"}
     ip.write_projected_files(vols["token"], {"token": "dG9rZW4=", "ca.crt": "Y2E="}, None, 0o644, decode=True)
-    launch = ip.launch_for_image(pod(container, securityContext=CHART_POD_SC), container,
-                                 config(), rootfs, env={"POD_NAME": "op-1"},
-                                 pod_ip="127.9.0.2", pod_dir=tmp_path / "pod", volumes=vols,
-                                 api_host="127.0.0.1", api_port=6443)
+    launch = ip.launch_for_image(
+        pod(container, securityContext=CHART_POD_SC),
+        container,
+        config(),
+        rootfs,
+        env={"POD_NAME": "op-1"},
+        pod_ip="127.9.0.2",
+        pod_dir=tmp_path / "pod",
+        volumes=vols,
+        api_host="127.0.0.1",
+        api_port=6443,
+    )
     spec = json.loads(launch.argv[-1])
     assert spec["argv"] == ["modelservice-operator", "run", "--metrics-port", "8080"]  # command replaces entrypoint
     assert (spec["uid"], spec["gid"], spec["groups"]) == (65532, 65532, [65532])
@@ -99,15 +142,27 @@ def test_the_chart_pod_spec_becomes_an_enforcing_launch(rootfs, tmp_path):
 def test_a_volume_this_node_cannot_provide_is_refused(rootfs, tmp_path):
     c = {"name": "c", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
     with pytest.raises(LaunchError, match="names no volume"):
-        ip.launch_for_image(pod(c), c, config(), rootfs, env={}, pod_ip="127.9.0.2",
-                            pod_dir=tmp_path / "pod", volumes={}, api_host="127.0.0.1", api_port=6443)
+        ip.launch_for_image(
+            pod(c),
+            c,
+            config(),
+            rootfs,
+            env={},
+            pod_ip="127.9.0.2",
+            pod_dir=tmp_path / "pod",
+            volumes={},
+            api_host="127.0.0.1",
+            api_port=6443,
+        )
 
 
 def test_the_bind_shim_gives_a_wildcard_listener_the_pods_address(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(ip.BIND_SHIM)
-    probe = ("import socket\nfor host in ('0.0.0.0', ''):\n    s = socket.socket()\n    s.bind((host, 0))\n"
-             "    print(s.getsockname()[0])\n    s.close()\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\n"
-             "print(s.getsockname()[0])\n")
+    probe = (
+        "import socket\nfor host in ('0.0.0.0', ''):\n    s = socket.socket()\n    s.bind((host, 0))\n"
+        "    print(s.getsockname()[0])\n    s.close()\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\n"
+        "print(s.getsockname()[0])\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), ip.POD_IP_ENV: "127.9.0.7"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["127.9.0.7", "127.9.0.7", "127.0.0.1"], out.stderr

@@ -31,8 +31,14 @@ def test_no_diff_base_overrides_the_method_kopf_calls_on_every_event() -> None:
 
 def test_no_diff_base_gives_kopf_an_empty_essence_that_never_differs() -> None:
     storage = handlers._NoDiffBase(prefix=GROUP)
-    body = kopf.Body({"apiVersion": f"{GROUP}/v1alpha1", "kind": "ModelService",
-                      "metadata": {"name": "m", "namespace": "n", "annotations": {"a": "b"}}, "spec": {"x": 1}})
+    body = kopf.Body(
+        {
+            "apiVersion": f"{GROUP}/v1alpha1",
+            "kind": "ModelService",
+            "metadata": {"name": "m", "namespace": "n", "annotations": {"a": "b"}},
+            "spec": {"x": 1},
+        }
+    )
     essence = storage.build(body=body, extra_fields=["spec.x"])
     assert essence == {}
     assert not diffs.diff(storage.build(body=body), essence)  # the next event's essence: never a change to act on
@@ -44,10 +50,16 @@ async def test_kopf_logs_in_with_the_token_our_client_sends(tmp_path: Path, monk
     token = tmp_path / "token"
     token.write_text("first")
     config = tmp_path / "kubeconfig"
-    config.write_text(yaml.safe_dump({
-        "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "x"}}],
-        "clusters": [{"name": "k", "cluster": {"server": "https://k:6443", "insecure-skip-tls-verify": True}}],
-        "users": [{"name": "u", "user": {"tokenFile": "token"}}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "current-context": "c",
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "x"}}],
+                "clusters": [{"name": "k", "cluster": {"server": "https://k:6443", "insecure-skip-tls-verify": True}}],
+                "users": [{"name": "u", "user": {"tokenFile": "token"}}],
+            }
+        )
+    )
     monkeypatch.setitem(handlers.OPTIONS, "kubeconfig", str(config))
     monkeypatch.setattr(handlers, "_TOKENS", [])
     monkeypatch.setattr(handlers, "_GIVEN", [])

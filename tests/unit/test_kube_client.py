@@ -64,15 +64,15 @@ class FakeApiServer:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.requests.append(request)
         if self.auth(request).removeprefix("Bearer ") in self.reject:
-            return web.json_response({"kind": "Status", "code": 401, "reason": "Unauthorized",
-                                      "message": "Unauthorized"}, status=401)
+            return web.json_response(
+                {"kind": "Status", "code": 401, "reason": "Unauthorized", "message": "Unauthorized"}, status=401
+            )
         if request.query.get("watch") != "1":
             body = self.lists.pop(0) if self.lists else {"metadata": {"resourceVersion": "1"}, "items": []}
             return web.json_response(body)
         script = self.watches.pop(0) if self.watches else [Hold()]
         if isinstance(script, int):
-            return web.json_response({"kind": "Status", "code": script, "message": f"scripted {script}"},
-                                     status=script)
+            return web.json_response({"kind": "Status", "code": script, "message": f"scripted {script}"}, status=script)
         resp = web.StreamResponse()
         resp.content_type = "application/json"
         await resp.prepare(request)
@@ -131,6 +131,7 @@ def client(server: FakeApiServer, **kw: Any) -> Kube:
 
 # ---- the watch protocol -------------------------------------------------------------------------------------------
 
+
 async def test_watch_line_larger_than_aiohttp_line_limit_arrives_whole() -> None:
     """aiohttp's readline refuses lines past its 64 KiB buffer; a watch event holds a whole object (a pod with a
     large annotation). The line comes in many chunks, with the next event in the same write as its end."""
@@ -162,8 +163,10 @@ async def test_watch_line_larger_than_aiohttp_line_limit_arrives_whole() -> None
 async def test_bookmarks_move_the_resume_point_and_are_not_reported() -> None:
     async def scenario(server: FakeApiServer) -> None:
         server.lists = [{"metadata": {"resourceVersion": "10"}, "items": [pod("a", 9)]}]
-        server.watches = [[line("BOOKMARK", {"metadata": {"resourceVersion": "50"}})],  # then the server times out
-                          [line("ADDED", pod("b", 51))]]
+        server.watches = [
+            [line("BOOKMARK", {"metadata": {"resourceVersion": "50"}})],  # then the server times out
+            [line("ADDED", pod("b", 51))],
+        ]
         kube = client(server)
         events = kube.watch(PODS, label_selector="app=x", timeout_seconds=7)
         assert await take(events, 4) == [("LISTING", ""), ("ADDED", "a"), ("SYNCED", ""), ("ADDED", "b")]
@@ -180,6 +183,7 @@ async def test_bookmarks_move_the_resume_point_and_are_not_reported() -> None:
 
 async def test_watch_once_reports_bookmarks() -> None:
     """The harness's node agent tracks the resourceVersion itself: it needs the BOOKMARKs."""
+
     async def scenario(server: FakeApiServer) -> list[tuple[str, str]]:
         server.watches = [[line("BOOKMARK", {"metadata": {"resourceVersion": "50"}}), line("DELETED", pod("a", 51))]]
         kube = client(server)
@@ -193,11 +197,15 @@ async def test_watch_once_reports_bookmarks() -> None:
 @pytest.mark.parametrize("how", ["ERROR event", "HTTP status"])
 async def test_410_gone_mid_watch_relists(how: str) -> None:
     async def scenario(server: FakeApiServer) -> None:
-        server.lists = [{"metadata": {"resourceVersion": "10"}, "items": [pod("a", 9)]},
-                        {"metadata": {"resourceVersion": "90"}, "items": [pod("b", 80)]}]
+        server.lists = [
+            {"metadata": {"resourceVersion": "10"}, "items": [pod("a", 9)]},
+            {"metadata": {"resourceVersion": "90"}, "items": [pod("b", 80)]},
+        ]
         gone = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version: 10 (60)"}
-        server.watches = [[line("MODIFIED", pod("a", 11)), line("ERROR", gone)] if how == "ERROR event" else 410,
-                          [line("ADDED", pod("c", 91))]]
+        server.watches = [
+            [line("MODIFIED", pod("a", 11)), line("ERROR", gone)] if how == "ERROR event" else 410,
+            [line("ADDED", pod("c", 91))],
+        ]
         kube = client(server)
         events = kube.watch(PODS)
         expected = [("LISTING", ""), ("ADDED", "a"), ("SYNCED", "")]
@@ -228,8 +236,9 @@ async def test_a_relisting_watch_tells_the_controller() -> None:
             if len(relists) == 2:
                 relisted.set()
 
-        tasks = watching.start(kube, [(PODS, None, lambda event, obj: None)], lambda: synced.append(1),
-                               on_relist=on_relist)
+        tasks = watching.start(
+            kube, [(PODS, None, lambda event, obj: None)], lambda: synced.append(1), on_relist=on_relist
+        )
         await asyncio.wait_for(relisted.wait(), 60)  # a bound on failure only; it comes at once
         for t in tasks:
             t.cancel()
@@ -256,6 +265,7 @@ async def test_watch_once_raises_watch_expired_on_410() -> None:
 async def test_other_error_events_are_raised_with_their_status() -> None:
     """An ERROR that is not 410 is the server refusing the watch (e.g. 500 from an etcd failure): the caller's
     backoff decides (watching.keep_watching), not a tight loop here."""
+
     async def scenario(server: FakeApiServer) -> None:
         server.watches = [[line("ERROR", {"kind": "Status", "code": 500, "message": "etcdserver: request timed out"})]]
         kube = client(server)
@@ -286,6 +296,7 @@ async def test_forbidden_watch_is_raised() -> None:
 async def test_connection_drop_resumes_from_the_last_complete_event() -> None:
     """The server goes away halfway through a line: that half is not an event, and the watch resumes from the
     resourceVersion of the last whole one, without a relist."""
+
     async def scenario(server: FakeApiServer) -> None:
         server.lists = [{"metadata": {"resourceVersion": "10"}, "items": []}]
         half = line("MODIFIED", pod("b", 13))
@@ -306,6 +317,7 @@ async def test_connection_drop_resumes_from_the_last_complete_event() -> None:
 
 async def test_the_watch_timeout_is_the_clients_default() -> None:
     """The operator sets it from --watch-dead-after: each resumption is a liveness signal on a quiet cluster."""
+
     async def scenario(server: FakeApiServer) -> None:
         server.watches = [[], [line("ADDED", pod("x", 2))]]  # the first ends at its timeout, quietly
         kube = client(server, watch_timeout=3)
@@ -320,8 +332,10 @@ async def test_the_watch_timeout_is_the_clients_default() -> None:
 
 async def test_pages_follow_the_continue_token() -> None:
     async def scenario(server: FakeApiServer) -> None:
-        server.lists = [{"metadata": {"resourceVersion": "5", "continue": "c1"}, "items": [pod("a", 1)]},
-                        {"metadata": {"resourceVersion": "5"}, "items": [pod("b", 2)]}]
+        server.lists = [
+            {"metadata": {"resourceVersion": "5", "continue": "c1"}, "items": [pod("a", 1)]},
+            {"metadata": {"resourceVersion": "5"}, "items": [pod("b", 2)]},
+        ]
         kube = client(server)
         names = [i["metadata"]["name"] async for p in kube.pages(PODS, limit=1) for i in p["items"]]
         await kube.close()
@@ -332,6 +346,7 @@ async def test_pages_follow_the_continue_token() -> None:
 
 
 # ---- credentials that change ------------------------------------------------------------------------------------
+
 
 class Clock:
     def __init__(self) -> None:
@@ -410,13 +425,28 @@ def exec_kubeconfig(tmp_path: Path, server: str, api_version: str, **env: str) -
     plugin.parent.mkdir(exist_ok=True)
     plugin.write_text(PLUGIN.format(python=sys.executable))
     plugin.chmod(plugin.stat().st_mode | stat.S_IXUSR)
-    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "cloud",
-           "contexts": [{"name": "cloud", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}}],
-           "clusters": [{"name": "c", "cluster": {"server": server}}],
-           "users": [{"name": "u", "user": {"exec": {
-               "apiVersion": api_version, "command": "./bin/get-token", "args": ["--cluster", "c"],
-               "env": [{"name": "GREETING", "value": "hi"}] + [{"name": k, "value": v} for k, v in env.items()],
-               "interactiveMode": "Never"}}}]}
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "cloud",
+        "contexts": [{"name": "cloud", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}}],
+        "clusters": [{"name": "c", "cluster": {"server": server}}],
+        "users": [
+            {
+                "name": "u",
+                "user": {
+                    "exec": {
+                        "apiVersion": api_version,
+                        "command": "./bin/get-token",
+                        "args": ["--cluster", "c"],
+                        "env": [{"name": "GREETING", "value": "hi"}]
+                        + [{"name": k, "value": v} for k, v in env.items()],
+                        "interactiveMode": "Never",
+                    }
+                },
+            }
+        ],
+    }
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -448,8 +478,11 @@ async def test_exec_plugin_token_is_fetched_again_when_it_expires(tmp_path: Path
         await kube.close()
         assert tokens_seen(server) == ["tok-1", "tok-1", "tok-2"]
         asked = json.loads((tmp_path / "bin" / "runs.info").read_text())
-        assert asked == {"info": {"apiVersion": api_version, "kind": "ExecCredential", "spec": {"interactive": False}},
-                         "args": ["--cluster", "c"], "greeting": "hi"}
+        assert asked == {
+            "info": {"apiVersion": api_version, "kind": "ExecCredential", "spec": {"interactive": False}},
+            "args": ["--cluster", "c"],
+            "greeting": "hi",
+        }
 
     await served(scenario)
 
@@ -457,6 +490,7 @@ async def test_exec_plugin_token_is_fetched_again_when_it_expires(tmp_path: Path
 async def test_exec_plugin_is_run_once_for_many_401s(tmp_path: Path) -> None:
     """A token revoked early (no expirationTimestamp, or a clock skew): every request in flight gets a 401; the
     plugin runs once and each request is retried with the new token."""
+
     async def scenario(server: FakeApiServer) -> None:
         creds = load_credentials(str(exec_kubeconfig(tmp_path, server.url, "client.authentication.k8s.io/v1")))
         kube = Kube(creds)
@@ -473,8 +507,9 @@ async def test_exec_plugin_is_run_once_for_many_401s(tmp_path: Path) -> None:
 
 async def test_exec_plugin_failure_names_the_plugin_and_its_words(tmp_path: Path) -> None:
     async def scenario(server: FakeApiServer) -> None:
-        creds = load_credentials(str(exec_kubeconfig(tmp_path, server.url, "client.authentication.k8s.io/v1",
-                                                     FAIL="1")))
+        creds = load_credentials(
+            str(exec_kubeconfig(tmp_path, server.url, "client.authentication.k8s.io/v1", FAIL="1"))
+        )
         kube = Kube(creds)
         with pytest.raises(CredentialsError, match=r"get-token.*exited with 1: the identity provider said no"):
             await kube.get("/version")
@@ -485,26 +520,44 @@ async def test_exec_plugin_failure_names_the_plugin_and_its_words(tmp_path: Path
 
 
 async def test_exec_plugin_of_an_unsupported_api_version_is_refused_with_the_supported_ones(tmp_path: Path) -> None:
-    creds = load_credentials(str(exec_kubeconfig(tmp_path, "http://127.0.0.1:1",
-                                                 "client.authentication.k8s.io/v1alpha1")))
+    creds = load_credentials(
+        str(exec_kubeconfig(tmp_path, "http://127.0.0.1:1", "client.authentication.k8s.io/v1alpha1"))
+    )
     with pytest.raises(CredentialsError, match="v1alpha1.*not supported.*client.authentication.k8s.io/v1,"):
         await TokenSource(creds).get()
 
 
 # ---- loading credentials ----------------------------------------------------------------------------------------
 
+
 def test_kubeconfig_files_merge_in_order_and_paths_are_relative_to_their_file(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    (tmp_path / "a" / "config").write_text(yaml.safe_dump({
-        "current-context": "dev",
-        "contexts": [{"name": "dev", "context": {"cluster": "k", "user": "me"}}],
-        "clusters": [{"name": "k", "cluster": {"server": "https://k:6443/", "certificate-authority": "ca.crt"}}]}))
-    (tmp_path / "b" / "config").write_text(yaml.safe_dump({
-        "current-context": "other",
-        "clusters": [{"name": "k", "cluster": {"server": "https://shadowed"}}],
-        "users": [{"name": "me", "user": {"tokenFile": "token", "client-certificate": "me.crt",
-                                          "client-key": "me.key"}}]}))
+    (tmp_path / "a" / "config").write_text(
+        yaml.safe_dump(
+            {
+                "current-context": "dev",
+                "contexts": [{"name": "dev", "context": {"cluster": "k", "user": "me"}}],
+                "clusters": [
+                    {"name": "k", "cluster": {"server": "https://k:6443/", "certificate-authority": "ca.crt"}}
+                ],
+            }
+        )
+    )
+    (tmp_path / "b" / "config").write_text(
+        yaml.safe_dump(
+            {
+                "current-context": "other",
+                "clusters": [{"name": "k", "cluster": {"server": "https://shadowed"}}],
+                "users": [
+                    {
+                        "name": "me",
+                        "user": {"tokenFile": "token", "client-certificate": "me.crt", "client-key": "me.key"},
+                    }
+                ],
+            }
+        )
+    )
     creds = load_credentials(os.pathsep.join([str(tmp_path / "a" / "config"), str(tmp_path / "b" / "config")]))
     assert creds.server == "https://k:6443"
     assert creds.ca_path == str(tmp_path / "a" / "ca.crt")
@@ -513,6 +566,7 @@ def test_kubeconfig_files_merge_in_order_and_paths_are_relative_to_their_file(tm
 
 def test_in_cluster_credentials_read_the_service_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import modelservice.kube as kube_module
+
     (tmp_path / "token").write_text("sa-token")
     (tmp_path / "namespace").write_text("modelservice-system")
     monkeypatch.setattr(kube_module, "SA_TOKEN", str(tmp_path / "token"))
@@ -521,7 +575,11 @@ def test_in_cluster_credentials_read_the_service_account(tmp_path: Path, monkeyp
     monkeypatch.delenv("KUBECONFIG", raising=False)
     creds = load_credentials()
     assert (creds.server, creds.token_file, creds.ca_path, creds.default_namespace) == (
-        "https://[fd00::1]:443", str(tmp_path / "token"), str(tmp_path / "ca.crt"), "modelservice-system")
+        "https://[fd00::1]:443",
+        str(tmp_path / "token"),
+        str(tmp_path / "ca.crt"),
+        "modelservice-system",
+    )
     # A kubeconfig named explicitly wins over the service account.
     with pytest.raises(CredentialsError, match="no current-context"):
         load_credentials(str(tmp_path / "missing"))
@@ -529,10 +587,16 @@ def test_in_cluster_credentials_read_the_service_account(tmp_path: Path, monkeyp
 
 def test_auth_provider_users_are_told_to_use_an_exec_plugin(tmp_path: Path) -> None:
     path = tmp_path / "config"
-    path.write_text(yaml.safe_dump({
-        "current-context": "g", "contexts": [{"name": "g", "context": {"cluster": "k", "user": "gcp"}}],
-        "clusters": [{"name": "k", "cluster": {"server": "https://k"}}],
-        "users": [{"name": "gcp", "user": {"auth-provider": {"name": "gcp"}}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "current-context": "g",
+                "contexts": [{"name": "g", "context": {"cluster": "k", "user": "gcp"}}],
+                "clusters": [{"name": "k", "cluster": {"server": "https://k"}}],
+                "users": [{"name": "gcp", "user": {"auth-provider": {"name": "gcp"}}}],
+            }
+        )
+    )
     with pytest.raises(CredentialsError, match="exec plugin"):
         load_credentials(str(path))
 
@@ -543,4 +607,3 @@ async def test_unreachable_server_is_a_client_error() -> None:
     with pytest.raises(aiohttp.ClientError):
         await kube.get("/version")
     await kube.close()
-

@@ -4,9 +4,9 @@ added to pyproject.toml without `make lock` would be missing there with no error
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
-import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

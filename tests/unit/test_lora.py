@@ -32,21 +32,35 @@ def ms(name, created="2026-01-01T00:00:00Z", served=None, adapter_names=(), ns="
     body = spec(adapters=adapters(*adapter_names))
     if served:
         body["model"]["servedName"] = served
-    return {"metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "generation": 1,
-                         "creationTimestamp": created}, "spec": body}
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "uid": f"uid-{name}",
+            "generation": 1,
+            "creationTimestamp": created,
+        },
+        "spec": body,
+    }
 
 
 # -- API -------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("raw, problem", [
-    (spec(adapters=adapters("a", "a")), "declared twice"),
-    (spec(adapters=[{"name": "ns/a", "uri": "pvc://adapters/a"}]), "spec.adapters[0].name"),
-    (spec(adapters=[{"name": "a", "uri": "hf://org/adapter"}]), "spec.adapters[0].uri"),
-    (spec(adapters=[{"name": "a", "uri": "pvc://other/a"}]), "claim 'other' is not mounted"),
-    ({**spec(adapters=adapters("a")), "model": {"uri": "hf://org/base", "servedName": "a"}}, "base model's served"),
-    ({**spec(), "lora": {**LORA, "maxRank": 12}}, "not a rank vLLM accepts"),
-    ({"engine": "vllm", "model": {"uri": "hf://org/base"}, "adapters": adapters("a")}, "adapters need spec.lora"),
-    ({"engine": "llamacpp", "model": {"uri": "hf://org/b-GGUF:Q4"}, "lora": LORA}, "engine vllm only, not llamacpp"),
-])
+@pytest.mark.parametrize(
+    "raw, problem",
+    [
+        (spec(adapters=adapters("a", "a")), "declared twice"),
+        (spec(adapters=[{"name": "ns/a", "uri": "pvc://adapters/a"}]), "spec.adapters[0].name"),
+        (spec(adapters=[{"name": "a", "uri": "hf://org/adapter"}]), "spec.adapters[0].uri"),
+        (spec(adapters=[{"name": "a", "uri": "pvc://other/a"}]), "claim 'other' is not mounted"),
+        ({**spec(adapters=adapters("a")), "model": {"uri": "hf://org/base", "servedName": "a"}}, "base model's served"),
+        ({**spec(), "lora": {**LORA, "maxRank": 12}}, "not a rank vLLM accepts"),
+        ({"engine": "vllm", "model": {"uri": "hf://org/base"}, "adapters": adapters("a")}, "adapters need spec.lora"),
+        (
+            {"engine": "llamacpp", "model": {"uri": "hf://org/b-GGUF:Q4"}, "lora": LORA},
+            "engine vllm only, not llamacpp",
+        ),
+    ],
+)
 def test_the_api_refuses_bad_adapters_with_the_field_and_the_fix(raw, problem):
     with pytest.raises(InvalidSpec) as e:
         validate_spec(raw, gateway_enabled=True)
@@ -67,13 +81,22 @@ def _template(raw):
 def test_vllm_starts_with_lora_flags_and_the_adapter_claim_as_its_working_directory():
     c = _template(spec())["spec"]["containers"][0]
     args = c["args"]
-    assert args[args.index("--enable-lora"):][:7] == ["--enable-lora", "--max-loras", "2", "--max-cpu-loras", "2",
-                                                       "--max-lora-rank", "8"]
+    assert args[args.index("--enable-lora") :][:7] == [
+        "--enable-lora",
+        "--max-loras",
+        "2",
+        "--max-cpu-loras",
+        "2",
+        "--max-lora-rank",
+        "8",
+    ]
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in c["env"]
     assert {"name": "adapters", "mountPath": "/mnt/adapters", "readOnly": True} in c["volumeMounts"]
     assert c["workingDir"] == "/mnt/adapters"
-    assert "--enable-lora" not in _template({"engine": "vllm", "model": {"uri": "hf://org/base"}})["spec"][
-        "containers"][0]["args"]
+    assert (
+        "--enable-lora"
+        not in _template({"engine": "vllm", "model": {"uri": "hf://org/base"}})["spec"]["containers"][0]["args"]
+    )
 
 
 def test_adding_or_removing_an_adapter_leaves_the_pod_template_unchanged():
@@ -82,9 +105,11 @@ def test_adding_or_removing_an_adapter_leaves_the_pod_template_unchanged():
 
 # -- names -----------------------------------------------------------------------------------------------------------
 def test_a_served_name_wins_over_an_adapter_and_the_oldest_base_keeps_a_shared_adapter_name():
-    entries = [model_entry(ms("old", "2026-01-01T00:00:00Z", adapter_names=("shared", "chat"))),
-               model_entry(ms("new", "2026-02-01T00:00:00Z", adapter_names=("shared", "own", "new"))),
-               model_entry(ms("chat", "2026-03-01T00:00:00Z"))]
+    entries = [
+        model_entry(ms("old", "2026-01-01T00:00:00Z", adapter_names=("shared", "chat"))),
+        model_entry(ms("new", "2026-02-01T00:00:00Z", adapter_names=("shared", "own", "new"))),
+        model_entry(ms("chat", "2026-03-01T00:00:00Z")),
+    ]
     routes, conflicts = name_conflicts(entries)
     assert {n: k for n, (k, _) in routes.items()} == {"shared": ("ns", "old"), "own": ("ns", "new")}
     assert "served name of model ns/chat" in conflicts[(("ns", "old"), "chat")]
@@ -152,6 +177,7 @@ def test_many_requests_for_one_adapter_make_one_load_and_all_wait_for_it():
         for release in releases:
             release()
         assert mgr.report(entry.key, ["a"], {}) == {"a": {"loadedOn": ["base-pod-1"]}}
+
     asyncio.run(go())
 
 
@@ -176,6 +202,7 @@ def test_a_full_replica_unloads_its_lru_adapter_and_waits_while_all_are_in_use()
         release = await b.acquire(EP)  # loaded: no call
         release()
         assert len(engine.calls) == 4
+
     asyncio.run(go())
 
 
@@ -193,6 +220,7 @@ def test_all_slots_in_use_past_the_wait_is_a_429_with_the_reason():
             await mgr.acquire(entry, EP, entry.adapters[2])
         assert e.value.status == 429 and e.value.code == "adapter_capacity_exceeded"
         assert "maxLoaded" in e.value.message
+
     asyncio.run(go())
 
 
@@ -205,13 +233,15 @@ def test_an_engine_refusal_reaches_every_waiter_and_the_status_and_a_later_succe
         tasks = [asyncio.ensure_future(mgr.acquire(entry, EP, entry.adapters[0])) for _ in range(3)]
         engine.gate.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert all(isinstance(r, GatewayError) and r.code == "adapter_load_failed" and rank in r.message
-                   for r in results), results
+        assert all(
+            isinstance(r, GatewayError) and r.code == "adapter_load_failed" and rank in r.message for r in results
+        ), results
         assert engine.calls == [("load", "a")]
         assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": [], "error": f"base-pod-1: {rank}"}
         engine.refuse = {}
         (await mgr.acquire(entry, EP, entry.adapters[0]))()
         assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": ["base-pod-1"]}
+
     asyncio.run(go())
 
 
@@ -219,11 +249,13 @@ def test_an_unreachable_replica_is_not_sent_the_request():
     async def go():
         async def refused(ep, path, doc):
             raise NotSent("connection refused")
+
         mgr = Adapters(refused)
         entry = _entry("a")
         with pytest.raises(NotSent):
             await mgr.acquire(entry, EP, entry.adapters[0])
         assert not mgr.has(EP, entry.adapters[0])
+
     asyncio.run(go())
 
 
@@ -245,6 +277,7 @@ def test_removed_adapters_are_unloaded_and_a_replica_that_left_starts_empty():
         assert not mgr.has(EP, entry.adapters[1])
         (await use.acquire(EP))()
         assert not use.lost(EP, 200) and not use.lost(EP, 404)  # once per request: then the 404 is the answer
+
     asyncio.run(go())
 
 
@@ -260,6 +293,7 @@ def test_affinity_prefers_a_replica_with_the_adapter_loaded():
         (await use.acquire(other))()
         assert use.candidates([EP, other], ()) == (other,)
         assert use.candidates([EP, other], {other}) == (EP, other)  # tried: any replica, the balancer excludes it
+
     asyncio.run(go())
 
 
@@ -275,12 +309,17 @@ def _lease(renew, report):
 
 
 def test_status_merges_every_gateways_report_for_pods_that_exist():
-    leases = [_lease("2026-01-01T00:00:02Z", {"a": {"loadedOn": ["p1"]}, "b": {"loadedOn": [], "error": "rank"}}),
-              _lease("2026-01-01T00:00:01Z", {"a": {"loadedOn": ["p2", "gone"]}, "b": {"loadedOn": ["p2"]}}),
-              {"metadata": {"annotations": {ADAPTERS_ANNOTATION: "not json"}}, "spec": {}}]
+    leases = [
+        _lease("2026-01-01T00:00:02Z", {"a": {"loadedOn": ["p1"]}, "b": {"loadedOn": [], "error": "rank"}}),
+        _lease("2026-01-01T00:00:01Z", {"a": {"loadedOn": ["p2", "gone"]}, "b": {"loadedOn": ["p2"]}}),
+        {"metadata": {"annotations": {ADAPTERS_ANNOTATION: "not json"}}, "spec": {}},
+    ]
     out = adapters_from_leases(["a", "b", "c"], leases, {"p1", "p2"})
-    assert out == [{"name": "a", "loadedOn": ["p1", "p2"]}, {"name": "b", "loadedOn": ["p2"], "error": "rank"},
-                   {"name": "c", "loadedOn": []}]
+    assert out == [
+        {"name": "a", "loadedOn": ["p1", "p2"]},
+        {"name": "b", "loadedOn": ["p2"], "error": "rank"},
+        {"name": "c", "loadedOn": []},
+    ]
     status = compute_status(Observed(generation=1, name="m", namespace="ns", adapters=out), {}, "now")
     assert status["adapters"] == out and status["adaptersLoaded"] == "2/3"
 
@@ -310,6 +349,7 @@ def test_preloaded_adapters_load_on_every_ready_replica_stay_and_a_failing_one_i
         assert e.value.status == 429
         (await mgr.acquire(entry, EP, y))()
         assert mgr.has(EP, p) and mgr.has(EP, y) and not mgr.has(EP, x)
+
     asyncio.run(go())
 
 

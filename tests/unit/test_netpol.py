@@ -34,8 +34,12 @@ def test_policy_selects_the_deployments_pods_and_opens_only_the_engine_port(engi
     (rule,) = pol["spec"]["ingress"]
     # The serving port, and the metrics port where the engine has its own (Triton): the gateway re-exports metrics.
     assert rule["ports"] == [{"protocol": "TCP", "port": p["containerPort"]} for p in container["ports"]]
-    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "modelservice-system"}},
-                             "podSelector": {"matchLabels": GW}}]
+    assert rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "modelservice-system"}},
+            "podSelector": {"matchLabels": GW},
+        }
+    ]
     assert pol["metadata"]["ownerReferences"] == dep["metadata"]["ownerReferences"]
     assert pol["metadata"]["labels"] == dep["metadata"]["labels"]
 
@@ -48,8 +52,10 @@ def test_gateway_in_the_models_namespace_needs_no_namespace_label():
 def test_metrics_namespaces_are_an_opt_in_on_the_metrics_port():
     cfg = NetworkPolicyConfig("gw", GW, ("monitoring",))
     (_, metrics) = network_policy(_ctx(), _spec("vllm", port=9000), cfg)["spec"]["ingress"]
-    assert metrics == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
-                       "ports": [{"protocol": "TCP", "port": 9000}]}  # vLLM: metrics on the serving port
+    assert metrics == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"protocol": "TCP", "port": 9000}],
+    }  # vLLM: metrics on the serving port
     (_, triton) = network_policy(_ctx(), _spec("triton"), cfg)["spec"]["ingress"]
     assert triton["ports"] == [{"protocol": "TCP", "port": 8002}]  # Triton's own metrics port
     assert len(network_policy(_ctx(), _spec(), NetworkPolicyConfig("gw", GW))["spec"]["ingress"]) == 1

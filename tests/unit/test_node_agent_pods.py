@@ -9,8 +9,10 @@ from tests.cluster.podspec import stub_config
 
 
 def pod(container: dict, annotations: dict | None = None, labels: dict | None = None) -> dict:
-    return {"metadata": {"name": "p-1", "annotations": annotations or {}, "labels": labels or {}},
-            "spec": {"containers": [{"name": "c", **container}]}}
+    return {
+        "metadata": {"name": "p-1", "annotations": annotations or {}, "labels": labels or {}},
+        "spec": {"containers": [{"name": "c", **container}]},
+    }
 
 
 def test_model_name_from_args_then_env_then_label_then_pod_name() -> None:
@@ -24,22 +26,30 @@ def test_model_name_from_args_then_env_then_label_then_pod_name() -> None:
 
 
 def test_delay_and_rate_from_annotations_or_env() -> None:
-    cfg = stub_config(pod({"env": [{"name": "STUB_STARTUP_DELAY", "value": "3"}]},
-                          {"stub.modelservice.dev/tokens-per-second": "50"}), 200)
+    cfg = stub_config(
+        pod({"env": [{"name": "STUB_STARTUP_DELAY", "value": "3"}]}, {"stub.modelservice.dev/tokens-per-second": "50"}),
+        200,
+    )
     assert (cfg.startup_delay, cfg.tokens_per_second) == (3.0, 50.0)
-    cfg = stub_config(pod({}, {"stub.modelservice.dev/startup-delay": "1.5",
-                               "stub.modelservice.dev/tokens-per-second": "bogus"}), 200)
+    cfg = stub_config(
+        pod({}, {"stub.modelservice.dev/startup-delay": "1.5", "stub.modelservice.dev/tokens-per-second": "bogus"}), 200
+    )
     assert (cfg.startup_delay, cfg.tokens_per_second) == (1.5, 200.0)
 
 
 def test_ports_and_probes() -> None:
     cfg = stub_config(pod({}), 200)
     assert (cfg.ports, cfg.probes) == ([8000], [])
-    cfg = stub_config(pod({
-        "ports": [{"containerPort": 30000, "name": "http"}],
-        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}},
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 9000}},
-    }), 200)
+    cfg = stub_config(
+        pod(
+            {
+                "ports": [{"containerPort": 30000, "name": "http"}],
+                "startupProbe": {"httpGet": {"path": "/health", "port": "http"}},
+                "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 9000}},
+            }
+        ),
+        200,
+    )
     assert cfg.ports == [9000, 30000]
     assert cfg.probes == [(30000, "/health"), (9000, "/v2/health/ready")]
     cfg = stub_config(pod({"readinessProbe": {"exec": {"command": ["true"]}}}), 200)

@@ -14,20 +14,31 @@ NODES = [Node("n0", 2), Node("n1", 2)]
 
 def idle(name: str, node: str, *, since: float, gpus: int = 1, **kw) -> Model:
     """A Ready scale-to-zero model with no request since `since`, holding `gpus` on `node`."""
-    return Model(key=("ns", name), replicas=1, min_replicas=0, scale_to_zero=True, ready_since=since,
-                 last_request=since, pods=(Pod(node, gpus),), **kw)
+    return Model(
+        key=("ns", name),
+        replicas=1,
+        min_replicas=0,
+        scale_to_zero=True,
+        ready_since=since,
+        last_request=since,
+        pods=(Pod(node, gpus),),
+        **kw,
+    )
 
 
 def waiter(name: str = "w", gpus: int = 1, **kw) -> Model:
     """A model woken by a held request whose pod the scheduler could not place."""
     kw.setdefault("in_flight", 1)
-    return Model(key=("ns", name), replicas=1, min_replicas=0, scale_to_zero=True,
-                 pending=Pending(gpus, MSG), **kw)
+    return Model(key=("ns", name), replicas=1, min_replicas=0, scale_to_zero=True, pending=Pending(gpus, MSG), **kw)
 
 
 def full_pool(**overrides) -> list[Model]:
-    models = [idle("a", "n0", since=100), idle("b", "n0", since=50), idle("c", "n1", since=300),
-              idle("d", "n1", since=200)]
+    models = [
+        idle("a", "n0", since=100),
+        idle("b", "n0", since=50),
+        idle("c", "n1", since=300),
+        idle("d", "n1", since=200),
+    ]
     return [replace(m, **overrides.get(m.key[1], {})) for m in models]
 
 
@@ -51,8 +62,7 @@ def test_lowest_priority_goes_first_then_longest_idle():
 
 def test_scheduler_priority_band_comes_before_spec_priority():
     # d has the lowest spec.priority but its pods' PriorityClass ranks it above everyone: it would preempt back.
-    models = full_pool(d={"priority": 0, "pod_priority": 1000}, a={"priority": 3}, b={"priority": 3},
-                       c={"priority": 2})
+    models = full_pool(d={"priority": 0, "pod_priority": 1000}, a={"priority": 3}, b={"priority": 3}, c={"priority": 2})
     assert parked(plan(models + [waiter(priority=3)], NODES)) == ["c"]
 
 
@@ -98,20 +108,32 @@ def test_nothing_parkable_says_why_for_each_holder():
     assert p.parks == []
     why = p.waiting[("ns", "w")]
     assert why.startswith(f"no GPU free: {MSG}; nothing can be parked:")
-    for part in ("ns/busy is busy (3 request(s) in flight)", "ns/loading is still loading",
-                 "ns/floor has minReplicas 1", "ns/important has a higher priority"):
+    for part in (
+        "ns/busy is busy (3 request(s) in flight)",
+        "ns/loading is still loading",
+        "ns/floor has minReplicas 1",
+        "ns/important has a higher priority",
+    ):
         assert part in why
 
 
 def test_min_replicas_one_is_never_parked_below_it():
-    models = [replace(idle(n, node, since=1), min_replicas=1, scale_to_zero=False)
-              for n, node in (("a", "n0"), ("b", "n0"), ("c", "n1"), ("d", "n1"))]
+    models = [
+        replace(idle(n, node, since=1), min_replicas=1, scale_to_zero=False)
+        for n, node in (("a", "n0"), ("b", "n0"), ("c", "n1"), ("d", "n1"))
+    ]
     assert plan(models + [waiter(priority=1000, pod_priority=1000)], NODES).parks == []
 
 
 def test_a_model_scaled_out_above_a_floor_of_one_is_not_parked_either():
-    big = Model(key=("ns", "x"), replicas=3, min_replicas=1, scale_to_zero=False, ready_since=1.0,
-                pods=(Pod("n0", 1), Pod("n0", 1), Pod("n1", 1)))
+    big = Model(
+        key=("ns", "x"),
+        replicas=3,
+        min_replicas=1,
+        scale_to_zero=False,
+        ready_since=1.0,
+        pods=(Pod("n0", 1), Pod("n0", 1), Pod("n1", 1)),
+    )
     p = plan([big, idle("d", "n1", since=5), waiter()], NODES)
     assert parked(p) == ["d"]
 
@@ -146,8 +168,16 @@ def test_two_models_that_each_need_the_whole_pool_do_not_park_each_other_in_a_lo
 
 def test_a_model_waiting_for_gpus_itself_is_not_a_victim():
     # x runs one replica on n0 and waits for a second (it is busy: in flight), so it is not parked for w.
-    x = Model(key=("ns", "x"), replicas=2, min_replicas=0, scale_to_zero=True, in_flight=4, ready_since=1.0,
-              pods=(Pod("n0", 2),), pending=Pending(2, MSG))
+    x = Model(
+        key=("ns", "x"),
+        replicas=2,
+        min_replicas=0,
+        scale_to_zero=True,
+        in_flight=4,
+        ready_since=1.0,
+        pods=(Pod("n0", 2),),
+        pending=Pending(2, MSG),
+    )
     p = plan([x, waiter(gpus=2)], [Node("n0", 2)])
     assert p.parks == []
     assert "ns/x" in p.waiting[("ns", "w")]
@@ -197,14 +227,24 @@ def test_two_waiters_each_get_their_own_victim():
     assert sorted((park.waiter[1], park.victim[1]) for park in p.parks) == [("w1", "b"), ("w2", "a")]
 
 
-@pytest.mark.parametrize("placement,expected", [
-    (Placement(node_selector={"gpu": "h100"}), ["d"]),
-    (Placement(terms=(Term(expressions=(Requirement("gpu", "In", ("h100",)),)),)), ["d"]),
-    (Placement(terms=(Term(expressions=(Requirement("gpu", "NotIn", ("a10",)),)),)), ["d"]),
-    (Placement(terms=(Term(fields=(Requirement("metadata.name", "In", ("n0",)),)),)), ["b"]),
-    (Placement(terms=(Term(expressions=(Requirement("gpu", "In", ("none",)),)),
-                      Term(expressions=(Requirement("gpu", "Exists"),)))), ["b"]),  # ORed: any node; b longest
-])
+@pytest.mark.parametrize(
+    "placement,expected",
+    [
+        (Placement(node_selector={"gpu": "h100"}), ["d"]),
+        (Placement(terms=(Term(expressions=(Requirement("gpu", "In", ("h100",)),)),)), ["d"]),
+        (Placement(terms=(Term(expressions=(Requirement("gpu", "NotIn", ("a10",)),)),)), ["d"]),
+        (Placement(terms=(Term(fields=(Requirement("metadata.name", "In", ("n0",)),)),)), ["b"]),
+        (
+            Placement(
+                terms=(
+                    Term(expressions=(Requirement("gpu", "In", ("none",)),)),
+                    Term(expressions=(Requirement("gpu", "Exists"),)),
+                )
+            ),
+            ["b"],
+        ),  # ORed: any node; b longest
+    ],
+)
 def test_only_nodes_the_pending_pod_may_use_count(placement, expected):
     nodes = [Node("n0", 2, {"gpu": "a10"}), Node("n1", 2, {"gpu": "h100"})]
     assert parked(plan(full_pool() + [waiter(placement=placement)], nodes)) == expected
@@ -232,28 +272,34 @@ def test_taints_must_be_tolerated():
     assert parked(plan(full_pool() + [waiter()], cordoned)) == ["d"]
 
 
-@pytest.mark.parametrize("tol,taint,ok", [
-    (Toleration("k", "Exists"), Taint("k", "v", "NoSchedule"), True),
-    (Toleration("", "Exists"), Taint("k", "v", "NoExecute"), True),
-    (Toleration("k", "Equal", "v"), Taint("k", "v", "NoExecute"), True),
-    (Toleration("k", "Equal", "w"), Taint("k", "v", "NoSchedule"), False),
-    (Toleration("k", "Exists", effect="NoExecute"), Taint("k", "v", "NoSchedule"), False),
-    (Toleration("j", "Exists"), Taint("k", "", "NoSchedule"), False),
-])
+@pytest.mark.parametrize(
+    "tol,taint,ok",
+    [
+        (Toleration("k", "Exists"), Taint("k", "v", "NoSchedule"), True),
+        (Toleration("", "Exists"), Taint("k", "v", "NoExecute"), True),
+        (Toleration("k", "Equal", "v"), Taint("k", "v", "NoExecute"), True),
+        (Toleration("k", "Equal", "w"), Taint("k", "v", "NoSchedule"), False),
+        (Toleration("k", "Exists", effect="NoExecute"), Taint("k", "v", "NoSchedule"), False),
+        (Toleration("j", "Exists"), Taint("k", "", "NoSchedule"), False),
+    ],
+)
 def test_toleration_matching(tol, taint, ok):
     assert tol.tolerates(taint) is ok
 
 
-@pytest.mark.parametrize("req,labels,ok", [
-    (Requirement("n", "Gt", ("3",)), {"n": "4"}, True),
-    (Requirement("n", "Gt", ("3",)), {"n": "3"}, False),
-    (Requirement("n", "Lt", ("3",)), {"n": "2"}, True),
-    (Requirement("n", "Lt", ("3",)), {"n": "x"}, False),
-    (Requirement("n", "Lt", ("3",)), {}, False),
-    (Requirement("n", "DoesNotExist"), {}, True),
-    (Requirement("n", "NotIn", ("a",)), {}, True),
-    (Requirement("n", "Bogus"), {"n": "a"}, False),
-])
+@pytest.mark.parametrize(
+    "req,labels,ok",
+    [
+        (Requirement("n", "Gt", ("3",)), {"n": "4"}, True),
+        (Requirement("n", "Gt", ("3",)), {"n": "3"}, False),
+        (Requirement("n", "Lt", ("3",)), {"n": "2"}, True),
+        (Requirement("n", "Lt", ("3",)), {"n": "x"}, False),
+        (Requirement("n", "Lt", ("3",)), {}, False),
+        (Requirement("n", "DoesNotExist"), {}, True),
+        (Requirement("n", "NotIn", ("a",)), {}, True),
+        (Requirement("n", "Bogus"), {"n": "a"}, False),
+    ],
+)
 def test_requirements(req, labels, ok):
     assert req.matches(labels) is ok
 
@@ -264,20 +310,37 @@ def test_an_empty_term_matches_no_node():
 
 # ---- from the API's objects ----------------------------------------------------------------------------------
 
+
 def test_converters_read_what_the_scheduler_reads():
     from modelservice.api import Placement as SpecPlacement
     from modelservice.parking import node_from, pending_gpu_message, placement_from
 
-    node = node_from({"metadata": {"name": "n0", "labels": {"gpu": "h100"}},
-                      "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}], "unschedulable": True},
-                      "status": {"allocatable": {"nvidia.com/gpu": "8"}}})
+    node = node_from(
+        {
+            "metadata": {"name": "n0", "labels": {"gpu": "h100"}},
+            "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}], "unschedulable": True},
+            "status": {"allocatable": {"nvidia.com/gpu": "8"}},
+        }
+    )
     assert node == Node("n0", 8, {"gpu": "h100"}, (Taint("k", "", "NoSchedule"),), unschedulable=True)
     assert node_from({"metadata": {"name": "cpu"}}).gpus == 0
-    pl = placement_from(SpecPlacement.model_validate({
-        "nodeSelector": {"pool": "a"},
-        "tolerations": [{"key": "k", "operator": "Exists"}],
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}}))
+    pl = placement_from(
+        SpecPlacement.model_validate(
+            {
+                "nodeSelector": {"pool": "a"},
+                "tolerations": [{"key": "k", "operator": "Exists"}],
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}
+                            ]
+                        }
+                    }
+                },
+            }
+        )
+    )
     assert pl.node_selector == {"pool": "a"} and pl.tolerations == (Toleration("k", "Exists"),)
     assert pl.terms == (Term(expressions=(Requirement("gpu", "In", ("h100",)),)),)
     assert pl.allows(Node("x", 1, {"pool": "a", "gpu": "h100"}, (Taint("k", "v", "NoExecute"),)))
@@ -285,8 +348,12 @@ def test_converters_read_what_the_scheduler_reads():
     assert placement_from(SpecPlacement()) == Placement()
 
     def pod(reason, message):
-        return {"status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": reason,
-                                           "message": message}]}}
+        return {
+            "status": {
+                "conditions": [{"type": "PodScheduled", "status": "False", "reason": reason, "message": message}]
+            }
+        }
+
     assert pending_gpu_message(pod("Unschedulable", MSG)) == MSG
     assert pending_gpu_message(pod("Unschedulable", "0/2 nodes are available: 2 Insufficient memory.")) is None
     assert pending_gpu_message(pod("SchedulerError", MSG)) is None
@@ -326,13 +393,23 @@ def test_a_pending_model_nothing_asked_for_is_parked_so_it_cannot_take_the_freed
 
 # ---- rollouts on a full pool ----------------------------------------------------------------------------------
 
+
 def rolling(name: str, node: str, *, replicas: int = 1, ready: int = 1, **kw) -> Model:
     """A model whose spec changed: its old replicas serve on `node`, the surge pod cannot be placed."""
     kw.setdefault("min_replicas", 0)
-    return Model(key=("ns", name), replicas=replicas, scale_to_zero=kw["min_replicas"] == 0, ready_since=1.0,
-                 last_request=1.0, pods=tuple(Pod(node, 1) for _ in range(ready)), pending=Pending(1, MSG),
-                 rolling=True, ready=ready, **{k: v for k, v in kw.items() if k != "min_replicas"},
-                 min_replicas=kw["min_replicas"])
+    return Model(
+        key=("ns", name),
+        replicas=replicas,
+        scale_to_zero=kw["min_replicas"] == 0,
+        ready_since=1.0,
+        last_request=1.0,
+        pods=tuple(Pod(node, 1) for _ in range(ready)),
+        pending=Pending(1, MSG),
+        rolling=True,
+        ready=ready,
+        **{k: v for k, v in kw.items() if k != "min_replicas"},
+        min_replicas=kw["min_replicas"],
+    )
 
 
 def test_a_rollout_of_an_idle_scale_to_zero_model_replaces_in_place_and_parks_no_one():
@@ -349,8 +426,9 @@ def test_a_rollout_of_a_model_in_use_parks_an_idle_one_for_its_surge():
 
 
 def test_a_rollout_with_nothing_to_park_replaces_in_place_only_if_other_replicas_serve():
-    floors = [replace(idle(n, node, since=1), min_replicas=1, scale_to_zero=False)
-              for n, node in (("b", "n0"), ("c", "n1"))]
+    floors = [
+        replace(idle(n, node, since=1), min_replicas=1, scale_to_zero=False) for n, node in (("b", "n0"), ("c", "n1"))
+    ]
     busy_single = rolling("r", "n0", in_flight=3)
     p = plan(floors + [idle("x", "n1", since=1, in_flight=1), busy_single], NODES)
     assert p.parks == [] and p.in_place == set()  # its one replica serves requests: the rollout waits
@@ -362,6 +440,7 @@ def test_a_rollout_with_nothing_to_park_replaces_in_place_only_if_other_replicas
 
 
 # ---- the controller's view: slim caches → the planner's models ------------------------------------------------
+
 
 def test_the_controller_builds_the_planners_view_from_its_slim_caches():
     from modelservice.api import validate_spec
@@ -375,27 +454,40 @@ def test_the_controller_builds_the_planners_view_from_its_slim_caches():
         if deleting:
             meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
         spec = dict(gpu, **({"nodeName": node} if node else {}), **({"priority": priority} if priority else {}))
-        status = {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                  "message": pending}]} if pending else {}
+        status = (
+            {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": pending}]}
+            if pending
+            else {}
+        )
         if nominated:
             status["nominatedNodeName"] = nominated
         return slim({"metadata": meta, "spec": spec, "status": status}, "Pod")
 
     def dep(replicas, ready, total=None, updated=None):
-        return {"metadata": {"name": "x"}, "spec": {"replicas": replicas},
-                "status": {"readyReplicas": ready, "replicas": total or replicas, "updatedReplicas": updated or replicas}}
+        return {
+            "metadata": {"name": "x"},
+            "spec": {"replicas": replicas},
+            "status": {"readyReplicas": ready, "replicas": total or replicas, "updatedReplicas": updated or replicas},
+        }
 
-    s2z = {"engine": "vllm", "model": {"uri": "hf://o/m"}, "priority": 7,
-           "autoscaling": {"minReplicas": 0, "maxReplicas": 2}, "placement": {"nodeSelector": {"gpu": "h100"}}}
+    s2z = {
+        "engine": "vllm",
+        "model": {"uri": "hf://o/m"},
+        "priority": 7,
+        "autoscaling": {"minReplicas": 0, "maxReplicas": 2},
+        "placement": {"nodeSelector": {"gpu": "h100"}},
+    }
     c._specs[("ns", "a")] = validate_spec(s2z, gateway_enabled=True)
-    c._specs[("ns", "w")] = validate_spec({"engine": "vllm", "model": {"uri": "hf://o/m"}, "replicas": 2},
-                                          gateway_enabled=True)
+    c._specs[("ns", "w")] = validate_spec(
+        {"engine": "vllm", "model": {"uri": "hf://o/m"}, "replicas": 2}, gateway_enabled=True
+    )
     c.store.children[("ns", "a")]["Deployment"] = dep(1, 1, total=2, updated=1)
     c.store.children[("ns", "w")]["Deployment"] = dep(2, 1)
-    c.store.pods[("ns", "a")] = {"a-1": pod("a", "a-1", node="n0", priority=100),
-                                 "a-2": pod("a", "a-2", pending=MSG)}
-    c.store.pods[("ns", "w")] = {"w-1": pod("w", "w-1", node="n1", deleting=True),
-                                 "w-2": pod("w", "w-2", pending=MSG, nominated="n1")}
+    c.store.pods[("ns", "a")] = {"a-1": pod("a", "a-1", node="n0", priority=100), "a-2": pod("a", "a-2", pending=MSG)}
+    c.store.pods[("ns", "w")] = {
+        "w-1": pod("w", "w-1", node="n1", deleting=True),
+        "w-2": pod("w", "w-2", pending=MSG, nominated="n1"),
+    }
     c.store.pods[("ns", "cpu-only")] = {"x": pod("cpu-only", "x", node="n0")}  # no spec seen yet: skipped
     c._ready_since[("ns", "a")] = 5.0
     models = {m.key[1]: m for m in c.pool_models(now=10.0)}

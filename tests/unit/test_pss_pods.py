@@ -35,8 +35,11 @@ def helm() -> None:
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("values", [None, *hu.ci_values_files()],
-                         ids=["default", *(p.name.removesuffix("-values.yaml") for p in hu.ci_values_files())])
+@pytest.mark.parametrize(
+    "values",
+    [None, *hu.ci_values_files()],
+    ids=["default", *(p.name.removesuffix("-values.yaml") for p in hu.ci_values_files())],
+)
 def test_chart_pods_are_restricted(helm, values):
     docs = hu.render([values] if values else [])
     workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS]
@@ -53,8 +56,15 @@ def test_chart_with_the_gateway_renders_both_pods(helm):
 
 # The ways a model gets into the pod, per engine. None: that engine does not take such a URI.
 SOURCES = {
-    "hub": {"vllm": "hf://org/m", "sglang": "hf://org/m", "tgi": "hf://org/m", "llamacpp": "hf://org/m-GGUF:Q4",
-            "ollama": "ollama://llama3.2:1b", "custom": "hf://org/m", "triton": None},
+    "hub": {
+        "vllm": "hf://org/m",
+        "sglang": "hf://org/m",
+        "tgi": "hf://org/m",
+        "llamacpp": "hf://org/m-GGUF:Q4",
+        "ollama": "ollama://llama3.2:1b",
+        "custom": "hf://org/m",
+        "triton": None,
+    },
     "pvc": {e.value: "pvc://weights/models/m" for e in Engine if e is not Engine.ollama},
     "download": {e.value: "s3://bucket/m" for e in Engine if e is not Engine.ollama},
     "http": {e.value: "https://example.com/m.bin" for e in Engine if e is not Engine.ollama},
@@ -68,10 +78,13 @@ def _pods(engine: str):
         if uri is None:
             continue
         for cache in (False, True):
-            spec = {"engine": engine, "model": {"uri": uri},
-                    "placement": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
-                    "podTemplate": {"labels": {"team": "a"}, "annotations": {"note": "x"}},
-                    "resources": {"limits": {"nvidia.com/gpu": 1}}}
+            spec = {
+                "engine": engine,
+                "model": {"uri": uri},
+                "placement": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
+                "podTemplate": {"labels": {"team": "a"}, "annotations": {"note": "x"}},
+                "resources": {"limits": {"nvidia.com/gpu": 1}},
+            }
             if engine == "custom":
                 spec["image"] = "registry.example.com/server:1"
             if cache:

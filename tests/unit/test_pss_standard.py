@@ -13,15 +13,37 @@ from tests.reliability import pss
 GOOD = {
     "metadata": {"annotations": {"container.apparmor.security.beta.kubernetes.io/app": "runtime/default"}},
     "spec": {
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"},
-                            "sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": "1024 65000"}]},
-        "initContainers": [{"name": "init", "image": "i", "securityContext": {
-            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
-        "containers": [{"name": "app", "image": "a", "ports": [{"containerPort": 80}], "securityContext": {
-            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
-            "seLinuxOptions": {"type": "container_t"}}}],
-        "volumes": [{"name": "t", "emptyDir": {}}, {"name": "p", "persistentVolumeClaim": {"claimName": "c"}},
-                    {"name": "s", "secret": {"secretName": "x"}}, {"name": "pr", "projected": {"sources": []}}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+            "sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": "1024 65000"}],
+        },
+        "initContainers": [
+            {
+                "name": "init",
+                "image": "i",
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            }
+        ],
+        "containers": [
+            {
+                "name": "app",
+                "image": "a",
+                "ports": [{"containerPort": 80}],
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
+                    "seLinuxOptions": {"type": "container_t"},
+                },
+            }
+        ],
+        "volumes": [
+            {"name": "t", "emptyDir": {}},
+            {"name": "p", "persistentVolumeClaim": {"claimName": "c"}},
+            {"name": "s", "secret": {"secretName": "x"}},
+            {"name": "pr", "projected": {"sources": []}},
+        ],
     },
 }
 
@@ -100,8 +122,9 @@ def test_container_level_settings_can_stand_in_for_the_pod():
     pod = copy.deepcopy(GOOD)
     del pod["spec"]["securityContext"]["runAsNonRoot"], pod["spec"]["securityContext"]["seccompProfile"]
     for c in pod["spec"]["containers"] + pod["spec"]["initContainers"]:
-        c["securityContext"].update(runAsNonRoot=True, seccompProfile={"type": "Localhost",
-                                                                       "localhostProfile": "p.json"})
+        c["securityContext"].update(
+            runAsNonRoot=True, seccompProfile={"type": "Localhost", "localhostProfile": "p.json"}
+        )
     assert pss.restricted(pod) == []
 
 

@@ -6,11 +6,22 @@ from modelservice.api import Engine, validate_spec
 from modelservice.engines import ENGINES
 from modelservice.render import ApiVersions, Context, render
 
-CTX = dict(name="m", namespace="ns", uid="uid-1", labels={"team": "a", "app.kubernetes.io/instance": "argo-app",
-                                                          "argocd.argoproj.io/instance": "x"})
+CTX = dict(
+    name="m",
+    namespace="ns",
+    uid="uid-1",
+    labels={"team": "a", "app.kubernetes.io/instance": "argo-app", "argocd.argoproj.io/instance": "x"},
+)
 
-URIS = {"vllm": "hf://org/repo", "sglang": "hf://org/repo", "tgi": "hf://org/repo", "triton": "s3://bucket/repo",
-        "ollama": "ollama://llama3.2:1b", "llamacpp": "hf://org/repo-GGUF:Q4_K_M", "custom": None}
+URIS = {
+    "vllm": "hf://org/repo",
+    "sglang": "hf://org/repo",
+    "tgi": "hf://org/repo",
+    "triton": "s3://bucket/repo",
+    "ollama": "ollama://llama3.2:1b",
+    "llamacpp": "hf://org/repo-GGUF:Q4_K_M",
+    "custom": None,
+}
 
 
 def _render(spec_dict, gateway=True, replicas=1, versions=None, hpa_floor=None):
@@ -37,7 +48,9 @@ def test_every_engine_renders(engine):
     port = spec.get("port", eng.port)
     assert c["ports"][0] == {"name": "http", "containerPort": port, "protocol": "TCP"}
     assert svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["port"] == port
-    assert str(port) in " ".join(c.get("args", [])) + " ".join(e.get("value", "") for e in c["env"]) or engine == "custom"
+    assert (
+        str(port) in " ".join(c.get("args", [])) + " ".join(e.get("value", "") for e in c["env"]) or engine == "custom"
+    )
     assert dep["spec"]["selector"] == {"matchLabels": {"serving.modelservice.dev/modelservice": "m"}}
     assert dep["spec"]["template"]["spec"]["enableServiceLinks"] is False
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -45,12 +58,19 @@ def test_every_engine_renders(engine):
 
 
 def test_model_reaches_the_engine_in_its_own_flags():
-    assert _container(_render({"engine": "vllm", "model": {"uri": "hf://org/repo", "servedName": "chat"}}))["args"][:4] \
-        == ["--model", "org/repo", "--served-model-name", "chat"]
+    assert _container(_render({"engine": "vllm", "model": {"uri": "hf://org/repo", "servedName": "chat"}}))["args"][
+        :4
+    ] == ["--model", "org/repo", "--served-model-name", "chat"]
     assert "--model-path" in _container(_render({"engine": "sglang", "model": {"uri": "hf://org/repo"}}))["args"]
-    assert _container(_render({"engine": "tgi", "model": {"uri": "hf://org/repo"}}))["args"][:2] == ["--model-id", "org/repo"]
+    assert _container(_render({"engine": "tgi", "model": {"uri": "hf://org/repo"}}))["args"][:2] == [
+        "--model-id",
+        "org/repo",
+    ]
     assert _container(_render({"engine": "llamacpp", "model": {"uri": "hf://o/r:Q4"}}))["args"][:2] == ["-hf", "o/r:Q4"]
-    assert "--model-repository=s3://bucket/repo" in _container(_render({"engine": "triton", "model": {"uri": "s3://bucket/repo"}}))["args"]
+    assert (
+        "--model-repository=s3://bucket/repo"
+        in _container(_render({"engine": "triton", "model": {"uri": "s3://bucket/repo"}}))["args"]
+    )
     ollama = _container(_render({"engine": "ollama", "model": {"uri": "ollama://llama3.2:1b"}}))
     assert "ollama pull 'llama3.2:1b'" in ollama["lifecycle"]["postStart"]["exec"]["command"][-1]
 
@@ -58,11 +78,16 @@ def test_model_reaches_the_engine_in_its_own_flags():
 def test_pvc_and_downloaded_models_are_mounted():
     out = _render({"engine": "vllm", "model": {"uri": "pvc://weights/llama/8b"}})
     pod = out["Deployment"]["spec"]["template"]["spec"]
-    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
+    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod[
+        "volumes"
+    ]
     assert _container(out)["args"][:2] == ["--model", "/mnt/models/llama/8b"]
     out = _render({"engine": "vllm", "model": {"uri": "s3://bucket/llama"}})
     init = out["Deployment"]["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["args"] == ["s3://bucket/llama", "/mnt/models"] and _container(out)["args"][:2] == ["--model", "/mnt/models"]
+    assert init["args"] == ["s3://bucket/llama", "/mnt/models"] and _container(out)["args"][:2] == [
+        "--model",
+        "/mnt/models",
+    ]
 
 
 def test_startup_probe_is_sized_from_startup_timeout():
@@ -82,13 +107,23 @@ def test_engines_that_run_here_render_a_command_that_runs_in_the_upstream_image_
 
 
 def test_gpu_resources_env_placement_and_security():
-    out = _render({"engine": "vllm", "model": {"uri": "hf://o/r"},
-                   "resources": {"limits": {"nvidia.com/gpu": 1}, "requests": {"cpu": "4"}},
-                   "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
-                           {"name": "HOME", "value": "/home/me"}],
-                   "placement": {"nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
-                                 "priorityClassName": "high"},
-                   "podTemplate": {"annotations": {"a": "b"}, "labels": {"l": "v"}, "serviceAccountName": "sa"}})
+    out = _render(
+        {
+            "engine": "vllm",
+            "model": {"uri": "hf://o/r"},
+            "resources": {"limits": {"nvidia.com/gpu": 1}, "requests": {"cpu": "4"}},
+            "env": [
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                {"name": "HOME", "value": "/home/me"},
+            ],
+            "placement": {
+                "nodeSelector": {"gpu": "a100"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                "priorityClassName": "high",
+            },
+            "podTemplate": {"annotations": {"a": "b"}, "labels": {"l": "v"}, "serviceAccountName": "sa"},
+        }
+    )
     c = _container(out)
     pod = out["Deployment"]["spec"]["template"]
     assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}, "requests": {"cpu": "4"}}
@@ -107,23 +142,36 @@ def test_labels_never_copy_gitops_tracking():
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == "m"  # ours, not Argo's "argo-app"
         assert "argocd.argoproj.io/instance" not in labels and labels["team"] == "a"
-        assert obj["metadata"]["ownerReferences"] == [{
-            "apiVersion": "serving.modelservice.dev/v1alpha1", "kind": "ModelService", "name": "m", "uid": "uid-1",
-            "controller": True, "blockOwnerDeletion": True}]
+        assert obj["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "serving.modelservice.dev/v1alpha1",
+                "kind": "ModelService",
+                "name": "m",
+                "uid": "uid-1",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         assert "annotations" not in obj["metadata"]
 
 
 def test_replicas_omitted_when_autoscaling_owns_them():
     assert _render({"engine": "vllm", "model": {"uri": "hf://o/r"}}, replicas=3)["Deployment"]["spec"]["replicas"] == 3
-    out = _render({"engine": "vllm", "model": {"uri": "hf://o/r"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}},
-                  replicas=None)
+    out = _render(
+        {"engine": "vllm", "model": {"uri": "hf://o/r"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}},
+        replicas=None,
+    )
     assert "replicas" not in out["Deployment"]["spec"]
     assert out["HorizontalPodAutoscaler"] is None  # no CPU target: the operator scales from gateway load
 
 
 def test_hpa_and_pdb_follow_discovery_and_bounds():
-    spec = {"engine": "vllm", "model": {"uri": "hf://o/r"}, "resources": {"requests": {"cpu": "2"}},
-            "autoscaling": {"minReplicas": 0, "maxReplicas": 5, "cpuUtilization": 70}}
+    spec = {
+        "engine": "vllm",
+        "model": {"uri": "hf://o/r"},
+        "resources": {"requests": {"cpu": "2"}},
+        "autoscaling": {"minReplicas": 0, "maxReplicas": 5, "cpuUtilization": 70},
+    }
     out = _render(spec, replicas=None, versions=ApiVersions(hpa="autoscaling/v2beta2", pdb="policy/v1beta1"))
     hpa = out["HorizontalPodAutoscaler"]
     assert hpa["apiVersion"] == "autoscaling/v2beta2" and hpa["spec"]["minReplicas"] == 1  # an HPA cannot hold 0
@@ -131,14 +179,19 @@ def test_hpa_and_pdb_follow_discovery_and_bounds():
     assert out["PodDisruptionBudget"] is None
     out = _render(spec, replicas=None, hpa_floor=4)
     assert out["HorizontalPodAutoscaler"]["spec"]["minReplicas"] == 4
-    out = _render({"engine": "vllm", "model": {"uri": "hf://o/r"}, "replicas": 3}, replicas=3,
-                  versions=ApiVersions(pdb="policy/v1beta1"))
+    out = _render(
+        {"engine": "vllm", "model": {"uri": "hf://o/r"}, "replicas": 3},
+        replicas=3,
+        versions=ApiVersions(pdb="policy/v1beta1"),
+    )
     assert out["PodDisruptionBudget"]["apiVersion"] == "policy/v1beta1"
     assert out["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
 
 
 def test_cache_pvc():
-    out = _render({"engine": "vllm", "model": {"uri": "hf://o/r"}, "cache": {"size": "100Gi", "storageClassName": "fast"}})
+    out = _render(
+        {"engine": "vllm", "model": {"uri": "hf://o/r"}, "cache": {"size": "100Gi", "storageClassName": "fast"}}
+    )
     pvc = out["PersistentVolumeClaim"]
     assert pvc["metadata"]["name"] == "m-cache" and pvc["spec"]["storageClassName"] == "fast"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "100Gi"
@@ -148,8 +201,9 @@ def test_cache_pvc():
 
 
 def test_pods_drain_for_the_length_of_a_generation_before_the_engine_stops():
-    pod = _render({"engine": "vllm", "model": {"uri": "hf://o/m"}, "drainTimeout": "10m"})[
-        "Deployment"]["spec"]["template"]["spec"]
+    pod = _render({"engine": "vllm", "model": {"uri": "hf://o/m"}, "drainTimeout": "10m"})["Deployment"]["spec"][
+        "template"
+    ]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 600 + 2
     assert pod["containers"][0]["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "2"]}}}
     default = _render({"engine": "vllm", "model": {"uri": "hf://o/m"}})["Deployment"]["spec"]["template"]["spec"]

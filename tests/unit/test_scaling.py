@@ -64,9 +64,16 @@ def test_with_an_hpa_load_raises_its_floor():
 
 def test_activity_from_leases_sums_fresh_gateways():
     def lease(last, renew, inflight):
-        return {"metadata": {"annotations": {"serving.modelservice.dev/last-request": last,
-                                             "serving.modelservice.dev/in-flight": str(inflight)}},
-                "spec": {"renewTime": renew}}
+        return {
+            "metadata": {
+                "annotations": {
+                    "serving.modelservice.dev/last-request": last,
+                    "serving.modelservice.dev/in-flight": str(inflight),
+                }
+            },
+            "spec": {"renewTime": renew},
+        }
+
     t = "1970-01-12T13:46:40Z"  # NOW
     stale = "1970-01-12T13:40:00Z"
     a = activity_from_leases([lease(t, t, 3), lease(stale, t, 2), lease(stale, stale, 50)], NOW)
@@ -81,9 +88,16 @@ def test_in_flight_now_is_busy_at_this_moment_and_the_peak_stays_the_load():
     stale = "1970-01-12T13:40:00Z"
 
     def lease(renew, peak, now):
-        return {"metadata": {"annotations": {"serving.modelservice.dev/in-flight": str(peak),
-                                             "serving.modelservice.dev/in-flight-now": str(now)}},
-                "spec": {"renewTime": renew}}
+        return {
+            "metadata": {
+                "annotations": {
+                    "serving.modelservice.dev/in-flight": str(peak),
+                    "serving.modelservice.dev/in-flight-now": str(now),
+                }
+            },
+            "spec": {"renewTime": renew},
+        }
+
     a = activity_from_leases([lease(t, 1, 0), lease(t, 2, 1), lease(stale, 9, 9)], NOW)
     assert (a.in_flight, a.in_flight_now) == (3, 1)
     a = activity_from_leases([lease(t, 1, 0)], NOW)
@@ -116,6 +130,7 @@ def test_activity_takes_the_largest_fresh_queue_not_the_sum():
         if waiting is not None:
             ann["serving.modelservice.dev/waiting"] = waiting
         return {"metadata": {"annotations": ann}, "spec": {"renewTime": renew}}
+
     assert activity_from_leases([lease(t, "5"), lease(t, "3"), lease(t)], NOW).waiting == 5
     assert activity_from_leases([lease("1970-01-01T00:00:00Z", "50"), lease(t, "2")], NOW).waiting == 2  # stale
     assert activity_from_leases([lease(t, "junk"), lease(t, "-4")], NOW).waiting == 0

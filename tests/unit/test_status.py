@@ -5,10 +5,17 @@ from modelservice.status import Observed, compute_status, conditions_for, status
 
 
 def _dep(desired=1, ready=1, updated=None, replicas=None, gen=1, observed_gen=1, conditions=()):
-    return {"metadata": {"name": "m", "generation": gen}, "spec": {"replicas": desired},
-            "status": {"readyReplicas": ready, "updatedReplicas": desired if updated is None else updated,
-                       "replicas": desired if replicas is None else replicas, "observedGeneration": observed_gen,
-                       "conditions": list(conditions)}}
+    return {
+        "metadata": {"name": "m", "generation": gen},
+        "spec": {"replicas": desired},
+        "status": {
+            "readyReplicas": ready,
+            "updatedReplicas": desired if updated is None else updated,
+            "replicas": desired if replicas is None else replicas,
+            "observedGeneration": observed_gen,
+            "conditions": list(conditions),
+        },
+    }
 
 
 def _by_type(conds):
@@ -21,8 +28,11 @@ def _obs(**kw):
 
 def test_first_pass_is_reconciling():
     c = _by_type(conditions_for(_obs(first_pass=True)))
-    assert c == {"Ready": ("False", "Reconciling"), "Reconciling": ("True", "Reconciling"),
-                 "Stalled": ("False", "Reconciling")}
+    assert c == {
+        "Ready": ("False", "Reconciling"),
+        "Reconciling": ("True", "Reconciling"),
+        "Stalled": ("False", "Reconciling"),
+    }
 
 
 def test_available_when_rolled_out():
@@ -46,17 +56,31 @@ def test_invalid_spec_is_stalled():
 
 
 def test_unschedulable_pod_is_awaiting_capacity():
-    pod = {"metadata": {"name": "p"}, "status": {"conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]}}
+    pod = {
+        "metadata": {"name": "p"},
+        "status": {
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+                }
+            ]
+        },
+    }
     conds = conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))
     assert _by_type(conds)["Ready"] == ("False", "AwaitingCapacity")
     assert "Insufficient nvidia.com/gpu" in conds[0]["message"]
 
 
 def test_crash_loop_is_surfaced():
-    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [
-        {"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m"}}}]}}
+    pod = {
+        "metadata": {"name": "p"},
+        "status": {
+            "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m"}}}]
+        },
+    }
     conds = conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))
     assert "CrashLoopBackOff" in conds[0]["message"]
     assert _by_type(conds)["Stalled"] == ("True", "CrashLoopBackOff")
@@ -66,9 +90,19 @@ def test_an_engine_that_exits_is_reported_with_its_last_log_lines():
     """FallbackToLogsOnError puts the engine's last log lines in lastState.terminated; the condition carries them,
     from the first restart on (before the crash-loop backoff starts)."""
     logs = "\n".join(f"loading layer {i}" for i in range(500)) + "\nerror: invalid argument: --no-such-flag"
-    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [
-        {"ready": False, "restartCount": 1, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
-         "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": logs}}}]}}
+    pod = {
+        "metadata": {"name": "p"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "ready": False,
+                    "restartCount": 1,
+                    "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": logs}},
+                }
+            ]
+        },
+    }
     conds = {c["type"]: c for c in conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))}
     assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "ContainerRestarting"
     assert conds["Stalled"]["status"] == "True"
@@ -80,15 +114,27 @@ def test_an_engine_that_exits_is_reported_with_its_last_log_lines():
     # A server that exits 0 (e.g. on the SIGTERM of a failed startup probe) and is not back is a problem too.
     pod["status"]["containerStatuses"][0]["lastState"]["terminated"] = {"exitCode": 0, "reason": "Completed"}
     conds = {c["type"]: c for c in conditions_for(_obs(deployment=_dep(1, 0), pods=[pod]))}
-    assert conds["Stalled"]["status"] == "True" and "exited with code 0 after 1 restart(s)" in conds["Stalled"]["message"]
+    assert (
+        conds["Stalled"]["status"] == "True" and "exited with code 0 after 1 restart(s)" in conds["Stalled"]["message"]
+    )
     # A restarted container that is Ready again (a one-off crash) is no problem.
     pod["status"]["containerStatuses"][0]["ready"] = True
     assert _by_type(conditions_for(_obs(deployment=_dep(1, 1), pods=[pod])))["Stalled"][0] == "False"
 
 
 def test_progress_deadline_is_stalled():
-    dep = _dep(1, 0, conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
-                                  "message": "ReplicaSet has timed out progressing."}])
+    dep = _dep(
+        1,
+        0,
+        conditions=[
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet has timed out progressing.",
+            }
+        ],
+    )
     assert _by_type(conditions_for(_obs(deployment=dep)))["Stalled"] == ("True", "ProgressDeadlineExceeded")
 
 
@@ -123,27 +169,58 @@ def test_the_operators_slim_pod_cache_keeps_what_status_reads():
     from modelservice.controller import slim
 
     def pod(name, *, scheduled=True, waiting=None, init_waiting=None):
-        cs = [{"name": "engine", "ready": False, "image": "vllm/vllm-openai:v0.6.3", "restartCount": 4,
-               "state": {"waiting": waiting} if waiting else {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]
+        cs = [
+            {
+                "name": "engine",
+                "ready": False,
+                "image": "vllm/vllm-openai:v0.6.3",
+                "restartCount": 4,
+                "state": {"waiting": waiting} if waiting else {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+            }
+        ]
         ics = [{"name": "fetch", "state": {"waiting": init_waiting} if init_waiting else {"terminated": {}}}]
-        conds = [{"type": "PodScheduled", "status": "True" if scheduled else "False",
-                  "reason": None if scheduled else "Unschedulable", "message": "0/2 nodes: Insufficient gpu."},
-                 {"type": "Ready", "status": "True" if scheduled else "False"}]
-        return {"metadata": {"name": name, "namespace": "ns", "labels": {"a": "b"}, "resourceVersion": "7",
-                             "managedFields": [{"manager": "kubelet"}], "annotations": {"x": "y" * 1000}},
-                "spec": {"containers": [{"name": "engine", "args": ["--model", "m"] * 50}]},
-                "status": {"phase": "Pending", "conditions": conds, "containerStatuses": cs,
-                           "initContainerStatuses": ics, "podIP": "127.0.1.2"}}
+        conds = [
+            {
+                "type": "PodScheduled",
+                "status": "True" if scheduled else "False",
+                "reason": None if scheduled else "Unschedulable",
+                "message": "0/2 nodes: Insufficient gpu.",
+            },
+            {"type": "Ready", "status": "True" if scheduled else "False"},
+        ]
+        return {
+            "metadata": {
+                "name": name,
+                "namespace": "ns",
+                "labels": {"a": "b"},
+                "resourceVersion": "7",
+                "managedFields": [{"manager": "kubelet"}],
+                "annotations": {"x": "y" * 1000},
+            },
+            "spec": {"containers": [{"name": "engine", "args": ["--model", "m"] * 50}]},
+            "status": {
+                "phase": "Pending",
+                "conditions": conds,
+                "containerStatuses": cs,
+                "initContainerStatuses": ics,
+                "podIP": "127.0.1.2",
+            },
+        }
 
-    cases = [[pod("a")], [pod("a", scheduled=False)], [pod("a"), pod("b", waiting={"reason": "CrashLoopBackOff",
-                                                                                  "message": "back-off 5m"})],
-             [pod("a", init_waiting={"reason": "ImagePullBackOff", "message": "pull failed"})]]
+    cases = [
+        [pod("a")],
+        [pod("a", scheduled=False)],
+        [pod("a"), pod("b", waiting={"reason": "CrashLoopBackOff", "message": "back-off 5m"})],
+        [pod("a", init_waiting={"reason": "ImagePullBackOff", "message": "pull failed"})],
+    ]
     for pods in cases:
         full = conditions_for(_obs(deployment=_dep(2, 1), pods=pods))
         assert conditions_for(_obs(deployment=_dep(2, 1), pods=[slim(p, "Pod") for p in pods])) == full
     # A healthy pod shrinks to the metadata the cache's bookkeeping needs.
-    assert slim(pod("a"), "Pod") == {"metadata": {"name": "a", "namespace": "ns", "labels": {"a": "b"},
-                                                  "resourceVersion": "7"}, "status": {}}
+    assert slim(pod("a"), "Pod") == {
+        "metadata": {"name": "a", "namespace": "ns", "labels": {"a": "b"}, "resourceVersion": "7"},
+        "status": {},
+    }
 
 
 def test_parked_says_for_whom_and_gpus_show_who_holds_them():
@@ -158,20 +235,37 @@ def test_parked_says_for_whom_and_gpus_show_who_holds_them():
 
 
 def test_awaiting_capacity_carries_the_planners_word():
-    pod = {"metadata": {"name": "p"}, "status": {"conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]}}
+    pod = {
+        "metadata": {"name": "p"},
+        "status": {
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+                }
+            ]
+        },
+    }
     said = "waiting for GPUs on node n0: parking ns/a to make room (no GPU free: 0/2 nodes ...)"
     conds = conditions_for(_obs(deployment=_dep(1, 0), pods=[pod], awaiting=said, scale_to_zero=True))
     assert _by_type(conds)["Ready"] == ("False", "AwaitingCapacity") and conds[0]["message"] == said
 
 
 def test_the_slim_pod_keeps_what_the_pool_planner_reads():
-    pod = {"metadata": {"name": "a", "namespace": "ns", "deletionTimestamp": "2026-01-01T00:00:00Z"},
-           "spec": {"nodeName": "n0", "priority": 100, "containers": [
-               {"name": "s", "resources": {"limits": {"nvidia.com/gpu": "2", "cpu": "1"}}},
-               {"name": "side", "resources": {"requests": {"nvidia.com/gpu": 1}}}]},
-           "status": {"nominatedNodeName": "n1"}}
+    pod = {
+        "metadata": {"name": "a", "namespace": "ns", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {
+            "nodeName": "n0",
+            "priority": 100,
+            "containers": [
+                {"name": "s", "resources": {"limits": {"nvidia.com/gpu": "2", "cpu": "1"}}},
+                {"name": "side", "resources": {"requests": {"nvidia.com/gpu": 1}}},
+            ],
+        },
+        "status": {"nominatedNodeName": "n1"},
+    }
     s = slim(pod, "Pod")
     assert s["spec"] == {"nodeName": "n0", "priority": 100} and s["gpus"] == 3
     assert s["status"] == {"nominatedNodeName": "n1"} and s["metadata"]["deletionTimestamp"]
@@ -200,8 +294,10 @@ async def test_a_new_model_costs_one_status_write_before_its_deployment_exists()
 
     kube = FakeKube()
     c = Controller(kube, gateway_enabled=True)
-    body = {"metadata": {"name": "m", "namespace": "ns", "uid": "u1", "generation": 1},
-            "spec": {"engine": "vllm", "model": {"uri": "hf://o/m"}}}
+    body = {
+        "metadata": {"name": "m", "namespace": "ns", "uid": "u1", "generation": 1},
+        "spec": {"engine": "vllm", "model": {"uri": "hf://o/m"}},
+    }
     c.on_modelservice("ADDED", body)
     assert await c.reconcile(("ns", "m")) == "success"
     assert kube.status_patches == 1 and body["status"]["gpus"] == 0

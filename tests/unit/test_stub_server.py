@@ -22,10 +22,9 @@ async def serving(**kw):
         yield c
 
 
-
 def sse_events(raw: str) -> list[str]:
     assert raw.endswith("\n\n")
-    return [block[len("data: "):] for block in raw.split("\n\n") if block]
+    return [block[len("data: ") :] for block in raw.split("\n\n") if block]
 
 
 async def _metric(c: TestClient, name: str) -> float:
@@ -56,11 +55,12 @@ async def test_models_and_ollama_tags_name_the_model() -> None:
         assert tags["models"][0]["name"] == "org/tiny"
 
 
-
 async def test_chat_completion_json_honours_max_tokens_and_reports_usage() -> None:
     async with serving() as c:
-        r = await c.post("/v1/chat/completions", json={
-            "model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "one two three four"}]})
+        r = await c.post(
+            "/v1/chat/completions",
+            json={"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "one two three four"}]},
+        )
         body = await r.json()
         assert r.status == 200
         assert body["object"] == "chat.completion"
@@ -70,12 +70,17 @@ async def test_chat_completion_json_honours_max_tokens_and_reports_usage() -> No
         assert default["usage"]["completion_tokens"] == 16
 
 
-
 async def test_chat_completion_streams_sse_chunks_then_done() -> None:
     async with serving() as c:
-        r = await c.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4,
-            "stream_options": {"include_usage": True}})
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "max_tokens": 4,
+                "stream_options": {"include_usage": True},
+            },
+        )
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = sse_events(await r.text())
         assert events[-1] == "[DONE]"
@@ -88,17 +93,16 @@ async def test_chat_completion_streams_sse_chunks_then_done() -> None:
         assert chunks[-1]["usage"]["completion_tokens"] == 4
 
 
-
 async def test_completions_stream_and_json() -> None:
     async with serving() as c:
-        events = sse_events(await (await c.post("/v1/completions", json={
-            "prompt": "a b", "stream": True, "max_tokens": 2})).text())
+        events = sse_events(
+            await (await c.post("/v1/completions", json={"prompt": "a b", "stream": True, "max_tokens": 2})).text()
+        )
         assert events[-1] == "[DONE]"
         assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == "token0 token1"
         body = await (await c.post("/v1/completions", json={"prompt": "a b", "max_tokens": 2})).json()
         assert body["choices"][0]["text"] == "token0 token1"
         assert body["usage"]["prompt_tokens"] == 2
-
 
 
 async def test_token_rate_is_respected() -> None:
@@ -107,7 +111,6 @@ async def test_token_rate_is_respected() -> None:
         r = await c.post("/v1/completions", json={"prompt": "x", "stream": True, "max_tokens": 20})
         await r.text()
         assert time.monotonic() - t0 >= 0.19  # 20 tokens at 100/s
-
 
 
 async def test_embeddings_are_deterministic_unit_vectors() -> None:
@@ -119,26 +122,30 @@ async def test_embeddings_are_deterministic_unit_vectors() -> None:
         assert math.isclose(math.sqrt(sum(x * x for x in va)), 1.0, rel_tol=1e-4)
 
 
-
 async def test_bad_requests_get_400() -> None:
     async with serving() as c:
-        for path, data in (("/v1/chat/completions", b"{not json"), ("/v1/completions", b"[1,"),
-                           ("/v1/embeddings", b"nope"), ("/v1/chat/completions", b"[]")):
+        for path, data in (
+            ("/v1/chat/completions", b"{not json"),
+            ("/v1/completions", b"[1,"),
+            ("/v1/embeddings", b"nope"),
+            ("/v1/chat/completions", b"[]"),
+        ):
             r = await c.post(path, data=data, headers={"Content-Type": "application/json"})
             assert r.status == 400, (path, data)
             assert "error" in await r.json()
-        for body in ({"messages": []}, {"messages": [{"content": "x"}], "max_tokens": -1},
-                     {"messages": [{"content": "x"}], "max_tokens": "3"}):
+        for body in (
+            {"messages": []},
+            {"messages": [{"content": "x"}], "max_tokens": -1},
+            {"messages": [{"content": "x"}], "max_tokens": "3"},
+        ):
             assert (await c.post("/v1/chat/completions", json=body)).status == 400, body
         assert (await c.post("/v1/completions", json={"max_tokens": 1})).status == 400
-
 
 
 async def test_strict_model_rejects_other_names() -> None:
     async with serving(model_name="a", strict_model=True) as c:
         r = await c.post("/v1/completions", json={"model": "b", "prompt": "x"})
         assert r.status == 404
-
 
 
 async def test_metrics_count_running_and_waiting_requests() -> None:

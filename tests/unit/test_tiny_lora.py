@@ -82,7 +82,12 @@ def test_the_delta_is_as_big_as_the_base_weight_whatever_the_rank(base, base_wei
     adapter = tl.build(tmp_path, base.dir, seed=2, rank=rank, alpha=alpha, targets=("v_proj",))
     t = load_file(str(adapter.dir / tl.WEIGHTS))
     p = "model.layers.0.self_attn.v_proj"
-    delta = adapter.alpha / adapter.rank * t[f"base_model.model.{p}.lora_B.weight"] @ t[f"base_model.model.{p}.lora_A.weight"]
+    delta = (
+        adapter.alpha
+        / adapter.rank
+        * t[f"base_model.model.{p}.lora_B.weight"]
+        @ t[f"base_model.model.{p}.lora_A.weight"]
+    )
     ratio = np.linalg.norm(delta) / np.linalg.norm(base_weights[p + ".weight"])
     assert 0.3 < ratio < 3, ratio
 

@@ -63,8 +63,14 @@ def test_a_finished_build_is_reused_and_a_changed_one_is_not(tmp_path: Path, mon
 def test_config_and_tensor_shapes(model: tm.TinyModel, weights: dict[str, np.ndarray]) -> None:
     config = json.loads((model.dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "float32"
-    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"]) == (64, 2, 4, 2, 96, 300)
+    assert (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["intermediate_size"],
+        config["vocab_size"],
+    ) == (64, 2, 4, 2, 96, 300)
     kv = 2 * 16
     assert weights["model.embed_tokens.weight"].shape == (300, 64)
     assert weights["model.layers.1.self_attn.q_proj.weight"].shape == (64, 64)
@@ -93,7 +99,8 @@ def test_chat_template_renders_chatml(model: tm.TinyModel, tokenizer: Tokenizer)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     text = env.from_string(config["chat_template"]).render(
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer.encode(text).ids
     assert ids[0] == tokenizer.token_to_id(tm.IM_START)
@@ -162,8 +169,13 @@ def test_gguf_reads_back(model: tm.TinyModel, weights: dict[str, np.ndarray], to
         return reader.fields[key].contents()
 
     assert value("general.architecture") == "llama"
-    assert (value("llama.embedding_length"), value("llama.block_count"), value("llama.attention.head_count"),
-            value("llama.attention.head_count_kv"), value("llama.feed_forward_length")) == (64, 2, 4, 2, 96)
+    assert (
+        value("llama.embedding_length"),
+        value("llama.block_count"),
+        value("llama.attention.head_count"),
+        value("llama.attention.head_count_kv"),
+        value("llama.feed_forward_length"),
+    ) == (64, 2, 4, 2, 96)
     assert value("llama.rope.dimension_count") == 16
     assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
     assert value("tokenizer.ggml.tokens") == tm.vocab_list(tokenizer)
@@ -217,12 +229,31 @@ def test_hf_and_gguf_installs_of_one_repo_share_a_snapshot(model: tm.TinyModel, 
 
 
 def test_cli_builds_installs_and_prints_the_parameter_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    tm.main([str(tmp_path / "m"), "--hidden", "32", "--heads", "2", "--kv-heads", "2", "--vocab", "280",
-             "--hf-home", str(tmp_path / "hf"), "--hf-repo", "o/r", "--llama-cache", str(tmp_path / "ll"),
-             "--llama-repo", "o/r-GGUF:Q8_0"])
+    tm.main(
+        [
+            str(tmp_path / "m"),
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "2",
+            "--vocab",
+            "280",
+            "--hf-home",
+            str(tmp_path / "hf"),
+            "--hf-repo",
+            "o/r",
+            "--llama-cache",
+            str(tmp_path / "ll"),
+            "--llama-repo",
+            "o/r-GGUF:Q8_0",
+        ]
+    )
     out = capsys.readouterr().out
-    n = tm.parameter_count(tm.ModelSpec(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=128, vocab=280,
-                                        max_pos=4096))
+    n = tm.parameter_count(
+        tm.ModelSpec(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=128, vocab=280, max_pos=4096)
+    )
     assert f"{n:,} parameters" in out and "model.gguf" in out
     assert list((tmp_path / "ll" / "models--o--r-GGUF" / "snapshots").glob("*/r-GGUF-Q8_0.gguf"))
     assert list((tmp_path / "hf" / "hub" / "models--o--r" / "snapshots").glob("*/model.safetensors"))

@@ -40,6 +40,7 @@ async def test_keys_come_out_in_the_order_they_went_in():
         for k in ("n1", "n2", "n3", "n1"):
             q.add(k)
         return await drain(q)
+
     assert await scenario() == ["n1", "n2", "n3"]
 
 

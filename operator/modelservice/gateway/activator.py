@@ -27,6 +27,7 @@ RETRY_AFTER_SECONDS = 5
 @dataclass
 class _Episode:
     """From the first held request of a model to its first ready endpoint (or the wake's timeout)."""
+
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     held: int = 0
     wake: Optional[asyncio.Task[None]] = None
@@ -35,8 +36,16 @@ class _Episode:
 
 
 class Activator:
-    def __init__(self, table: RouteTable, ops: ClusterOps, activity: ActivityTracker, metrics: Metrics, *,
-                 timeout: float, max_held: int):
+    def __init__(
+        self,
+        table: RouteTable,
+        ops: ClusterOps,
+        activity: ActivityTracker,
+        metrics: Metrics,
+        *,
+        timeout: float,
+        max_held: int,
+    ):
         self.table, self.ops, self.activity, self.metrics = table, ops, activity, metrics
         self.timeout = timeout
         self.max_held = max_held
@@ -54,20 +63,35 @@ class Activator:
             return
         replicas = self.table.replicas(key)
         if replicas is None:
-            raise GatewayError(503, f"model {entry.label} has no backend: its Deployment does not exist yet; check "
-                                    f"`kubectl describe modelservice -n {entry.namespace} {entry.name}`",
-                               "no_backend", retry_after=RETRY_AFTER_SECONDS)
+            raise GatewayError(
+                503,
+                f"model {entry.label} has no backend: its Deployment does not exist yet; check "
+                f"`kubectl describe modelservice -n {entry.namespace} {entry.name}`",
+                "no_backend",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
         if entry.stalled and replicas:
-            raise GatewayError(503, f"model {entry.label} cannot start: {entry.stalled}", "model_not_starting",
-                               retry_after=RETRY_AFTER_SECONDS)
+            raise GatewayError(
+                503,
+                f"model {entry.label} cannot start: {entry.stalled}",
+                "model_not_starting",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
         if replicas == 0 and not entry.autoscaled:
-            raise GatewayError(503, f"model {entry.label} is scaled to zero (spec.replicas: 0); set spec.replicas, or "
-                                    "spec.autoscaling.minReplicas: 0 to wake it on demand", "no_backend")
+            raise GatewayError(
+                503,
+                f"model {entry.label} is scaled to zero (spec.replicas: 0); set spec.replicas, or "
+                "spec.autoscaling.minReplicas: 0 to wake it on demand",
+                "no_backend",
+            )
         ep = self._episodes.setdefault(key, _Episode())
         if ep.held >= self.max_held:
-            raise GatewayError(429, f"too many requests are waiting for model {entry.label} to start "
-                                    f"({self.max_held}); retry shortly", "too_many_held_requests",
-                               retry_after=RETRY_AFTER_SECONDS)
+            raise GatewayError(
+                429,
+                f"too many requests are waiting for model {entry.label} to start ({self.max_held}); retry shortly",
+                "too_many_held_requests",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
         ep.held += 1
         gauge = self.metrics.held.labels(entry.label)
         gauge.inc()
@@ -78,15 +102,27 @@ class Activator:
             except asyncio.TimeoutError:
                 now = self.table.models.get(key) or entry  # the operator's latest word, not the one at arrival
                 if now.capacity:  # waiting for GPUs, not loading: say so, with whom it waits for
-                    raise GatewayError(503, f"model {entry.label} did not become ready within {self.timeout:g}s: "
-                                            f"{now.capacity}; retry later", "awaiting_capacity",
-                                       retry_after=RETRY_AFTER_SECONDS) from None
-                raise GatewayError(503, f"model {entry.label} did not become ready within {self.timeout:g}s "
-                                        "(it may still be loading); retry later", "activation_timeout",
-                                   retry_after=RETRY_AFTER_SECONDS) from None
+                    raise GatewayError(
+                        503,
+                        f"model {entry.label} did not become ready within {self.timeout:g}s: "
+                        f"{now.capacity}; retry later",
+                        "awaiting_capacity",
+                        retry_after=RETRY_AFTER_SECONDS,
+                    ) from None
+                raise GatewayError(
+                    503,
+                    f"model {entry.label} did not become ready within {self.timeout:g}s "
+                    "(it may still be loading); retry later",
+                    "activation_timeout",
+                    retry_after=RETRY_AFTER_SECONDS,
+                ) from None
             if not self.table.ready(key):
-                raise GatewayError(503, ep.error or f"model {entry.label} has no ready backend", ep.code,
-                                   retry_after=RETRY_AFTER_SECONDS)
+                raise GatewayError(
+                    503,
+                    ep.error or f"model {entry.label} has no ready backend",
+                    ep.code,
+                    retry_after=RETRY_AFTER_SECONDS,
+                )
         finally:
             ep.held -= 1
             gauge.dec()
@@ -158,8 +194,10 @@ class Activator:
                     break
                 await asyncio.sleep(0.5 * (attempt + 1))
         log.error("wake of %s: scale to %d failed: %s", entry.label, entry.wake_replicas, last)
-        return (f"model {entry.label} is scaled to zero and the gateway could not scale it up "
-                f"({last.splitlines()[0][:200] if last else 'unknown error'}); check the gateway's RBAC and logs")
+        return (
+            f"model {entry.label} is scaled to zero and the gateway could not scale it up "
+            f"({last.splitlines()[0][:200] if last else 'unknown error'}); check the gateway's RBAC and logs"
+        )
 
     def _end(self, key: Key, ep: _Episode) -> None:
         # Waiters keep their own reference and time out on their own; requests from now on start a fresh episode

@@ -72,8 +72,14 @@ class _Model:
 class ActivityTracker:
     """Counts requests per model (held or proxied: both are demand) and decides when a Lease write is due."""
 
-    def __init__(self, pod_name: str, interval: float, *, wall: Callable[[], float] = time.time,
-                 mono: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        pod_name: str,
+        interval: float,
+        *,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ):
         self.pod_name = pod_name
         self.interval = interval
         self._wall, self._mono = wall, mono
@@ -106,11 +112,20 @@ class ActivityTracker:
         renews the Lease each interval: the operator takes an in-flight figure older than LEASE_FRESH_SECONDS as
         stale, and would take a model whose one request outlives that (a slow load, a long stream) for idle."""
         now = self._mono()
-        return [k for k, m in self._models.items()
-                if (now - m.last_write >= self.interval
-                    and (m.traffic or m.peak != m.written_in_flight or m.in_flight > 0
-                         or self.waiting(k) != m.written_waiting))
-                or (m.in_flight == 0 and m.written_now > 0)]  # went idle: say so now (the planner waits on it)
+        return [
+            k
+            for k, m in self._models.items()
+            if (
+                now - m.last_write >= self.interval
+                and (
+                    m.traffic
+                    or m.peak != m.written_in_flight
+                    or m.in_flight > 0
+                    or self.waiting(k) != m.written_waiting
+                )
+            )
+            or (m.in_flight == 0 and m.written_now > 0)
+        ]  # went idle: say so now (the planner waits on it)
 
     def lease(self, entry: ModelEntry, *, wake: bool = False) -> dict[str, Any]:
         """The Lease to apply now, and mark it written (the peak window restarts from the current in-flight)."""
@@ -121,31 +136,44 @@ class ActivityTracker:
         peak = m.peak
         m.written_in_flight, m.peak, m.traffic, m.last_write = peak, m.in_flight, False, self._mono()
         m.written_now = m.in_flight
-        annotations = {**self.annotate(entry), IN_FLIGHT_ANNOTATION: str(peak),
-                       IN_FLIGHT_NOW_ANNOTATION: str(m.in_flight)}
+        annotations = {
+            **self.annotate(entry),
+            IN_FLIGHT_ANNOTATION: str(peak),
+            IN_FLIGHT_NOW_ANNOTATION: str(m.in_flight),
+        }
         m.written_waiting = waiting = self.waiting(entry.key)
         if waiting is not None:
             annotations[WAITING_ANNOTATION] = str(waiting)
         if m.last_request is not None:
             annotations[LAST_REQUEST_ANNOTATION] = rfc3339_micro(m.last_request)
         meta: dict[str, Any] = {
-            "name": lease_name(entry.name, self.pod_name), "namespace": entry.namespace,
-            "labels": {MODELSERVICE_LABEL: entry.name, ACTIVITY_LABEL: "true"}, "annotations": annotations}
+            "name": lease_name(entry.name, self.pod_name),
+            "namespace": entry.namespace,
+            "labels": {MODELSERVICE_LABEL: entry.name, ACTIVITY_LABEL: "true"},
+            "annotations": annotations,
+        }
         if entry.uid:
             # Garbage-collected with the ModelService; not a controller reference (the operator owns that role).
-            meta["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-                                        "name": entry.name, "uid": entry.uid}]
-        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
-                "spec": {"holderIdentity": self.pod_name, "renewTime": rfc3339_micro(now),
-                         "leaseDurationSeconds": max(1, int(self.interval * 3))}}
+            meta["ownerReferences"] = [
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": entry.name, "uid": entry.uid}
+            ]
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": meta,
+            "spec": {
+                "holderIdentity": self.pod_name,
+                "renewTime": rfc3339_micro(now),
+                "leaseDurationSeconds": max(1, int(self.interval * 3)),
+            },
+        }
 
     def forget(self, key: Key) -> None:
         m = self._models.get(key)
         if m is not None and m.in_flight == 0:
             del self._models[key]
 
-    async def run(self, ops: "ClusterOps", entries: Callable[[Key], Optional[ModelEntry]],
-                  tick: float = 1.0) -> None:
+    async def run(self, ops: "ClusterOps", entries: Callable[[Key], Optional[ModelEntry]], tick: float = 1.0) -> None:
         """Flush due Leases until cancelled. A failed write is retried on a later tick (traffic stays marked)."""
         while True:
             await asyncio.sleep(tick)
@@ -161,6 +189,8 @@ class ActivityTracker:
                     await ops.write_lease(body)
                 except Exception as e:  # noqa: BLE001 - keep flushing other models
                     m.peak, m.traffic, m.written_in_flight, m.written_now, m.written_waiting = (
-                        max(saved[0], m.peak), True, *saved[2:])
-                    log.warning("activity Lease %s/%s not written: %s", entry.namespace,
-                                body["metadata"]["name"], e)
+                        max(saved[0], m.peak),
+                        True,
+                        *saved[2:],
+                    )
+                    log.warning("activity Lease %s/%s not written: %s", entry.namespace, body["metadata"]["name"], e)

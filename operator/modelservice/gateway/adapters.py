@@ -29,7 +29,9 @@ MAX_ERROR = 512
 
 
 # -- names ---------------------------------------------------------------------------------------------------------
-def name_conflicts(models: Iterable[ModelEntry]) -> tuple[dict[str, tuple[Key, AdapterRef]], dict[tuple[Key, str], str]]:
+def name_conflicts(
+    models: Iterable[ModelEntry],
+) -> tuple[dict[str, tuple[Key, AdapterRef]], dict[tuple[Key, str], str]]:
     """(adapter name → (base key, adapter) for every routable adapter, (base key, name) → why it is not routed).
 
     A served model's name always wins over an adapter's (it was a model first, and clients of it must not be
@@ -44,11 +46,14 @@ def name_conflicts(models: Iterable[ModelEntry]) -> tuple[dict[str, tuple[Key, A
         for a in e.adapters:
             holder = served.get(a.name)
             if holder is not None and (holder.served_name == a.name or holder.key == e.key):
-                conflicts[(e.key, a.name)] = (f"NameConflict: {a.name!r} is the served name of model "
-                                              f"{holder.label}: rename the adapter")
+                conflicts[(e.key, a.name)] = (
+                    f"NameConflict: {a.name!r} is the served name of model {holder.label}: rename the adapter"
+                )
             elif a.name in routes:
-                conflicts[(e.key, a.name)] = (f"NameConflict: adapter {a.name!r} is already served by "
-                                              f"{routes[a.name][0][0]}/{routes[a.name][0][1]} (older): rename it")
+                conflicts[(e.key, a.name)] = (
+                    f"NameConflict: adapter {a.name!r} is already served by "
+                    f"{routes[a.name][0][0]}/{routes[a.name][0][1]} (older): rename it"
+                )
             else:
                 routes[a.name] = (e.key, a)
     return routes, conflicts
@@ -58,6 +63,7 @@ def name_conflicts(models: Iterable[ModelEntry]) -> tuple[dict[str, tuple[Key, A
 @dataclass
 class Residency:
     """What one replica has loaded (least recently used first), what is loading, and what is in use."""
+
     capacity: int
     loaded: "OrderedDict[str, str]" = field(default_factory=OrderedDict)  # name → path it was loaded from
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
@@ -91,8 +97,9 @@ class Residency:
             self.in_use.pop(name, None)
 
 
-def prefer_loaded(endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint],
-                  has: Callable[[Endpoint], bool]) -> tuple[Endpoint, ...]:
+def prefer_loaded(
+    endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint], has: Callable[[Endpoint], bool]
+) -> tuple[Endpoint, ...]:
     """Affinity: the replicas that already have the adapter, when one of them is still a candidate; else all."""
     skip = set(exclude)
     warm = tuple(ep for ep in endpoints if ep not in skip and has(ep))
@@ -128,8 +135,14 @@ class _State:
 class Adapters:
     """Loads adapters where requests need them. `changed(key)` tells the activity flusher the base's Lease is due."""
 
-    def __init__(self, call: EngineCall, *, changed: Callable[[Key], None] = lambda key: None,
-                 wait_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        call: EngineCall,
+        *,
+        changed: Callable[[Key], None] = lambda key: None,
+        wait_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.call, self.changed, self.wait_timeout, self.clock = call, changed, wait_timeout, clock
         self._replicas: dict[Endpoint, Residency] = {}
         self._owner: dict[Endpoint, Key] = {}
@@ -144,7 +157,9 @@ class Adapters:
         r = self._replicas.get(ep)
         return r is not None and r.has(adapter.name, adapter.path)
 
-    def report(self, key: Key, declared: Iterable[str], conflicts: dict[tuple[Key, str], str]) -> dict[str, dict[str, Any]]:
+    def report(
+        self, key: Key, declared: Iterable[str], conflicts: dict[tuple[Key, str], str]
+    ) -> dict[str, dict[str, Any]]:
         """The Lease annotation's content: per declared adapter, where it is loaded and its last error."""
         st = self._state.get(key, _State())
         out = {}
@@ -195,12 +210,22 @@ class Adapters:
         except asyncio.TimeoutError:
             replica = ep.pod or ep.address
             raise GatewayError(
-                429, f"adapter {adapter.name!r}: every adapter slot of model {entry.label}'s replica ({replica}) is "
-                     "in use by requests in flight (spec.lora.maxLoaded); retry later",
-                "adapter_capacity_exceeded", retry_after=5) from None
+                429,
+                f"adapter {adapter.name!r}: every adapter slot of model {entry.label}'s replica ({replica}) is "
+                "in use by requests in flight (spec.lora.maxLoaded); retry later",
+                "adapter_capacity_exceeded",
+                retry_after=5,
+            ) from None
 
-    async def _load(self, entry: ModelEntry, ep: Endpoint, r: Residency, adapter: AdapterRef,
-                    victim: Optional[str], done: asyncio.Future[None]) -> None:
+    async def _load(
+        self,
+        entry: ModelEntry,
+        ep: Endpoint,
+        r: Residency,
+        adapter: AdapterRef,
+        victim: Optional[str],
+        done: asyncio.Future[None],
+    ) -> None:
         try:
             if victim is not None:
                 path = r.loaded.pop(victim)
@@ -211,15 +236,20 @@ class Adapters:
             self.loads += 1
             # In place: a name an earlier gateway process registered (or one whose unload is still on its way) is
             # replaced by this path instead of refused with "already been loaded".
-            status, text = await self.call(ep, "/v1/load_lora_adapter",
-                                           {"lora_name": adapter.name, "lora_path": adapter.path, "load_inplace": True})
+            status, text = await self.call(
+                ep,
+                "/v1/load_lora_adapter",
+                {"lora_name": adapter.name, "lora_path": adapter.path, "load_inplace": True},
+            )
             if status != 200:
                 message = engine_message(text)
                 self._error(entry.key, adapter, f"{ep.pod or ep.address}: {message}")
                 raise GatewayError(
                     503 if status >= 500 else 502,
                     f"adapter {adapter.name!r} could not be loaded on model {entry.label} "
-                    f"(engine answered {status}): {message}", "adapter_load_failed")
+                    f"(engine answered {status}): {message}",
+                    "adapter_load_failed",
+                )
             r.loaded[adapter.name] = adapter.path
             self._loaded(entry.key, adapter.name, ep, True)
             st = self._state.setdefault(entry.key, _State())
@@ -230,12 +260,15 @@ class Adapters:
             done.set_exception(e)
         except Exception as e:  # noqa: BLE001 - every waiter must hear of it, not hang
             log.exception("adapter %s load on %s failed", adapter.name, ep.base_url)
-            done.set_exception(GatewayError(502, f"adapter {adapter.name!r}: load failed ({type(e).__name__})",
-                                            "adapter_load_failed"))
+            done.set_exception(
+                GatewayError(502, f"adapter {adapter.name!r}: load failed ({type(e).__name__})", "adapter_load_failed")
+            )
         finally:
             r.loading.pop(adapter.name, None)
             if not done.done():
-                done.set_exception(GatewayError(502, f"adapter {adapter.name!r}: load cancelled", "adapter_load_failed"))
+                done.set_exception(
+                    GatewayError(502, f"adapter {adapter.name!r}: load cancelled", "adapter_load_failed")
+                )
 
     async def _unload(self, entry: ModelEntry, ep: Endpoint, name: str, path: str) -> None:
         self.unloads += 1
@@ -277,7 +310,7 @@ class Adapters:
             if name not in declared:
                 del st.errors[name]
                 st.failed_paths.pop(name, None)
-        preload = [a for a in entry.adapters if a.preload][:entry.lora_max_loaded]
+        preload = [a for a in entry.adapters if a.preload][: entry.lora_max_loaded]
         work: list[Awaitable[None]] = []
         for ep in ready:
             replica = self._replica(entry, ep) if preload else self._replicas.get(ep)
@@ -290,8 +323,11 @@ class Adapters:
                     del replica.loaded[name]
                     work.append(self._unload(entry, ep, name, path))
             for a in preload:
-                if not replica.has(a.name, a.path) and (ep, a.name) not in self._preloading \
-                        and st.failed_paths.get(a.name) != a.path:
+                if (
+                    not replica.has(a.name, a.path)
+                    and (ep, a.name) not in self._preloading
+                    and st.failed_paths.get(a.name) != a.path
+                ):
                     self._preloading.add((ep, a.name))
                     work.append(self._preload(entry, ep, a))
         return work
@@ -328,6 +364,7 @@ class Adapters:
 @dataclass
 class AdapterUse:
     """One request's adapter, as the proxy's retry loop sees it (proxy.forward's `adapter`)."""
+
     manager: Adapters
     entry: ModelEntry
     adapter: AdapterRef

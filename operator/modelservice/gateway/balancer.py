@@ -36,8 +36,9 @@ class Balancer:
     def in_flight(self, ep: Endpoint) -> int:
         return self._in_flight.get(ep, 0)
 
-    def pick(self, endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint] = (),
-             key: Optional[bytes] = None) -> Optional[Endpoint]:
+    def pick(
+        self, endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint] = (), key: Optional[bytes] = None
+    ) -> Optional[Endpoint]:
         skip = set(exclude)
         candidates = [ep for ep in endpoints if ep not in skip]
         if not candidates:

@@ -30,7 +30,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelservice.api import Engine
-from modelservice.gateway.deadline import within
 from modelservice.gateway.engine_metrics import targets
 from modelservice.gateway.routes import Endpoint, Key, ModelEntry, RouteTable
 
@@ -100,19 +99,32 @@ def parse_load(text: str, names: Names, at: float) -> Load:
 class EngineLoad:
     """The last load figures per endpoint, refreshed by run(); read by the balancer and the activity Leases."""
 
-    def __init__(self, table: RouteTable, registry: CollectorRegistry, *, interval: float = INTERVAL, timeout: float = TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        table: RouteTable,
+        registry: CollectorRegistry,
+        *,
+        interval: float = INTERVAL,
+        timeout: float = TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.table, self.interval, self.timeout, self._clock = table, interval, min(timeout, interval), clock
         self._loads: dict[Endpoint, Load] = {}
         self.period = interval  # the interval stretched for many endpoints (MAX_RATE): what freshness is judged by
         self._labels: set[str] = set()  # models with an unknown-endpoints series, removed when the model goes
-        self.errors = Counter("modelservice_gateway_engine_load_errors",
-                              "Engine /metrics polls for load figures that failed (timeout, http, garbage); routing "
-                              "uses in-flight counts for that endpoint until a poll succeeds.",
-                              ["model", "reason"], registry=registry)
-        self.unknown = Gauge("modelservice_gateway_engine_load_unknown_endpoints",
-                             "Ready endpoints routed without fresh engine load figures (by in-flight counts only).",
-                             ["model"], registry=registry)
+        self.errors = Counter(
+            "modelservice_gateway_engine_load_errors",
+            "Engine /metrics polls for load figures that failed (timeout, http, garbage); routing "
+            "uses in-flight counts for that endpoint until a poll succeeds.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.unknown = Gauge(
+            "modelservice_gateway_engine_load_unknown_endpoints",
+            "Ready endpoints routed without fresh engine load figures (by in-flight counts only).",
+            ["model"],
+            registry=registry,
+        )
 
     # -- what routing reads ----------------------------------------------------------------------------------
     def get(self, ep: Endpoint) -> Optional[Load]:
@@ -135,8 +147,11 @@ class EngineLoad:
 
     # -- polling ---------------------------------------------------------------------------------------------
     async def poll(self, session: aiohttp.ClientSession) -> None:
-        found = [(entry, ep, port, path, NAMES[Engine(entry.engine)]) for entry, ep, port, path in targets(self.table)
-                 if entry.engine in {e.value for e in NAMES}]
+        found = [
+            (entry, ep, port, path, NAMES[Engine(entry.engine)])
+            for entry, ep, port, path in targets(self.table)
+            if entry.engine in {e.value for e in NAMES}
+        ]
 
         self.period = max(self.interval, len(found) / MAX_RATE)
         gate = asyncio.Semaphore(MAX_CONCURRENT)
@@ -148,7 +163,7 @@ class EngineLoad:
         async def fetch(entry: ModelEntry, ep: Endpoint, port: int, path: str, names: Names) -> None:
             host = f"[{ep.address}]" if ":" in ep.address else ep.address
             try:
-                async with within(self.timeout):  # asyncio.timeout is 3.11+ (deadline.py)
+                async with asyncio.timeout(self.timeout):
                     async with session.get(f"http://{host}:{port}{path}") as r:
                         if r.status != 200:
                             raise aiohttp.ClientError(f"HTTP {r.status}")

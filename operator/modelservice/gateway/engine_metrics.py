@@ -88,14 +88,18 @@ def targets(table: RouteTable) -> list[tuple[ModelEntry, Endpoint, int, str]]:
 class EngineMetrics:
     def __init__(self, table: RouteTable, registry: CollectorRegistry) -> None:
         self.table = table
-        self.errors = Counter("modelservice_gateway_engine_scrape_errors",
-                              "Engine /metrics fetches that failed or timed out (left out of /engine-metrics).",
-                              ["model"], registry=registry)
+        self.errors = Counter(
+            "modelservice_gateway_engine_scrape_errors",
+            "Engine /metrics fetches that failed or timed out (left out of /engine-metrics).",
+            ["model"],
+            registry=registry,
+        )
 
     async def handle(self, _: web.Request) -> web.Response:
         found = targets(self.table)
         timeout = aiohttp.ClientTimeout(total=TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as session:
+
             async def fetch(entry: ModelEntry, ep: Endpoint, port: int, path: str) -> Optional[tuple[str, str]]:
                 host = f"[{ep.address}]" if ":" in ep.address else ep.address
                 try:
@@ -106,10 +110,13 @@ class EngineMetrics:
                 except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
                     self.errors.labels(entry.label).inc()
                     return None
-                extra = (f'modelservice_namespace="{_escape(entry.namespace)}",modelservice="{_escape(entry.name)}",'
-                         f'modelservice_endpoint="{_escape(ep.address)}:{ep.port}"')
+                extra = (
+                    f'modelservice_namespace="{_escape(entry.namespace)}",modelservice="{_escape(entry.name)}",'
+                    f'modelservice_endpoint="{_escape(ep.address)}:{ep.port}"'
+                )
                 return extra, text
 
             got = await asyncio.gather(*(fetch(*t) for t in found))
-        return web.Response(body=merge([g for g in got if g is not None]).encode(),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=merge([g for g in got if g is not None]).encode(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )

@@ -61,7 +61,7 @@ class Meter:
         if data is chunk and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
             return chunk  # the common case (whole events, no usage): no copy, nothing held
         end = data.rfind(b"\n\n")
-        complete, rest = (data[:end + 2], data[end + 2:]) if end >= 0 else (b"", data)
+        complete, rest = (data[: end + 2], data[end + 2 :]) if end >= 0 else (b"", data)
         if self.strip:
             # An incomplete event waits for its end: it may be the usage event the client must not get. (Past
             # MAX_CARRY it is no usage event: it goes on as it is.)
@@ -121,22 +121,34 @@ class Metering:
         self.max_tenants = max_tenants
         self._labels: set[str] = set()
         labels = ["tenant", "model", "outcome"]
-        self.requests = Counter("modelservice_gateway_tenant_requests",
-                                "Requests by tenant, model and outcome (ok, error, rate_limited, cut).", labels,
-                                registry=registry)
-        self.prompt_tokens = Counter("modelservice_gateway_prompt_tokens",
-                                     "Prompt tokens, from the engine's usage.", labels, registry=registry)
-        self.completion_tokens = Counter("modelservice_gateway_completion_tokens",
-                                         "Completion tokens, from the engine's usage (a cut stream: its content "
-                                         "events).", labels, registry=registry)
-        self.unmetered = Counter("modelservice_gateway_unmetered_requests",
-                                 "Requests answered without token counts: no_usage (the engine sent none), "
-                                 "cut (stream cut before its usage: prompt tokens unknown), other_path (not an "
-                                 "OpenAI completion or embedding path).", ["tenant", "model", "reason"],
-                                 registry=registry)
-        self.aggregated = Gauge("modelservice_gateway_tenants_aggregated",
-                                f"Tenants past the metrics limit, counted under tenant={OTHER_TENANTS}.",
-                                registry=registry)
+        self.requests = Counter(
+            "modelservice_gateway_tenant_requests",
+            "Requests by tenant, model and outcome (ok, error, rate_limited, cut).",
+            labels,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "modelservice_gateway_prompt_tokens", "Prompt tokens, from the engine's usage.", labels, registry=registry
+        )
+        self.completion_tokens = Counter(
+            "modelservice_gateway_completion_tokens",
+            "Completion tokens, from the engine's usage (a cut stream: its content events).",
+            labels,
+            registry=registry,
+        )
+        self.unmetered = Counter(
+            "modelservice_gateway_unmetered_requests",
+            "Requests answered without token counts: no_usage (the engine sent none), "
+            "cut (stream cut before its usage: prompt tokens unknown), other_path (not an "
+            "OpenAI completion or embedding path).",
+            ["tenant", "model", "reason"],
+            registry=registry,
+        )
+        self.aggregated = Gauge(
+            "modelservice_gateway_tenants_aggregated",
+            f"Tenants past the metrics limit, counted under tenant={OTHER_TENANTS}.",
+            registry=registry,
+        )
         self._seen_over: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -158,15 +170,19 @@ class Metering:
             self._seen_over.add(tenant)
             self.aggregated.set(len(self._seen_over))
             if len(self._seen_over) == 1:
-                log.warning("more than %d tenants: the rest are counted as tenant=%s (raise --max-metered-tenants)",
-                            self.max_tenants, OTHER_TENANTS)
+                log.warning(
+                    "more than %d tenants: the rest are counted as tenant=%s (raise --max-metered-tenants)",
+                    self.max_tenants,
+                    OTHER_TENANTS,
+                )
         return OTHER_TENANTS
 
     def record(self, tenant: str, model: str, status: int, meter: Optional[Meter], reached_engine: bool) -> None:
         label = self.tenant_label(tenant)
         cut = reached_engine and meter is not None and not meter.done
-        outcome = ("cut" if cut or status == 499 else "rate_limited" if status == 429
-                   else "ok" if status < 400 else "error")
+        outcome = (
+            "cut" if cut or status == 499 else "rate_limited" if status == 429 else "ok" if status < 400 else "error"
+        )
         self._child(self.requests, label, model, outcome).inc()
         if not reached_engine:
             return

@@ -19,28 +19,51 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("modelservice_gateway_requests", "Requests answered, by model and HTTP status.",
-                                ["model", "code"], registry=r)
-        self.in_flight = Gauge("modelservice_gateway_in_flight", "Requests being proxied to a backend now.",
-                               ["model"], registry=r)
-        self.held = Gauge("modelservice_gateway_held_requests",
-                          "Requests waiting for a backend (scale from zero, or no ready endpoint).", ["model"],
-                          registry=r)
-        self.scale_requests = Counter("modelservice_gateway_scale_requests",
-                                      "Scale-from-zero calls sent to the API server (one per wake-up, plus retries).",
-                                      ["model"], registry=r)
-        self.ready_endpoints = Gauge("modelservice_gateway_ready_endpoints",
-                                     "Ready backends the gateway routes to, from EndpointSlices.", ["model"],
-                                     registry=r)
+        self.requests = Counter(
+            "modelservice_gateway_requests",
+            "Requests answered, by model and HTTP status.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "modelservice_gateway_in_flight", "Requests being proxied to a backend now.", ["model"], registry=r
+        )
+        self.held = Gauge(
+            "modelservice_gateway_held_requests",
+            "Requests waiting for a backend (scale from zero, or no ready endpoint).",
+            ["model"],
+            registry=r,
+        )
+        self.scale_requests = Counter(
+            "modelservice_gateway_scale_requests",
+            "Scale-from-zero calls sent to the API server (one per wake-up, plus retries).",
+            ["model"],
+            registry=r,
+        )
+        self.ready_endpoints = Gauge(
+            "modelservice_gateway_ready_endpoints",
+            "Ready backends the gateway routes to, from EndpointSlices.",
+            ["model"],
+            registry=r,
+        )
         self.invalid_modelservices = Gauge(
             "modelservice_gateway_invalid_modelservices",
-            "ModelServices not routed: their spec is invalid (the operator reports them Stalled).", registry=r)
-        self.activation = Histogram("modelservice_gateway_activation_seconds",
-                                    "Time from a wake-up (scale from zero) to the first ready endpoint.",
-                                    buckets=ACTIVATION_BUCKETS, registry=r)
-        self.upstream_latency = Histogram("modelservice_gateway_upstream_latency_seconds",
-                                          "Time from sending a request upstream to its response headers.",
-                                          ["model"], buckets=TTFB_BUCKETS, registry=r)
+            "ModelServices not routed: their spec is invalid (the operator reports them Stalled).",
+            registry=r,
+        )
+        self.activation = Histogram(
+            "modelservice_gateway_activation_seconds",
+            "Time from a wake-up (scale from zero) to the first ready endpoint.",
+            buckets=ACTIVATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "modelservice_gateway_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers.",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

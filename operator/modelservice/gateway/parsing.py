@@ -8,7 +8,6 @@ from typing import Any
 
 from aiohttp import web
 
-from modelservice.gateway.deadline import within
 from modelservice.gateway.errors import GatewayError
 
 READ_CHUNK = 64 * 1024
@@ -37,11 +36,14 @@ async def read_body(request: web.Request, max_bytes: int, idle_timeout: float) -
     while True:
         wait = min(idle_timeout, deadline - loop.time())
         try:
-            async with within(max(0.0, wait)):
+            async with asyncio.timeout(max(0.0, wait)):
                 chunk = await request.content.read(READ_CHUNK)
         except asyncio.TimeoutError:
-            raise GatewayError(408, f"request body too slow: nothing for {idle_timeout:g}s, or not complete "
-                                    f"within {BODY_DEADLINE:g}s", "request_timeout") from None
+            raise GatewayError(
+                408,
+                f"request body too slow: nothing for {idle_timeout:g}s, or not complete within {BODY_DEADLINE:g}s",
+                "request_timeout",
+            ) from None
         if not chunk:
             return b"".join(parts)
         size += len(chunk)

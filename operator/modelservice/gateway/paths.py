@@ -22,29 +22,66 @@ _SEG = r"(?!\.\.?(?:/|$))[A-Za-z0-9_.:-]+"  # one path segment (a Triton model n
 # Every engine that speaks OpenAI's API (all but Triton): the inference and discovery calls of OpenAI's SDKs and the
 # compute-only helpers the engines add (tokenize, score, rerank). GET /health lets a client check the model itself.
 _OPENAI: tuple[tuple[str, str], ...] = (
-    ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
-    ("POST", "/v1/responses"), ("POST", "/v1/messages"), ("POST", "/v1/audio/transcriptions"),
-    ("POST", "/v1/audio/translations"), ("POST", "/v1/rerank"), ("POST", "/v1/score"),
-    ("POST", "/tokenize"), ("POST", "/detokenize"),
-    ("GET", "/v1/models"), ("GET", f"/v1/models/{_SEG}"), ("GET", "/health"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/audio/transcriptions"),
+    ("POST", "/v1/audio/translations"),
+    ("POST", "/v1/rerank"),
+    ("POST", "/v1/score"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/v1/models"),
+    ("GET", f"/v1/models/{_SEG}"),
+    ("GET", "/health"),
 )
 
 _ENGINE: dict[str, tuple[tuple[str, str], ...]] = {
-    "vllm": (("POST", "/pooling"), ("POST", "/classify"), ("POST", "/score"), ("POST", "/rerank"),
-             ("POST", "/v2/rerank"), ("GET", "/version")),
+    "vllm": (
+        ("POST", "/pooling"),
+        ("POST", "/classify"),
+        ("POST", "/score"),
+        ("POST", "/rerank"),
+        ("POST", "/v2/rerank"),
+        ("GET", "/version"),
+    ),
     "sglang": (("POST", "/generate"), ("POST", "/encode"), ("POST", "/classify"), ("GET", "/get_model_info")),
     "tgi": (("POST", "/generate"), ("POST", "/generate_stream"), ("GET", "/info")),
-    "ollama": (("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embed"), ("POST", "/api/embeddings"),
-               ("POST", "/api/show"), ("GET", "/api/tags"), ("GET", "/api/ps"), ("GET", "/api/version")),
-    "llamacpp": (("POST", "/completion"), ("POST", "/completions"), ("POST", "/embedding"), ("POST", "/embeddings"),
-                 ("POST", "/infill"), ("POST", "/rerank"), ("POST", "/reranking"), ("POST", "/apply-template"),
-                 ("GET", "/props"), ("GET", "/models"), ("GET", "/v1/health")),
+    "ollama": (
+        ("POST", "/api/generate"),
+        ("POST", "/api/chat"),
+        ("POST", "/api/embed"),
+        ("POST", "/api/embeddings"),
+        ("POST", "/api/show"),
+        ("GET", "/api/tags"),
+        ("GET", "/api/ps"),
+        ("GET", "/api/version"),
+    ),
+    "llamacpp": (
+        ("POST", "/completion"),
+        ("POST", "/completions"),
+        ("POST", "/embedding"),
+        ("POST", "/embeddings"),
+        ("POST", "/infill"),
+        ("POST", "/rerank"),
+        ("POST", "/reranking"),
+        ("POST", "/apply-template"),
+        ("GET", "/props"),
+        ("GET", "/models"),
+        ("GET", "/v1/health"),
+    ),
     # KServe's v2 protocol: inference and metadata, per model and version; not /v2/repository, trace, logging,
     # shared-memory or statistics (which show other tenants' traffic).
-    "triton": (("GET", "/v2"), ("GET", "/v2/health/ready"), ("GET", "/v2/health/live"),
-               # /v2/models/stats is Triton's statistics of every model (other tenants' traffic), not a model name.
-               ("GET", f"/v2/models/(?!stats$){_SEG}(?:/versions/{_SEG})?(?:/ready)?"),
-               ("POST", f"/v2/models/{_SEG}(?:/versions/{_SEG})?/(?:infer|generate|generate_stream)")),
+    "triton": (
+        ("GET", "/v2"),
+        ("GET", "/v2/health/ready"),
+        ("GET", "/v2/health/live"),
+        # /v2/models/stats is Triton's statistics of every model (other tenants' traffic), not a model name.
+        ("GET", f"/v2/models/(?!stats$){_SEG}(?:/versions/{_SEG})?(?:/ready)?"),
+        ("POST", f"/v2/models/{_SEG}(?:/versions/{_SEG})?/(?:infer|generate|generate_stream)"),
+    ),
 }
 
 
@@ -52,8 +89,10 @@ def _compile(rules: tuple[tuple[str, str], ...]) -> tuple[tuple[str, re.Pattern[
     return tuple((method, re.compile(pattern)) for method, pattern in rules)
 
 
-_RULES = {engine: _compile(_ENGINE.get(engine, ()) + (() if engine == "triton" else _OPENAI))
-          for engine in (*_ENGINE, "custom")}
+_RULES = {
+    engine: _compile(_ENGINE.get(engine, ()) + (() if engine == "triton" else _OPENAI))
+    for engine in (*_ENGINE, "custom")
+}
 _DEFAULT = _compile(_OPENAI)  # an engine name we do not know (a newer operator): OpenAI's paths only
 
 
@@ -73,7 +112,10 @@ def check(engine: str, method: str, path: str) -> None:
     if wanted in methods:
         return
     if not methods:
-        raise GatewayError(404, f"{path} is not a client path of a {engine or 'custom'} model: the gateway forwards "
-                                "inference and model-listing paths only (docs/tenants.md)", "not_found")
+        raise GatewayError(
+            404,
+            f"{path} is not a client path of a {engine or 'custom'} model: the gateway forwards "
+            "inference and model-listing paths only (docs/tenants.md)",
+            "not_found",
+        )
     raise GatewayError(405, f"{method} is not allowed on {path}; use {', '.join(methods)}", "method_not_allowed")
-

@@ -18,7 +18,6 @@ from aiohttp import web
 
 from modelservice.gateway import reqstate as rs
 from modelservice.gateway.balancer import Balancer
-from modelservice.gateway.deadline import within
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.metering import Meter
 from modelservice.gateway.metrics import Metrics
@@ -39,9 +38,22 @@ RETRY_AFTER = 5  # seconds, on our 503s
 # llama.cpp), so a pod rarely closes one just as a request is written to it: that request could not be replayed.
 KEEPALIVE = 4.0
 SMALL_BODY = 64 * 1024  # answers up to this size are relayed in one write
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "trailers", "transfer-encoding", "upgrade", "host", "content-length",
-                        "expect"})  # we hold the whole body already; a 100-continue handshake upstream only adds a trip
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)  # we hold the whole body already; a 100-continue handshake upstream only adds a trip
 
 
 def make_pool(connect_timeout: float, read_timeout: float) -> UpstreamPool:
@@ -50,9 +62,13 @@ def make_pool(connect_timeout: float, read_timeout: float) -> UpstreamPool:
 
 def upstream_headers(request: web.BaseRequest, *, strip_authorization: bool) -> list[tuple[str, str]]:
     named = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
-    out = [(k, v) for k, v in request.headers.items()
-           if k.lower() not in HOP_BY_HOP and k.lower() not in named
-           and not (strip_authorization and k.lower() == "authorization")]
+    out = [
+        (k, v)
+        for k, v in request.headers.items()
+        if k.lower() not in HOP_BY_HOP
+        and k.lower() not in named
+        and not (strip_authorization and k.lower() == "authorization")
+    ]
     prior = request.headers.get("X-Forwarded-For")
     peer = request.remote or ""
     out = [(k, v) for k, v in out if k.lower() not in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
@@ -68,10 +84,19 @@ class Proxy:
         self.pool, self.balancer, self.metrics = pool, balancer, metrics
         self.idle_timeout = idle_timeout
 
-    async def forward(self, request: web.Request, entry: ModelEntry, body: bytes, path: str, table: RouteTable,
-                      wait_ready: Callable[[], Awaitable[None]], *, strip_authorization: bool,
-                      affinity: Optional[bytes] = None,
-                      adapter: Optional["AdapterUse"] = None) -> web.StreamResponse:
+    async def forward(
+        self,
+        request: web.Request,
+        entry: ModelEntry,
+        body: bytes,
+        path: str,
+        table: RouteTable,
+        wait_ready: Callable[[], Awaitable[None]],
+        *,
+        strip_authorization: bool,
+        affinity: Optional[bytes] = None,
+        adapter: Optional["AdapterUse"] = None,
+    ) -> web.StreamResponse:
         """Serve the request from one of the model's ready endpoints: the gateway's one retry loop.
 
         One budget per request: at most MAX_ATTEMPTS sends, and at most two waits for a ready endpoint (a cold
@@ -97,8 +122,9 @@ class Proxy:
                     table.refused(key, frozenset(unreachable))
                     unreachable.clear()
                 if attempts == MAX_ATTEMPTS or waits == MAX_WAITS or table.ready(key):
-                    raise failure or GatewayError(503, f"model {entry.label} has no ready backend", "no_backend",
-                                                  retry_after=RETRY_AFTER)
+                    raise failure or GatewayError(
+                        503, f"model {entry.label} has no ready backend", "no_backend", retry_after=RETRY_AFTER
+                    )
                 waits += 1
                 try:
                     await wait_ready()  # the activator: wakes a model at zero, holds the request until a pod is ready
@@ -123,8 +149,9 @@ class Proxy:
                     log.info("%s: %s unreachable: %s", entry.label, ep.base_url, e)
                     unreachable.add(ep)
                     if failure is None or failure.code == "backend_unreachable":  # a refusal says more
-                        failure = GatewayError(502, f"model {entry.label}: no backend accepted the connection ({e})",
-                                               "backend_unreachable")
+                        failure = GatewayError(
+                            502, f"model {entry.label}: no backend accepted the connection ({e})", "backend_unreachable"
+                        )
                     continue
                 except UpstreamTimeout:
                     raise GatewayError(504, f"model {entry.label} did not answer in time", "upstream_timeout") from None
@@ -136,14 +163,25 @@ class Proxy:
                     upstream.release()  # the engine lost the adapter and did nothing: load it again, send again
                     tried.discard(ep)
                     continue
-                if upstream.status in REFUSAL_STATUSES and attempts < MAX_ATTEMPTS \
-                        and self.balancer.pick(table.ready(key), exclude=tried) is not None:
-                    log.info("%s: %s refused the request (%d), trying another endpoint", entry.label, ep.base_url,
-                             upstream.status)
+                if (
+                    upstream.status in REFUSAL_STATUSES
+                    and attempts < MAX_ATTEMPTS
+                    and self.balancer.pick(table.ready(key), exclude=tried) is not None
+                ):
+                    log.info(
+                        "%s: %s refused the request (%d), trying another endpoint",
+                        entry.label,
+                        ep.base_url,
+                        upstream.status,
+                    )
                     upstream.release()  # unread: the connection closes; the next endpoint's answer replaces it
-                    failure = GatewayError(503, f"model {entry.label} is busy: its backends refused the request "
-                                                f"({upstream.status} {upstream.reason})", "backend_busy",
-                                           retry_after=RETRY_AFTER)
+                    failure = GatewayError(
+                        503,
+                        f"model {entry.label} is busy: its backends refused the request "
+                        f"({upstream.status} {upstream.reason})",
+                        "backend_busy",
+                        retry_after=RETRY_AFTER,
+                    )
                     continue
                 try:
                     return await self._relay(request, upstream, entry)
@@ -205,14 +243,14 @@ class Proxy:
             log.warning("%s: upstream failed mid-response: %s", entry.label, type(e).__name__)
             if _is_event_stream(upstream):
                 with contextlib.suppress(ConnectionResetError, asyncio.TimeoutError):
-                    async with within(self.idle_timeout):
+                    async with asyncio.timeout(self.idle_timeout):
                         await resp.write(_stream_error(entry, e))
             _drop(request)
         return resp
 
     async def _write(self, request: web.Request, resp: web.StreamResponse, chunk: bytes) -> bool:
         try:
-            async with within(self.idle_timeout):  # a client that stops reading must not pin us forever
+            async with asyncio.timeout(self.idle_timeout):  # a client that stops reading must not pin us forever
                 await resp.write(chunk)
             return True
         except (ConnectionResetError, asyncio.TimeoutError):
@@ -227,9 +265,20 @@ def _is_event_stream(upstream: Response) -> bool:
 def _stream_error(entry: ModelEntry, e: Exception) -> bytes:
     """The SSE event OpenAI's API sends when a stream fails after it began: `data: {"error": {...}}`."""
     detail = "it stopped answering" if isinstance(e, UpstreamTimeout) else "its connection closed"
-    return b"data: " + json.dumps({"error": {
-        "message": f"model {entry.label} failed mid-stream ({detail}); the answer above is incomplete",
-        "type": "server_error", "param": None, "code": "upstream_failed_mid_stream"}}).encode() + b"\n\n"
+    return (
+        b"data: "
+        + json.dumps(
+            {
+                "error": {
+                    "message": f"model {entry.label} failed mid-stream ({detail}); the answer above is incomplete",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "upstream_failed_mid_stream",
+                }
+            }
+        ).encode()
+        + b"\n\n"
+    )
 
 
 def _client_gone(request: web.Request) -> None:

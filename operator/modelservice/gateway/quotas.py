@@ -102,8 +102,9 @@ class Quotas:
     def admit(self, tenant: str, rpm: Optional[int], tpm: Optional[int], tokens: int) -> Optional[Reservation]:
         return self.admit_all([(tenant, f"tenant {tenant}", rpm, tpm)], tokens)
 
-    def admit_all(self, scopes: list[tuple[str, str, Optional[int], Optional[int]]],
-                  tokens: int) -> Optional[Reservation]:
+    def admit_all(
+        self, scopes: list[tuple[str, str, Optional[int], Optional[int]]], tokens: int
+    ) -> Optional[Reservation]:
         """Take one request and `tokens` from the buckets of every scope (bucket key, what to call it, requests and
         tokens per minute: the tenant, and the tenant on this model), or raise QuotaExceeded for the scope that
         makes the client wait longest. Nothing is taken unless every scope has room."""
@@ -123,8 +124,11 @@ class Quotas:
         if worst is not None:
             wait, what, rpm, tpm, req, tok = worst
             retry = max(1, math.ceil(wait))
-            raise QuotaExceeded(f"{what} is over its quota ({self._limits(rpm, tpm)}); retry in {retry}s",
-                                retry, self._headers(req, tok, rpm, tpm))
+            raise QuotaExceeded(
+                f"{what} is over its quota ({self._limits(rpm, tpm)}); retry in {retry}s",
+                retry,
+                self._headers(req, tok, rpm, tpm),
+            )
         reserved = []
         for key, req, tok in buckets:
             if req is not None:
@@ -150,8 +154,9 @@ class Quotas:
     def _limits(self, rpm: Optional[int], tpm: Optional[int]) -> str:
         return ", ".join(p for p in (f"{rpm} requests/min" if rpm else "", f"{tpm} tokens/min" if tpm else "") if p)
 
-    def _headers(self, req: Optional[Bucket], tok: Optional[Bucket], rpm: Optional[int],
-                 tpm: Optional[int]) -> dict[str, str]:
+    def _headers(
+        self, req: Optional[Bucket], tok: Optional[Bucket], rpm: Optional[int], tpm: Optional[int]
+    ) -> dict[str, str]:
         out: dict[str, str] = {}
         for kind, b, limit in (("requests", req, rpm), ("tokens", tok, tpm)):
             if b is not None:

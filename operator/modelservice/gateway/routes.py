@@ -42,6 +42,7 @@ class Endpoint:
 class ModelEntry:
     """What the gateway needs of one ModelService, derived from the operator's own model of it (api.py) with the
     operator's own helpers (render.py, labels.py, engines.py): a default or a name changed there changes here."""
+
     namespace: str
     name: str
     uid: str
@@ -84,8 +85,11 @@ def _adapters(spec: ModelServiceSpec) -> tuple[AdapterRef, ...]:
         return ()
     # "./": vLLM resolves a relative path against its cwd, and would take a bare "org/name" that is missing there
     # for a Hugging Face repository to download.
-    return tuple(AdapterRef(a.name, "./" + a.uri.split("://", 1)[1].split("/", 1)[1], a.preload) for a in spec.adapters
-                 if a.uri.split("://", 1)[1].split("/", 1)[0] == spec.lora.claim)  # others: Stalled (api.py)
+    return tuple(
+        AdapterRef(a.name, "./" + a.uri.split("://", 1)[1].split("/", 1)[1], a.preload)
+        for a in spec.adapters
+        if a.uri.split("://", 1)[1].split("/", 1)[0] == spec.lora.claim
+    )  # others: Stalled (api.py)
 
 
 def model_entry(obj: dict[str, Any]) -> ModelEntry:
@@ -99,14 +103,24 @@ def entry_of(obj: dict[str, Any], spec: ModelServiceSpec) -> ModelEntry:
     name = meta.get("name", "")
     a, ref = spec.autoscaling, spec.apiKeySecretRef
     return ModelEntry(
-        namespace=meta.get("namespace", ""), name=name, uid=meta.get("uid", ""),
-        served_name=served_name(spec, name), engine=spec.engine.value, upstream_model=_upstream_model(spec),
-        api_key_ref=(ref.name, ref.key) if ref else None, autoscaled=a is not None,
+        namespace=meta.get("namespace", ""),
+        name=name,
+        uid=meta.get("uid", ""),
+        served_name=served_name(spec, name),
+        engine=spec.engine.value,
+        upstream_model=_upstream_model(spec),
+        api_key_ref=(ref.name, ref.key) if ref else None,
+        autoscaled=a is not None,
         # What the operator keeps once the model is awake (scaling.decide's floor), so it does not scale it again.
-        wake_replicas=max(1, a.minReplicas) if a else 1, child=child_name(name),
-        created=_epoch(meta.get("creationTimestamp")), stalled=_stalled(obj), capacity=_awaiting_capacity(obj),
+        wake_replicas=max(1, a.minReplicas) if a else 1,
+        child=child_name(name),
+        created=_epoch(meta.get("creationTimestamp")),
+        stalled=_stalled(obj),
+        capacity=_awaiting_capacity(obj),
         prefix_affinity=spec.routing.policy == RoutingPolicy.PrefixAffinity,
-        adapters=_adapters(spec), lora_max_loaded=spec.lora.maxLoaded if spec.lora else 0)
+        adapters=_adapters(spec),
+        lora_max_loaded=spec.lora.maxLoaded if spec.lora else 0,
+    )
 
 
 def _upstream_model(spec: ModelServiceSpec) -> Optional[str]:
@@ -214,8 +228,12 @@ class RouteTable:
                 self._parsed.pop(key, None)
                 reason = "; ".join(_format_error(err) for err in e.errors()[:3])
                 if self.invalid.get(key) != reason:
-                    log.warning("ModelService %s/%s not routed: its spec is invalid (%s); the operator reports it as "
-                                "Stalled", key[0], key[1], reason)
+                    log.warning(
+                        "ModelService %s/%s not routed: its spec is invalid (%s); the operator reports it as Stalled",
+                        key[0],
+                        key[1],
+                        reason,
+                    )
                 self.invalid[key] = reason
                 return None
             parsed = self._parsed[key] = (uid, generation, spec)
@@ -300,15 +318,20 @@ class RouteTable:
             return self.models[next(iter(keys))]
         if keys:
             choices = ", ".join(sorted(f"{ns}/{n}" for ns, n in keys))
-            raise GatewayError(400, f"model {model!r} is served in more than one namespace; send the model as "
-                                    f"namespace/name, one of: {choices}", "ambiguous_model")
+            raise GatewayError(
+                400,
+                f"model {model!r} is served in more than one namespace; send the model as "
+                f"namespace/name, one of: {choices}",
+                "ambiguous_model",
+            )
         if model.count("/") == 1:
             ns, name = model.split("/")
             entry = self.models.get((ns, name))
             if entry is not None:
                 return entry
-        raise GatewayError(404, f"The model {model!r} does not exist; GET /v1/models lists the models you can use",
-                           "model_not_found")
+        raise GatewayError(
+            404, f"The model {model!r} does not exist; GET /v1/models lists the models you can use", "model_not_found"
+        )
 
     def listing(self) -> list[tuple[str, ModelEntry]]:
         """(OpenAI id, entry) for every model: the served name, or namespace/name where that name is ambiguous."""

@@ -56,10 +56,17 @@ class Gateway:
         self.engine_load = EngineLoad(self.table, self.metrics.registry)  # engines' queues, polled (engine_load.py)
         self.activity.waiting = self.engine_load.model_waiting
         self.balancer.waiting = self.engine_load.waiting
-        self.activator = Activator(self.table, ops, self.activity, self.metrics,
-                                   timeout=config.activation_timeout, max_held=config.max_held_per_model)
-        self.adapters = Adapters(self._engine_call, changed=self.activity.mark_changed,
-                                 wait_timeout=config.activation_timeout)
+        self.activator = Activator(
+            self.table,
+            ops,
+            self.activity,
+            self.metrics,
+            timeout=config.activation_timeout,
+            max_held=config.max_held_per_model,
+        )
+        self.adapters = Adapters(
+            self._engine_call, changed=self.activity.mark_changed, wait_timeout=config.activation_timeout
+        )
         self.activity.annotate = self._adapter_annotations
         self._adapter_routes: dict[str, tuple[Key, AdapterRef]] = {}
         self._adapter_conflicts: dict[tuple[Key, str], str] = {}
@@ -85,19 +92,25 @@ class Gateway:
         # keepalive_timeout also bounds the wait for a complete request head on a fresh connection (aiohttp arms
         # it at connection_made), which is our slowloris guard. handler_cancellation: a client that disconnects
         # cancels its handler, and with it the upstream request.
-        return web.AppRunner(app, handler_cancellation=True, keepalive_timeout=self.config.header_timeout,
-                             access_log=None)
+        return web.AppRunner(
+            app, handler_cancellation=True, keepalive_timeout=self.config.header_timeout, access_log=None
+        )
 
     async def _start(self, _: web.Application) -> None:
         cfg = self.config
-        self.proxy = Proxy(make_pool(cfg.connect_timeout, cfg.upstream_timeout), self.balancer, self.metrics,
-                           idle_timeout=cfg.idle_timeout)
+        self.proxy = Proxy(
+            make_pool(cfg.connect_timeout, cfg.upstream_timeout),
+            self.balancer,
+            self.metrics,
+            idle_timeout=cfg.idle_timeout,
+        )
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.activity.run(self.ops, self.table.models.get), name="activity-leases"),
             loop.create_task(self.engine_load.run(), name="engine-load"),
-            loop.create_task(self.keys.run(self.ops, lambda: self.table.models.values(), cfg.secret_refresh),
-                             name="api-key-secrets"),
+            loop.create_task(
+                self.keys.run(self.ops, lambda: self.table.models.values(), cfg.secret_refresh), name="api-key-secrets"
+            ),
         ]
 
     async def _stop(self, _: web.Application) -> None:
@@ -156,8 +169,9 @@ class Gateway:
         def lookup() -> ModelEntry:
             entry = self.table.get(ns, name)
             if entry is None:
-                raise GatewayError(404, f"no model {ns}/{name}; GET /v1/models lists the models you can use",
-                                   "model_not_found")
+                raise GatewayError(
+                    404, f"no model {ns}/{name}; GET /v1/models lists the models you can use", "model_not_found"
+                )
             return entry
 
         entry = self._known(request, lookup)
@@ -181,20 +195,25 @@ class Gateway:
 
     async def list_models(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization")
-        if (self.keys.global_ref or self.keys.tenants is not None) and not self.keys.known_tenant(auth) and not any(
-                self.keys.permits(e, auth) for e in self.table.models.values()):
+        if (
+            (self.keys.global_ref or self.keys.tenants is not None)
+            and not self.keys.known_tenant(auth)
+            and not any(self.keys.permits(e, auth) for e in self.table.models.values())
+        ):
             if not key_matches(bearer_token(auth), self.keys.global_keys()):
                 raise _unauthorized()
-        data = [{"id": model_id, "object": "model", "created": e.created, "owned_by": e.namespace}
-                for model_id, e in self.table.listing() if self.keys.permits(e, auth)]
+        data = [
+            {"id": model_id, "object": "model", "created": e.created, "owned_by": e.namespace}
+            for model_id, e in self.table.listing()
+            if self.keys.permits(e, auth)
+        ]
         return web.json_response({"object": "list", "data": data})
 
     async def healthz(self, _: web.Request) -> web.Response:
         if not self.synced:
             return web.json_response({"status": "starting: watches have not listed yet"}, status=503)
         if not self.peers_synced():
-            return web.json_response({"status": "starting: another worker's watches have not listed yet"},
-                                     status=503)
+            return web.json_response({"status": "starting: another worker's watches have not listed yet"}, status=503)
         return web.json_response({"status": "ok", "models": len(self.table.models)})
 
     # -- the request path --------------------------------------------------------------------------------------
@@ -204,9 +223,13 @@ class Gateway:
             entry = lookup()
         except GatewayError as e:
             auth = request.headers.get("Authorization")
-            if e.status in (400, 404) and e.code != "missing_model" and (
-                    self.keys.global_ref or self.keys.tenants is not None) and not key_matches(
-                    bearer_token(auth), self.keys.global_keys()) and not self.keys.known_tenant(auth):
+            if (
+                e.status in (400, 404)
+                and e.code != "missing_model"
+                and (self.keys.global_ref or self.keys.tenants is not None)
+                and not key_matches(bearer_token(auth), self.keys.global_keys())
+                and not self.keys.known_tenant(auth)
+            ):
                 raise _unauthorized() from None
             raise
         request[rs.MODEL] = entry.label
@@ -221,8 +244,10 @@ class Gateway:
         if tenant is not None and (tenant.rpm or tenant.tpm or tenant.model_limits):
             model = request[rs.MODEL]
             rpm, tpm = tenant.limits_on(model)
-            scopes = [(name, f"tenant {name}", tenant.rpm, tenant.tpm),
-                      (f"{name}|{model}", f"tenant {name} on model {model}", rpm, tpm)]
+            scopes = [
+                (name, f"tenant {name}", tenant.rpm, tenant.tpm),
+                (f"{name}|{model}", f"tenant {name} on model {model}", rpm, tpm),
+            ]
             tokens = self.quotas.estimate(body_len, doc, path) if tenant.tpm or tpm else 0
             request[rs.QUOTA] = self.quotas.admit_all(scopes, tokens)
 
@@ -243,35 +268,58 @@ class Gateway:
         tenant = self.keys.identify(entry, auth)
         if tenant is None:
             if self.keys.known_tenant(auth):  # a good key, for another model: as if the model did not exist
-                raise GatewayError(404, f"The model {entry.label!r} does not exist or your key may not use it; "
-                                        "GET /v1/models lists the models you can use", "model_not_found")
+                raise GatewayError(
+                    404,
+                    f"The model {entry.label!r} does not exist or your key may not use it; "
+                    "GET /v1/models lists the models you can use",
+                    "model_not_found",
+                )
             problem = self.keys.unreadable(entry)
             if problem is not None:  # no key can be checked: say so, rather than blame the caller's key
-                raise GatewayError(503, f"{problem} (with the Helm chart: gateway.apiKeys.enabled=true lets the "
-                                        "gateway read it)", "api_keys_unavailable")
+                raise GatewayError(
+                    503,
+                    f"{problem} (with the Helm chart: gateway.apiKeys.enabled=true lets the gateway read it)",
+                    "api_keys_unavailable",
+                )
             raise _unauthorized()
         request[rs.TENANT] = tenant
         request[rs.STRIP_AUTHORIZATION] = True  # our key is for us; the model server never sees it
 
-    async def _serve(self, request: web.Request, entry: ModelEntry, body: bytes, path: str,
-                     doc: Optional[dict[str, Any]], adapter: Optional[AdapterUse] = None) -> web.StreamResponse:
+    async def _serve(
+        self,
+        request: web.Request,
+        entry: ModelEntry,
+        body: bytes,
+        path: str,
+        doc: Optional[dict[str, Any]],
+        adapter: Optional[AdapterUse] = None,
+    ) -> web.StreamResponse:
         """The one place a proxied request starts and ends (held or not): its outcome is known in the finally.
         An adapter's request is its base's activity (scale to zero, parking)."""
         assert self.proxy is not None, "the app has not started"
         key = affinity_key(doc, request.headers) if entry.prefix_affinity else None  # docs/routing.md
         self.activity.started(entry.key)
         try:
-            return await self.proxy.forward(request, entry, body, path, self.table, lambda: self.activator.wait(entry),
-                                            strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False), affinity=key,
-                                            adapter=adapter)
+            return await self.proxy.forward(
+                request,
+                entry,
+                body,
+                path,
+                self.table,
+                lambda: self.activator.wait(entry),
+                strip_authorization=request.get(rs.STRIP_AUTHORIZATION, False),
+                affinity=key,
+                adapter=adapter,
+            )
         finally:
             self.activity.finished(entry.key)
 
     async def _engine_call(self, ep: Endpoint, path: str, doc: dict[str, Any]) -> tuple[int, str]:
         """The engine's own adapter API, called on the pod (never reachable by clients: paths.py)."""
         assert self.proxy is not None, "the app has not started"
-        resp = await self.proxy.pool.request("POST", ep.address, ep.port, path,
-                                             [("Content-Type", "application/json")], json.dumps(doc).encode())
+        resp = await self.proxy.pool.request(
+            "POST", ep.address, ep.port, path, [("Content-Type", "application/json")], json.dumps(doc).encode()
+        )
         try:
             return resp.status, (await resp.read()).decode(errors="replace")
         finally:
@@ -313,11 +361,23 @@ class Gateway:
                     self.metering.record(tenant, model, status, meter, answered)
                     reservation = request.get(rs.QUOTA)
                     if reservation is not None:  # settle the reserved tokens to what was used (unknown: it stands)
-                        used = (meter.prompt + (meter.completion or 0) if meter is not None and meter.prompt is not None
-                                else None if answered else 0)
+                        used = (
+                            meter.prompt + (meter.completion or 0)
+                            if meter is not None and meter.prompt is not None
+                            else None
+                            if answered
+                            else 0
+                        )
                         self.quotas.settle(reservation, used)
-                access_log.info("%s %s model=%s tenant=%s status=%d duration=%.3fs", request.method, request.path,
-                                model or "-", request.get(rs.TENANT, "-"), status, time.monotonic() - started)
+                access_log.info(
+                    "%s %s model=%s tenant=%s status=%d duration=%.3fs",
+                    request.method,
+                    request.path,
+                    model or "-",
+                    request.get(rs.TENANT, "-"),
+                    status,
+                    time.monotonic() - started,
+                )
 
 
 def _unauthorized() -> GatewayError:
@@ -331,6 +391,10 @@ def _route_error(request: web.Request, e: web.HTTPException) -> web.Response:
             resp.headers["Allow"] = e.headers["Allow"]
         return resp
     if e.status == 404:
-        return error_response(404, f"no route for {request.path}: use /v1/chat/completions, /v1/completions, "
-                                   "/v1/embeddings, /v1/models or /models/<namespace>/<name>/...", "not_found")
+        return error_response(
+            404,
+            f"no route for {request.path}: use /v1/chat/completions, /v1/completions, "
+            "/v1/embeddings, /v1/models or /models/<namespace>/<name>/...",
+            "not_found",
+        )
     return error_response(e.status, e.reason, "http_error")

@@ -78,6 +78,7 @@ class TenantSecret:
 @dataclass(frozen=True)
 class Problem:
     """A Warning Event to post on a Secret: reason and message name no key."""
+
     secret: dict[str, Any]  # apiVersion/kind/metadata of the Secret, enough for involvedObject
     reason: str
     message: str
@@ -92,8 +93,10 @@ def parse_secret(obj: dict[str, Any]) -> tuple[Optional[TenantSecret], Optional[
     meta = obj.get("metadata") or {}
     name = (meta.get("labels") or {}).get(TENANT_LABEL, "")
     if not _DNS_LABEL.fullmatch(name):
-        return None, (f"label {TENANT_LABEL}={name!r} is not a tenant name: use a DNS label (lower-case letters, "
-                      "digits and '-', at most 63)")
+        return None, (
+            f"label {TENANT_LABEL}={name!r} is not a tenant name: use a DNS label (lower-case letters, "
+            "digits and '-', at most 63)"
+        )
     raw = (obj.get("data") or {}).get(KEYS_DATA_KEY)
     if raw is None:
         return None, f"no data key {KEYS_DATA_KEY!r}: put the tenant's API keys there, one per line"
@@ -107,11 +110,16 @@ def parse_secret(obj: dict[str, Any]) -> tuple[Optional[TenantSecret], Optional[
     namespaces = _list(notes.get(NAMESPACES_ANNOTATION, ""))
     models = _list(notes.get(MODELS_ANNOTATION, ""))
     bad = sorted(n for n in namespaces if n != "*" and not _DNS_LABEL.fullmatch(n))
-    bad += sorted(m for m in models if m.count("/") != 1 or not (
-        _DNS_LABEL.fullmatch(m.split("/")[0]) and _DNS_SUBDOMAIN.fullmatch(m.split("/")[1])))
+    bad += sorted(
+        m
+        for m in models
+        if m.count("/") != 1
+        or not (_DNS_LABEL.fullmatch(m.split("/")[0]) and _DNS_SUBDOMAIN.fullmatch(m.split("/")[1]))
+    )
     if bad:
-        return None, (f"{NAMESPACES_ANNOTATION} / {MODELS_ANNOTATION}: {', '.join(bad)!s} is not a namespace or "
-                      "namespace/name")
+        return None, (
+            f"{NAMESPACES_ANNOTATION} / {MODELS_ANNOTATION}: {', '.join(bad)!s} is not a namespace or namespace/name"
+        )
     limits: dict[str, Optional[int]] = {}
     for field_, note in (("rpm", RPM_ANNOTATION), ("tpm", TPM_ANNOTATION)):
         text = notes.get(note, "").strip()
@@ -123,11 +131,15 @@ def parse_secret(obj: dict[str, Any]) -> tuple[Optional[TenantSecret], Optional[
     except ValueError as e:
         return None, f"{MODEL_QUOTAS_ANNOTATION}: {e}"
     if not namespaces and not models:
-        return None, (f"the tenant may use no model: annotate the Secret with {NAMESPACES_ANNOTATION} "
-                      f"(namespaces, or *) and/or {MODELS_ANNOTATION} (namespace/name, comma-separated)")
-    return TenantSecret((meta.get("namespace", ""), meta.get("name", "")),
-                        Tenant(name, namespaces, models, limits["rpm"], limits["tpm"], model_limits),
-                        frozenset(digest(k) for k in keys)), None
+        return None, (
+            f"the tenant may use no model: annotate the Secret with {NAMESPACES_ANNOTATION} "
+            f"(namespaces, or *) and/or {MODELS_ANNOTATION} (namespace/name, comma-separated)"
+        )
+    return TenantSecret(
+        (meta.get("namespace", ""), meta.get("name", "")),
+        Tenant(name, namespaces, models, limits["rpm"], limits["tpm"], model_limits),
+        frozenset(digest(k) for k in keys),
+    ), None
 
 
 def _model_limits(text: str) -> tuple[tuple[str, Optional[int], Optional[int]], ...]:
@@ -136,8 +148,12 @@ def _model_limits(text: str) -> tuple[tuple[str, Optional[int], Optional[int]], 
     for part in filter(None, (p.strip() for p in text.split(";"))):
         model, sep, spec = part.partition(":")
         model = model.strip()
-        if not sep or model.count("/") != 1 or not _DNS_LABEL.fullmatch(model.split("/")[0]) \
-                or not _DNS_SUBDOMAIN.fullmatch(model.split("/")[1]):
+        if (
+            not sep
+            or model.count("/") != 1
+            or not _DNS_LABEL.fullmatch(model.split("/")[0])
+            or not _DNS_SUBDOMAIN.fullmatch(model.split("/")[1])
+        ):
             raise ValueError(f"{part!r} is not namespace/name:rpm=N,tpm=N")
         values: dict[str, Optional[int]] = {"rpm": None, "tpm": None}
         for item in filter(None, (i.strip() for i in spec.split(","))):
@@ -170,8 +186,11 @@ def _least(a: Optional[int], b: Optional[int]) -> Optional[int]:
 
 def _involved(obj: dict[str, Any]) -> dict[str, Any]:
     meta = obj.get("metadata") or {}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {k: meta.get(k) for k in (
-        "name", "namespace", "uid", "resourceVersion")}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion")},
+    }
 
 
 class TenantStore:
@@ -215,10 +234,18 @@ class TenantStore:
         tenants: dict[str, Tenant] = {}
         for ts in self._secrets.values():
             t = tenants.get(ts.tenant.name)
-            tenants[ts.tenant.name] = ts.tenant if t is None else Tenant(
-                t.name, t.namespaces | ts.tenant.namespaces, t.models | ts.tenant.models,
-                _least(t.rpm, ts.tenant.rpm), _least(t.tpm, ts.tenant.tpm),
-                _merge_limits(t.model_limits, ts.tenant.model_limits))
+            tenants[ts.tenant.name] = (
+                ts.tenant
+                if t is None
+                else Tenant(
+                    t.name,
+                    t.namespaces | ts.tenant.namespaces,
+                    t.models | ts.tenant.models,
+                    _least(t.rpm, ts.tenant.rpm),
+                    _least(t.tpm, ts.tenant.tpm),
+                    _merge_limits(t.model_limits, ts.tenant.model_limits),
+                )
+            )
         for d, by_tenant in owners.items():
             if len(by_tenant) == 1:
                 index[d] = tenants[next(iter(by_tenant))]
@@ -226,10 +253,15 @@ class TenantStore:
             for tenant, ref in by_tenant.items():
                 clashes.setdefault(ref, set()).update(set(by_tenant) - {tenant})
         for ref, others in sorted(clashes.items()):
-            problems.append(Problem(self._objs[ref], "DuplicateTenantKey",
-                                    f"a key of tenant {self._secrets[ref].tenant.name} is also a key of tenant(s) "
-                                    f"{', '.join(sorted(others))}: it is refused for all of them until one "
-                                    "Secret drops it"))
+            problems.append(
+                Problem(
+                    self._objs[ref],
+                    "DuplicateTenantKey",
+                    f"a key of tenant {self._secrets[ref].tenant.name} is also a key of tenant(s) "
+                    f"{', '.join(sorted(others))}: it is refused for all of them until one "
+                    "Secret drops it",
+                )
+            )
         self._index, self.tenants = index, tenants
         return problems
 
@@ -257,8 +289,9 @@ class TenantStore:
 
         def apply(event: str, obj: dict[str, Any]) -> None:
             for p in self.apply(event, obj):
-                log.warning("Secret %s/%s: %s", p.secret["metadata"]["namespace"], p.secret["metadata"]["name"],
-                            p.message)
+                log.warning(
+                    "Secret %s/%s: %s", p.secret["metadata"]["namespace"], p.secret["metadata"]["name"], p.message
+                )
                 if not problems.full():
                     problems.put_nowait(p)
 
@@ -278,18 +311,30 @@ async def post_events(kube: "Kube", problems: "asyncio.Queue[Problem]") -> None:
         meta = p.secret["metadata"]
         ts = now_rfc3339()
         suffix = hashlib.sha1(f"{meta.get('uid')}{p.reason}{p.message}".encode()).hexdigest()[:10]
-        event = {"apiVersion": "v1", "kind": "Event",
-                 "metadata": {"name": f"{meta['name']}.{suffix}", "namespace": meta["namespace"]},
-                 "involvedObject": {"apiVersion": "v1", "kind": "Secret", **meta},
-                 "type": "Warning", "reason": p.reason, "message": p.message[:1024],
-                 "source": {"component": EVENT_SOURCE}, "reportingComponent": EVENT_SOURCE,
-                 "firstTimestamp": ts, "lastTimestamp": ts, "count": 1}
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{suffix}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": "v1", "kind": "Secret", **meta},
+            "type": "Warning",
+            "reason": p.reason,
+            "message": p.message[:1024],
+            "source": {"component": EVENT_SOURCE},
+            "reportingComponent": EVENT_SOURCE,
+            "firstTimestamp": ts,
+            "lastTimestamp": ts,
+            "count": 1,
+        }
         try:
             await kube.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)
         except ApiError as e:
             if e.status != 409:
-                log.warning("could not post Event %s on Secret %s/%s: HTTP %s", p.reason, meta["namespace"],
-                            meta["name"], e.status)
+                log.warning(
+                    "could not post Event %s on Secret %s/%s: HTTP %s",
+                    p.reason,
+                    meta["namespace"],
+                    meta["name"],
+                    e.status,
+                )
         except Exception as e:  # noqa: BLE001 - an Event is best effort
-            log.warning("could not post Event on Secret %s/%s: %s", meta["namespace"], meta["name"],
-                        type(e).__name__)
+            log.warning("could not post Event on Secret %s/%s: %s", meta["namespace"], meta["name"], type(e).__name__)

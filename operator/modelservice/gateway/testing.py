@@ -19,9 +19,19 @@ if TYPE_CHECKING:
     from modelservice.gateway.server import Gateway
 
 
-def modelservice(name: str, namespace: str = "default", *, engine: str = "vllm", served_name: Optional[str] = None,
-                 uri: str = "hf://org/model", min_replicas: Optional[int] = None, max_replicas: int = 3,
-                 api_key_secret: Optional[str] = None, uid: str = "", routing: Optional[str] = None) -> dict[str, Any]:
+def modelservice(
+    name: str,
+    namespace: str = "default",
+    *,
+    engine: str = "vllm",
+    served_name: Optional[str] = None,
+    uri: str = "hf://org/model",
+    min_replicas: Optional[int] = None,
+    max_replicas: int = 3,
+    api_key_secret: Optional[str] = None,
+    uid: str = "",
+    routing: Optional[str] = None,
+) -> dict[str, Any]:
     spec: dict[str, Any] = {"engine": engine, "model": {"uri": uri}}
     if routing:
         spec["routing"] = {"policy": routing}
@@ -31,27 +41,54 @@ def modelservice(name: str, namespace: str = "default", *, engine: str = "vllm",
         spec["autoscaling"] = {"minReplicas": min_replicas, "maxReplicas": max_replicas}
     if api_key_secret:
         spec["apiKeySecretRef"] = {"name": api_key_secret}
-    return {"apiVersion": "serving.modelservice.dev/v1alpha1", "kind": "ModelService",
-            "metadata": {"name": name, "namespace": namespace, "uid": uid or f"uid-{namespace}-{name}",
-                         "creationTimestamp": "2026-01-01T00:00:00Z"},
-            "spec": spec}
+    return {
+        "apiVersion": "serving.modelservice.dev/v1alpha1",
+        "kind": "ModelService",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": uid or f"uid-{namespace}-{name}",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": spec,
+    }
 
 
-def endpointslice(service: str, addresses: list[tuple[str, bool]], port: int, namespace: str = "default", *,
-                  name: Optional[str] = None, port_name: str = "http") -> dict[str, Any]:
+def endpointslice(
+    service: str,
+    addresses: list[tuple[str, bool]],
+    port: int,
+    namespace: str = "default",
+    *,
+    name: Optional[str] = None,
+    port_name: str = "http",
+) -> dict[str, Any]:
     """addresses: (ip, ready) pairs."""
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-            "metadata": {"name": name or f"{service}-abcde", "namespace": namespace,
-                         "labels": {"kubernetes.io/service-name": service}},
-            "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip, ready in addresses]}
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "addressType": "IPv4",
+        "metadata": {
+            "name": name or f"{service}-abcde",
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip, ready in addresses],
+    }
 
 
 def deployment(name: str, replicas: int, namespace: str = "default") -> dict[str, Any]:
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": namespace,
-                         "labels": {MANAGED_BY: MANAGED_BY_VALUE, MODELSERVICE_LABEL: name}},
-            "spec": {"replicas": replicas}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {MANAGED_BY: MANAGED_BY_VALUE, MODELSERVICE_LABEL: name},
+        },
+        "spec": {"replicas": replicas},
+    }
 
 
 class FakeOps:
@@ -81,8 +118,9 @@ class FakeOps:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application, *, host: str = "127.0.0.1", runner: Optional[web.AppRunner] = None,
-                  **runner_kw: Any) -> AsyncIterator[str]:
+async def serving(
+    app: web.Application, *, host: str = "127.0.0.1", runner: Optional[web.AppRunner] = None, **runner_kw: Any
+) -> AsyncIterator[str]:
     """Serve app on host:<free port>; yields the base URL."""
     runner = runner or web.AppRunner(app, access_log=None, **runner_kw)
     await runner.setup()
@@ -98,13 +136,15 @@ async def serving(app: web.Application, *, host: str = "127.0.0.1", runner: Opti
 def feed(table: "RouteTable", *objs: dict[str, Any], event: str = "ADDED") -> None:
     """Apply objects to a routing table as watch events would."""
     for o in objs:
-        {"ModelService": table.apply_modelservice, "EndpointSlice": table.apply_slice,
-         "Deployment": table.apply_deployment}[o["kind"]](event, o)
+        {
+            "ModelService": table.apply_modelservice,
+            "EndpointSlice": table.apply_slice,
+            "Deployment": table.apply_deployment,
+        }[o["kind"]](event, o)
 
 
 @contextlib.asynccontextmanager
-async def gateway_with(*objs: dict[str, Any], ops: Any = None,
-                       **config: Any) -> AsyncIterator[tuple["Gateway", str]]:
+async def gateway_with(*objs: dict[str, Any], ops: Any = None, **config: Any) -> AsyncIterator[tuple["Gateway", str]]:
     """A Gateway whose table holds objs, served on 127.0.0.1; yields (gateway, base URL)."""
     from modelservice.gateway.config import Config
     from modelservice.gateway.server import Gateway

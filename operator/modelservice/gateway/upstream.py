@@ -230,8 +230,10 @@ class _Conn(asyncio.Protocol):
         if _TCP_INFO is None:
             return False
         try:
-            return bool(self.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] \
-                != _TCP_ESTABLISHED)
+            return bool(
+                self.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+                != _TCP_ESTABLISHED
+            )
         except (OSError, AttributeError):
             return False
 
@@ -254,12 +256,16 @@ class _Conn(asyncio.Protocol):
 
 class UpstreamPool:
     def __init__(self, *, connect_timeout: float, read_timeout: float, keepalive_timeout: float = 15.0):
-        self.connect_timeout, self.read_timeout, self.keepalive_timeout = connect_timeout, read_timeout, \
-            keepalive_timeout
+        self.connect_timeout, self.read_timeout, self.keepalive_timeout = (
+            connect_timeout,
+            read_timeout,
+            keepalive_timeout,
+        )
         self._idle: dict[tuple[str, int], list[_Conn]] = defaultdict(list)
 
-    async def request(self, method: str, host: str, port: int, target: str, headers: list[tuple[str, str]],
-                      body: bytes) -> Response:
+    async def request(
+        self, method: str, host: str, port: int, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> Response:
         """Send the request once and wait for the answer's head. NotSent: the pod cannot have seen it; any other
         UpstreamError: it may have. Never retries: that is the proxy's one decision (proxy.py)."""
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -284,8 +290,9 @@ class UpstreamPool:
     async def _connect(self, key: tuple[str, int]) -> _Conn:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, key), *key),
-                                             self.connect_timeout)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Conn(self, key), *key), self.connect_timeout
+            )
         except asyncio.TimeoutError:
             raise NotSent(f"connect to {key[0]}:{key[1]} timed out after {self.connect_timeout:g}s") from None
         except OSError as e:

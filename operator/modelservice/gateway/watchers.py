@@ -24,12 +24,14 @@ async def slice_api(kube: Kube) -> str:
     for version in SLICE_VERSIONS:
         if version in served:
             return version
-    raise RuntimeError("the API server serves no EndpointSlices (discovery.k8s.io); the gateway needs "
-                       "Kubernetes 1.19 or newer")
+    raise RuntimeError(
+        "the API server serves no EndpointSlices (discovery.k8s.io); the gateway needs Kubernetes 1.19 or newer"
+    )
 
 
-async def start(kube: Kube, table: RouteTable, namespaces: list[str],
-                on_synced: Callable[[], None]) -> list[asyncio.Task[None]]:
+async def start(
+    kube: Kube, table: RouteTable, namespaces: list[str], on_synced: Callable[[], None]
+) -> list[asyncio.Task[None]]:
     """Start every watch; on_synced() runs once all of them have listed. Cancel the tasks to stop."""
     slices = await slice_api(kube)
     watches: list[tuple[str, Optional[str], watching.Apply]] = []

@@ -48,8 +48,13 @@ SCRAPE_TIMEOUT = 5.0
 PR_SET_PDEATHSIG = 1
 # Gauges that describe the cluster as every worker sees it (each worker watches it whole): one worker's value, not
 # the sum. Every other series is per-worker state (requests, in flight, held, tokens) and adds up.
-SAME_IN_EVERY_WORKER = frozenset({"modelservice_gateway_ready_endpoints", "modelservice_gateway_invalid_modelservices",
-                                  "modelservice_gateway_tenants_aggregated"})
+SAME_IN_EVERY_WORKER = frozenset(
+    {
+        "modelservice_gateway_ready_endpoints",
+        "modelservice_gateway_invalid_modelservices",
+        "modelservice_gateway_tenants_aggregated",
+    }
+)
 
 
 # ---- pure --------------------------------------------------------------------------------------------------------
@@ -66,8 +71,9 @@ def parse_workers(text: str) -> int | str:
     return n
 
 
-def cpus_from_cgroup(cpu_max: Optional[str] = None, quota_v1: Optional[str] = None,
-                     period_v1: Optional[str] = None) -> Optional[float]:
+def cpus_from_cgroup(
+    cpu_max: Optional[str] = None, quota_v1: Optional[str] = None, period_v1: Optional[str] = None
+) -> Optional[float]:
     """The container's CPU limit in cores from the cgroup files' text (v2 cpu.max, else v1); None: no limit."""
     try:
         if cpu_max is not None:
@@ -93,6 +99,7 @@ def read_cpu_limit() -> Optional[float]:
             return Path(path).read_text()
         except OSError:
             return None
+
     v2 = text(CPU_MAX)
     return cpus_from_cgroup(v2) if v2 is not None else cpus_from_cgroup(None, *(text(p) for p in CPU_QUOTA_V1))
 
@@ -114,9 +121,13 @@ def worker_config(config: Config, index: int, count: int) -> Config:
     gateway replica (quota_share was the replica count). Metrics go to the parent, not to a port of their own."""
     if count == 1:
         return config
-    return dataclasses.replace(config, pod_name=worker_identity(config.pod_name, index, count),
-                               max_held_per_model=share(config.max_held_per_model, count),
-                               quota_share=config.quota_share * count, metrics_port=0)
+    return dataclasses.replace(
+        config,
+        pod_name=worker_identity(config.pod_name, index, count),
+        max_held_per_model=share(config.max_held_per_model, count),
+        quota_share=config.quota_share * count,
+        metrics_port=0,
+    )
 
 
 def _sample_key(s: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -166,6 +177,7 @@ def render(families: Iterable[Metric]) -> bytes:
 @dataclass
 class Slot:
     """What a worker shares with its parent and siblings."""
+
     index: int
     count: int
     metrics_socket: str  # the worker serves its own registry here; the parent sums them
@@ -201,6 +213,7 @@ async def _scrape(sessions: list[aiohttp.ClientSession]) -> bytes:
         async with s.get("http://worker/metrics") as r:
             r.raise_for_status()
             return await r.text()
+
     texts = await asyncio.gather(*(one(s) for s in sessions))
     return render(merge_expositions(texts))
 
@@ -211,9 +224,15 @@ def supervise(config: Config, count: int) -> int:
     sockets = tempfile.mkdtemp(prefix="modelservice-gateway-")  # /tmp: an emptyDir in the chart (read-only root)
     synced = ctx.Array("b", count, lock=False)
     slots = [Slot(i, count, os.path.join(sockets, f"w{i}.sock"), synced) for i in range(count)]
-    procs = [ctx.Process(target=_worker_main, args=(worker_config(config, i, count), slot, os.getpid()),
-                         name=f"gateway-w{i}",
-                         daemon=False) for i, slot in enumerate(slots)]
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(worker_config(config, i, count), slot, os.getpid()),
+            name=f"gateway-w{i}",
+            daemon=False,
+        )
+        for i, slot in enumerate(slots)
+    ]
     for p in procs:
         p.start()
     try:
@@ -231,8 +250,12 @@ async def _parent(config: Config, procs: list[Any], slots: list[Slot]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sessions = [aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=s.metrics_socket),
-                                      timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)) for s in slots]
+    sessions = [
+        aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=s.metrics_socket), timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+        )
+        for s in slots
+    ]
 
     async def metrics(_: web.Request) -> web.Response:
         try:
@@ -246,8 +269,11 @@ async def _parent(config: Config, procs: list[Any], slots: list[Slot]) -> int:
         # Every worker routes to every endpoint: one of them answers for the engines (engine_metrics.py).
         try:
             async with sessions[0].get("http://worker/engine-metrics") as r:
-                return web.Response(status=r.status, body=await r.read(),
-                                    headers={"Content-Type": r.headers.get("Content-Type", CONTENT_TYPE_LATEST)})
+                return web.Response(
+                    status=r.status,
+                    body=await r.read(),
+                    headers={"Content-Type": r.headers.get("Content-Type", CONTENT_TYPE_LATEST)},
+                )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             return web.Response(status=503, text=f"gateway worker 0 did not answer for the engines' metrics: {e}\n")
 
@@ -259,8 +285,13 @@ async def _parent(config: Config, procs: list[Any], slots: list[Slot]) -> int:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, config.host, config.metrics_port, reuse_address=True).start()
-    log.info("gateway %s: %d workers (pids %s), summed metrics on :%d", config.pod_name, len(procs),
-             ",".join(str(p.pid) for p in procs), config.metrics_port)
+    log.info(
+        "gateway %s: %d workers (pids %s), summed metrics on :%d",
+        config.pod_name,
+        len(procs),
+        ",".join(str(p.pid) for p in procs),
+        config.metrics_port,
+    )
     code = 0
     try:
         while not stop.is_set():
