@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import time
 
 import aiohttp
@@ -158,12 +159,18 @@ async def test_deleting_a_backend_pod_mid_run_fails_no_new_request(kube, namespa
         deleted_at: list[float] = []
         stop = asyncio.Event()
 
+        sessions = itertools.count()
+
         async def client(s):
             for _ in range(5000):  # bounded in count; the run ends on `stop`
                 if stop.is_set():
                     return
                 t = time.monotonic()
-                status, _ = await post(s, gateway.url, chat(name, max_tokens=10))
+                # A new session per request: under the default policy (PrefixAffinity) identical prompts rank the
+                # replicas in one fixed order, and the replacement pod, ranked last, might never be picked while the
+                # others are under their load bound. Distinct keys hash over all three, the replacement included.
+                headers = {"X-Session-Id": f"churn-{next(sessions)}"}
+                status, _ = await post(s, gateway.url, chat(name, max_tokens=10), headers=headers)
                 results.append((t, status))
 
         async def conductor():
