@@ -5,16 +5,9 @@
 # Usage: eval "$(hack/get-vllm-router.sh)"
 set -euo pipefail
 VERSION="0.1.17"
-cache="${MODELSERVICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelservice}/tools"
-venv="$cache/vllm-router-$VERSION"
-stamp="$venv/.installed-vllm-router==$VERSION"
-if [[ ! -f "$stamp" ]]; then
-  echo "get-vllm-router: installing vllm-router==$VERSION into $venv" >&2
-  rm -rf "$venv"
-  "${PYTHON:-python3}" -m venv "$venv"
-  "$venv/bin/pip" install -q "vllm-router==$VERSION" >&2
-  touch "$stamp"
-fi
+# shellcheck source=hack/pip-tool.sh
+source "$(dirname "$0")/pip-tool.sh"
+venv=$(pip_tool_venv vllm-router "$VERSION" get-vllm-router)
 bin="$venv/bin/vllm-router"
 [[ -x "$bin" ]] || { echo "get-vllm-router: no vllm-router binary in $venv/bin" >&2; ls "$venv/bin" >&2; exit 1; }
 echo "VLLM_ROUTER=$bin"
