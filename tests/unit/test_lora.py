@@ -297,6 +297,26 @@ def test_affinity_prefers_a_replica_with_the_adapter_loaded():
     asyncio.run(go())
 
 
+def test_without_affinity_every_replica_is_a_candidate_even_where_the_adapter_is_loaded():
+    """The bench's comparison switch (bench/adapters.py): off, the balancer alone picks, so it loads elsewhere too."""
+
+    async def go():
+        engine = FakeEngine()
+        engine.gate.set()
+        mgr = Adapters(engine, affinity=False)
+        entry = _entry("a")
+        use = AdapterUse(mgr, entry, entry.adapters[0])
+        other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+        (await use.acquire(other))()
+        assert mgr.has(other, entry.adapters[0])
+        assert use.candidates([EP, other], ()) == (EP, other)
+        (await use.acquire(EP))()  # picked there: a second load of the same adapter
+        assert mgr.loads == 2 and engine.calls == [("load", "a"), ("load", "a")]
+        assert Adapters(engine).affinity  # on unless a harness turns it off
+
+    asyncio.run(go())
+
+
 def test_engine_messages_are_read_from_vllm_error_shapes():
     assert engine_message('{"error": {"message": "boom", "type": "x"}}') == "boom"
     assert engine_message('{"object": "error", "message": "old shape"}') == "old shape"

@@ -142,8 +142,10 @@ class Adapters:
         changed: Callable[[Key], None] = lambda key: None,
         wait_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        affinity: bool = True,
     ):
         self.call, self.changed, self.wait_timeout, self.clock = call, changed, wait_timeout, clock
+        self.affinity = affinity  # off only to measure what it buys (bench/adapters.py); not a spec field
         self._replicas: dict[Endpoint, Residency] = {}
         self._owner: dict[Endpoint, Key] = {}
         self._freed: dict[Endpoint, asyncio.Event] = {}
@@ -370,6 +372,8 @@ class AdapterUse:
     adapter: AdapterRef
 
     def candidates(self, endpoints: Sequence[Endpoint], tried: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+        if not self.manager.affinity:
+            return tuple(endpoints)
         return prefer_loaded(endpoints, tried, lambda ep: self.manager.has(ep, self.adapter))
 
     async def acquire(self, ep: Endpoint) -> Callable[[], None]:
