@@ -297,6 +297,30 @@ def test_affinity_prefers_a_replica_with_the_adapter_loaded():
     asyncio.run(go())
 
 
+def test_two_loads_at_once_on_a_full_replica_evict_two_different_adapters():
+    """Found by the adapter bench: both loads picked the same LRU victim, the second failed (KeyError → 502)."""
+
+    async def go():
+        engine = FakeEngine()
+        engine.gate.set()
+        mgr = Adapters(engine, wait_timeout=3600)
+        entry = _entry("a", "b", "c", "d")
+        a, b, c, d = (AdapterUse(mgr, entry, x) for x in entry.adapters)
+        (await a.acquire(EP))()
+        (await b.acquire(EP))()
+        engine.gate.clear()  # both loads start before either finishes
+        loading = [asyncio.ensure_future(u.acquire(EP)) for u in (c, d)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        engine.gate.set()
+        for release in await asyncio.gather(*loading):
+            release()
+        assert sorted(engine.calls[2:]) == [("load", "c"), ("load", "d"), ("unload", "a"), ("unload", "b")]
+        assert [mgr.has(EP, x) for x in entry.adapters] == [False, False, True, True]
+
+    asyncio.run(go())
+
+
 def test_without_affinity_every_replica_is_a_candidate_even_where_the_adapter_is_loaded():
     """The bench's comparison switch (bench/adapters.py): off, the balancer alone picks, so it loads elsewhere too."""
 

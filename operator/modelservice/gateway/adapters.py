@@ -192,7 +192,10 @@ class Adapters:
                     await self._wait_freed(entry, ep, adapter, deadline)
                     continue
                 pending = r.loading[adapter.name] = asyncio.get_running_loop().create_future()
-                asyncio.ensure_future(self._load(entry, ep, r, adapter, victim, pending))
+                # Out of the set now, not when the load task starts: a second load must not pick the same victim,
+                # and a request must not take the victim up again in between.
+                evicted = None if victim is None else (victim, r.loaded.pop(victim))
+                asyncio.ensure_future(self._load(entry, ep, r, adapter, evicted, pending))
             await asyncio.shield(pending)  # raises the load's error for every request that waited on it
 
     def _release(self, ep: Endpoint, r: Residency, name: str) -> None:
@@ -225,13 +228,12 @@ class Adapters:
         ep: Endpoint,
         r: Residency,
         adapter: AdapterRef,
-        victim: Optional[str],
+        evicted: Optional[tuple[str, str]],
         done: asyncio.Future[None],
     ) -> None:
         try:
-            if victim is not None:
-                path = r.loaded.pop(victim)
-                await self._unload(entry, ep, victim, path)
+            if evicted is not None:
+                await self._unload(entry, ep, *evicted)
             old = r.loaded.pop(adapter.name, None)
             if old is not None:  # declared again with another URI: the engine refuses a second load of a name
                 await self._unload(entry, ep, adapter.name, old)
