@@ -1,16 +1,31 @@
-"""A model of the GPU pool (no cluster): the committed trace replayed against victim rules, in seconds of CPU.
+"""A model of the GPU pool (no cluster): the committed trace replayed against pool policies, in seconds of CPU.
 
-Why it exists: to ask, before changing the planner, whether a different choice of whom to park (a minimum residency
-after a load, or the least frequently used first) would give fewer cold starts or a lower cold p99 on the committed
-trace (bench/traces/gpu-pool-seed1.json), and what the delay before an idle model is seen idle costs. The cluster
-bench (bench/gpu_pool.py) measures the real thing; this only compares rules under the same simple assumptions:
+Why it exists: to ask, without a cluster, (1) whether a different choice of whom to park (a minimum residency after a
+load, the least frequently used first) gives fewer cold starts or a lower cold p99 on the committed trace
+(bench/traces/gpu-pool-seed1.json); (2) what the delay before an idle model is seen idle costs; (3) what no policy of
+ours could beat on this trace (the oracle below), and at what offered load the goals of issue #13 become reachable.
+The cluster bench (bench/gpu_pool.py) measures the real thing; this compares policies under the same simple
+assumptions:
 
-- 4 GPUs, one per model; a model loads in LOAD seconds and serves a request in SERVE seconds, one after another;
-- requests for a model at zero are held and wake it; a woken model gets a free GPU first-come first-served;
-- when one waits and no GPU is free, an idle Ready model (nothing held or being served, idle for at least `detect`
-  seconds: how late the operator learns it is idle) is parked; its GPU is free `release` seconds later.
+- GPUS GPUs, one per model; a model loads in LOAD seconds and serves a request in SERVE seconds, one after another;
+- requests for a model at zero are held and wake it (a pod is created: a cold start); a woken model gets a free GPU
+  first-come first-served; a request held ACTIVATION_TIMEOUT seconds fails (the gateway's 503), as the bench counts;
+- every model scales to zero after IDLE_AFTER seconds without a request (`scaleToZeroAfter: 5m`); a model at zero
+  whose held requests all failed keeps its pending pod until then, as on the cluster;
+- policy `park`: when one waits and no GPU is free, an idle Ready model (nothing held or being served, idle for at
+  least `detect` seconds: how late the operator learns it is idle) is parked, chosen by a victim rule; its GPU is
+  free `release` seconds later;
+- policy `idle-timer`: nothing is parked; GPUs come back only by the idle timer (the operator's
+  `--gpu-pool-policy idle-timer`);
+- policy `oracle`: `park` with perfect knowledge and no delays: an idle model is parked the instant one waits
+  (detect 0, release 0), and the victim is the one whose next request is furthest in the future (Belady's rule,
+  which minimises reloads); no idle timer. It still only loads a model when a request for it has arrived (it does
+  not preload: a clairvoyant preload would make every request warm and bound nothing about a reactive pool). It is
+  the floor for any reactive policy under these assumptions: overheads of zero, the best victim every time.
 
-    python -m bench.gpu_pool_sim [--detect 4] [--release 1] [--seconds 600]
+    python -m bench.gpu_pool_sim [--detect 4 1 10] [--release 1]   # victim rules against the detect delay
+    python -m bench.gpu_pool_sim --bound                            # oracle, park and idle-timer, committed trace
+    python -m bench.gpu_pool_sim --sweep                            # the same at lower rates and with more GPUs
 
 Pure: `simulate(...)` returns the figures.
 """
@@ -18,17 +33,22 @@ Pure: `simulate(...)` returns the figures.
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from bench.gpu_pool_trace import Trace
+from bench.stats import percentile
 
 TRACE = Path(__file__).resolve().parent / "traces" / "gpu-pool-seed1.json"
 LOAD, SERVE, GPUS = 20.0, 0.3, 4
+ACTIVATION_TIMEOUT = 180.0  # bench/gpu_pool.py's: the gateway's hold before a 503
+IDLE_AFTER = 300.0  # scaleToZeroAfter: 5m
+POLICIES = ("oracle", "park", "idle-timer")
 
 
 @dataclass
@@ -36,6 +56,7 @@ class State:
     ready_at: dict[str, float]
     last_end: dict[str, float]
     rate: dict[str, tuple[float, float]]  # decayed request count, when last updated
+    arrivals: dict[str, list[float]] = field(default_factory=dict)  # every request's time, by model (the oracle's)
 
 
 # Victim rules: lower sorts first (is parked first). Each gets (model, now, state).
@@ -56,6 +77,13 @@ def least_frequent(m: str, now: float, s: State, tau: float = 120.0) -> tuple:
     return (count * math.exp(-(now - at) / tau),) + longest_idle(m, now, s)
 
 
+def furthest_next(m: str, now: float, s: State) -> tuple:
+    """Belady: the model asked for again last (or never) goes first. Needs the future: the oracle's rule only."""
+    times = s.arrivals[m]
+    i = bisect.bisect_right(times, now)
+    return (-(times[i] if i < len(times) else math.inf),)
+
+
 RULES: dict[str, Rule] = {
     "longest-idle": longest_idle,
     "min-residency": min_residency,
@@ -63,31 +91,71 @@ RULES: dict[str, Rule] = {
 }
 
 
-def simulate(trace: Trace, rule: Rule, *, detect: float, release: float, seconds: float = 600.0) -> dict:
+def simulate(
+    trace: Trace,
+    rule: Rule = longest_idle,
+    *,
+    detect: float,
+    release: float,
+    seconds: float = 600.0,
+    policy: str = "park",
+    gpus: int = GPUS,
+    stretch: float = 1.0,
+    idle_after: Optional[float] = IDLE_AFTER,
+    activation_timeout: float = ACTIVATION_TIMEOUT,
+) -> dict:
+    """Replay the first `seconds` of `trace` with its arrival times multiplied by `stretch` (2 = half the rate)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}")
+    if policy == "oracle":
+        rule, detect, release, idle_after = furthest_next, 0.0, 0.0, None
     state = {m: "zero" for m in trace.model_names}  # zero, waiting, loading, ready, leaving
-    s = State({}, {}, {})
+    s = State({}, {}, {}, {m: [] for m in trace.model_names})
     held: dict[str, list[float]] = {m: [] for m in trace.model_names}
     busy_until = {m: -1.0 for m in trace.model_names}
-    events: list[tuple[float, int, str, str]] = []
+    last_activity = {m: 0.0 for m in trace.model_names}
+    woke_at: dict[str, float] = {}
+    events: list[tuple[float, int, str, str, float]] = []
     seq = 0
 
-    def push(t: float, kind: str, m: str) -> None:
+    def push(t: float, kind: str, m: str, arg: float = 0.0) -> None:
         nonlocal seq
         seq += 1
-        heapq.heappush(events, (t, seq, kind, m))
+        heapq.heappush(events, (t, seq, kind, m, arg))
 
     for r in trace.requests:
         if r["t"] < seconds:
-            push(r["t"], "request", r["model"])
-    free, waiters, cold, starts, parks, choices, idle_waiting, clock = GPUS, [], [], 0, 0, 0, 0.0, 0.0
+            t = r["t"] * stretch
+            push(t, "request", r["model"])
+            s.arrivals[r["model"]].append(t)
+    free, waiters = gpus, []
+    cold: list[float] = []
+    gpu_waits: list[float] = []  # per cold start: from the wake to a GPU (0 if one was free)
+    starts = parks = choices = failed = 0
+    idle_waiting = idle_waiting_needed = idle_total = clock = 0.0
 
     def idle(m: str, t: float) -> bool:
         return state[m] == "ready" and not held[m] and busy_until[m] <= t
 
+    def touch(m: str, t: float) -> None:
+        last_activity[m] = max(last_activity[m], t)
+        if idle_after is not None:
+            push(last_activity[m] + idle_after, "timer", m)
+
+    def wake(m: str, t: float) -> None:
+        nonlocal starts
+        state[m] = "waiting"
+        waiters.append(m)
+        woke_at[m] = t
+        starts += 1
+
     while events:
-        t, _, kind, m = heapq.heappop(events)
+        t, _, kind, m, arg = heapq.heappop(events)
+        n_idle = sum(1 for x in state if idle(x, clock))
+        idle_total += (t - clock) * n_idle
         if waiters:
-            idle_waiting += (t - clock) * sum(1 for x in state if idle(x, clock))
+            idle_waiting += (t - clock) * n_idle
+            idle_waiting_needed += (t - clock) * min(n_idle, len(waiters))
         clock = t
         if kind == "request":
             count, at = s.rate.get(m, (0.0, t))
@@ -96,11 +164,25 @@ def simulate(trace: Trace, rule: Rule, *, detect: float, release: float, seconds
                 busy_until[m] = max(busy_until[m], t) + SERVE
                 s.last_end[m] = busy_until[m]
                 push(busy_until[m] + detect, "check", m)
+                touch(m, busy_until[m])
             else:
                 held[m].append(t)
+                push(t + activation_timeout, "timeout", m, t)
+                touch(m, t)
                 if state[m] == "zero":
-                    state[m] = "waiting"
-                    waiters.append(m)
+                    wake(m, t)
+        elif kind == "timeout":
+            if arg in held[m]:
+                held[m].remove(arg)
+                failed += 1
+        elif kind == "timer":
+            if idle_after is not None and t >= last_activity[m] + idle_after and not held[m] and busy_until[m] <= t:
+                if state[m] == "ready":
+                    state[m] = "leaving"
+                    push(t + release, "freed", m)
+                elif state[m] == "waiting":
+                    waiters.remove(m)
+                    state[m] = "zero"
         elif kind == "ready":
             state[m], s.ready_at[m] = "ready", t
             for sent in held[m]:
@@ -109,19 +191,22 @@ def simulate(trace: Trace, rule: Rule, *, detect: float, release: float, seconds
             held[m] = []
             s.last_end[m] = max(busy_until[m], t)
             push(s.last_end[m] + detect, "check", m)
+            touch(m, s.last_end[m])
         elif kind == "freed":
             free += 1
             state[m] = "zero"
             if held[m]:
-                state[m] = "waiting"
-                waiters.append(m)
+                wake(m, t)
         while waiters and free > 0:
             w = waiters.pop(0)
             free -= 1
-            starts += 1
             state[w] = "loading"
+            gpu_waits.append(t - woke_at[w])
             push(t + LOAD, "ready", w)
-        need = len(waiters) - sum(1 for x in state.values() if x == "leaving")
+        if policy == "idle-timer":
+            continue
+        # parks already on their way count as room made; a waiter whose requests all failed asks for none
+        need = sum(1 for w in waiters if held[w]) - sum(1 for x in state.values() if x == "leaving")
         while need > 0:
             seen_idle = [x for x in state if idle(x, t) and t >= s.last_end.get(x, 0.0) + detect]
             if not seen_idle:
@@ -132,16 +217,85 @@ def simulate(trace: Trace, rule: Rule, *, detect: float, release: float, seconds
             parks += 1
             push(t + release, "freed", victim)
             need -= 1
-    cold.sort()
-    pct = lambda q: round(cold[min(len(cold) - 1, int(q * len(cold)))], 1) if cold else None  # noqa: E731
+
+    def pct(values: list[float], q: float) -> Optional[float]:
+        v = percentile(values, q)
+        return None if v is None else round(v, 1)
+
     return {
+        "requests": sum(len(a) for a in s.arrivals.values()),
+        "failed": failed,
         "cold_requests": len(cold),
-        "ttft_cold_p50": pct(0.5),
-        "ttft_cold_p99": pct(0.99),
+        "ttft_cold_p50": pct(cold, 50),
+        "ttft_cold_p99": pct(cold, 99),
         "cold_starts": starts,
         "parks": parks,
         "parks_with_a_choice": choices,
+        "gpu_wait_p50": pct(gpu_waits, 50),
+        "gpu_wait_p99": pct(gpu_waits, 99),
+        # GPU time spent loading / the pool's GPU time over the trace
+        "load_share": round(starts * LOAD / (gpus * seconds * stretch), 2),
         "gpu_seconds_idle_while_waiting": round(idle_waiting),
+        "gpu_seconds_idle_while_waiting_needed": round(idle_waiting_needed),
+        "gpu_seconds_idle": round(idle_total),
+    }
+
+
+def _next_use(times: list[int], i: int) -> float:
+    j = bisect.bisect_right(times, i)
+    return times[j] if j < len(times) else math.inf
+
+
+def fewest_loads(trace: Trace, gpus: int = GPUS, seconds: float = 600.0) -> int:
+    """A floor on cold starts: Belady's MIN (on a miss with the pool full, drop the model asked for again last) on the
+    trace's sequence of requests, timing ignored, a model held from its load to its drop. No policy that serves
+    requests in the order they come (the scheduler's first-come first-served; the gateway holds, never reorders)
+    loads fewer models; one that served some requests out of order, delaying them past later ones, could."""
+    seq = [r["model"] for r in trace.requests if r["t"] < seconds]
+    where: dict[str, list[int]] = {}
+    for i, m in enumerate(seq):
+        where.setdefault(m, []).append(i)
+    held: set[str] = set()
+    loads = 0
+    for i, m in enumerate(seq):
+        if m in held:
+            continue
+        loads += 1
+        if len(held) == gpus:
+            held.remove(max(held, key=lambda x, i=i: _next_use(where[x], i)))
+        held.add(m)
+    return loads
+
+
+def goals(r: dict, timer_starts: int) -> dict[str, bool]:
+    """Issue #13's goals on one result; `timer_starts`: the idle-timer policy's cold starts on the same offered load."""
+    return {
+        "p99": r["ttft_cold_p99"] is None or r["ttft_cold_p99"] <= LOAD + 2,
+        "idle": r["gpu_seconds_idle_while_waiting"] <= 10,
+        "starts": r["cold_starts"] <= 1.2 * timer_starts,
+        "failed": r["failed"] == 0,
+    }
+
+
+SHOWN = (
+    "failed",
+    "cold_requests",
+    "ttft_cold_p50",
+    "ttft_cold_p99",
+    "cold_starts",
+    "parks",
+    "gpu_wait_p99",
+    "load_share",
+    "gpu_seconds_idle_while_waiting",
+    "gpu_seconds_idle_while_waiting_needed",
+)
+
+
+def compare(trace: Trace, *, detect: float, release: float, gpus: int = GPUS, stretch: float = 1.0) -> dict[str, dict]:
+    """The three policies on the same offered load (the park policy with the shipped longest-idle rule)."""
+    return {
+        p: simulate(trace, longest_idle, detect=detect, release=release, policy=p, gpus=gpus, stretch=stretch)
+        for p in POLICIES
     }
 
 
@@ -151,14 +305,37 @@ def main(argv: list[str] | None = None) -> int:
         "--detect",
         type=float,
         nargs="+",
-        default=[4.0, 1.0, 10.0],
-        help="seconds before an idle model is seen idle (default: 4 = 2 intervals of 2 s, 1, 10)",
+        default=None,
+        help="seconds before an idle model is seen idle (rules: 4 = 2 intervals of 2 s, 1, 10; --bound/--sweep: 1)",
     )
     p.add_argument("--release", type=float, default=1.0, help="seconds from a park to its GPU being free")
     p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--bound", action="store_true", help="oracle, park and idle-timer on the committed trace")
+    p.add_argument("--sweep", action="store_true", help="--bound at 1/stretch of the trace's rate and with more GPUs")
     a = p.parse_args(argv)
     trace = Trace.from_json(TRACE.read_text())
-    for detect in a.detect:
+    if a.bound or a.sweep:
+        detect = (a.detect or [1.0])[0]
+        grid = [(GPUS, 1.0)]
+        if a.sweep:
+            grid = [(GPUS, k) for k in (1.5, 2, 3, 4, 6, 8)] + [(g, 1.0) for g in (5, 6, 8, 10, 12)]
+        print(
+            f"detect {detect:g} s, release {a.release:g} s, load {LOAD:g} s; goals: p99 <= {LOAD + 2:g} s, "
+            "idle while waiting <= 10 GPU-s, starts <= 1.2 x idle-timer's, 0 failed"
+        )
+        for gpus, stretch in grid:
+            res = compare(trace, detect=detect, release=a.release, gpus=gpus, stretch=stretch)
+            print(f"gpus {gpus:>2} rate {0.4 / stretch:.3f}/s  fewest loads (Belady MIN) {fewest_loads(trace, gpus)}")
+            for name, r in res.items():
+                met = goals(r, res["idle-timer"]["cold_starts"])
+                print(
+                    f"gpus {gpus:>2} rate {0.4 / stretch:.3f}/s  {name:<10} "
+                    + "  ".join(f"{k} {r[k]}" for k in SHOWN)
+                    + "  met: "
+                    + ",".join(k for k, v in met.items() if v)
+                )
+        return 0
+    for detect in a.detect or [4.0, 1.0, 10.0]:
         for name, rule in RULES.items():
             r = simulate(trace, rule, detect=detect, release=a.release, seconds=a.seconds)
             print(f"detect {detect:>4g} s  {name:<15} " + "  ".join(f"{k} {v}" for k, v in r.items()))
