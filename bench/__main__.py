@@ -43,7 +43,9 @@ def parser() -> argparse.ArgumentParser:
         help="N=100 only, 60 s idle window, fewer requests and cold starts (about 5 minutes)",
     )
     p.add_argument(
-        "--only", choices=("operator", "gateway", "metering", "engine", "gpu-pool", "routing"), help="run one part only"
+        "--only",
+        choices=("operator", "gateway", "metering", "engine", "gpu-pool", "routing", "adapters"),
+        help="run one part only",
     )
     p.add_argument(
         "--sizes", type=_ints, help="ModelService counts, e.g. 100,500,1000 (default: 100,500,1000; quick: 100)"
@@ -110,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
         help="routing part: routers in order (rr, lif, prefix, vr-<vllm-router policy>)",
     )
     p.add_argument("--routing-requests", type=int, help="routing part: replay only the first N trace requests")
+    p.add_argument(
+        "--adapters-requests", type=int, default=120, help="adapters part: requests per workload run (2 runs)"
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -247,6 +252,17 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             log.exception("routing benchmark failed")
             results["routing"] = {"error": f"{type(e).__name__}: {e}"}
         results["routing"]["seconds"] = time.monotonic() - t0
+    if args.only == "adapters":  # real vLLM replicas with LoRA: minutes; run on its own (docs/lora.md)
+        from bench.adapters import AdaptersConfig
+        from bench.adapters import run as run_adapters
+
+        t0 = time.monotonic()
+        try:
+            results["adapters"] = await run_adapters(AdaptersConfig(work, requests=args.adapters_requests))
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            log.exception("adapters benchmark failed")
+            results["adapters"] = {"error": f"{type(e).__name__}: {e}"}
+        results["adapters"]["seconds"] = time.monotonic() - t0
     return results
 
 

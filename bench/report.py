@@ -535,4 +535,12 @@ def table(doc: dict[str, Any]) -> str:
             "ROUTING (multi-turn chat trace, 2 real vLLM replicas with prefix caching, open loop)",
             *routing_rows(res["routing"]),
         ]
+    if "adapters" in res:
+        from bench.adapters import rows as adapters_rows
+
+        parts += [
+            "",
+            "LORA ADAPTERS (2 real vLLM replicas, tiny adapters loaded at run time by our gateway; docs/lora.md)",
+            *adapters_rows(res["adapters"]),
+        ]
     return "\n".join(parts)

@@ -65,6 +65,10 @@ class RoutingConfig:
     rate_share: float = RATE_SHARE
     replicas: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
+    # For other benches on the same replicas (bench/adapters.py: LoRA flags, runtime loading, the adapters' dir).
+    vllm_args: tuple[str, ...] = ()
+    vllm_env: dict[str, str] = field(default_factory=dict)
+    vllm_cwd: Optional[Path] = None
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -81,7 +85,16 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-def _vllm(vllm_python: str, model_dir: Path, port: int, core: int, logf: Path) -> subprocess.Popen:
+def _vllm(
+    vllm_python: str,
+    model_dir: Path,
+    port: int,
+    core: int,
+    logf: Path,
+    extra: tuple[str, ...] = (),
+    extra_env: Optional[dict[str, str]] = None,
+    cwd: Optional[Path] = None,
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "VLLM_HOST_IP": "127.0.0.1",
@@ -91,6 +104,7 @@ def _vllm(vllm_python: str, model_dir: Path, port: int, core: int, logf: Path) -
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_SERVER_DEV_MODE": "1",
+        **(extra_env or {}),
     }  # /reset_prefix_cache: every policy starts from empty caches
     cmd = [
         vllm_python,
@@ -112,11 +126,12 @@ def _vllm(vllm_python: str, model_dir: Path, port: int, core: int, logf: Path) -
         "--max-num-seqs",
         "4",
         "--enable-prefix-caching",
+        *extra,
     ]
     if os.cpu_count() and os.cpu_count() > core and _has("taskset"):
         cmd = ["taskset", "-c", str(core), *cmd]
     with logf.open("wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
 
 
 def _has(tool: str) -> bool:
@@ -148,9 +163,9 @@ async def replicas(cfg: RoutingConfig, s: aiohttp.ClientSession) -> AsyncIterato
     try:
         for i in range(cfg.replicas):
             port, logf = free_port(), cfg.work / f"vllm-{i}.log"
-            procs.append(
-                (_vllm(vllm_python, model_dir, port, i % (os.cpu_count() or 1), logf), f"http://127.0.0.1:{port}", logf)
-            )
+            core = i % (os.cpu_count() or 1)
+            proc = _vllm(vllm_python, model_dir, port, core, logf, cfg.vllm_args, cfg.vllm_env, cfg.vllm_cwd)
+            procs.append((proc, f"http://127.0.0.1:{port}", logf))
         await asyncio.gather(*(_until_healthy(s, url, p, logf, VLLM_LOAD) for p, url, logf in procs))
         yield [url for _, url, _ in procs]
     finally:
@@ -223,11 +238,16 @@ def _vllm_router() -> str:
 
 
 async def one(
-    s: aiohttp.ClientSession, url: str, req: dict[str, Any], max_tokens: int, session: bool = False
+    s: aiohttp.ClientSession,
+    url: str,
+    req: dict[str, Any],
+    max_tokens: int,
+    session: bool = False,
+    model: str = MODEL,
 ) -> dict[str, Any]:
     """One streamed chat completion: status, time to first token, total time, prompt tokens (vLLM's usage)."""
     body = {
-        "model": MODEL,
+        "model": model,
         "messages": req["messages"],
         "stream": True,
         "max_tokens": max_tokens,
