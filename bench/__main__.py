@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--routing-requests", type=int, help="routing part: replay only the first N trace requests")
     p.add_argument(
-        "--adapters-requests", type=int, default=120, help="adapters part: requests per workload run (2 runs)"
+        "--adapters-requests", type=int, default=240, help="adapters part: requests per workload run (2 runs)"
     )
     p.add_argument(
         "--profile",

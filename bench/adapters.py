@@ -1,6 +1,6 @@
 """Adapter benchmark: LoRA adapters on 2 real vLLM replicas through our gateway (docs/lora.md, docs/benchmarks.md).
 
-    python -m bench --only adapters [--adapters-requests 120]
+    python -m bench --only adapters [--adapters-requests 240]
 
 1. Two vLLM CPU replicas of the tiny Llama, started as the routing bench starts them (routing.replicas: one core
    each), plus `--enable-lora --max-loras M --max-cpu-loras M --max-lora-rank 8` and runtime loading
@@ -48,7 +48,7 @@ MAX_RANK = 8
 COLD_SAMPLES = 6
 CONCURRENCY = 4  # 2 per replica, each replica's vLLM runs --max-num-seqs 4
 MAX_TOKENS = 16
-REQUESTS = 120
+REQUESTS = 240  # per workload run: about a minute each here
 SEED = 1
 LOADS_METRIC = "modelservice_gateway_adapter_loads_total"
 
