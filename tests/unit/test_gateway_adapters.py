@@ -89,6 +89,13 @@ async def test_an_adapter_is_loaded_on_its_base_before_its_request_and_refusals_
             assert ("chat", "bad") not in calls
             assert (await post(s, url, chat("base")))[0] == 200
 
+            # modelservice_gateway_adapter_loads_total: one load of a, one refused load of bad.
+            def loads(adapter: str, outcome: str) -> float | None:
+                labels = {"model": "default/base", "adapter": adapter, "outcome": outcome}
+                return gw.metrics.registry.get_sample_value("modelservice_gateway_adapter_loads_total", labels)
+
+            assert (loads("a", "loaded"), loads("bad", "failed"), loads("a", "failed")) == (1.0, 1.0, None)
+
             # What the base's activity Lease carries to the operator.
             lease = gw.activity.lease(gw.table.get("default", "base"))
             report = json.loads(lease["metadata"]["annotations"][ADAPTERS_ANNOTATION])
@@ -106,6 +113,7 @@ async def test_an_adapter_is_loaded_on_its_base_before_its_request_and_refusals_
             assert status == 404 and err["code"] == "model_not_found", body
             await until(lambda: ("unload", "a") in calls, message="adapter a unloaded from the replica")
             assert "a" not in registered
+            assert (loads("a", "loaded"), loads("a", "unloaded")) == (2.0, 1.0)  # the reload after the engine lost it
 
             # The engine's adapter API is not a client path.
             async with s.post(

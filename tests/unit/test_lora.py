@@ -185,7 +185,8 @@ def test_a_full_replica_unloads_its_lru_adapter_and_waits_while_all_are_in_use()
     async def go():
         engine = FakeEngine()
         engine.gate.set()
-        mgr = Adapters(engine, wait_timeout=3600)
+        counted: list[tuple[str, str]] = []
+        mgr = Adapters(engine, wait_timeout=3600, count=lambda key, name, outcome: counted.append((name, outcome)))
         entry = _entry("a", "b", "c")
         a, b, c = (AdapterUse(mgr, entry, x) for x in entry.adapters)
         release_a = await a.acquire(EP)
@@ -202,6 +203,10 @@ def test_a_full_replica_unloads_its_lru_adapter_and_waits_while_all_are_in_use()
         release = await b.acquire(EP)  # loaded: no call
         release()
         assert len(engine.calls) == 4
+        # What modelservice_gateway_adapter_loads_total counts: one entry per engine call, with its outcome.
+        assert counted == [("a", "loaded"), ("b", "loaded"), ("a", "evicted"), ("c", "loaded")]
+        await asyncio.gather(*mgr.sync(entry.key, _entry("b"), [EP]))  # c removed from the spec
+        assert counted[-1] == ("c", "unloaded")
 
     asyncio.run(go())
 
@@ -228,7 +233,8 @@ def test_an_engine_refusal_reaches_every_waiter_and_the_status_and_a_later_succe
     async def go():
         rank = "LoRA rank 16 is greater than max_lora_rank 8."
         engine = FakeEngine(refuse={"a": rank})
-        mgr = Adapters(engine)
+        counted: list[str] = []
+        mgr = Adapters(engine, count=lambda key, name, outcome: counted.append(outcome))
         entry = _entry("a")
         tasks = [asyncio.ensure_future(mgr.acquire(entry, EP, entry.adapters[0])) for _ in range(3)]
         engine.gate.set()
@@ -236,7 +242,7 @@ def test_an_engine_refusal_reaches_every_waiter_and_the_status_and_a_later_succe
         assert all(
             isinstance(r, GatewayError) and r.code == "adapter_load_failed" and rank in r.message for r in results
         ), results
-        assert engine.calls == [("load", "a")]
+        assert engine.calls == [("load", "a")] and counted == ["failed"]
         assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": [], "error": f"base-pod-1: {rank}"}
         engine.refuse = {}
         (await mgr.acquire(entry, EP, entry.adapters[0]))()
@@ -250,11 +256,12 @@ def test_an_unreachable_replica_is_not_sent_the_request():
         async def refused(ep, path, doc):
             raise NotSent("connection refused")
 
-        mgr = Adapters(refused)
+        counted: list[str] = []
+        mgr = Adapters(refused, count=lambda key, name, outcome: counted.append(outcome))
         entry = _entry("a")
         with pytest.raises(NotSent):
             await mgr.acquire(entry, EP, entry.adapters[0])
-        assert not mgr.has(EP, entry.adapters[0])
+        assert not mgr.has(EP, entry.adapters[0]) and counted == ["failed"]
 
     asyncio.run(go())
 

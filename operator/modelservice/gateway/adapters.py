@@ -26,6 +26,9 @@ from modelservice.gateway.upstream import NotSent
 log = logging.getLogger("modelservice.gateway.adapters")
 ADAPTERS_ANNOTATION = "serving.modelservice.dev/adapters"  # on the activity Lease: the gateway → the operator
 MAX_ERROR = 512
+# Outcomes of the engine calls counted in modelservice_gateway_adapter_loads_total: a load that worked, one that did
+# not (refused or unreachable), an unload to make room (LRU), an unload because the spec dropped or moved it.
+LOADED, FAILED, EVICTED, UNLOADED = "loaded", "failed", "evicted", "unloaded"
 
 
 # -- names ---------------------------------------------------------------------------------------------------------
@@ -143,16 +146,17 @@ class Adapters:
         wait_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         affinity: bool = True,
+        count: Callable[[Key, str, str], None] = lambda key, adapter, outcome: None,
     ):
         self.call, self.changed, self.wait_timeout, self.clock = call, changed, wait_timeout, clock
         self.affinity = affinity  # off only to measure what it buys (bench/adapters.py); not a spec field
+        self.count = count  # (base, adapter, outcome) per engine call: the loads metric (server.py, metrics.py)
         self._replicas: dict[Endpoint, Residency] = {}
         self._owner: dict[Endpoint, Key] = {}
         self._freed: dict[Endpoint, asyncio.Event] = {}
         self._state: dict[Key, _State] = {}
         self._preloading: set[tuple[Endpoint, str]] = set()
-        self.loads = 0  # load calls made, for tests and the bench
-        self.unloads = 0
+        self.loads = 0  # load calls made, for tests
 
     # -- queries --------------------------------------------------------------------------------------------------
     def has(self, ep: Endpoint, adapter: AdapterRef) -> bool:
@@ -233,18 +237,23 @@ class Adapters:
     ) -> None:
         try:
             if evicted is not None:
-                await self._unload(entry, ep, *evicted)
+                await self._unload(entry, ep, *evicted, EVICTED)
             old = r.loaded.pop(adapter.name, None)
             if old is not None:  # declared again with another URI: the engine refuses a second load of a name
-                await self._unload(entry, ep, adapter.name, old)
+                await self._unload(entry, ep, adapter.name, old, UNLOADED)
             self.loads += 1
             # In place: a name an earlier gateway process registered (or one whose unload is still on its way) is
             # replaced by this path instead of refused with "already been loaded".
-            status, text = await self.call(
-                ep,
-                "/v1/load_lora_adapter",
-                {"lora_name": adapter.name, "lora_path": adapter.path, "load_inplace": True},
-            )
+            try:
+                status, text = await self.call(
+                    ep,
+                    "/v1/load_lora_adapter",
+                    {"lora_name": adapter.name, "lora_path": adapter.path, "load_inplace": True},
+                )
+            except BaseException:
+                self.count(entry.key, adapter.name, FAILED)
+                raise
+            self.count(entry.key, adapter.name, LOADED if status == 200 else FAILED)
             if status != 200:
                 message = engine_message(text)
                 self._error(entry.key, adapter, f"{ep.pod or ep.address}: {message}")
@@ -274,9 +283,9 @@ class Adapters:
                     GatewayError(502, f"adapter {adapter.name!r}: load cancelled", "adapter_load_failed")
                 )
 
-    async def _unload(self, entry: ModelEntry, ep: Endpoint, name: str, path: str) -> None:
-        self.unloads += 1
+    async def _unload(self, entry: ModelEntry, ep: Endpoint, name: str, path: str, outcome: str) -> None:
         self._loaded(entry.key, name, ep, False)
+        self.count(entry.key, name, outcome)
         try:
             status, text = await self.call(ep, "/v1/unload_lora_adapter", {"lora_name": name})
         except NotSent:
@@ -325,7 +334,7 @@ class Adapters:
             for name, path in list(replica.loaded.items()):
                 if declared.get(name) != path and not replica.in_use.get(name):
                     del replica.loaded[name]
-                    work.append(self._unload(entry, ep, name, path))
+                    work.append(self._unload(entry, ep, name, path, UNLOADED))
             for a in preload:
                 if (
                     not replica.has(a.name, a.path)

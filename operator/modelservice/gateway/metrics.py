@@ -64,6 +64,14 @@ class Metrics:
             buckets=TTFB_BUCKETS,
             registry=r,
         )
+        self.adapter_loads = Counter(
+            "modelservice_gateway_adapter_loads",
+            "LoRA adapter calls to engines, by base model, adapter and outcome: loaded, failed (the engine refused "
+            "or could not be reached), evicted (unloaded for room, least recently used), unloaded (the spec removed "
+            "it or moved its uri).",
+            ["model", "adapter", "outcome"],
+            registry=r,
+        )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

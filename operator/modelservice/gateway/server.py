@@ -65,7 +65,12 @@ class Gateway:
             max_held=config.max_held_per_model,
         )
         self.adapters = Adapters(
-            self._engine_call, changed=self.activity.mark_changed, wait_timeout=config.activation_timeout
+            self._engine_call,
+            changed=self.activity.mark_changed,
+            wait_timeout=config.activation_timeout,
+            count=lambda key, adapter, outcome: self.metrics.child(
+                self.metrics.adapter_loads, f"{key[0]}/{key[1]}", adapter, outcome
+            ).inc(),
         )
         self.activity.annotate = self._adapter_annotations
         self._adapter_routes: dict[str, tuple[Key, AdapterRef]] = {}
