@@ -118,6 +118,19 @@ def pod_view(pod: dict[str, Any]) -> Optional[PodView]:
 
 
 @dataclass
+class PodTimes:
+    """When the pod watch first saw each step of one pod's life (time.monotonic(), the replay's clock)."""
+
+    model: str
+    created: Optional[float] = None
+    waited_for_gpu: bool = False
+    bound: Optional[float] = None
+    ready: Optional[float] = None
+    terminating: Optional[float] = None
+    deleted: Optional[float] = None
+
+
+@dataclass
 class Ledger:
     pods: dict[str, PodView] = field(default_factory=dict)  # by uid
     in_flight: Counter = field(default_factory=Counter)  # by model, from the client
@@ -132,11 +145,15 @@ class Ledger:
     gpu_idle_while_waiting_needed: float = 0.0
     gpu_held: float = 0.0
     waiting_seconds: float = 0.0  # time during which some model waited for a GPU
+    # where a cold start's time goes (scheduler wait, start and load, a parked pod's stop), by pod uid
+    times: dict[str, PodTimes] = field(default_factory=dict)
 
-    def on_pod(self, event: str, pod: dict[str, Any]) -> None:
+    def on_pod(self, event: str, pod: dict[str, Any], at: Optional[float] = None) -> None:
         uid = pod["metadata"]["uid"]
         if event == "DELETED":
             self.pods.pop(uid, None)
+            if at is not None and uid in self.times and self.times[uid].deleted is None:
+                self.times[uid].deleted = at
             return
         view = pod_view(pod)
         if view is None:
@@ -144,6 +161,30 @@ class Ledger:
         if uid not in self.pods and event == "ADDED":
             self.created += 1
         self.pods[uid] = view
+        if at is not None:
+            t = self.times.setdefault(uid, PodTimes(view.model, created=at))
+            t.waited_for_gpu |= view.waiting_for_gpu
+            for step, now in (("bound", view.bound), ("ready", view.ready), ("terminating", view.terminating)):
+                if now and getattr(t, step) is None:
+                    setattr(t, step, at)
+
+    def phases(self) -> dict[str, Any]:
+        """Percentiles of each step over the pods seen from their creation: the cluster's side of a cold start."""
+
+        def gaps(a: str, b: str, only_waited: bool = False) -> list[float]:
+            out = []
+            for t in self.times.values():
+                x, y = getattr(t, a), getattr(t, b)
+                if x is not None and y is not None and (t.waited_for_gpu or not only_waited):
+                    out.append(y - x)
+            return out
+
+        return {
+            "created_to_bound": summary(gaps("created", "bound")),
+            "created_to_bound_waited_for_gpu": summary(gaps("created", "bound", only_waited=True)),
+            "bound_to_ready": summary(gaps("bound", "ready")),
+            "terminating_to_deleted": summary(gaps("terminating", "deleted")),
+        }
 
     def ready_models(self) -> set[str]:
         return {p.model for p in self.pods.values() if p.ready}
@@ -193,6 +234,7 @@ async def _request(url: str, model: str, cold: bool, ledger: Ledger, results: li
     results.append(
         {
             "model": model,
+            "sent": sent,
             "cold": cold,
             "status": status,
             "ttft": (first - sent) if first else None,
@@ -270,7 +312,7 @@ async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str,
             for name in trace.model_names:
                 await kube.merge_patch(f"{deps}/{name}/scale", {"spec": {"replicas": 0}})
             await async_wait_for(all_at_zero, 300, 0.5, "every model at zero")
-            async with Watch(kube, f"/api/v1/namespaces/{NS}/pods", lambda ev, obj, _t: ledger.on_pod(ev, obj)):
+            async with Watch(kube, f"/api/v1/namespaces/{NS}/pods", lambda ev, obj, t: ledger.on_pod(ev, obj, t)):
                 sampler = asyncio.create_task(_sampler(ledger, stop))
                 t0 = time.monotonic()
                 results = await _replay(trace, gw.url, ledger, duration)
@@ -310,6 +352,30 @@ def summarize(
         "gpu_seconds_idle_while_waiting_needed": ledger.gpu_idle_while_waiting_needed,
         "seconds_someone_waited_for_a_gpu": ledger.waiting_seconds,
         "per_model": {m: dict(c) for m, c in sorted(per_model.items())},
+        # where the time of a cold start goes, and every request and pod on one clock (seconds from the first
+        # request sent), to explain a cold p99 afterwards: a request's wait = its model's pod's created..bound
+        # (the scheduler, GPUs, backoff) + bound..ready (start, load) + ready..first token
+        "pod_phases": ledger.phases(),
+        "timeline": timeline(results, ledger),
+    }
+
+
+def timeline(results: list[dict[str, Any]], ledger: Ledger) -> dict[str, Any]:
+    t0 = min((r["sent"] for r in results if "sent" in r), default=0.0)
+    rel = lambda x: None if x is None else round(x - t0, 3)  # noqa: E731
+    return {
+        "requests": [
+            {"t": rel(r.get("sent")), "model": r["model"], "cold": r["cold"], "ttft": r["ttft"], "status": r["status"]}
+            for r in sorted(results, key=lambda r: r.get("sent", 0.0))
+        ],
+        "pods": [
+            {
+                "model": p.model,
+                "waited_for_gpu": p.waited_for_gpu,
+                **{k: rel(getattr(p, k)) for k in ("created", "bound", "ready", "terminating", "deleted")},
+            }
+            for p in sorted(ledger.times.values(), key=lambda p: p.created or 0.0)
+        ],
     }
 
 

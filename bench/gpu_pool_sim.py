@@ -36,6 +36,7 @@ import argparse
 import bisect
 import heapq
 import math
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ TRACE = Path(__file__).resolve().parent / "traces" / "gpu-pool-seed1.json"
 LOAD, SERVE, GPUS = 20.0, 0.3, 4
 ACTIVATION_TIMEOUT = 180.0  # bench/gpu_pool.py's: the gateway's hold before a 503
 IDLE_AFTER = 300.0  # scaleToZeroAfter: 5m
+BACKOFF_MAX = 10.0  # kube-scheduler v1.20's podMaxBackoffDuration
 POLICIES = ("oracle", "park", "idle-timer")
 
 
@@ -103,8 +105,18 @@ def simulate(
     stretch: float = 1.0,
     idle_after: Optional[float] = IDLE_AFTER,
     activation_timeout: float = ACTIVATION_TIMEOUT,
+    start: float = 0.0,
+    bind: float = 0.0,
+    fifo: bool = True,
+    seed: int = 0,
 ) -> dict:
-    """Replay the first `seconds` of `trace` with its arrival times multiplied by `stretch` (2 = half the rate)."""
+    """Replay the first `seconds` of `trace` with its arrival times multiplied by `stretch` (2 = half the rate).
+
+    The cluster's extra delays, for calibration (all 0 / first-come first-served by default): `start`, seconds a pod
+    takes beyond the load (create, start, readiness, endpoints); `bind`, the mean of the scheduler's delay from a GPU free to a
+    waiting pod bound, drawn exponentially and cut at BACKOFF_MAX (a pod the scheduler has retried sits in its backoff
+    queue for up to 10 s before the freed GPU is tried); `fifo=False`, the freed GPU goes to a waiting pod at random, not to the one woken first (the
+    scheduler takes whichever pod leaves backoff first, not the oldest)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}")
     if policy == "oracle":
@@ -129,6 +141,7 @@ def simulate(
             push(t, "request", r["model"])
             s.arrivals[r["model"]].append(t)
     free, waiters = gpus, []
+    rng = random.Random(seed)
     cold: list[float] = []
     gpu_waits: list[float] = []  # per cold start: from the wake to a GPU (0 if one was free)
     starts = parks = choices = failed = 0
@@ -198,11 +211,12 @@ def simulate(
             if held[m]:
                 wake(m, t)
         while waiters and free > 0:
-            w = waiters.pop(0)
+            w = waiters.pop(0 if fifo else rng.randrange(len(waiters)))
             free -= 1
             state[w] = "loading"
-            gpu_waits.append(t - woke_at[w])
-            push(t + LOAD, "ready", w)
+            bound = t + (min(rng.expovariate(1 / bind), BACKOFF_MAX) if bind else 0.0)
+            gpu_waits.append(bound - woke_at[w])
+            push(bound + LOAD + start, "ready", w)
         if policy == "idle-timer":
             continue
         # parks already on their way count as room made; a waiter whose requests all failed asks for none

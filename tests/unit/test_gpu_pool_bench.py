@@ -3,7 +3,7 @@ and reproducible from its seed, and the ledger counts idle GPU-seconds only as d
 
 from __future__ import annotations
 
-from bench.gpu_pool import TRACE, Ledger, pod_view
+from bench.gpu_pool import TRACE, Ledger, pod_view, summarize
 from bench.gpu_pool_sim import longest_idle, simulate
 from bench.gpu_pool_trace import Trace, TraceSpec, generate, zipf_weights
 from modelservice.labels import MODELSERVICE_LABEL
@@ -89,3 +89,38 @@ def test_the_pool_model_parks_only_idle_models_and_a_later_idle_signal_costs_wai
     slow = simulate(committed, longest_idle, detect=10.0, release=1.0, seconds=300)
     assert 0 < fast["parks_with_a_choice"] <= fast["parks"]
     assert fast["gpu_seconds_idle_while_waiting"] < slow["gpu_seconds_idle_while_waiting"]
+
+
+def test_the_ledger_times_each_step_of_a_pod_for_the_cold_start_breakdown():
+    led = Ledger()
+    led.on_pod("ADDED", pod("a", "m1", node=None), at=10.0)
+    led.on_pod("MODIFIED", pod("a", "m1", node=None, gpu_msg="0/2 nodes: 2 Insufficient nvidia.com/gpu."), at=10.1)
+    led.on_pod("MODIFIED", pod("a", "m1"), at=14.0)  # bound
+    led.on_pod("MODIFIED", pod("a", "m1", ready=True), at=35.0)
+    led.on_pod("MODIFIED", pod("a", "m1", ready=True), at=36.0)  # a later event moves nothing
+    going = pod("a", "m1", ready=True)
+    going["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z"
+    led.on_pod("MODIFIED", going, at=50.0)
+    led.on_pod("DELETED", going, at=51.5)
+    led.on_pod("ADDED", pod("b", "m2"), at=20.0)  # bound at once: no wait for a GPU
+    led.on_pod("ADDED", pod("c", "m3", node=None), at=30.0)  # never bound
+    ph = led.phases()
+    assert ph["created_to_bound"]["n"] == 2 and ph["created_to_bound"]["max"] == 4.0
+    assert ph["created_to_bound_waited_for_gpu"]["n"] == 1 and ph["created_to_bound_waited_for_gpu"]["p50"] == 4.0
+    assert ph["bound_to_ready"]["p50"] == 21.0 and ph["terminating_to_deleted"]["p50"] == 1.5
+    results = [
+        {"model": "m1", "sent": 9.0, "cold": True, "status": 200, "ttft": 26.5, "error": ""},
+        {"model": "m2", "sent": 8.0, "cold": False, "status": 200, "ttft": 0.1, "error": ""},
+    ]
+    out = summarize("park", results, led, 60.0, 60.0)
+    tl = out["timeline"]
+    assert [r["t"] for r in tl["requests"]] == [0.0, 1.0]  # from the first request sent
+    first = tl["pods"][0]
+    assert (first["model"], first["waited_for_gpu"], first["created"], first["bound"], first["deleted"]) == (
+        "m1",
+        True,
+        2.0,
+        6.0,
+        43.5,
+    )
+    assert tl["pods"][2]["bound"] is None and out["pod_phases"] == ph

@@ -61,3 +61,15 @@ def test_at_a_quarter_of_the_rate_the_shipped_rule_meets_the_cold_p99_goal():
     assert quarter["failed"] == 0 and quarter["ttft_cold_p99"] <= LOAD + 2
     eight = simulate(committed, longest_idle, detect=1, release=1, gpus=8)
     assert eight["ttft_cold_p99"] <= LOAD + 2
+
+
+def test_the_cluster_delays_lengthen_the_cold_start_and_are_reproducible_from_the_seed():
+    t = trace_of((0, "a"), (30, "b"))
+    base = simulate(t, detect=1, release=1, gpus=1)
+    slow = simulate(t, detect=1, release=1, gpus=1, start=1.2)
+    assert slow["ttft_cold_p99"] == round(base["ttft_cold_p99"] + 1.2, 1)
+    committed = Trace.from_json(TRACE.read_text())
+    kw = dict(detect=1.7, release=0, start=1.2, bind=2.0, fifo=False)
+    one, again, other = (simulate(committed, seed=s, **kw) for s in (1, 1, 2))
+    assert one == again and one != other
+    assert one["ttft_cold_p99"] > simulate(committed, detect=1.7, release=0, start=1.2)["ttft_cold_p99"]
