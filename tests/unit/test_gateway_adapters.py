@@ -83,10 +83,17 @@ async def test_an_adapter_is_loaded_on_its_base_before_its_request_and_refusals_
             assert [c for c in calls if c[0] == "load"] == [("load", "a", "./a/v1")]
 
             # The engine refuses: its message, in OpenAI's shape; nothing forwarded; the base keeps serving.
+            gw.adapters.clock = lambda: 0.0  # frozen: the next request falls inside the back-off window
             status, body, _ = await post(s, url, chat("bad"))
             err = json.loads(body)["error"]
             assert status == 503 and err["code"] == "adapter_load_failed" and "max_lora_rank 8" in err["message"]
             assert ("chat", "bad") not in calls
+            # Asked again at once: the same answer from the back-off, with when it retries; no second load call.
+            status, body, headers = await post(s, url, chat("bad"))
+            err = json.loads(body)["error"]
+            assert status == 503 and err["code"] == "adapter_load_failed" and "max_lora_rank 8" in err["message"]
+            assert "backing off" in err["message"] and headers["Retry-After"] == "1"
+            assert [c for c in calls if c[1] == "bad"] == [("load", "bad", "./bad/v1")]
             assert (await post(s, url, chat("base")))[0] == 200
 
             # modelservice_gateway_adapter_loads_total: one load of a, one refused load of bad.

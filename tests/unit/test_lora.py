@@ -234,7 +234,8 @@ def test_an_engine_refusal_reaches_every_waiter_and_the_status_and_a_later_succe
         rank = "LoRA rank 16 is greater than max_lora_rank 8."
         engine = FakeEngine(refuse={"a": rank})
         counted: list[str] = []
-        mgr = Adapters(engine, count=lambda key, name, outcome: counted.append(outcome))
+        now = [0.0]
+        mgr = Adapters(engine, clock=lambda: now[0], count=lambda key, name, outcome: counted.append(outcome))
         entry = _entry("a")
         tasks = [asyncio.ensure_future(mgr.acquire(entry, EP, entry.adapters[0])) for _ in range(3)]
         engine.gate.set()
@@ -245,8 +246,66 @@ def test_an_engine_refusal_reaches_every_waiter_and_the_status_and_a_later_succe
         assert engine.calls == [("load", "a")] and counted == ["failed"]
         assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": [], "error": f"base-pod-1: {rank}"}
         engine.refuse = {}
+        now[0] = 1.0  # the back-off's first window is over
         (await mgr.acquire(entry, EP, entry.adapters[0]))()
         assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": ["base-pod-1"]}
+
+    asyncio.run(go())
+
+
+def test_a_refused_adapter_backs_off_doubling_per_replica_and_a_new_uri_or_a_success_resets_it():
+    async def go():
+        refusal = "No adapter found for ./a/v1"
+        engine = FakeEngine(refuse={"a": refusal})
+        engine.gate.set()
+        now = [100.0]
+        mgr = Adapters(engine, clock=lambda: now[0])
+        entry = _entry("a")
+        a = entry.adapters[0]
+        other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+
+        async def refused_with(ep=EP):
+            with pytest.raises(GatewayError) as e:
+                (await mgr.acquire(entry, ep, a))()
+            assert e.value.status == 503 and e.value.code == "adapter_load_failed" and refusal in e.value.message
+            return e.value
+
+        first = await refused_with()
+        assert first.retry_after == 1 and "backing off" not in first.message
+        # Within the window: the same error at once, saying so and when the next try is; the engine is not called.
+        now[0] = 100.9
+        held = await refused_with()
+        assert "backing off after 1 failed load(s) on replica base-pod-1" in held.message
+        assert "next try is in 0.1 s" in held.message and held.retry_after == 1
+        assert engine.calls == [("load", "a")]
+        # Per replica: another replica tries at once.
+        await refused_with(other)
+        assert len(engine.calls) == 2
+        # The window ends: one try, refused again, and the window doubles: 2 s, 4 s, ... up to 60 s.
+        windows = []
+        for _ in range(8):
+            now[0] = mgr._failures[(EP, "a")].retry_at
+            calls = len(engine.calls)
+            err = await refused_with()
+            assert len(engine.calls) == calls + 1
+            windows.append(err.retry_after)
+            now[0] += 0.5
+            assert "next try is in" in (await refused_with()).message and len(engine.calls) == calls + 1
+        assert windows == [2, 4, 8, 16, 32, 60, 60, 60]
+        # A new uri (a spec change) is tried at once, back-off starting over.
+        raw = ms("base", adapter_names=("a",))
+        raw["spec"]["adapters"][0]["uri"] = "pvc://adapters/a/v2"
+        moved = model_entry(raw)
+        mgr.sync(moved.key, moved, [EP, other])
+        calls = len(engine.calls)
+        with pytest.raises(GatewayError) as e:
+            await mgr.acquire(moved, EP, moved.adapters[0])
+        assert len(engine.calls) == calls + 1 and e.value.retry_after == 1
+        # A success ends it: the next refusal starts from the first window again.
+        now[0] += 1
+        engine.refuse = {}
+        (await mgr.acquire(moved, EP, moved.adapters[0]))()
+        assert (EP, "a") not in mgr._failures
 
     asyncio.run(go())
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ MAX_ERROR = 512
 # Outcomes of the engine calls counted in modelservice_gateway_adapter_loads_total: a load that worked, one that did
 # not (refused or unreachable), an unload to make room (LRU), an unload because the spec dropped or moved it.
 LOADED, FAILED, EVICTED, UNLOADED = "loaded", "failed", "evicted", "unloaded"
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # seconds a refused (replica, adapter, path) is not tried again; doubling
 
 
 # -- names ---------------------------------------------------------------------------------------------------------
@@ -100,6 +102,33 @@ class Residency:
             self.in_use.pop(name, None)
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """The engine refused to load `path` on a replica: `tries` refusals in a row, the last answered with `error`; no
+    load of the same path is sent there before `retry_at` (the gateway's clock)."""
+
+    path: str
+    error: GatewayError
+    tries: int
+    delay: float
+    retry_at: float
+
+    def after(self, path: str, error: GatewayError, now: float) -> "LoadFailure":
+        """The next refusal: the window doubles up to BACKOFF_MAX; a refusal of another path starts over."""
+        if path != self.path:
+            return refused(path, error, now)
+        delay = min(self.delay * 2, BACKOFF_MAX)
+        return LoadFailure(path, error, self.tries + 1, delay, now + delay)
+
+    def holds(self, path: str, now: float) -> bool:
+        """Is a load of `path` still being held back? (A new uri is not: a spec change is tried at once.)"""
+        return path == self.path and now < self.retry_at
+
+
+def refused(path: str, error: GatewayError, now: float) -> LoadFailure:
+    return LoadFailure(path, error, 1, BACKOFF_FIRST, now + BACKOFF_FIRST)
+
+
 def prefer_loaded(
     endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint], has: Callable[[Endpoint], bool]
 ) -> tuple[Endpoint, ...]:
@@ -156,6 +185,7 @@ class Adapters:
         self._freed: dict[Endpoint, asyncio.Event] = {}
         self._state: dict[Key, _State] = {}
         self._preloading: set[tuple[Endpoint, str]] = set()
+        self._failures: dict[tuple[Endpoint, str], LoadFailure] = {}  # (replica, adapter) → back-off (docs/lora.md)
         self.loads = 0  # load calls made, for tests
 
     # -- queries --------------------------------------------------------------------------------------------------
@@ -190,6 +220,7 @@ class Adapters:
                 return lambda: self._release(ep, r, adapter.name)
             pending = r.loading.get(adapter.name)
             if pending is None:
+                self._check_backoff(entry, ep, adapter)
                 try:
                     victim = r.victim()
                 except LookupError:
@@ -201,6 +232,23 @@ class Adapters:
                 evicted = None if victim is None else (victim, r.loaded.pop(victim))
                 asyncio.ensure_future(self._load(entry, ep, r, adapter, evicted, pending))
             await asyncio.shield(pending)  # raises the load's error for every request that waited on it
+
+    def _check_backoff(self, entry: ModelEntry, ep: Endpoint, adapter: AdapterRef) -> None:
+        """A load of this path that the engine refused here a moment ago is not sent again until its window ends: the
+        request gets the same error at once, saying when the next try is (no engine call for each request)."""
+        failure = self._failures.get((ep, adapter.name))
+        now = self.clock()
+        if failure is None or not failure.holds(adapter.path, now):
+            return
+        left = failure.retry_at - now
+        raise GatewayError(
+            failure.error.status,
+            f"{failure.error.message} (backing off after {failure.tries} failed load(s) on replica "
+            f"{ep.pod or ep.address}: the next try is in {left:.1f} s, on the first request after that, or at once "
+            "when the adapter's uri changes)",
+            failure.error.code,
+            retry_after=max(1, math.ceil(left)),
+        )
 
     def _release(self, ep: Endpoint, r: Residency, name: str) -> None:
         r.release(name)
@@ -257,12 +305,20 @@ class Adapters:
             if status != 200:
                 message = engine_message(text)
                 self._error(entry.key, adapter, f"{ep.pod or ep.address}: {message}")
-                raise GatewayError(
+                error = GatewayError(
                     503 if status >= 500 else 502,
                     f"adapter {adapter.name!r} could not be loaded on model {entry.label} "
                     f"(engine answered {status}): {message}",
                     "adapter_load_failed",
                 )
+                last = self._failures.get((ep, adapter.name))
+                now = self.clock()
+                failure = self._failures[(ep, adapter.name)] = (
+                    refused(adapter.path, error, now) if last is None else last.after(adapter.path, error, now)
+                )
+                error.retry_after = max(1, math.ceil(failure.delay))
+                raise error
+            self._failures.pop((ep, adapter.name), None)
             r.loaded[adapter.name] = adapter.path
             self._loaded(entry.key, adapter.name, ep, True)
             st = self._state.setdefault(entry.key, _State())
@@ -312,12 +368,17 @@ class Adapters:
             r = self._replicas.pop(ep)
             self._owner.pop(ep, None)
             self._freed.pop(ep, None)
+            for failed in [f for f in self._failures if f[0] == ep]:  # a new pod there starts with a clean slate
+                del self._failures[failed]
             for name in r.loaded:
                 self._loaded(key, name, ep, False)
         if entry is None:
             self._state.pop(key, None)
             return []
         declared = {a.name: a.path for a in entry.adapters}
+        for failed, failure in list(self._failures.items()):
+            if self._owner.get(failed[0]) == key and declared.get(failed[1]) != failure.path:
+                del self._failures[failed]  # removed, or a new uri: its back-off is over
         st = self._state.setdefault(key, _State())
         for name in list(st.errors):
             if name not in declared:
