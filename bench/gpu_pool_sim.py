@@ -113,8 +113,8 @@ def simulate(
     """Replay the first `seconds` of `trace` with its arrival times multiplied by `stretch` (2 = half the rate).
 
     The cluster's extra delays, for calibration (all 0 / first-come first-served by default): `start`, seconds a pod
-    takes beyond the load (create, start, readiness, endpoints); `bind`, the mean of the scheduler's delay from a GPU free to a
-    waiting pod bound, drawn exponentially and cut at BACKOFF_MAX (a pod the scheduler has retried sits in its backoff
+    takes beyond the load (create, start, readiness, endpoints); `bind`, the mean of the scheduler's delay from a GPU freed to a
+    pod that waited for one bound, drawn exponentially and cut at BACKOFF_MAX (a pod the scheduler has retried sits in its backoff
     queue for up to 10 s before the freed GPU is tried); `fifo=False`, the freed GPU goes to a waiting pod at random, not to the one woken first (the
     scheduler takes whichever pod leaves backoff first, not the oldest)."""
     if policy not in POLICIES:
@@ -216,7 +216,8 @@ def simulate(
             w = waiters.pop(0 if fifo else rng.randrange(len(waiters)))
             free -= 1
             state[w] = "loading"
-            bound = t + (min(rng.expovariate(1 / bind), BACKOFF_MAX) if bind else 0.0)
+            # a pod created with a GPU free is bound at once; one that waited is retried from the scheduler's backoff
+            bound = t + (min(rng.expovariate(1 / bind), BACKOFF_MAX) if bind and t > woke_at[w] else 0.0)
             gpu_waits.append(bound - woke_at[w])
             push(bound + LOAD + start, "ready", w)
         if policy == "idle-timer":
