@@ -26,6 +26,7 @@ assumptions:
     python -m bench.gpu_pool_sim [--detect 4 1 10] [--release 1]   # victim rules against the detect delay
     python -m bench.gpu_pool_sim --bound                            # oracle, park and idle-timer, committed trace
     python -m bench.gpu_pool_sim --sweep                            # the same at lower rates and with more GPUs
+    python -m bench.gpu_pool_sim --bound --cluster [--detect 0.5] [--bind 0] [--fifo]   # with the cluster's delays
 
 Pure: `simulate(...)` returns the figures.
 """
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds before an idle model is seen idle (rules: 4 = 2 intervals of 2 s, 1, 10; --bound/--sweep: 1)",
     )
-    p.add_argument("--release", type=float, default=1.0, help="seconds from a park to its GPU being free")
+    p.add_argument("--release", type=float, default=None, help="seconds from a park to its GPU being free (1)")
     p.add_argument("--seconds", type=float, default=600.0)
     p.add_argument("--bound", action="store_true", help="oracle, park and idle-timer on the committed trace")
     p.add_argument("--sweep", action="store_true", help="--bound at 1/stretch of the trace's rate and with more GPUs")
@@ -350,13 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         help="--bound/--sweep with the cluster's measured delays (CLUSTER), median over --seeds seeds",
     )
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--bind", type=float, default=None, help="--cluster: mean scheduler delay for a pod that waited")
+    p.add_argument("--fifo", action="store_true", help="--cluster: freed GPUs go to the oldest waiting pod")
     a = p.parse_args(argv)
     trace = Trace.from_json(TRACE.read_text())
     if a.bound or a.sweep:
-        kw: dict[str, object] = {"detect": (a.detect or [1.0])[0], "release": a.release}
+        kw: dict[str, object] = {"detect": 1.0, "release": 1.0}
         seeds = 1
         if a.cluster:
             kw, seeds = dict(CLUSTER), a.seeds
+            kw.update({k: v for k, v in (("bind", a.bind), ("fifo", a.fifo or None)) if v is not None})
+        kw.update({k: v for k, v in (("detect", (a.detect or [None])[0]), ("release", a.release)) if v is not None})
         grid = [(GPUS, 1.0)]
         if a.sweep:
             grid = [(GPUS, k) for k in (1.5, 2, 3, 4, 6, 8)] + [(g, 1.0) for g in (5, 6, 8, 10, 12)]
@@ -378,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for detect in a.detect or [4.0, 1.0, 10.0]:
         for name, rule in RULES.items():
-            r = simulate(trace, rule, detect=detect, release=a.release, seconds=a.seconds)
+            r = simulate(trace, rule, detect=detect, release=1.0 if a.release is None else a.release, seconds=a.seconds)
             print(f"detect {detect:>4g} s  {name:<15} " + "  ".join(f"{k} {v}" for k, v in r.items()))
     return 0
 
