@@ -310,6 +310,9 @@ class ModelServiceSpec(_Model):
         default_factory=list,
         max_length=256,
         description="LoRA adapters served on this base, each under its own model name (docs/lora.md). Needs spec.lora.",
+        # A map keyed by name for server-side apply: each pipeline (field manager) owns only its own entries, so two
+        # of them adding adapters to one base merge instead of replacing each other's list (docs/lora.md).
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     priority: int = Field(
         0,

@@ -51,3 +51,14 @@ def test_schema_is_structural_and_documented():
     assert schema["properties"]["spec"]["properties"]["engine"]["enum"][0] == "vllm"
     assert schema["properties"]["spec"]["properties"]["replicas"]["default"] == 1
     yaml.safe_load(crd_yaml())
+
+
+def test_adapters_and_conditions_are_list_maps_for_server_side_apply():
+    """Keyed lists: with server-side apply each field manager owns its own entries (docs/lora.md: two pipelines add
+    adapters to one base without replacing each other's)."""
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    adapters = schema["properties"]["spec"]["properties"]["adapters"]
+    conditions = schema["properties"]["status"]["properties"]["conditions"]
+    assert (adapters["x-kubernetes-list-type"], adapters["x-kubernetes-list-map-keys"]) == ("map", ["name"])
+    assert "name" in adapters["items"]["required"]  # a map key must be required
+    assert (conditions["x-kubernetes-list-type"], conditions["x-kubernetes-list-map-keys"]) == ("map", ["type"])
