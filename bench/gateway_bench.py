@@ -27,13 +27,14 @@ import aiohttp
 
 from bench import loadgen, nginx, peers, profiler
 from bench.cluster import Cluster, run_part
-from bench.stats import parse_prometheus, proc_cpu_seconds, proc_status_kib, summary
+from bench.stats import proc_cpu_seconds, proc_status_kib, summary
 from bench.watch import Watch
 from modelservice import GROUP, PLURAL, VERSION
 from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster import processes
 from tests.cluster.controlplane import free_port
 from tests.cluster.podspec import STUB_IMAGE, TPS_ANNOTATION
+from tests.integration.gateway_process import GatewayProcess
 from tests.integration.operator_process import OperatorProcess
 
 log = logging.getLogger("bench")
@@ -63,75 +64,12 @@ class GatewayConfig:
     latency_only: bool = False  # --gateway-latency-only: the proxy comparison alone (no streaming, no cold starts)
 
 
-class GatewayProcess:
-    def __init__(
-        self, kubeconfig: Path, log_path: Path, *extra_args: str, workers: int = 1, pod_name: str = "bench-gateway-0"
-    ):
-        self.kubeconfig, self.log_path, self.extra_args = kubeconfig, log_path, list(extra_args)
-        self.workers, self.pod_name = workers, pod_name
-        self.port, self.metrics_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: Optional[subprocess.Popen] = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> "GatewayProcess":
-        cmd = [
-            sys.executable,
-            "-m",
-            "modelservice.cli",
-            "gateway",
-            "--kubeconfig",
-            str(self.kubeconfig),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--activation-timeout",
-            "60s",
-            "--activity-interval",
-            "1s",
-            "--workers",
-            str(self.workers),
-            *self.extra_args,
-        ]
-        log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "POD_NAME": self.pod_name},
-        )
-        log_file.close()
-        for _ in range(300):  # bounded: 30 s
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited; log:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"gateway not healthy within 30 s; log {self.log_path}")
-
-    def stop(self) -> None:
-        processes.stop(self.proc)
-
-    def pids(self) -> list[int]:
-        """The gateway's processes: the one we started and, with --workers N > 1, its N workers."""
-        return [self.pid, *children(self.pid)]
-
-    def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            samples = parse_prometheus(r.read().decode(), [name])
-        return sum(v for (_, ls), v in samples.items() if all(dict(ls).get(k) == v2 for k, v2 in labels.items()))
+def gateway(
+    kubeconfig: Path, log_path: Path, *extra: str, workers: int = 1, pod_name: str = "bench-gateway-0"
+) -> GatewayProcess:
+    """The product's gateway process as the tests run it, with the bench's timers (1 s activity flushes)."""
+    flags = ("--activation-timeout", "60s", "--activity-interval", "1s", "--workers", str(workers), *extra)
+    return GatewayProcess(kubeconfig, log_path, *flags, env={"POD_NAME": pod_name})
 
 
 # The stub of tests/cluster/stub_server.py in a process of its own, with a listen backlog that takes a burst of 256
@@ -568,13 +506,6 @@ async def slice_version(kube: Any) -> str:
 
 
 # ---- worker processes (--gateway-workers) ------------------------------------------------------------------------
-def children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def paired_ratios(values: list[float], base: list[float]) -> list[float]:
     """values[i] / base[i], round by round (runs side by side); a round whose base is 0 or missing is left out."""
     return [v / b for v, b in zip(values, base) if b]
@@ -712,7 +643,7 @@ async def _run_workers(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]
     kube = cluster.kube
     await cluster.namespace(NS)
     gws = {
-        n: GatewayProcess(cluster.kubeconfig, cfg.work / f"gateway-w{n}.log", workers=n, pod_name=f"bench-gateway-{n}w")
+        n: gateway(cluster.kubeconfig, cfg.work / f"gateway-w{n}.log", workers=n, pod_name=f"bench-gateway-{n}w")
         for n in cfg.workers
     }
     stub: Optional[StubProcess] = None
@@ -750,7 +681,7 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
     kube = cluster.kube
     await cluster.namespace(NS)
     op = OperatorProcess(cluster.kubeconfig, cfg.work / "gateway-operator.log", extra_args=["--gateway-enabled"])
-    gw = GatewayProcess(cluster.kubeconfig, cfg.work / "gateway.log")
+    gw = gateway(cluster.kubeconfig, cfg.work / "gateway.log")
     ngx: Optional[nginx.Nginx] = None
     others: list[Any] = []  # vllm-router, Envoy
     stubs: list[StubProcess] = []
@@ -796,7 +727,7 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
             log.warning("nginx is not installed (apt-get install -y nginx-light): no nginx baseline")
         pids: dict[str, Callable[[], list[int]]] = {"gateway": gw.pids}
         if ngx is not None:
-            pids["nginx"] = lambda: [ngx.proc.pid, *children(ngx.proc.pid)] if ngx and ngx.proc else []
+            pids["nginx"] = lambda: [ngx.proc.pid, *processes.children(ngx.proc.pid)] if ngx and ngx.proc else []
         for cls in (peers.VllmRouter, peers.Envoy):
             try:
                 peer = await asyncio.to_thread(cls(cfg.work / cls.name, f"{lat_stub.host}:{lat_stub.port}").start)

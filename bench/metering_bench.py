@@ -21,13 +21,13 @@ from bench import loadgen
 from bench.cluster import run_part
 from bench.gateway_bench import (
     NS,
-    GatewayProcess,
     StubProcess,
     _engine,
     _median,
     _wait,
     chat,
     endpoint_slice,
+    gateway,
     modelservice,
     slice_version,
 )
@@ -89,8 +89,8 @@ async def _run_in(cluster: Any, cfg: MeteringConfig, out: dict[str, Any]) -> Non
             "data": {"keys": base64.b64encode(KEY.encode()).decode()},
         },
     )
-    off = GatewayProcess(cluster.kubeconfig, cfg.work / "gateway-off.log", "--no-metering", "--namespace", NS)
-    on = GatewayProcess(
+    off = gateway(cluster.kubeconfig, cfg.work / "gateway-off.log", "--no-metering", "--namespace", NS)
+    on = gateway(
         cluster.kubeconfig, cfg.work / "gateway-on.log", "--namespace", NS, "--tenants", "--tenant-namespace", NS
     )
     stubs: list[StubProcess] = []

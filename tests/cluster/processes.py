@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 from typing import Optional
 
 
@@ -18,3 +19,11 @@ def stop(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, grace: flo
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of a process (a gateway's --workers, nginx's worker), from /proc."""
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []

@@ -1,5 +1,5 @@
 """The gateway as a real subprocess against a test cluster (`python -m modelservice.cli gateway`), one class for the
-integration and the reliability suites: its log in a file, its metrics and memory readable."""
+integration and the reliability suites and the benchmarks: its log in a file, its metrics and memory readable."""
 
 from __future__ import annotations
 
@@ -69,6 +69,15 @@ class GatewayProcess:
                 return r.status == 200
         except OSError:
             return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """The gateway's processes: the one we started and, with --workers N > 1, its N workers."""
+        return [self.pid, *processes.children(self.pid)]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
