@@ -51,6 +51,7 @@ MAX_TOKENS = 16
 REQUESTS = 240  # per workload run: about a minute each here
 SEED = 1
 LOADS_METRIC = "modelservice_gateway_adapter_loads_total"
+LOAD_OUTCOMES = ("loaded", "failed")  # load calls; "evicted" and "unloaded" count unload calls
 WARM = "warm"  # loaded straight on each replica once before measuring: first-request costs out of the figures
 
 
@@ -103,14 +104,19 @@ class LoadLog:
         return [e for e in self.events if t0 <= e[0] < t1]
 
 
-def _metric_loads(gw: Any) -> Optional[float]:
-    """The gateway's own load counter (summed over its labels), when this version of it has one."""
-    total, found = 0.0, False
+def _metric_loads(gw: Any) -> dict[str, float]:
+    """The gateway's own counter of adapter calls to engines, summed over models and adapters, by outcome."""
+    out: dict[str, float] = {}
     for family in gw.metrics.registry.collect():
         for sample in family.samples:
             if sample.name == LOADS_METRIC:
-                total, found = total + sample.value, True
-    return total if found else None
+                outcome = sample.labels.get("outcome", "")
+                out[outcome] = out.get(outcome, 0.0) + sample.value
+    return out
+
+
+def _loads(before: dict[str, float], after: dict[str, float], outcomes: tuple[str, ...] = LOAD_OUTCOMES) -> int:
+    return round(sum(after.get(o, 0.0) - before.get(o, 0.0) for o in outcomes))
 
 
 @contextlib.asynccontextmanager
@@ -199,14 +205,14 @@ async def workload(
         metric0 = _metric_loads(gw)
         queue = list(enumerate(sequence))
         results: list[dict[str, Any]] = []
-        half: list[float] = []
+        half: list[tuple[float, dict[str, float]]] = []
 
         async def worker() -> None:
             while queue:
                 i, name = queue.pop(0)
                 results.append(await one(s, url, _prompt(i, "w"), cfg.max_tokens, model=name))
                 if len(results) == cfg.requests // 2:
-                    half.append(time.monotonic())
+                    half.append((time.monotonic(), _metric_loads(gw)))
 
         t0 = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
@@ -214,9 +220,9 @@ async def workload(
         metric1 = _metric_loads(gw)
     ok = [r for r in results if r["status"] == 200]
     errors = [r for r in results if r["status"] != 200]
-    th = half[0] if half else t0
+    th, metric_half = half[0] if half else (t0, metric0)
     pairs = len(names) * len(backends)
-    steady = loads.between(th, t1 + 1)
+    total, steady = _loads(metric0, metric1), _loads(metric_half, metric1)
     per_pair = Counter((e[1], e[2]) for e in loads.events)
     return {
         "affinity": affinity,
@@ -228,12 +234,14 @@ async def workload(
         "completed_rps": len(ok) / (t1 - t0),
         "ttft": summary([r["ttft"] for r in ok if r["ttft"] is not None]),
         "total": summary([r["total"] for r in ok]),
-        "loads": len(loads.events),
-        "loads_metric": None if metric0 is None or metric1 is None else metric1 - metric0,
-        "loads_per_min_per_adapter_replica": len(loads.events) / ((t1 - t0) / 60) / pairs,
-        "steady_loads": len(steady),
+        "loads": total,  # from the gateway's metric
+        "evictions": _loads(metric0, metric1, ("evicted",)),
+        "load_calls_seen": len(loads.events),  # the bench's own count of the same calls: equal unless a bug
+        "steady_load_calls_seen": len(loads.between(th, t1 + 1)),
+        "loads_per_min_per_adapter_replica": total / ((t1 - t0) / 60) / pairs,
+        "steady_loads": steady,
         "steady_seconds": t1 - th,
-        "steady_loads_per_min_per_adapter_replica": len(steady) / ((t1 - th) / 60) / pairs if t1 > th else None,
+        "steady_loads_per_min_per_adapter_replica": steady / ((t1 - th) / 60) / pairs if t1 > th else None,
         "max_loads_one_adapter_one_replica": max(per_pair.values(), default=0),
         "load_call": summary([e[3] for e in loads.events]),
         "loadavg": [load0, os.getloadavg()],
@@ -265,7 +273,8 @@ async def run(cfg: AdaptersConfig) -> dict[str, Any]:
         "concurrency": cfg.concurrency,
         "max_tokens": cfg.max_tokens,
         "seed": cfg.seed,
-        "loads_source": "gateway load calls (its engine call, wrapped); " + LOADS_METRIC + " alongside when present",
+        "loads_source": f"{LOADS_METRIC}, outcomes {'+'.join(LOAD_OUTCOMES)}; per (replica, adapter) and load "
+        "call time from the bench's wrapper of the gateway's engine call",
     }
     timeout = aiohttp.ClientTimeout(total=VLLM_LOAD)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
@@ -289,7 +298,7 @@ async def run(cfg: AdaptersConfig) -> dict[str, Any]:
                 log.info(
                     "adapters: %s: %s",
                     label,
-                    {k: res.get(k) for k in ("ok", "errors", "completed_rps", "loads", "loads_metric")}
+                    {k: res.get(k) for k in ("ok", "errors", "completed_rps", "loads", "load_calls_seen", "evictions")}
                     | {"steady": res.get("steady_loads_per_min_per_adapter_replica"), "load": res.get("loadavg")},
                 )
     return out
