@@ -1,5 +1,7 @@
 """LoRA adapters end to end on the local cluster, on a real vLLM (CPU build): declared on a ModelService, loaded by
-the gateway into the running base on demand, routed by name, reported in status (issue #15, docs/lora.md).
+the gateway into the running base on demand, routed by name, reported in status (issue #15, docs/lora.md); and the
+faults: an engine refusal, a missing adapter directory, more adapters at once than maxLoaded, an engine that lost
+its adapters.
 
 The adapters lie on a PersistentVolumeClaim bound to a hostPath PersistentVolume, which the fake node mounts as a
 kubelet would (tests/cluster/node_agent.py claim_dirs). One vLLM start for the whole module (minutes on this machine).
@@ -37,6 +39,12 @@ async def complete(url: str, model: str, path: str = "/v1/completions") -> tuple
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=VLLM_LOAD + 60)) as s:
         async with s.post(url + path, json=body) as r:
             return r.status, json.loads(await r.read() or b"{}")
+
+
+def loads(gw: GatewayProcess, ns: str, outcome: str, adapter: str | None = None) -> float:
+    """modelservice_gateway_adapter_loads_total of the base, summed over adapters unless one is named."""
+    labels = {"model": f"{ns}/{NAME}", "outcome": outcome, **({"adapter": adapter} if adapter else {})}
+    return gw.metric("modelservice_gateway_adapter_loads_total", **labels)
 
 
 def text(url: str, model: str) -> str:
@@ -85,7 +93,7 @@ def test_two_adapters_on_one_base_loaded_on_demand_added_and_removed_without_a_r
 def _scenario(kube, ns: str, gw: GatewayProcess, tmp: Path) -> None:
     store = tmp / "adapter-volume"
     base_dir = OfflineModels.build().model.dir
-    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):  # ("gone": declared, never written: no adapter there)
         tiny_lora.build(store / name / "v1", base_dir, seed=seed, rank=8)
     tiny_lora.build(store / "big" / "v1", base_dir, seed=4, rank=16)  # over maxRank: vLLM refuses it
     pv = f"{ns}-adapters"
@@ -179,3 +187,67 @@ def _serve(kube, ns: str, gw: GatewayProcess, tmp: Path) -> None:
     for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         status, body = asyncio.run(complete(gw.url, "a", path=f"/models/{ns}/{NAME}{path}"))
         assert status == 404 and body["error"]["code"] == "not_found", (path, body)
+
+    _faults(kube, ns, gw, tmp, {"a": a, "b": b, "c": c}, uid)
+
+
+def _faults(kube, ns: str, gw: GatewayProcess, tmp: Path, answers: dict[str, str], uid: str) -> None:
+    # An adapter whose directory holds nothing: vLLM's refusal in the answer and in status; the others keep serving.
+    apply(kube.kubeconfig, tmp, ns, [adapter("a"), adapter("b"), adapter("c"), adapter("gone")])
+    wait_for(lambda: asyncio.run(complete(gw.url, "gone"))[0] != 404, timeout=60, message="adapter gone routed")
+    status, body = asyncio.run(complete(gw.url, "gone"))  # inside the back-off window, or a second refusal
+    assert status == 502 and body["error"]["code"] == "adapter_load_failed", body  # the engine's 404: not ours
+    assert "No adapter found" in body["error"]["message"], body
+    wait_for(
+        lambda: "No adapter found" in (adapter_status(kube, ns).get("gone") or {}).get("error", ""),
+        timeout=60,
+        message="status.adapters[gone].error has vLLM's message",
+    )
+    assert loads(gw, ns, "failed", "gone") >= 1
+
+    # More distinct adapters with requests at once than maxLoaded (2): the third waits for a slot (or would get a
+    # 429 past the activation timeout), it never evicts an adapter in use, so no adapter is loaded twice on the
+    # replica over the burst. Every request of one adapter is sent at once and lasts long enough (32 tokens) to
+    # still be in flight when its siblings arrive.
+    before = {name: loads(gw, ns, "loaded", name) for name in answers}
+    evicted = loads(gw, ns, "evicted")
+
+    async def burst() -> list[tuple[str, int, dict]]:
+        async def one(name: str) -> tuple[str, int, dict]:
+            body = {"model": name, "prompt": "The quick brown fox", "max_tokens": 32, "temperature": 0}
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=VLLM_LOAD + 60)) as s:
+                async with s.post(gw.url + "/v1/completions", json=body) as r:
+                    return name, r.status, json.loads(await r.read() or b"{}")
+
+        return await asyncio.gather(*(one(name) for name in answers for _ in range(2)))
+
+    results = asyncio.run(burst())
+    for name, status, body in results:
+        if status == 200:
+            assert body["model"] == name and body["choices"][0]["text"], body
+        else:
+            assert status == 429 and body["error"]["code"] == "adapter_capacity_exceeded", (name, status, body)
+            assert body["error"]["type"] == "rate_limit_error" and body["error"]["message"], body
+    assert any(status == 200 for _, status, _ in results), results
+    new_loads = {name: loads(gw, ns, "loaded", name) - before[name] for name in answers}
+    assert all(n <= 1 for n in new_loads.values()), new_loads  # one replica: at most one load per adapter
+    assert sum(new_loads.values()) >= 1 and loads(gw, ns, "evicted") > evicted, new_loads  # it was over capacity
+
+    # The engine loses an adapter the gateway had loaded there (what a restart of the engine in the pod does, minus
+    # the minutes of a vLLM start; another gateway replica unloading it is the same): the next request gets the
+    # engine's 404, the gateway loads the adapter again and replays the request, and the client sees a 200.
+    assert text(gw.url, "a") == answers["a"]  # a is loaded now, in the gateway's view and the engine's
+    pod = pods(kube, ns, NAME)[0]
+    port = pod.spec.containers[0].ports[0].container_port
+    status, said = asyncio.run(_engine_unload(f"http://{pod.status.pod_ip}:{port}", "a"))
+    assert status == 200, said
+    loaded = loads(gw, ns, "loaded", "a")
+    assert text(gw.url, "a") == answers["a"]  # 200, the adapter's own answer
+    assert loads(gw, ns, "loaded", "a") == loaded + 1  # loaded again after the engine's 404
+    assert [p.metadata.uid for p in pods(kube, ns, NAME)] == [uid]
+
+
+async def _engine_unload(engine_url: str, name: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        async with s.post(engine_url + "/v1/unload_lora_adapter", json={"lora_name": name}) as r:
+            return r.status, await r.text()
