@@ -10,7 +10,7 @@ import json
 import pytest
 
 from modelservice.api import InvalidSpec, validate_spec
-from modelservice.gateway.adapters import Adapters, AdapterUse, Residency, engine_message, name_conflicts
+from modelservice.gateway.adapters import Adapters, AdapterUse, Residency, engine_message, name_conflicts, prefer_loaded
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.routes import AdapterRef, Endpoint, model_entry
 from modelservice.gateway.upstream import NotSent
@@ -361,6 +361,29 @@ def test_affinity_prefers_a_replica_with_the_adapter_loaded():
         assert use.candidates([EP, other], {other}) == (EP, other)  # tried: any replica, the balancer excludes it
 
     asyncio.run(go())
+
+
+def test_affinity_spills_to_another_replica_when_the_loaded_one_is_over_the_load_bound():
+    """Issue #15: the replica with the adapter when it has capacity, else the least loaded (which loads it). The bound is
+    the prefix affinity's: in flight + 1 <= ceil(1.25 x (all in flight + 1) / replicas)."""
+    a, b, c = (Endpoint(f"10.0.0.{i}", 8000, f"pod-{i}") for i in (1, 2, 3))
+    load = {a: 0, b: 0, c: 0}
+    warm = {a}
+
+    def pick() -> tuple[Endpoint, ...]:
+        return prefer_loaded([a, b, c], (), warm.__contains__, load.__getitem__)
+
+    assert pick() == (a,)
+    load[a] = 1  # bound ceil(1.25 x 2 / 3) = 1: a is at it, so a second request may not join it
+    assert pick() == (a, b, c)
+    load.update({a: 2, b: 2, c: 2})  # all busy alike: a is within ceil(1.25 x 7 / 3) = 3
+    assert pick() == (a,)
+    warm.add(b)
+    load.update({a: 5, b: 1, c: 0})  # ceil(1.25 x 7 / 3) = 3: b still has room, a not
+    assert pick() == (b,)
+    load.update({a: 5, b: 5, c: 0})  # both warm replicas over the bound: every replica, the balancer picks c
+    assert pick() == (a, b, c)
+    assert prefer_loaded([a, b, c], {a}, warm.__contains__, load.__getitem__) == (a, b, c)  # tried: bound over the rest
 
 
 def test_two_loads_at_once_on_a_full_replica_evict_two_different_adapters():

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 
+from modelservice.gateway.balancer import LOAD_FACTOR
 from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.routes import AdapterRef, Endpoint, Key, ModelEntry
 from modelservice.gateway.upstream import NotSent
@@ -130,12 +131,23 @@ def refused(path: str, error: GatewayError, now: float) -> LoadFailure:
 
 
 def prefer_loaded(
-    endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint], has: Callable[[Endpoint], bool]
+    endpoints: Sequence[Endpoint],
+    exclude: Iterable[Endpoint],
+    has: Callable[[Endpoint], bool],
+    in_flight: Callable[[Endpoint], int] = lambda ep: 0,
+    load_factor: float = LOAD_FACTOR,
 ) -> tuple[Endpoint, ...]:
-    """Affinity: the replicas that already have the adapter, when one of them is still a candidate; else all."""
+    """Affinity with capacity: the replicas that already have the adapter and are within the load bound; else all
+    (the balancer's least loaded then loads it). The bound is the prefix affinity's (balancer.py, consistent hashing
+    with bounded loads): in flight + 1 <= ceil(load_factor x (all in flight + 1) / replicas). Without it every request
+    for a hot adapter would queue on the one replica that loaded it first while the others idle."""
     skip = set(exclude)
-    warm = tuple(ep for ep in endpoints if ep not in skip and has(ep))
-    return warm or tuple(endpoints)
+    live = [ep for ep in endpoints if ep not in skip]
+    warm = [ep for ep in live if has(ep)]
+    if not warm:
+        return tuple(endpoints)
+    bound = math.ceil(load_factor * (sum(in_flight(ep) for ep in live) + 1) / len(live))
+    return tuple(ep for ep in warm if in_flight(ep) + 1 <= bound) or tuple(endpoints)
 
 
 # -- the engine's API ------------------------------------------------------------------------------------------------
@@ -176,10 +188,13 @@ class Adapters:
         clock: Callable[[], float] = time.monotonic,
         affinity: bool = True,
         count: Callable[[Key, str, str], None] = lambda key, adapter, outcome: None,
+        in_flight: Callable[[Endpoint], int] = lambda ep: 0,
+        load_factor: float = LOAD_FACTOR,
     ):
         self.call, self.changed, self.wait_timeout, self.clock = call, changed, wait_timeout, clock
         self.affinity = affinity  # off only to measure what it buys (bench/adapters.py); not a spec field
         self.count = count  # (base, adapter, outcome) per engine call: the loads metric (server.py, metrics.py)
+        self.in_flight, self.load_factor = in_flight, load_factor  # the balancer's view, for the load bound
         self._replicas: dict[Endpoint, Residency] = {}
         self._owner: dict[Endpoint, Key] = {}
         self._freed: dict[Endpoint, asyncio.Event] = {}
@@ -446,7 +461,8 @@ class AdapterUse:
     def candidates(self, endpoints: Sequence[Endpoint], tried: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
         if not self.manager.affinity:
             return tuple(endpoints)
-        return prefer_loaded(endpoints, tried, lambda ep: self.manager.has(ep, self.adapter))
+        m = self.manager
+        return prefer_loaded(endpoints, tried, lambda ep: m.has(ep, self.adapter), m.in_flight, m.load_factor)
 
     async def acquire(self, ep: Endpoint) -> Callable[[], None]:
         return await self.manager.acquire(self.entry, ep, self.adapter)
