@@ -249,6 +249,9 @@ async def workload(
 
 
 async def run(cfg: AdaptersConfig) -> dict[str, Any]:
+    # The gateway runs in this process: its access log would put a line per request on the bench's output and spend
+    # the measuring process's CPU on it.
+    logging.getLogger("modelservice.gateway.access").setLevel(logging.WARNING)
     model_dir = (await asyncio.to_thread(OfflineModels.build)).model.dir
     root = await asyncio.to_thread(_write_adapters, cfg, model_dir)
     rcfg = RoutingConfig(
