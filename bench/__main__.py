@@ -20,7 +20,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Awaitable, Optional
 
 from bench import report
 from bench.routing import POLICIES as ROUTING_POLICIES
@@ -153,6 +153,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+async def _guarded(name: str, part: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """A part whose failure is a row of the table: the JSON keeps what the other parts measured."""
+    t0 = time.monotonic()
+    try:
+        out = await part
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        log.exception("%s benchmark failed", name)
+        out = {"error": f"{type(e).__name__}: {e}"}
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
 async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if args.only in (None, "operator"):
@@ -216,53 +228,32 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         from bench.engine_cold import EngineColdConfig
         from bench.engine_cold import run as run_engine
 
-        t0 = time.monotonic()
-        try:
-            results["engine"] = await run_engine(EngineColdConfig(work, args.engine, args.engine_cold_starts))
-        except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what the other parts measured
-            log.exception("engine benchmark failed")
-            results["engine"] = {"error": f"{type(e).__name__}: {e}"}
-        results["engine"]["seconds"] = time.monotonic() - t0
+        results["engine"] = await _guarded(
+            "engine", run_engine(EngineColdConfig(work, args.engine, args.engine_cold_starts))
+        )
     if args.only in (None, "gpu-pool"):
         from bench.gpu_pool import GpuPoolConfig
         from bench.gpu_pool import run as run_pool
 
-        t0 = time.monotonic()
         pcfg = GpuPoolConfig(
             work,
             duration=args.pool_seconds or (180.0 if args.quick else None),
             policies=tuple(args.pool_policies.split(",")),
         )
-        try:
-            results["gpu_pool"] = await run_pool(pcfg)
-        except Exception as e:  # noqa: BLE001 - reported in the table; the JSON keeps what the other parts measured
-            log.exception("GPU pool benchmark failed")
-            results["gpu_pool"] = {"error": f"{type(e).__name__}: {e}"}
-        results["gpu_pool"]["seconds"] = time.monotonic() - t0
+        results["gpu_pool"] = await _guarded("GPU pool", run_pool(pcfg))
     if args.only == "routing":  # real vLLM replicas: minutes; run on its own (docs/routing.md)
         from bench.routing import RoutingConfig
         from bench.routing import run as run_routing
 
-        t0 = time.monotonic()
-        try:
-            results["routing"] = await run_routing(
-                RoutingConfig(work, policies=tuple(args.routing_policies.split(",")), requests=args.routing_requests)
-            )
-        except Exception as e:  # noqa: BLE001 - reported in the table
-            log.exception("routing benchmark failed")
-            results["routing"] = {"error": f"{type(e).__name__}: {e}"}
-        results["routing"]["seconds"] = time.monotonic() - t0
+        rcfg = RoutingConfig(work, policies=tuple(args.routing_policies.split(",")), requests=args.routing_requests)
+        results["routing"] = await _guarded("routing", run_routing(rcfg))
     if args.only == "adapters":  # real vLLM replicas with LoRA: minutes; run on its own (docs/lora.md)
         from bench.adapters import AdaptersConfig
         from bench.adapters import run as run_adapters
 
-        t0 = time.monotonic()
-        try:
-            results["adapters"] = await run_adapters(AdaptersConfig(work, requests=args.adapters_requests))
-        except Exception as e:  # noqa: BLE001 - reported in the table
-            log.exception("adapters benchmark failed")
-            results["adapters"] = {"error": f"{type(e).__name__}: {e}"}
-        results["adapters"]["seconds"] = time.monotonic() - t0
+        results["adapters"] = await _guarded(
+            "adapters", run_adapters(AdaptersConfig(work, requests=args.adapters_requests))
+        )
     return results
 
 
