@@ -41,7 +41,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from bench.gpu_pool_trace import Trace
 from bench.stats import percentile
@@ -82,9 +82,7 @@ def least_frequent(m: str, now: float, s: State, tau: float = 120.0) -> tuple:
 
 def furthest_next(m: str, now: float, s: State) -> tuple:
     """Belady: the model asked for again last (or never) goes first. Needs the future: the oracle's rule only."""
-    times = s.arrivals[m]
-    i = bisect.bisect_right(times, now)
-    return (-(times[i] if i < len(times) else math.inf),)
+    return (-_next_use(s.arrivals[m], now),)
 
 
 RULES: dict[str, Rule] = {
@@ -259,8 +257,9 @@ def simulate(
     }
 
 
-def _next_use(times: list[int], i: int) -> float:
-    j = bisect.bisect_right(times, i)
+def _next_use(times: Sequence[float], now: float) -> float:
+    """The first of the sorted `times` after `now` (a request's time, or its index in the sequence); inf if none."""
+    j = bisect.bisect_right(times, now)
     return times[j] if j < len(times) else math.inf
 
 
