@@ -36,8 +36,9 @@ from typing import Any, AsyncIterator, Optional
 import aiohttp
 
 from bench.routing import MODEL, VLLM_LOAD, RoutingConfig, one, replicas
+from bench.routing_gateway import backend_slices
 from bench.stats import summary
-from modelservice.gateway.testing import endpointslice, gateway_with, modelservice
+from modelservice.gateway.testing import gateway_with, modelservice
 from tests.cluster import tiny_lora
 from tests.cluster.models_offline import OfflineModels
 
@@ -125,11 +126,7 @@ async def gateway(cfg: AdaptersConfig, backends: list[str], affinity: bool) -> A
     ms = modelservice(MODEL, routing="LeastInFlight")
     ms["spec"]["lora"] = {"claim": CLAIM, "maxLoaded": cfg.max_loaded, "maxRank": MAX_RANK}
     ms["spec"]["adapters"] = [{"name": n, "uri": f"pvc://{CLAIM}/{n}"} for n in cold + workload]
-    slices = [
-        endpointslice(MODEL, [(h, True)], int(p), name=f"{MODEL}-{i}")
-        for i, (h, p) in enumerate(b.removeprefix("http://").rsplit(":", 1) for b in backends)
-    ]
-    async with gateway_with(ms, *slices) as (gw, url):
+    async with gateway_with(ms, *backend_slices(MODEL, backends)) as (gw, url):
         gw.adapters.affinity = affinity
         yield gw, url
 

@@ -11,16 +11,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import Any
 
 from modelservice.gateway.testing import endpointslice, gateway_with, modelservice
 
 
+def backend_slices(model: str, backends: list[str]) -> list[dict[str, Any]]:
+    """One EndpointSlice per fixed backend ("HOST:PORT" or "http://HOST:PORT"), each with its one ready endpoint."""
+    return [
+        endpointslice(model, [(h, True)], int(p), name=f"{model}-{i}")
+        for i, (h, p) in enumerate(b.removeprefix("http://").rsplit(":", 1) for b in backends)
+    ]
+
+
 async def serve(model: str, policy: str, backends: list[str]) -> None:
     ms = modelservice(model, routing=policy)
-    slices = [
-        endpointslice(model, [(h, True)], int(p), name=f"{model}-{i}")
-        for i, (h, p) in enumerate(b.rsplit(":", 1) for b in backends)
-    ]
+    slices = backend_slices(model, backends)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     async with gateway_with(ms, *slices) as (_, url):
