@@ -9,8 +9,8 @@ upwards; 127.0.0.1 stays the apiserver's), and then, by its image:
   to `<pods-dir>/<pod uid>/logs/<container>/<restart>.log`;
 - anything else: the stub model server, inside this event loop (no process per pod, so 1000 pods fit on 2 cores);
   an engine image with no local build gets an Event saying the stub stands in for it.
-The pod is reported Running, and Ready when its probes pass. There is no kubelet to finish a deletion, so it stops
-the container and deletes terminating pods with grace 0 itself. Pods the scheduler cannot place stay Pending.
+The pod is reported Running, and Ready when its probes pass. There is no kubelet to finish a deletion, so it runs a
+`sleep N` preStop hook, stops the container and deletes terminating pods with grace 0 itself. Pods the scheduler cannot place stay Pending.
 
     python -m tests.cluster.node_agent --kubeconfig .cluster/kubeconfig --nodes 2 --gpus-per-node 2 \
         --engine llamacpp=$(hack/get-engines.sh llamacpp | cut -d= -f2)
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import logging
 import resource
 import shutil
@@ -65,6 +66,27 @@ def rfc3339(micro: bool = False) -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
+def pre_stop_sleep(pod: dict) -> tuple[float, str] | None:
+    """The first container's preStop hook as (seconds to wait, why it is not run as written), or None for no hook.
+
+    The hook a pod going away runs while its EndpointSlice drops it: the engine keeps serving the requests that were
+    already on their way (the race the operator's `sleep` hook covers, render.PRESTOP_SECONDS). The stub and native
+    engines run on the host, not in their image, so only `sleep N` is carried out; another hook is reported (the
+    FailedPreStopHook Event a kubelet writes when a hook fails) and not run.
+    """
+    containers = pod["spec"].get("containers") or [{}]
+    hook = ((containers[0].get("lifecycle") or {}).get("preStop")) or None
+    if hook is None:
+        return None
+    command = (hook.get("exec") or {}).get("command") or []
+    if len(command) == 2 and command[0] in ("sleep", "/bin/sleep"):
+        try:
+            return max(0.0, float(command[1])), ""
+        except ValueError:
+            pass
+    return 0.0, f"preStop hook {hook} not run: this node carries out only `sleep N`"
+
+
 @dataclass
 class PodRuntime:
     uid: str
@@ -76,6 +98,8 @@ class PodRuntime:
     started_at: str = field(default_factory=rfc3339)
     container: ProcessContainer | None = None  # a native engine's process (None: the stub serves this pod)
     pod: dict | None = None  # the spec the container was started from
+    finishing: asyncio.Task | None = None  # finish_deletion: preStop hook, drain, teardown, the final DELETE
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # the pod object was deleted (grace 0 from elsewhere)
     status_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -288,13 +312,19 @@ class NodeAgent:
         uid, rt = meta["uid"], self.runtimes.get(meta["uid"])
         if kind == "DELETED":
             if rt:
-                self._spawn(self.teardown(self.runtimes.pop(uid)))
+                self.runtimes.pop(uid)
+                if rt.finishing is None:
+                    self._spawn(self.teardown(rt))
+                else:  # force-deleted during its preStop hook or drain: the kubelet kills the containers now
+                    rt.gone.set()
             return
         if meta.get("deletionTimestamp"):
             rt = rt or self.runtimes.setdefault(uid, PodRuntime(uid, f"{meta['namespace']}/{meta['name']}"))
             if not rt.deleting:
                 rt.deleting = True
-                self._spawn(self.finish_deletion(rt, meta))
+                rt.finishing = asyncio.create_task(self.finish_deletion(rt, pod))
+                self.background.add(rt.finishing)
+                rt.finishing.add_done_callback(self.background.discard)
             return
         if rt is None and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
             rt = self.runtimes[uid] = PodRuntime(uid, f"{meta['namespace']}/{meta['name']}")
@@ -740,10 +770,28 @@ class NodeAgent:
         if rt.container is not None:  # the pod's emptyDirs and logs go with it
             await asyncio.to_thread(shutil.rmtree, self.pods_dir / rt.uid, True)
 
-    async def finish_deletion(self, rt: PodRuntime, meta: dict) -> None:
-        """What the kubelet does after the containers stop: confirm the deletion with grace 0."""
-        await self.drain_stub(rt, float(meta.get("deletionGracePeriodSeconds") or 0))
+    async def finish_deletion(self, rt: PodRuntime, pod: dict) -> None:
+        """What the kubelet does with a terminating pod: the preStop hook, then SIGTERM and the rest of the grace
+        period, then confirm the deletion with grace 0."""
+        meta = pod["metadata"]
+        grace = float(meta.get("deletionGracePeriodSeconds") or 0)
+        hook = pre_stop_sleep(pod)
+        if hook is not None:
+            seconds, message = hook
+            if message:
+                self._spawn(self.event(pod, "Warning", "FailedPreStopHook", message))
+            # The kubelet runs the hook inside the grace period and gives the containers what is left of it, at
+            # least 2 s when the hook used it all up.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.gone.wait(), min(seconds, grace))
+            grace = max(grace - seconds, 2.0)
+            if rt.container is not None:
+                rt.container.grace = 0.0 if rt.gone.is_set() else grace
+        if not rt.gone.is_set():
+            await self.drain_stub(rt, grace)
         await self.teardown(rt)
+        if rt.gone.is_set():
+            return  # nothing left to confirm
         try:
             await self._api_retry(
                 "DELETE",
@@ -764,7 +812,7 @@ class NodeAgent:
             return
         state, loop = stub_state(rt.runner.app), asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while state.running + state.waiting > 0 and loop.time() < deadline:
+        while state.running + state.waiting > 0 and loop.time() < deadline and not rt.gone.is_set():
             await asyncio.sleep(0.1)
 
     def find_logs(self, namespace: str, pod: str, container: str) -> list[Path] | None:

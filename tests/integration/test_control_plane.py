@@ -295,3 +295,70 @@ def test_restarted_node_agent_readopts_its_pods(cluster, kube: Kube, namespace: 
     wait_for(answers, timeout=15, message=f"the re-adopted stub at {before.status.pod_ip}:8000")
     after = kube.core.read_namespaced_pod("kept", namespace)
     assert after.status.pod_ip == before.status.pod_ip and _ready(after)
+
+
+def test_a_terminating_pod_serves_through_its_prestop_sleep(kube: Kube, namespace: str, fake_nodes: list[str]) -> None:
+    """As a kubelet does: a pod being deleted runs its preStop `sleep` before SIGTERM, so a request already on its way
+    when the EndpointSlice drops the pod is still answered (the race render.PRESTOP_SECONDS covers for the gateway)."""
+    labels = {"app": "prestop"}
+    hook = client.V1Lifecycle(pre_stop=client.V1LifecycleHandler(_exec=client.V1ExecAction(command=["sleep", "600"])))
+    kube.core.create_namespaced_pod(
+        namespace,
+        client.V1Pod(
+            metadata=client.V1ObjectMeta(name="prestop", labels=labels),
+            spec=client.V1PodSpec(containers=[_stub_container(lifecycle=hook)], termination_grace_period_seconds=900),
+        ),
+    )
+    kube.core.create_namespaced_service(
+        namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name="prestop"),
+            spec=client.V1ServiceSpec(selector=labels, ports=[client.V1ServicePort(port=80, target_port=8000)]),
+        ),
+    )
+    version = kube.preferred_version("discovery.k8s.io")
+
+    def ready_addresses() -> set[str]:
+        slices = kube.custom.list_namespaced_custom_object(
+            "discovery.k8s.io", version, namespace, "endpointslices", label_selector="kubernetes.io/service-name=prestop"
+        )
+        return {
+            a
+            for s in slices["items"]
+            for e in s.get("endpoints") or []
+            if (e.get("conditions") or {}).get("ready")
+            for a in e["addresses"]
+        }
+
+    pod = wait_for(
+        lambda: _ready(p := kube.core.read_namespaced_pod("prestop", namespace)) and p,
+        timeout=60,
+        message="the pod to become Ready",
+    )
+    ip = pod.status.pod_ip
+    wait_for(lambda: ready_addresses() == {ip}, timeout=30, message=f"the EndpointSlice to list {ip}")
+
+    def health() -> int:
+        conn = http.client.HTTPConnection(ip, 8000, timeout=10)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    kube.core.delete_namespaced_pod("prestop", namespace)  # default grace: 900 s, 600 of them in the hook
+    try:
+        wait_for(lambda: not ready_addresses(), timeout=30, message="the EndpointSlice to drop the terminating pod")
+        assert kube.core.read_namespaced_pod("prestop", namespace).metadata.deletion_timestamp
+        assert health() == 200  # out of the slice, still serving: the hook holds its SIGTERM
+    finally:
+        kube.core.delete_namespaced_pod("prestop", namespace, grace_period_seconds=0)  # as `kubectl delete --force`
+
+    def stub_stopped() -> bool:
+        try:
+            health()
+            return False
+        except OSError:
+            return True
+
+    wait_for(stub_stopped, timeout=30, message=f"the force-deleted pod's stub at {ip}:8000 to stop")
