@@ -118,25 +118,27 @@ def test_deployment_pods_are_scheduled_and_become_ready(kube: Kube, served: str,
     assert dep.status.available_replicas == 2
 
 
+def _ready_slice_addresses(kube: Kube, ns: str, service: str) -> set[str]:
+    """The addresses a Service's EndpointSlices list as ready: where a proxy or the gateway sends requests."""
+    version = kube.preferred_version("discovery.k8s.io")
+    slices = kube.custom.list_namespaced_custom_object(
+        "discovery.k8s.io", version, ns, "endpointslices", label_selector=f"kubernetes.io/service-name={service}"
+    )
+    return {
+        a
+        for s in slices["items"]
+        for e in s.get("endpoints") or []
+        if (e.get("conditions") or {}).get("ready")
+        for a in e["addresses"]
+    }
+
+
 def test_endpointslice_lists_pod_loopback_addresses(kube: Kube, served: str) -> None:
     version = kube.preferred_version("discovery.k8s.io")
     pods = wait_for(lambda: len(p := _ready_pods(kube, served)) == 2 and p, timeout=60, message="2 Ready pods")
     want = {p.status.pod_ip for p in pods}
-
-    def slice_addresses() -> set[str]:
-        slices = kube.custom.list_namespaced_custom_object(
-            "discovery.k8s.io", version, served, "endpointslices", label_selector="kubernetes.io/service-name=stub"
-        )
-        return {
-            a
-            for s in slices["items"]
-            for e in s.get("endpoints") or []
-            if (e.get("conditions") or {}).get("ready")
-            for a in e["addresses"]
-        }
-
     got = wait_for(
-        lambda: (a := slice_addresses()) == want and a,
+        lambda: (a := _ready_slice_addresses(kube, served, "stub")) == want and a,
         timeout=30,
         message=f"EndpointSlice ({version}) with ready addresses {sorted(want)}",
     )
@@ -316,19 +318,9 @@ def test_a_terminating_pod_serves_through_its_prestop_sleep(kube: Kube, namespac
             spec=client.V1ServiceSpec(selector=labels, ports=[client.V1ServicePort(port=80, target_port=8000)]),
         ),
     )
-    version = kube.preferred_version("discovery.k8s.io")
 
     def ready_addresses() -> set[str]:
-        slices = kube.custom.list_namespaced_custom_object(
-            "discovery.k8s.io", version, namespace, "endpointslices", label_selector="kubernetes.io/service-name=prestop"
-        )
-        return {
-            a
-            for s in slices["items"]
-            for e in s.get("endpoints") or []
-            if (e.get("conditions") or {}).get("ready")
-            for a in e["addresses"]
-        }
+        return _ready_slice_addresses(kube, namespace, "prestop")
 
     pod = wait_for(
         lambda: _ready(p := kube.core.read_namespaced_pod("prestop", namespace)) and p,
