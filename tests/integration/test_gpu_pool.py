@@ -13,7 +13,7 @@ import json
 
 import aiohttp
 
-from modelservice.labels import MODELSERVICE_LABEL
+from modelservice.labels import IN_FLIGHT_NOW_ANNOTATION, MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import wait_for
 from tests.integration import ms
@@ -236,19 +236,23 @@ async def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, op
         delete_class()
 
 
-def _rolled_out(kube, ns: str, name: str) -> bool:
+def _rolled_out(kube, ns: str, name: str, rollout: str) -> bool:
+    """Every pod of the model runs the spec with ROLLOUT=rollout, is Ready, and no other pod is left (not even one
+    terminating). Judged by the pods, not the Deployment's status: that can read "rolled out" for a moment while
+    the controllers are between two writes of the same rollout."""
     d = kube.apps.read_namespaced_deployment(name, ns)
-    st = d.status
-    return (
-        st.observed_generation == d.metadata.generation
-        and (st.updated_replicas or 0) == d.spec.replicas
-        and (st.ready_replicas or 0) == d.spec.replicas
-        and (st.replicas or 0) == d.spec.replicas
-    )
+    pods = kube.core.list_namespaced_pod(ns, label_selector=f"{MODELSERVICE_LABEL}={name}").items
+
+    def runs(pod) -> bool:
+        env = {e.name: e.value for e in pod.spec.containers[0].env or []}
+        ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+        return env.get("ROLLOUT") == rollout and ready and not pod.metadata.deletion_timestamp
+
+    return len(pods) == d.spec.replicas and all(runs(p) for p in pods)
 
 
-def _new_spec(kube, ns: str, name: str) -> None:
-    ms.patch(kube, ns, name, {"spec": {"env": [{"name": "ROLLOUT", "value": "2"}]}})
+def _new_spec(kube, ns: str, name: str, rollout: str) -> None:
+    ms.patch(kube, ns, name, {"spec": {"env": [{"name": "ROLLOUT", "value": rollout}]}})
 
 
 async def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, gateway):
@@ -263,13 +267,9 @@ async def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, ga
     assert len(gpu_pods(kube)) == POOL
 
     # 1. r is idle: in place.
-    _new_spec(kube, namespace, "r")
+    _new_spec(kube, namespace, "r", "2")
     wait_for(
-        lambda: (
-            _rolled_out(kube, namespace, "r")
-            and kube.apps.read_namespaced_deployment("r", namespace).spec.template.spec.containers[0].env[-1].name
-            == "ROLLOUT"
-        ),
+        lambda: _rolled_out(kube, namespace, "r", "2"),
         timeout=120,
         interval=0.5,
         message="r rolled out",
@@ -294,22 +294,20 @@ async def test_rollouts_on_a_full_pool(kube, namespace, operator, fake_nodes, ga
                     leases = kube.custom.list_namespaced_custom_object(
                         "coordination.k8s.io", "v1", namespace, "leases", label_selector=f"{MODELSERVICE_LABEL}=r"
                     )["items"]
+                    # In flight now (what the planner goes by), not the interval's peak.
                     return any(
-                        int((lease["metadata"].get("annotations") or {}).get("serving.modelservice.dev/in-flight", "0"))
-                        > 0
+                        int((lease["metadata"].get("annotations") or {}).get(IN_FLIGHT_NOW_ANNOTATION, "0")) > 0
                         for lease in leases
                     )
 
                 await asyncio.to_thread(wait_for, in_flight_seen, 30, 0.2, "r's in-flight Lease")
-                await asyncio.to_thread(
-                    ms.patch, kube, namespace, "r", {"spec": {"env": [{"name": "ROLLOUT", "value": "3"}]}}
-                )
+                await asyncio.to_thread(_new_spec, kube, namespace, "r", "3")
                 await asyncio.to_thread(ms.wait_condition, kube, namespace, "a", "Ready", "False", "Parked", 60)
                 return first + await resp.read()
 
     body = await scenario()
     assert body.rstrip().endswith(b"data: [DONE]")  # the serving replica finished its stream
-    wait_for(lambda: _rolled_out(kube, namespace, "r"), timeout=120, interval=0.5, message="r rolled out again")
+    wait_for(lambda: _rolled_out(kube, namespace, "r", "3"), timeout=120, interval=0.5, message="r rolled out again")
     assert [replicas(kube, namespace, n) for n in "abc"] == [0, 1, 1]
     parked = ms.get(kube, namespace, "a")
     assert f"to make room for {namespace}/r" in ms.condition(parked, "Ready")["message"]

@@ -1,5 +1,7 @@
 """Activity Leases: names, bodies, and when a write is due."""
 
+import asyncio
+
 import pytest
 
 from modelservice.gateway.activity import ActivityTracker, lease_name, rfc3339_micro
@@ -161,3 +163,35 @@ def test_the_lease_carries_the_engines_queue_and_a_change_in_it_is_written():
     queue[e.key] = 0
     clock.advance(10)
     assert t.due() == [e.key] and t.lease(e)["metadata"]["annotations"][WAITING_ANNOTATION] == "0"
+
+
+async def test_the_flusher_writes_a_drop_to_idle_without_waiting_for_its_tick():
+    """The planner waits on that write to park the model for a woken one: no tick's delay on top (the tick here is an
+    hour, so only the drop to idle can have caused the write)."""
+    t = ActivityTracker("gw-0", 10)
+    e = model_entry(modelservice("m"))
+    t.started(e.key)
+    t.lease(e)  # the busy write (in flight now: 1)
+
+    class Ops:
+        def __init__(self):
+            self.written = asyncio.Queue()
+
+        async def write_lease(self, body):
+            await self.written.put(body)
+
+    ops = Ops()
+    flusher = asyncio.create_task(t.run(ops, {e.key: e}.get, tick=3600))
+    try:
+        await asyncio.sleep(0)  # the flusher is waiting
+        t.finished(e.key)
+        body = await asyncio.wait_for(ops.written.get(), 30)
+        assert body["metadata"]["annotations"][IN_FLIGHT_NOW_ANNOTATION] == "0"
+        t.started(e.key)
+        t.finished(e.key)  # idle again, but the last write already said idle: nothing more to write
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert ops.written.empty()
+    finally:
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)

@@ -4,8 +4,9 @@ One coordination.k8s.io/v1 Lease per model per gateway replica, written by a bac
 interval and only when something changed, never on the request path: 1,000 requests a second cost the API server
 one write per model every 10 s. Two exceptions: the wake-up (activator.py), which writes before it scales so the
 operator cannot scale the model back to zero between our scale call and the first request; and a model whose last
-Lease said it was busy and that is idle now, written at the next tick: the GPU pool planner parks only idle models,
-and a pool full of models idle for an interval that the operator still takes for busy keeps a woken one waiting.
+Lease said it was busy and that is idle now, written as soon as its last request ends (not at the next tick): the GPU
+pool planner parks only idle models, and every moment the operator still takes an idle model for busy is a GPU held
+idle while a woken one waits.
 At most one such write follows each interval's, so writes stay within two per model per interval.
 A Lease also carries the model's engine queue (waiting requests over its ready replicas, engine_load.py) when the
 gateway knows it: every gateway sees the same engines, so the operator takes the largest fresh figure, not the sum.
@@ -14,6 +15,7 @@ gateway knows it: every gateway sees the same engines, so the operator takes the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -87,6 +89,7 @@ class ActivityTracker:
         # More annotations for a model's Lease (its adapters' state, adapters.py): the operator reads them.
         self.annotate: Callable[[ModelEntry], dict[str, str]] = lambda entry: {}
         self.waiting: Callable[[Key], Optional[int]] = lambda key: None  # the engines' queue (server.py wires it)
+        self._went_idle = asyncio.Event()  # a model whose last Lease said busy has nothing in flight: flush now
 
     def mark_changed(self, key: Key) -> None:
         """Something the Lease carries besides traffic changed (an adapter loaded): write it at the next tick."""
@@ -106,6 +109,8 @@ class ActivityTracker:
         m = self._models.setdefault(key, _Model())
         m.in_flight = max(0, m.in_flight - 1)
         m.last_request, m.traffic = self._wall(), True
+        if m.in_flight == 0 and m.written_now > 0:
+            self._went_idle.set()
 
     def due(self) -> list[Key]:
         """Models whose Lease needs a write: something changed, or requests are in flight (held or streaming), which
@@ -174,9 +179,12 @@ class ActivityTracker:
             del self._models[key]
 
     async def run(self, ops: "ClusterOps", entries: Callable[[Key], Optional[ModelEntry]], tick: float = 1.0) -> None:
-        """Flush due Leases until cancelled. A failed write is retried on a later tick (traffic stays marked)."""
+        """Flush due Leases every tick, and at once when a model goes idle, until cancelled. A failed write is
+        retried on a later tick (traffic stays marked)."""
         while True:
-            await asyncio.sleep(tick)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._went_idle.wait(), tick)
+            self._went_idle.clear()
             for key in self.due():
                 entry = entries(key)
                 if entry is None:
