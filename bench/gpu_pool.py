@@ -235,6 +235,7 @@ async def _request(url: str, model: str, cold: bool, ledger: Ledger, results: li
         {
             "model": model,
             "sent": sent,
+            "ended": time.monotonic(),
             "cold": cold,
             "status": status,
             "ttft": (first - sent) if first else None,
@@ -355,9 +356,29 @@ def summarize(
         # where the time of a cold start goes, and every request and pod on one clock (seconds from the first
         # request sent), to explain a cold p99 afterwards: a request's wait = its model's pod's created..bound
         # (the scheduler, GPUs, backoff) + bound..ready (start, load) + ready..first token
-        "pod_phases": ledger.phases(),
+        "pod_phases": {
+            **ledger.phases(),
+            "last_request_to_told_to_go": summary(last_request_to_told_to_go(results, ledger)),
+        },
         "timeline": timeline(results, ledger),
     }
+
+
+def last_request_to_told_to_go(results: list[dict[str, Any]], ledger: Ledger) -> list[float]:
+    """Per pod told to go (parked or scaled down) after serving: from the end of its model's last request before
+    that to the moment: how soon an idle model is seen idle and given back (the gateway's Lease, the operator's
+    watch, the planner)."""
+    ends: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        ends[r["model"]].append(r["ended"])
+    out = []
+    for pod in ledger.times.values():
+        if pod.terminating is None or pod.ready is None:
+            continue
+        before = [e for e in ends[pod.model] if pod.ready <= e <= pod.terminating]
+        if before:
+            out.append(pod.terminating - max(before))
+    return out
 
 
 def timeline(results: list[dict[str, Any]], ledger: Ledger) -> dict[str, Any]:

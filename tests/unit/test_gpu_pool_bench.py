@@ -6,6 +6,7 @@ from __future__ import annotations
 from bench.gpu_pool import TRACE, Ledger, pod_view, summarize
 from bench.gpu_pool_sim import longest_idle, simulate
 from bench.gpu_pool_trace import Trace, TraceSpec, generate, zipf_weights
+from bench.stats import summary
 from modelservice.labels import MODELSERVICE_LABEL
 
 
@@ -109,12 +110,14 @@ def test_the_ledger_times_each_step_of_a_pod_for_the_cold_start_breakdown():
     assert ph["created_to_bound_waited_for_gpu"]["n"] == 1 and ph["created_to_bound_waited_for_gpu"]["p50"] == 4.0
     assert ph["bound_to_ready"]["p50"] == 21.0 and ph["terminating_to_deleted"]["p50"] == 1.5
     results = [
-        {"model": "m1", "sent": 9.0, "cold": True, "status": 200, "ttft": 26.5, "error": ""},
-        {"model": "m2", "sent": 8.0, "cold": False, "status": 200, "ttft": 0.1, "error": ""},
+        {"model": "m1", "sent": 9.0, "ended": 36.0, "cold": True, "status": 200, "ttft": 26.5, "error": ""},
+        {"model": "m1", "sent": 40.0, "ended": 46.5, "cold": False, "status": 200, "ttft": 0.1, "error": ""},
+        {"model": "m1", "sent": 52.0, "ended": 53.0, "cold": False, "status": 200, "ttft": 0.1, "error": ""},
+        {"model": "m2", "sent": 8.0, "ended": 8.5, "cold": False, "status": 200, "ttft": 0.1, "error": ""},
     ]
     out = summarize("park", results, led, 60.0, 60.0)
     tl = out["timeline"]
-    assert [r["t"] for r in tl["requests"]] == [0.0, 1.0]  # from the first request sent
+    assert [r["t"] for r in tl["requests"]] == [0.0, 1.0, 32.0, 44.0]  # from the first request sent
     first = tl["pods"][0]
     assert (first["model"], first["waited_for_gpu"], first["created"], first["bound"], first["deleted"]) == (
         "m1",
@@ -123,4 +126,6 @@ def test_the_ledger_times_each_step_of_a_pod_for_the_cold_start_breakdown():
         6.0,
         43.5,
     )
-    assert tl["pods"][2]["bound"] is None and out["pod_phases"] == ph
+    assert tl["pods"][2]["bound"] is None
+    # m1's pod was told to go at 50.0, 3.5 s after the last request it served ended (46.5; the one at 53.0 came after)
+    assert out["pod_phases"] == {**ph, "last_request_to_told_to_go": summary([3.5])}
