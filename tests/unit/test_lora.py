@@ -162,205 +162,181 @@ def _entry(*names):
     return model_entry(ms("base", adapter_names=names))
 
 
-def test_many_requests_for_one_adapter_make_one_load_and_all_wait_for_it():
-    async def go():
-        engine = FakeEngine()
-        mgr = Adapters(engine)
-        entry = _entry("a")
-        use = AdapterUse(mgr, entry, entry.adapters[0])
-        tasks = [asyncio.ensure_future(use.acquire(EP)) for _ in range(20)]
-        await asyncio.sleep(0)
-        assert not any(t.done() for t in tasks)  # held while the one load runs
-        engine.gate.set()
-        releases = await asyncio.gather(*tasks)
-        assert engine.calls == [("load", "a")] and mgr.loads == 1
-        for release in releases:
-            release()
-        assert mgr.report(entry.key, ["a"], {}) == {"a": {"loadedOn": ["base-pod-1"]}}
-
-    asyncio.run(go())
-
-
-def test_a_full_replica_unloads_its_lru_adapter_and_waits_while_all_are_in_use():
-    async def go():
-        engine = FakeEngine()
-        engine.gate.set()
-        counted: list[tuple[str, str]] = []
-        mgr = Adapters(engine, wait_timeout=3600, count=lambda key, name, outcome: counted.append((name, outcome)))
-        entry = _entry("a", "b", "c")
-        a, b, c = (AdapterUse(mgr, entry, x) for x in entry.adapters)
-        release_a = await a.acquire(EP)
-        release_b = await b.acquire(EP)
-        waiting = asyncio.ensure_future(c.acquire(EP))  # two slots, both in use: waits, no load, no thrash
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert not waiting.done() and engine.calls == [("load", "a"), ("load", "b")]
-        release_a()
-        release_c = await waiting
-        assert engine.calls == [("load", "a"), ("load", "b"), ("unload", "a"), ("load", "c")]
-        release_b(), release_c()
-        assert mgr.has(EP, entry.adapters[2]) and not mgr.has(EP, entry.adapters[0])
-        release = await b.acquire(EP)  # loaded: no call
+async def test_many_requests_for_one_adapter_make_one_load_and_all_wait_for_it():
+    engine = FakeEngine()
+    mgr = Adapters(engine)
+    entry = _entry("a")
+    use = AdapterUse(mgr, entry, entry.adapters[0])
+    tasks = [asyncio.ensure_future(use.acquire(EP)) for _ in range(20)]
+    await asyncio.sleep(0)
+    assert not any(t.done() for t in tasks)  # held while the one load runs
+    engine.gate.set()
+    releases = await asyncio.gather(*tasks)
+    assert engine.calls == [("load", "a")] and mgr.loads == 1
+    for release in releases:
         release()
-        assert len(engine.calls) == 4
-        # What modelservice_gateway_adapter_loads_total counts: one entry per engine call, with its outcome.
-        assert counted == [("a", "loaded"), ("b", "loaded"), ("a", "evicted"), ("c", "loaded")]
-        await asyncio.gather(*mgr.sync(entry.key, _entry("b"), [EP]))  # c removed from the spec
-        assert counted[-1] == ("c", "unloaded")
-
-    asyncio.run(go())
+    assert mgr.report(entry.key, ["a"], {}) == {"a": {"loadedOn": ["base-pod-1"]}}
 
 
-def test_all_slots_in_use_past_the_wait_is_a_429_with_the_reason():
-    async def go():
-        engine = FakeEngine()
-        engine.gate.set()
-        now = [0.0]
-        mgr = Adapters(engine, wait_timeout=10, clock=lambda: now[0])
-        entry = _entry("a", "b", "c")
-        for x in entry.adapters[:2]:
-            await mgr.acquire(entry, EP, x)
-        now[0] = 11.0
+async def test_a_full_replica_unloads_its_lru_adapter_and_waits_while_all_are_in_use():
+    engine = FakeEngine()
+    engine.gate.set()
+    counted: list[tuple[str, str]] = []
+    mgr = Adapters(engine, wait_timeout=3600, count=lambda key, name, outcome: counted.append((name, outcome)))
+    entry = _entry("a", "b", "c")
+    a, b, c = (AdapterUse(mgr, entry, x) for x in entry.adapters)
+    release_a = await a.acquire(EP)
+    release_b = await b.acquire(EP)
+    waiting = asyncio.ensure_future(c.acquire(EP))  # two slots, both in use: waits, no load, no thrash
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done() and engine.calls == [("load", "a"), ("load", "b")]
+    release_a()
+    release_c = await waiting
+    assert engine.calls == [("load", "a"), ("load", "b"), ("unload", "a"), ("load", "c")]
+    release_b(), release_c()
+    assert mgr.has(EP, entry.adapters[2]) and not mgr.has(EP, entry.adapters[0])
+    release = await b.acquire(EP)  # loaded: no call
+    release()
+    assert len(engine.calls) == 4
+    # What modelservice_gateway_adapter_loads_total counts: one entry per engine call, with its outcome.
+    assert counted == [("a", "loaded"), ("b", "loaded"), ("a", "evicted"), ("c", "loaded")]
+    await asyncio.gather(*mgr.sync(entry.key, _entry("b"), [EP]))  # c removed from the spec
+    assert counted[-1] == ("c", "unloaded")
+
+
+async def test_all_slots_in_use_past_the_wait_is_a_429_with_the_reason():
+    engine = FakeEngine()
+    engine.gate.set()
+    now = [0.0]
+    mgr = Adapters(engine, wait_timeout=10, clock=lambda: now[0])
+    entry = _entry("a", "b", "c")
+    for x in entry.adapters[:2]:
+        await mgr.acquire(entry, EP, x)
+    now[0] = 11.0
+    with pytest.raises(GatewayError) as e:
+        await mgr.acquire(entry, EP, entry.adapters[2])
+    assert e.value.status == 429 and e.value.code == "adapter_capacity_exceeded"
+    assert "maxLoaded" in e.value.message
+
+
+async def test_an_engine_refusal_reaches_every_waiter_and_the_status_and_a_later_success_clears_it():
+    rank = "LoRA rank 16 is greater than max_lora_rank 8."
+    engine = FakeEngine(refuse={"a": rank})
+    counted: list[str] = []
+    now = [0.0]
+    mgr = Adapters(engine, clock=lambda: now[0], count=lambda key, name, outcome: counted.append(outcome))
+    entry = _entry("a")
+    tasks = [asyncio.ensure_future(mgr.acquire(entry, EP, entry.adapters[0])) for _ in range(3)]
+    engine.gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(
+        isinstance(r, GatewayError) and r.code == "adapter_load_failed" and rank in r.message for r in results
+    ), results
+    assert engine.calls == [("load", "a")] and counted == ["failed"]
+    assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": [], "error": f"base-pod-1: {rank}"}
+    engine.refuse = {}
+    now[0] = 1.0  # the back-off's first window is over
+    (await mgr.acquire(entry, EP, entry.adapters[0]))()
+    assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": ["base-pod-1"]}
+
+
+async def test_a_refused_adapter_backs_off_doubling_per_replica_and_a_new_uri_or_a_success_resets_it():
+    refusal = "No adapter found for ./a/v1"
+    engine = FakeEngine(refuse={"a": refusal})
+    engine.gate.set()
+    now = [100.0]
+    mgr = Adapters(engine, clock=lambda: now[0])
+    entry = _entry("a")
+    a = entry.adapters[0]
+    other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+
+    async def refused_with(ep=EP):
         with pytest.raises(GatewayError) as e:
-            await mgr.acquire(entry, EP, entry.adapters[2])
-        assert e.value.status == 429 and e.value.code == "adapter_capacity_exceeded"
-        assert "maxLoaded" in e.value.message
+            (await mgr.acquire(entry, ep, a))()
+        assert e.value.status == 503 and e.value.code == "adapter_load_failed" and refusal in e.value.message
+        return e.value
 
-    asyncio.run(go())
-
-
-def test_an_engine_refusal_reaches_every_waiter_and_the_status_and_a_later_success_clears_it():
-    async def go():
-        rank = "LoRA rank 16 is greater than max_lora_rank 8."
-        engine = FakeEngine(refuse={"a": rank})
-        counted: list[str] = []
-        now = [0.0]
-        mgr = Adapters(engine, clock=lambda: now[0], count=lambda key, name, outcome: counted.append(outcome))
-        entry = _entry("a")
-        tasks = [asyncio.ensure_future(mgr.acquire(entry, EP, entry.adapters[0])) for _ in range(3)]
-        engine.gate.set()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert all(
-            isinstance(r, GatewayError) and r.code == "adapter_load_failed" and rank in r.message for r in results
-        ), results
-        assert engine.calls == [("load", "a")] and counted == ["failed"]
-        assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": [], "error": f"base-pod-1: {rank}"}
-        engine.refuse = {}
-        now[0] = 1.0  # the back-off's first window is over
-        (await mgr.acquire(entry, EP, entry.adapters[0]))()
-        assert mgr.report(entry.key, ["a"], {})["a"] == {"loadedOn": ["base-pod-1"]}
-
-    asyncio.run(go())
-
-
-def test_a_refused_adapter_backs_off_doubling_per_replica_and_a_new_uri_or_a_success_resets_it():
-    async def go():
-        refusal = "No adapter found for ./a/v1"
-        engine = FakeEngine(refuse={"a": refusal})
-        engine.gate.set()
-        now = [100.0]
-        mgr = Adapters(engine, clock=lambda: now[0])
-        entry = _entry("a")
-        a = entry.adapters[0]
-        other = Endpoint("10.0.0.2", 8000, "base-pod-2")
-
-        async def refused_with(ep=EP):
-            with pytest.raises(GatewayError) as e:
-                (await mgr.acquire(entry, ep, a))()
-            assert e.value.status == 503 and e.value.code == "adapter_load_failed" and refusal in e.value.message
-            return e.value
-
-        first = await refused_with()
-        assert first.retry_after == 1 and "backing off" not in first.message
-        # Within the window: the same error at once, saying so and when the next try is; the engine is not called.
-        now[0] = 100.9
-        held = await refused_with()
-        assert "backing off after 1 failed load(s) on replica base-pod-1" in held.message
-        assert "next try is in 0.1 s" in held.message and held.retry_after == 1
-        assert engine.calls == [("load", "a")]
-        # Per replica: another replica tries at once.
-        await refused_with(other)
-        assert len(engine.calls) == 2
-        # The window ends: one try, refused again, and the window doubles: 2 s, 4 s, ... up to 60 s.
-        windows = []
-        for _ in range(8):
-            now[0] = mgr._failures[(EP, "a")].retry_at
-            calls = len(engine.calls)
-            err = await refused_with()
-            assert len(engine.calls) == calls + 1
-            windows.append(err.retry_after)
-            now[0] += 0.5
-            assert "next try is in" in (await refused_with()).message and len(engine.calls) == calls + 1
-        assert windows == [2, 4, 8, 16, 32, 60, 60, 60]
-        # A new uri (a spec change) is tried at once, back-off starting over.
-        raw = ms("base", adapter_names=("a",))
-        raw["spec"]["adapters"][0]["uri"] = "pvc://adapters/a/v2"
-        moved = model_entry(raw)
-        mgr.sync(moved.key, moved, [EP, other])
+    first = await refused_with()
+    assert first.retry_after == 1 and "backing off" not in first.message
+    # Within the window: the same error at once, saying so and when the next try is; the engine is not called.
+    now[0] = 100.9
+    held = await refused_with()
+    assert "backing off after 1 failed load(s) on replica base-pod-1" in held.message
+    assert "next try is in 0.1 s" in held.message and held.retry_after == 1
+    assert engine.calls == [("load", "a")]
+    # Per replica: another replica tries at once.
+    await refused_with(other)
+    assert len(engine.calls) == 2
+    # The window ends: one try, refused again, and the window doubles: 2 s, 4 s, ... up to 60 s.
+    windows = []
+    for _ in range(8):
+        now[0] = mgr._failures[(EP, "a")].retry_at
         calls = len(engine.calls)
-        with pytest.raises(GatewayError) as e:
-            await mgr.acquire(moved, EP, moved.adapters[0])
-        assert len(engine.calls) == calls + 1 and e.value.retry_after == 1
-        # A success ends it: the next refusal starts from the first window again.
-        now[0] += 1
-        engine.refuse = {}
-        (await mgr.acquire(moved, EP, moved.adapters[0]))()
-        assert (EP, "a") not in mgr._failures
-
-    asyncio.run(go())
-
-
-def test_an_unreachable_replica_is_not_sent_the_request():
-    async def go():
-        async def refused(ep, path, doc):
-            raise NotSent("connection refused")
-
-        counted: list[str] = []
-        mgr = Adapters(refused, count=lambda key, name, outcome: counted.append(outcome))
-        entry = _entry("a")
-        with pytest.raises(NotSent):
-            await mgr.acquire(entry, EP, entry.adapters[0])
-        assert not mgr.has(EP, entry.adapters[0]) and counted == ["failed"]
-
-    asyncio.run(go())
+        err = await refused_with()
+        assert len(engine.calls) == calls + 1
+        windows.append(err.retry_after)
+        now[0] += 0.5
+        assert "next try is in" in (await refused_with()).message and len(engine.calls) == calls + 1
+    assert windows == [2, 4, 8, 16, 32, 60, 60, 60]
+    # A new uri (a spec change) is tried at once, back-off starting over.
+    raw = ms("base", adapter_names=("a",))
+    raw["spec"]["adapters"][0]["uri"] = "pvc://adapters/a/v2"
+    moved = model_entry(raw)
+    mgr.sync(moved.key, moved, [EP, other])
+    calls = len(engine.calls)
+    with pytest.raises(GatewayError) as e:
+        await mgr.acquire(moved, EP, moved.adapters[0])
+    assert len(engine.calls) == calls + 1 and e.value.retry_after == 1
+    # A success ends it: the next refusal starts from the first window again.
+    now[0] += 1
+    engine.refuse = {}
+    (await mgr.acquire(moved, EP, moved.adapters[0]))()
+    assert (EP, "a") not in mgr._failures
 
 
-def test_removed_adapters_are_unloaded_and_a_replica_that_left_starts_empty():
-    async def go():
-        engine = FakeEngine()
-        engine.gate.set()
-        mgr = Adapters(engine)
-        entry = _entry("a", "b")
-        for x in entry.adapters:
-            (await mgr.acquire(entry, EP, x))()
-        await asyncio.gather(*mgr.sync(entry.key, _entry("b"), [EP]))
-        assert engine.calls[-1] == ("unload", "a") and not mgr.has(EP, entry.adapters[0])
-        mgr.sync(entry.key, _entry("b"), [])  # the pod went away (or restarted)
-        assert not mgr.has(EP, entry.adapters[1]) and mgr.report(entry.key, ["b"], {}) == {"b": {"loadedOn": []}}
-        use = AdapterUse(mgr, entry, entry.adapters[1])
-        (await use.acquire(EP))()
-        assert use.lost(EP, 404)  # the engine forgot it (restarted in place): load it again, replay once
-        assert not mgr.has(EP, entry.adapters[1])
-        (await use.acquire(EP))()
-        assert not use.lost(EP, 200) and not use.lost(EP, 404)  # once per request: then the 404 is the answer
+async def test_an_unreachable_replica_is_not_sent_the_request():
+    async def refused(ep, path, doc):
+        raise NotSent("connection refused")
 
-    asyncio.run(go())
+    counted: list[str] = []
+    mgr = Adapters(refused, count=lambda key, name, outcome: counted.append(outcome))
+    entry = _entry("a")
+    with pytest.raises(NotSent):
+        await mgr.acquire(entry, EP, entry.adapters[0])
+    assert not mgr.has(EP, entry.adapters[0]) and counted == ["failed"]
 
 
-def test_affinity_prefers_a_replica_with_the_adapter_loaded():
-    async def go():
-        engine = FakeEngine()
-        engine.gate.set()
-        mgr = Adapters(engine)
-        entry = _entry("a")
-        use = AdapterUse(mgr, entry, entry.adapters[0])
-        other = Endpoint("10.0.0.2", 8000, "base-pod-2")
-        assert use.candidates([EP, other], ()) == (EP, other)
-        (await use.acquire(other))()
-        assert use.candidates([EP, other], ()) == (other,)
-        assert use.candidates([EP, other], {other}) == (EP, other)  # tried: any replica, the balancer excludes it
+async def test_removed_adapters_are_unloaded_and_a_replica_that_left_starts_empty():
+    engine = FakeEngine()
+    engine.gate.set()
+    mgr = Adapters(engine)
+    entry = _entry("a", "b")
+    for x in entry.adapters:
+        (await mgr.acquire(entry, EP, x))()
+    await asyncio.gather(*mgr.sync(entry.key, _entry("b"), [EP]))
+    assert engine.calls[-1] == ("unload", "a") and not mgr.has(EP, entry.adapters[0])
+    mgr.sync(entry.key, _entry("b"), [])  # the pod went away (or restarted)
+    assert not mgr.has(EP, entry.adapters[1]) and mgr.report(entry.key, ["b"], {}) == {"b": {"loadedOn": []}}
+    use = AdapterUse(mgr, entry, entry.adapters[1])
+    (await use.acquire(EP))()
+    assert use.lost(EP, 404)  # the engine forgot it (restarted in place): load it again, replay once
+    assert not mgr.has(EP, entry.adapters[1])
+    (await use.acquire(EP))()
+    assert not use.lost(EP, 200) and not use.lost(EP, 404)  # once per request: then the 404 is the answer
 
-    asyncio.run(go())
+
+async def test_affinity_prefers_a_replica_with_the_adapter_loaded():
+    engine = FakeEngine()
+    engine.gate.set()
+    mgr = Adapters(engine)
+    entry = _entry("a")
+    use = AdapterUse(mgr, entry, entry.adapters[0])
+    other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+    assert use.candidates([EP, other], ()) == (EP, other)
+    (await use.acquire(other))()
+    assert use.candidates([EP, other], ()) == (other,)
+    assert use.candidates([EP, other], {other}) == (EP, other)  # tried: any replica, the balancer excludes it
 
 
 def test_affinity_spills_to_another_replica_when_the_loaded_one_is_over_the_load_bound():
@@ -386,48 +362,42 @@ def test_affinity_spills_to_another_replica_when_the_loaded_one_is_over_the_load
     assert prefer_loaded([a, b, c], {a}, warm.__contains__, load.__getitem__) == (a, b, c)  # tried: bound over the rest
 
 
-def test_two_loads_at_once_on_a_full_replica_evict_two_different_adapters():
+async def test_two_loads_at_once_on_a_full_replica_evict_two_different_adapters():
     """Found by the adapter bench: both loads picked the same LRU victim, the second failed (KeyError → 502)."""
 
-    async def go():
-        engine = FakeEngine()
-        engine.gate.set()
-        mgr = Adapters(engine, wait_timeout=3600)
-        entry = _entry("a", "b", "c", "d")
-        a, b, c, d = (AdapterUse(mgr, entry, x) for x in entry.adapters)
-        (await a.acquire(EP))()
-        (await b.acquire(EP))()
-        engine.gate.clear()  # both loads start before either finishes
-        loading = [asyncio.ensure_future(u.acquire(EP)) for u in (c, d)]
-        for _ in range(5):
-            await asyncio.sleep(0)
-        engine.gate.set()
-        for release in await asyncio.gather(*loading):
-            release()
-        assert sorted(engine.calls[2:]) == [("load", "c"), ("load", "d"), ("unload", "a"), ("unload", "b")]
-        assert [mgr.has(EP, x) for x in entry.adapters] == [False, False, True, True]
-
-    asyncio.run(go())
+    engine = FakeEngine()
+    engine.gate.set()
+    mgr = Adapters(engine, wait_timeout=3600)
+    entry = _entry("a", "b", "c", "d")
+    a, b, c, d = (AdapterUse(mgr, entry, x) for x in entry.adapters)
+    (await a.acquire(EP))()
+    (await b.acquire(EP))()
+    engine.gate.clear()  # both loads start before either finishes
+    loading = [asyncio.ensure_future(u.acquire(EP)) for u in (c, d)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    engine.gate.set()
+    for release in await asyncio.gather(*loading):
+        release()
+    assert sorted(engine.calls[2:]) == [("load", "c"), ("load", "d"), ("unload", "a"), ("unload", "b")]
+    assert [mgr.has(EP, x) for x in entry.adapters] == [False, False, True, True]
 
 
-def test_without_affinity_every_replica_is_a_candidate_even_where_the_adapter_is_loaded():
+async def test_without_affinity_every_replica_is_a_candidate_even_where_the_adapter_is_loaded():
     """The bench's comparison switch (bench/adapters.py): off, the balancer alone picks, so it loads elsewhere too."""
 
-    async def go():
-        engine = FakeEngine()
-        engine.gate.set()
-        mgr = Adapters(engine, affinity=False)
-        entry = _entry("a")
-        use = AdapterUse(mgr, entry, entry.adapters[0])
-        other = Endpoint("10.0.0.2", 8000, "base-pod-2")
-        (await use.acquire(other))()
-        assert mgr.has(other, entry.adapters[0])
-        assert use.candidates([EP, other], ()) == (EP, other)
-        (await use.acquire(EP))()  # picked there: a second load of the same adapter
-        assert mgr.loads == 2 and engine.calls == [("load", "a"), ("load", "a")]
-        assert Adapters(engine).affinity  # on unless a harness turns it off
-
-    asyncio.run(go())
+    engine = FakeEngine()
+    engine.gate.set()
+    mgr = Adapters(engine, affinity=False)
+    entry = _entry("a")
+    use = AdapterUse(mgr, entry, entry.adapters[0])
+    other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+    (await use.acquire(other))()
+    assert mgr.has(other, entry.adapters[0])
+    assert use.candidates([EP, other], ()) == (EP, other)
+    (await use.acquire(EP))()  # picked there: a second load of the same adapter
+    assert mgr.loads == 2 and engine.calls == [("load", "a"), ("load", "a")]
+    assert Adapters(engine).affinity  # on unless a harness turns it off
 
 
 def test_engine_messages_are_read_from_vllm_error_shapes():
@@ -457,33 +427,30 @@ def test_status_merges_every_gateways_report_for_pods_that_exist():
     assert status["adapters"] == out and status["adaptersLoaded"] == "2/3"
 
 
-def test_preloaded_adapters_load_on_every_ready_replica_stay_and_a_failing_one_is_not_retried_in_a_loop():
-    async def go():
-        engine = FakeEngine(refuse={"bad": "LoRA rank 16 is greater than max_lora_rank 8."})
-        engine.gate.set()
-        mgr = Adapters(engine, wait_timeout=0)
-        raw = ms("base", adapter_names=("p", "bad", "x", "y"))
-        raw["spec"]["adapters"][0]["preload"] = raw["spec"]["adapters"][1]["preload"] = True
-        entry = model_entry(raw)
-        p, bad, x, y = entry.adapters
-        other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+async def test_preloaded_adapters_load_on_every_ready_replica_stay_and_a_failing_one_is_not_retried_in_a_loop():
+    engine = FakeEngine(refuse={"bad": "LoRA rank 16 is greater than max_lora_rank 8."})
+    engine.gate.set()
+    mgr = Adapters(engine, wait_timeout=0)
+    raw = ms("base", adapter_names=("p", "bad", "x", "y"))
+    raw["spec"]["adapters"][0]["preload"] = raw["spec"]["adapters"][1]["preload"] = True
+    entry = model_entry(raw)
+    p, bad, x, y = entry.adapters
+    other = Endpoint("10.0.0.2", 8000, "base-pod-2")
+    await asyncio.gather(*mgr.sync(entry.key, entry, [EP, other]))
+    assert mgr.has(EP, p) and mgr.has(other, p) and not mgr.has(EP, bad)
+    assert sorted(engine.calls) == sorted([("load", "p"), ("load", "p"), ("load", "bad"), ("load", "bad")])
+    assert "max_lora_rank" in mgr.report(entry.key, ["bad"], {})["bad"]["error"]
+    for _ in range(3):  # status writes come back as changes of the model: no new load of the failed path
         await asyncio.gather(*mgr.sync(entry.key, entry, [EP, other]))
-        assert mgr.has(EP, p) and mgr.has(other, p) and not mgr.has(EP, bad)
-        assert sorted(engine.calls) == sorted([("load", "p"), ("load", "p"), ("load", "bad"), ("load", "bad")])
-        assert "max_lora_rank" in mgr.report(entry.key, ["bad"], {})["bad"]["error"]
-        for _ in range(3):  # status writes come back as changes of the model: no new load of the failed path
-            await asyncio.gather(*mgr.sync(entry.key, entry, [EP, other]))
-        assert len(engine.calls) == 4
-        (await mgr.acquire(entry, EP, x))()  # maxLoaded 2: p is kept, x takes the other slot
-        with pytest.raises(GatewayError) as e:  # x is idle but p is pinned: y evicts x, never p
-            release_x = await mgr.acquire(entry, EP, x)
-            await mgr.acquire(entry, EP, y)
-        release_x()
-        assert e.value.status == 429
-        (await mgr.acquire(entry, EP, y))()
-        assert mgr.has(EP, p) and mgr.has(EP, y) and not mgr.has(EP, x)
-
-    asyncio.run(go())
+    assert len(engine.calls) == 4
+    (await mgr.acquire(entry, EP, x))()  # maxLoaded 2: p is kept, x takes the other slot
+    with pytest.raises(GatewayError) as e:  # x is idle but p is pinned: y evicts x, never p
+        release_x = await mgr.acquire(entry, EP, x)
+        await mgr.acquire(entry, EP, y)
+    release_x()
+    assert e.value.status == 429
+    (await mgr.acquire(entry, EP, y))()
+    assert mgr.has(EP, p) and mgr.has(EP, y) and not mgr.has(EP, x)
 
 
 def test_preloading_more_adapters_than_a_replica_holds_is_refused():
