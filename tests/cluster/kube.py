@@ -63,6 +63,11 @@ def answers(kubeconfig: str | Path) -> bool:
         return False
 
 
+def pod_ready(pod: client.V1Pod) -> bool:
+    """The pod's Ready condition is True (the kubelet's, or our node agent's, word that it passes its probe)."""
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
 def unique_name(hint: str, max_len: int = 50) -> str:
     """A DNS-1123 label from a test name, with a random suffix so reruns never collide with a terminating one."""
     slug = re.sub(r"[^a-z0-9-]+", "-", hint.lower()).strip("-")[: max_len - 6].strip("-") or "t"

@@ -11,7 +11,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.cluster.kube import Kube, create_namespace, delete_namespace
+from tests.cluster.kube import Kube, create_namespace, delete_namespace, pod_ready
 from tests.cluster.podspec import STUB_IMAGE
 from tests.cluster.wait import wait_for
 
@@ -21,10 +21,6 @@ LABELS = {"app": "stub"}
 
 def _is_loopback_pod_ip(ip: str | None) -> bool:
     return bool(ip) and ipaddress.ip_address(ip).is_loopback and ip != "127.0.0.1"
-
-
-def _ready(pod: client.V1Pod) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def _stub_container(**extra) -> client.V1Container:
@@ -68,7 +64,7 @@ def served(kube: Kube, fake_nodes: list[str]):
 
 def _ready_pods(kube: Kube, ns: str) -> list[client.V1Pod]:
     pods = kube.core.list_namespaced_pod(ns, label_selector="app=stub").items
-    return [p for p in pods if _ready(p) and not p.metadata.deletion_timestamp]
+    return [p for p in pods if pod_ready(p) and not p.metadata.deletion_timestamp]
 
 
 def test_garbage_collector_cascades_to_children(kube: Kube, namespace: str) -> None:
@@ -239,9 +235,9 @@ def test_ready_waits_for_stub_startup_delay_and_deletion_needs_no_kubelet(
         timeout=30,
         message="the slow pod to get an address",
     )
-    assert not _ready(running), "Ready before the stub finished its startup delay"
+    assert not pod_ready(running), "Ready before the stub finished its startup delay"
     pod = wait_for(
-        lambda: _ready(p := kube.core.read_namespaced_pod("slow", namespace)) and p,
+        lambda: pod_ready(p := kube.core.read_namespaced_pod("slow", namespace)) and p,
         timeout=30,
         interval=0.1,
         message="the slow pod to become Ready",
@@ -280,7 +276,7 @@ def test_restarted_node_agent_readopts_its_pods(cluster, kube: Kube, namespace: 
         client.V1Pod(metadata=client.V1ObjectMeta(name="kept"), spec=client.V1PodSpec(containers=[_stub_container()])),
     )
     before = wait_for(
-        lambda: _ready(p := kube.core.read_namespaced_pod("kept", namespace)) and p,
+        lambda: pod_ready(p := kube.core.read_namespaced_pod("kept", namespace)) and p,
         timeout=30,
         message="the pod to become Ready",
     )
@@ -296,7 +292,7 @@ def test_restarted_node_agent_readopts_its_pods(cluster, kube: Kube, namespace: 
 
     wait_for(answers, timeout=15, message=f"the re-adopted stub at {before.status.pod_ip}:8000")
     after = kube.core.read_namespaced_pod("kept", namespace)
-    assert after.status.pod_ip == before.status.pod_ip and _ready(after)
+    assert after.status.pod_ip == before.status.pod_ip and pod_ready(after)
 
 
 def test_a_terminating_pod_serves_through_its_prestop_sleep(kube: Kube, namespace: str, fake_nodes: list[str]) -> None:
@@ -323,7 +319,7 @@ def test_a_terminating_pod_serves_through_its_prestop_sleep(kube: Kube, namespac
         return _ready_slice_addresses(kube, namespace, "prestop")
 
     pod = wait_for(
-        lambda: _ready(p := kube.core.read_namespaced_pod("prestop", namespace)) and p,
+        lambda: pod_ready(p := kube.core.read_namespaced_pod("prestop", namespace)) and p,
         timeout=60,
         message="the pod to become Ready",
     )

@@ -14,6 +14,7 @@ import json
 import aiohttp
 
 from modelservice.labels import IN_FLIGHT_NOW_ANNOTATION, MODELSERVICE_LABEL
+from tests.cluster.kube import pod_ready
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import wait_for
 from tests.integration import ms
@@ -245,8 +246,7 @@ def _rolled_out(kube, ns: str, name: str, rollout: str) -> bool:
 
     def runs(pod) -> bool:
         env = {e.name: e.value for e in pod.spec.containers[0].env or []}
-        ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-        return env.get("ROLLOUT") == rollout and ready and not pod.metadata.deletion_timestamp
+        return env.get("ROLLOUT") == rollout and pod_ready(pod) and not pod.metadata.deletion_timestamp
 
     return len(pods) == d.spec.replicas and all(runs(p) for p in pods)
 
