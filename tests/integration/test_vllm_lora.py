@@ -94,6 +94,9 @@ def start(vllm_python: str, model_dir: Path, port: int, log: Path, extra: list[s
         str(MAX_LORAS),
         "--max-lora-rank",
         str(MAX_RANK),
+        # Logs "Added request <id>." once a request is sent to the engine core: the concurrent tests resume the
+        # paused scheduler only after every stream's line is there (see _concurrent_streams).
+        "--enable-log-requests",
         *extra,
     ]
     with log.open("wb") as out:
@@ -309,35 +312,38 @@ def test_more_adapters_at_once_than_max_loras_wait_their_turn(live: Engine) -> N
     names = ["static-a", "runtime-b", "runtime-d"]  # MAX_LORAS + 1 adapters, all registered
     assert len(names) == MAX_LORAS + 1
     alone = {n: text(live, n, max_tokens=8) for n in names}
-    runs = asyncio.run(_concurrent_streams(live.url, names, max_tokens=MANY))
+    runs = asyncio.run(_concurrent_streams(live, names, max_tokens=MANY))
     for n in names:
-        assert runs[n].text.startswith(alone[n]), (n, runs[n].text, alone[n])
-    # At most MAX_LORAS adapters decode together: the three were sent together, yet one of them got its first token
-    # only when another had (nearly) finished. Were all three running, each would start with the others at ~1 token.
-    waited = [n for n in names if max(runs[n].seen_at_first.values()) >= MANY // 2]
-    assert waited, {n: r.seen_at_first for n, r in runs.items()}
+        assert runs.texts[n].startswith(alone[n]), (n, runs.texts[n], alone[n])
+    # At most MAX_LORAS adapters decode together: the three were in the engine when it resumed, yet one of them ran
+    # on its own once the other two had finished (~MANY steps of one token). Were all three running, no step would.
+    assert runs.lone_steps >= MANY // 2, runs.lone_steps
     info = _lora_info(live)
     assert info and all(labels["max_lora"] == str(MAX_LORAS) for labels in info), info
 
 
 @dataclass
-class Run:
-    text: str
-    seen_at_first: dict[str, int]  # tokens the other streams had delivered when this one's first token came
+class Streams:
+    texts: dict[str, str]
+    lone_steps: int  # engine steps that computed one token at most (a request decoding on its own) while they ran
 
 
-async def _concurrent_streams(url: str, names: list[str], max_tokens: int) -> dict[str, Run]:
+async def _concurrent_streams(engine: Engine, names: list[str], max_tokens: int) -> Streams:
     """Streams for `names`, sent together while the engine's scheduler is paused (mode "keep": requests queue, nothing
-    is scheduled) and resumed once every stream has its response headers, so they start in the same step instead of
-    whenever a busy machine gets each one to the engine; each records how far the others were when its own first
-    token came. Token counts, not clocks: they order the engine's steps even when a busy client reads the sockets
-    late."""
-    tokens = dict.fromkeys(names, 0)
-    answered: set[str] = set()
-    all_answered = asyncio.Event()
+    is scheduled) and resumed once every one of them is in the engine core, so that they are scheduled together
+    however late a busy machine gets each one there.
 
-    async def one(session: aiohttp.ClientSession, name: str, go: asyncio.Event) -> Run:
-        await go.wait()
+    "In the engine core" is read from the API server's log, not from the response headers: vLLM sends a stream's 200
+    before it adds the request (the add runs when the response body is first read). The "Added request" line is
+    logged after the add is sent on the socket /resume later goes through, so the engine core takes the adds first.
+
+    How they ran is the engine's word, not the client's: the steps of one token at most in vLLM's tokens-per-step
+    histogram. A starved client cannot tell: it reads one stream's buffered chunks without yielding to the others
+    (seen under a CPU hog: three streams that ran in one batch looked as if they had run one after another)."""
+    log_from = engine.log.stat().st_size
+    lone_before = _lone_steps(engine)
+
+    async def one(session: aiohttp.ClientSession, name: str) -> str:
         body = {
             "model": name,
             "prompt": PROMPT,
@@ -345,40 +351,56 @@ async def _concurrent_streams(url: str, names: list[str], max_tokens: int) -> di
             "temperature": 0,
             "stream": True,
             "ignore_eos": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "stream_options": {"include_usage": True},
         }
-        out, seen = "", None
-        async with session.post(url + "/v1/completions", json=body) as r:
-            assert r.status == 200, await r.text()
-            answered.add(name)
-            if len(answered) == len(names):
-                all_answered.set()
+        out, used = "", 0
+        async with session.post(engine.url + "/v1/completions", json=body) as r:
+            assert r.status == 200, (name, await r.text())
             async for line in r.content:
                 if not line.startswith(b"data: {"):
                     continue
                 chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens[name] = chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices") or []:
-                    out += choice["text"]
-                if seen is None and tokens[name] > 0:
-                    seen = {n: tokens[n] for n in names if n != name}
-        assert seen is not None and tokens[name] == max_tokens, (name, tokens)
-        return Run(out, seen)
+                used = (chunk.get("usage") or {}).get("completion_tokens", used)
+                out += "".join(c["text"] for c in chunk.get("choices") or [])
+        assert used == max_tokens, (name, used)
+        return out
 
-    go = asyncio.Event()
+    def all_added() -> bool:
+        with engine.log.open("rb") as f:
+            f.seek(log_from)
+            return f.read().count(b"Added request ") >= len(names)
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=VLLM_LOAD)) as s:
-        async with s.post(url + "/pause", params={"mode": "keep"}) as r:
+        async with s.post(engine.url + "/pause", params={"mode": "keep"}) as r:
             assert r.status == 200, await r.text()
-        tasks = [asyncio.create_task(one(s, n, go)) for n in names]
+        tasks = [asyncio.create_task(one(s, n)) for n in names]
         try:
-            await asyncio.sleep(0)  # every task waits on the event before any request leaves
-            go.set()
-            await asyncio.wait_for(all_answered.wait(), VLLM_LOAD)
+            deadline = asyncio.get_running_loop().time() + VLLM_LOAD
+            while not all_added():
+                failed = [t for t in tasks if t.done()]  # a stream refused: no waiting for the others
+                if failed:
+                    await failed[0]
+                assert asyncio.get_running_loop().time() < deadline, f"not all added:\n{engine.log_tail()}"
+                await asyncio.sleep(0.05)
         finally:
-            async with s.post(url + "/resume") as r:
+            async with s.post(engine.url + "/resume") as r:
                 assert r.status == 200, await r.text()
-        return dict(zip(names, await asyncio.gather(*tasks)))
+        texts = dict(zip(names, await asyncio.gather(*tasks)))
+    return Streams(texts, _lone_steps(engine) - lone_before)
+
+
+def _lone_steps(engine: Engine) -> int:
+    """vllm:iteration_tokens_total's lowest bucket (le=1): engine steps that computed one token at most."""
+    with urllib.request.urlopen(engine.url + "/metrics", timeout=30) as r:
+        families = text_string_to_metric_families(r.read().decode())
+        return int(
+            sum(
+                s.value
+                for f in families
+                for s in f.samples
+                if s.name == "vllm:iteration_tokens_total_bucket" and float(s.labels["le"]) == 1
+            )
+        )
 
 
 def test_a_new_version_replaces_an_adapter_in_place_under_its_name(live: Engine) -> None:
@@ -442,20 +464,11 @@ def test_base_requests_batched_with_adapters_get_an_adapter_applied_on_the_cpu_b
     it, this test fails: then assert the opposite (the base answers as alone) and drop the warning in docs/lora.md."""
     names = ["static-a", "runtime-b"]  # MAX_LORAS adapters: both slots hold an active adapter, so slot -1 is one
     alone = text(live, BASE, max_tokens=MANY)
-    # They must really run together: each gets its first token while the others are far from done. The paused start
-    # makes that all but certain; a stream that still reached the engine after the others' start (a starved server
-    # tokenizing it late) is a run that proves nothing either way, so it is run again, three times at most.
-    tries = []
-    for _ in range(3):
-        runs = asyncio.run(_concurrent_streams(live.url, [BASE, *names], max_tokens=MANY))
-        tries.append({n: r.seen_at_first for n, r in runs.items()})
-        if all(max(r.seen_at_first.values()) < MANY // 2 for r in runs.values()):
-            break
-    else:
-        pytest.fail(f"the streams never ran in one batch in 3 tries: {tries}")
-    assert runs[BASE].text != alone, "the CPU build no longer applies an adapter to base requests: see the docstring"
+    runs = asyncio.run(_concurrent_streams(live, [BASE, *names], max_tokens=MANY))
+    assert runs.lone_steps == 0, f"they did not run in one batch: {runs.lone_steps} steps decoded one request alone"
+    assert runs.texts[BASE] != alone, "the CPU build no longer applies an adapter to base requests: see the docstring"
     for n in names:  # the adapters' own requests are right
-        assert runs[n].text.startswith(text(live, n, max_tokens=8)), n
+        assert runs.texts[n].startswith(text(live, n, max_tokens=8)), n
 
 
 def _lora_info(engine: Engine) -> list[dict[str, str]]:
