@@ -14,7 +14,7 @@ import aiohttp
 from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
-from tests.integration.gateway_client import chat, post, stub_successes
+from tests.integration.gateway_client import chat, post, ready_endpoints, stub_successes
 
 TOKENS = 60
 
@@ -55,7 +55,14 @@ async def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, o
 
                 await async_wait_for(going_away, timeout=60, interval=0.2, message="the pod terminating")
                 still_open = not r.content.at_eof()
-                # A new request meanwhile is not sent to the pod going away: it wakes a new replica.
+
+                # The gateway learns it from the EndpointSlice, a moment later (a request routed in between is
+                # served: the pod's preStop sleep covers that window, as on a kubelet).
+                async def dropped() -> bool:
+                    return await asyncio.to_thread(ready_endpoints, gateway, namespace, name) == 0
+
+                await async_wait_for(dropped, timeout=60, interval=0.2, message="the gateway to drop the pod")
+                # From then on a new request is not sent to the pod going away: it wakes a new replica.
                 status, _ = await post(s, gateway.url, chat(name, max_tokens=2))
                 served_by_old = await asyncio.to_thread(stub_successes, pod.status.pod_ip)
                 body += await r.read()
