@@ -19,11 +19,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from tests.cluster import tiny_lora
 from tests.cluster.controlplane import find_engines, free_port
@@ -328,6 +329,32 @@ class Streams:
     lone_steps: int  # engine steps that computed one token at most (a request decoding on its own) while they ran
 
 
+async def _stream(
+    session: aiohttp.ClientSession, engine: Engine, name: str, max_tokens: int
+) -> AsyncIterator[tuple[str, int]]:
+    """A streamed completion of PROMPT (greedy, exactly max_tokens): after each chunk, the text so far and the
+    completion tokens the engine counted so far."""
+    body = {
+        "model": name,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    out, used = "", 0
+    async with session.post(engine.url + "/v1/completions", json=body) as r:
+        assert r.status == 200, (name, await r.text())
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            used = (chunk.get("usage") or {}).get("completion_tokens", used)
+            out += "".join(c["text"] for c in chunk.get("choices") or [])
+            yield out, used
+
+
 async def _concurrent_streams(engine: Engine, names: list[str], max_tokens: int) -> Streams:
     """Streams for `names`, sent together while the engine's scheduler is paused (mode "keep": requests queue, nothing
     is scheduled) and resumed once every one of them is in the engine core, so that they are scheduled together
@@ -344,24 +371,9 @@ async def _concurrent_streams(engine: Engine, names: list[str], max_tokens: int)
     lone_before = _lone_steps(engine)
 
     async def one(session: aiohttp.ClientSession, name: str) -> str:
-        body = {
-            "model": name,
-            "prompt": PROMPT,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-            "stream_options": {"include_usage": True},
-        }
         out, used = "", 0
-        async with session.post(engine.url + "/v1/completions", json=body) as r:
-            assert r.status == 200, (name, await r.text())
-            async for line in r.content:
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                used = (chunk.get("usage") or {}).get("completion_tokens", used)
-                out += "".join(c["text"] for c in chunk.get("choices") or [])
+        async for so_far in _stream(session, engine, name, max_tokens):
+            out, used = so_far
         assert used == max_tokens, (name, used)
         return out
 
@@ -391,16 +403,15 @@ async def _concurrent_streams(engine: Engine, names: list[str], max_tokens: int)
 
 def _lone_steps(engine: Engine) -> int:
     """vllm:iteration_tokens_total's lowest bucket (le=1): engine steps that computed one token at most."""
+    buckets = _samples(engine, "vllm:iteration_tokens_total_bucket")
+    return int(sum(s.value for s in buckets if float(s.labels["le"]) == 1))
+
+
+def _samples(engine: Engine, name: str) -> list[Sample]:
+    """The engine's /metrics samples named `name`."""
     with urllib.request.urlopen(engine.url + "/metrics", timeout=30) as r:
-        families = text_string_to_metric_families(r.read().decode())
-        return int(
-            sum(
-                s.value
-                for f in families
-                for s in f.samples
-                if s.name == "vllm:iteration_tokens_total_bucket" and float(s.labels["le"]) == 1
-            )
-        )
+        families = list(text_string_to_metric_families(r.read().decode()))
+    return [s for f in families for s in f.samples if s.name == name]
 
 
 def test_a_new_version_replaces_an_adapter_in_place_under_its_name(live: Engine) -> None:
@@ -426,27 +437,12 @@ def test_an_adapter_unloaded_mid_stream_finishes_that_stream(live: Engine) -> No
     alone = text(live, "leaving", max_tokens=8)
 
     async def stream_then_unload() -> tuple[str, int, tuple[int, object]]:
-        body = {
-            "model": "leaving",
-            "prompt": PROMPT,
-            "max_tokens": MANY,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        }
         out, used, unloaded = "", 0, None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=VLLM_LOAD)) as s:
-            async with s.post(live.url + "/v1/completions", json=body) as r:
-                assert r.status == 200, await r.text()
-                async for line in r.content:
-                    if not line.startswith(b"data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    used = (chunk.get("usage") or {}).get("completion_tokens", used)
-                    out += "".join(c["text"] for c in chunk.get("choices") or [])
-                    if unloaded is None and out:  # the stream is open: unload its adapter now
-                        unloaded = await asyncio.to_thread(unload, live, "leaving")
+            async for so_far in _stream(s, live, "leaving", MANY):
+                out, used = so_far
+                if unloaded is None and out:  # the stream is open: unload its adapter now
+                    unloaded = await asyncio.to_thread(unload, live, "leaving")
         return out, used, unloaded
 
     out, used, unloaded = asyncio.run(stream_then_unload())
@@ -474,9 +470,7 @@ def test_base_requests_batched_with_adapters_get_an_adapter_applied_on_the_cpu_b
 def _lora_info(engine: Engine) -> list[dict[str, str]]:
     """vllm:lora_requests_info: a gauge whose labels name adapters with requests in flight (in 0.32 its "running"
     and "waiting" labels both list every adapter with any request) and max_lora; no list of loaded adapters."""
-    with urllib.request.urlopen(engine.url + "/metrics", timeout=30) as r:
-        families = list(text_string_to_metric_families(r.read().decode()))
-    return [s.labels for f in families for s in f.samples if s.name == "vllm:lora_requests_info"]
+    return [s.labels for s in _samples(engine, "vllm:lora_requests_info")]
 
 
 def test_an_adapter_whose_files_vanish_kills_the_engine_when_it_is_reloaded(live: Engine) -> None:
