@@ -109,9 +109,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--routing-policies",
         default=",".join(ROUTING_POLICIES),
-        help="routing part: routers in order (rr, lif, prefix, vr-<vllm-router policy>)",
+        help="routing part: routers in order (rr, lif, prefix, prefix-session, vr-<vllm-router policy>)",
     )
     p.add_argument("--routing-requests", type=int, help="routing part: replay only the first N trace requests")
+    p.add_argument(
+        "--routing-rounds",
+        type=int,
+        default=3,
+        help="routing part: replays of every router in rotated order, figures pooled (default 3)",
+    )
     p.add_argument(
         "--adapters-requests", type=int, default=240, help="adapters part: requests per workload run (2 runs)"
     )
@@ -245,7 +251,12 @@ async def amain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         from bench.routing import RoutingConfig
         from bench.routing import run as run_routing
 
-        rcfg = RoutingConfig(work, policies=tuple(args.routing_policies.split(",")), requests=args.routing_requests)
+        rcfg = RoutingConfig(
+            work,
+            policies=tuple(args.routing_policies.split(",")),
+            requests=args.routing_requests,
+            rounds=args.routing_rounds,
+        )
         results["routing"] = await _guarded("routing", run_routing(rcfg))
     if args.only == "adapters":  # real vLLM replicas with LoRA: minutes; run on its own (docs/lora.md)
         from bench.adapters import AdaptersConfig

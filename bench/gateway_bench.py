@@ -40,7 +40,7 @@ from tests.integration.operator_process import OperatorProcess
 log = logging.getLogger("bench")
 NS = "bench-gw"
 LAT, STREAM, COLD = "lat", "stream", "cold"
-PATHS = ("direct", "nginx", "vllm-router", "envoy", "gateway")
+PATHS = ("direct", "nginx", "vllm-router", "envoy", "envoy-model", "py-aiohttp", "py-asyncio", "gateway")
 PROXIES = PATHS[1:]
 
 
@@ -683,7 +683,7 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
     op = OperatorProcess(cluster.kubeconfig, cfg.work / "gateway-operator.log", extra_args=["--gateway-enabled"])
     gw = gateway(cluster.kubeconfig, cfg.work / "gateway.log")
     ngx: Optional[nginx.Nginx] = None
-    others: list[Any] = []  # vllm-router, Envoy
+    others: list[Any] = []  # vllm-router, Envoy (plain and by model), the Python floors
     stubs: list[StubProcess] = []
     try:
         await asyncio.to_thread(op.start)
@@ -728,7 +728,7 @@ async def _run_in(cluster: Cluster, cfg: GatewayConfig, out: dict[str, Any]) -> 
         pids: dict[str, Callable[[], list[int]]] = {"gateway": gw.pids}
         if ngx is not None:
             pids["nginx"] = lambda: [ngx.proc.pid, *processes.children(ngx.proc.pid)] if ngx and ngx.proc else []
-        for cls in (peers.VllmRouter, peers.Envoy):
+        for cls in (peers.VllmRouter, peers.Envoy, peers.EnvoyByModel, peers.AiohttpFloor, peers.AsyncioFloor):
             try:
                 peer = await asyncio.to_thread(cls(cfg.work / cls.name, f"{lat_stub.host}:{lat_stub.port}").start)
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:

@@ -12,13 +12,20 @@ utime + stime from /proc.
 - Envoy: `--concurrency 1` (one worker thread, as nginx's one worker and the gateway's one process), an HTTP
   connection manager routing every path to one cluster, upstream HTTP/1.1 keep-alive, access log off (nginx and
   the gateway log a line per request by default; Envoy's default is none), no buffering filters.
+- Envoy by model (`envoy-model`): the same Envoy choosing the cluster by the JSON body's `model` (json_to_metadata,
+  which buffers the body, and a route on the metadata): what Envoy would cost as our data plane, which must route by
+  the body as the gateway does.
+- The Python floors (`py-aiohttp`, `py-asyncio`, bench/proxy_floor.py): the least a Python proxy does per request,
+  on aiohttp's server and on a bare asyncio protocol, with the gateway's own upstream client.
 """
 
 from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +56,29 @@ def envoy_binary() -> tuple[str, str]:
     return _script("get-envoy.sh", "ENVOY")
 
 
+ENVOY_ROUTES = """\
+              - match: {prefix: "/"}
+                route: {cluster: stub, timeout: 600s}"""
+# Envoy as a model router: the json_to_metadata filter reads the body's `model` into the request's metadata and the
+# route matches on it, as a data plane behind our gateway would choose a model's pods (unknown models: 404).
+ENVOY_BY_MODEL_ROUTES = """\
+              - match:
+                  prefix: "/"
+                  dynamic_metadata:
+                  - filter: modelservice
+                    path: [{{key: model}}]
+                    value: {{string_match: {{exact: "{model}"}}}}
+                route: {{cluster: stub, timeout: 600s}}
+              - match: {{prefix: "/"}}
+                direct_response: {{status: 404, body: {{inline_string: "no such model"}}}}"""
+ENVOY_BY_MODEL_FILTERS = """\
+          - name: envoy.filters.http.json_to_metadata
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata
+              request_rules:
+                rules:
+                - selectors: [{key: model}]
+                  on_present: {metadata_namespace: modelservice, key: model}"""
 ENVOY_CONFIG = """\
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
@@ -68,9 +98,9 @@ static_resources:
             - name: all
               domains: ["*"]
               routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: stub, timeout: 600s}}
+{routes}
           http_filters:
+{filters}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -122,7 +152,7 @@ class _Proxy:
         self.work.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         log = open(self.work / f"{self.name}.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
         log.close()
         for _ in range(600):  # bounded: 60 s (vllm-router checks its worker's health before it listens)
             if self.proc.poll() is not None:
@@ -185,7 +215,16 @@ class Envoy(_Proxy):
         self.admin = _free_port()
         host, port = self.upstream.rsplit(":", 1)
         conf = self.work / "envoy.yaml"
-        conf.write_text(ENVOY_CONFIG.format(admin=self.admin, port=self.port, host=host, upstream_port=port))
+        conf.write_text(
+            ENVOY_CONFIG.format(
+                admin=self.admin,
+                port=self.port,
+                host=host,
+                upstream_port=port,
+                routes=self.routes(),
+                filters=self.filters(),
+            )
+        )
         exe, self.version = envoy_binary()
         return [
             exe,
@@ -199,5 +238,51 @@ class Envoy(_Proxy):
             str(self.port),
         ]  # a base id of our own: another Envoy on the machine keeps its own
 
+    def routes(self) -> str:
+        return ENVOY_ROUTES
+
+    def filters(self) -> str:
+        return ""
+
     def ready(self) -> bool:
         return _ok(f"http://127.0.0.1:{self.admin}/ready")
+
+
+class EnvoyByModel(Envoy):
+    """Envoy choosing the model's cluster by the JSON body's `model` (the shape Envoy would have as our data plane)."""
+
+    name = "envoy-model"
+    model = "lat"  # the gateway bench's latency model (gateway_bench.LAT)
+
+    def routes(self) -> str:
+        return ENVOY_BY_MODEL_ROUTES.format(model=self.model)
+
+    def filters(self) -> str:
+        return ENVOY_BY_MODEL_FILTERS
+
+
+class _PythonFloor(_Proxy):
+    """bench/proxy_floor.py in one process: the least a Python proxy does per request, for the data-plane decision."""
+
+    mode = ""
+
+    def command(self) -> list[str]:
+        self.version = self.mode
+        return [sys.executable, "-m", "bench.proxy_floor", self.mode, str(self.port), self.upstream]
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+
+class AiohttpFloor(_PythonFloor):
+    name = "py-aiohttp"
+    mode = "aiohttp"
+
+
+class AsyncioFloor(_PythonFloor):
+    name = "py-asyncio"
+    mode = "asyncio"

@@ -210,6 +210,22 @@ def peer_rows(c: str, entry: dict[str, Any]) -> list[Row]:
             else "",
         )
     )
+    # The data-plane decision's figures (docs/benchmarks.md): Envoy routing by the body's model, and the floors of a
+    # Python proxy (bench/proxy_floor.py), each beside vllm-router's requests per CPU-second of the same run.
+    alt = {p: (entry.get(p) or {}).get("requests_per_cpu_second") for p in ("envoy-model", "py-aiohttp", "py-asyncio")}
+    if any(v is not None for v in alt.values()):
+        rows.append(
+            (
+                f"c={c}: req per CPU-s, Envoy by model / Python floors",
+                " / ".join(_num(alt[p], 0) for p in ("envoy-model", "py-aiohttp", "py-asyncio")),
+                "envoy-model / py-aiohttp / py-asyncio",
+                " / ".join(
+                    fmt_ratio(ratio(alt[p], cpu["vllm-router"])) for p in ("envoy-model", "py-aiohttp", "py-asyncio")
+                ),
+                "",
+                "",
+            )
+        )
     return rows
 
 
@@ -256,7 +272,8 @@ def gateway_rows(res: dict[str, Any]) -> list[Row]:
         )
         rows += peer_rows(c, entry)
         errs = sum(
-            (entry.get(p) or {}).get("errors", 0) for p in ("direct", "nginx", "vllm-router", "envoy", "gateway")
+            (entry.get(p) or {}).get("errors", 0)
+            for p in ("direct", "nginx", "vllm-router", "envoy", "envoy-model", "py-aiohttp", "py-asyncio", "gateway")
         )
         if errs:
             rows.append((f"c={c}: failed requests", str(errs), "", "", "0", "NO"))

@@ -17,6 +17,7 @@ through each router in turn (docs/routing.md, docs/benchmarks.md).
 
 Routers: `rr` round robin straight to the replicas from the client (what a Kubernetes Service spreads like);
 `lif` and `prefix`: our gateway (bench/routing_gateway.py) with spec.routing.policy LeastInFlight / PrefixAffinity;
+`prefix-session`: PrefixAffinity with the conversation's id in X-Session-Id, as vllm-router's consistent_hash gets it;
 `vr-<policy>`: vllm-router from PyPI (hack/get-vllm-router.sh) with that --policy.
 """
 
@@ -51,9 +52,11 @@ CAPACITY_REQUESTS = 40
 RATE_SHARE = 0.7
 HITS, QUERIES = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
 # vllm-router's consistent_hash keys on a session header (X-Session-ID, then user ids, ...): the replay sends the
-# conversation's id there, its best case. Our PrefixAffinity is measured without it (it reads the messages).
-SESSION_POLICIES = ("vr-consistent_hash",)
-POLICIES = ("rr", "lif", "prefix", "vr-cache_aware", "vr-consistent_hash", "vr-power_of_two")
+# conversation's id there, its best case. Our PrefixAffinity is measured both without it (`prefix`: it reads the
+# messages) and with the same header (`prefix-session`: our X-Session-Id, the explicit key of docs/routing.md).
+SESSION_POLICIES = ("vr-consistent_hash", "prefix-session")
+POLICIES = ("rr", "lif", "prefix", "prefix-session", "vr-cache_aware", "vr-consistent_hash", "vr-power_of_two")
+OURS = {"lif": "LeastInFlight", "prefix": "PrefixAffinity", "prefix-session": "PrefixAffinity"}
 
 
 @dataclass
@@ -63,6 +66,7 @@ class RoutingConfig:
     requests: Optional[int] = None  # replay only the first N requests of the trace
     trace: Path = TRACE
     rate_share: float = RATE_SHARE
+    rounds: int = 1  # replays of every policy, in rotated order; figures pooled over them (pool_rounds)
     replicas: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
     # For other benches on the same replicas (bench/adapters.py: LoRA flags, runtime loading, the adapters' dir).
@@ -180,7 +184,7 @@ async def router(policy: str, backends: list[str], work: Path, s: aiohttp.Client
         yield backends
         return
     logf = work / f"router-{policy}.log"
-    if policy in ("lif", "prefix"):
+    if policy in OURS:
         cmd = [
             sys.executable,
             "-m",
@@ -188,7 +192,7 @@ async def router(policy: str, backends: list[str], work: Path, s: aiohttp.Client
             "--model",
             MODEL,
             "--policy",
-            {"lif": "LeastInFlight", "prefix": "PrefixAffinity"}[policy],
+            OURS[policy],
         ]
         for b in backends:
             cmd += ["--backend", b.removeprefix("http://")]
@@ -367,6 +371,7 @@ async def replay(
         "seconds": took,
         "completed_rps": len(ok) / took,
         "ttft": summary(ttft),
+        "ttft_samples": ttft,  # pooled over rounds by pool_rounds()
         "total": summary([r["total"] for r in ok]),
         "prompt_tokens": summary([r["prompt_tokens"] for r in ok if r.get("prompt_tokens")]),
         "late": summary([r["late"] for r in results]),
@@ -383,6 +388,7 @@ async def run(cfg: RoutingConfig) -> dict[str, Any]:
         "trace": cfg.trace.name,
         "requests": len(reqs),
         "rate_share": cfg.rate_share,
+        "rounds": cfg.rounds,
         "replicas": cfg.replicas,
         "policies": {},
     }
@@ -408,14 +414,16 @@ async def run(cfg: RoutingConfig) -> dict[str, Any]:
                 len(reqs),
                 rate,
             )
+            per_round: dict[str, list[dict[str, Any]]] = {p: [] for p in cfg.policies}
+            for r in range(cfg.rounds):
+                # Rotated: no router always runs first after the capacity run, or right after the same other one.
+                order = cfg.policies[r % len(cfg.policies) :] + cfg.policies[: r % len(cfg.policies)]
+                for policy in order:
+                    res = await _one_policy(cfg, s, policy, backends, reqs, rate, max_tokens)
+                    per_round[policy].append(res)
+                    log.info("routing: round %d: %s", r + 1, policy)
             for policy in cfg.policies:
-                try:
-                    async with router(policy, backends, cfg.work, s) as urls:
-                        res = await replay(s, urls, backends, reqs, rate, max_tokens, policy in SESSION_POLICIES)
-                except Exception as e:  # noqa: BLE001 - one router's failure is a row, the others still run
-                    log.exception("routing: %s failed", policy)
-                    res = {"error": f"{type(e).__name__}: {e}"}
-                out["policies"][policy] = res
+                res = out["policies"][policy] = pool_rounds(per_round[policy])
                 log.info(
                     "routing: %s: %s",
                     policy,
@@ -430,6 +438,52 @@ async def run(cfg: RoutingConfig) -> dict[str, Any]:
     return out
 
 
+async def _one_policy(
+    cfg: RoutingConfig,
+    s: aiohttp.ClientSession,
+    policy: str,
+    backends: list[str],
+    reqs: list[dict],
+    rate: float,
+    max_tokens: int,
+) -> dict[str, Any]:
+    try:
+        async with router(policy, backends, cfg.work, s) as urls:
+            return await replay(s, urls, backends, reqs, rate, max_tokens, policy in SESSION_POLICIES)
+    except Exception as e:  # noqa: BLE001 - one router's failure is a row, the others still run
+        log.exception("routing: %s failed", policy)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def pool_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One policy's replays → one row: time to first token over every request of every round, the hit rate of
+    all their prompt tokens, completed req/s of all of them; each round's own p50/p99/hit rate kept beside."""
+    if not runs:
+        return {"error": "not run"}
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {"error": failed[0]["error"], "rounds": len(runs)}
+    ttft = [t for r in runs for t in r["ttft_samples"]]
+    hits = sum(r["cache"]["hit_tokens"] for r in runs)
+    queries = sum(r["cache"]["query_tokens"] for r in runs)
+    return {
+        "rounds": len(runs),
+        "requests": sum(r["requests"] for r in runs),
+        "ok": sum(r["ok"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "error_sample": [e for r in runs for e in r["error_sample"]][:3],
+        "seconds": sum(r["seconds"] for r in runs),
+        "completed_rps": sum(r["ok"] for r in runs) / sum(r["seconds"] for r in runs),
+        "ttft": summary(ttft),
+        "cache": {"hit_tokens": hits, "query_tokens": queries, "hit_rate": hits / queries if queries else None},
+        "late_p99": max((r["late"]["p99"] or 0.0) for r in runs),  # the worst round's
+        "loadavg": [runs[0]["loadavg"][0], runs[-1]["loadavg"][1]],
+        "per_round": [
+            {"p50": r["ttft"]["p50"], "p99": r["ttft"]["p99"], "hit_rate": r["cache"]["hit_rate"]} for r in runs
+        ],
+    }
+
+
 def rows(res: dict[str, Any]) -> list[str]:
     if "error" in res:
         return [f"  failed: {res['error']}"]
@@ -437,8 +491,10 @@ def rows(res: dict[str, Any]) -> list[str]:
     lines = [
         f"  trace {res.get('trace')}: {res.get('requests')} requests; round-robin capacity "
         f"{cap.get('rps', 0):.2f} req/s (closed loop, {CAPACITY_CONCURRENCY} at a time); replayed at "
-        f"{res.get('rate', 0):.2f} req/s ({res.get('rate_share', 0):.0%})",
-        f"  {'router':<18} {'ok':>4} {'err':>4} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'hit rate':>8}  load",
+        f"{res.get('rate', 0):.2f} req/s ({res.get('rate_share', 0):.0%}); {res.get('rounds', 1)} rounds in rotated "
+        "order, pooled",
+        f"  {'router':<18} {'ok':>4} {'err':>4} {'req/s':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'hit rate':>8}  load"
+        "       p50 by round",
     ]
     for name, r in res.get("policies", {}).items():
         if "error" in r:
@@ -450,5 +506,7 @@ def rows(res: dict[str, Any]) -> list[str]:
             f"  {name:<18} {r['ok']:>4} {r['errors']:>4} {r['completed_rps']:>6.2f} "
             f"{(t['p50'] or 0) * 1000:>7.0f}ms {(t['p99'] or 0) * 1000:>7.0f}ms "
             f"{'-' if hr is None else f'{hr:.1%}':>8}  {r['loadavg'][0][0]:.1f}->{r['loadavg'][1][0]:.1f}"
+            + "   "
+            + " ".join(f"{(x['p50'] or 0) * 1000:.0f}" for x in r.get("per_round", []))
         )
     return lines

@@ -304,3 +304,52 @@ def test_peer_proxies_rows_judge_issue_14s_goals():
     assert one[0][0] == "c=1: added p50, gateway vs vllm-router" and one[0][5] == "NO"  # 0.9 ms vs 0.4 ms: 2.25x
     assert peer_rows("64", entry)[1][5] == "yes" and peer_rows("1", entry)[1][5] == ""  # CPU goal at 64 and 256
     assert peer_rows("64", {"direct": {}}) == []  # no vllm-router in the run: no rows
+
+
+def test_data_plane_rows_put_envoy_by_model_and_the_python_floors_beside_vllm_router():
+    from bench.report import peer_rows
+
+    entry = {
+        "direct": {"latency": {"p50": 0.001}},
+        "vllm-router": {"latency": {"p50": 0.0012}, "requests_per_cpu_second": 10000},
+        "gateway": {"latency": {"p50": 0.0015}, "requests_per_cpu_second": 3000},
+        "envoy-model": {"requests_per_cpu_second": 9900},
+        "py-aiohttp": {"requests_per_cpu_second": 6000},
+        "py-asyncio": {"requests_per_cpu_second": 9000},
+    }
+    entry["added"] = added_latency(entry)
+    row = peer_rows("64", entry)[2]
+    assert row[1] == "9900 / 6000 / 9000" and row[3] == "0.99x / 0.60x / 0.90x"
+    del entry["envoy-model"], entry["py-aiohttp"], entry["py-asyncio"]
+    assert len(peer_rows("64", entry)) == 2  # a run without them: no row
+
+
+def test_routing_rounds_pool_every_request_and_every_prompt_token():
+    from bench.routing import pool_rounds
+
+    def run(ttft: list[float], hits: int, queries: int) -> dict:
+        return {
+            "requests": len(ttft),
+            "ok": len(ttft),
+            "errors": 0,
+            "error_sample": [],
+            "seconds": 10.0,
+            "ttft": {"p50": sorted(ttft)[len(ttft) // 2], "p99": max(ttft)},
+            "ttft_samples": ttft,
+            "cache": {"hit_tokens": hits, "query_tokens": queries, "hit_rate": hits / queries},
+            "late": {"p99": 0.5},
+            "loadavg": [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0)],
+        }
+
+    pooled = pool_rounds([run([0.1, 0.2, 0.3], 30, 100), run([0.4, 0.5, 0.6], 90, 100)])
+    assert pooled["ok"] == 6 and pooled["ttft"]["n"] == 6 and pooled["ttft"]["max"] == 0.6
+    assert pooled["cache"]["hit_rate"] == 0.6 and pooled["completed_rps"] == 0.3
+    assert [r["hit_rate"] for r in pooled["per_round"]] == [0.3, 0.9]
+    assert pool_rounds([run([0.1], 1, 2), {"error": "boom"}])["error"] == "boom"
+
+
+def test_envoy_by_model_routes_the_gateway_benchs_latency_model():
+    from bench import peers
+    from bench.gateway_bench import LAT
+
+    assert peers.EnvoyByModel.model == LAT
