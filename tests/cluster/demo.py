@@ -133,7 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say("Installing the ModelService CRD")
         kubectl(kc, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        kubectl(kc, "wait", "--for=condition=Established", "crd/modelservices.serving.modelservice.dev")
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+        wait_for(  # polled: `kubectl wait` fails at once if it reads the CRD before any condition is written
+            lambda: (
+                kubectl(
+                    kc, "get", "crd/modelservices.serving.modelservice.dev", "-o", f"jsonpath={jsonpath}", show=False
+                ).strip()
+                == "True"
+            ),
+            60,
+            message="the ModelService CRD Established",
+        )
 
         say("Running the operator and the gateway")
         port = free_port()

@@ -32,9 +32,15 @@ def kubectl(kubeconfig: Path, *args: str, check: bool = True, input: Optional[st
 
 def install_crds(kubeconfig: Path) -> None:
     kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kubectl(
-        kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", "crd/modelservices.serving.modelservice.dev"
-    )
+    # Polled, not `kubectl wait`: kubectl 1.32 fails at once ("status.conditions accessor error") when it reads the
+    # CRD before the apiserver has written any condition, which a loaded machine makes likely.
+    wait_for(lambda: crd_established(kubeconfig), 60, message="the ModelService CRD Established")
+
+
+def crd_established(kubeconfig: Path) -> bool:
+    jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+    got = kubectl(kubeconfig, "get", "crd/modelservices.serving.modelservice.dev", "-o", f"jsonpath={jsonpath}")
+    return got.strip() == "True"
 
 
 @dataclass
