@@ -4,8 +4,8 @@
 
 Each request: read the body, parse it as JSON (a model router must read `model`), send it upstream with the
 product's own upstream client (modelservice.gateway.upstream: pooled keep-alive connections, answers parsed by
-httptools), relay the answer in one write (headers and body). Nothing else: no routing table, no auth, metering, activity, metrics or
-access log. The gateway bench (bench/gateway_bench.py) runs both beside the gateway, vllm-router and Envoy, so the
+httptools), relay the answer in one write (headers and body), dropping the hop-by-hop headers the gateway drops. Nothing
+else: no routing table, no auth, metering, activity, metrics or access log. The gateway bench (bench/gateway_bench.py) runs both beside the gateway, vllm-router and Envoy, so the
 same run says how far the gateway's own work is from the floor, and whether any Python proxy could reach
 vllm-router's requests per CPU-second (issue 14; docs/benchmarks.md, "The data-plane decision").
 
@@ -25,9 +25,8 @@ from typing import Any, Optional
 
 import httptools
 
+from modelservice.gateway.proxy import HOP_BY_HOP
 from modelservice.gateway.upstream import UpstreamPool
-
-DROP = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding"})
 
 
 def _pool() -> UpstreamPool:
@@ -39,13 +38,13 @@ async def _exchange(
 ) -> tuple[int, str, list[tuple[str, str]], bytes]:
     """The upstream exchange both floors share: (status, reason, headers to relay, body)."""
     json.loads(body).get("model")  # the one thing a model router must read
-    hs = [(k, v) for k, v in headers if k.lower() not in DROP]
+    hs = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
     r = await pool.request("POST", upstream[0], upstream[1], path, hs, body)
     try:
         data = await r.read()
     finally:
         r.release()
-    return r.status, r.reason, [(k, v) for k, v in r.headers if k.lower() not in DROP], data
+    return r.status, r.reason, [(k, v) for k, v in r.headers if k.lower() not in HOP_BY_HOP], data
 
 
 class _Connection(asyncio.Protocol):

@@ -175,6 +175,9 @@ def operator_rows(res: dict[str, Any]) -> list[Row]:
     return rows
 
 
+DATA_PLANE_ALTERNATIVES = ("envoy-model", "py-aiohttp", "py-asyncio")  # bench/peers.py, for the data-plane decision
+
+
 def peer_rows(c: str, entry: dict[str, Any]) -> list[Row]:
     """Beside vllm-router (issue 14): added p50 within 1.5x of its own at c=1; requests per proxy CPU-second at
     least its own at c=64 and 256. Envoy's figures beside them, for the data-plane decision (docs/benchmarks.md)."""
@@ -212,16 +215,14 @@ def peer_rows(c: str, entry: dict[str, Any]) -> list[Row]:
     )
     # The data-plane decision's figures (docs/benchmarks.md): Envoy routing by the body's model, and the floors of a
     # Python proxy (bench/proxy_floor.py), each beside vllm-router's requests per CPU-second of the same run.
-    alt = {p: (entry.get(p) or {}).get("requests_per_cpu_second") for p in ("envoy-model", "py-aiohttp", "py-asyncio")}
+    alt = {p: (entry.get(p) or {}).get("requests_per_cpu_second") for p in DATA_PLANE_ALTERNATIVES}
     if any(v is not None for v in alt.values()):
         rows.append(
             (
                 f"c={c}: req per CPU-s, Envoy by model / Python floors",
-                " / ".join(_num(alt[p], 0) for p in ("envoy-model", "py-aiohttp", "py-asyncio")),
-                "envoy-model / py-aiohttp / py-asyncio",
-                " / ".join(
-                    fmt_ratio(ratio(alt[p], cpu["vllm-router"])) for p in ("envoy-model", "py-aiohttp", "py-asyncio")
-                ),
+                " / ".join(_num(v, 0) for v in alt.values()),
+                " / ".join(alt),
+                " / ".join(fmt_ratio(ratio(v, cpu["vllm-router"])) for v in alt.values()),
                 "",
                 "",
             )
@@ -271,10 +272,7 @@ def gateway_rows(res: dict[str, Any]) -> list[Row]:
             )
         )
         rows += peer_rows(c, entry)
-        errs = sum(
-            (entry.get(p) or {}).get("errors", 0)
-            for p in ("direct", "nginx", "vllm-router", "envoy", "envoy-model", "py-aiohttp", "py-asyncio", "gateway")
-        )
+        errs = sum(v.get("errors", 0) for k, v in entry.items() if k != "added")  # every path the run measured
         if errs:
             rows.append((f"c={c}: failed requests", str(errs), "", "", "0", "NO"))
     st = res.get("streaming")

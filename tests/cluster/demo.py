@@ -24,6 +24,7 @@ import yaml
 
 from tests.cluster.controlplane import DEFAULT_STATE_DIR, ControlPlane, free_port
 from tests.cluster.wait import wait_for
+from tests.integration.operator_process import wait_crd_established
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "demo"
@@ -133,17 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say("Installing the ModelService CRD")
         kubectl(kc, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
-        wait_for(  # polled: `kubectl wait` fails at once if it reads the CRD before any condition is written
-            lambda: (
-                kubectl(
-                    kc, "get", "crd/modelservices.serving.modelservice.dev", "-o", f"jsonpath={jsonpath}", show=False
-                ).strip()
-                == "True"
-            ),
-            60,
-            message="the ModelService CRD Established",
-        )
+        wait_crd_established(kc)
 
         say("Running the operator and the gateway")
         port = free_port()

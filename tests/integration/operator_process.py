@@ -32,15 +32,23 @@ def kubectl(kubeconfig: Path, *args: str, check: bool = True, input: Optional[st
 
 def install_crds(kubeconfig: Path) -> None:
     kubectl(kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    # Polled, not `kubectl wait`: kubectl 1.32 fails at once ("status.conditions accessor error") when it reads the
-    # CRD before the apiserver has written any condition, which a loaded machine makes likely.
-    wait_for(lambda: crd_established(kubeconfig), 60, message="the ModelService CRD Established")
+    wait_crd_established(kubeconfig)
 
 
-def crd_established(kubeconfig: Path) -> bool:
+def wait_crd_established(kubeconfig: Path) -> None:
+    """Polled, not `kubectl wait`: kubectl 1.32 fails at once ("status.conditions accessor error") when it reads the
+    CRD before the apiserver has written any condition, which a loaded machine makes likely."""
     jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
-    got = kubectl(kubeconfig, "get", "crd/modelservices.serving.modelservice.dev", "-o", f"jsonpath={jsonpath}")
-    return got.strip() == "True"
+    wait_for(
+        lambda: (
+            kubectl(
+                kubeconfig, "get", "crd/modelservices.serving.modelservice.dev", "-o", f"jsonpath={jsonpath}"
+            ).strip()
+            == "True"
+        ),
+        60,
+        message="the ModelService CRD Established",
+    )
 
 
 @dataclass
