@@ -25,7 +25,7 @@ from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_
 from modelservice.netpol import API_VERSION as NETPOL_API_VERSION
 from modelservice.netpol import NetworkPolicyConfig, network_policy
 from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
-from modelservice.scaling import Activity, activity_from_leases, decide
+from modelservice.scaling import Activity, activity_from_leases, decide, parse_time
 from modelservice.status import Observed, adapters_from_leases, compute_status, exited_unready, status_changed
 from modelservice.workqueue import WorkQueue
 
@@ -68,7 +68,7 @@ PLAN_DEBOUNCE = 0.2
 
 # What reconcile reads of leases; of other kinds except pods it reads most fields.
 SLIM_KEEP = {"Lease": ("spec",)}
-POD_META = ("name", "namespace", "labels", "resourceVersion", "uid", "deletionTimestamp")
+POD_META = ("name", "namespace", "labels", "resourceVersion", "uid", "deletionTimestamp", "creationTimestamp")
 
 
 def slim(obj: Mapping[str, Any], kind: Optional[str] = None) -> dict[str, Any]:
@@ -113,6 +113,9 @@ def _slim_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
     gpus = parking.pod_gpus(obj)
     if gpus:
         out["gpus"] = gpus
+    reserved = (obj["metadata"].get("annotations") or {}).get(parking.RESERVED_ON_ANNOTATION)
+    if reserved:
+        out["reservedOn"] = reserved  # the planner's reservation (parking.Plan.reserve); other annotations not kept
     return out
 
 
@@ -391,8 +394,15 @@ class Controller:
                 elif not node and gpus and pending is None and not pod["metadata"].get("deletionTimestamp"):
                     msg = parking.pending_gpu_message(pod)
                     if msg is not None:
+                        nominated = (pod.get("status") or {}).get("nominatedNodeName")
+                        reserved = pod.get("reservedOn")
                         pending = parking.Pending(
-                            gpus, msg, nominated=bool((pod.get("status") or {}).get("nominatedNodeName"))
+                            gpus,
+                            msg,
+                            nominated=bool(nominated) and nominated != reserved,  # the scheduler's, not ours
+                            pod=pod["metadata"]["name"],
+                            since=parse_time(pod["metadata"].get("creationTimestamp")) or 0.0,
+                            reserved_on=reserved if nominated == reserved else None,
                         )
             if not bound and pending is None:
                 continue
@@ -428,6 +438,8 @@ class Controller:
         result = parking.plan(self.pool_models(time.time()), [parking.node_from(n) for n in self.store.nodes.values()])
         for park in result.parks:
             await self._park(park)
+        for key, reservation in result.reserve.items():
+            await self._reserve(key, reservation)
         in_place = {
             k for k in self._in_place | result.in_place if _rolling(self.store.children.get(k, {}).get("Deployment"))
         }
@@ -441,6 +453,27 @@ class Controller:
                 body = self.store.modelservices.get(key)
                 if body is not None and key in result.waiting:
                     await self.events.record(body, "Normal", "AwaitingCapacity", result.waiting[key])
+
+    async def _reserve(self, key: Key, r: parking.Reservation) -> None:
+        """Nominate the waiting pod for the node made room for it: the scheduler then keeps those GPUs from pods of
+        equal or lower priority (parking.py: first come, first served). The annotation first, so that a restart
+        between the two writes finds an annotation without a nomination (nothing reserved), never a nomination it
+        would take for the scheduler's preemption."""
+        pod = self.store.pods.get(key, {}).get(r.pod)
+        if pod is None:
+            return
+        if pod.get("reservedOn") == r.node and (pod.get("status") or {}).get("nominatedNodeName") == r.node:
+            return  # already so
+        path = object_path("v1", "Pod", key[0], r.pod)
+        try:
+            await self.kube.merge_patch(path, {"metadata": {"annotations": {parking.RESERVED_ON_ANNOTATION: r.node}}})
+            await self.kube.merge_patch(path + "/status", {"status": {"nominatedNodeName": r.node}})
+        except ApiError as e:
+            if e.status == 404:
+                return  # bound or gone meanwhile: nothing to reserve
+            raise
+        API_WRITES.labels(verb="patch", kind="Pod").inc()
+        log.info("GPU pool: reserved node %s for %s/%s (pod %s)", r.node, key[0], key[1], r.pod)
 
     async def _park(self, park: parking.Park) -> None:
         """Scale the victim to zero and say for whom, in one write: a restart finds either both or neither."""

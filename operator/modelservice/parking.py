@@ -21,6 +21,11 @@ Rules (docs/gpu-pool.md says why):
 - GPUs already on their way back (pods terminating) count as freed: a pod that needs 2 GPUs never parks a second
   model while the first one's pods are still stopping.
 - A pod the scheduler has nominated a node for is being made room for by preemption: we do not park for it too.
+- First come, first served within a priority: waiters are planned oldest pending pod first, and the GPUs made room
+  for one are reserved for it (Plan.reserve: the controller writes the pod's status.nominatedNodeName, which the
+  scheduler holds for it against pods of equal or lower priority, as it does for a preemptor). Without it the freed
+  GPUs go to whichever pending pod leaves the scheduler's backoff first, often the newest: kube-scheduler retries a
+  pod that failed often after a longer backoff (up to 10 s), so the oldest waiter would come last.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ Key = tuple[str, str]  # (namespace, ModelService name)
 GPU = "nvidia.com/gpu"
 # On a parked model's Deployment, written with its scale to zero in one patch: "namespace/name" it made room for.
 PARKED_FOR_ANNOTATION = f"{GROUP}/parked-for"
+# On a waiting pod, written before its status.nominatedNodeName: the node we reserved for it. A nomination that
+# matches it is ours (Plan.reserve); any other is the scheduler's own, for a preemption.
+RESERVED_ON_ANNOTATION = f"{GROUP}/reserved-on"
 
 
 def label(key: Key) -> str:
@@ -155,6 +163,9 @@ class Pending:
     gpus: int
     message: str  # the scheduler's, verbatim
     nominated: bool = False  # status.nominatedNodeName: the scheduler is preempting for it
+    pod: str = ""  # its name, for the reservation
+    since: float = 0.0  # its creation time: the oldest waiter is served first
+    reserved_on: Optional[str] = None  # the node our reservation nominated it for (not the scheduler's nomination)
 
 
 @dataclass(frozen=True)
@@ -216,9 +227,18 @@ class Park:
         )
 
 
+@dataclass(frozen=True)
+class Reservation:
+    pod: str
+    node: str
+    gpus: int
+
+
 @dataclass
 class Plan:
     parks: list[Park] = field(default_factory=list)
+    # waiting model → the node whose GPUs are made room for it (or free now): its pending pod is nominated there.
+    reserve: dict[Key, Reservation] = field(default_factory=dict)
     # waiting model → what it waits for (AwaitingCapacity). Also set for models we park for.
     waiting: dict[Key, str] = field(default_factory=dict)
     # Rollouts to do in place (maxSurge 0, maxUnavailable 1): no GPU for a surge replica, and replacing one replica
@@ -250,8 +270,11 @@ def plan(models: list[Model], nodes: list[Node]) -> Plan:
     out = Plan()
     by_key = {m.key: m for m in models}
     parked: set[Key] = set()
-    # Highest first: when two models wait, the more important one picks its victims first.
-    waiters = sorted((m for m in models if m.pending is not None), key=lambda m: (-m.pod_priority, -m.priority, m.key))
+    # Highest first: when two models wait, the more important one picks its victims first; then the oldest.
+    waiters = sorted(
+        (m for m in models if m.pending is not None),
+        key=lambda m: (-m.pod_priority, -m.priority, m.pending.since if m.pending else 0.0, m.key),
+    )
     for w in waiters:
         p = w.pending
         assert p is not None
@@ -294,15 +317,20 @@ def _make_room(w: Model, by_key: dict[Key, Model], nodes: list[Node], parked: se
     for n in sorted(usable, key=lambda n: n.name):
         others = [m for m in by_key.values() if m.key not in parked]
         used = sum(m.gpus_on(n.name) for m in others)  # the waiter's own running replicas included
-        leaving = sum(m.leaving_on(n.name) for m in by_key.values())
+        # GPUs on their way back, less those reserved earlier in this plan for an older (or higher) waiter.
+        reserved = sum(r.gpus for r in out.reserve.values() if r.node == n.name)
+        leaving = max(0, sum(m.leaving_on(n.name) for m in by_key.values()) - reserved)
         # GPUs of models parked earlier in this plan (for another waiter) are spoken for.
         spoken = sum(m.gpus_on(n.name) for m in by_key.values() if m.key in parked)
-        stats.append((n, others, n.gpus - used - leaving - spoken, leaving))
+        free = n.gpus - used - leaving - spoken - reserved
+        stats.append((n, others, free, leaving))
     for n, _, free, _ in stats:
         if free >= p.gpus:  # by our count it fits: the scheduler has not retried yet, or pods not ours hold GPUs
+            _reserve(w, n, out)
             return f"no GPU free: {p.message}; node {n.name} looks free now: waiting for the scheduler to retry"
     for n, _, free, leaving in stats:
         if leaving and free + leaving >= p.gpus:
+            _reserve(w, n, out)
             _park_competitors(w, n, by_key, parked, out)
             going = sorted(label(m.key) for m in by_key.values() if m.leaving_on(n.name))
             return f"waiting for {', '.join(going)} to give back GPUs on node {n.name} (no GPU free: {p.message})"
@@ -340,9 +368,16 @@ def _make_room(w: Model, by_key: dict[Key, Model], nodes: list[Node], parked: se
     for m in chosen:
         parked.add(m.key)
         out.parks.append(Park(victim=m.key, waiter=w.key, node=node.name, gpus=m.gpus_on(node.name)))
+    _reserve(w, node, out)
     _park_competitors(w, node, by_key, parked, out)
     names = ", ".join(label(m.key) for m in chosen)
     return f"waiting for GPUs on node {node.name}: parking {names} to make room (no GPU free: {p.message})"
+
+
+def _reserve(w: Model, node: Node, out: Plan) -> None:
+    p = w.pending
+    if p is not None and p.pod:
+        out.reserve[w.key] = Reservation(p.pod, node.name, p.gpus)
 
 
 # ---- from the API's objects (the controller's slim caches) -----------------------------------------------------

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 
+from modelservice import parking
 from modelservice.labels import IN_FLIGHT_NOW_ANNOTATION, MODELSERVICE_LABEL
 from tests.cluster.kube import pod_ready
 from tests.cluster.podspec import STUB_STARTUP_DELAY_ANNOTATION
@@ -368,3 +370,56 @@ async def test_an_operator_restart_in_the_middle_of_making_room_finishes_it(
     obj = ms.wait_condition(kube, namespace, "b", "Ready", "False", reason="Parked", timeout=30)
     assert f"to make room for {namespace}/w" in ms.condition(obj, "Ready")["message"]
     assert ms.condition(ms.get(kube, namespace, "a"), "Ready")["reason"] == "Parked"
+
+
+async def test_the_gpu_made_room_for_the_oldest_waiter_goes_to_it(kube, namespace, operator, fake_nodes, gateway):
+    """First come, first served: zed and then amy wait for a GPU while the only model that could give one back (a)
+    is still loading. When a is Ready it is parked for zed, the older waiter (not for amy, first by name), and zed's
+    pod is nominated for a's node: amy's pod, which the scheduler would often try first (it has failed fewer times,
+    so its backoff is shorter), cannot take that GPU. zed is answered; amy still waits, and says why."""
+    wait_pool_empty(kube)
+    idle = {"autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}}
+    for name in ("zed", "amy"):
+        ms.create(kube, namespace, ms.body(name, resources=GPU, **idle))
+        scale_to_zero_now(kube, namespace, name)
+    for name in "bcd":  # a floor of one replica each: not parkable
+        create_ready(kube, namespace, name, replicas=1)
+    # a takes the last GPU and loads for 20 s: while it loads, nothing can be parked.
+    ms.create(
+        kube,
+        namespace,
+        ms.body("a", resources=GPU, **idle, podTemplate={"annotations": {STUB_STARTUP_DELAY_ANNOTATION: "20"}}),
+    )
+    wait_for(lambda: len(gpu_pods(kube)) == POOL, timeout=60, interval=0.2, message="a's pod bound")
+
+    def pending_pod(name: str):
+        for p in kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items:
+            if any(c.type == "PodScheduled" and c.status == "False" for c in p.status.conditions or []):
+                return p
+        return None
+
+    zed_request = asyncio.ensure_future(_post_once(gateway.url, "zed", timeout=150))
+    amy_request = None
+    try:
+        zed = await asyncio.to_thread(wait_for, lambda: pending_pod("zed"), 60, 0.2, "zed's pod waiting for a GPU")
+        # Pods' creation times have whole seconds: amy's pod is created in a later second than zed's.
+        created = zed.metadata.creation_timestamp.timestamp()
+        await asyncio.to_thread(wait_for, lambda: time.time() >= created + 1.1, 5, 0.05, "the next second")
+        amy_request = asyncio.ensure_future(_post_once(gateway.url, "amy", timeout=150))
+        await asyncio.to_thread(wait_for, lambda: pending_pod("amy"), 60, 0.2, "amy's pod waiting for a GPU")
+        a = ms.get(kube, namespace, "a")
+        assert (ms.condition(a, "Ready") or {}).get("status") != "True", "a was Ready before both waited"
+
+        status, body = await zed_request
+        assert status == 200, body
+        parked = ms.wait_condition(kube, namespace, "a", "Ready", "False", reason="Parked", timeout=30)
+        assert f"to make room for {namespace}/zed" in ms.condition(parked, "Ready")["message"]
+        zed_pod = kube.core.read_namespaced_pod(zed.metadata.name, namespace)
+        assert zed_pod.metadata.annotations.get(parking.RESERVED_ON_ANNOTATION) == zed_pod.spec.node_name
+        assert pending_pod("amy") is not None  # still waiting: the GPU went to zed
+        amy = ms.wait_condition(kube, namespace, "amy", "Ready", "False", reason="AwaitingCapacity", timeout=30)
+        assert "nothing can be parked" in ms.condition(amy, "Ready")["message"]
+    finally:
+        for r in (zed_request, amy_request):
+            if r is not None and not r.done():
+                r.cancel()

@@ -163,6 +163,7 @@ OPERATOR_NEEDS = [
     ("create", "poddisruptionbudgets.policy"),
     ("delete", "poddisruptionbudgets.policy"),
     ("watch", "pods"),
+    ("patch", "pods/status"),  # the GPU pool's reservation: status.nominatedNodeName (docs/gpu-pool.md)
     ("watch", "leases.coordination.k8s.io"),
     ("create", "events"),
     ("list", "customresourcedefinitions.apiextensions.k8s.io"),

@@ -6,7 +6,19 @@ from dataclasses import replace
 
 import pytest
 
-from modelservice.parking import Model, Node, Pending, Placement, Pod, Requirement, Taint, Term, Toleration, plan
+from modelservice.parking import (
+    Model,
+    Node,
+    Pending,
+    Placement,
+    Pod,
+    Requirement,
+    Reservation,
+    Taint,
+    Term,
+    Toleration,
+    plan,
+)
 
 MSG = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
 NODES = [Node("n0", 2), Node("n1", 2)]
@@ -29,7 +41,8 @@ def idle(name: str, node: str, *, since: float, gpus: int = 1, **kw) -> Model:
 def waiter(name: str = "w", gpus: int = 1, **kw) -> Model:
     """A model woken by a held request whose pod the scheduler could not place."""
     kw.setdefault("in_flight", 1)
-    return Model(key=("ns", name), replicas=1, min_replicas=0, scale_to_zero=True, pending=Pending(gpus, MSG), **kw)
+    kw.setdefault("pending", Pending(gpus, MSG))
+    return Model(key=("ns", name), replicas=1, min_replicas=0, scale_to_zero=True, **kw)
 
 
 def full_pool(**overrides) -> list[Model]:
@@ -225,6 +238,48 @@ def test_two_waiters_do_not_share_one_victim():
 def test_two_waiters_each_get_their_own_victim():
     p = plan(full_pool() + [waiter("w1"), waiter("w2")], NODES)
     assert sorted((park.waiter[1], park.victim[1]) for park in p.parks) == [("w1", "b"), ("w2", "a")]
+
+
+def pending_since(name: str, since: float, **kw) -> Model:
+    """A waiter whose pending pod (`<name>-pod`) was created at `since`."""
+    return waiter(name, **kw, pending=Pending(1, MSG, pod=f"{name}-pod", since=since))
+
+
+def test_the_oldest_waiter_of_a_priority_gets_the_one_victim_and_its_gpu_is_reserved_for_it():
+    """First come, first served: "zed" has waited since 10, "amy" since 20; one victim (b). zed gets it whatever the
+    names' order, and the node made room on is reserved for zed's pod (the controller nominates it there), so that
+    amy's pod cannot take the GPU when it frees."""
+    models = full_pool(a={"in_flight": 1}, c={"in_flight": 1}, d={"in_flight": 1})
+    p = plan(models + [pending_since("amy", 20), pending_since("zed", 10)], NODES)
+    assert [(park.victim[1], park.waiter[1]) for park in p.parks] == [("b", "zed")]
+    assert p.reserve == {("ns", "zed"): Reservation("zed-pod", "n0", 1)}
+    assert "nothing can be parked" in p.waiting[("ns", "amy")]
+    # Priority still comes before age.
+    p = plan(models + [pending_since("amy", 20, priority=1), pending_since("zed", 10)], NODES)
+    assert [(park.victim[1], park.waiter[1]) for park in p.parks] == [("b", "amy")]
+
+
+def test_gpus_reserved_for_an_older_waiter_are_not_counted_free_for_a_newer_one():
+    """b's GPU is on its way back and zed waits for it: amy does not wait for the same GPU, she parks her own
+    victim; and a GPU that looks free is reserved for the oldest, the next one makes room elsewhere."""
+    models = full_pool(b={"pods": (Pod("n0", 1, terminating=True),)})
+    p = plan(models + [pending_since("amy", 20), pending_since("zed", 10)], NODES)
+    assert p.reserve[("ns", "zed")] == Reservation("zed-pod", "n0", 1)
+    assert p.waiting[("ns", "zed")].startswith("waiting for ns/b to give back GPUs on node n0")
+    assert [(park.victim[1], park.waiter[1]) for park in p.parks] == [("a", "amy")]
+    assert p.reserve[("ns", "amy")] == Reservation("amy-pod", "n0", 1)
+    free = [idle("c", "n1", since=300), idle("d", "n1", since=200), idle("a", "n0", since=100)]  # one free on n0
+    p = plan(free + [pending_since("amy", 20), pending_since("zed", 10)], NODES)
+    assert p.reserve[("ns", "zed")].node == "n0" and "looks free now" in p.waiting[("ns", "zed")]
+    assert [(park.victim[1], park.waiter[1]) for park in p.parks] == [("a", "amy")]  # a: idle longest on n0
+
+
+def test_our_own_reservation_is_not_taken_for_the_schedulers_preemption():
+    """A waiter nominated by our reservation is planned again (its GPU may have gone to a higher-priority pod);
+    only a nomination that is not ours leaves it to the scheduler."""
+    w = waiter(pending=Pending(1, MSG, pod="w-pod", since=1.0, reserved_on="n0"))
+    p = plan(full_pool() + [w], NODES)
+    assert parked(p) == ["b"] and p.reserve[("ns", "w")].node == "n0"
 
 
 @pytest.mark.parametrize(
@@ -450,7 +505,12 @@ def test_the_controller_builds_the_planners_view_from_its_slim_caches():
     gpu = {"containers": [{"name": "s", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}
 
     def pod(model, name, node=None, deleting=False, pending=None, priority=None, nominated=None):
-        meta = {"name": name, "namespace": "ns", "labels": {"serving.modelservice.dev/modelservice": model}}
+        meta = {
+            "name": name,
+            "namespace": "ns",
+            "labels": {"serving.modelservice.dev/modelservice": model},
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        }
         if deleting:
             meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
         spec = dict(gpu, **({"nodeName": node} if node else {}), **({"priority": priority} if priority else {}))
@@ -493,8 +553,15 @@ def test_the_controller_builds_the_planners_view_from_its_slim_caches():
     models = {m.key[1]: m for m in c.pool_models(now=10.0)}
     assert set(models) == {"a", "w"}
     a, w = models["a"], models["w"]
-    assert a.pods == (Pod("n0", 1),) and a.pending == Pending(1, MSG) and a.rolling and a.ready == 1
+    assert a.pods == (Pod("n0", 1),) and a.pending == Pending(1, MSG, pod="a-2", since=1767225600.0)
+    assert a.rolling and a.ready == 1
     assert (a.priority, a.pod_priority, a.scale_to_zero, a.min_replicas, a.ready_since) == (7, 100, True, 0, 5.0)
     assert a.placement.node_selector == {"gpu": "h100"}
-    assert w.pods == (Pod("n1", 1, terminating=True),) and w.pending == Pending(1, MSG, nominated=True)
+    assert w.pods == (Pod("n1", 1, terminating=True),)
+    assert w.pending == Pending(1, MSG, nominated=True, pod="w-2", since=1767225600.0)
+    # Our own reservation (the annotation and the nomination agree) is not the scheduler's preemption.
+    ours = pod("w", "w-2", pending=MSG, nominated="n1")
+    c.store.pods[("ns", "w")]["w-2"] = dict(ours, reservedOn="n1")
+    w = {m.key[1]: m for m in c.pool_models(now=10.0)}["w"]
+    assert w.pending == Pending(1, MSG, nominated=False, pod="w-2", since=1767225600.0, reserved_on="n1")
     assert (w.min_replicas, w.scale_to_zero, w.rolling) == (2, False, False)

@@ -32,10 +32,14 @@ is a change of the product's security surface and must change the test too.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-{{- /* Pods only to explain status (unschedulable, crash loops); activity Leases are the gateway's, read here. */}}
+{{- /* Pods to explain status (unschedulable, crash loops); patched only to reserve a node for a waiting pod (its
+annotation, then status.nominatedNodeName: docs/gpu-pool.md). Activity Leases are the gateway's, read here. */}}
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: [""]
+  resources: ["pods/status"]
+  verbs: ["patch"]
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["get", "list", "watch"]
