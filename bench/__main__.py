@@ -109,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--routing-policies",
         default=",".join(ROUTING_POLICIES),
-        help="routing part: routers in order (rr, lif, prefix, prefix-session, vr-<vllm-router policy>)",
+        help="routing part: routers in order (rr, lif, prefix, prefix-session, vr-<vllm-router policy>, alone; "
+        "ours take @F for spec.routing.loadFactor F, e.g. prefix-session@2)",
     )
     p.add_argument("--routing-requests", type=int, help="routing part: replay only the first N trace requests")
     p.add_argument(

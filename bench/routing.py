@@ -18,7 +18,13 @@ through each router in turn (docs/routing.md, docs/benchmarks.md).
 Routers: `rr` round robin straight to the replicas from the client (what a Kubernetes Service spreads like);
 `lif` and `prefix`: our gateway (bench/routing_gateway.py) with spec.routing.policy LeastInFlight / PrefixAffinity;
 `prefix-session`: PrefixAffinity with the conversation's id in X-Session-Id, as vllm-router's consistent_hash gets it;
-`vr-<policy>`: vllm-router from PyPI (hack/get-vllm-router.sh) with that --policy.
+`vr-<policy>`: vllm-router from PyPI (hack/get-vllm-router.sh) with that --policy. Any of ours takes `@F` for
+spec.routing.loadFactor F (e.g. `prefix-session@2`; default 1.25), so load bounds compare within one run.
+
+`alone` is not a router but a floor: the trace's requests one at a time, in order, each straight to the replica its
+conversation hashes to (perfect stickiness, nothing else in flight). No router at any rate gets a lower time to
+first token than a request served alone by the replica holding its conversation, so its p50 bounds what "2x better
+than least in-flight" can ask of this trace.
 """
 
 from __future__ import annotations
@@ -55,8 +61,23 @@ HITS, QUERIES = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total
 # conversation's id there, its best case. Our PrefixAffinity is measured both without it (`prefix`: it reads the
 # messages) and with the same header (`prefix-session`: our X-Session-Id, the explicit key of docs/routing.md).
 SESSION_POLICIES = ("vr-consistent_hash", "prefix-session")
-POLICIES = ("rr", "lif", "prefix", "prefix-session", "vr-cache_aware", "vr-consistent_hash", "vr-power_of_two")
+POLICIES = (
+    "rr",
+    "lif",
+    "prefix",
+    "prefix-session",
+    "vr-cache_aware",
+    "vr-consistent_hash",
+    "vr-power_of_two",
+    "alone",
+)
 OURS = {"lif": "LeastInFlight", "prefix": "PrefixAffinity", "prefix-session": "PrefixAffinity"}
+
+
+def ours(policy: str) -> Optional[tuple[str, Optional[str]]]:
+    """`prefix-session@2` → ("PrefixAffinity", "2"): our policy and its spec.routing.loadFactor; None if not ours."""
+    base, _, factor = policy.partition("@")
+    return (OURS[base], factor or None) if base in OURS else None
 
 
 @dataclass
@@ -180,20 +201,15 @@ async def replicas(cfg: RoutingConfig, s: aiohttp.ClientSession) -> AsyncIterato
 @contextlib.asynccontextmanager
 async def router(policy: str, backends: list[str], work: Path, s: aiohttp.ClientSession) -> AsyncIterator[list[str]]:
     """The URL(s) the client sends to: the replicas themselves (rr), our gateway, or vllm-router."""
-    if policy == "rr":
+    if policy in ("rr", "alone"):
         yield backends
         return
     logf = work / f"router-{policy}.log"
-    if policy in OURS:
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.routing_gateway",
-            "--model",
-            MODEL,
-            "--policy",
-            OURS[policy],
-        ]
+    mine = ours(policy)
+    if mine:
+        cmd = [sys.executable, "-m", "bench.routing_gateway", "--model", MODEL, "--policy", mine[0]]
+        if mine[1]:
+            cmd += ["--load-factor", mine[1]]
         for b in backends:
             cmd += ["--backend", b.removeprefix("http://")]
         with logf.open("wb") as err:
@@ -334,6 +350,7 @@ async def replay(
     rate: float,
     max_tokens: int,
     session: bool = False,
+    alone: bool = False,
 ) -> dict:
     await _reset(s, backends)
     before = await _metrics(s, backends)
@@ -357,7 +374,14 @@ async def replay(
         r["late"] = late
         return r
 
-    results = await asyncio.gather(*(send(i, r) for i, r in enumerate(reqs)))
+    async def floor() -> list[dict]:
+        out = []
+        for req in reqs:  # in trace order, so turn n is answered before turn n+1 is sent
+            r = await one(s, backends[req["conversation"] % len(backends)], req, max_tokens)
+            out.append(r | {"late": 0.0})
+        return out
+
+    results = await floor() if alone else await asyncio.gather(*(send(i, r) for i, r in enumerate(reqs)))
     took = time.monotonic() - t0
     delta = counter_delta(before, await _metrics(s, backends))
     ok = [r for r in results if r["status"] == 200]
@@ -449,7 +473,8 @@ async def _one_policy(
 ) -> dict[str, Any]:
     try:
         async with router(policy, backends, cfg.work, s) as urls:
-            return await replay(s, urls, backends, reqs, rate, max_tokens, policy in SESSION_POLICIES)
+            session = policy.partition("@")[0] in SESSION_POLICIES
+            return await replay(s, urls, backends, reqs, rate, max_tokens, session, alone=policy == "alone")
     except Exception as e:  # noqa: BLE001 - one router's failure is a row, the others still run
         log.exception("routing: %s failed", policy)
         return {"error": f"{type(e).__name__}: {e}"}

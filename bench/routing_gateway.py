@@ -1,5 +1,5 @@
 """Our gateway in front of fixed endpoints, for the routing benchmark: `python -m bench.routing_gateway --policy P
---backend HOST:PORT ...` prints its URL on stdout, then serves until SIGTERM.
+[--load-factor F] --backend HOST:PORT ...` prints its URL on stdout, then serves until SIGTERM.
 
 The gateway is the product's own (server.Gateway with its proxy and balancer); only its view of the cluster is fed by
 hand (one ModelService with spec.routing.policy, one EndpointSlice per backend), as the unit tests' harness does, so
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from typing import Any
+from typing import Any, Optional
 
 from modelservice.gateway.testing import endpointslice, gateway_with, modelservice
 
@@ -24,8 +24,10 @@ def backend_slices(model: str, backends: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-async def serve(model: str, policy: str, backends: list[str]) -> None:
+async def serve(model: str, policy: str, backends: list[str], load_factor: Optional[float] = None) -> None:
     ms = modelservice(model, routing=policy)
+    if load_factor is not None:
+        ms["spec"]["routing"]["loadFactor"] = load_factor
     slices = backend_slices(model, backends)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -39,8 +41,9 @@ def main() -> None:
     p.add_argument("--model", default="bench")
     p.add_argument("--policy", choices=("PrefixAffinity", "LeastInFlight"), required=True)
     p.add_argument("--backend", action="append", required=True)
+    p.add_argument("--load-factor", type=float, help="spec.routing.loadFactor (default: the spec's)")
     a = p.parse_args()
-    asyncio.run(serve(a.model, a.policy, a.backend))
+    asyncio.run(serve(a.model, a.policy, a.backend, a.load_factor))
 
 
 if __name__ == "__main__":

@@ -138,13 +138,25 @@ class RoutingPolicy(str, Enum):
     LeastInFlight = "LeastInFlight"
 
 
+LOAD_FACTOR = 1.25  # KubeAI's default; 1 would be plain least-loaded, a large factor plain hashing
+
+
 class Routing(_Model):
     policy: RoutingPolicy = Field(
         RoutingPolicy.PrefixAffinity,
         description="How the gateway picks a replica (docs/routing.md). PrefixAffinity (default): the turns of one "
         "conversation (or one X-Session-Id) go to the same replica, whose engine holds their prefix in its "
-        "KV cache, unless it is busier than 1.25 times the mean; least in-flight otherwise. "
+        "KV cache, unless it is busier than loadFactor times the mean; least in-flight otherwise. "
         "LeastInFlight: the replica with the fewest requests in flight.",
+    )
+    loadFactor: float = Field(
+        LOAD_FACTOR,
+        ge=1.0,
+        le=10.0,
+        description="PrefixAffinity's load bound (docs/routing.md): a request goes to the replica that holds its "
+        "prefix unless that replica's requests in flight would exceed loadFactor times the mean (consistent "
+        "hashing with bounded loads). 1: plain least in-flight; larger: stickier, more cache hits, more "
+        "hot-spotting. Also bounds LoRA adapter affinity. 1.25 is KubeAI's default.",
     )
 
 

@@ -93,6 +93,8 @@ VALID = {"engine": "vllm", "model": {"uri": "hf://org/repo"}}
         ({**VALID, "unknownField": 1}, False, "spec.unknownField", "Extra inputs"),
         ({**VALID, "priority": 1001}, False, "spec.priority", "less than or equal to 1000"),
         ({**VALID, "priority": -1}, False, "spec.priority", "greater than or equal to 0"),
+        ({**VALID, "routing": {"loadFactor": 0.5}}, True, "spec.routing.loadFactor", "greater than or equal to 1"),
+        ({**VALID, "routing": {"loadFactor": 11}}, True, "spec.routing.loadFactor", "less than or equal to 10"),
     ],
 )
 def test_invalid_specs_name_the_field_and_the_fix(spec, gateway, field, hint):

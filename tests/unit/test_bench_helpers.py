@@ -353,3 +353,12 @@ def test_envoy_by_model_routes_the_gateway_benchs_latency_model():
     from bench.gateway_bench import LAT
 
     assert peers.EnvoyByModel.model == LAT
+
+
+def test_routing_router_names_carry_our_policy_and_load_factor():
+    from bench.routing import ours
+
+    assert ours("prefix") == ("PrefixAffinity", None)
+    assert ours("prefix-session@1.5") == ("PrefixAffinity", "1.5")
+    assert ours("lif@2") == ("LeastInFlight", "2")
+    assert ours("vr-consistent_hash") is None and ours("alone") is None and ours("rr") is None

@@ -163,3 +163,57 @@ async def test_through_the_gateway_turns_stick_and_a_vanished_replica_is_no_erro
             assert len(set(seen[-30:])) > 1
 
     await scenario()
+
+
+async def test_through_the_gateway_the_models_load_factor_bounds_one_conversation():
+    """spec.routing.loadFactor is read per model: 12 requests of one conversation held in flight at once all stay on
+    their replica at loadFactor 10, and are spread 4/4/4 over 3 replicas at loadFactor 1 (the bound is the mean)."""
+    import asyncio
+    import contextlib
+    from collections import Counter
+
+    import aiohttp
+    from aiohttp import web
+
+    from modelservice.gateway.testing import feed, modelservice, serving
+    from tests.unit.gateway_harness import gateway, post, slice_for
+
+    hosts = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+    n = 12
+    seen: list[str] = []
+    arrived = asyncio.Event()
+
+    def upstream(host):
+        async def answer(request):
+            seen.append(host)
+            if len(seen) % n == 0:
+                arrived.set()
+            await arrived.wait()  # every request is in flight before any is answered
+            return web.json_response({"choices": [{"message": {"role": "assistant", "content": "ok"}}]})
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        return app
+
+    def with_factor(factor):
+        ms = modelservice("m")
+        ms["spec"]["routing"] = {"policy": "PrefixAffinity", "loadFactor": factor}
+        return ms
+
+    async with contextlib.AsyncExitStack() as stack:
+        addrs = []
+        for h in hosts:
+            up = await stack.enter_async_context(serving(upstream(h), host=h))
+            addrs.append((h, int(up.rsplit(":", 1)[1])))
+        gw, url = await stack.enter_async_context(gateway(with_factor(10), *slice_for("m", addrs)))
+        s = await stack.enter_async_context(aiohttp.ClientSession())
+        spread = {}
+        for factor in (10, 1):
+            feed(gw.table, with_factor(factor), event="MODIFIED")
+            arrived.clear()
+            statuses = await asyncio.gather(
+                *(post(s, url, {"model": "m", **chat("one conversation")}) for _ in range(n))
+            )
+            assert [st for st, _, _ in statuses] == [200] * n
+            spread[factor] = sorted(Counter(seen[-n:]).values())
+        assert spread == {10: [n], 1: [4, 4, 4]}, spread

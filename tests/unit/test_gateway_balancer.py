@@ -100,3 +100,15 @@ def test_every_gateway_process_agrees_on_the_owner():
     assert [Balancer(random.Random(s)).pick(EPS, key=k) for s in (1, 2) for k in KEYS[:20]][:20] == [
         Balancer(random.Random(9)).pick(EPS, key=k) for k in KEYS[:20]
     ]
+
+
+def test_the_load_factor_is_per_call_one_is_least_loaded_and_a_large_one_is_plain_hashing():
+    """spec.routing.loadFactor reaches pick(): the same 30 simultaneous requests of one key are spread evenly at 1
+    (no stickiness beyond the mean), capped at ceil(2 * 30 / 3) = 20 on the owner at 2, and all stay on it at 10."""
+    top = {}
+    for factor in (1.0, 2.0, 10.0):
+        b = Balancer(random.Random(8))
+        for _ in range(30):
+            b.acquire(b.pick(EPS, key=KEYS[3], load_factor=factor))
+        top[factor] = max(b.in_flight(ep) for ep in EPS)
+    assert top == {1.0: 10, 2.0: 20, 10.0: 30}, top

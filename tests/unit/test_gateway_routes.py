@@ -47,6 +47,10 @@ def test_entry_defaults_and_ollama_tag():
         1,
     )
     assert model_entry(modelservice("big", min_replicas=2)).wake_replicas == 2
+    assert (e.prefix_affinity, e.load_factor) == (True, 1.25)  # spec.routing's defaults
+    tuned = modelservice("sticky")
+    tuned["spec"]["routing"] = {"loadFactor": 2}
+    assert model_entry(tuned).load_factor == 2.0
 
 
 def test_slice_ready_endpoints_on_http_port_only():

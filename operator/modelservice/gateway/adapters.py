@@ -189,12 +189,11 @@ class Adapters:
         affinity: bool = True,
         count: Callable[[Key, str, str], None] = lambda key, adapter, outcome: None,
         in_flight: Callable[[Endpoint], int] = lambda ep: 0,
-        load_factor: float = LOAD_FACTOR,
     ):
         self.call, self.changed, self.wait_timeout, self.clock = call, changed, wait_timeout, clock
         self.affinity = affinity  # off only to measure what it buys (bench/adapters.py); not a spec field
         self.count = count  # (base, adapter, outcome) per engine call: the loads metric (server.py, metrics.py)
-        self.in_flight, self.load_factor = in_flight, load_factor  # the balancer's view, for the load bound
+        self.in_flight = in_flight  # the balancer's view, for the load bound (the base's spec.routing.loadFactor)
         self._replicas: dict[Endpoint, Residency] = {}
         self._owner: dict[Endpoint, Key] = {}
         self._freed: dict[Endpoint, asyncio.Event] = {}
@@ -462,7 +461,7 @@ class AdapterUse:
         if not self.manager.affinity:
             return tuple(endpoints)
         m = self.manager
-        return prefer_loaded(endpoints, tried, lambda ep: m.has(ep, self.adapter), m.in_flight, m.load_factor)
+        return prefer_loaded(endpoints, tried, lambda ep: m.has(ep, self.adapter), m.in_flight, self.entry.load_factor)
 
     async def acquire(self, ep: Endpoint) -> Callable[[], None]:
         return await self.manager.acquire(self.entry, ep, self.adapter)

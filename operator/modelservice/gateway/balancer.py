@@ -7,7 +7,7 @@ engine reports a shorter queue (engine_load.py: other gateways' traffic waits th
 
 Prefix affinity (a request with an affinity key, affinity.py): rendezvous hashing with bounded loads. Each endpoint's
 rank for a key is a hash of (key, endpoint); the request goes to the best-ranked endpoint whose in-flight count stays
-within LOAD_FACTOR times the mean (Mirrokni et al., "Consistent Hashing with Bounded Loads": the bound is
+within the model's spec.routing.loadFactor (default LOAD_FACTOR) times the mean (Mirrokni et al., "Consistent Hashing with Bounded Loads": the bound is
 ceil(c · (total + 1) / n)), so the turns of one conversation reach the replica that holds its prefix in its KV cache
 unless that replica is already busier than the others by the factor. Rendezvous rather than a ring: no ring to keep
 per endpoint set, and an endpoint that goes away moves only its own keys, each to its next-ranked endpoint (the next
@@ -21,30 +21,34 @@ import math
 import random
 from typing import Callable, Iterable, Optional, Sequence
 
+from modelservice.api import LOAD_FACTOR
 from modelservice.gateway.routes import Endpoint
 
-LOAD_FACTOR = 1.25  # KubeAI's default; 1 would be plain least-loaded, a large factor plain hashing
+__all__ = ["LOAD_FACTOR", "Balancer", "rank"]
 
 
 class Balancer:
-    def __init__(self, rng: Optional[random.Random] = None, load_factor: float = LOAD_FACTOR):
+    def __init__(self, rng: Optional[random.Random] = None):
         self._in_flight: dict[Endpoint, int] = {}
         self._rng = rng or random.Random()
-        self.load_factor = load_factor
         self.waiting: Callable[[Endpoint], Optional[int]] = lambda ep: None  # the engines' queues (server.py)
 
     def in_flight(self, ep: Endpoint) -> int:
         return self._in_flight.get(ep, 0)
 
     def pick(
-        self, endpoints: Sequence[Endpoint], exclude: Iterable[Endpoint] = (), key: Optional[bytes] = None
+        self,
+        endpoints: Sequence[Endpoint],
+        exclude: Iterable[Endpoint] = (),
+        key: Optional[bytes] = None,
+        load_factor: float = LOAD_FACTOR,
     ) -> Optional[Endpoint]:
         skip = set(exclude)
         candidates = [ep for ep in endpoints if ep not in skip]
         if not candidates:
             return None
         if key is not None and len(candidates) > 1:
-            return self._by_affinity(candidates, key)
+            return self._by_affinity(candidates, key, load_factor)
         low = min(self._in_flight.get(ep, 0) for ep in candidates)
         ties = [ep for ep in candidates if self._in_flight.get(ep, 0) == low]
         if len(ties) > 1:
@@ -52,9 +56,9 @@ class Balancer:
             ties = [ep for ep in ties if queue[ep] == min(queue.values())]
         return self._rng.choice(ties)
 
-    def _by_affinity(self, candidates: list[Endpoint], key: bytes) -> Endpoint:
+    def _by_affinity(self, candidates: list[Endpoint], key: bytes, load_factor: float) -> Endpoint:
         total = sum(self._in_flight.get(ep, 0) for ep in candidates)
-        bound = math.ceil(self.load_factor * (total + 1) / len(candidates))
+        bound = math.ceil(load_factor * (total + 1) / len(candidates))
         ranked = sorted(candidates, key=lambda ep: rank(key, ep), reverse=True)
         # Some endpoint is at or below the mean, which is below the bound: the loop always returns.
         return next((ep for ep in ranked if self._in_flight.get(ep, 0) + 1 <= bound), ranked[0])

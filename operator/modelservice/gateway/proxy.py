@@ -114,7 +114,11 @@ class Proxy:
         # A LoRA adapter's request prefers the replicas that have it loaded (adapters.py).
         ready = table.ready if adapter is None else (lambda k: adapter.candidates(table.ready(k), tried))
         while True:
-            ep = self.balancer.pick(ready(key), exclude=tried, key=affinity) if attempts < MAX_ATTEMPTS else None
+            ep = (
+                self.balancer.pick(ready(key), exclude=tried, key=affinity, load_factor=entry.load_factor)
+                if attempts < MAX_ATTEMPTS
+                else None
+            )
             if ep is None:
                 if unreachable:
                     # Not listening: a pod that is going away stops listening before its EndpointSlice drops it.

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
-from modelservice.api import ModelServiceSpec, RoutingPolicy, _format_error
+from modelservice.api import LOAD_FACTOR, ModelServiceSpec, RoutingPolicy, _format_error
 from modelservice.engines import ENGINES
 from modelservice.gateway.errors import GatewayError
 from modelservice.labels import child_name
@@ -61,6 +61,7 @@ class ModelEntry:
     # free" and why nothing can be parked): a held request that times out says the same.
     capacity: Optional[str] = None
     prefix_affinity: bool = True  # spec.routing.policy: route a conversation's turns to the replica that has its prefix
+    load_factor: float = LOAD_FACTOR  # spec.routing.loadFactor: the affinity's load bound (balancer.py)
     adapters: tuple["AdapterRef", ...] = ()  # LoRA adapters declared on this base (spec.adapters)
     lora_max_loaded: int = 0  # spec.lora.maxLoaded: adapters one replica keeps loaded
 
@@ -118,6 +119,7 @@ def entry_of(obj: dict[str, Any], spec: ModelServiceSpec) -> ModelEntry:
         stalled=_stalled(obj),
         capacity=_awaiting_capacity(obj),
         prefix_affinity=spec.routing.policy == RoutingPolicy.PrefixAffinity,
+        load_factor=spec.routing.loadFactor,
         adapters=_adapters(spec),
         lora_max_loaded=spec.lora.maxLoaded if spec.lora else 0,
     )

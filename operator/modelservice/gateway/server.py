@@ -72,7 +72,6 @@ class Gateway:
                 self.metrics.adapter_loads, f"{key[0]}/{key[1]}", adapter, outcome
             ).inc(),
             in_flight=self.balancer.in_flight,
-            load_factor=self.balancer.load_factor,
         )
         self.activity.annotate = self._adapter_annotations
         self._adapter_routes: dict[str, tuple[Key, AdapterRef]] = {}
