@@ -65,6 +65,7 @@ def _rv(obj: dict[str, Any]) -> int:
 
 # A burst of pod and Lease events (a model coming up) is one planning pass, not one per event.
 PLAN_DEBOUNCE = 0.2
+NUDGE_EVERY = 2.0  # seconds between two scheduling retries we ask for, per waiting pod (_nudge)
 
 # What reconcile reads of leases; of other kinds except pods it reads most fields.
 SLIM_KEEP = {"Lease": ("spec",)}
@@ -175,6 +176,8 @@ class Controller:
         self._gpu_pending: dict[Key, set[str]] = {}
         self._waiting: dict[Key, str] = {}
         self._in_place: set[Key] = set()  # rolling out without a surge replica until the rollout is done
+        self._nudged: dict[str, float] = {}  # waiting pod → when we last asked the scheduler to retry it
+        self.clock: Callable[[], float] = time.monotonic
         self._pool_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._relisting: Optional[asyncio.Task[None]] = None
@@ -440,6 +443,8 @@ class Controller:
             await self._park(park)
         for key, reservation in result.reserve.items():
             await self._reserve(key, reservation)
+        for key, pod in result.nudge.items():
+            await self._nudge(key, pod)
         in_place = {
             k for k in self._in_place | result.in_place if _rolling(self.store.children.get(k, {}).get("Deployment"))
         }
@@ -474,6 +479,29 @@ class Controller:
             raise
         API_WRITES.labels(verb="patch", kind="Pod").inc()
         log.info("GPU pool: reserved node %s for %s/%s (pod %s)", r.node, key[0], key[1], r.pod)
+
+    async def _nudge(self, key: Key, pod: str) -> None:
+        """Touch an annotation of a waiting pod whose reserved GPUs are free: kube-scheduler v1.20 moves an updated
+        pending pod straight to its active queue, so it is tried now rather than at the end of a backoff that has
+        grown to ~10 s by the time its GPUs free up. At most once per NUDGE_EVERY per pod: if it still does not fit
+        (GPUs held by pods not ours), the nudges stay as rare as the scheduler's own retries."""
+        now = self.clock()
+        if now - self._nudged.get(pod, -NUDGE_EVERY) < NUDGE_EVERY:
+            return
+        self._nudged[pod] = now
+        for stale in [p for p, t in self._nudged.items() if now - t > 10 * NUDGE_EVERY]:
+            del self._nudged[stale]  # pods come and go: no entry per dead pod forever
+        try:
+            await self.kube.merge_patch(
+                object_path("v1", "Pod", key[0], pod),
+                {"metadata": {"annotations": {parking.RETRY_ANNOTATION: now_rfc3339()}}},
+            )
+        except ApiError as e:
+            if e.status == 404:
+                return
+            raise
+        API_WRITES.labels(verb="patch", kind="Pod").inc()
+        log.info("GPU pool: asked the scheduler to retry %s/%s (pod %s): its reserved GPUs are free", *key, pod)
 
     async def _park(self, park: parking.Park) -> None:
         """Scale the victim to zero and say for whom, in one write: a restart finds either both or neither."""

@@ -565,3 +565,41 @@ def test_the_controller_builds_the_planners_view_from_its_slim_caches():
     w = {m.key[1]: m for m in c.pool_models(now=10.0)}["w"]
     assert w.pending == Pending(1, MSG, nominated=False, pod="w-2", since=1767225600.0, reserved_on="n1")
     assert (w.min_replicas, w.scale_to_zero, w.rolling) == (2, False, False)
+
+
+def test_a_reserved_waiter_whose_gpus_are_free_is_nudged_and_only_then():
+    """The victim is gone and its GPU is free: the waiter reserved there is nudged (the scheduler tries it now, not
+    after its backoff). Not while the GPU is still on its way back, and not a waiter reserved on another node (its
+    reservation is moved, which is itself an update the scheduler reacts to)."""
+    rest = [idle("c", "n1", since=300), idle("d", "n1", since=200), idle("a", "n0", since=100)]  # one free on n0
+    w = waiter(pending=Pending(1, MSG, pod="w-pod", since=1.0, reserved_on="n0"))
+    p = plan(rest + [w], NODES)
+    assert p.nudge == {("ns", "w"): "w-pod"} and p.parks == []
+    leaving = rest[:2] + [idle("a", "n0", since=100), replace(idle("b", "n0", since=50), replicas=0)]
+    assert plan(leaving + [w], NODES).nudge == {}
+    elsewhere = replace(w, pending=replace(w.pending, reserved_on="n1"))
+    p = plan(rest + [elsewhere], NODES)
+    assert p.nudge == {} and p.reserve[("ns", "w")].node == "n0"
+
+
+async def test_the_controller_nudges_a_pod_at_most_once_per_interval():
+    from modelservice import controller as ctl
+    from modelservice.controller import Controller
+
+    class Kube:
+        def __init__(self):
+            self.patches = []
+
+        async def merge_patch(self, path, body):
+            self.patches.append((path, body))
+
+    kube = Kube()
+    c = Controller(kube=kube)
+    now = [100.0]
+    c.clock = lambda: now[0]
+    await c._nudge(("ns", "w"), "w-pod")
+    await c._nudge(("ns", "w"), "w-pod")  # within NUDGE_EVERY: not again
+    now[0] += ctl.NUDGE_EVERY
+    await c._nudge(("ns", "w"), "w-pod")
+    assert [p for p, _ in kube.patches] == ["/api/v1/namespaces/ns/pods/w-pod"] * 2
+    assert set(kube.patches[0][1]["metadata"]["annotations"]) == {"serving.modelservice.dev/scheduling-retry"}
