@@ -21,8 +21,8 @@ Routers: `rr` round robin straight to the replicas from the client (what a Kuber
 `vr-<policy>`: vllm-router from PyPI (hack/get-vllm-router.sh) with that --policy. Any of ours takes `@F` for
 spec.routing.loadFactor F (e.g. `prefix-session@2`; default 1.25), so load bounds compare within one run.
 
-`alone` is not a router but a floor: the trace's requests one at a time, in order, each straight to the replica its
-conversation hashes to (perfect stickiness, nothing else in flight). No router at any rate gets a lower time to
+`alone` is not a router but a floor: the trace's requests one at a time, in order, each straight to replica
+(conversation id mod replicas) (perfect stickiness, nothing else in flight). No router at any rate gets a lower time to
 first token than a request served alone by the replica holding its conversation, so its p50 bounds what "2x better
 than least in-flight" can ask of this trace.
 """
