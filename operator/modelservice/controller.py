@@ -469,16 +469,13 @@ class Controller:
             return
         if pod.get("reservedOn") == r.node and (pod.get("status") or {}).get("nominatedNodeName") == r.node:
             return  # already so
-        path = object_path("v1", "Pod", key[0], r.pod)
-        try:
-            await self.kube.merge_patch(path, {"metadata": {"annotations": {parking.RESERVED_ON_ANNOTATION: r.node}}})
-            await self.kube.merge_patch(path + "/status", {"status": {"nominatedNodeName": r.node}})
-        except ApiError as e:
-            if e.status == 404:
-                return  # bound or gone meanwhile: nothing to reserve
-            raise
-        API_WRITES.labels(verb="patch", kind="Pod").inc()
-        log.info("GPU pool: reserved node %s for %s/%s (pod %s)", r.node, key[0], key[1], r.pod)
+        if await self._patch_pod(
+            key[0],
+            r.pod,
+            ("", {"metadata": {"annotations": {parking.RESERVED_ON_ANNOTATION: r.node}}}),
+            ("/status", {"status": {"nominatedNodeName": r.node}}),
+        ):
+            log.info("GPU pool: reserved node %s for %s/%s (pod %s)", r.node, key[0], key[1], r.pod)
 
     async def _nudge(self, key: Key, pod: str) -> None:
         """Touch an annotation of a waiting pod whose reserved GPUs are free: kube-scheduler v1.20 moves an updated
@@ -491,17 +488,24 @@ class Controller:
         self._nudged[pod] = now
         for stale in [p for p, t in self._nudged.items() if now - t > 10 * NUDGE_EVERY]:
             del self._nudged[stale]  # pods come and go: no entry per dead pod forever
+        if await self._patch_pod(
+            key[0], pod, ("", {"metadata": {"annotations": {parking.RETRY_ANNOTATION: now_rfc3339()}}})
+        ):
+            log.info("GPU pool: asked the scheduler to retry %s/%s (pod %s): its reserved GPUs are free", *key, pod)
+
+    async def _patch_pod(self, ns: str, pod: str, *patches: tuple[str, dict[str, Any]]) -> bool:
+        """Merge-patch a waiting pod (each patch: subresource suffix, body), in order. False if the pod is gone (bound
+        and replaced, or deleted) meanwhile: a reservation or a retry for it means nothing then."""
+        path = object_path("v1", "Pod", ns, pod)
         try:
-            await self.kube.merge_patch(
-                object_path("v1", "Pod", key[0], pod),
-                {"metadata": {"annotations": {parking.RETRY_ANNOTATION: now_rfc3339()}}},
-            )
+            for suffix, body in patches:
+                await self.kube.merge_patch(path + suffix, body)
+                API_WRITES.labels(verb="patch", kind="Pod").inc()
         except ApiError as e:
             if e.status == 404:
-                return
+                return False
             raise
-        API_WRITES.labels(verb="patch", kind="Pod").inc()
-        log.info("GPU pool: asked the scheduler to retry %s/%s (pod %s): its reserved GPUs are free", *key, pod)
+        return True
 
     async def _park(self, park: parking.Park) -> None:
         """Scale the victim to zero and say for whom, in one write: a restart finds either both or neither."""

@@ -11,14 +11,19 @@ gateway = gateway_with
 
 
 @contextlib.asynccontextmanager
-async def stubs(*hosts, model="m", tps=1000.0):
-    """One stub model server per loopback address; yields [(host, port)]."""
+async def upstreams(app_for, *hosts):
+    """One aiohttp app per loopback address, app_for(host) each (a test's own upstream); yields [(host, port)]."""
     async with contextlib.AsyncExitStack() as stack:
         out = []
         for h in hosts:
-            url = await stack.enter_async_context(serving(stub_app(model, tps), host=h))
+            url = await stack.enter_async_context(serving(app_for(h), host=h))
             out.append((h, int(url.rsplit(":", 1)[1])))
         yield out
+
+
+def stubs(*hosts, model="m", tps=1000.0):
+    """One stub model server per loopback address; yields [(host, port)]."""
+    return upstreams(lambda h: stub_app(model, tps), *hosts)
 
 
 def slice_for(name, addrs, ns="default"):

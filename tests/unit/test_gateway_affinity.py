@@ -118,8 +118,8 @@ async def test_through_the_gateway_turns_stick_and_a_vanished_replica_is_no_erro
     import aiohttp
     from aiohttp import web
 
-    from modelservice.gateway.testing import feed, modelservice, serving
-    from tests.unit.gateway_harness import gateway, post, slice_for
+    from modelservice.gateway.testing import feed, modelservice
+    from tests.unit.gateway_harness import gateway, post, slice_for, upstreams
 
     hosts = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
     seen: list[str] = []
@@ -135,10 +135,7 @@ async def test_through_the_gateway_turns_stick_and_a_vanished_replica_is_no_erro
 
     async def scenario():
         async with contextlib.AsyncExitStack() as stack:
-            addrs = []
-            for h in hosts:
-                up = await stack.enter_async_context(serving(upstream(h), host=h))
-                addrs.append((h, int(up.rsplit(":", 1)[1])))
+            addrs = await stack.enter_async_context(upstreams(upstream, *hosts))
             slices = slice_for("m", addrs)
             gw, url = await stack.enter_async_context(gateway(modelservice("m"), *slices))
             s = await stack.enter_async_context(aiohttp.ClientSession())
@@ -175,8 +172,8 @@ async def test_through_the_gateway_the_models_load_factor_bounds_one_conversatio
     import aiohttp
     from aiohttp import web
 
-    from modelservice.gateway.testing import feed, modelservice, serving
-    from tests.unit.gateway_harness import gateway, post, slice_for
+    from modelservice.gateway.testing import feed, modelservice
+    from tests.unit.gateway_harness import gateway, post, slice_for, upstreams
 
     hosts = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
     n = 12
@@ -201,10 +198,7 @@ async def test_through_the_gateway_the_models_load_factor_bounds_one_conversatio
         return ms
 
     async with contextlib.AsyncExitStack() as stack:
-        addrs = []
-        for h in hosts:
-            up = await stack.enter_async_context(serving(upstream(h), host=h))
-            addrs.append((h, int(up.rsplit(":", 1)[1])))
+        addrs = await stack.enter_async_context(upstreams(upstream, *hosts))
         gw, url = await stack.enter_async_context(gateway(with_factor(10), *slice_for("m", addrs)))
         s = await stack.enter_async_context(aiohttp.ClientSession())
         spread = {}

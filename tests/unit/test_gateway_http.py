@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from modelservice.gateway.testing import FakeOps, deployment, endpointslice, modelservice, serving
-from tests.unit.gateway_harness import chat, gateway, post, slice_for, stubs
+from tests.unit.gateway_harness import chat, gateway, post, slice_for, stubs, upstreams
 from tests.unit.loop_clock import FrozenLoopClock, settle, until
 
 pytestmark = pytest.mark.unit
@@ -132,10 +132,7 @@ async def test_least_in_flight_spreads_over_three_replicas():
         return app
 
     async with contextlib.AsyncExitStack() as stack:
-        addrs = []
-        for h in hosts:
-            up = await stack.enter_async_context(serving(upstream(h), host=h))
-            addrs.append((h, int(up.rsplit(":", 1)[1])))
+        addrs = await stack.enter_async_context(upstreams(upstream, *hosts))
         gw, url = await stack.enter_async_context(
             gateway(modelservice("m", routing="LeastInFlight"), *slice_for("m", addrs))
         )
