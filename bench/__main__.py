@@ -93,7 +93,11 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="GPU-pool part: replay only the first N seconds of the trace (default: all 600; quick: 180)",
     )
-    p.add_argument("--pool-policies", default="idle-timer,park", help="GPU-pool part: policies, in order")
+    p.add_argument(
+        "--pool-policies",
+        default="idle-timer,park",
+        help="GPU-pool part: policies, in order; `park@N`: with the operator's --prestop-seconds N",
+    )
     p.add_argument(
         "--gateway-latency-only",
         action="store_true",

@@ -272,20 +272,23 @@ async def _sampler(ledger: Ledger, stop: asyncio.Event) -> None:
         last = now
 
 
+def operator_args(policy: str) -> list[str]:
+    """`park`, `idle-timer`, or either with `@N`: the operator's --prestop-seconds N (docs/gpu-pool.md)."""
+    name, at, prestop = policy.partition("@")
+    return ["--gateway-enabled", "--gpu-pool-policy", name, *(["--prestop-seconds", prestop] if at else [])]
+
+
 async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str, Any]:
     duration = min(cfg.duration or trace.spec.duration, trace.spec.duration)
     real = trace.model_names[trace.spec.real_engine_rank - 1]
-    async with control_plane(cfg.work, f"pool-{policy}", pods=50, engines=("llamacpp",)) as cluster:
+    label = f"pool-{policy.replace('@', '-prestop')}"
+    async with control_plane(cfg.work, label, pods=50, engines=("llamacpp",)) as cluster:
         kube = cluster.kube
         await cluster.namespace(NS)
-        op = OperatorProcess(
-            cluster.kubeconfig,
-            cfg.work / f"pool-{policy}-operator.log",
-            extra_args=["--gateway-enabled", "--gpu-pool-policy", policy],
-        )
+        op = OperatorProcess(cluster.kubeconfig, cfg.work / f"{label}-operator.log", extra_args=operator_args(policy))
         gw = GatewayProcess(
             cluster.kubeconfig,
-            cfg.work / f"pool-{policy}-gateway.log",
+            cfg.work / f"{label}-gateway.log",
             "--activation-timeout",
             f"{ACTIVATION_TIMEOUT:.0f}s",
             "--activity-interval",

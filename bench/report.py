@@ -374,12 +374,13 @@ def engine_rows(res: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def gpu_pool_rows(res: dict[str, Any]) -> list[Row]:
-    """The parking policy beside the idle-timer policy, same trace, same run (issue #13's goals)."""
+def gpu_pool_rows(res: dict[str, Any], value: str = "park") -> list[Row]:
+    """A parking policy (`park`, or `park@N`: with --prestop-seconds N) beside the idle-timer policy, same trace,
+    same run (issue #13's goals)."""
     if res.get("error"):
         return [("GPU pool trace", "failed", res["error"][:80], "", "", "NO")]
     pols = res.get("policies", {})
-    park, base = pols.get("park") or {}, pols.get("idle-timer") or {}
+    park, base = pols.get(value) or {}, pols.get("idle-timer") or {}
     load = res.get("load_seconds") or 0.0
 
     def num(v: Any, fmt: str = "{:.0f}") -> str:
@@ -535,13 +536,14 @@ def table(doc: dict[str, Any]) -> str:
         ]
     if "gpu_pool" in res:
         g = res["gpu_pool"]
-        parts += [
-            "",
-            f"GPU POOL ({g.get('models')} models on {g.get('gpus')} GPUs, trace {g.get('trace')}, load "
-            f"{g.get('load_seconds')} s, scaleToZeroAfter {g.get('scale_to_zero_after')}; value = park, "
-            "baseline = idle-timer)",
-            render(gpu_pool_rows(g)),
-        ]
+        for value in [p for p in g.get("policies") or {"park": {}} if p.startswith("park")]:
+            parts += [
+                "",
+                f"GPU POOL ({g.get('models')} models on {g.get('gpus')} GPUs, trace {g.get('trace')}, load "
+                f"{g.get('load_seconds')} s, scaleToZeroAfter {g.get('scale_to_zero_after')}; value = {value}, "
+                "baseline = idle-timer)",
+                render(gpu_pool_rows(g, value)),
+            ]
     if "routing" in res:
         from bench.routing import rows as routing_rows
 

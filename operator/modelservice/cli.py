@@ -16,7 +16,27 @@ if TYPE_CHECKING:
     from modelservice.netpol import NetworkPolicyConfig
 
 
-def _render(path: str, gateway_enabled: bool) -> int:
+def _prestop_seconds(value: str) -> int:
+    seconds = int(value)
+    if not 0 <= seconds <= 60:
+        raise argparse.ArgumentTypeError("must be 0 to 60")
+    return seconds
+
+
+def _prestop_argument(parser: argparse.ArgumentParser) -> None:
+    from modelservice.render import PRESTOP_SECONDS
+
+    parser.add_argument(
+        "--prestop-seconds",
+        type=_prestop_seconds,
+        default=PRESTOP_SECONDS,
+        help="how long a model pod going away waits before its engine is stopped, so that whoever routes to it "
+        "hears first (a preStop `sleep`; 0: none, and a parked model's GPUs are free at once). 0 is safe when every "
+        "client goes through the gateway (docs/gpu-pool.md, 'Never cut a stream')",
+    )
+
+
+def _render(path: str, gateway_enabled: bool, prestop_seconds: int) -> int:
     from modelservice.api import InvalidSpec, validate_spec
     from modelservice.render import ApiVersions, Context, render
     from modelservice.scaling import Activity, decide
@@ -42,6 +62,7 @@ def _render(path: str, gateway_enabled: bool) -> int:
             replicas=decision.apply_replicas,
             hpa_min_replicas=decision.hpa_floor,
             versions=ApiVersions(),
+            prestop_seconds=prestop_seconds,
         )
         out += [obj for obj in render(ctx, spec).values() if obj]
     print(yaml.safe_dump_all(out, sort_keys=False), end="")
@@ -80,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         resync_seconds=args.resync_seconds,
         namespaces=args.namespace or [],
         gpu_pool_policy=args.gpu_pool_policy,
+        prestop_seconds=args.prestop_seconds,
     )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -136,6 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="park: park idle models to make room for one that lacks GPUs (docs/gpu-pool.md); "
         "idle-timer: only each model's own scaleToZeroAfter (the old behaviour, for comparison)",
     )
+    _prestop_argument(run)
     run.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG or in-cluster)")
     run.add_argument(
         "--watch-dead-after",
@@ -148,6 +171,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rend = sub.add_parser("render", help="print the children a ModelService would get (offline)")
     rend.add_argument("-f", "--filename", required=True, help="ModelService YAML file, or - for stdin")
     rend.add_argument("--gateway-enabled", action="store_true")
+    _prestop_argument(rend)
     sub.add_parser("version", help="print the version")
     use = sub.add_parser("usage", help="chargeback report from Prometheus: tokens per tenant, GPU-seconds per model")
     use.add_argument("--prometheus", required=True, metavar="URL", help="e.g. http://prometheus.monitoring:9090")
@@ -161,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(crd_yaml(), end="")
         return 0
     if args.command == "render":
-        return _render(args.filename, args.gateway_enabled)
+        return _render(args.filename, args.gateway_enabled, args.prestop_seconds)
     if args.command == "usage":
         from modelservice.usage import main as usage_main
 

@@ -24,7 +24,16 @@ from modelservice.labels import ACTIVITY_LABEL, MANAGED_BY, MANAGED_BY_VALUE, MO
 from modelservice.metrics import API_WRITES, MANAGED, RECONCILE_TIME, RECONCILE_TOTAL, WORKQUEUE_DEPTH
 from modelservice.netpol import API_VERSION as NETPOL_API_VERSION
 from modelservice.netpol import NetworkPolicyConfig, network_policy
-from modelservice.render import CHILD_KINDS, ApiVersions, Context, gateway_path, port_of, render, service_url
+from modelservice.render import (
+    CHILD_KINDS,
+    PRESTOP_SECONDS,
+    ApiVersions,
+    Context,
+    gateway_path,
+    port_of,
+    render,
+    service_url,
+)
 from modelservice.scaling import Activity, activity_from_leases, decide, parse_time
 from modelservice.status import Observed, adapters_from_leases, compute_status, exited_unready, status_changed
 from modelservice.workqueue import WorkQueue
@@ -157,8 +166,10 @@ class Controller:
         namespaces: Optional[list[str]] = None,
         network_policy: Optional[NetworkPolicyConfig] = None,
         parking: bool = True,
+        prestop_seconds: int = PRESTOP_SECONDS,
     ):
         self.kube = kube
+        self.prestop_seconds = prestop_seconds  # rendered into every model's pods (render.PRESTOP_SECONDS)
         self.parking = parking  # False: no GPU pool planner, only each model's idle timer (bench comparison)
         self.network_policy = network_policy  # None: no NetworkPolicy per model (and ours are deleted)
         self.gateway_enabled = gateway_enabled
@@ -599,6 +610,7 @@ class Controller:
             hpa_min_replicas=decision.hpa_floor,
             versions=self.versions,
             surge=key not in self._in_place,
+            prestop_seconds=self.prestop_seconds,
         )
         pods = list(self.store.pods.get(key, {}).values())
         # In every status this pass writes, the first one included: a field that appeared only in the later one

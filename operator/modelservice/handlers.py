@@ -15,6 +15,7 @@ from modelservice import GROUP, PLURAL, VERSION
 from modelservice.controller import Controller, slim
 from modelservice.kube import Kube, TokenSource, load_credentials
 from modelservice.metrics import LAST_WATCH_EVENT
+from modelservice.render import PRESTOP_SECONDS
 
 # Set by cli.py before kopf starts.
 OPTIONS: dict[str, Any] = {
@@ -26,6 +27,7 @@ OPTIONS: dict[str, Any] = {
     "namespaces": [],
     "network_policy": None,
     "gpu_pool_policy": "park",
+    "prestop_seconds": PRESTOP_SECONDS,
 }
 _last_event = [time.time()]
 
@@ -70,6 +72,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         namespaces=OPTIONS["namespaces"],
         network_policy=OPTIONS["network_policy"],
         parking=OPTIONS["gpu_pool_policy"] == "park",
+        prestop_seconds=OPTIONS["prestop_seconds"],
     )
     await controller.start(on_alive=_seen)
     memo.controller = controller

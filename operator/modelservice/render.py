@@ -30,6 +30,8 @@ STARTUP_PERIOD_SECONDS = 1
 # A pod going away leaves its EndpointSlice at once, but the gateway (and kube-proxy) hear of it a moment later: the
 # preStop hook holds the engine's SIGTERM that long, so no new request reaches an engine that has stopped accepting.
 # Short on purpose: a parked model's GPUs are free only once its pod is gone, and a woken model waits for them.
+# The operator's --prestop-seconds sets it per install: 0 (no hook) where every client goes through the gateway, which
+# replays what a stopping engine refused or left unread (docs/gpu-pool.md, "Never cut a stream").
 PRESTOP_SECONDS = 2
 
 
@@ -53,6 +55,7 @@ class Context:
     hpa_min_replicas: Optional[int] = None  # raised above minReplicas by gateway load (scaling.py)
     versions: ApiVersions = ApiVersions()
     surge: bool = True  # False: roll out in place, the pool has no GPU for a surge replica (parking.py)
+    prestop_seconds: int = PRESTOP_SECONDS  # the operator's --prestop-seconds; 0: no preStop hook
 
 
 def served_name(spec: ModelServiceSpec, name: str) -> str:
@@ -296,8 +299,8 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
                 ]
             }
         }
-    if spec.engine is not Engine.custom:  # the engines' images have sleep; a custom image may be distroless
-        lifecycle["preStop"] = {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}
+    if ctx.prestop_seconds and spec.engine is not Engine.custom:  # engines' images have sleep; custom may not
+        lifecycle["preStop"] = {"exec": {"command": ["sleep", str(ctx.prestop_seconds)]}}
     if lifecycle:
         container["lifecycle"] = lifecycle
 
@@ -319,7 +322,7 @@ def pod_template(ctx: Context, spec: ModelServiceSpec) -> dict[str, Any]:
         },
         # Drain, not the 30 s default: SIGTERM makes the engines stop accepting and finish what they are generating
         # (a long stream takes minutes), and the kubelet kills them only when this has passed.
-        "terminationGracePeriodSeconds": int(parse_duration(spec.drainTimeout)) + PRESTOP_SECONDS,
+        "terminationGracePeriodSeconds": int(parse_duration(spec.drainTimeout)) + ctx.prestop_seconds,
     }
     if model.init:
         pod_spec["initContainers"] = model.init

@@ -182,6 +182,8 @@ def test_operator_deployment_contract():
         "8080",
         "--health-port",
         "8081",
+        "--prestop-seconds",
+        "2",
         "--gateway-enabled",
         "--network-policy",
         "--gateway-namespace",
@@ -260,6 +262,7 @@ def test_args_parse_with_the_real_command_lines(values_file, monkeypatch):
     (args,) = seen
     assert args.gateway_enabled is values["gateway"]["enabled"]
     assert (args.namespace or []) == values["watchNamespaces"]
+    assert args.prestop_seconds == values["operator"]["preStopSeconds"]
     if values["gateway"]["enabled"]:
         gw_args = hu.container_args(docs, GATEWAY)
         assert gw_args[0] == "gateway"
@@ -491,6 +494,8 @@ BAD_VALUES = [
     ({"gateway": {"workers": "many"}}, "/gateway/workers"),
     ({"gateway": {"service": {"type": "Ingress"}}}, "/gateway/service/type"),
     ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+    ({"operator": {"preStopSeconds": -1}}, "/operator/preStopSeconds"),
+    ({"operator": {"preStopSeconds": 61}}, "/operator/preStopSeconds"),
     ({"watchNamespace": ["team-a"]}, "watchNamespace"),  # a typo must not be silently ignored
 ]
 

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import json
 import random
+import socket
+import struct
 
 import aiohttp
 import pytest
@@ -64,6 +66,11 @@ async def engines(*modes: str):
     def handler(host, mode):
         async def on_conn(reader, writer):
             try:
+                if mode == "unread":  # a server shutting down: the request arrived, it resets the connection
+                    await reader.readuntil(b"\r\n\r\n")
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+                    return
                 while True:
                     head = await reader.readuntil(b"\r\n\r\n")
                     length = next(
@@ -147,6 +154,19 @@ async def test_an_engine_that_may_have_worked_on_the_request_is_not_replayed(mod
     else:
         assert b"upstream_failed_mid_stream" in body
     assert seen == {HOSTS[0]: 1, HOSTS[1]: 0}  # the healthy endpoint never saw it
+
+
+async def test_a_request_dropped_unread_goes_to_another_endpoint():
+    """An engine stopping (no preStop wait: --prestop-seconds 0) resets a connection whose request it never read: no
+    byte of an answer, a reset, so it cannot have acted on it, and the next endpoint answers."""
+
+    async def scenario():
+        async with engines("unread", "ok") as (addrs, seen), gateway_to(addrs) as (gw, url):
+            return await chat(url), seen
+
+    (status, body), seen = await scenario()
+    assert status == 200 and json.loads(body) == {"choices": []}
+    assert seen == {HOSTS[0]: 0, HOSTS[1]: 1}
 
 
 @pytest.mark.parametrize("refusal", ["503", "429"])

@@ -6,6 +6,7 @@ what the proxy's one replay rule decides on (test_gateway_replay.py)."""
 
 import asyncio
 import contextlib
+import select
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from modelservice.gateway import upstream
-from modelservice.gateway.upstream import NotSent, UpstreamError, UpstreamPool, UpstreamTimeout
+from modelservice.gateway.upstream import NotSent, Unread, UpstreamError, UpstreamPool, UpstreamTimeout
 from tests.unit.loop_clock import FrozenLoopClock, settle, until
 
 
@@ -199,6 +200,32 @@ async def test_a_pod_that_reads_the_request_and_closes_may_have_seen_it():
         assert not isinstance(e.value, NotSent)
         assert conns() == 1
         await p.close()
+
+
+async def test_a_pod_that_closes_with_the_request_unread_cannot_have_seen_it():
+    """An engine shutting down closes the connections it has not started on, with our request in its receive queue:
+    its kernel resets the connection (RST), which says the engine never read all of it. Unread, a NotSent: the proxy
+    may send it elsewhere. (The test before this one is the other side: read, then closed, so FIN, so not NotSent.)"""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    closed = threading.Event()
+
+    def drop_unread() -> None:
+        conn, _ = listener.accept()
+        select.select([conn], [], [], 10)  # the request has arrived; not a byte of it is read
+        conn.close()
+        closed.set()
+
+    threading.Thread(target=drop_unread, daemon=True).start()
+    p = pool()
+    try:
+        with pytest.raises(Unread, match="reset the connection with the request unread"):
+            await fetch(p, listener.getsockname()[1])
+        assert closed.is_set()
+    finally:
+        await p.close()
+        listener.close()
 
 
 async def test_answer_delimited_by_eof_and_chunked_answer():

@@ -3,9 +3,10 @@ and reproducible from its seed, and the ledger counts idle GPU-seconds only as d
 
 from __future__ import annotations
 
-from bench.gpu_pool import TRACE, Ledger, pod_view, summarize
+from bench.gpu_pool import TRACE, Ledger, operator_args, pod_view, summarize
 from bench.gpu_pool_sim import longest_idle, simulate
 from bench.gpu_pool_trace import Trace, TraceSpec, generate, zipf_weights
+from bench.report import gpu_pool_rows, table
 from bench.stats import summary
 from modelservice.labels import MODELSERVICE_LABEL
 
@@ -129,3 +130,15 @@ def test_the_ledger_times_each_step_of_a_pod_for_the_cold_start_breakdown():
     assert tl["pods"][2]["bound"] is None
     # m1's pod was told to go at 50.0, 3.5 s after the last request it served ended (46.5; the one at 53.0 came after)
     assert out["pod_phases"] == {**ph, "last_request_to_told_to_go": summary([3.5])}
+
+
+def test_a_policy_at_n_runs_the_operator_with_that_prestop_and_is_reported_beside_the_idle_timer():
+    assert operator_args("park") == ["--gateway-enabled", "--gpu-pool-policy", "park"]
+    assert operator_args("park@0") == ["--gateway-enabled", "--gpu-pool-policy", "park", "--prestop-seconds", "0"]
+    pol = {"failed": 0, "ttft_cold": {"p50": 20.0, "p99": 21.0}, "cold_starts": 10, "gpu_seconds_idle_while_waiting": 1}
+    res = {"load_seconds": 20.0, "policies": {"idle-timer": {"cold_starts": 10}, "park": {}, "park@0": pol}}
+    rows = {r[0]: r for r in gpu_pool_rows(res, "park@0")}
+    assert rows["TTFT of requests to a model at zero p50/p99"][-1] == "yes"  # 21 s <= 20 s + 2 s
+    assert rows["cold starts (model pods created)"][-1] == "yes"
+    text = table({"results": {"gpu_pool": res}})
+    assert "value = park@0," in text and "value = park," in text

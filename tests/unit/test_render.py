@@ -214,6 +214,17 @@ def test_pods_drain_for_the_length_of_a_generation_before_the_engine_stops():
     assert "lifecycle" not in custom  # a custom image may have no sleep: a failing hook is only noise
 
 
+@pytest.mark.parametrize("seconds", [0, 7])
+def test_the_prestop_wait_is_the_operators_setting(seconds):
+    """--prestop-seconds: the hook's sleep and the grace period's share of it; 0 renders no hook at all (a parked
+    model's GPUs are free as soon as its idle engine exits)."""
+    spec = validate_spec({"engine": "vllm", "model": {"uri": "hf://o/m"}}, gateway_enabled=True)
+    pod = render(Context(**CTX, replicas=1, prestop_seconds=seconds), spec)["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300 + seconds
+    hook = {"preStop": {"exec": {"command": ["sleep", str(seconds)]}}} if seconds else None
+    assert pod["containers"][0].get("lifecycle") == hook
+
+
 def test_rollouts_surge_unless_the_pool_planner_says_in_place():
     spec = validate_spec({"engine": "vllm", "model": {"uri": "hf://o/m"}}, gateway_enabled=True)
     surge = render(Context(**CTX, replicas=1), spec)["Deployment"]["spec"]["strategy"]["rollingUpdate"]

@@ -31,6 +31,14 @@ class NotSent(UpstreamError):
     cannot have seen the request, so it may go to another endpoint (docs/reliability.md, "One replay rule")."""
 
 
+class Unread(NotSent):
+    """The pod reset the connection before any byte of an answer. Linux resets (RST) a connection closed with bytes
+    still unread in its receive queue, and closes it (FIN) otherwise: the engine dropped the request without reading
+    all of it, as a server shutting down does with a connection it has not started on. So it cannot have acted on it
+    either, and it may go to another endpoint like NotSent. (An engine that read a request and then closed with
+    SO_LINGER 0 would be mistaken for this; none of the engines we render does.)"""
+
+
 class UpstreamTimeout(UpstreamError):
     """The pod went silent for longer than the read timeout."""
 
@@ -99,6 +107,8 @@ class Response:
             return
         if self._head_done and self.content_length is None and not self.chunked:
             self.done = True  # an answer delimited by the connection's end (HTTP/1.0 style) is complete
+        elif not self.received and isinstance(exc, ConnectionResetError):
+            self._error = Unread(f"the pod reset the connection with the request unread ({exc})")
         elif not self.received:
             # The request was written: the pod may have read it and died working on it. Not NotSent.
             self._error = UpstreamError(f"the pod closed the connection before answering ({exc or 'EOF'})")
