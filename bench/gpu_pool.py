@@ -37,7 +37,7 @@ from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_IMAGE, STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for
 from tests.integration.gateway_process import GatewayProcess
-from tests.integration.operator_process import OperatorProcess
+from tests.integration.operator_process import OPERATOR_FLAGS, OperatorProcess
 
 log = logging.getLogger("bench")
 TRACE = Path(__file__).resolve().parent / "traces" / "gpu-pool-seed1.json"
@@ -273,9 +273,10 @@ async def _sampler(ledger: Ledger, stop: asyncio.Event) -> None:
 
 
 def operator_args(policy: str) -> list[str]:
-    """`park`, `idle-timer`, or either with `@N`: the operator's --prestop-seconds N (docs/gpu-pool.md)."""
+    """The operator as the chart installs it by default (the gateway, and the NetworkPolicy that lets only it reach
+    the engines, hence no preStop wait), with `park` or `idle-timer`; `@N`: with --prestop-seconds N instead."""
     name, at, prestop = policy.partition("@")
-    return ["--gateway-enabled", "--gpu-pool-policy", name, *(["--prestop-seconds", prestop] if at else [])]
+    return [*OPERATOR_FLAGS, "--gpu-pool-policy", name, *(["--prestop-seconds", prestop] if at else [])]
 
 
 async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str, Any]:

@@ -24,21 +24,19 @@ def _prestop_seconds(value: str) -> int:
 
 
 def _prestop_argument(parser: argparse.ArgumentParser) -> None:
-    from modelservice.render import PRESTOP_SECONDS
-
     parser.add_argument(
         "--prestop-seconds",
         type=_prestop_seconds,
-        default=PRESTOP_SECONDS,
-        help="how long a model pod going away waits before its engine is stopped, so that whoever routes to it "
-        "hears first (a preStop `sleep`; 0: none, and a parked model's GPUs are free at once). 0 is safe when every "
-        "client goes through the gateway (docs/gpu-pool.md, 'Never cut a stream')",
+        help="how long a model pod going away waits before its engine is stopped, so that clients routing to it hear "
+        "first (a preStop `sleep`; 0: none, and a parked model's GPUs are free at once). Default: 0 with "
+        "--network-policy (only the gateway reaches the engines, and it replays what a stopping engine refused or "
+        "dropped unread), 2 otherwise (docs/gpu-pool.md, 'The release')",
     )
 
 
-def _render(path: str, gateway_enabled: bool, prestop_seconds: int) -> int:
+def _render(path: str, gateway_enabled: bool, prestop: Optional[int]) -> int:
     from modelservice.api import InvalidSpec, validate_spec
-    from modelservice.render import ApiVersions, Context, render
+    from modelservice.render import ApiVersions, Context, prestop_seconds, render
     from modelservice.scaling import Activity, decide
 
     with sys.stdin if path == "-" else open(path) as f:
@@ -62,7 +60,7 @@ def _render(path: str, gateway_enabled: bool, prestop_seconds: int) -> int:
             replicas=decision.apply_replicas,
             hpa_min_replicas=decision.hpa_floor,
             versions=ApiVersions(),
-            prestop_seconds=prestop_seconds,
+            prestop_seconds=prestop_seconds(prestop, gateway_only=False),
         )
         out += [obj for obj in render(ctx, spec).values() if obj]
     print(yaml.safe_dump_all(out, sort_keys=False), end="")
@@ -91,17 +89,19 @@ def _run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from modelservice import handlers
+    from modelservice.render import prestop_seconds
 
+    netpol = _network_policy(args)
     handlers.OPTIONS.update(
         gateway_enabled=args.gateway_enabled,
         workers=args.workers,
-        network_policy=_network_policy(args),
+        network_policy=netpol,
         kubeconfig=args.kubeconfig,
         watch_dead_after=args.watch_dead_after,
         resync_seconds=args.resync_seconds,
         namespaces=args.namespace or [],
         gpu_pool_policy=args.gpu_pool_policy,
-        prestop_seconds=args.prestop_seconds,
+        prestop_seconds=prestop_seconds(args.prestop_seconds, gateway_only=args.gateway_enabled and netpol is not None),
     )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -30,9 +30,18 @@ STARTUP_PERIOD_SECONDS = 1
 # A pod going away leaves its EndpointSlice at once, but the gateway (and kube-proxy) hear of it a moment later: the
 # preStop hook holds the engine's SIGTERM that long, so no new request reaches an engine that has stopped accepting.
 # Short on purpose: a parked model's GPUs are free only once its pod is gone, and a woken model waits for them.
-# The operator's --prestop-seconds sets it per install: 0 (no hook) where every client goes through the gateway, which
-# replays what a stopping engine refused or left unread (docs/gpu-pool.md, "Never cut a stream").
+# Only for clients that reach engines without the gateway: the gateway itself replays what a stopping engine refused
+# or dropped unread. So by default (prestop_seconds below) there is none where the operator renders the NetworkPolicy
+# that lets only the gateway in, and every park frees its GPU at once (docs/gpu-pool.md, "The release").
 PRESTOP_SECONDS = 2
+
+
+def prestop_seconds(setting: Optional[int], *, gateway_only: bool) -> int:
+    """The preStop wait of model pods: the operator's --prestop-seconds if given; otherwise 0 where only the gateway
+    may reach the engines (--gateway-enabled with --network-policy), PRESTOP_SECONDS elsewhere."""
+    if setting is not None:
+        return setting
+    return 0 if gateway_only else PRESTOP_SECONDS
 
 
 @dataclass(frozen=True)

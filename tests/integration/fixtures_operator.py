@@ -7,20 +7,7 @@ from typing import Iterator
 import pytest
 
 from tests.integration.gateway_process import TEST_FLAGS, GatewayProcess
-from tests.integration.operator_process import OperatorProcess, install_crds
-
-# The session operator's flags; a test that runs a second operator beside it uses the same ones, or the two would take
-# turns rewriting what they disagree on (status.endpoint, the NetworkPolicy). The gateway runs here as a process, not
-# a pod: the selector names the chart's gateway pods, and the policies are checked for what they select.
-GATEWAY_POD_SELECTOR = "app.kubernetes.io/name=modelservice-operator,app.kubernetes.io/component=gateway"
-OPERATOR_FLAGS = [
-    "--gateway-enabled",
-    "--network-policy",
-    "--gateway-namespace",
-    "modelservice-system",
-    "--gateway-pod-selector",
-    GATEWAY_POD_SELECTOR,
-]
+from tests.integration.operator_process import OPERATOR_FLAGS, OperatorProcess, install_crds
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,21 @@ def wait_crd_established(kubeconfig: Path) -> None:
     )
 
 
+# The operator's flags as the chart's default install gives them (the session operator's, the GPU-pool bench's). A test
+# that runs a second operator beside the session's uses the same ones, or the two would take turns rewriting what they
+# disagree on (status.endpoint, the NetworkPolicy, the preStop wait). The gateway runs here as a process, not a pod:
+# the selector names the chart's gateway pods, and the policies are checked for what they select.
+GATEWAY_POD_SELECTOR = "app.kubernetes.io/name=modelservice-operator,app.kubernetes.io/component=gateway"
+OPERATOR_FLAGS = [
+    "--gateway-enabled",
+    "--network-policy",
+    "--gateway-namespace",
+    "modelservice-system",
+    "--gateway-pod-selector",
+    GATEWAY_POD_SELECTOR,
+]
+
+
 @dataclass
 class OperatorProcess:
     kubeconfig: Path

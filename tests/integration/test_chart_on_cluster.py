@@ -14,9 +14,8 @@ import yaml
 from tests import helm_util as hu
 from tests.cluster.kube import create_namespace, delete_namespace
 from tests.integration import ms
-from tests.integration.fixtures_operator import OPERATOR_FLAGS
 from tests.integration.gateway_process import TEST_FLAGS, GatewayProcess
-from tests.integration.operator_process import OperatorProcess, kubectl
+from tests.integration.operator_process import OPERATOR_FLAGS, OperatorProcess, kubectl
 
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 

@@ -16,7 +16,6 @@ from tests.cluster.kube import pod_ready
 from tests.cluster.wait import async_wait_for, wait_for
 from tests.integration import ms
 from tests.integration.gateway_client import chat, post, ready_endpoints, stub_successes
-from tests.integration.operator_process import OperatorProcess
 
 TOKENS = 60
 
@@ -35,7 +34,7 @@ async def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, o
     )
     ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=90)
     (pod,) = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items
-    assert pod.spec.termination_grace_period_seconds == 300 + 2
+    assert pod.spec.termination_grace_period_seconds == 300  # + the preStop wait: none here (--network-policy)
 
     def terminating() -> bool:
         p = kube.core.list_namespaced_pod(namespace, field_selector=f"metadata.name={pod.metadata.name}").items
@@ -58,8 +57,8 @@ async def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, o
                 await async_wait_for(going_away, timeout=60, interval=0.2, message="the pod terminating")
                 still_open = not r.content.at_eof()
 
-                # The gateway learns it from the EndpointSlice, a moment later (a request routed in between is
-                # served: the pod's preStop sleep covers that window, as on a kubelet).
+                # The gateway learns it from the EndpointSlice, a moment later (a request routed in between finds the
+                # engine not listening, or is dropped unread, and is replayed: the next test).
                 async def dropped() -> bool:
                     return await asyncio.to_thread(ready_endpoints, gateway, namespace, name) == 0
 
@@ -85,57 +84,42 @@ async def test_a_stream_that_outlives_the_scale_down_finishes(kube, namespace, o
 
 
 async def test_with_no_prestop_wait_requests_across_a_scale_down_are_all_answered(
-    kube, namespace, operator, fake_nodes, gateway, tmp_path
+    kube, namespace, operator, fake_nodes, gateway
 ):
-    """--prestop-seconds 0, for installs where every client goes through the gateway: the pods carry no preStop hook,
-    so a pod told to go is stopped at once (a parked model's GPU is free at once), possibly before the gateway has
-    heard. Requests sent back to back across a scale-down to zero are all answered: one that reaches the stopping
-    engine finds it not listening, or is dropped unread, and is replayed (here: it wakes the model again).
+    """The session's operator runs as the chart's default install does (the gateway, and the NetworkPolicy that lets
+    only it reach the engines), so model pods get no preStop wait: a pod told to go is stopped at once (a parked
+    model's GPU is free at once), possibly before the gateway has heard. Requests sent back to back across a
+    scale-down to zero are all answered: one that reaches the stopping engine finds it not listening, or is dropped
+    unread, and is replayed (here: it wakes the model again).
 
     The requests span the scale-down by construction: they run until the old pod is gone and a request has been
     answered after that, so the sequence covers the whole time the pod was going away. Whether one of them lands in
     the moment between the engine's stop and the gateway hearing of it is up to timing; the gateway's answer to that
-    moment is forced in test_gateway_upstream.py (dropped unread) and test_gateway_replay.py (not listening)."""
-    operator.stop()
-    fast = OperatorProcess(
-        operator.kubeconfig, tmp_path / "operator.log", extra_args=[*operator.extra_args, "--prestop-seconds", "0"]
+    moment is forced in test_gateway_replay.py (dropped unread, not listening) and test_gateway_upstream.py."""
+    name = "noprestop"
+    ms.create(
+        kube, namespace, ms.body(name, autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"})
     )
-    try:
-        await asyncio.to_thread(fast.start)
-        name = "noprestop"
-        ms.create(
-            kube,
-            namespace,
-            ms.body(name, autoscaling={"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": "1h"}),
-        )
-        ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=90)
-        (pod,) = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items
-        assert pod.spec.containers[0].lifecycle is None or pod.spec.containers[0].lifecycle.pre_stop is None
-        assert pod.spec.termination_grace_period_seconds == 300
+    ms.wait_condition(kube, namespace, name, "Ready", "True", timeout=90)
+    (pod,) = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items
+    assert pod.spec.containers[0].lifecycle is None or pod.spec.containers[0].lifecycle.pre_stop is None
 
-        def old_pod_gone() -> bool:
-            return not kube.core.list_namespaced_pod(
-                namespace, field_selector=f"metadata.name={pod.metadata.name}"
-            ).items
+    def old_pod_gone() -> bool:
+        return not kube.core.list_namespaced_pod(namespace, field_selector=f"metadata.name={pod.metadata.name}").items
 
-        statuses: list[tuple[int, bytes]] = []
-        after_gone = 0
-        async with aiohttp.ClientSession() as s:
+    statuses: list[tuple[int, bytes]] = []
+    after_gone = 0
+    async with aiohttp.ClientSession() as s:
+        statuses.append(await post(s, gateway.url, chat(name, max_tokens=2)))
+        await asyncio.to_thread(kube.apps.patch_namespaced_deployment_scale, name, namespace, {"spec": {"replicas": 0}})
+        for _ in range(2000):  # bounded: each is a few ms, or a wake of about a second
+            gone = await asyncio.to_thread(old_pod_gone)
             statuses.append(await post(s, gateway.url, chat(name, max_tokens=2)))
-            await asyncio.to_thread(
-                kube.apps.patch_namespaced_deployment_scale, name, namespace, {"spec": {"replicas": 0}}
-            )
-            for _ in range(2000):  # bounded: each is a few ms, or a wake of about a second
-                gone = await asyncio.to_thread(old_pod_gone)
-                statuses.append(await post(s, gateway.url, chat(name, max_tokens=2)))
-                after_gone += gone
-                if after_gone >= 3:
-                    break
-    finally:
-        fast.stop()
-        await asyncio.to_thread(operator.start)  # the session's later tests need theirs (and re-render at 2 s)
+            after_gone += gone
+            if after_gone >= 3:
+                break
     assert after_gone >= 3, f"the old pod never went away in {len(statuses)} requests"
     failed = [(st, body[:200]) for st, body in statuses if st != 200]
     assert not failed, failed
-    woken = [p for p in kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items]
-    assert any(pod_ready(p) for p in woken if p.metadata.name != pod.metadata.name)
+    pods = kube.core.list_namespaced_pod(namespace, label_selector=f"{MODELSERVICE_LABEL}={name}").items
+    assert any(pod_ready(p) for p in pods if p.metadata.name != pod.metadata.name)

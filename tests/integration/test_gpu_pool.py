@@ -210,8 +210,16 @@ async def test_scheduler_preemption_and_parking_do_not_fight(kube, namespace, op
             message="one preempted",
         )
         assert len(preempted) == 1
-        said = ms.condition(ms.get(kube, namespace, preempted[0]), "Ready")["message"]
-        assert "no request is waiting for it" in said  # the preempted model does not park anyone back
+        # The preempted model does not park anyone back. Its first AwaitingCapacity (from its own reconcile) gives
+        # the scheduler's words; the planner's pass, a moment later, says why it makes no room for it.
+        wait_for(
+            lambda: (
+                "no request is waiting for it"
+                in ms.condition(ms.get(kube, namespace, preempted[0]), "Ready").get("message", "")
+            ),
+            timeout=30,
+            message="the planner to say why the preempted model waits",
+        )
         # Several planning passes later (the operator resyncs every 3 s): still nobody parked, w keeps its GPU.
         w_pod = [p.metadata.uid for p in gpu_pods(kube) if p.metadata.labels.get(MODELSERVICE_LABEL) == "w"]
         seen = operator.counter("modelservice_reconcile_total")

@@ -8,8 +8,7 @@ import json
 
 from tests.cluster.wait import wait_for
 from tests.integration import ms
-from tests.integration.fixtures_operator import GATEWAY_POD_SELECTOR
-from tests.integration.operator_process import kubectl
+from tests.integration.operator_process import GATEWAY_POD_SELECTOR, kubectl
 
 _GW_LABELS = dict(kv.split("=") for kv in GATEWAY_POD_SELECTOR.split(","))
 

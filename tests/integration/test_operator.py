@@ -10,8 +10,7 @@ from kubernetes.client.rest import ApiException
 from modelservice import FIELD_MANAGER
 from tests.cluster.wait import wait_for
 from tests.integration import ms
-from tests.integration.fixtures_operator import OPERATOR_FLAGS
-from tests.integration.operator_process import OperatorProcess, kubectl
+from tests.integration.operator_process import OPERATOR_FLAGS, OperatorProcess, kubectl
 
 ENGINE_EXAMPLES = ["vllm", "sglang", "tgi", "triton", "ollama", "llamacpp", "custom", "scale-to-zero"]
 # Engines with no build in our registries (docs/engines.md); llama.cpp's example runs the real llama-server.

@@ -182,8 +182,6 @@ def test_operator_deployment_contract():
         "8080",
         "--health-port",
         "8081",
-        "--prestop-seconds",
-        "2",
         "--gateway-enabled",
         "--network-policy",
         "--gateway-namespace",

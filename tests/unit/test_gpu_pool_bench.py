@@ -9,6 +9,7 @@ from bench.gpu_pool_trace import Trace, TraceSpec, generate, zipf_weights
 from bench.report import gpu_pool_rows, table
 from bench.stats import summary
 from modelservice.labels import MODELSERVICE_LABEL
+from tests.integration.operator_process import OPERATOR_FLAGS
 
 
 def pod(uid: str, model: str, *, node: str | None = "n0", ready: bool = False, gpu_msg: str | None = None) -> dict:
@@ -133,8 +134,8 @@ def test_the_ledger_times_each_step_of_a_pod_for_the_cold_start_breakdown():
 
 
 def test_a_policy_at_n_runs_the_operator_with_that_prestop_and_is_reported_beside_the_idle_timer():
-    assert operator_args("park") == ["--gateway-enabled", "--gpu-pool-policy", "park"]
-    assert operator_args("park@0") == ["--gateway-enabled", "--gpu-pool-policy", "park", "--prestop-seconds", "0"]
+    assert operator_args("park") == [*OPERATOR_FLAGS, "--gpu-pool-policy", "park"]  # as the chart installs it
+    assert operator_args("park@2") == [*OPERATOR_FLAGS, "--gpu-pool-policy", "park", "--prestop-seconds", "2"]
     pol = {"failed": 0, "ttft_cold": {"p50": 20.0, "p99": 21.0}, "cold_starts": 10, "gpu_seconds_idle_while_waiting": 1}
     res = {"load_seconds": 20.0, "policies": {"idle-timer": {"cold_starts": 10}, "park": {}, "park@0": pol}}
     rows = {r[0]: r for r in gpu_pool_rows(res, "park@0")}

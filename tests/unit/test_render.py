@@ -4,7 +4,7 @@ import pytest
 
 from modelservice.api import Engine, validate_spec
 from modelservice.engines import ENGINES
-from modelservice.render import ApiVersions, Context, render
+from modelservice.render import PRESTOP_SECONDS, ApiVersions, Context, prestop_seconds, render
 
 CTX = dict(
     name="m",
@@ -212,6 +212,13 @@ def test_pods_drain_for_the_length_of_a_generation_before_the_engine_stops():
     assert set(ollama["lifecycle"]) == {"postStart", "preStop"}
     custom = _container(_render({"engine": "custom", "image": "ghcr.io/acme/s:1", "port": 9000}))
     assert "lifecycle" not in custom  # a custom image may have no sleep: a failing hook is only noise
+
+
+def test_by_default_no_prestop_wait_where_only_the_gateway_reaches_the_engines():
+    """The wait is for clients that bypass the gateway; with the gateway's NetworkPolicy there are none."""
+    assert prestop_seconds(None, gateway_only=True) == 0
+    assert prestop_seconds(None, gateway_only=False) == PRESTOP_SECONDS == 2
+    assert prestop_seconds(5, gateway_only=True) == 5 and prestop_seconds(0, gateway_only=False) == 0
 
 
 @pytest.mark.parametrize("seconds", [0, 7])
