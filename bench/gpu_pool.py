@@ -324,10 +324,16 @@ async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str,
                 replay_seconds = time.monotonic() - t0
                 stop.set()
                 await sampler
+            # Tries the gateway sent elsewhere because the pod provably did nothing with them: with no preStop wait,
+            # "unread" and "not_sent" count requests that met an engine stopping before the gateway heard of it.
+            untouched = {
+                why: await asyncio.to_thread(gw.metric, "modelservice_gateway_untouched_tries_total", reason=why)
+                for why in ("not_sent", "unread", "refused")
+            }
         finally:
             await asyncio.to_thread(gw.stop)
             await asyncio.to_thread(op.stop)
-    return summarize(policy, results, ledger, replay_seconds, duration)
+    return {**summarize(policy, results, ledger, replay_seconds, duration), "gateway_untouched_tries": untouched}
 
 
 def summarize(

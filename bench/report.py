@@ -445,7 +445,22 @@ def gpu_pool_rows(res: dict[str, Any], value: str = "park") -> list[Row]:
             "<= idle-timer's + 20 %",
             _mark(None if not cs_park or not cs_base else cs_park <= 1.2 * cs_base),
         ),
+        (
+            "tries sent elsewhere, untouched (not sent | unread | refused)",
+            _untouched(park),
+            _untouched(base),
+            "",
+            "",
+            "",
+        ),
     ]
+
+
+def _untouched(policy: dict[str, Any]) -> str:
+    """The gateway's modelservice_gateway_untouched_tries over the run: requests that met an engine stopping (or
+    refusing) and went elsewhere instead of failing."""
+    t = policy.get("gateway_untouched_tries")
+    return "-" if not t else " | ".join(f"{t.get(k, 0):.0f}" for k in ("not_sent", "unread", "refused"))
 
 
 SAMPLE_SLACK = 4.0  # GPU-seconds: a few 0.5 s samples at 4 GPUs around each park (the ledger's resolution)

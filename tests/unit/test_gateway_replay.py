@@ -128,6 +128,12 @@ async def chat(url: str, stream: bool = False) -> tuple[int, bytes]:
             return r.status, got
 
 
+def untouched(gw) -> dict[str, float]:
+    """modelservice_gateway_untouched_tries of model m, by reason."""
+    family = gw.metrics.untouched_tries.collect()[0]
+    return {x.labels["reason"]: x.value for x in family.samples if x.name.endswith("_total") and x.value}
+
+
 def code(body: bytes) -> str:
     return json.loads(body)["error"]["code"]
 
@@ -162,22 +168,24 @@ async def test_a_request_dropped_unread_goes_to_another_endpoint():
 
     async def scenario():
         async with engines("unread", "ok") as (addrs, seen), gateway_to(addrs) as (gw, url):
-            return await chat(url), seen
+            return await chat(url), seen, untouched(gw)
 
-    (status, body), seen = await scenario()
+    (status, body), seen, tries = await scenario()
     assert status == 200 and json.loads(body) == {"choices": []}
     assert seen == {HOSTS[0]: 0, HOSTS[1]: 1}
+    assert tries == {"unread": 1.0}  # modelservice_gateway_untouched_tries says why it went elsewhere
 
 
 @pytest.mark.parametrize("refusal", ["503", "429"])
 async def test_a_refusal_goes_to_another_endpoint(refusal):
     async def scenario():
         async with engines(refusal, "ok") as (addrs, seen), gateway_to(addrs) as (gw, url):
-            return await chat(url), seen
+            return await chat(url), seen, untouched(gw)
 
-    (status, body), seen = await scenario()
+    (status, body), seen, tries = await scenario()
     assert status == 200 and json.loads(body) == {"choices": []}
     assert seen == {HOSTS[0]: 1, HOSTS[1]: 1}
+    assert tries == {"refused": 1.0}
 
 
 async def test_a_refusal_with_no_other_endpoint_reaches_the_client_in_the_engines_words():

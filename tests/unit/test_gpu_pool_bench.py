@@ -141,5 +141,7 @@ def test_a_policy_at_n_runs_the_operator_with_that_prestop_and_is_reported_besid
     rows = {r[0]: r for r in gpu_pool_rows(res, "park@0")}
     assert rows["TTFT of requests to a model at zero p50/p99"][-1] == "yes"  # 21 s <= 20 s + 2 s
     assert rows["cold starts (model pods created)"][-1] == "yes"
+    pol["gateway_untouched_tries"] = {"not_sent": 2.0, "unread": 1.0, "refused": 0.0}
+    assert gpu_pool_rows(res, "park@0")[-1][1:3] == ("2 | 1 | 0", "-")
     text = table({"results": {"gpu_pool": res}})
     assert "value = park@0," in text and "value = park," in text

@@ -64,6 +64,14 @@ class Metrics:
             buckets=TTFB_BUCKETS,
             registry=r,
         )
+        self.untouched_tries = Counter(
+            "modelservice_gateway_untouched_tries",
+            "Tries an endpoint provably did nothing with, so the request may go to another endpoint or wait for a new "
+            "one (the one replay rule, docs/reliability.md), by model and why: not_sent (no connection, or the first "
+            "write failed), unread (reset with the request unread: an engine stopping), refused (503 or 429).",
+            ["model", "reason"],
+            registry=r,
+        )
         self.adapter_loads = Counter(
             "modelservice_gateway_adapter_loads",
             "LoRA adapter calls to engines, by base model, adapter and outcome: loaded, failed (the engine refused "

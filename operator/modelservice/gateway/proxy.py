@@ -22,7 +22,7 @@ from modelservice.gateway.errors import GatewayError
 from modelservice.gateway.metering import Meter
 from modelservice.gateway.metrics import Metrics
 from modelservice.gateway.routes import Endpoint, ModelEntry, RouteTable
-from modelservice.gateway.upstream import NotSent, Response, UpstreamError, UpstreamPool, UpstreamTimeout
+from modelservice.gateway.upstream import NotSent, Response, Unread, UpstreamError, UpstreamPool, UpstreamTimeout
 
 if TYPE_CHECKING:
     from modelservice.gateway.adapters import AdapterUse
@@ -151,6 +151,8 @@ class Proxy:
                     upstream = await self.pool.request(request.method, ep.address, ep.port, path, headers, body)
                 except NotSent as e:
                     log.info("%s: %s unreachable: %s", entry.label, ep.base_url, e)
+                    reason = "unread" if isinstance(e, Unread) else "not_sent"
+                    self.metrics.child(self.metrics.untouched_tries, entry.label, reason).inc()
                     unreachable.add(ep)
                     if failure is None or failure.code == "backend_unreachable":  # a refusal says more
                         failure = GatewayError(
@@ -179,6 +181,7 @@ class Proxy:
                         upstream.status,
                     )
                     upstream.release()  # unread: the connection closes; the next endpoint's answer replaces it
+                    self.metrics.child(self.metrics.untouched_tries, entry.label, "refused").inc()
                     failure = GatewayError(
                         503,
                         f"model {entry.label} is busy: its backends refused the request "
