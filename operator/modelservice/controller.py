@@ -198,6 +198,7 @@ class Controller:
         """on_alive(): called whenever one of our watches hears from the API server (liveness)."""
         self.versions = await discover_versions(self.kube)
         log.info("API versions: HPA %s, PDB %s", self.versions.hpa, self.versions.pdb)
+        log.info("model pods wait %d s (preStop) before their engine stops", self.prestop_seconds)
         self._tasks = self._watch_owned(on_alive)
         self._tasks += [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._resync()))
