@@ -1,4 +1,5 @@
-"""Stopping a child process the way a kubelet stops a container: a signal, a grace period, then SIGKILL."""
+"""Child processes of the tests: stopping one the way a kubelet stops a container (a signal, a grace period, then
+SIGKILL), and telling why one that should be serving exited."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ def children(pid: int) -> list[int]:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+class Exited(RuntimeError):
+    """A process we started exited while we waited for it to serve; the message holds the end of its log."""
+
+
+START_TRIES = 3
+
+
+def port_taken(exc: Exited) -> bool:
+    """It exited because a port chosen for it (free_port: free when chosen) was taken before it could bind it, by a
+    process starting beside it or an outgoing connection's ephemeral port: choose again and retry."""
+    return "address already in use" in str(exc).lower()

@@ -39,31 +39,44 @@ class GatewayProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 60) -> "GatewayProcess":
-        cmd = [
-            sys.executable,
-            "-m",
-            "modelservice.cli",
-            "gateway",
-            "--kubeconfig",
-            str(self.kubeconfig),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            str(self.metrics_port),
-            *self.args,
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env}
-            )
-        wait_for(self.healthy, timeout=timeout, message=f"gateway /healthz; log {self.log_path}")
-        return self
+        for attempt in range(1, processes.START_TRIES + 1):
+            cmd = [
+                sys.executable,
+                "-m",
+                "modelservice.cli",
+                "gateway",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                str(self.metrics_port),
+                *self.args,
+            ]
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env}
+                )
+            try:
+                wait_for(
+                    self.healthy,
+                    timeout=timeout,
+                    message=f"gateway /healthz; log {self.log_path}",
+                    fatal=(processes.Exited,),
+                )
+                return self
+            except processes.Exited as e:
+                if not processes.port_taken(e) or attempt == processes.START_TRIES:
+                    raise
+                self.port, self.metrics_port = free_port(), free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"gateway exited; log:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+            raise processes.Exited(f"gateway exited; log:\n{self.log_path.read_text(errors='replace')[-3000:]}")
         try:
             with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
                 return r.status == 200

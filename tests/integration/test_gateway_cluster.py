@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import socket
 import time
 
 import aiohttp
@@ -35,7 +36,7 @@ from tests.integration.gateway_client import (
     stub_metric,
     stub_successes,
 )
-from tests.integration.gateway_process import HELD_LIMIT
+from tests.integration.gateway_process import HELD_LIMIT, TEST_FLAGS, GatewayProcess
 
 
 async def test_twenty_first_requests_wake_a_model_from_zero_once(kube, namespace, operator, fake_nodes, gateway):
@@ -402,3 +403,21 @@ async def test_the_engines_queue_adds_replicas_through_the_leases(kube, namespac
     r, first = await load()
     assert r.status == 200 and first.startswith(b"data: ")
     wait_for(lambda: replicas() == 1, timeout=60, message="back to minReplicas once the queue is empty")
+
+
+def test_a_gateway_whose_chosen_port_was_taken_starts_on_another(cluster, crds, tmp_path):
+    """The harness picks free ports, and one can be taken before the process binds it (a process starting beside it,
+    an outgoing connection's ephemeral port): the gateway then exits with "address already in use", and start()
+    chooses again instead of waiting out its timeout for a process that is gone."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    gw = GatewayProcess(cluster.kubeconfig, tmp_path / "gateway.log", *TEST_FLAGS)
+    gw.metrics_port = taken.getsockname()[1]
+    try:
+        gw.start()
+        assert gw.metrics_port != taken.getsockname()[1] and gw.healthy()
+        assert "address already in use" in (tmp_path / "gateway.log").read_text()
+    finally:
+        gw.stop()
+        taken.close()
