@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import processes
 from tests.cluster.controlplane import free_port
-from tests.cluster.wait import wait_for
 
 HELD_LIMIT = 30
 # What the integration tests run the gateway with: short timers so scale-to-zero scenarios take seconds.
@@ -33,46 +32,44 @@ TEST_FLAGS = (
 class GatewayProcess:
     def __init__(self, kubeconfig: Path, log_path: Path, *args: str, env: Optional[dict[str, str]] = None):
         self.kubeconfig, self.log_path, self.args = kubeconfig, log_path, list(args)
-        self.port, self.metrics_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._new_ports()
         self.env = {"POD_NAME": "gateway-test-0", **(env or {})}
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 60) -> "GatewayProcess":
-        for attempt in range(1, processes.START_TRIES + 1):
-            cmd = [
-                sys.executable,
-                "-m",
-                "modelservice.cli",
-                "gateway",
-                "--kubeconfig",
-                str(self.kubeconfig),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--metrics-port",
-                str(self.metrics_port),
-                *self.args,
-            ]
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env}
-                )
-            try:
-                wait_for(
-                    self.healthy,
-                    timeout=timeout,
-                    message=f"gateway /healthz; log {self.log_path}",
-                    fatal=(processes.Exited,),
-                )
-                return self
-            except processes.Exited as e:
-                if not processes.port_taken(e) or attempt == processes.START_TRIES:
-                    raise
-                self.port, self.metrics_port = free_port(), free_port()
-                self.url = f"http://127.0.0.1:{self.port}"
-        raise AssertionError("unreachable: the last try returns or raises")
+        processes.start_serving(
+            self._spawn,
+            self.healthy,
+            self._new_ports,
+            timeout=timeout,
+            message=f"gateway /healthz; log {self.log_path}",
+        )
+        return self
+
+    def _spawn(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "modelservice.cli",
+            "gateway",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            *self.args,
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env}
+            )
+
+    def _new_ports(self) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:

@@ -77,38 +77,37 @@ class OperatorProcess:
     health_port: int = 0
 
     def start(self) -> "OperatorProcess":
-        for attempt in range(1, processes.START_TRIES + 1):
-            self.metrics_port, self.health_port = free_port(), free_port()
-            cmd = [
-                sys.executable,
-                "-m",
-                "modelservice.cli",
-                "run",
-                "--kubeconfig",
-                str(self.kubeconfig),
-                "--metrics-port",
-                str(self.metrics_port),
-                "--health-port",
-                str(self.health_port),
-                *self.extra_args,
-            ]
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
-                )
-            try:
-                wait_for(
-                    self.healthy,
-                    timeout=60,
-                    interval=0.2,
-                    message=f"operator never became healthy; log {self.log_path}",
-                    fatal=(processes.Exited,),
-                )
-                return self
-            except processes.Exited as e:
-                if not processes.port_taken(e) or attempt == processes.START_TRIES:
-                    raise
-        raise AssertionError("unreachable: the last try returns or raises")
+        self._new_ports()
+        processes.start_serving(
+            self._spawn,
+            self.healthy,
+            self._new_ports,
+            timeout=60,
+            message=f"operator never became healthy; log {self.log_path}",
+        )
+        return self
+
+    def _spawn(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "modelservice.cli",
+            "run",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--health-port",
+            str(self.health_port),
+            *self.extra_args,
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+            )
+
+    def _new_ports(self) -> None:
+        self.metrics_port, self.health_port = free_port(), free_port()
 
     def healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
