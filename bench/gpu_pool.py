@@ -33,6 +33,7 @@ from bench.gpu_pool_trace import Trace
 from bench.stats import summary
 from bench.watch import Watch
 from modelservice import GROUP, PLURAL, VERSION
+from modelservice.gateway.metrics import UNTOUCHED_REASONS
 from modelservice.labels import MODELSERVICE_LABEL
 from tests.cluster.podspec import STUB_IMAGE, STUB_STARTUP_DELAY_ANNOTATION
 from tests.cluster.wait import async_wait_for
@@ -328,7 +329,7 @@ async def run_policy(cfg: GpuPoolConfig, policy: str, trace: Trace) -> dict[str,
             # "unread" and "not_sent" count requests that met an engine stopping before the gateway heard of it.
             untouched = {
                 why: await asyncio.to_thread(gw.metric, "modelservice_gateway_untouched_tries_total", reason=why)
-                for why in ("not_sent", "unread", "refused")
+                for why in UNTOUCHED_REASONS
             }
         finally:
             await asyncio.to_thread(gw.stop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from bench.stats import fmt_ratio, fmt_seconds, ratio
+from modelservice.gateway.metrics import UNTOUCHED_REASONS
 
 Row = tuple[str, str, str, str, str, str]  # figure, value, baseline, ratio, goal, met
 HEAD: Row = ("figure", "value", "baseline (same run)", "ratio", "goal", "met")
@@ -460,7 +461,7 @@ def _untouched(policy: dict[str, Any]) -> str:
     """The gateway's modelservice_gateway_untouched_tries over the run: requests that met an engine stopping (or
     refusing) and went elsewhere instead of failing."""
     t = policy.get("gateway_untouched_tries")
-    return "-" if not t else " | ".join(f"{t.get(k, 0):.0f}" for k in ("not_sent", "unread", "refused"))
+    return "-" if not t else " | ".join(f"{t.get(k, 0):.0f}" for k in UNTOUCHED_REASONS)
 
 
 SAMPLE_SLACK = 4.0  # GPU-seconds: a few 0.5 s samples at 4 GPUs around each park (the ledger's resolution)

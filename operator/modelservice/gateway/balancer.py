@@ -9,9 +9,9 @@ Prefix affinity (a request with an affinity key, affinity.py): rendezvous hashin
 rank for a key is a hash of (key, endpoint); the request goes to the best-ranked endpoint whose in-flight count stays
 within the model's spec.routing.loadFactor (default LOAD_FACTOR) times the mean (Mirrokni et al., "Consistent
 Hashing with Bounded Loads": the bound is ceil(c · (total + 1) / n)), so the turns of one conversation reach the
-replica that holds its prefix in its KV cache unless that replica is already busier than the others by the factor. Rendezvous rather than a ring: no ring to keep
-per endpoint set, and an endpoint that goes away moves only its own keys, each to its next-ranked endpoint (the next
-turn goes elsewhere, no error). The endpoint set of a model is small (its replicas), so ranking all of them is cheap.
+replica that holds its prefix in its KV cache unless that replica is already busier than the others by the factor.
+Rendezvous rather than a ring: no ring to keep per endpoint set, and an endpoint that goes away moves only its own
+keys, each to its next-ranked endpoint (the next turn goes elsewhere, no error). The endpoint set of a model is small (its replicas), so ranking all of them is cheap.
 """
 
 from __future__ import annotations

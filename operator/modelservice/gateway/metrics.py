@@ -15,6 +15,10 @@ ACTIVATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+# Why a try went elsewhere (modelservice_gateway_untouched_tries' reason label; proxy.forward counts them).
+UNTOUCHED_REASONS = ("not_sent", "unread", "refused")
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
